@@ -1,0 +1,3 @@
+from dymoe.cli.main import main
+import sys
+sys.exit(main())
