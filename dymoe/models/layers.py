@@ -1,0 +1,212 @@
+"""The pieces every family shares, written once: RMSNorm, rotary embeddings, attention with a
+preallocated KV cache, and the dense SwiGLU MLP.
+
+Numerics follow Hugging Face transformers (norms in float32, RoPE tables in float32 cast to the
+activation dtype) so that logits match it within float tolerance (invariant 1 of DESIGN.md).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dymoe.models.config import ModelConfig, RopeConfig
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(dtype)
+
+
+# ---- rotary embeddings ---------------------------------------------------------------------------
+
+
+def rope_inv_freq(rope: RopeConfig, head_dim: int, context_len: int) -> tuple[torch.Tensor, float]:
+    """Inverse frequencies and the attention scaling for one RoPE variant (YaRN, Llama-3, ...)."""
+    dim = int(head_dim * rope.partial_rotary_factor)
+    exponents = torch.arange(0, dim, 2, dtype=torch.int64).float() / dim
+    base = rope.theta
+    if rope.rope_type == "dynamic" and rope.original_max_position and context_len > rope.original_max_position:
+        # NTK-aware scaling, fixed for the whole allocated context so the KV cache stays consistent.
+        ratio = rope.factor * context_len / rope.original_max_position - (rope.factor - 1)
+        base = base * ratio ** (dim / (dim - 2))
+    inv_freq = 1.0 / (base**exponents)
+    if rope.rope_type == "linear":
+        return inv_freq / rope.factor, 1.0
+    if rope.rope_type == "llama3":
+        return _llama3_inv_freq(inv_freq, rope), 1.0
+    if rope.rope_type == "yarn":
+        return _yarn_inv_freq(rope, dim)
+    return inv_freq, 1.0
+
+
+def _llama3_inv_freq(inv_freq: torch.Tensor, rope: RopeConfig) -> torch.Tensor:
+    old_len = rope.original_max_position
+    low_wavelen = old_len / rope.low_freq_factor
+    high_wavelen = old_len / rope.high_freq_factor
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > low_wavelen, inv_freq / rope.factor, inv_freq)
+    smooth = (old_len / wavelen - rope.low_freq_factor) / (rope.high_freq_factor - rope.low_freq_factor)
+    smoothed = (1 - smooth) * scaled / rope.factor + smooth * scaled
+    medium = ~(wavelen < high_wavelen) & ~(wavelen > low_wavelen)
+    return torch.where(medium, smoothed, scaled)
+
+
+def _yarn_inv_freq(rope: RopeConfig, dim: int) -> tuple[torch.Tensor, float]:
+    """YaRN (arXiv 2309.00071): interpolate low frequencies, keep high ones, ramp in between."""
+
+    def mscale(scale: float, m: float = 1.0) -> float:
+        return 1.0 if scale <= 1 else 0.1 * m * math.log(scale) + 1.0
+
+    factor = rope.factor
+    if rope.attention_factor is not None:
+        attention = rope.attention_factor
+    elif rope.mscale and rope.mscale_all_dim:
+        attention = mscale(factor, rope.mscale) / mscale(factor, rope.mscale_all_dim)
+    else:
+        attention = mscale(factor)
+
+    def correction_dim(rotations: float) -> float:
+        return dim * math.log(rope.original_max_position / (rotations * 2 * math.pi)) / (2 * math.log(rope.theta))
+
+    low, high = correction_dim(rope.beta_fast), correction_dim(rope.beta_slow)
+    if rope.truncate:
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, dim - 1)
+    if low == high:
+        high += 0.001
+    ramp = ((torch.arange(dim // 2, dtype=torch.float32) - low) / (high - low)).clamp(0, 1)
+    pos_freqs = rope.theta ** (torch.arange(0, dim, 2).float() / dim)
+    extrapolation = 1 - ramp
+    inv_freq = (1.0 / (factor * pos_freqs)) * (1 - extrapolation) + (1.0 / pos_freqs) * extrapolation
+    return inv_freq, float(attention)
+
+
+class RotaryEmbedding(nn.Module):
+    """cos/sin tables for positions [0, context_len), built once at start-up."""
+
+    def __init__(self, rope: RopeConfig, head_dim: int, context_len: int):
+        super().__init__()
+        self.rope = rope
+        self.head_dim = head_dim
+        self.context_len = context_len
+        self.register_buffer("cos", torch.empty(0), persistent=False)
+        self.register_buffer("sin", torch.empty(0), persistent=False)
+
+    def build(self, device: torch.device | str, dtype: torch.dtype) -> None:
+        inv_freq, scale = rope_inv_freq(self.rope, self.head_dim, self.context_len)
+        positions = torch.arange(self.context_len, dtype=torch.int64).float()
+        freqs = torch.outer(positions, inv_freq)
+        emb = torch.cat([freqs, freqs], dim=-1)
+        self.cos = (emb.cos() * scale).to(device=device, dtype=dtype)
+        self.sin = (emb.sin() * scale).to(device=device, dtype=dtype)
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, start: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rotate q, k of shape [B, heads, T, D] for positions start..start+T-1."""
+        t = q.shape[2]
+        cos, sin = self.cos[start : start + t], self.sin[start : start + t]
+        return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+# ---- attention -----------------------------------------------------------------------------------
+
+
+class KVCache:
+    """Keys and values of every layer, preallocated for ``batch`` x ``context_len`` at start-up."""
+
+    def __init__(self, config: ModelConfig, batch: int, context_len: int, device, dtype: torch.dtype):
+        shape = (config.num_layers, batch, config.num_kv_heads, context_len, config.head_dim)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.context_len = context_len
+
+    @property
+    def nbytes(self) -> int:
+        return self.k.nbytes + self.v.nbytes
+
+    def update(self, layer: int, start: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write k, v [B, Hkv, T, D] at ``start`` and return the filled prefix [.., :start+T, ..]."""
+        end = start + k.shape[2]
+        self.k[layer, :, :, start:end] = k
+        self.v[layer, :, :, start:end] = v
+        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+
+
+class Attention(nn.Module):
+    """Grouped-query attention with the q/k-norm and bias variants of the supported families."""
+
+    def __init__(self, config: ModelConfig, layer: int):
+        super().__init__()
+        c = config
+        self.layer = layer
+        self.num_heads, self.num_kv_heads, self.head_dim = c.num_heads, c.num_kv_heads, c.head_dim
+        self.q_proj = nn.Linear(c.hidden_size, c.num_heads * c.head_dim, bias=c.attention_bias)
+        self.k_proj = nn.Linear(c.hidden_size, c.num_kv_heads * c.head_dim, bias=c.attention_bias)
+        self.v_proj = nn.Linear(c.hidden_size, c.num_kv_heads * c.head_dim, bias=c.attention_bias)
+        self.o_proj = nn.Linear(c.num_heads * c.head_dim, c.hidden_size, bias=False)
+        self.qk_norm = c.qk_norm
+        if c.qk_norm == "per_head":
+            self.q_norm = RMSNorm(c.head_dim, c.rms_norm_eps)
+            self.k_norm = RMSNorm(c.head_dim, c.rms_norm_eps)
+        elif c.qk_norm == "full":
+            self.q_norm = RMSNorm(c.num_heads * c.head_dim, c.rms_norm_eps)
+            self.k_norm = RMSNorm(c.num_kv_heads * c.head_dim, c.rms_norm_eps)
+        self.clip_qkv = c.clip_qkv
+
+    def forward(self, x: torch.Tensor, start: int, cache: KVCache, rotary: RotaryEmbedding) -> torch.Tensor:
+        b, t, _ = x.shape
+        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        if self.qk_norm == "full":
+            q, k = self.q_norm(q), self.k_norm(k)
+        if self.clip_qkv is not None:
+            q, k, v = (z.clamp(-self.clip_qkv, self.clip_qkv) for z in (q, k, v))
+        q = q.view(b, t, self.num_heads, self.head_dim)
+        k = k.view(b, t, self.num_kv_heads, self.head_dim)
+        v = v.view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        if self.qk_norm == "per_head":
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = rotary(q.transpose(1, 2), k.transpose(1, 2), start)
+        k, v = cache.update(self.layer, start, k, v)
+        out = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=_causal_mask(start, t, x.device), is_causal=(start == 0 and t > 1),
+            enable_gqa=self.num_kv_heads != self.num_heads,
+        )
+        return self.o_proj(out.transpose(1, 2).reshape(b, t, -1))
+
+
+def _causal_mask(start: int, t: int, device) -> torch.Tensor | None:
+    """None when SDPA's own masking suffices (prefill from 0, or one new token); else a bool mask."""
+    if start == 0 or t == 1:
+        return None
+    q_pos = torch.arange(start, start + t, device=device)[:, None]
+    k_pos = torch.arange(start + t, device=device)[None, :]
+    return k_pos <= q_pos
+
+
+class DenseMLP(nn.Module):
+    """SwiGLU MLP: dense layers, and Qwen2-MoE's shared expert."""
+
+    def __init__(self, hidden: int, width: int):
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden, width, bias=False)
+        self.up_proj = nn.Linear(hidden, width, bias=False)
+        self.down_proj = nn.Linear(width, hidden, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))

@@ -1,0 +1,178 @@
+"""From a Hugging Face ``config.json`` to a :class:`ModelConfig`, per supported family.
+
+Each family is a small parser that reads the keys its checkpoints publish; everything else about
+a family is a field of ModelConfig that the shared model code switches on.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Callable
+
+from dymoe.errors import CheckpointError, UnsupportedModelError
+from dymoe.models.config import ModelConfig, RopeConfig
+
+ConfigParser = Callable[[dict[str, Any]], dict[str, Any]]
+
+
+def _required(raw: dict, key: str, *aliases: str):
+    for k in (key, *aliases):
+        if raw.get(k) is not None:
+            return raw[k]
+    raise KeyError(key)
+
+
+def _eos_ids(raw: dict) -> tuple[int, ...]:
+    eos = raw.get("eos_token_id")
+    if eos is None:
+        return ()
+    return tuple(eos) if isinstance(eos, list) else (int(eos),)
+
+
+def parse_rope(raw: dict) -> RopeConfig:
+    """Read RoPE settings in either the transformers-4 or the transformers-5 spelling."""
+    params = dict(raw.get("rope_parameters") or raw.get("rope_scaling") or {})
+    if params and all(isinstance(v, dict) for v in params.values()):
+        raise UnsupportedModelError("per-layer-type rope_parameters are not supported yet")
+    rope_type = params.get("rope_type", params.get("type", "default"))
+    theta = params.get("rope_theta", raw.get("rope_theta", 10000.0))
+    if rope_type not in ("default", "linear", "dynamic", "yarn", "llama3"):
+        raise UnsupportedModelError(
+            f"rope type {rope_type!r} is not supported (supported: default, linear, dynamic, yarn, llama3)"
+        )
+    original = params.get("original_max_position_embeddings", raw.get("original_max_position_embeddings"))
+    if rope_type in ("yarn", "llama3") and original is None:
+        original = raw.get("max_position_embeddings")
+    factor = params.get("factor")
+    if factor is None:
+        factor = raw["max_position_embeddings"] / original if rope_type == "yarn" and original else 1.0
+    return RopeConfig(
+        theta=float(theta),
+        rope_type=rope_type,
+        factor=float(factor),
+        original_max_position=original,
+        beta_fast=float(params.get("beta_fast") or 32.0),
+        beta_slow=float(params.get("beta_slow") or 1.0),
+        mscale=params.get("mscale"),
+        mscale_all_dim=params.get("mscale_all_dim"),
+        attention_factor=params.get("attention_factor"),
+        truncate=bool(params.get("truncate", True)),
+        low_freq_factor=float(params.get("low_freq_factor", 1.0)),
+        high_freq_factor=float(params.get("high_freq_factor", 4.0)),
+        partial_rotary_factor=float(params.get("partial_rotary_factor", raw.get("partial_rotary_factor", 1.0))),
+    )
+
+
+def _common(raw: dict) -> dict[str, Any]:
+    hidden = _required(raw, "hidden_size")
+    heads = _required(raw, "num_attention_heads")
+    return dict(
+        vocab_size=_required(raw, "vocab_size"),
+        hidden_size=hidden,
+        num_layers=_required(raw, "num_hidden_layers"),
+        num_heads=heads,
+        num_kv_heads=raw.get("num_key_value_heads") or heads,
+        head_dim=raw.get("head_dim") or hidden // heads,
+        max_position_embeddings=raw.get("max_position_embeddings", 4096),
+        rms_norm_eps=raw.get("rms_norm_eps", 1e-6),
+        rope=parse_rope(raw),
+        tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
+        bos_token_id=raw.get("bos_token_id"),
+        eos_token_ids=_eos_ids(raw),
+    )
+
+
+def _sparse_layers(raw: dict, num_experts: int) -> tuple[int, ...]:
+    """Qwen-style interleaving: layer l is MoE unless listed in mlp_only_layers or off the step."""
+    step = raw.get("decoder_sparse_step", 1) or 1
+    dense = set(raw.get("mlp_only_layers") or [])
+    n = raw["num_hidden_layers"]
+    return tuple(l for l in range(n) if l not in dense and num_experts > 0 and (l + 1) % step == 0)
+
+
+def _qwen3_moe(raw: dict) -> dict[str, Any]:
+    experts = _required(raw, "num_experts", "num_local_experts")
+    return dict(
+        family="qwen3_moe",
+        intermediate_size=raw.get("intermediate_size", 0),
+        moe_intermediate_size=_required(raw, "moe_intermediate_size"),
+        num_experts=experts,
+        num_experts_per_tok=_required(raw, "num_experts_per_tok"),
+        norm_topk_prob=bool(raw.get("norm_topk_prob", False)),
+        attention_bias=bool(raw.get("attention_bias", False)),
+        qk_norm="per_head",
+        moe_layers=_sparse_layers(raw, experts),
+    )
+
+
+def _qwen2_moe(raw: dict) -> dict[str, Any]:
+    experts = _required(raw, "num_experts", "num_local_experts")
+    return dict(
+        family="qwen2_moe",
+        intermediate_size=raw.get("intermediate_size", 0),
+        moe_intermediate_size=_required(raw, "moe_intermediate_size"),
+        num_experts=experts,
+        num_experts_per_tok=_required(raw, "num_experts_per_tok"),
+        norm_topk_prob=bool(raw.get("norm_topk_prob", False)),
+        attention_bias=bool(raw.get("qkv_bias", True)),
+        shared_expert_intermediate_size=raw.get("shared_expert_intermediate_size", 0),
+        moe_layers=_sparse_layers(raw, experts),
+    )
+
+
+def _mixtral(raw: dict) -> dict[str, Any]:
+    width = _required(raw, "intermediate_size")
+    return dict(
+        family="mixtral",
+        intermediate_size=width,
+        moe_intermediate_size=width,
+        num_experts=_required(raw, "num_local_experts", "num_experts"),
+        num_experts_per_tok=_required(raw, "num_experts_per_tok"),
+        norm_topk_prob=True,  # Mixtral renormalises the top-k softmax weights
+        moe_layers=tuple(range(raw["num_hidden_layers"])),
+    )
+
+
+def _olmoe(raw: dict) -> dict[str, Any]:
+    width = _required(raw, "intermediate_size")
+    return dict(
+        family="olmoe",
+        intermediate_size=width,
+        moe_intermediate_size=width,
+        num_experts=_required(raw, "num_experts", "num_local_experts"),
+        num_experts_per_tok=_required(raw, "num_experts_per_tok"),
+        norm_topk_prob=bool(raw.get("norm_topk_prob", False)),
+        attention_bias=bool(raw.get("attention_bias", False)),
+        qk_norm="full",
+        clip_qkv=raw.get("clip_qkv"),
+        moe_layers=tuple(range(raw["num_hidden_layers"])),
+    )
+
+
+FAMILIES: dict[str, ConfigParser] = {
+    "Qwen3MoeForCausalLM": _qwen3_moe,
+    "Qwen2MoeForCausalLM": _qwen2_moe,
+    "MixtralForCausalLM": _mixtral,
+    "OlmoeForCausalLM": _olmoe,
+}
+MODEL_TYPES = {"qwen3_moe": _qwen3_moe, "qwen2_moe": _qwen2_moe, "mixtral": _mixtral, "olmoe": _olmoe}
+
+
+def supported_architectures() -> list[str]:
+    return sorted(FAMILIES)
+
+
+def parse_config(raw: dict[str, Any], source: Path | str = "config.json") -> ModelConfig:
+    """Build a ModelConfig; unknown architectures and missing keys raise one clear error."""
+    archs = raw.get("architectures") or []
+    parser = next((FAMILIES[a] for a in archs if a in FAMILIES), None) or MODEL_TYPES.get(raw.get("model_type"))
+    if parser is None:
+        name = ", ".join(archs) or raw.get("model_type") or "unknown"
+        raise UnsupportedModelError(
+            f"architecture {name} (from {source}) is not supported; supported: {', '.join(supported_architectures())}"
+        )
+    try:
+        fields = {**_common(raw), **parser(raw)}
+    except KeyError as exc:
+        raise CheckpointError(f"{source} lacks the key {exc.args[0]!r} that this architecture needs") from None
+    return ModelConfig(**fields)

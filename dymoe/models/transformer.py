@@ -1,0 +1,111 @@
+"""The decoder-only MoE transformer every supported family shares, and its checkpoint loader.
+
+Module names mirror the Hugging Face checkpoints (``model.layers.N.self_attn.q_proj``...), so the
+loader maps a parameter to its tensor by name; the only family-specific names are in
+:func:`checkpoint_name`. Routed experts are not parameters of this model: the MoE blocks ask an
+:class:`~dymoe.models.moe.ExpertProvider` for them.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from dymoe.models.config import ModelConfig
+from dymoe.models.layers import Attention, DenseMLP, KVCache, RMSNorm, RotaryEmbedding
+from dymoe.models.moe import ExpertProvider, MoEBlock
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config: ModelConfig, layer: int):
+        super().__init__()
+        self.self_attn = Attention(config, layer)
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        if config.is_moe_layer(layer):
+            self.mlp = MoEBlock(config, layer)
+        else:
+            self.mlp = DenseMLP(config.hidden_size, config.intermediate_size)
+
+    def forward(self, x, start, cache, rotary):
+        x = x + self.self_attn(self.input_layernorm(x), start, cache, rotary)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Backbone(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+
+class MoETransformer(nn.Module):
+    """Embeddings, decoder layers, final norm and LM head; experts come from ``self.experts``."""
+
+    def __init__(self, config: ModelConfig, context_len: int):
+        super().__init__()
+        self.config = config
+        self.model = Backbone(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.rotary = RotaryEmbedding(config.rope, config.head_dim, context_len)
+        self.context_len = context_len
+        self.experts: ExpertProvider | None = None
+
+    @property
+    def moe_blocks(self) -> list[MoEBlock]:
+        return [layer.mlp for layer in self.model.layers if isinstance(layer.mlp, MoEBlock)]
+
+    def attach_experts(self, experts: ExpertProvider) -> None:
+        self.experts = experts
+        for block in self.moe_blocks:
+            block.experts = experts
+
+    @torch.inference_mode()
+    def forward(self, tokens: torch.Tensor, start: int, cache: KVCache, last_only: bool = False) -> torch.Tensor:
+        """tokens [B, T] at positions start..start+T-1 -> logits [B, T, V] (or [B, V] if last_only)."""
+        x = self.model.embed_tokens(tokens)
+        for layer in self.model.layers:
+            x = layer(x, start, cache, self.rotary)
+        if last_only:
+            x = x[:, -1]
+        return self.lm_head(self.model.norm(x)).float()
+
+    def new_cache(self, batch: int = 1) -> KVCache:
+        param = self.lm_head.weight
+        return KVCache(self.config, batch, self.context_len, param.device, param.dtype)
+
+    @property
+    def dense_nbytes(self) -> int:
+        return sum(p.nbytes for p in self.parameters())
+
+
+def checkpoint_name(config: ModelConfig, param_name: str) -> str:
+    """Our parameter name -> the checkpoint's tensor name."""
+    if config.family == "mixtral":
+        return param_name.replace(".mlp.gate.", ".block_sparse_moe.gate.")
+    return param_name
+
+
+def load_dense(checkpoint, context_len: int, device, dtype: torch.dtype, progress=None) -> MoETransformer:
+    """Build the model on ``device`` and fill every non-expert weight from ``checkpoint``.
+
+    Shapes are checked against config.json (a mismatch names tensor and file); tied embeddings are
+    honoured when the config asks for them or the checkpoint has no ``lm_head.weight``.
+    """
+    config = checkpoint.config
+    with torch.device("meta"):
+        model = MoETransformer(config, context_len)
+    model.to_empty(device=device).to(dtype=dtype)
+    tied = config.tie_word_embeddings or not checkpoint.has("lm_head.weight")
+    for name, param in model.named_parameters():
+        source = "model.embed_tokens.weight" if (tied and name == "lm_head.weight") else checkpoint_name(config, name)
+        tensor = checkpoint.get(source, tuple(param.shape))
+        with torch.no_grad():
+            param.copy_(tensor)
+        if progress is not None:
+            progress.update(tensor.nbytes)
+    model.rotary.build(device, dtype)
+    model.requires_grad_(False)
+    model.eval()
+    return model

@@ -1,0 +1,55 @@
+"""The expert computation shared by every runtime: tokens grouped by expert, SwiGLU per expert.
+
+Tokens are sorted by expert so each chosen expert runs one matmul pair over all its tokens; the
+router weight is applied before the scatter-add back into token order. ``weights_of(e)`` returns
+expert e's (gate_up [2I, H], down [H, I]) in the compute dtype, wherever they live (a resident
+stack, a pool slot, or a dequantized low-bit copy).
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+ExpertWeightsFn = Callable[[int], tuple[torch.Tensor, torch.Tensor]]
+
+
+def swiglu_expert(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
+    gate, up = F.linear(x, gate_up).chunk(2, dim=-1)
+    return F.linear(F.silu(gate) * up, down)
+
+
+def group_by_expert(expert_ids: torch.Tensor) -> tuple[torch.Tensor, list[int], list[int]]:
+    """Order of (token, slot) assignments sorted by expert, the experts used, and their counts.
+
+    The counts come back to the host once per layer: the runtime must know which experts to
+    fetch anyway, so this is the one synchronisation the step needs.
+    """
+    flat = expert_ids.reshape(-1)
+    order = torch.argsort(flat, stable=True)
+    experts, counts = torch.unique_consecutive(flat[order], return_counts=True)
+    return order, experts.tolist(), counts.tolist()
+
+
+def run_grouped(
+    hidden: torch.Tensor,
+    expert_ids: torch.Tensor,
+    expert_weights: torch.Tensor,
+    weights_of: ExpertWeightsFn,
+    grouping: tuple[torch.Tensor, list[int], list[int]] | None = None,
+) -> torch.Tensor:
+    """sum_j w[n, j] * expert_{ids[n, j]}(hidden[n]) for every token n; hidden [N, H]."""
+    k = expert_ids.shape[1]
+    order, experts, counts = grouping or group_by_expert(expert_ids)
+    tokens = order // k
+    x = hidden[tokens]
+    out = torch.empty_like(x)
+    start = 0
+    for expert, count in zip(experts, counts):
+        gate_up, down = weights_of(expert)
+        out[start : start + count] = swiglu_expert(x[start : start + count], gate_up, down)
+        start += count
+    out = out * expert_weights.reshape(-1)[order].unsqueeze(-1)
+    return torch.zeros_like(hidden).index_add_(0, tokens, out)
