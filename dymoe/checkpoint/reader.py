@@ -28,7 +28,7 @@ INDEX_FILE = "model.safetensors.index.json"
 class ExpertNames:
     """Where one family keeps its routed experts (``{l}`` = layer, ``{e}`` = expert)."""
 
-    block: str  # e.g. "model.layers.{l}.mlp"
+    block: str = "model.layers.{l}.mlp"
     gate: str = "experts.{e}.gate_proj.weight"
     up: str = "experts.{e}.up_proj.weight"
     down: str = "experts.{e}.down_proj.weight"
@@ -67,7 +67,7 @@ class Checkpoint:
         self.raw_config = raw_config
         self._tensor_files = tensor_files
         self._handles: dict[Path, object] = {}
-        self.names = expert_names(config.family)
+        self.names = _detect_names(config, tensor_files)
         self.fused_experts = bool(config.moe_layers) and (
             self._block(config.moe_layers[0], self.names.fused_gate_up) in tensor_files
         )
@@ -89,6 +89,11 @@ class Checkpoint:
             raise CheckpointError(f"{config_path} is not valid JSON ({exc})") from None
         config = parse_config(raw, source=config_path)
         return cls(path, config, raw, _tensor_files(path))
+
+    @property
+    def files(self) -> list[Path]:
+        """The safetensors shards, each once."""
+        return sorted(set(self._tensor_files.values()))
 
     # ---- tensors -----------------------------------------------------------------------------
 
@@ -124,6 +129,16 @@ class Checkpoint:
         return self._handles[file]
 
     # ---- experts -----------------------------------------------------------------------------
+
+    def tensor_name(self, param_name: str) -> str:
+        """The checkpoint's name for one of our (Hugging Face-named) dense parameters."""
+        default = ExpertNames.block.split("{")[0]
+        if self.names.block != ExpertNames.block and param_name.startswith(default):
+            layer = param_name[len(default):].split(".")[0]
+            prefix = f"{default}{layer}.mlp."
+            if param_name.startswith(prefix):
+                return self.names.block.format(l=layer) + "." + param_name[len(prefix):]
+        return param_name
 
     def _block(self, layer: int, suffix: str) -> str:
         return self.names.block.format(l=layer) + "." + suffix
@@ -168,15 +183,22 @@ class Checkpoint:
         return gate_up, down
 
 
-def expert_names(family: str) -> ExpertNames:
-    if family == "mixtral":
-        return ExpertNames(
-            block="model.layers.{l}.block_sparse_moe",
-            gate="experts.{e}.w1.weight",
-            up="experts.{e}.w3.weight",
-            down="experts.{e}.w2.weight",
-        )
-    return ExpertNames(block="model.layers.{l}.mlp")
+MIXTRAL_NAMES = ExpertNames(
+    block="model.layers.{l}.block_sparse_moe",
+    gate="experts.{e}.w1.weight",
+    up="experts.{e}.w3.weight",
+    down="experts.{e}.w2.weight",
+)
+
+
+def _detect_names(config: ModelConfig, tensor_files: dict[str, Path]) -> ExpertNames:
+    """Mixtral's hub checkpoints say ``block_sparse_moe`` and ``w1/w3/w2``; its fused exports (as
+    transformers 5 holds it in memory) say ``mlp`` like the other families."""
+    if config.family == "mixtral" and config.moe_layers:
+        router = MIXTRAL_NAMES.block.format(l=config.moe_layers[0]) + ".gate.weight"
+        if router in tensor_files:
+            return MIXTRAL_NAMES
+    return ExpertNames()
 
 
 def _tensor_files(path: Path) -> dict[str, Path]:

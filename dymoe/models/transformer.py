@@ -80,13 +80,6 @@ class MoETransformer(nn.Module):
         return sum(p.nbytes for p in self.parameters())
 
 
-def checkpoint_name(config: ModelConfig, param_name: str) -> str:
-    """Our parameter name -> the checkpoint's tensor name."""
-    if config.family == "mixtral":
-        return param_name.replace(".mlp.gate.", ".block_sparse_moe.gate.")
-    return param_name
-
-
 def load_dense(checkpoint, context_len: int, device, dtype: torch.dtype, progress=None) -> MoETransformer:
     """Build the model on ``device`` and fill every non-expert weight from ``checkpoint``.
 
@@ -99,7 +92,7 @@ def load_dense(checkpoint, context_len: int, device, dtype: torch.dtype, progres
     model.to_empty(device=device).to(dtype=dtype)
     tied = config.tie_word_embeddings or not checkpoint.has("lm_head.weight")
     for name, param in model.named_parameters():
-        source = "model.embed_tokens.weight" if (tied and name == "lm_head.weight") else checkpoint_name(config, name)
+        source = "model.embed_tokens.weight" if (tied and name == "lm_head.weight") else checkpoint.tensor_name(name)
         tensor = checkpoint.get(source, tuple(param.shape))
         with torch.no_grad():
             param.copy_(tensor)

@@ -1,0 +1,59 @@
+"""Tiny random checkpoints of every supported family, written by transformers (the test oracle)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+FAMILIES = ("qwen3_moe", "qwen2_moe", "mixtral", "olmoe")
+
+# Small but not degenerate: several experts per token, GQA, more than one layer, and an init
+# scale large enough that routing differs between tokens.
+BASE = dict(vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=3, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=256, initializer_range=0.15, rms_norm_eps=1e-6)
+FAMILY_KW = {
+    "qwen3_moe": dict(moe_intermediate_size=24, num_experts=8, num_experts_per_tok=3, norm_topk_prob=True,
+                      head_dim=8),
+    "qwen2_moe": dict(moe_intermediate_size=24, num_experts=8, num_experts_per_tok=3,
+                      shared_expert_intermediate_size=40),
+    "mixtral": dict(num_local_experts=8, num_experts_per_tok=2),
+    "olmoe": dict(num_experts=8, num_experts_per_tok=3, clip_qkv=None),
+}
+
+
+def hf_classes(family: str):
+    import transformers as tf
+
+    return {
+        "qwen3_moe": (tf.Qwen3MoeConfig, tf.Qwen3MoeForCausalLM),
+        "qwen2_moe": (tf.Qwen2MoeConfig, tf.Qwen2MoeForCausalLM),
+        "mixtral": (tf.MixtralConfig, tf.MixtralForCausalLM),
+        "olmoe": (tf.OlmoeConfig, tf.OlmoeForCausalLM),
+    }[family]
+
+
+def make_hf_model(family: str, seed: int = 0, **overrides):
+    config_cls, model_cls = hf_classes(family)
+    kwargs = {**BASE, **FAMILY_KW[family], "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0, **overrides}
+    torch.manual_seed(seed)
+    model = model_cls(config_cls(**kwargs)).eval()
+    return model
+
+
+def save_checkpoint(model, path: Path, sharded: bool = False, fused: bool = False) -> Path:
+    """Write ``model`` as a hub checkpoint: per-expert tensors (save_pretrained), optionally
+    sharded, or the fused 3-D expert layout (transformers 5's in-memory tensors, saved as they are)."""
+    if fused:
+        from safetensors.torch import save_file
+
+        path.mkdir(parents=True, exist_ok=True)
+        model.config.save_pretrained(path)
+        state = {k: v.contiguous() for k, v in model.state_dict().items()}
+        if model.config.tie_word_embeddings:
+            state.pop("lm_head.weight", None)
+        save_file(state, str(path / "model.safetensors"), metadata={"format": "pt"})
+    else:
+        model.save_pretrained(path, max_shard_size="20KB" if sharded else "10GB")
+    return path
