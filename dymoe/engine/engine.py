@@ -88,7 +88,7 @@ class Engine:
         self.stats = GenerationStats()
 
     @classmethod
-    def load(cls, config: EngineConfig, experts=None) -> "Engine":
+    def load(cls, config: EngineConfig, experts=None, eos_token_ids: tuple[int, ...] = ()) -> "Engine":
         """Load dense weights and, unless an expert runtime is given, keep every expert resident."""
         checkpoint = Checkpoint.open(config.model_dir)
         device = resolve_device(config.device)
@@ -99,7 +99,12 @@ class Engine:
             if experts is None:
                 experts = ResidentExperts.from_checkpoint(checkpoint, device, dtype, progress)
         model.attach_experts(experts)
-        return cls(model, checkpoint)
+        return cls(model, checkpoint, eos_token_ids)
+
+    def runtime_report(self) -> str:
+        """Human-readable statistics of the expert runtime (hits, bytes moved, stalls)."""
+        report = getattr(self.model.experts, "report", None)
+        return report() if report else f"experts: all {len(self.config.moe_layers)} MoE layers resident"
 
     # ---- the loop ---------------------------------------------------------------------------
 
