@@ -91,6 +91,10 @@ class Checkpoint:
         return cls(path, config, raw, _tensor_files(path))
 
     @property
+    def tensor_names(self) -> list[str]:
+        return sorted(self._tensor_files)
+
+    @property
     def files(self) -> list[Path]:
         """The safetensors shards, each once."""
         return sorted(set(self._tensor_files.values()))

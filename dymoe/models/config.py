@@ -51,7 +51,6 @@ class ModelConfig:
     rms_norm_eps: float
     rope: RopeConfig = field(default_factory=RopeConfig)
     norm_topk_prob: bool = True
-    router_softmax_after_topk: bool = False  # Mixtral: top-k on logits, then softmax over the k
     attention_bias: bool = False
     qk_norm: str | None = None  # None | "per_head" (Qwen3) | "full" (OLMoE)
     clip_qkv: float | None = None
