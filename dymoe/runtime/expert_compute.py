@@ -30,7 +30,8 @@ def group_by_expert(expert_ids: torch.Tensor) -> tuple[torch.Tensor, list[int], 
     flat = expert_ids.reshape(-1)
     order = torch.argsort(flat, stable=True)
     experts, counts = torch.unique_consecutive(flat[order], return_counts=True)
-    return order, experts.tolist(), counts.tolist()
+    experts_list, counts_list = torch.stack([experts, counts]).tolist()  # one device->host sync
+    return order, experts_list, counts_list
 
 
 def run_grouped(
