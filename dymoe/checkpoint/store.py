@@ -26,6 +26,7 @@ from __future__ import annotations
 import hashlib
 import json
 import mmap
+import os
 import warnings
 import zlib
 from dataclasses import dataclass
@@ -50,6 +51,17 @@ class BlobEntry:
     offset: int
     nbytes: int
     crc32: int
+
+
+def default_store_dir(model_dir: str | Path) -> Path:
+    """Where a model's store lives unless told otherwise: ``MODEL_DIR/dymoe-store`` when the model
+    folder is writable (the store then travels and is deleted with the model), else
+    ``~/.cache/dymoe/stores/<folder name>-<hash of its absolute path>``."""
+    model_dir = Path(model_dir).expanduser()
+    if os.access(model_dir, os.W_OK):
+        return model_dir / "dymoe-store"
+    tag = hashlib.sha256(str(model_dir.resolve()).encode()).hexdigest()[:8]
+    return Path.home() / ".cache" / "dymoe" / "stores" / f"{model_dir.resolve().name}-{tag}"
 
 
 def model_fingerprint(checkpoint) -> str:

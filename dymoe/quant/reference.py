@@ -172,25 +172,20 @@ def _hqq_mins(g: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor, fmt: Qu
     the generalised shrinkage operator, and refit the min in closed form. The min is kept within
     half a step of its round-to-nearest value, which is what the documented error bound relies on.
     """
-    nearest = mins
-    best, best_err = mins, _lp_error(g, scales, mins, fmt, p)
-    for _ in range(iters):
+    nearest, best = mins, mins
+    best_err = torch.full_like(mins, math.inf)
+    for _ in range(iters + 1):
         codes = _codes(g, scales, mins, fmt)
         residual = g - (codes * scales[..., None] + mins[..., None])
-        sparse = _shrink_lp(residual, beta, p)
-        mins = (g - sparse - codes * scales[..., None]).mean(dim=-1)
-        mins = torch.minimum(torch.maximum(mins, nearest - scales / 2), nearest + scales / 2)
-        err = _lp_error(g, scales, mins, fmt, p)
+        err = residual.abs().pow(p).sum(dim=-1)
         improved = err < best_err
-        best = torch.where(improved, mins, best)
-        best_err = torch.where(improved, err, best_err)
+        if not bool(improved.any()):
+            break  # as in HQQ: stop once no group's error decreases
+        best, best_err = torch.where(improved, mins, best), torch.where(improved, err, best_err)
+        mins = (g - _shrink_lp(residual, beta, p) - codes * scales[..., None]).mean(dim=-1)
+        mins = torch.minimum(torch.maximum(mins, nearest - scales / 2), nearest + scales / 2)
         beta *= kappa
     return best
-
-
-def _lp_error(g: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor, fmt: QuantFormat, p: float):
-    deq = _codes(g, scales, mins, fmt) * scales[..., None] + mins[..., None]
-    return (g - deq).abs().pow(p).sum(dim=-1)
 
 
 def _shrink_lp(x: torch.Tensor, beta: float, p: float) -> torch.Tensor:

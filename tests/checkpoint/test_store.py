@@ -269,3 +269,14 @@ def test_store_of_a_real_checkpoint(qwen3_dir, tmp_path):
     got = store.unpack(layer, 5, "int4", torch.float32)
     assert torch.equal(got[2], dequantize(quantize(down, parse_format("int4", 64)), torch.float32))
     assert torch.equal(store.unpack(layer, 5, "bf16", torch.float32)[0], gate.bfloat16().float())
+
+
+def test_default_store_dir(tmp_path, monkeypatch):
+    import dymoe.checkpoint.store as store_module
+
+    assert store_module.default_store_dir(tmp_path) == tmp_path / "dymoe-store"
+    monkeypatch.setattr(store_module.os, "access", lambda path, mode: False)
+    monkeypatch.setattr(store_module.Path, "home", classmethod(lambda cls: tmp_path / "home"))
+    fallback = store_module.default_store_dir(tmp_path / "Qwen3-30B-A3B")
+    assert fallback.parent == tmp_path / "home" / ".cache" / "dymoe" / "stores"
+    assert fallback.name.startswith("Qwen3-30B-A3B-")
