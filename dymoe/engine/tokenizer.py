@@ -165,7 +165,8 @@ class Tokenizer:
 
     def decode(self, ids: Iterable[int], skip_special_tokens: bool = True) -> str:
         """Text of ``ids``; special tokens (EOS, chat markers) are dropped unless asked for."""
-        text = self.backend.decode(list(ids), skip_special_tokens=skip_special_tokens)
+        ids = ids.tolist() if hasattr(ids, "tolist") else list(ids)  # a tensor of ids works too
+        text = self.backend.decode(ids, skip_special_tokens=skip_special_tokens)
         return _clean_up_spaces(text) if self._clean_up_spaces else text
 
     # ---- chat -----------------------------------------------------------------------------------

@@ -134,9 +134,9 @@ def test_tojson_filter_options():
 
 
 def test_loop_controls_and_namespace():
-    source = ("{% set ns = namespace(n=0) %}{% for m in messages %}{% if m.content == 'skip' %}{% continue %}{% endif %}"
-              "{% if m.content == 'stop' %}{% break %}{% endif %}{% set ns.n = ns.n + 1 %}{{ m.content }}{% endfor %}"
-              "={{ ns.n }}")
+    source = ("{% set ns = namespace(n=0) %}{% for m in messages %}"
+              "{% if m.content == 'skip' %}{% continue %}{% endif %}{% if m.content == 'stop' %}{% break %}{% endif %}"
+              "{% set ns.n = ns.n + 1 %}{{ m.content }}{% endfor %}={{ ns.n }}")
     contents = ["a", "skip", "b", "stop", "c"]
     assert render(source, messages=[{"role": "user", "content": c} for c in contents]) == "ab=2"
 

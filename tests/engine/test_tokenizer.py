@@ -25,7 +25,7 @@ STRINGS = [
     "a" * 40,
 ]
 
-EMOJI_TEXT = "🤖 robots 🚀🚀 rockets 👩‍👩‍👧‍👦 fam 🇫🇷🇯🇵 flags 🧪✨ and 日本語 café 🙂" * 3
+EMOJI_TEXT = "🤖 robots 🚀🚀 rockets 👩‍👩‍👧‍👦 fam 🇫🇷🇯🇵 flags 🧪✨ 日本語 café 🙂" * 3
 
 FOLDERS = ["qwen_dir", "mixtral_dir", "sentencepiece_dir"]
 
@@ -47,9 +47,9 @@ def test_encode_decode_match_transformers(folder, hf_tokenizer, text):
 
 def test_round_trip_keeps_unicode(qwen_dir):
     tokenizer = Tokenizer.from_dir(qwen_dir)
-    for text in STRINGS:
-        assert tokenizer.decode(tokenizer.encode(text)) == text.replace("<|im_start|>", "").replace("<|im_end|>", "") \
-            .replace("<s>", "").replace("</s>", "")
+    for text in [EMOJI_TEXT, *STRINGS[:5]]:
+        assert tokenizer.decode(tokenizer.encode(text)) == text
+    assert tokenizer.decode(tokenizer.encode("<|im_start|>x<|im_end|>")) == "x"
 
 
 def test_bos_from_post_processor(mixtral_dir, sentencepiece_dir, qwen_dir):
@@ -185,3 +185,40 @@ def test_chat_without_template(bare_bos_dir):
     with pytest.raises(CheckpointError, match="no chat template") as info:
         tokenizer.apply_chat_template([{"role": "user", "content": "hi"}])
     assert str(bare_bos_dir) in str(info.value)
+
+
+def test_decode_accepts_a_tensor(qwen_dir):
+    import torch
+
+    tokenizer = Tokenizer.from_dir(qwen_dir)
+    ids = tokenizer.encode(EMOJI_TEXT)
+    assert tokenizer.decode(torch.tensor(ids)) == tokenizer.decode(ids) == EMOJI_TEXT
+
+
+def test_space_clean_up_only_for_non_bpe(tmp_path, hf_tokenizer, qwen_dir):
+    """WordPiece checkpoints ask for transformers' space clean-up; BPE ones never get it."""
+    from tokenizers import Tokenizer as Backend
+    from tokenizers import decoders, models, pre_tokenizers, trainers
+
+    from tests.engine.conftest import TEXT, write_json
+
+    backend = Backend(models.WordPiece(unk_token="[UNK]"))
+    backend.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    backend.decoder = decoders.WordPiece()
+    backend.train_from_iterator([TEXT], trainers.WordPieceTrainer(vocab_size=300, special_tokens=["[UNK]"],
+                                                                  show_progress=False))
+    backend.save(str(tmp_path / "tokenizer.json"))
+    write_json(tmp_path / "tokenizer_config.json", {"tokenizer_class": "PreTrainedTokenizerFast",
+                                                    "unk_token": "[UNK]", "clean_up_tokenization_spaces": True})
+    text = "Numbers, punctuation (brackets) and dashes. Is it? Yes!"
+    ours, theirs = Tokenizer.from_dir(tmp_path), hf_tokenizer(tmp_path)
+    ids = ours.encode(text)
+    assert ids == theirs.encode(text)
+    assert ours.decode(ids) == theirs.decode(ids, skip_special_tokens=True)
+    assert " ," not in ours.decode(ids) and " ." not in ours.decode(ids)
+
+    shutil.copytree(qwen_dir, tmp_path / "bpe")
+    config = json.loads((tmp_path / "bpe" / "tokenizer_config.json").read_text())
+    write_json(tmp_path / "bpe" / "tokenizer_config.json", {**config, "clean_up_tokenization_spaces": True})
+    bpe = Tokenizer.from_dir(tmp_path / "bpe")
+    assert bpe.decode(bpe.encode("a , b .")) == "a , b ."
