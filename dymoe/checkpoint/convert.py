@@ -23,7 +23,8 @@ from tqdm import tqdm
 
 from dymoe.checkpoint.blob import BlobLayout, blob_layout, encode_expert
 from dymoe.checkpoint.store import (
-    FILE_TARGET_BYTES, FORMAT_VERSION, INDEX_FILE, blob_crc32, model_fingerprint, model_summary, read_index,
+    FILE_TARGET_BYTES, FORMAT_VERSION, INDEX_FILE, blob_crc32, check_complete, model_fingerprint, model_summary,
+    read_index,
 )
 from dymoe.errors import CheckpointError, StoreError
 from dymoe.quant.formats import QuantFormat, parse_format
@@ -75,13 +76,16 @@ def _layouts(config, precisions, group_size: int, rounding: str) -> dict[str, Bl
 
 
 def _previous_index(out: Path) -> dict | None:
-    """The index of a complete store already in ``out`` (of any model), else None."""
+    """The index of a complete store already in ``out`` (of any model), else None (a damaged index
+    is treated as no store: everything is rebuilt)."""
     if not (out / INDEX_FILE).is_file():
         return None
     try:
-        return read_index(out)
-    except StoreError:
+        index = read_index(out)
+        check_complete(index, out)
+    except (StoreError, KeyError, TypeError, ValueError, IndexError):
         return None
+    return index
 
 
 def _satisfied(old: dict | None, out: Path, precision: str, layout: BlobLayout) -> bool:

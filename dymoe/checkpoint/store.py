@@ -35,7 +35,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from dymoe.checkpoint.blob import BlobLayout, unpack_expert  # noqa: F401  (unpack_expert is public here)
+from dymoe.checkpoint.blob import BLOB_ALIGN, BlobLayout, unpack_expert  # noqa: F401  (unpack_expert is public here)
 from dymoe.errors import StoreError
 
 FORMAT_VERSION = 1
@@ -106,10 +106,12 @@ def read_index(path: Path) -> dict:
         data = json.loads(index.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise StoreError(f"{index} is unreadable ({exc}): re-run `dymoe convert MODEL_DIR --out {path}`") from None
-    version = data.get("format_version") if isinstance(data, dict) else None
+    if not isinstance(data, dict):
+        raise StoreError(f"{index} is not a dymoe store index: re-run `dymoe convert MODEL_DIR --out {path}`")
+    version = data.get("format_version")
     if version != FORMAT_VERSION:
         raise StoreError(f"{index} has store format version {version}, this dymoe reads version {FORMAT_VERSION}: "
-                         f"re-run `dymoe convert {data.get('source', 'MODEL_DIR')} --out {path}`")
+                         f"{convert_hint(data, path)}")
     return data
 
 
@@ -140,10 +142,14 @@ class ExpertStore:
             raise StoreError(f"expert store {path} was built from another model ({index.get('source')}) or an "
                              f"older copy of it, not {checkpoint.path}: "
                              f"re-run `dymoe convert {checkpoint.path} --out {path}`")
-        _check_complete(index, path)
-        files = {name: _map_file(path / name, size, index)
-                 for rec in index["precisions"].values() for name, size in rec["files"].items()}
-        return cls(path, index, files)
+        try:
+            check_complete(index, path)
+            files = {name: _map_file(path / name, size, index)
+                     for rec in index["precisions"].values() for name, size in rec["files"].items()}
+            return cls(path, index, files)
+        except (KeyError, TypeError, ValueError, IndexError) as exc:
+            raise StoreError(f"{path / INDEX_FILE} is malformed ({type(exc).__name__}: {exc}): "
+                             f"{convert_hint(index, path)}") from None
 
     @property
     def precisions(self) -> tuple[str, ...]:
@@ -188,7 +194,8 @@ class ExpertStore:
 
     def verify_all(self, progress: bool = False) -> None:
         """Check every blob's checksum (reads the whole store once)."""
-        keys = [(layer, expert, p) for p in self.precisions for layer in self.layers for expert in range(self.num_experts)]
+        keys = [(layer, expert, p)
+                for p in self.precisions for layer in self.layers for expert in range(self.num_experts)]
         for key in tqdm(keys, desc="verify", unit="expert", disable=not progress):
             self.verify(*key)
 
@@ -198,17 +205,21 @@ class ExpertStore:
 
     def nbytes(self, precision: str | None = None) -> int:
         """Bytes of the data files of ``precision`` (all precisions when None)."""
-        return sum(t.numel() for name, t in self._files.items() if precision is None or name.startswith(precision + "-"))
+        return sum(t.numel() for name, t in self._files.items()
+                   if precision is None or name.startswith(precision + "-"))
 
 
-def _check_complete(index: dict, path: Path) -> None:
-    """Every precision must list every expert of every MoE layer; an index is only written complete,
-    so a gap means it was edited or belongs to a different dymoe."""
+def check_complete(index: dict, path: Path) -> None:
+    """Every precision must list every expert of every MoE layer, each blob inside its file; an index
+    is only written complete, so a gap means it was edited or belongs to a different dymoe."""
     layers = {str(layer) for layer in index["model"]["moe_layers"]}
     for precision, rec in index["precisions"].items():
-        experts = rec["experts"]
-        if set(experts) != layers or any(len(v) != index["model"]["num_experts"] for v in experts.values()):
-            raise StoreError(f"{path / INDEX_FILE} lists an incomplete set of {precision} experts: "
+        experts, sizes, blob_bytes = rec["experts"], rec["files"], rec["layout"]["nbytes"]
+        complete = set(experts) == layers and all(len(v) == index["model"]["num_experts"] for v in experts.values())
+        inside = all(e[0] in sizes and e[2] == blob_bytes and e[1] % BLOB_ALIGN == 0 and e[1] + e[2] <= sizes[e[0]]
+                     for v in experts.values() for e in v)
+        if not (complete and inside):
+            raise StoreError(f"{path / INDEX_FILE} lists an incomplete or inconsistent set of {precision} experts: "
                              f"{convert_hint(index, path)}")
 
 

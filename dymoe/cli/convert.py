@@ -33,7 +33,8 @@ def register(subparsers) -> None:
         "convert", help="write the multi-precision expert store of a checkpoint", description=__doc__,
         epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("model", metavar="MODEL_DIR", help="Hugging Face checkpoint folder (config.json, *.safetensors)")
+    parser.add_argument("model", metavar="MODEL_DIR",
+                        help="Hugging Face checkpoint folder (config.json, *.safetensors)")
     parser.add_argument("--out", metavar="STORE", default=None,
                         help="store folder (default: MODEL_DIR/dymoe-store if writable, else under ~/.cache/dymoe)")
     parser.add_argument("--precisions", default="bf16,int4", metavar="LIST",

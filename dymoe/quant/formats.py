@@ -2,15 +2,15 @@
 
 Formats (weights are ``[out, in]`` as in a Hugging Face ``nn.Linear``; groups run along ``in``):
 
-=======  ====  =======================================  ======================================
-name     bits  quantization                             parts
-=======  ====  =======================================  ======================================
-bf16     16    none (raw bfloat16)                      ``weight`` bf16 ``[out, in]``
-int8     8     symmetric, one scale per output row      ``weight`` int8 ``[out, in]``, ``scales`` fp16 ``[out]``
-int4     4     asymmetric, one scale + min per group    ``weight`` uint8 ``[out, G*g*4/8]``, ``scales``/``mins`` fp16 ``[out, G]``
-int3     3     asymmetric, one scale + min per group    ``weight`` uint8 ``[out, G*g*3/8]``, ``scales``/``mins`` fp16 ``[out, G]``
-int2     2     asymmetric, one scale + min per group    ``weight`` uint8 ``[out, G*g*2/8]``, ``scales``/``mins`` fp16 ``[out, G]``
-=======  ====  =======================================  ======================================
+====  ====  ===========================  ==================================================================
+name  bits  quantization                 parts
+====  ====  ===========================  ==================================================================
+bf16  16    none (raw bfloat16)          ``weight`` bf16 ``[out, in]``
+int8  8     symmetric, scale per row     ``weight`` int8 ``[out, in]``, ``scales`` fp16 ``[out]``
+int4  4     asymmetric, scale+min/group  ``weight`` uint8 ``[out, G*g/2]``, ``scales``/``mins`` fp16 ``[out, G]``
+int3  3     asymmetric, scale+min/group  ``weight`` uint8 ``[out, G*g*3/8]``, ``scales``/``mins`` fp16 ``[out, G]``
+int2  2     asymmetric, scale+min/group  ``weight`` uint8 ``[out, G*g/4]``, ``scales``/``mins`` fp16 ``[out, G]``
+====  ====  ===========================  ==================================================================
 
 ``g`` is the group size (64 or 128) and ``G = ceil(in / g)``. An ``in`` that is not a multiple of
 ``g`` is padded up to ``G*g`` columns (GPT-OSS has ``in = 2880``, 22.5 groups of 128); the padded

@@ -251,7 +251,8 @@ def test_large_models_are_split_into_several_files(model, tmp_path, monkeypatch)
 
     monkeypatch.setattr(convert_module, "FILE_TARGET_BYTES", 1)
     store = ExpertStore.open(convert(model, tmp_path / "store", precisions=("int4",)))
-    assert sorted(p.name for p in store.path.glob("*.bin")) == ["int4-g64-layers000-000.bin", "int4-g64-layers002-002.bin"]
+    names = sorted(p.name for p in store.path.glob("*.bin"))
+    assert names == ["int4-g64-layers000-000.bin", "int4-g64-layers002-002.bin"]
     store.verify_all()
 
 
@@ -263,7 +264,8 @@ def test_store_of_a_real_checkpoint(qwen3_dir, tmp_path):
     from dymoe.checkpoint.reader import Checkpoint
 
     checkpoint = Checkpoint.open(qwen3_dir)
-    store = ExpertStore.open(convert(checkpoint, tmp_path / "store", precisions=("bf16", "int4")), checkpoint=checkpoint)
+    out = convert(checkpoint, tmp_path / "store", precisions=("bf16", "int4"))
+    store = ExpertStore.open(out, checkpoint=checkpoint)
     layer = checkpoint.config.moe_layers[-1]
     gate, up, down = checkpoint.expert_weights(layer, 5)
     got = store.unpack(layer, 5, "int4", torch.float32)
@@ -280,3 +282,24 @@ def test_default_store_dir(tmp_path, monkeypatch):
     fallback = store_module.default_store_dir(tmp_path / "Qwen3-30B-A3B")
     assert fallback.parent == tmp_path / "home" / ".cache" / "dymoe" / "stores"
     assert fallback.name.startswith("Qwen3-30B-A3B-")
+
+
+@pytest.mark.parametrize("damage", ["not json", "[]", "no precisions", "blob outside its file"])
+def test_damaged_index_is_a_store_error(model, tmp_path, damage):
+    out = convert(model, tmp_path / "store", precisions=("int4",))
+    index = json.loads((out / INDEX_FILE).read_text())
+    if damage == "no precisions":
+        del index["precisions"]
+    elif damage == "blob outside its file":
+        index["precisions"]["int4"]["experts"]["2"][3][1] += 1 << 20
+    text = {"not json": "{", "[]": "[]"}.get(damage, json.dumps(index))
+    (out / INDEX_FILE).write_text(text)
+    with pytest.raises(StoreError, match=r"index.json .*re-run `dymoe convert"):
+        ExpertStore.open(out)
+
+
+def test_convert_over_a_damaged_index_rebuilds(model, tmp_path):
+    out = convert(model, tmp_path / "store", precisions=("int4",))
+    (out / INDEX_FILE).write_text('{"format_version": 1}')
+    convert(model, out, precisions=("int4",))
+    ExpertStore.open(out, checkpoint=model).verify_all()
