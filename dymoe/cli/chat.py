@@ -9,10 +9,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from dymoe.cli.options import add_model_options, add_sampling_options, engine_config, sampling_params
-from dymoe.engine.engine import Engine
+from dymoe.cli.options import add_model_options, add_sampling_options, load_engine, open_model, sampling_params
 from dymoe.engine.streaming import stream_text
-from dymoe.engine.tokenizer import Tokenizer
 from dymoe.errors import InputError
 
 
@@ -29,9 +27,9 @@ def register(subparsers) -> None:
 
 def run(args) -> int:
     params = sampling_params(args)
-    tokenizer = Tokenizer.from_dir(args.model)
+    checkpoint, tokenizer = open_model(args)
     tokenizer.apply_chat_template([{"role": "user", "content": "hi"}])  # fail now if there is no template
-    engine = Engine.load(engine_config(args), eos_token_ids=tokenizer.eos_token_ids)
+    engine = load_engine(args, checkpoint, tokenizer)
     messages = _fresh(args.system)
     interactive = sys.stdin.isatty()
     while True:

@@ -5,10 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from dymoe.cli.options import add_model_options, add_sampling_options, engine_config, sampling_params
-from dymoe.engine.engine import Engine
+from dymoe.cli.options import add_model_options, add_sampling_options, load_engine, open_model, sampling_params
 from dymoe.engine.streaming import stream_text
-from dymoe.engine.tokenizer import Tokenizer
 from dymoe.errors import InputError
 
 EXAMPLES = """examples:
@@ -41,13 +39,13 @@ def read_prompt(args) -> str:
 def run(args) -> int:
     prompt = read_prompt(args)
     params = sampling_params(args)
-    tokenizer = Tokenizer.from_dir(args.model)
+    checkpoint, tokenizer = open_model(args)
     if args.chat:
         prompt = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True)
         prompt_ids = tokenizer.encode(prompt, add_special_tokens=False)
     else:
         prompt_ids = tokenizer.encode(prompt)
-    engine = Engine.load(engine_config(args), eos_token_ids=tokenizer.eos_token_ids)
+    engine = load_engine(args, checkpoint, tokenizer)
     engine.check_prompt(len(prompt_ids))
     for piece in stream_text(tokenizer, engine.generate(prompt_ids, params), params.stop):
         sys.stdout.write(piece)

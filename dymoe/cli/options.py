@@ -10,8 +10,10 @@ import argparse
 import json
 from pathlib import Path
 
-from dymoe.engine.engine import EngineConfig
+from dymoe.checkpoint.reader import Checkpoint
+from dymoe.engine.engine import Engine, EngineConfig
 from dymoe.engine.sampling import SamplingParams
+from dymoe.engine.tokenizer import Tokenizer
 from dymoe.errors import InputError
 
 
@@ -72,3 +74,12 @@ def sampling_params(args: argparse.Namespace) -> SamplingParams:
         max_new_tokens=args.max_new_tokens, seed=args.seed, stop=tuple(args.stop),
         **{k: v for k, v in values.items() if v is not None},
     )
+
+
+def open_model(args: argparse.Namespace) -> tuple[Checkpoint, Tokenizer]:
+    """Check the folder and its tokenizer first: cheap, and the errors come before a long load."""
+    return Checkpoint.open(args.model), Tokenizer.from_dir(args.model)
+
+
+def load_engine(args: argparse.Namespace, checkpoint: Checkpoint, tokenizer: Tokenizer) -> Engine:
+    return Engine.load(engine_config(args), eos_token_ids=tokenizer.eos_token_ids, checkpoint=checkpoint)

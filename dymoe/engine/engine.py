@@ -88,9 +88,11 @@ class Engine:
         self.stats = GenerationStats()
 
     @classmethod
-    def load(cls, config: EngineConfig, experts=None, eos_token_ids: tuple[int, ...] = ()) -> "Engine":
+    def load(
+        cls, config: EngineConfig, experts=None, eos_token_ids: tuple[int, ...] = (), checkpoint: Checkpoint | None = None
+    ) -> "Engine":
         """Load dense weights and, unless an expert runtime is given, keep every expert resident."""
-        checkpoint = Checkpoint.open(config.model_dir)
+        checkpoint = checkpoint or Checkpoint.open(config.model_dir)
         device = resolve_device(config.device)
         dtype = resolve_dtype(config.dtype, device)
         context = config.context_len or min(checkpoint.config.max_position_embeddings, DEFAULT_CONTEXT)

@@ -1,0 +1,112 @@
+"""``dymoe inspect``: what a checkpoint is and how much of it fits in a device budget.
+
+Reads only config.json and the safetensors headers, so it is instant even for a 60 GB model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from dymoe.checkpoint.reader import Checkpoint
+from dymoe.cli.units import format_bytes, parse_bytes
+from dymoe.models.config import ModelConfig
+from dymoe.quant.formats import nbytes, parse_format
+
+PRECISIONS = ("bf16", "int8", "int4", "int2")
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "inspect", help="describe a checkpoint and what fits in a memory budget", description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("model", metavar="MODEL_DIR", help="Hugging Face checkpoint folder")
+    parser.add_argument("--device-memory", default=None, metavar="SIZE",
+                        help="device memory for experts, e.g. 8GiB or 24GB: show how many experts fit")
+    parser.add_argument("--group-size", type=int, default=128, choices=(64, 128),
+                        help="group size of the int4/int2 formats (default: 128)")
+    parser.add_argument("--json", action="store_true", help="print the facts as JSON")
+    parser.set_defaults(func=run)
+
+
+def expert_bytes(config: ModelConfig, precision: str, group_size: int) -> int:
+    """Bytes of one routed expert (gate, up and down) stored at ``precision``."""
+    fmt = parse_format(precision, group_size=group_size)
+    h, i = config.hidden_size, config.moe_intermediate_size
+    return 2 * nbytes(fmt, i, h) + nbytes(fmt, h, i)
+
+
+def describe(checkpoint: Checkpoint, budget: int | None, group_size: int) -> dict:
+    c = checkpoint.config
+    total_params = sum(_numel(checkpoint.shape(name)) for name in checkpoint.tensor_names)
+    n_experts = len(c.moe_layers) * c.num_experts
+    expert_params = n_experts * c.expert_params
+    dense_params = total_params - expert_params
+    active = dense_params + len(c.moe_layers) * c.num_experts_per_tok * c.expert_params
+    facts = {
+        "architecture": c.family,
+        "layers": c.num_layers,
+        "moe_layers": len(c.moe_layers),
+        "experts_per_layer": c.num_experts,
+        "experts_per_token": c.num_experts_per_tok,
+        "hidden_size": c.hidden_size,
+        "expert_width": c.moe_intermediate_size,
+        "shared_expert_width": c.shared_expert_intermediate_size,
+        "parameters": total_params,
+        "active_parameters_per_token": active,
+        "dense_parameters": dense_params,
+        "expert_parameters": expert_params,
+        "dense_bytes_bf16": 2 * dense_params,
+        "expert_bytes_per_precision": {},
+        "bytes_per_expert": {},
+    }
+    for p in PRECISIONS:
+        one = expert_bytes(c, p, group_size)
+        facts["bytes_per_expert"][p] = one
+        facts["expert_bytes_per_precision"][p] = one * n_experts
+    if budget is not None:
+        facts["device_memory"] = budget
+        facts["experts_that_fit"] = {p: min(budget // b, n_experts) for p, b in facts["bytes_per_expert"].items()}
+        facts["experts_total"] = n_experts
+    return facts
+
+
+def _numel(shape) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n
+
+
+def render(facts: dict) -> str:
+    lines = [
+        f"architecture     {facts['architecture']}",
+        f"layers           {facts['layers']} ({facts['moe_layers']} MoE), hidden {facts['hidden_size']}",
+        f"experts          {facts['experts_per_layer']} per layer, top-{facts['experts_per_token']}, "
+        f"width {facts['expert_width']}"
+        + (f", shared expert width {facts['shared_expert_width']}" if facts["shared_expert_width"] else ""),
+        f"parameters       {facts['parameters'] / 1e9:.3f} B total, {facts['active_parameters_per_token'] / 1e9:.3f} B "
+        f"active per token",
+        f"dense (resident) {facts['dense_parameters'] / 1e9:.3f} B params = {format_bytes(facts['dense_bytes_bf16'])} at bf16",
+        f"routed experts   {facts['expert_parameters'] / 1e9:.3f} B params",
+        "",
+        "precision   per expert    all experts" + ("    fit in budget" if "experts_that_fit" in facts else ""),
+    ]
+    for p, one in facts["bytes_per_expert"].items():
+        row = f"{p:<10} {format_bytes(one):>11}  {format_bytes(facts['expert_bytes_per_precision'][p]):>13}"
+        if "experts_that_fit" in facts:
+            fit = facts["experts_that_fit"][p]
+            row += f"    {fit}/{facts['experts_total']} ({100 * fit / facts['experts_total']:.0f}%)"
+        lines.append(row)
+    if "device_memory" in facts:
+        lines.append(f"\n(device budget for experts: {format_bytes(facts['device_memory'])})")
+    return "\n".join(lines)
+
+
+def run(args) -> int:
+    checkpoint = Checkpoint.open(args.model)
+    budget = parse_bytes(args.device_memory, flag="--device-memory") if args.device_memory else None
+    facts = describe(checkpoint, budget, args.group_size)
+    print(json.dumps(facts, indent=2) if args.json else render(facts))
+    return 0
