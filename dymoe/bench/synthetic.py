@@ -1,0 +1,225 @@
+"""Synthetic real-shape models: the architecture of a published MoE checkpoint, random weights, no disk.
+
+Performance work needs the real shapes (expert bytes, head sizes, vocabulary) far more than trained
+weights, and a 60 GB download is a poor start for a benchmark. A synthetic model is the config.json
+of a hub checkpoint run through the same parser as a real one (:func:`dymoe.models.registry.parse_config`),
+with every weight drawn from a seeded normal distribution straight into the memory it will live in.
+
+The shapes are copied from the public ``config.json`` files of these hub repositories:
+
+* ``qwen3-30b-a3b``: Qwen/Qwen3-30B-A3B (hidden 2048, 48 layers, 32 query / 4 KV heads of 128,
+  128 experts, top-8, moe_intermediate_size 768, vocab 151936, norm_topk_prob true, RoPE theta 1e6).
+* ``mixtral-8x7b``: mistralai/Mixtral-8x7B-v0.1 (hidden 4096, 32 layers, 32 / 8 heads, 8 experts,
+  top-2, intermediate_size 14336, vocab 32000, RoPE theta 1e6).
+* ``olmoe-1b-7b``: allenai/OLMoE-1B-7B-0924 (hidden 2048, 16 layers, 16 / 16 heads, 64 experts,
+  top-8, intermediate_size 1024, vocab 50304, q/k norm over the full projection).
+* ``qwen2-moe-a2.7b``: Qwen/Qwen1.5-MoE-A2.7B (hidden 2048, 24 layers, 16 / 16 heads, 60 experts,
+  top-4, moe_intermediate_size 1408, shared expert 5632, vocab 151936, q/k/v bias).
+
+Weights are a function of (seed, tensor name, device kind) only: each tensor has its own generator,
+so layer 3 of a 4-layer model equals layer 3 of the 48-layer one, and the same seed gives the same
+model on every run (CPU and CUDA generators differ, so a CPU-built and a GPU-built model do not).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import zlib
+from typing import Any, Callable
+
+import torch
+
+from dymoe.errors import InputError
+from dymoe.models.config import ModelConfig
+from dymoe.models.registry import parse_config
+from dymoe.models.transformer import MoETransformer
+
+SPEC_PREFIX = "synthetic:"
+DEFAULT_STD = 0.02  # the initializer_range of all four families' configs
+
+# Keys as the hub's config.json files spell them (only those parse_config reads).
+SYNTHETIC_SHAPES: dict[str, dict[str, Any]] = {
+    "qwen3-30b-a3b": {
+        "architectures": ["Qwen3MoeForCausalLM"], "model_type": "qwen3_moe", "vocab_size": 151936,
+        "hidden_size": 2048, "intermediate_size": 6144, "moe_intermediate_size": 768, "num_hidden_layers": 48,
+        "num_attention_heads": 32, "num_key_value_heads": 4, "head_dim": 128, "num_experts": 128,
+        "num_experts_per_tok": 8, "norm_topk_prob": True, "decoder_sparse_step": 1, "mlp_only_layers": [],
+        "max_position_embeddings": 40960, "rms_norm_eps": 1e-6, "rope_theta": 1000000.0,
+        "attention_bias": False, "tie_word_embeddings": False, "bos_token_id": 151643, "eos_token_id": 151645,
+    },
+    "mixtral-8x7b": {
+        "architectures": ["MixtralForCausalLM"], "model_type": "mixtral", "vocab_size": 32000,
+        "hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32, "num_attention_heads": 32,
+        "num_key_value_heads": 8, "num_local_experts": 8, "num_experts_per_tok": 2,
+        "max_position_embeddings": 32768, "rms_norm_eps": 1e-5, "rope_theta": 1000000.0,
+        "tie_word_embeddings": False, "bos_token_id": 1, "eos_token_id": 2,
+    },
+    "olmoe-1b-7b": {
+        "architectures": ["OlmoeForCausalLM"], "model_type": "olmoe", "vocab_size": 50304,
+        "hidden_size": 2048, "intermediate_size": 1024, "num_hidden_layers": 16, "num_attention_heads": 16,
+        "num_key_value_heads": 16, "num_experts": 64, "num_experts_per_tok": 8, "norm_topk_prob": False,
+        "clip_qkv": None, "max_position_embeddings": 4096, "rms_norm_eps": 1e-5, "rope_theta": 10000.0,
+        "attention_bias": False, "tie_word_embeddings": False, "bos_token_id": None, "eos_token_id": 50279,
+    },
+    "qwen2-moe-a2.7b": {
+        "architectures": ["Qwen2MoeForCausalLM"], "model_type": "qwen2_moe", "vocab_size": 151936,
+        "hidden_size": 2048, "intermediate_size": 5632, "moe_intermediate_size": 1408,
+        "shared_expert_intermediate_size": 5632, "num_hidden_layers": 24, "num_attention_heads": 16,
+        "num_key_value_heads": 16, "num_experts": 60, "num_experts_per_tok": 4, "norm_topk_prob": False,
+        "qkv_bias": True, "decoder_sparse_step": 1, "mlp_only_layers": [], "max_position_embeddings": 8192,
+        "rms_norm_eps": 1e-6, "rope_theta": 1000000.0, "tie_word_embeddings": False,
+        "bos_token_id": 151643, "eos_token_id": 151643,
+    },
+}
+
+# Fills one MoE layer's router weight [E, H] in place; the hook for skewed routing (a later issue):
+# a skew knob becomes a RouterInit that, e.g., scales a few experts' rows up.
+RouterInit = Callable[[int, torch.Tensor, torch.Generator], None]
+
+
+def parse_model_spec(spec: str) -> str | None:
+    """``"synthetic:NAME"`` -> NAME (checked against SYNTHETIC_SHAPES); any other spec (a path) -> None."""
+    if not spec.startswith(SPEC_PREFIX):
+        return None
+    name = spec[len(SPEC_PREFIX):]
+    if name not in SYNTHETIC_SHAPES:
+        raise InputError(
+            f"unknown synthetic model {name!r} in {spec!r}; choose one of: "
+            + ", ".join(SPEC_PREFIX + n for n in SYNTHETIC_SHAPES)
+        )
+    return name
+
+
+def synthetic_config(name: str, layers: int | None = None) -> ModelConfig:
+    """The ModelConfig of a synthetic shape, optionally cut to its first ``layers`` layers."""
+    if name not in SYNTHETIC_SHAPES:
+        raise InputError(f"unknown synthetic model {name!r}; choose one of: {', '.join(SYNTHETIC_SHAPES)}")
+    raw = dict(SYNTHETIC_SHAPES[name])
+    if layers is not None:
+        if not 1 <= layers <= raw["num_hidden_layers"]:
+            raise InputError(f"{name} has {raw['num_hidden_layers']} layers; asked for {layers}")
+        raw["num_hidden_layers"] = layers
+    return parse_config(raw, source=SPEC_PREFIX + name)
+
+
+def tiny_config(config: ModelConfig) -> ModelConfig:
+    """The same family and switches at toy widths, for CPU smoke runs and tests.
+
+    Keeps whether attention is grouped-query, whether there is a shared expert and the layer
+    pattern; shrinks every width, the vocabulary and the expert count.
+    """
+    kv_heads = 4 if config.num_kv_heads == config.num_heads else 2
+    return dataclasses.replace(
+        config,
+        vocab_size=512,
+        hidden_size=64,
+        num_heads=4,
+        num_kv_heads=kv_heads,
+        head_dim=16,
+        intermediate_size=96 if config.intermediate_size else 0,
+        moe_intermediate_size=32,
+        num_experts=min(config.num_experts, 16),
+        num_experts_per_tok=min(config.num_experts_per_tok, 4),
+        shared_expert_intermediate_size=80 if config.shared_expert_intermediate_size else 0,
+        max_position_embeddings=min(config.max_position_embeddings, 4096),
+    )
+
+
+def tensor_generator(seed: int, name: str, device: torch.device | str) -> torch.Generator:
+    """A generator whose stream depends only on the seed and the tensor's name (not on build order)."""
+    device = torch.device(device)
+    return torch.Generator(device=device).manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
+
+
+def fill_normal_(tensor: torch.Tensor, std: float, generator: torch.Generator) -> torch.Tensor:
+    with torch.no_grad():
+        return tensor.normal_(0.0, std, generator=generator)
+
+
+def build_dense(
+    config: ModelConfig,
+    device,
+    dtype: torch.dtype,
+    seed: int = 0,
+    context_len: int = 4096,
+    std: float = DEFAULT_STD,
+    router_init: RouterInit | None = None,
+) -> MoETransformer:
+    """The model without its experts, built as :func:`~dymoe.models.transformer.load_dense` builds it.
+
+    Norm weights are one, biases zero, every other weight normal(0, std); ``router_init`` replaces
+    the routers' normal init (the hook for skewed routing).
+    """
+    with torch.device("meta"):
+        model = MoETransformer(config, context_len)
+    model.to_empty(device=device).to(dtype=dtype)
+    for name, param in model.named_parameters():
+        with torch.no_grad():
+            if name.endswith("norm.weight"):
+                param.fill_(1.0)
+            elif name.endswith(".bias"):
+                param.zero_()
+            elif router_init is not None and name.endswith("mlp.gate.weight"):
+                router_init(_layer_of(name), param, tensor_generator(seed, name, param.device))
+            else:
+                fill_normal_(param, std, tensor_generator(seed, name, param.device))
+    model.rotary.build(device, dtype)
+    model.requires_grad_(False)
+    model.eval()
+    return model
+
+
+def build_expert_layer(
+    config: ModelConfig,
+    layer: int,
+    device,
+    dtype: torch.dtype,
+    seed: int = 0,
+    std: float = DEFAULT_STD,
+    pin_memory: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One MoE layer's stacked experts: gate_up [E, 2I, H] and down [E, H, I], drawn in place.
+
+    Drawn directly in ``dtype`` on ``device`` (pinned when asked), so the peak is the layer itself.
+    """
+    e, i, h = config.num_experts, config.moe_intermediate_size, config.hidden_size
+    prefix = f"model.layers.{layer}.mlp.experts."
+    stacks = []
+    for name, shape in (("gate_up_proj", (e, 2 * i, h)), ("down_proj", (e, h, i))):
+        tensor = torch.empty(shape, dtype=dtype, device=device, pin_memory=pin_memory and _is_cpu(device))
+        stacks.append(fill_normal_(tensor, std, tensor_generator(seed, prefix + name, tensor.device)))
+    return stacks[0], stacks[1]
+
+
+def build_synthetic(
+    config: ModelConfig,
+    device,
+    dtype: torch.dtype,
+    seed: int = 0,
+    context_len: int = 4096,
+    expert_device=None,
+    pin_memory: bool = False,
+    std: float = DEFAULT_STD,
+    router_init: RouterInit | None = None,
+) -> tuple[MoETransformer, dict[int, tuple[torch.Tensor, torch.Tensor]]]:
+    """A random-weight model of ``config``: the dense model on ``device`` and expert stacks per MoE layer.
+
+    Experts go to ``expert_device`` (default ``device``), e.g. ``"cpu"`` with ``pin_memory=True`` for
+    an offloading runtime, or the GPU for :class:`~dymoe.runtime.resident.ResidentExperts`. They are
+    returned, not attached: the caller picks the runtime. Layers are drawn one at a time.
+    """
+    model = build_dense(config, device, dtype, seed, context_len, std, router_init)
+    expert_device = device if expert_device is None else expert_device
+    experts = {
+        layer: build_expert_layer(config, layer, expert_device, dtype, seed, std, pin_memory)
+        for layer in config.moe_layers
+    }
+    return model, experts
+
+
+def _layer_of(name: str) -> int:
+    return int(name.split(".")[2])  # model.layers.N.…
+
+
+def _is_cpu(device) -> bool:
+    return torch.device(device).type == "cpu"
