@@ -8,7 +8,7 @@ stack, a pool slot, or a dequantized low-bit copy).
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Iterable
 
 import torch
 import torch.nn.functional as F
@@ -40,17 +40,26 @@ def run_grouped(
     expert_weights: torch.Tensor,
     weights_of: ExpertWeightsFn,
     grouping: tuple[torch.Tensor, list[int], list[int]] | None = None,
+    schedule: Iterable[int] | None = None,
 ) -> torch.Tensor:
-    """sum_j w[n, j] * expert_{ids[n, j]}(hidden[n]) for every token n; hidden [N, H]."""
+    """sum_j w[n, j] * expert_{ids[n, j]}(hidden[n]) for every token n; hidden [N, H].
+
+    ``schedule`` gives the order in which the grouped experts (indices into the grouping's expert
+    list) are computed — an offloading runtime runs resident experts first and fetches between
+    steps. Each expert's rows land at their sorted position and are combined once at the end, so
+    the result is bit-identical whatever the schedule.
+    """
     k = expert_ids.shape[1]
     order, experts, counts = grouping or group_by_expert(expert_ids)
+    starts = [0]
+    for count in counts[:-1]:
+        starts.append(starts[-1] + count)
     tokens = order // k
     x = hidden[tokens]
-    out = torch.empty_like(x)
-    start = 0
-    for expert, count in zip(experts, counts):
-        gate_up, down = weights_of(expert)
-        out[start : start + count] = swiglu_expert(x[start : start + count], gate_up, down)
-        start += count
-    out = out * expert_weights.reshape(-1)[order].unsqueeze(-1)
-    return torch.zeros_like(hidden).index_add_(0, tokens, out)
+    rows = torch.empty_like(x)
+    for j in range(len(experts)) if schedule is None else schedule:
+        gate_up, down = weights_of(experts[j])
+        start, stop = starts[j], starts[j] + counts[j]
+        rows[start:stop] = swiglu_expert(x[start:stop], gate_up, down)
+    rows = rows * expert_weights.reshape(-1)[order].unsqueeze(-1)
+    return torch.zeros_like(hidden).index_add_(0, tokens, rows)

@@ -1,0 +1,150 @@
+"""OffloadedExperts: the per-layer "fetch and run" step over a slot pool, a cache and transfers.
+
+For one MoE layer and the routing of its tokens:
+
+1. group the (token, slot) assignments by expert (the one host synchronisation of the step: the
+   runtime must know which experts to fetch);
+2. look every needed expert up in the :class:`ExpertCache`; pin the hits;
+3. start a host-to-device copy for each miss into a free or evicted slot (pinned experts are never
+   evicted); if every slot is pinned, first run the experts already present and unpin them
+   (waves), so a budget of one token's top-k slots is always enough;
+4. run the hits first, while the misses are in flight, then each miss once its copy has landed
+   (the compute stream waits on that copy's event only);
+5. unpin; the `on-demand` preset also drops everything, so nothing is kept across layers.
+
+The compute is the shared grouped SwiGLU of :mod:`dymoe.runtime.expert_compute`; bf16 slots are
+read in place, low-bit slots through the reference dequantize-then-matmul for now.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from dymoe.checkpoint.blob import BlobLayout, unpack_expert
+from dymoe.errors import BudgetError
+from dymoe.runtime.cache import ExpertCache, make_policy
+from dymoe.runtime.expert_compute import group_by_expert, run_grouped
+from dymoe.runtime.metrics import RuntimeMetrics
+from dymoe.runtime.slot_pool import SlotPool
+from dymoe.runtime.transfer import TransferEngine
+
+
+@dataclass(frozen=True)
+class OffloadConfig:
+    """Which copies to keep on the device, and how many: the knobs a policy preset sets."""
+
+    budget_bytes: int
+    precision: str = "bf16"
+    eviction: str = "lru"  # "lru" | "lfu"
+    keep_across_layers: bool = True  # False: the on-demand preset (load, run, drop)
+
+
+class OffloadedExperts:
+    """An :class:`~dymoe.models.moe.ExpertProvider` whose experts live in an expert store."""
+
+    def __init__(self, store, config: OffloadConfig, top_k: int, device, dtype: torch.dtype,
+                 metrics: RuntimeMetrics | None = None):
+        self.store = store
+        self.config = config
+        self.precision = config.precision
+        self.layout: BlobLayout = store.layout(config.precision)
+        self.device = torch.device(device)
+        self.dtype = dtype
+        self.metrics = metrics or RuntimeMetrics()
+        slots = config.budget_bytes // self.layout.nbytes
+        if slots < top_k:
+            raise BudgetError(
+                f"--device-memory leaves room for {slots} {config.precision} experts, but one token needs "
+                f"{top_k}: give at least {_mib(top_k * self.layout.nbytes)} for experts"
+            )
+        self.pool = SlotPool(self.device, {config.precision: self.layout.nbytes}, {config.precision: slots})
+        self.cache = ExpertCache(self.pool, make_policy(config.eviction), on_evict=self.metrics.evicted)
+        self.transfers = TransferEngine(self.device, self.metrics, staging_bytes=self.layout.nbytes)
+        self._views = [self._weights_view(self.pool.view(config.precision, s)) for s in range(slots)]
+
+    # ---- the ExpertProvider interface ------------------------------------------------------------
+
+    def run_experts(self, layer, hidden, expert_ids, expert_weights):
+        grouping = group_by_expert(expert_ids)
+        tickets: dict[int, object] = {}
+        out = run_grouped(
+            hidden, expert_ids, expert_weights, lambda e: self._weights(layer, e, tickets), grouping,
+            schedule=self._schedule(layer, grouping[1], tickets),
+        )
+        if not self.config.keep_across_layers:
+            self.cache.drop_layer(layer)
+        self.metrics.tokens_seen(layer, hidden.shape[0])
+        return out
+
+    # ---- fetching ---------------------------------------------------------------------------------
+
+    def _schedule(self, layer: int, experts: list[int], tickets: dict):
+        """Yield the order to compute the layer's experts in: resident ones first (their compute
+        overlaps the misses' copies), in waves that fit the pool; unpin each wave after it ran."""
+        pending = sorted(range(len(experts)), key=lambda j: (layer, experts[j]) not in self.cache)
+        while pending:
+            wave = self._start_wave(layer, [experts[j] for j in pending], tickets)
+            if not wave:
+                raise BudgetError(f"no free expert slot for layer {layer}: raise --device-memory")
+            yield from pending[: len(wave)]
+            for e in wave:
+                self.cache.unpin((layer, e))
+            pending = pending[len(wave) :]
+
+    def _start_wave(self, layer: int, experts: list[int], tickets: dict) -> list[int]:
+        """Pin the resident experts and start fetches for the missing ones, while slots last."""
+        wave = []
+        for e in experts:
+            key = (layer, e)
+            if self.cache.lookup(key) is not None:
+                self.cache.pin(key)
+                self.metrics.hit(layer)
+            else:
+                slot = self.cache.make_room(self.precision)
+                if slot is None:
+                    break  # every slot pinned by this wave: run it, then continue
+                self.cache.insert(key, self.precision, slot)
+                self.cache.pin(key)
+                src = self.store.blob(layer, e, self.precision)
+                tickets[e] = self.transfers.fetch(key, src, self.pool.view(self.precision, slot))
+                self.metrics.miss(layer, src.numel())
+            wave.append(e)
+        return wave
+
+    def _weights(self, layer: int, expert: int, tickets: dict):
+        ticket = tickets.pop(expert, None)
+        if ticket is not None:
+            self.transfers.wait(ticket)
+        _, slot = self.cache.lookup((layer, expert))
+        if self.precision != "bf16":
+            return self._dequantize(slot)
+        gate_up, down = self._views[slot]
+        if self.dtype != torch.bfloat16:  # float32 compute (CPU): upcasting bf16 is exact
+            return gate_up.to(self.dtype), down.to(self.dtype)
+        return gate_up, down
+
+    def _weights_view(self, blob: torch.Tensor):
+        """(gate_up [2I, H], down [H, I]) read in place from a bf16 slot; None for low-bit slots."""
+        if self.precision != "bf16":
+            return None
+        gate, up, down = (self.layout.part(f"{p}.weight") for p in ("gate", "up", "down"))
+        if up.offset != gate.offset + gate.nbytes:
+            raise ValueError("bf16 blob layout does not keep gate and up adjacent")
+        h, i = self.layout.hidden_size, self.layout.intermediate_size
+        gate_up = blob[gate.offset : up.offset + up.nbytes].view(torch.bfloat16).view(2 * i, h)
+        return gate_up, blob[down.offset : down.offset + down.nbytes].view(torch.bfloat16).view(h, i)
+
+    def _dequantize(self, slot: int):
+        gate, up, down = unpack_expert(self.pool.view(self.precision, slot), self.layout, self.dtype)
+        return torch.cat([gate, up]), down
+
+    # ---- reporting --------------------------------------------------------------------------------
+
+    def report(self) -> str:
+        return self.metrics.format_table()
+
+
+def _mib(n: int) -> str:
+    return f"{n / 2**20:.1f} MiB"
