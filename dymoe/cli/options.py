@@ -14,7 +14,9 @@ from dymoe.checkpoint.reader import Checkpoint
 from dymoe.engine.engine import Engine, EngineConfig
 from dymoe.engine.sampling import SamplingParams
 from dymoe.engine.tokenizer import Tokenizer
+from dymoe.cli.units import parse_bytes
 from dymoe.errors import InputError
+from dymoe.runtime.presets import POLICY_NAMES, RuntimeConfig
 
 
 def add_model_options(parser: argparse.ArgumentParser) -> None:
@@ -27,6 +29,16 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--context-len", type=int, default=None,
                        help="tokens of context to allocate (default: min(model maximum, 4096))")
     group.add_argument("--no-progress", action="store_true", help="no progress bar while loading")
+    runtime = parser.add_argument_group("expert runtime")
+    runtime.add_argument("--policy", default="auto", choices=POLICY_NAMES,
+                         help="expert policy preset (default: auto = resident if all experts fit in "
+                              "--device-memory, else lru)")
+    runtime.add_argument("--device-memory", metavar="SIZE", default=None,
+                         help="device memory for routed experts, e.g. 6GiB (default: no limit, all resident)")
+    runtime.add_argument("--host-memory", metavar="SIZE", default=None,
+                         help="pinned host RAM for the expert store on GPU runs (default: up to half the free RAM)")
+    runtime.add_argument("--store", type=Path, default=None,
+                         help="expert store folder (default: MODEL/dymoe-store, built on first use; see `dymoe convert`)")
 
 
 def add_sampling_options(parser: argparse.ArgumentParser) -> None:
@@ -44,9 +56,15 @@ def add_sampling_options(parser: argparse.ArgumentParser) -> None:
 def engine_config(args: argparse.Namespace) -> EngineConfig:
     if args.context_len is not None and args.context_len < 2:
         raise InputError(f"--context-len must be at least 2, got {args.context_len}")
+    runtime = RuntimeConfig(
+        policy=args.policy,
+        device_memory=parse_bytes(args.device_memory, "--device-memory") if args.device_memory else None,
+        host_memory=parse_bytes(args.host_memory, "--host-memory") if args.host_memory else None,
+        store=args.store, progress=not args.no_progress,
+    )
     return EngineConfig(
         model_dir=args.model, device=args.device, dtype=args.dtype, context_len=args.context_len,
-        progress=not args.no_progress,
+        progress=not args.no_progress, runtime=runtime,
     )
 
 

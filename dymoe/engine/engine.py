@@ -17,6 +17,7 @@ from dymoe.checkpoint.reader import Checkpoint
 from dymoe.errors import InputError
 from dymoe.engine.sampling import Sampler, SamplingParams
 from dymoe.models.transformer import MoETransformer, load_dense
+from dymoe.runtime.presets import RuntimeConfig, build_offloaded, choose_preset
 from dymoe.runtime.resident import ResidentExperts
 
 DEFAULT_CONTEXT = 4096
@@ -31,6 +32,7 @@ class EngineConfig:
     dtype: str = "auto"  # "auto" (bf16 on GPU, float32 on CPU) | "bfloat16" | "float16" | "float32"
     context_len: int | None = None  # default: min(max_position_embeddings, 4096)
     progress: bool = True
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
 
 
 @dataclass
@@ -86,27 +88,35 @@ class Engine:
         self.eos_token_ids = eos_token_ids or model.config.eos_token_ids
         self.cache = model.new_cache(batch=1)
         self.stats = GenerationStats()
+        self.preset = "resident"
 
     @classmethod
     def load(
         cls, config: EngineConfig, experts=None, eos_token_ids: tuple[int, ...] = (), checkpoint: Checkpoint | None = None
     ) -> "Engine":
-        """Load dense weights and, unless an expert runtime is given, keep every expert resident."""
+        """Load dense weights and the expert runtime ``config.runtime`` asks for (unless ``experts``
+        is given): every expert resident, or an offloading preset over the expert store."""
         checkpoint = checkpoint or Checkpoint.open(config.model_dir)
         device = resolve_device(config.device)
         dtype = resolve_dtype(config.dtype, device)
         context = config.context_len or min(checkpoint.config.max_position_embeddings, DEFAULT_CONTEXT)
-        with _load_progress(checkpoint, config.progress, include_experts=experts is None) as progress:
+        preset = choose_preset(config.runtime, checkpoint, dtype) if experts is None else "custom"
+        if preset not in ("resident", "custom"):
+            experts = build_offloaded(checkpoint, config.runtime, preset, device, dtype)
+        with _load_progress(checkpoint, config.progress) as progress:
             model = load_dense(checkpoint, context, device, dtype, progress)
             if experts is None:
                 experts = ResidentExperts.from_checkpoint(checkpoint, device, dtype, progress)
         model.attach_experts(experts)
-        return cls(model, checkpoint, eos_token_ids)
+        engine = cls(model, checkpoint, eos_token_ids)
+        engine.preset = preset
+        return engine
 
     def runtime_report(self) -> str:
         """Human-readable statistics of the expert runtime (hits, bytes moved, stalls)."""
         report = getattr(self.model.experts, "report", None)
-        return report() if report else f"experts: all {len(self.config.moe_layers)} MoE layers resident"
+        head = f"policy: {self.preset}"
+        return f"{head}\n{report()}" if report else f"{head} (all experts of {len(self.config.moe_layers)} MoE layers on the device)"
 
     # ---- the loop ---------------------------------------------------------------------------
 
@@ -166,7 +176,7 @@ class _NoProgress:
         return False
 
 
-def _load_progress(checkpoint: Checkpoint, enabled: bool, include_experts: bool):
+def _load_progress(checkpoint: Checkpoint, enabled: bool):
     """A byte-counting progress bar for loading (tqdm), or a no-op one."""
     if not enabled:
         return _NoProgress()

@@ -1,0 +1,118 @@
+"""Policy presets: named configurations of the expert runtime, so every baseline runs through the
+same code (DESIGN.md's preset table).
+
+==============  =====================================  ===========  ==========================
+preset          cache                                  precision    kept across layers
+==============  =====================================  ===========  ==========================
+resident        every expert on the device             checkpoint   yes (no offloading at all)
+on-demand       none: load, run, drop                  bf16         no
+lru             least recently used                    bf16         yes
+lfu             least frequently used                  bf16         yes
+static-int4     least recently used                    int4         yes
+static-int2     least recently used                    int2         yes
+auto (default)  resident when it fits, else lru        bf16         yes
+==============  =====================================  ===========  ==========================
+
+The DyMoE, Fate and DynaExq presets (mixed precision, prefetch, hotness) arrive with the policies
+issue; ``auto`` will then choose among all of them.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from dymoe.checkpoint.convert import convert_store
+from dymoe.checkpoint.memory_store import MemoryStore
+from dymoe.checkpoint.store import ExpertStore, default_store_dir
+from dymoe.errors import InputError, StoreError
+from dymoe.runtime.offload import OffloadConfig, OffloadedExperts
+
+PRESETS: dict[str, dict] = {
+    "on-demand": dict(precision="bf16", eviction="lru", keep_across_layers=False),
+    "lru": dict(precision="bf16", eviction="lru"),
+    "lfu": dict(precision="bf16", eviction="lfu"),
+    "static-int4": dict(precision="int4", eviction="lru"),
+    "static-int2": dict(precision="int2", eviction="lru"),
+}
+POLICY_NAMES = ("auto", "resident", *PRESETS)
+
+
+@dataclass(frozen=True)
+class RuntimeConfig:
+    """What the user asked of the expert runtime (the CLI maps its flags onto this)."""
+
+    policy: str = "auto"
+    device_memory: int | None = None  # bytes of device memory for expert slots
+    host_memory: int | None = None  # bytes of pinned host RAM for the store (CUDA only)
+    store: Path | None = None  # default: next to the checkpoint (see default_store_dir)
+    group_size: int = 128
+    progress: bool = True
+
+    def __post_init__(self):
+        if self.policy not in POLICY_NAMES:
+            raise InputError(f"--policy {self.policy} is unknown; choose one of {', '.join(POLICY_NAMES)}")
+
+
+def expert_bytes_at_rest(checkpoint, dtype: torch.dtype) -> int:
+    c = checkpoint.config
+    return len(c.moe_layers) * c.num_experts * c.expert_params * torch.tensor([], dtype=dtype).element_size()
+
+
+def choose_preset(config: RuntimeConfig, checkpoint, dtype: torch.dtype) -> str:
+    if config.policy != "auto":
+        return config.policy
+    if config.device_memory is None or config.device_memory >= expert_bytes_at_rest(checkpoint, dtype):
+        return "resident"
+    return "lru"
+
+
+def open_store(checkpoint, config: RuntimeConfig, precision: str):
+    """The expert store holding ``precision``: opened, or built on first use with a clear message."""
+    path = config.store or default_store_dir(checkpoint.path)
+    try:
+        store = ExpertStore.open(path, checkpoint)
+        if precision in store.precisions:
+            return store
+    except StoreError:
+        if config.store is not None and (Path(config.store) / "index.json").exists():
+            raise
+    print(f"dymoe: building the expert store for {precision} at {path} (one-time; later runs reuse it)",
+          file=sys.stderr)
+    convert_store(checkpoint, path, precisions=(precision,), group_size=config.group_size, progress=config.progress)
+    return ExpertStore.open(path, checkpoint)
+
+
+def pinned_host_tier(store, config: RuntimeConfig, precision: str, device: torch.device):
+    """On CUDA, pin as much of the store as ``--host-memory`` allows (default: the whole precision
+    if it takes at most half of the available RAM) so copies run asynchronously at link speed."""
+    if device.type != "cuda":
+        return store
+    wanted = store.nbytes(precision)
+    budget = config.host_memory if config.host_memory is not None else min(wanted, _available_ram() // 2)
+    if budget <= 0:
+        return store
+    order = [(l, e, precision) for l in store.layers for e in range(store.num_experts)]
+    return MemoryStore.pin_from(store, budget, order)
+
+
+def _available_ram() -> int:
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError):
+        return 0
+
+
+def build_offloaded(checkpoint, config: RuntimeConfig, preset: str, device: torch.device, dtype: torch.dtype):
+    """The expert provider of an offloading preset, with its store, host tier and pool."""
+    knobs = PRESETS[preset]
+    if config.device_memory is None:
+        raise InputError(f"--policy {preset} offloads experts: give --device-memory (e.g. 8GiB)")
+    store = open_store(checkpoint, config, knobs["precision"])
+    source = pinned_host_tier(store, config, knobs["precision"], device)
+    offload = OffloadConfig(budget_bytes=config.device_memory, **knobs)
+    return OffloadedExperts(source, offload, checkpoint.config.num_experts_per_tok, device, dtype)
