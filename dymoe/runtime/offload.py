@@ -24,7 +24,7 @@ import torch
 
 from dymoe.checkpoint.blob import BlobLayout, unpack_expert
 from dymoe.errors import BudgetError
-from dymoe.runtime.cache import ExpertCache, make_policy
+from dymoe.runtime.cache import ExpertCache
 from dymoe.runtime.expert_compute import group_by_expert, run_grouped
 from dymoe.runtime.metrics import RuntimeMetrics
 from dymoe.runtime.slot_pool import SlotPool
@@ -39,6 +39,7 @@ class OffloadConfig:
     precision: str = "bf16"
     eviction: str = "lru"  # "lru" | "lfu"
     keep_across_layers: bool = True  # False: the on-demand preset (load, run, drop)
+    measure_stalls: bool = True  # CUDA event pairs around each wait (no host sync; cheap)
 
 
 class OffloadedExperts:
@@ -60,8 +61,9 @@ class OffloadedExperts:
                 f"{top_k}: give at least {_mib(top_k * self.layout.nbytes)} for experts"
             )
         self.pool = SlotPool(self.device, {config.precision: self.layout.nbytes}, {config.precision: slots})
-        self.cache = ExpertCache(self.pool, make_policy(config.eviction), on_evict=self.metrics.evicted)
-        self.transfers = TransferEngine(self.device, self.metrics, staging_bytes=self.layout.nbytes)
+        self.cache = ExpertCache(self.pool, config.eviction, on_evict=self.metrics.evicted)
+        self.transfers = TransferEngine(self.device, self.metrics, staging_bytes=self.layout.nbytes,
+                                        measure_stalls=config.measure_stalls)
         self._views = [self._weights_view(self.pool.view(config.precision, s)) for s in range(slots)]
 
     # ---- the ExpertProvider interface ------------------------------------------------------------
@@ -75,6 +77,7 @@ class OffloadedExperts:
         )
         if not self.config.keep_across_layers:
             self.cache.drop_layer(layer)
+        self.transfers.fence()  # this layer's slots may be overwritten once its compute is done
         self.metrics.tokens_seen(layer, hidden.shape[0])
         return out
 
@@ -142,7 +145,13 @@ class OffloadedExperts:
 
     # ---- reporting --------------------------------------------------------------------------------
 
+    def stats(self) -> dict:
+        """The runtime metrics as a dict (resolves pending CUDA stall timings first)."""
+        self.transfers.collect_stalls()
+        return self.metrics.to_dict()
+
     def report(self) -> str:
+        self.transfers.collect_stalls()
         return self.metrics.format_table()
 
 
