@@ -10,6 +10,9 @@ Why one copy stream and one background thread: a slot can be reused while a copy
 flight (a prefetched expert evicted before it landed). Copies issued in fetch order on one stream
 land in that order, so the newest copy into a slot always wins; one H2D stream already saturates
 the link. Pinned fetches take the direct path only when no staged copy is queued, for the same reason.
+Measured on the H100 machine (64 bf16 Qwen3-30B-A3B experts, 9.4 MB each): 52.7 GB/s from pinned
+memory; 14.3 GB/s staged through 3 x 8 MiB buffers and 20.8 GB/s through 4 x 32 MiB (the default),
+where the host memcpy on the one background thread is the limit.
 
 Before a copy overwrites a slot, the compute that may still read the slot's previous expert must be
 done. By default every copy waits for all compute queued when it was issued (safe, but a prefetch
@@ -56,8 +59,8 @@ class TransferEngine:
         device: torch.device | str,
         metrics: RuntimeMetrics | None = None,
         *,
-        staging_bytes: int = 8 << 20,
-        staging_buffers: int = 3,
+        staging_bytes: int = 32 << 20,
+        staging_buffers: int = 4,
         threaded: bool = False,
         measure_stalls: bool = False,
     ):
