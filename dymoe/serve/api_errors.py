@@ -2,12 +2,11 @@
 
 Every way a request can fail ends here, so the server answers instead of dying: a malformed body 400,
 an unknown model 404, a bad parameter 400 naming it, an oversize body 413, a full or slow queue 503 with
-``Retry-After``, a bug 500 (logged with its traceback; the client sees no internals).
+``Retry-After``. A bug becomes a 500 in :class:`dymoe.serve.app.RequestGuard` (logged with its traceback;
+the client sees no internals).
 """
 
 from __future__ import annotations
-
-import logging
 
 from fastapi import Request
 from fastapi.exceptions import RequestValidationError
@@ -18,8 +17,6 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from dymoe.errors import DymoeError
 from dymoe.serve.scheduler import QueueRejected
 from dymoe.serve.schemas import UnsupportedField
-
-log = logging.getLogger("dymoe.serve")
 
 ERROR_TYPES = {400: "invalid_request_error", 404: "invalid_request_error", 405: "invalid_request_error",
                413: "invalid_request_error", 503: "server_busy", 500: "server_error"}
@@ -98,8 +95,3 @@ def install(app) -> None:
             message = f"no route {request.method} {request.url.path}; see GET /v1/models, POST /v1/completions, " \
                       "POST /v1/chat/completions"
         return APIError(exc.status_code, message).response()
-
-    @app.exception_handler(Exception)
-    async def _bug(request: Request, exc: Exception):
-        log.exception("unhandled error on %s %s", request.method, request.url.path)
-        return APIError(500, "internal error while serving the request; the server log has the details").response()

@@ -50,7 +50,7 @@ def create_app(engine, tokenizer, config: ServeConfig) -> FastAPI:
     app = FastAPI(title="dymoe", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.scheduler, app.state.metrics = scheduler, metrics
     api_errors.install(app)
-    app.add_middleware(RequestCounter, metrics=metrics)
+    app.add_middleware(RequestGuard, metrics=metrics)
     context_len = engine.model.context_len
     models = _Models(config.model_name, context_len)
     app.add_api_route("/v1/models", models.list, methods=["GET"])
@@ -195,8 +195,13 @@ class _EventStream(StreamingResponse):
             self._scheduler.cancel(self._job)
 
 
-class RequestCounter:
-    """Pure ASGI middleware counting answers by route and status (BaseHTTPMiddleware would buffer streams)."""
+class RequestGuard:
+    """Pure ASGI middleware: counts answers by route and status, and turns a bug into a 500 answer.
+
+    Starlette's own handler for ``Exception`` re-raises after answering, which made uvicorn reset the
+    connection; here the traceback is logged and the client gets OpenAI's error JSON. (A pure ASGI
+    middleware rather than BaseHTTPMiddleware, which would buffer the event streams.)
+    """
 
     def __init__(self, app, metrics: ServerMetrics):
         self.app, self.metrics = app, metrics
@@ -204,7 +209,7 @@ class RequestCounter:
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        status = 500
+        status = None
 
         async def send_counting(message):
             nonlocal status
@@ -214,7 +219,12 @@ class RequestCounter:
 
         try:
             await self.app(scope, receive, send_counting)
+        except Exception:
+            log.exception("unhandled error on %s %s", scope.get("method"), scope.get("path"))
+            if status is None:
+                await APIError(500, "internal error while serving the request; the server log has the details"
+                               ).response()(scope, receive, send_counting)
         finally:
             path = scope.get("path", "")
             route = path if path in ROUTES else "/v1/models/{id}" if path.startswith("/v1/models/") else "other"
-            self.metrics.request_answered(route, status)
+            self.metrics.request_answered(route, status or 500)

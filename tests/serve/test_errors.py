@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import httpx
 import openai
 import pytest
 
-from tests.serve.conftest import CONTEXT, MODEL
+from dymoe.engine.engine import Engine
+from dymoe.serve.app import create_app
+from dymoe.serve.config import ServeConfig
+from dymoe.serve.server import BackgroundServer
+from tests.serve.conftest import CONTEXT, MODEL, load
 
 GOOD = {"model": MODEL, "prompt": "the fox", "max_tokens": 2, "temperature": 0}
 
@@ -123,3 +128,30 @@ def test_the_server_survives_every_bad_request(http):
         assert http.post("/v1/completions", content=body).status_code == 400
     assert http.post("/v1/completions", json=GOOD).status_code == 200
     assert http.get("/health").json()["status"] == "ok"
+
+
+class FailingEngine(Engine):
+    """Raises inside prefill while ``fail`` is set: a runtime fault in the middle of serving."""
+
+    fail = False
+
+    def prefill(self, prompt):
+        if self.fail:
+            raise RuntimeError("secret internal detail")
+        return super().prefill(prompt)
+
+
+def test_engine_failure_is_500_and_the_server_goes_on(model_dir, tokenizer):
+    engine = load(model_dir, CONTEXT, tokenizer.eos_token_ids, FailingEngine)
+    with BackgroundServer(create_app(engine, tokenizer, ServeConfig(model_name=MODEL))) as running, \
+            httpx.Client(base_url=running.url, timeout=30) as http:
+        engine.fail = True
+        error = error_of(http.post("/v1/completions", json=GOOD), 500)
+        assert error["type"] == "server_error" and "secret" not in error["message"]
+        streamed = http.post("/v1/completions", json=GOOD | {"stream": True})
+        assert streamed.status_code == 200
+        events = [line for line in streamed.text.splitlines() if line.startswith("data: ")]
+        assert '"server_error"' in events[-2] and events[-1] == "data: [DONE]"
+        engine.fail = False
+        assert http.post("/v1/completions", json=GOOD).status_code == 200
+        assert 'dymoe_generations_total{finish_reason="error"} 2' in http.get("/metrics").text
