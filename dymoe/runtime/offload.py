@@ -27,6 +27,7 @@ from dymoe.errors import BudgetError
 from dymoe.runtime.cache import ExpertCache
 from dymoe.runtime.expert_compute import group_by_expert, run_grouped
 from dymoe.runtime.metrics import RuntimeMetrics
+from dymoe.runtime.resident import gathered_decode
 from dymoe.runtime.slot_pool import SlotPool
 from dymoe.runtime.transfer import TransferEngine
 
@@ -62,23 +63,48 @@ class OffloadedExperts:
             )
         self.pool = SlotPool(self.device, {config.precision: self.layout.nbytes}, {config.precision: slots})
         self.cache = ExpertCache(self.pool, config.eviction, on_evict=self.metrics.evicted)
-        self.transfers = TransferEngine(self.device, self.metrics, staging_bytes=self.layout.nbytes,
-                                        measure_stalls=config.measure_stalls)
+        self.transfers = TransferEngine(self.device, self.metrics, measure_stalls=config.measure_stalls)
         self._views = [self._weights_view(self.pool.view(config.precision, s)) for s in range(slots)]
+        self._stacks = self._stacked_views(slots)
 
     # ---- the ExpertProvider interface ------------------------------------------------------------
 
     def run_experts(self, layer, hidden, expert_ids, expert_weights):
+        if hidden.shape[0] == 1 and self._stacks is not None:
+            out = self._decode_one(layer, hidden, expert_ids[0], expert_weights[0])
+        else:
+            out = self._run_grouped(layer, hidden, expert_ids, expert_weights)
+        if not self.config.keep_across_layers:
+            self.cache.drop_layer(layer)
+        self.metrics.tokens_seen(layer, hidden.shape[0])
+        return out
+
+    def _run_grouped(self, layer, hidden, expert_ids, expert_weights):
         grouping = group_by_expert(expert_ids)
         tickets: dict[int, object] = {}
         out = run_grouped(
             hidden, expert_ids, expert_weights, lambda e: self._weights(layer, e, tickets), grouping,
             schedule=self._schedule(layer, grouping[1], tickets),
         )
-        if not self.config.keep_across_layers:
-            self.cache.drop_layer(layer)
-        self.transfers.fence()  # this layer's slots may be overwritten once its compute is done
-        self.metrics.tokens_seen(layer, hidden.shape[0])
+        return out
+
+    def _decode_one(self, layer, hidden, ids, weights):
+        """One token: make its k experts resident, then gather their slots and run two batched
+        matmuls — the arithmetic of :func:`~dymoe.runtime.resident.gathered_decode`, so the result
+        is bit-identical to the resident model's decode."""
+        experts = ids.tolist()  # the step's one host sync: the runtime must know what to fetch
+        tickets: dict[int, object] = {}
+        wave = self._start_wave(layer, experts, tickets)
+        if len(wave) < len(experts):
+            raise BudgetError(f"layer {layer}: fewer free expert slots than one token's top-k; raise --device-memory")
+        for ticket in tickets.values():
+            self.transfers.wait(ticket)
+        slots = torch.tensor([self.cache.peek((layer, e)).slot for e in experts], device=self.device)
+        gate_up, down = self._stacks
+        out = gathered_decode(hidden, slots, weights, gate_up, down, self.dtype)
+        for e in experts:
+            self.cache.unpin((layer, e))
+        self.transfers.fence()
         return out
 
     # ---- fetching ---------------------------------------------------------------------------------
@@ -94,6 +120,7 @@ class OffloadedExperts:
             yield from pending[: len(wave)]
             for e in wave:
                 self.cache.unpin((layer, e))
+            self.transfers.fence()  # the next wave may reuse these slots once their compute is done
             pending = pending[len(wave) :]
 
     def _start_wave(self, layer: int, experts: list[int], tickets: dict) -> list[int]:
@@ -120,7 +147,7 @@ class OffloadedExperts:
         ticket = tickets.pop(expert, None)
         if ticket is not None:
             self.transfers.wait(ticket)
-        _, slot = self.cache.lookup((layer, expert))
+        _, slot = self.cache.peek((layer, expert))  # peek: the use was counted when the wave started
         if self.precision != "bf16":
             return self._dequantize(slot)
         gate_up, down = self._views[slot]
@@ -138,6 +165,22 @@ class OffloadedExperts:
         h, i = self.layout.hidden_size, self.layout.intermediate_size
         gate_up = blob[gate.offset : up.offset + up.nbytes].view(torch.bfloat16).view(2 * i, h)
         return gate_up, blob[down.offset : down.offset + down.nbytes].view(torch.bfloat16).view(h, i)
+
+    def _stacked_views(self, slots: int):
+        """bf16 slots as two strided stacks [S, 2I, H] and [S, H, I] over the pool buffer, when the
+        slots are evenly spaced (always, unless a resplit moved some); None otherwise."""
+        if self.precision != "bf16" or slots == 0:
+            return None
+        offsets = [self.pool.offset(self.precision, s) for s in range(slots)]
+        stride = offsets[1] - offsets[0] if slots > 1 else self.layout.nbytes
+        if any(o != offsets[0] + i * stride for i, o in enumerate(offsets)) or stride % 2:
+            return None
+        gate, up, down = (self.layout.part(f"{p}.weight") for p in ("gate", "up", "down"))
+        h, i = self.layout.hidden_size, self.layout.intermediate_size
+        words = self.pool.buffer[offsets[0] :].view(torch.bfloat16)
+        gate_up = words.as_strided((slots, 2 * i, h), (stride // 2, h, 1), gate.offset // 2)
+        down_stack = words.as_strided((slots, h, i), (stride // 2, i, 1), down.offset // 2)
+        return gate_up, down_stack
 
     def _dequantize(self, slot: int):
         gate, up, down = unpack_expert(self.pool.view(self.precision, slot), self.layout, self.dtype)

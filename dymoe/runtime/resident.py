@@ -49,10 +49,14 @@ class ResidentExperts:
 
 
 def gathered_decode(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor,
-                    gate_up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
-    """One token x [1, H] through experts ``ids`` [k]: gather their weights, two batched matmuls."""
+                    gate_up: torch.Tensor, down: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """One token x [1, H] through experts ``ids`` [k] of the stacks ``gate_up`` [E, 2I, H] and
+    ``down`` [E, H, I]: gather the k experts' weights (cast to ``dtype`` if given), two batched matmuls."""
     k = ids.shape[0]
-    h = torch.bmm(gate_up[ids], x.expand(k, -1).unsqueeze(-1))  # [k, 2I, 1]
+    w1, w2 = gate_up[ids], down[ids]
+    if dtype is not None and w1.dtype != dtype:
+        w1, w2 = w1.to(dtype), w2.to(dtype)
+    h = torch.bmm(w1, x.expand(k, -1).unsqueeze(-1))  # [k, 2I, 1]
     gate, up = h.chunk(2, dim=1)
-    y = torch.bmm(down[ids], F.silu(gate) * up).squeeze(-1)  # [k, H]
+    y = torch.bmm(w2, F.silu(gate) * up).squeeze(-1)  # [k, H]
     return (weights.unsqueeze(-1) * y).sum(0, keepdim=True)
