@@ -75,9 +75,9 @@ def pack_bits(values: torch.Tensor, bits: int) -> torch.Tensor:
     padded = -(-n // codes) * codes
     v = torch.nn.functional.pad(values, (0, padded - n)).to(torch.int32)
     v = v.reshape(*values.shape[:-1], padded // codes, codes)
-    shifts = torch.arange(codes, dtype=torch.int32) * bits
+    shifts = torch.arange(codes, dtype=torch.int32, device=v.device) * bits
     word = (v << shifts).sum(dim=-1, keepdim=True)
-    out = (word >> (torch.arange(nbytes, dtype=torch.int32) * 8)) & 0xFF
+    out = (word >> (torch.arange(nbytes, dtype=torch.int32, device=v.device) * 8)) & 0xFF
     return out.to(torch.uint8).reshape(*values.shape[:-1], packed_row_bytes(bits, n))
 
 
@@ -87,8 +87,8 @@ def unpack_bits(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
     if packed.shape[-1] != packed_row_bytes(bits, n):
         raise ValueError(f"{packed.shape[-1]} packed bytes per row do not hold {n} {bits}-bit codes")
     b = packed.to(torch.int32).reshape(*packed.shape[:-1], -1, nbytes)
-    word = (b << (torch.arange(nbytes, dtype=torch.int32) * 8)).sum(dim=-1, keepdim=True)
-    v = (word >> (torch.arange(codes, dtype=torch.int32) * bits)) & ((1 << bits) - 1)
+    word = (b << (torch.arange(nbytes, dtype=torch.int32, device=b.device) * 8)).sum(dim=-1, keepdim=True)
+    v = (word >> (torch.arange(codes, dtype=torch.int32, device=b.device) * bits)) & ((1 << bits) - 1)
     return v.reshape(*packed.shape[:-1], -1)[..., :n].to(torch.uint8)
 
 
