@@ -10,7 +10,7 @@ from dymoe.engine.sampling import SamplingParams
 from dymoe.engine.tokenizer import Tokenizer
 from dymoe.errors import InputError
 from dymoe.serve.api_errors import APIError
-from dymoe.serve.schemas import ChatCompletionRequest, CompletionRequest, _Sampling
+from dymoe.serve.schemas import ChatCompletionRequest, CompletionRequest, SamplingFields
 
 # OpenAI's defaults where neither the request nor the checkpoint's generation_config.json says.
 API_DEFAULTS = {"temperature": 1.0, "top_p": 1.0, "top_k": 0, "repetition_penalty": 1.0}
@@ -41,7 +41,7 @@ def chat_prompt_ids(request: ChatCompletionRequest, tokenizer: Tokenizer) -> lis
     return tokenizer.encode(text, add_special_tokens=False)
 
 
-def sampling_params(request: _Sampling, max_tokens: int | None, prompt_tokens: int, context_len: int,
+def sampling_params(request: SamplingFields, max_tokens: int | None, prompt_tokens: int, context_len: int,
                     defaults: dict, prompt_field: str) -> SamplingParams:
     """Sampling for one request: its values, else the checkpoint's defaults, else OpenAI's.
 

@@ -16,12 +16,25 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 MAX_STOP_STRINGS = 4
 
 
+class UnsupportedField(ValueError):
+    """A field set to a value dymoe does not implement; carries the field's name."""
+
+    def __init__(self, field: str, message: str):
+        super().__init__(message)
+        self.field = field
+
+
+def _refuse(condition: bool, field: str, message: str) -> None:
+    if condition:
+        raise UnsupportedField(field, message)
+
+
 class StreamOptions(BaseModel):
     model_config = ConfigDict(extra="ignore")
     include_usage: bool = False
 
 
-class _Sampling(BaseModel):
+class SamplingFields(BaseModel):
     """What completions and chat share: the model name, sampling, stop strings, streaming."""
 
     model_config = ConfigDict(extra="ignore")
@@ -65,20 +78,7 @@ class _Sampling(BaseModel):
         return self
 
 
-class UnsupportedField(ValueError):
-    """A field set to a value dymoe does not implement; carries the field's name."""
-
-    def __init__(self, field: str, message: str):
-        super().__init__(message)
-        self.field = field
-
-
-def _refuse(condition: bool, field: str, message: str) -> None:
-    if condition:
-        raise UnsupportedField(field, message)
-
-
-class CompletionRequest(_Sampling):
+class CompletionRequest(SamplingFields):
     """``POST /v1/completions``: ``prompt`` is a string or a list of token ids (one prompt per request)."""
 
     prompt: Any
@@ -127,7 +127,7 @@ class ChatMessage(BaseModel):
         raise ValueError("must be a string or a list of text parts")
 
 
-class ChatCompletionRequest(_Sampling):
+class ChatCompletionRequest(SamplingFields):
     """``POST /v1/chat/completions``: the conversation goes through the checkpoint's chat template."""
 
     messages: list[ChatMessage] = Field(min_length=1)
