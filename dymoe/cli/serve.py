@@ -28,7 +28,8 @@ def register(subparsers) -> None:
     )
     add_model_options(parser)
     group = parser.add_argument_group("server")
-    group.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1, this machine only)")
+    group.add_argument("--host", default="127.0.0.1",
+                       help="address to listen on (default: 127.0.0.1, this machine only)")
     group.add_argument("--port", type=int, default=8000, help="port to listen on (default: 8000)")
     group.add_argument("--served-model-name", default=None,
                        help="the model id clients send (default: the checkpoint folder's name)")
@@ -47,7 +48,9 @@ def import_server():
         from dymoe.serve import app, config, server
     except ModuleNotFoundError as exc:
         if (exc.name or "").split(".")[0] in SERVE_PACKAGES:
-            raise DymoeError(f"the server needs {exc.name}, which is not installed: pip install 'dymoe[serve]'") from None
+            raise DymoeError(
+                f"the server needs {exc.name}, which is not installed: pip install 'dymoe[serve]'"
+            ) from None
         raise
     return app, config, server
 

@@ -25,7 +25,8 @@ from dymoe.serve.app import create_app
 from dymoe.serve.config import ServeConfig
 from dymoe.serve.server import BackgroundServer
 
-TEXTS = ["The quick brown fox jumps over the lazy dog. " * 20, "Experts live on the host; the runtime fetches them. " * 20]
+TEXTS = ["The quick brown fox jumps over the lazy dog. " * 20,
+         "Experts live on the host; the runtime fetches them. " * 20]
 MODEL = "tiny-moe"
 CONTEXT = 256
 SLOW_CONTEXT = 512

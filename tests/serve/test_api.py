@@ -21,7 +21,8 @@ def test_completion_equals_engine_with_usage(client, tokenizer, reference):
     ref = reference(ids, 12)
     assert out.choices[0].text == ref.text
     assert out.choices[0].finish_reason == ref.finish_reason == "length"
-    assert (out.usage.prompt_tokens, out.usage.completion_tokens, out.usage.total_tokens) == (len(ids), 12, len(ids) + 12)
+    usage = out.usage
+    assert (usage.prompt_tokens, usage.completion_tokens, usage.total_tokens) == (len(ids), 12, len(ids) + 12)
 
 
 def test_completion_accepts_token_ids(client, tokenizer, reference):
@@ -90,7 +91,8 @@ def test_raw_sse_format(http):
 
 def test_stop_sequence_cuts_the_text(client, tokenizer, reference):
     full = reference(tokenizer.encode("the fox"), 40).text
-    printable = [i for i in range(len(full) // 3, len(full) - 2) if full[i:i + 2].isprintable() and full[i:i + 2].strip()]
+    printable = [i for i in range(len(full) // 3, len(full) - 2)
+                 if full[i:i + 2].isprintable() and full[i:i + 2].strip()]
     assert printable, f"no printable stop string in {full!r}"
     stop = full[printable[0]:printable[0] + 2]
     expected = full[: full.index(stop)]

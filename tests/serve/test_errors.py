@@ -68,12 +68,14 @@ def test_unimplemented_options_are_refused_by_name(http, field, value):
 
 def test_chat_message_errors_name_the_path(http):
     base = {"model": MODEL, "max_tokens": 2}
-    error = error_of(http.post("/v1/chat/completions", json=base | {"messages": [{"role": "robot", "content": "x"}]}), 400)
+    robot = [{"role": "robot", "content": "x"}]
+    error = error_of(http.post("/v1/chat/completions", json=base | {"messages": robot}), 400)
     assert error["param"] == "messages[0].role"
     error = error_of(http.post("/v1/chat/completions", json=base | {"messages": []}), 400)
     assert error["param"] == "messages"
     image = [{"type": "image_url", "image_url": {"url": "http://x"}}]
-    error = error_of(http.post("/v1/chat/completions", json=base | {"messages": [{"role": "user", "content": image}]}), 400)
+    error = error_of(http.post("/v1/chat/completions", json=base | {"messages": [{"role": "user", "content": image}]}),
+                     400)
     assert error["param"] == "messages[0].content" and "text parts" in error["message"]
     error = error_of(http.post("/v1/chat/completions", json=base | {"messages": [{"role": "user", "content": "x"}],
                                                                     "tools": [{"type": "function"}]}), 400)
