@@ -8,6 +8,7 @@ one at a time: batching is not implemented. Needs the serve extra: pip install '
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 
 from dymoe.cli.options import add_model_options, generation_defaults, load_engine, open_model
@@ -75,8 +76,12 @@ def run(args) -> int:
     checkpoint, tokenizer = open_model(args)
     server_module.bind(config.host, config.port).close()  # a taken port fails now, not after a long load
     engine = load_engine(args, checkpoint, tokenizer)
-    app = app_module.create_app(engine, tokenizer, config)
-    print(f"dymoe serve: {config.model_name} on http://{config.host}:{config.port}/v1 "
-          f"(context {engine.model.context_len} tokens, one generation at a time)", file=sys.stderr)
-    server_module.serve_forever(app, config.host, config.port, args.log_level)
+    app = app_module.create_app(engine, tokenizer, config, engine_thread=False)
+    scheduler = app.state.scheduler
+    signal.signal(signal.SIGTERM, signal.default_int_handler)  # SIGTERM shuts down like Ctrl-C
+    # HTTP on a thread, generation on this (main) thread: see Scheduler.run for the measured reason.
+    with server_module.BackgroundServer(app, config.host, config.port, args.log_level, on_exit=scheduler.stop):
+        print(f"dymoe serve: {config.model_name} on http://{config.host}:{config.port}/v1 "
+              f"(context {engine.model.context_len} tokens, one generation at a time)", file=sys.stderr)
+        scheduler.run()
     return 0

@@ -33,8 +33,12 @@ ROUTES = ("/health", "/metrics", "/v1/models", "/v1/completions", "/v1/chat/comp
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
-def create_app(engine, tokenizer, config: ServeConfig) -> FastAPI:
-    """An app serving ``engine`` (any :class:`~dymoe.engine.engine.Engine`, whatever its expert runtime)."""
+def create_app(engine, tokenizer, config: ServeConfig, engine_thread: bool = True) -> FastAPI:
+    """An app serving ``engine`` (any :class:`~dymoe.engine.engine.Engine`, whatever its expert runtime).
+
+    With ``engine_thread`` the app starts its own engine thread; without it the caller runs
+    ``app.state.scheduler.run()`` on a thread of its choice (``dymoe serve``: the main one).
+    """
     if tokenizer.has_chat_template:
         tokenizer.chat_template()  # compile once now: a broken template fails at start-up, not per request
     metrics = ServerMetrics(queue_length=lambda: scheduler.queued, busy=lambda: float(scheduler.busy),
@@ -43,7 +47,8 @@ def create_app(engine, tokenizer, config: ServeConfig) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        scheduler.start()
+        if engine_thread:
+            scheduler.start()
         yield
         scheduler.stop()
 

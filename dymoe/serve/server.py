@@ -33,19 +33,26 @@ def uvicorn_server(app, log_level: str = "info") -> uvicorn.Server:
     return uvicorn.Server(config)
 
 
-def serve_forever(app, host: str, port: int, log_level: str = "info") -> None:
-    sock = bind(host, port)
-    uvicorn_server(app, log_level).run(sockets=[sock])
-
-
 class BackgroundServer:
-    """The app on a free loopback port in a daemon thread: ``with BackgroundServer(app) as server: server.url``."""
+    """uvicorn in a daemon thread: ``with BackgroundServer(app) as server: server.url``.
 
-    def __init__(self, app, host: str = "127.0.0.1", log_level: str = "warning"):
-        self.sock = bind(host, 0)
+    Port 0 (the default) picks a free one. ``on_exit`` runs when the server stops for any reason
+    (``dymoe serve`` passes the scheduler's ``stop``, so the engine loop on the main thread ends too).
+    """
+
+    def __init__(self, app, host: str = "127.0.0.1", port: int = 0, log_level: str = "warning", on_exit=None):
+        self.sock = bind(host, port)
         self.url = f"http://{host}:{self.sock.getsockname()[1]}"
         self.server = uvicorn_server(app, log_level)
-        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
+        self.on_exit = on_exit
+        self.thread = threading.Thread(target=self._run, daemon=True, name="dymoe-http")
+
+    def _run(self) -> None:
+        try:
+            self.server.run(sockets=[self.sock])
+        finally:
+            if self.on_exit is not None:
+                self.on_exit()
 
     def __enter__(self) -> "BackgroundServer":
         self.thread.start()
