@@ -1,0 +1,63 @@
+"""The engine with an offloading preset: store built on first use, same text as resident, clear errors."""
+
+from __future__ import annotations
+
+import pytest
+
+from dymoe.bench.random_checkpoint import write_random_checkpoint
+from dymoe.cli.main import main
+from dymoe.engine.engine import Engine, EngineConfig
+from dymoe.engine.sampling import SamplingParams
+from dymoe.errors import InputError
+from dymoe.runtime.presets import RuntimeConfig
+
+TEXTS = ["Experts live on the host and the runtime fetches them when a token needs them. " * 30]
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return write_random_checkpoint(tmp_path_factory.mktemp("rt") / "m", TEXTS, vocab_size=280, seed=5,
+                                   hidden_size=64, num_hidden_layers=3, num_experts=8, moe_intermediate_size=64,
+                                   head_dim=16)
+
+
+def generate(model_dir, runtime, n=16):
+    engine = Engine.load(EngineConfig(model_dir=model_dir, device="cpu", progress=False, runtime=runtime))
+    return engine, list(engine.generate([5, 17, 33, 2, 90], SamplingParams(max_new_tokens=n)))
+
+
+def test_lru_preset_builds_the_store_and_matches_resident(model_dir, capsys):
+    _, resident = generate(model_dir, RuntimeConfig(policy="resident"))
+    expert = 3 * 64 * 64 * 2
+    engine, offloaded = generate(model_dir, RuntimeConfig(policy="lru", device_memory=16 * expert, progress=False))
+    assert offloaded == resident
+    assert engine.preset == "lru"
+    assert "building the expert store for bf16" in capsys.readouterr().err
+    assert (model_dir / "dymoe-store" / "index.json").exists()
+    stats = engine.model.experts.stats()["total"]
+    assert 0 < stats["hit_rate"] < 1 and stats["evictions"] > 0
+    _, again = generate(model_dir, RuntimeConfig(policy="lru", device_memory=16 * expert, progress=False))
+    assert again == resident
+    assert "building" not in capsys.readouterr().err  # reused
+
+
+def test_auto_is_resident_when_everything_fits(model_dir):
+    engine, _ = generate(model_dir, RuntimeConfig(policy="auto", device_memory=1 << 30), n=2)
+    assert engine.preset == "resident"
+    engine, _ = generate(model_dir, RuntimeConfig(policy="auto", device_memory=20 * 3 * 64 * 64 * 2), n=2)
+    assert engine.preset == "lru"
+
+
+def test_offloading_preset_needs_a_budget(model_dir):
+    with pytest.raises(InputError, match="--policy lru offloads experts: give --device-memory"):
+        generate(model_dir, RuntimeConfig(policy="lru"))
+
+
+def test_cli_stats_and_small_budget(model_dir, capsys):
+    code = main(["generate", "-m", str(model_dir), "the host", "-n", "4", "--policy", "lru",
+                 "--device-memory", "100KiB", "--stats", "--no-progress"])
+    assert code == 0
+    err = capsys.readouterr().err
+    assert "policy: lru" in err and "hit %" in err
+    assert main(["generate", "-m", str(model_dir), "x", "--policy", "lru", "--device-memory", "1KiB"]) == 2
+    assert "give at least" in capsys.readouterr().err

@@ -1,0 +1,136 @@
+"""Invariants 2 and 3 of DESIGN.md for the offloading runtime, on every family (CPU).
+
+2. Offloading is invisible at full precision: with bf16 experts, any eviction policy and any budget
+   from one token's top-k up to every expert, tokens and logits equal the resident model's bit for bit.
+3. The device budget is a hard limit: the slot pool never exceeds it, and a budget below one token's
+   top-k is refused at start-up with a message giving the minimum.
+"""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from dymoe.checkpoint.blob import unpack_expert
+from dymoe.checkpoint.convert import convert_store
+from dymoe.checkpoint.reader import Checkpoint
+from dymoe.checkpoint.store import ExpertStore
+from dymoe.errors import BudgetError
+from dymoe.models.transformer import load_dense
+from dymoe.runtime.offload import OffloadConfig, OffloadedExperts
+from dymoe.runtime.presets import PRESETS
+from dymoe.runtime.resident import ResidentExperts
+from tests.tiny_models import FAMILIES, make_hf_model, save_checkpoint
+
+PROMPTS = torch.tensor([[1, 17, 42, 5, 63, 8, 29, 11], [2, 90, 33, 7, 7, 51, 64, 3]])
+
+
+@pytest.fixture(scope="module")
+def bf16_models(tmp_path_factory):
+    """family -> (checkpoint, store with bf16 and int4): bf16 weights, so the store's bf16 copy is exact."""
+    root = tmp_path_factory.mktemp("offload")
+    out = {}
+    for family in FAMILIES:
+        path = save_checkpoint(make_hf_model(family, seed=11).to(torch.bfloat16), root / family)
+        checkpoint = Checkpoint.open(path)
+        store = ExpertStore.open(convert_store(checkpoint, root / f"{family}-store", precisions=("bf16", "int4"),
+                                               group_size=64, progress=False))
+        out[family] = (checkpoint, store)
+    return out
+
+
+def run(model, experts, steps=10):
+    """Batched prefill logits, then greedy decode of the first prompt: (prefill logits, decode logits, ids)."""
+    model.attach_experts(experts)
+    prefill = model(PROMPTS, 0, model.new_cache(2))
+    cache = model.new_cache(1)
+    logits = model(PROMPTS[:1], 0, cache, last_only=True)[0]
+    ids, trail = [], []
+    for i in range(steps):
+        token = logits.argmax()
+        ids.append(int(token))
+        trail.append(logits)
+        logits = model(token.view(1, 1), PROMPTS.shape[1] + i, cache, last_only=True)[0]
+    return prefill, torch.stack(trail), ids
+
+
+def budgets(checkpoint, store, n, seed):
+    """``n`` random budgets from one token's top-k up to every expert (in bytes, not always whole slots)."""
+    c = checkpoint.config
+    one = store.layout("bf16").nbytes
+    low, high = c.num_experts_per_tok * one, len(c.moe_layers) * c.num_experts * one
+    rng = random.Random(seed)
+    return [low, high] + [rng.randint(low, high) for _ in range(n - 2)]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_offloaded_equals_resident_bit_for_bit(bf16_models, family):
+    checkpoint, store = bf16_models[family]
+    model = load_dense(checkpoint, 64, "cpu", torch.float32)
+    reference = run(model, ResidentExperts.from_checkpoint(checkpoint, "cpu", torch.float32))
+    top_k = checkpoint.config.num_experts_per_tok
+    for budget in budgets(checkpoint, store, 4, seed=hash(family) % 1000):
+        for preset in ("on-demand", "lru", "lfu"):
+            experts = OffloadedExperts(store, OffloadConfig(budget_bytes=budget, **PRESETS[preset]), top_k,
+                                       "cpu", torch.float32)
+            prefill, decode, ids = run(model, experts)
+            label = f"{family} {preset} budget={budget}"
+            assert torch.equal(prefill, reference[0]), label
+            assert torch.equal(decode, reference[1]), label
+            assert ids == reference[2], label
+            assert experts.pool.capacity_bytes <= budget, label
+            stats = experts.stats()["total"]
+            assert stats["hits"] + stats["misses"] > 0
+            if preset == "on-demand":
+                assert stats["hits"] == 0  # nothing survives a layer
+            assert stats["h2d_bytes"] == stats["misses"] * store.layout("bf16").nbytes
+
+
+def test_a_cache_that_holds_everything_fetches_each_expert_once(bf16_models):
+    checkpoint, store = bf16_models["qwen3_moe"]
+    c = checkpoint.config
+    everything = len(c.moe_layers) * c.num_experts * store.layout("bf16").nbytes
+    model = load_dense(checkpoint, 64, "cpu", torch.float32)
+    experts = OffloadedExperts(store, OffloadConfig(budget_bytes=everything), c.num_experts_per_tok, "cpu",
+                               torch.float32)
+    run(model, experts)
+    stats = experts.stats()
+    assert stats["total"]["evictions"] == 0
+    distinct = stats["total"]["misses"]
+    assert distinct <= len(c.moe_layers) * c.num_experts
+    run(model, experts)  # the same prompts again: every expert is already there
+    assert experts.stats()["total"]["misses"] == distinct
+
+
+def test_budget_below_top_k_is_refused_with_the_minimum(bf16_models):
+    checkpoint, store = bf16_models["mixtral"]
+    one = store.layout("bf16").nbytes
+    top_k = checkpoint.config.num_experts_per_tok
+    with pytest.raises(BudgetError) as info:
+        OffloadedExperts(store, OffloadConfig(budget_bytes=top_k * one - 1), top_k, "cpu", torch.float32)
+    message = str(info.value)
+    assert f"{top_k * one / 2**20:.1f} MiB" in message and "--device-memory" in message
+
+
+def test_static_int4_computes_with_the_dequantized_store(bf16_models):
+    """The low-bit path equals a resident model whose experts are the int4 copies, dequantized."""
+    checkpoint, store = bf16_models["olmoe"]
+    c = checkpoint.config
+    layout = store.layout("int4")
+    stacks = {}
+    for layer in c.moe_layers:
+        parts = [unpack_expert(store.blob(layer, e, "int4"), layout, torch.float32) for e in range(c.num_experts)]
+        stacks[layer] = (torch.stack([torch.cat([g, u]) for g, u, _ in parts]), torch.stack([d for _, _, d in parts]))
+    model = load_dense(checkpoint, 64, "cpu", torch.float32)
+    reference = run(model, ResidentExperts(stacks, gather_decode=False))
+    budget = 5 * layout.nbytes
+    experts = OffloadedExperts(store, OffloadConfig(budget_bytes=budget, **PRESETS["static-int4"]),
+                               c.num_experts_per_tok, "cpu", torch.float32)
+    prefill, decode, ids = run(model, experts)
+    torch.testing.assert_close(prefill, reference[0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(decode, reference[1], rtol=1e-5, atol=1e-5)
+    assert ids == reference[2]
+    exact = run(model, ResidentExperts.from_checkpoint(checkpoint, "cpu", torch.float32))
+    assert not torch.equal(prefill, exact[0])  # int4 really is in use
