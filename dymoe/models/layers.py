@@ -12,6 +12,7 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from dymoe.models.config import ModelConfig, RopeConfig
 
@@ -148,6 +149,12 @@ class KVCache:
         return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
 
 
+# cuDNN's attention is left out: it builds an execution plan for every new key length, which on an
+# H100 cost ~5.7 ms of host time per call in decode (each step has a new length; measured with
+# benchmarks/profile_decode.py) against a few microseconds for the flash and efficient kernels.
+SDPA_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+
+
 class Attention(nn.Module):
     """Grouped-query attention with the q/k-norm and bias variants of the supported families."""
 
@@ -183,10 +190,11 @@ class Attention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = rotary(q.transpose(1, 2), k.transpose(1, 2), start)
         k, v = cache.update(self.layer, start, k, v)
-        out = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=_causal_mask(start, t, x.device), is_causal=(start == 0 and t > 1),
-            enable_gqa=self.num_kv_heads != self.num_heads,
-        )
+        with sdpa_kernel(SDPA_BACKENDS):
+            out = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=_causal_mask(start, t, x.device), is_causal=(start == 0 and t > 1),
+                enable_gqa=self.num_kv_heads != self.num_heads,
+            )
         return self.o_proj(out.transpose(1, 2).reshape(b, t, -1))
 
 

@@ -1,0 +1,64 @@
+"""Where the time of one decode step goes: torch.profiler over a few steps of one preset.
+
+``python benchmarks/profile_decode.py --policy resident --layers 8 --out $OUT`` builds the synthetic
+Qwen3-30B-A3B shape like ``offload_decode.py`` and prints the top operators by device and by host
+time, so a slow preset can be explained before it is optimised.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+from dymoe.bench.synthetic import build_dense, build_expert_layer, synthetic_config, tiny_config
+from dymoe.checkpoint.memory_store import MemoryStore
+from dymoe.runtime.offload import OffloadConfig, OffloadedExperts
+from dymoe.runtime.presets import PRESETS
+from dymoe.runtime.resident import ResidentExperts
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--policy", default="resident")
+    parser.add_argument("--layers", type=int, default=8)
+    parser.add_argument("--steps", type=int, default=4)
+    parser.add_argument("--budget", type=float, default=0.25)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--tiny", action="store_true")
+    parser.add_argument("--out", type=Path, default=Path("bench-out"))
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    config = synthetic_config("qwen3-30b-a3b", layers=args.layers)
+    config = tiny_config(config) if args.tiny else config
+    model = build_dense(config, device, torch.bfloat16, context_len=256)
+    experts = {l: build_expert_layer(config, l, device, torch.bfloat16) for l in config.moe_layers}
+    if args.policy.startswith("resident"):
+        provider = ResidentExperts(experts, gather_decode=args.policy == "resident")
+    else:
+        store = MemoryStore.from_experts(experts, precisions=(PRESETS[args.policy]["precision"],), pin=True)
+        budget = int(args.budget * MemoryStore.from_experts({0: experts[0]}, pin=False).nbytes("bf16") * args.layers)
+        provider = OffloadedExperts(store, OffloadConfig(budget_bytes=budget, **PRESETS[args.policy]),
+                                    config.num_experts_per_tok, device, torch.bfloat16)
+    model.attach_experts(provider)
+    cache = model.new_cache(1)
+    token = model(torch.arange(64, device=device).view(1, -1), 0, cache, last_only=True)[0].argmax()
+    for i in range(4):  # warm-up
+        token = model(token.view(1, 1), 64 + i, cache, last_only=True)[0].argmax()
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        for i in range(args.steps):
+            token = model(token.view(1, 1), 68 + i, cache, last_only=True)[0].argmax()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+    args.out.mkdir(parents=True, exist_ok=True)
+    prof.export_chrome_trace(str(args.out / f"profile_{args.policy}.json"))
+    key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    print(prof.key_averages().table(sort_by=key, row_limit=15, max_name_column_width=60))
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12, max_name_column_width=60))
+
+
+if __name__ == "__main__":
+    main()
