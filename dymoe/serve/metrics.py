@@ -7,7 +7,6 @@ counters are read at scrape time rather than copied on every change.
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import threading
 from typing import Callable
@@ -94,31 +93,18 @@ class Gauge:
 def runtime_totals(experts) -> dict[str, float] | None:
     """The expert runtime's totals (hits, misses, bytes_moved, stall_s), or None if it keeps none.
 
-    The runtime may expose ``metrics`` as a dict, a dataclass, an object with ``as_dict()``, or a
-    method returning one of those; totals may sit at the top level or under "total". Keys are read
-    leniently (``h2d_bytes`` counts as ``bytes_moved``) because the runtime's metrics object is young.
+    Reads ``experts.metrics.to_dict()["total"]`` (:class:`dymoe.runtime.metrics.RuntimeMetrics`);
+    resident experts have no ``metrics``: everything is a hit and nothing moves.
     """
-    source = getattr(experts, "metrics", None)
-    if callable(source) and not hasattr(source, "as_dict"):
-        source = source()
-    if source is None:
+    metrics = getattr(experts, "metrics", None)
+    if metrics is None or not hasattr(metrics, "to_dict"):
         return None
-    if hasattr(source, "as_dict"):
-        source = source.as_dict()
-    elif dataclasses.is_dataclass(source):
-        source = dataclasses.asdict(source)
-    if not isinstance(source, dict):
-        return None
-    source = source.get("total", source) if isinstance(source.get("total"), dict) else source
-    aliases = {"hits": ("hits",), "misses": ("misses",), "bytes_moved": ("bytes_moved", "h2d_bytes", "bytes"),
-               "stall_s": ("stall_s", "stall_seconds", "stall_time_s")}
-    totals = {}
-    for key, names in aliases.items():
-        for name in names:
-            if isinstance(source.get(name), (int, float)):
-                totals[key] = float(source[name])
-                break
-    return totals
+    try:
+        total = metrics.to_dict().get("total", {})
+    except RuntimeError:  # the engine thread added a layer's counters mid-read; the next scrape will see them
+        return {}
+    names = {"hits": "hits", "misses": "misses", "bytes_moved": "h2d_bytes", "stall_s": "stall_seconds"}
+    return {key: float(total[name]) for key, name in names.items() if isinstance(total.get(name), (int, float))}
 
 
 class ServerMetrics:

@@ -4,6 +4,13 @@ from __future__ import annotations
 
 import json
 
+import httpx
+
+from dymoe.engine.engine import Engine, EngineConfig
+from dymoe.runtime.presets import RuntimeConfig
+from dymoe.serve.app import create_app
+from dymoe.serve.config import ServeConfig
+from dymoe.serve.server import BackgroundServer
 from tests.serve.conftest import CONTEXT, MODEL, chat_ids
 
 MESSAGES = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "the fox"}]
@@ -129,3 +136,19 @@ def test_health_and_metrics(http, client):
                  "dymoe_expert_bytes_moved_total", 'dymoe_generations_total{finish_reason="length"}'):
         assert name in text
     assert 'dymoe_http_requests_total{route="/v1/completions",status="200"}' in text
+
+
+def test_offloaded_runtime_is_served_and_its_metrics_exported(model_dir, tokenizer, reference):
+    """The server serves whatever engine it is given: here experts offloaded with LRU at a small budget."""
+    config = EngineConfig(model_dir=model_dir, device="cpu", context_len=CONTEXT, progress=False,
+                          runtime=RuntimeConfig(policy="lru", device_memory=6 * 3 * 64 * 64 * 4, progress=False))
+    engine = Engine.load(config, eos_token_ids=tokenizer.eos_token_ids)
+    with BackgroundServer(create_app(engine, tokenizer, ServeConfig(model_name=MODEL))) as running, \
+            httpx.Client(base_url=running.url, timeout=30) as http:
+        body = {"model": MODEL, "prompt": "the fox", "max_tokens": 12, "temperature": 0}
+        text = http.post("/v1/completions", json=body).json()["choices"][0]["text"]
+        metrics = dict(line.rsplit(" ", 1) for line in http.get("/metrics").text.splitlines()
+                       if line.startswith("dymoe_expert"))
+    assert text == reference(tokenizer.encode("the fox"), 12).text  # offloading is invisible at full precision
+    assert 0 < float(metrics["dymoe_expert_hit_rate"]) < 1
+    assert float(metrics["dymoe_expert_bytes_moved_total"]) > 0 and float(metrics["dymoe_expert_misses_total"]) > 0
