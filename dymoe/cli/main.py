@@ -14,7 +14,7 @@ import sys
 from dymoe import __version__
 from dymoe.errors import DymoeError
 
-SUBCOMMANDS = ("generate", "chat", "inspect", "convert", "demo", "serve")
+SUBCOMMANDS = ("generate", "chat", "inspect", "convert", "demo", "serve", "simulate")
 
 
 def build_parser() -> argparse.ArgumentParser:
