@@ -195,10 +195,16 @@ class Scheduler:
             job._move((JobState.RUNNING,), JobState.CANCELLED)
 
     def _withdraw(self, job: Job) -> bool:
-        """Cancel ``job`` if it has not started; True when it was still waiting."""
+        """Cancel ``job`` if it has not started; True when it was still waiting.
+
+        A withdrawn job never runs, so it is settled here: ``started`` is set and a "cancelled"
+        :class:`Finished` posted, and whoever waits on it (a handler whose client left) ends.
+        """
         if job._move((JobState.QUEUED,), JobState.CANCELLED) is not JobState.QUEUED:
             return False
         self._leave_queue()
+        job.post(Finished("cancelled", len(job.prompt_ids), 0, time.perf_counter() - job.submitted_at, 0.0, 0.0))
+        job.announce_start()
         return True
 
     def _leave_queue(self) -> None:

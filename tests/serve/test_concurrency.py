@@ -134,3 +134,29 @@ def test_full_queue_and_queue_timeout_are_503_with_retry_after(slow_server):
     wait_until_idle(url, 1.0)
     assert httpx.post(f"{url}/v1/completions", json=long | {"stream": False, "max_tokens": 2}).status_code == 200
 
+
+
+def answered(url: str) -> float:
+    lines = httpx.get(f"{url}/metrics").text.splitlines()
+    return sum(float(line.split()[-1]) for line in lines if line.startswith('dymoe_http_requests_total{route="/v1/c'))
+
+
+def test_client_that_leaves_while_queued_is_dropped_and_its_handler_ends(slow_server):
+    url = slow_server.url
+    wait_until_idle(url, 10)
+    long = {"model": MODEL, "prompt": "the fox", "max_tokens": 150, "temperature": 0, "stream": True}
+    with httpx.Client(base_url=url, timeout=30) as http, http.stream("POST", "/v1/completions", json=long) as running:
+        lines = running.iter_lines()  # keep it: a dropped line iterator closes the connection
+        next(lines)
+        before = answered(url)
+        try:
+            httpx.post(f"{url}/v1/completions", json=long | {"stream": False}, timeout=0.2)
+            raise AssertionError("a queued request was answered while the model was busy")
+        except httpx.TimeoutException:
+            pass
+        deadline = time.monotonic() + 1.0
+        while answered(url) < before + 1:  # the queued request's handler has finished
+            assert time.monotonic() < deadline, "the handler of a client that left is still waiting"
+            time.sleep(0.01)
+        health = httpx.get(f"{url}/health").json()
+        assert health["queued"] == 0 and health["busy"]
