@@ -9,7 +9,7 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import openai
 
-from tests.serve.conftest import MODEL, SLOW_DECODE_S, chat_ids
+from tests.serve.conftest import MODEL, chat_ids
 
 CLIENTS = 20
 
