@@ -190,12 +190,27 @@ class Attention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = rotary(q.transpose(1, 2), k.transpose(1, 2), start)
         k, v = cache.update(self.layer, start, k, v)
-        with sdpa_kernel(SDPA_BACKENDS):
-            out = F.scaled_dot_product_attention(
-                q, k, v, attn_mask=_causal_mask(start, t, x.device), is_causal=(start == 0 and t > 1),
-                enable_gqa=self.num_kv_heads != self.num_heads,
-            )
+        out = _attend(q, k, v, start)
         return self.o_proj(out.transpose(1, 2).reshape(b, t, -1))
+
+
+def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int) -> torch.Tensor:
+    """Causal attention of q [B, H, T, D] over k, v [B, Hkv, L, D] (grouped-query when H > Hkv).
+
+    One new token sees every cached key, so its query heads can be folded into the query length of
+    their key-value head ([B, Hkv, H/Hkv, D]): a plain attention the flash and efficient kernels run,
+    with no key-value copy. Several tokens need the causal mask, so they use SDPA's own GQA support.
+    """
+    b, h, t, d = q.shape
+    groups = h // k.shape[1]
+    with sdpa_kernel(SDPA_BACKENDS):
+        if t == 1 and groups > 1:
+            out = F.scaled_dot_product_attention(q.view(b, k.shape[1], groups, d), k, v)
+            return out.view(b, h, 1, d)
+        return F.scaled_dot_product_attention(
+            q, k, v, attn_mask=_causal_mask(start, t, q.device), is_causal=(start == 0 and t > 1),
+            enable_gqa=groups > 1,
+        )
 
 
 def _causal_mask(start: int, t: int, device) -> torch.Tensor | None:
