@@ -20,7 +20,7 @@ from dymoe.errors import BudgetError, InputError
 from dymoe.runtime.cache import BeladyPolicy, ExpertCache
 from dymoe.runtime.metrics import LayerCounters, RuntimeMetrics
 from dymoe.runtime.presets import PRESETS
-from dymoe.runtime.slot_pool import SlotPool
+from dymoe.runtime.slot_pool import SlotPool, format_size
 
 
 def pcie_bytes_per_s(gt_per_s: float, lanes: int) -> float:
@@ -179,7 +179,7 @@ def simulate(trace: Trace, policy: str, budget_bytes: int, expert_bytes: int | N
     slots = budget_bytes // expert_bytes
     if slots < trace.top_k:
         raise BudgetError(f"--device-memory leaves room for {slots} {precision} experts, but one token needs "
-                          f"{trace.top_k}: give at least {trace.top_k * expert_bytes} bytes for experts")
+                          f"{trace.top_k}: give at least {format_size(trace.top_k * expert_bytes)} for experts")
     metrics = RuntimeMetrics()
     eviction = BeladyPolicy(_uses(trace, precision)) if policy == "belady" else knobs["eviction"]
     pool = SlotPool("meta", {precision: expert_bytes}, {precision: slots})
@@ -209,7 +209,7 @@ def format_report(trace: Trace, results: list[SimResult], links: list[str]) -> s
     r0 = results[0]
     lines = [
         f"trace    {trace.describe()}",
-        f"budget   {_mib(r0.budget_bytes)} MiB: {r0.slots} {r0.precision} experts of {total_experts} "
+        f"budget   {_mib(r0.budget_bytes):.2f} MiB: {r0.slots} {r0.precision} experts of {total_experts} "
         f"({100 * r0.slots / total_experts:.1f}%), {r0.expert_bytes / 1024:.0f} KiB each; "
         f"compute {1e3 * r0.compute_s_per_token:.2f} ms/token",
         "",

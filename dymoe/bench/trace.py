@@ -128,19 +128,25 @@ class Trace:
 
         path = Path(path)
         if not path.is_file():
-            raise InputError(f"no trace file at {path}: record one with `dymoe simulate --record MODEL --out {path}`")
+            raise InputError(f"no trace file at {path}: record one with `dymoe simulate {path} --record MODEL`")
         try:
             with safe_open(str(path), framework="pt") as f:
                 header = json.loads((f.metadata() or {}).get("dymoe_trace", "null"))
+                _check_header(header, path)
                 tensors = {k: f.get_tensor(k) for k in ("calls", "ids", "weights", "predicted")}
+        except InputError:
+            raise
         except Exception as exc:  # safetensors raises several types for a damaged file
             raise InputError(f"{path} is not a readable dymoe trace ({exc})") from None
-        if not isinstance(header, dict) or header.get("format") != FORMAT:
-            raise InputError(f"{path} is a safetensors file but not a dymoe trace (no dymoe_trace header)")
-        if header.get("format_version") != FORMAT_VERSION:
-            raise InputError(f"{path} has trace format version {header.get('format_version')}, this dymoe reads "
-                             f"version {FORMAT_VERSION}: record it again")
         return cls(header, **tensors)
+
+
+def _check_header(header, path: Path) -> None:
+    if not isinstance(header, dict) or header.get("format") != FORMAT:
+        raise InputError(f"{path} is a safetensors file but not a dymoe trace (no dymoe_trace header)")
+    if header.get("format_version") != FORMAT_VERSION:
+        raise InputError(f"{path} has trace format version {header.get('format_version')}, this dymoe reads "
+                         f"version {FORMAT_VERSION}: record it again")
 
 
 class TracingExperts:
