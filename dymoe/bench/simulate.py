@@ -188,14 +188,14 @@ def simulate(trace: Trace, policy: str, budget_bytes: int, expert_bytes: int | N
                      resident_first=policy != "belady")
     result = SimResult(policy, precision, budget_bytes, expert_bytes, slots, metrics,
                        compute_s_per_token=compute_s_per_token)
-    for _, start, n in trace.steps():
+    for position, start, n in trace.steps():
         before = metrics.total().missed_bytes
         for i, layer in enumerate(trace.layers):
             replay.layer_step(layer, layer_experts(trace, i, start, n), one_token=n == 1)
             metrics.tokens_seen(layer, n)
         missed = metrics.total().missed_bytes - before
-        if n == 1:
-            result.decode_missed_bytes.append(missed)
+        if position > 0:
+            result.decode_missed_bytes += [missed // n] * n
         else:
             result.prefill_missed_bytes += missed
     return result

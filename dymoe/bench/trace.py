@@ -79,14 +79,17 @@ class Trace:
         return self.predicted.shape[1]
 
     def steps(self):
-        """Yield ``(call index, start token index, tokens)`` in recording order."""
+        """Yield ``(position, start, tokens)`` per forward call in recording order: the call's first
+        position in its sequence (0: a prefill; otherwise a decode step) and its first row in
+        ``ids``."""
         start = 0
-        for c, (_, _, n) in enumerate(self.calls.tolist()):
-            yield c, start, n
+        for _, position, n in self.calls.tolist():
+            yield position, start, n
             start += n
 
     def decode_tokens(self) -> int:
-        return sum(n for _, _, n in self.calls.tolist() if n == 1)
+        """Tokens of decode steps (calls after a sequence's prefill)."""
+        return sum(n for _, position, n in self.calls.tolist() if position > 0)
 
     # -- statistics -----------------------------------------------------------------------------
 
