@@ -1,0 +1,65 @@
+"""Fused expert kernels that read the store's formats in place from pool slots (GPU, Triton).
+
+:func:`expert_decode` is the one entry point of the per-layer decode step for every precision
+(bf16, int8, int4, int3, int2): on a CUDA pool with Triton installed (the ``gpu`` extra) it runs two
+Triton launches (:mod:`dymoe.quant.kernels.triton_experts`); anywhere else it runs the torch
+definition (:func:`~dymoe.quant.kernels.reference.reference_decode`), which has the same arguments
+and semantics. See docs/kernels.md for the design and measurements.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import os
+
+import torch
+
+from dymoe.checkpoint.blob import BlobLayout
+from dymoe.quant.kernels.plan import KernelPlan, kernel_plan
+from dymoe.quant.kernels.reference import decode_routing, reference_decode
+
+__all__ = ["BACKENDS", "KernelPlan", "decode_routing", "expert_decode", "kernel_plan", "reference_decode",
+           "triton_available"]
+
+BACKENDS = ("auto", "triton", "torch")
+
+
+@functools.cache
+def triton_available() -> bool:
+    """Whether the Triton kernels can be imported (the ``gpu`` extra is installed)."""
+    return importlib.util.find_spec("triton") is not None
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+@functools.lru_cache(maxsize=64)
+def _plan(layout: BlobLayout) -> KernelPlan:
+    return kernel_plan(layout)
+
+
+def expert_decode(pool: torch.Tensor, slot_offsets: torch.Tensor, layout: BlobLayout, x: torch.Tensor,
+                  combine: torch.Tensor, backend: str = "auto") -> torch.Tensor:
+    """``y[t] = sum_e combine[t, e] * expert_e(x[t])`` for a few tokens through one layer's experts.
+
+    ``pool`` is the slot pool's 1-D uint8 buffer; ``slot_offsets`` [E] int64 (on the pool's device)
+    are the byte offsets of the experts' blobs in it, each laid out as ``layout`` (one precision);
+    ``x`` [T, H] are the tokens' hidden states (bf16 on the GPU, T <= 16); ``combine`` [T, E] float32
+    holds token t's router weight for expert e, zero where t does not use e (an all-zero column is
+    skipped; :func:`decode_routing` builds both from top-k slot ids without a host sync). Returns
+    [T, H] in ``x.dtype``. ``backend``: "auto" (Triton on CUDA when installed, else torch),
+    "triton" (also under ``TRITON_INTERPRET=1`` on CPU tensors) or "torch".
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}: choose from {', '.join(BACKENDS)}")
+    if backend == "auto":
+        backend = "triton" if pool.is_cuda and triton_available() else "torch"
+    if backend == "torch":
+        return reference_decode(pool, slot_offsets, layout, x, combine)
+    if not (pool.is_cuda or _interpreting()):
+        raise ValueError("the Triton backend needs a CUDA pool (or TRITON_INTERPRET=1)")
+    from dymoe.quant.kernels.triton_experts import launch_decode
+
+    return launch_decode(pool, slot_offsets, _plan(layout), x, combine)
