@@ -44,7 +44,8 @@ def register(subparsers) -> None:
     parser.add_argument("--device-memory", metavar="SIZE", default="25%",
                         help="device memory for expert slots: a size (6MiB, 8GiB) or a share of all experts' "
                              "bf16 bytes (25%%; default)")
-    parser.add_argument("--link", default="all", help=f"comma-separated links, or all: {', '.join(LINKS)} (default: all)")
+    parser.add_argument("--link", default="all",
+                        help=f"comma-separated links, or all: {', '.join(LINKS)} (default: all)")
     parser.add_argument("--compute-ms", type=float, default=0.0,
                         help="resident compute time per output token, the floor of the modelled TPOT (default: 0)")
     parser.add_argument("--expert-bytes", type=int, default=None,
