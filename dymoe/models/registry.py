@@ -90,34 +90,27 @@ def _sparse_layers(raw: dict, num_experts: int) -> tuple[int, ...]:
     return tuple(l for l in range(n) if l not in dense and num_experts > 0 and (l + 1) % step == 0)
 
 
-def _qwen3_moe(raw: dict) -> dict[str, Any]:
+def _qwen_experts(raw: dict) -> dict[str, Any]:
+    """What Qwen2-MoE and Qwen3-MoE configs share: expert counts, widths and the sparse-layer rule."""
     experts = _required(raw, "num_experts", "num_local_experts")
     return dict(
-        family="qwen3_moe",
         intermediate_size=raw.get("intermediate_size", 0),
         moe_intermediate_size=_required(raw, "moe_intermediate_size"),
         num_experts=experts,
         num_experts_per_tok=_required(raw, "num_experts_per_tok"),
         norm_topk_prob=bool(raw.get("norm_topk_prob", False)),
-        attention_bias=bool(raw.get("attention_bias", False)),
-        qk_norm="per_head",
         moe_layers=_sparse_layers(raw, experts),
     )
+
+
+def _qwen3_moe(raw: dict) -> dict[str, Any]:
+    return dict(_qwen_experts(raw), family="qwen3_moe", attention_bias=bool(raw.get("attention_bias", False)),
+                qk_norm="per_head")
 
 
 def _qwen2_moe(raw: dict) -> dict[str, Any]:
-    experts = _required(raw, "num_experts", "num_local_experts")
-    return dict(
-        family="qwen2_moe",
-        intermediate_size=raw.get("intermediate_size", 0),
-        moe_intermediate_size=_required(raw, "moe_intermediate_size"),
-        num_experts=experts,
-        num_experts_per_tok=_required(raw, "num_experts_per_tok"),
-        norm_topk_prob=bool(raw.get("norm_topk_prob", False)),
-        attention_bias=bool(raw.get("qkv_bias", True)),
-        shared_expert_intermediate_size=raw.get("shared_expert_intermediate_size", 0),
-        moe_layers=_sparse_layers(raw, experts),
-    )
+    return dict(_qwen_experts(raw), family="qwen2_moe", attention_bias=bool(raw.get("qkv_bias", True)),
+                shared_expert_intermediate_size=raw.get("shared_expert_intermediate_size", 0))
 
 
 def _mixtral(raw: dict) -> dict[str, Any]:
