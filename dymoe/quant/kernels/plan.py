@@ -16,9 +16,9 @@ import torch
 from dymoe.checkpoint.blob import BlobLayout
 from dymoe.quant.formats import num_groups, packed_row_bytes
 
-# Payload view per storage width: int4 and int2 rows are read as 32-bit words (8 or 16 codes each),
-# int3 rows as bytes (one 24-bit word of 8 codes is assembled from 3 of them), int8 and bf16 as is.
-PAYLOAD_DTYPE = {16: torch.bfloat16, 8: torch.int8, 4: torch.int32, 3: torch.uint8, 2: torch.int32}
+# Payload view per storage width: int8, int4 and int2 rows are read as 32-bit words (4, 8 or 16 codes
+# each), int3 rows as bytes (one 24-bit word of 8 codes is assembled from 3 of them), bf16 as is.
+PAYLOAD_DTYPE = {16: torch.bfloat16, 8: torch.int32, 4: torch.int32, 3: torch.uint8, 2: torch.int32}
 
 
 @dataclass(frozen=True)

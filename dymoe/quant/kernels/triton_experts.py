@@ -38,42 +38,30 @@ TOKEN_BLOCK = 16  # tl.dot's smallest N; the decode path takes up to this many t
 def _code_tile(w_ptr, w_base, rows, row_ok, k0, ROW: tl.constexpr, KP: tl.constexpr, BITS: tl.constexpr,
                CPW: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """[BLOCK_N, BLOCK_K] stored values of weight ``rows``, input columns ``k0 .. k0+BLOCK_K`` (zero
-    outside the stored columns): bf16 weights, int8 codes, or the unsigned codes of a group format."""
-    if BITS >= 8:
+    outside the stored columns): bf16 weights, or integer codes (int8 signed, the others unsigned)
+    unpacked from 32-bit words (int3: 24-bit words assembled from 3 bytes)."""
+    # constexpr branches each assign the result: Triton compiles the code after a returning branch
+    # too, so there are no early returns in these helpers
+    if BITS == 16:
         k = k0 + tl.arange(0, BLOCK_K)
         mask = row_ok[:, None] & (k[None, :] < KP)
-        return tl.load(w_ptr + w_base + rows[:, None] * ROW + k[None, :], mask=mask, other=0)
-    j = k0 // CPW + tl.arange(0, BLOCK_K // CPW)
-    mask = row_ok[:, None] & (j[None, :] < KP // CPW)
-    if BITS == 3:
-        # 8 codes in 3 bytes: assemble the 24-bit word, then shift like the 32-bit formats
-        p = w_ptr + w_base + rows[:, None] * ROW + 3 * j[None, :]
-        words = (tl.load(p, mask=mask, other=0).to(tl.int32)
-                 | (tl.load(p + 1, mask=mask, other=0).to(tl.int32) << 8)
-                 | (tl.load(p + 2, mask=mask, other=0).to(tl.int32) << 16))
+        tile = tl.load(w_ptr + w_base + rows[:, None] * ROW + k[None, :], mask=mask, other=0)
     else:
-        words = tl.load(w_ptr + w_base + rows[:, None] * ROW + j[None, :], mask=mask, other=0)
-    shifts = tl.arange(0, CPW) * BITS
-    codes = (words[:, :, None] >> shifts[None, None, :]) & ((1 << BITS) - 1)
-    return tl.reshape(codes, (BLOCK_N, BLOCK_K))
-
-
-@triton.jit
-def _accumulate(acc, w_ptr, s_ptr, w_base, s_base, m_base, rows, row_ok, k0, xt, xsum,
-                ROW: tl.constexpr, KP: tl.constexpr, GROUPS: tl.constexpr, BITS: tl.constexpr,
-                CPW: tl.constexpr, F32_DOT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """``acc`` [BLOCK_N, T] plus this K-block of ``W xt``. A group format's block is one group, so
-    ``sum_k (code*s + m) x = s * (codes . x) + m * sum_k x``: the codes are exact bf16 integers and
-    the weights are never rounded (rounding them to bf16 costs ~1e-2 relative error where a group's
-    min is large next to its spread). int8's per-row scale is applied once, after the loop."""
-    codes = _code_tile(w_ptr, w_base, rows, row_ok, k0, ROW, KP, BITS, CPW, BLOCK_N, BLOCK_K)
-    if BITS >= 8:
-        return tl.dot(_operand(codes, F32_DOT), xt, acc)
-    g = k0 // BLOCK_K
-    s = tl.load(s_ptr + s_base + rows * GROUPS + g, mask=row_ok, other=0).to(tl.float32)
-    m = tl.load(s_ptr + m_base + rows * GROUPS + g, mask=row_ok, other=0).to(tl.float32)
-    dots = tl.dot(_operand(codes, F32_DOT), xt)
-    return acc + s[:, None] * dots + m[:, None] * xsum[None, :]
+        j = k0 // CPW + tl.arange(0, BLOCK_K // CPW)
+        mask = row_ok[:, None] & (j[None, :] < KP // CPW)
+        if BITS == 3:
+            p = w_ptr + w_base + rows[:, None] * ROW + 3 * j[None, :]
+            words = (tl.load(p, mask=mask, other=0).to(tl.int32)
+                     | (tl.load(p + 1, mask=mask, other=0).to(tl.int32) << 8)
+                     | (tl.load(p + 2, mask=mask, other=0).to(tl.int32) << 16))
+        else:
+            words = tl.load(w_ptr + w_base + rows[:, None] * ROW + j[None, :], mask=mask, other=0)
+        shifts = tl.arange(0, CPW) * BITS
+        codes = (words[:, :, None] >> shifts[None, None, :]) & ((1 << BITS) - 1)
+        if BITS == 8:
+            codes = codes - ((codes >> 7) << 8)  # two's complement byte
+        tile = tl.reshape(codes, (BLOCK_N, BLOCK_K))
+    return tile
 
 
 @triton.jit
@@ -82,23 +70,60 @@ def _operand(v, F32_DOT: tl.constexpr):
     on the GPU; float32 under the interpreter, whose bf16 arithmetic and int-to-bf16 casts are
     wrong (Triton 3.9 on numpy)."""
     if F32_DOT:
-        return v.to(tl.float32)
-    return v.to(tl.bfloat16)
+        v = v.to(tl.float32)
+    else:
+        v = v.to(tl.bfloat16)
+    return v
+
+
+@triton.jit
+def _accumulate(acc, w_ptr, s_ptr, w_base, s_base, m_base, rows, row_ok, k0, a_ptr, a_row, a_cols, t, t_ok,
+                ROW: tl.constexpr, KP: tl.constexpr, GROUPS: tl.constexpr, BITS: tl.constexpr,
+                CPW: tl.constexpr, F32_DOT: tl.constexpr, BLOCK_N: tl.constexpr, SUB_K: tl.constexpr):
+    """``acc`` [BLOCK_N, T] plus ``W[rows, k0:k0+SUB_K] @ A[k0:k0+SUB_K, :T]`` where activation
+    ``A[k, t] = a_ptr[t * a_row + k]`` (zero for ``k >= a_cols``).
+
+    A group format's sub-block is one group, so ``sum_k (code*s + m) a = s * (codes . a) + m * sum_k a``:
+    the codes are exact bf16 integers and no weight is ever rounded (rounding dequantized weights to
+    bf16 costs up to ~1e-2 relative error where a group's min is large next to its spread), and it
+    costs fewer instructions per weight. int8's per-row scale is applied after the loop."""
+    k = k0 + tl.arange(0, SUB_K)
+    a = tl.load(a_ptr + t[None, :] * a_row + k[:, None],
+                mask=(k[:, None] < a_cols) & t_ok[None, :], other=0.0)
+    a = _operand(a, F32_DOT)
+    codes = _code_tile(w_ptr, w_base, rows, row_ok, k0, ROW, KP, BITS, CPW, BLOCK_N, SUB_K)
+    if BITS >= 8:
+        acc = tl.dot(_operand(codes, F32_DOT), a, acc)
+    else:
+        g = k0 // SUB_K + rows * 0  # as a tensor: the interpreter rejects a scalar mask term
+        smask = row_ok & (g < GROUPS)
+        s = tl.load(s_ptr + s_base + rows * GROUPS + g, mask=smask, other=0).to(tl.float32)
+        m = tl.load(s_ptr + m_base + rows * GROUPS + g, mask=smask, other=0).to(tl.float32)
+        asum = tl.sum(a.to(tl.float32), axis=0)
+        acc = acc + s[:, None] * tl.dot(_operand(codes, F32_DOT), a) + m[:, None] * asum[None, :]
+    return acc
 
 
 @triton.jit
 def _row_scales(s_ptr, s_base, rows, row_ok, BITS: tl.constexpr):
-    """int8's per-row scales (ones for the other formats, whose scales are inside the tile)."""
+    """int8's per-row scales (ones for the other formats, whose scales are applied per group)."""
     if BITS == 8:
-        return tl.load(s_ptr + s_base + rows, mask=row_ok, other=0).to(tl.float32)
-    return tl.full(rows.shape, 1.0, tl.float32)
+        scales = tl.load(s_ptr + s_base + rows, mask=row_ok, other=0).to(tl.float32)
+    else:
+        scales = tl.full(rows.shape, 1.0, tl.float32)
+    return scales
 
 
 @triton.jit
-def _routing_column(combine_ptr, e, T, E, BLOCK_T: tl.constexpr):
+def _expert_slot(offsets_ptr, combine_ptr, e, T, E, W_BYTES: tl.constexpr, BLOCK_T: tl.constexpr):
+    """Expert e's slot base in payload-view and fp16 elements, its routing column [BLOCK_T], and
+    how many input columns to read (0 when no token uses it)."""
     t = tl.arange(0, BLOCK_T)
     c = tl.load(combine_ptr + t * E + e, mask=t < T, other=0.0)
-    return t, c, tl.max(tl.abs(c), axis=0) > 0
+    slot = tl.load(offsets_ptr + e)
+    w_slot = tl.multiple_of(slot // W_BYTES, 64)  # slots are 256-byte aligned (SlotPool.ALIGN)
+    s_slot = tl.multiple_of(slot // 2, 128)
+    return w_slot, s_slot, t, c, tl.max(tl.abs(c), axis=0) > 0
 
 
 @triton.jit
@@ -107,31 +132,26 @@ def _gate_up_kernel(w_ptr, s_ptr, offsets_ptr, combine_ptr, x_ptr, h_ptr, T, E,
                     GATE_W: tl.constexpr, GATE_S: tl.constexpr, GATE_M: tl.constexpr,
                     UP_W: tl.constexpr, UP_S: tl.constexpr, UP_M: tl.constexpr,
                     ROW: tl.constexpr, KP: tl.constexpr, GROUPS: tl.constexpr, BITS: tl.constexpr,
-                    CPW: tl.constexpr, F32_DOT: tl.constexpr,
-                    BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                    CPW: tl.constexpr, F32_DOT: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
+                    SUB_K: tl.constexpr, SUBS: tl.constexpr):
     e = tl.program_id(0)
     rows = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < I
-    t, c, active = _routing_column(combine_ptr, e, T, E, BLOCK_T)
-    slot = tl.load(offsets_ptr + e)
-    w_slot = slot // W_BYTES
-    s_slot = slot // 2
+    w_slot, s_slot, t, c, active = _expert_slot(offsets_ptr, combine_ptr, e, T, E, W_BYTES, BLOCK_T)
+    t_ok = t < T
     acc_g = tl.zeros((BLOCK_N, BLOCK_T), dtype=tl.float32)
     acc_u = tl.zeros((BLOCK_N, BLOCK_T), dtype=tl.float32)
-    for k0 in range(0, tl.where(active, KP, 0), BLOCK_K):
-        k = k0 + tl.arange(0, BLOCK_K)
-        xt = tl.load(x_ptr + t[None, :] * H + k[:, None], mask=(k[:, None] < H) & (t[None, :] < T), other=0.0)
-        xt = _operand(xt, F32_DOT)
-        xsum = tl.sum(xt.to(tl.float32), axis=0)
-        acc_g = _accumulate(acc_g, w_ptr, s_ptr, w_slot + GATE_W, s_slot + GATE_S, s_slot + GATE_M, rows, row_ok,
-                            k0, xt, xsum, ROW, KP, GROUPS, BITS, CPW, F32_DOT, BLOCK_N, BLOCK_K)
-        acc_u = _accumulate(acc_u, w_ptr, s_ptr, w_slot + UP_W, s_slot + UP_S, s_slot + UP_M, rows, row_ok,
-                            k0, xt, xsum, ROW, KP, GROUPS, BITS, CPW, F32_DOT, BLOCK_N, BLOCK_K)
+    for k0 in range(0, tl.where(active, KP, 0), SUB_K * SUBS):
+        for sub in tl.static_range(SUBS):  # several groups per step: more bytes in flight per block
+            k = k0 + sub * SUB_K
+            acc_g = _accumulate(acc_g, w_ptr, s_ptr, w_slot + GATE_W, s_slot + GATE_S, s_slot + GATE_M, rows,
+                                row_ok, k, x_ptr, H, H, t, t_ok, ROW, KP, GROUPS, BITS, CPW, F32_DOT, BLOCK_N, SUB_K)
+            acc_u = _accumulate(acc_u, w_ptr, s_ptr, w_slot + UP_W, s_slot + UP_S, s_slot + UP_M, rows,
+                                row_ok, k, x_ptr, H, H, t, t_ok, ROW, KP, GROUPS, BITS, CPW, F32_DOT, BLOCK_N, SUB_K)
     acc_g = acc_g * _row_scales(s_ptr, s_slot + GATE_S, rows, row_ok, BITS)[:, None]
     acc_u = acc_u * _row_scales(s_ptr, s_slot + UP_S, rows, row_ok, BITS)[:, None]
     h = acc_g * tl.sigmoid(acc_g) * acc_u * c[None, :]
-    mask = row_ok[:, None] & (t[None, :] < T)
-    tl.store(h_ptr + (e * T + t[None, :]) * I + rows[:, None], h.to(tl.bfloat16), mask=mask)
+    tl.store(h_ptr + (e * T + t[None, :]) * I + rows[:, None], h.to(tl.bfloat16), mask=row_ok[:, None] & t_ok[None, :])
 
 
 @triton.jit
@@ -139,27 +159,21 @@ def _down_kernel(w_ptr, s_ptr, offsets_ptr, combine_ptr, h_ptr, partial_ptr, T, 
                  H: tl.constexpr, I: tl.constexpr, W_BYTES: tl.constexpr,
                  DOWN_W: tl.constexpr, DOWN_S: tl.constexpr, DOWN_M: tl.constexpr,
                  ROW: tl.constexpr, KP: tl.constexpr, GROUPS: tl.constexpr, BITS: tl.constexpr,
-                 CPW: tl.constexpr, F32_DOT: tl.constexpr,
-                 BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                 CPW: tl.constexpr, F32_DOT: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
+                 SUB_K: tl.constexpr, SUBS: tl.constexpr):
     e = tl.program_id(0)
     rows = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < H
-    t, c, active = _routing_column(combine_ptr, e, T, E, BLOCK_T)
-    slot = tl.load(offsets_ptr + e)
-    w_slot = slot // W_BYTES
-    s_slot = slot // 2
+    w_slot, s_slot, t, c, active = _expert_slot(offsets_ptr, combine_ptr, e, T, E, W_BYTES, BLOCK_T)
+    t_ok = t < T
     acc = tl.zeros((BLOCK_N, BLOCK_T), dtype=tl.float32)
-    for k0 in range(0, tl.where(active, KP, 0), BLOCK_K):
-        k = k0 + tl.arange(0, BLOCK_K)
-        ht = tl.load(h_ptr + (e * T + t[None, :]) * I + k[:, None], mask=(k[:, None] < I) & (t[None, :] < T),
-                     other=0.0)
-        ht = _operand(ht, F32_DOT)
-        acc = _accumulate(acc, w_ptr, s_ptr, w_slot + DOWN_W, s_slot + DOWN_S, s_slot + DOWN_M, rows, row_ok, k0,
-                          ht, tl.sum(ht.to(tl.float32), axis=0), ROW, KP, GROUPS, BITS, CPW, F32_DOT, BLOCK_N,
-                          BLOCK_K)
+    for k0 in range(0, tl.where(active, KP, 0), SUB_K * SUBS):
+        for sub in tl.static_range(SUBS):
+            acc = _accumulate(acc, w_ptr, s_ptr, w_slot + DOWN_W, s_slot + DOWN_S, s_slot + DOWN_M, rows, row_ok,
+                              k0 + sub * SUB_K, h_ptr + e * T * I, I, I, t, t_ok, ROW, KP, GROUPS, BITS, CPW, F32_DOT,
+                              BLOCK_N, SUB_K)
     acc = acc * _row_scales(s_ptr, s_slot + DOWN_S, rows, row_ok, BITS)[:, None]
-    mask = row_ok[:, None] & (t[None, :] < T)
-    tl.store(partial_ptr + (e * T + t[None, :]) * H + rows[:, None], acc, mask=mask)
+    tl.store(partial_ptr + (e * T + t[None, :]) * H + rows[:, None], acc, mask=row_ok[:, None] & t_ok[None, :])
 
 
 # ---- launching ---------------------------------------------------------------------------------
@@ -167,10 +181,11 @@ def _down_kernel(w_ptr, s_ptr, offsets_ptr, combine_ptr, h_ptr, partial_ptr, T, 
 
 @dataclass(frozen=True)
 class LaunchConfig:
-    """Tile sizes of one kernel launch (BLOCK_K is rounded up to a whole number of groups)."""
+    """Tiles of one kernel launch: ``block_n`` output rows per block, ``block_k`` input columns per
+    pipelined step (a group format's step is ``block_k / group_size`` groups, at least one)."""
 
     block_n: int = 16
-    block_k: int = 128  # bf16 and int8; a group format's block is one group
+    block_k: int = 256
     num_warps: int = 4
     num_stages: int = 3
 
@@ -184,15 +199,17 @@ def choose_config(plan: KernelPlan, rows: int, experts: int, sms: int) -> Launch
         if experts * triton.cdiv(rows, candidate) >= 2 * sms:
             block_n = candidate
             break
-    return LaunchConfig(block_n=block_n)
+    return LaunchConfig(block_n=block_n, block_k=128 if plan.bits == 16 else 256)
 
 
-def _block_k(plan: KernelPlan, config: LaunchConfig) -> int:
-    return plan.group_size if plan.group_size else config.block_k
+def _tiling(plan: KernelPlan, config: LaunchConfig) -> dict:
+    if plan.group_size:
+        return dict(SUB_K=plan.group_size, SUBS=max(config.block_k // plan.group_size, 1))
+    return dict(SUB_K=config.block_k, SUBS=1)
 
 
 def _format_args(plan: KernelPlan, proj: Projection) -> dict:
-    cpw = {4: 8, 3: 8, 2: 16}.get(plan.bits, 1)
+    cpw = {8: 4, 4: 8, 3: 8, 2: 16}.get(plan.bits, 1)
     return dict(ROW=proj.row_elems, KP=proj.padded_cols, GROUPS=max(proj.padded_cols // max(plan.group_size, 1), 1),
                 BITS=plan.bits, CPW=cpw, W_BYTES=plan.payload_elem_bytes,
                 F32_DOT=os.environ.get("TRITON_INTERPRET") == "1")
@@ -225,7 +242,7 @@ def launch_decode(pool: torch.Tensor, slot_offsets: torch.Tensor, plan: KernelPl
     _gate_up_kernel[(e, triton.cdiv(i_size, cfg.block_n))](
         payload, scales, slot_offsets, combine, x, hidden, t, e, H=h_size, I=i_size,
         GATE_W=gate.weight, GATE_S=gate.scales, GATE_M=gate.mins, UP_W=up.weight, UP_S=up.scales, UP_M=up.mins,
-        **_format_args(plan, gate), BLOCK_T=TOKEN_BLOCK, BLOCK_N=cfg.block_n, BLOCK_K=_block_k(plan, cfg),
+        **_format_args(plan, gate), BLOCK_T=TOKEN_BLOCK, BLOCK_N=cfg.block_n, **_tiling(plan, cfg),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
     cfg = down_config or choose_config(plan, h_size, e, sms)
@@ -233,6 +250,6 @@ def launch_decode(pool: torch.Tensor, slot_offsets: torch.Tensor, plan: KernelPl
     _down_kernel[(e, triton.cdiv(h_size, cfg.block_n))](
         payload, scales, slot_offsets, combine, hidden, partial, t, e, H=h_size, I=i_size,
         DOWN_W=down.weight, DOWN_S=down.scales, DOWN_M=down.mins,
-        **_format_args(plan, down), BLOCK_T=TOKEN_BLOCK, BLOCK_N=cfg.block_n, BLOCK_K=_block_k(plan, cfg),
+        **_format_args(plan, down), BLOCK_T=TOKEN_BLOCK, BLOCK_N=cfg.block_n, **_tiling(plan, cfg),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return partial.sum(0).to(x.dtype)
