@@ -33,7 +33,7 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
     runtime.add_argument("--policy", default="auto", choices=POLICY_NAMES,
                          help="expert policy preset (default: auto = resident if all experts fit in "
                               "--device-memory, else lru)")
-    runtime.add_argument("--device-memory", metavar="SIZE", default=None,
+    runtime.add_argument("--device-memory", "--expert-budget", dest="device_memory", metavar="SIZE", default=None,
                          help="device memory for routed experts, e.g. 6GiB (default: no limit, all resident)")
     runtime.add_argument("--host-memory", metavar="SIZE", default=None,
                          help="pinned host RAM for the expert store on GPU runs (default: up to half the free RAM)")
