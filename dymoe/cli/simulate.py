@@ -93,15 +93,16 @@ def record(args) -> Trace:
     return trace
 
 
-def budget_bytes(text: str, trace: Trace) -> int:
-    """``--device-memory``: a size, or a percentage of every expert's bf16 bytes (whole experts)."""
+def budget_bytes(text: str, trace: Trace, expert_bytes: int | None = None) -> int:
+    """``--device-memory``: a size, or a percentage of every expert's bytes (whole experts) at bf16,
+    or at ``expert_bytes`` when ``--expert-bytes`` sets them."""
     if text.strip().endswith("%"):
         try:
             share = float(text.strip()[:-1]) / 100
         except ValueError:
             raise InputError(f"--device-memory {text!r} is not a size or a percentage") from None
         experts = int(share * len(trace.layers) * trace.num_experts)
-        return experts * int(trace.header["expert_bytes"]["bf16"])
+        return experts * (expert_bytes or int(trace.header["expert_bytes"]["bf16"]))
     return parse_bytes(text, "--device-memory")
 
 
@@ -117,7 +118,7 @@ def run(args) -> int:
     trace = record(args) if args.record is not None else Trace.load(args.trace)
     policies = [p for p in choices(args.policy, POLICIES, "--policy") if p != "belady"] + ["belady"]
     links = choices(args.link, LINKS, "--link")
-    budget = budget_bytes(args.device_memory, trace)
+    budget = budget_bytes(args.device_memory, trace, args.expert_bytes)
     results = [simulate(trace, p, budget, args.expert_bytes, compute_s_per_token=args.compute_ms / 1e3)
                for p in policies]
     print(format_report(trace, results, links))

@@ -189,6 +189,9 @@ def test_cli_records_and_replays(tiny_dir, tmp_path, capsys):
     for word in ("lru", "lfu", "belady", "pcie4x16", "12 bf16 experts of 24 (50.0%)", "predictor recall"):
         assert word in out.out, word
     assert "nvme" not in out.out
+    assert main(["simulate", str(path), "--device-memory", "25%", "--expert-bytes", str(9 * 2**20),
+                 "--link", "pcie5x16"]) == 0
+    assert "54.00 MiB: 6 bf16 experts of 24 (25.0%), 9216 KiB each" in capsys.readouterr().out
     assert main(["simulate", str(path), "--device-memory", "1KiB"]) == 2
     assert "one token needs 4" in capsys.readouterr().err
     assert main(["simulate", str(tmp_path / "none.trace")]) == 2
