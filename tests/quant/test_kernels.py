@@ -1,0 +1,128 @@
+"""Invariant 4 for the fused expert kernels: every entry point equals dequantize-then-matmul.
+
+The torch backend runs everywhere; the Triton kernels run here through Triton's interpreter (in a
+subprocess, since ``TRITON_INTERPRET`` is read when a kernel is defined) on small shapes that
+still cover padded groups, tails of row blocks, duplicate slots and unused experts. The GPU side
+is ``benchmarks/kernels.py``.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from dymoe.checkpoint.blob import blob_layout, encode_expert
+from dymoe.quant.formats import parse_format
+from dymoe.quant.kernels import decode_routing, expert_decode, kernel_plan
+from dymoe.quant.kernels.reference import random_pool
+from dymoe.quant.reference import dequantize, quantize
+
+FORMATS = [("bf16", 128), ("int8", 128), ("int4", 64), ("int4", 128), ("int3", 64), ("int3", 128),
+           ("int2", 64), ("int2", 128)]
+
+
+def _experts(n: int, hidden: int, inter: int, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    return [tuple(torch.randn(*shape, generator=g) * 0.05 for shape in ((inter, hidden), (inter, hidden),
+                                                                         (hidden, inter))) for _ in range(n)]
+
+
+def _pool_of(experts, layout):
+    blobs = [encode_expert(*w, layout) for w in experts]
+    return torch.cat(blobs), torch.arange(len(blobs), dtype=torch.int64) * layout.nbytes
+
+
+@pytest.mark.parametrize("precision,group", FORMATS)
+def test_torch_backend_is_dequantize_then_matmul(precision, group):
+    layout = blob_layout(parse_format(precision, group), 160, 96)  # 160: a padded last group at 64 and 128
+    experts = _experts(3, 160, 96)
+    pool, offsets = _pool_of(experts, layout)
+    x = torch.randn(2, 160, generator=torch.Generator().manual_seed(1))
+    combine = torch.tensor([[0.5, 0.0, 0.25], [0.0, 0.0, 0.75]])
+    expected = torch.zeros(2, 160)
+    for e, (gate, up, down) in enumerate(experts):
+        gate, up, down = (dequantize(quantize(w, layout.format), torch.float32) for w in (gate, up, down))
+        expected += combine[:, e:e + 1] * F.linear(F.silu(F.linear(x, gate)) * F.linear(x, up), down)
+    out = expert_decode(pool, offsets, layout, x, combine)
+    assert out.dtype == x.dtype
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_unused_expert_is_never_read():
+    layout = blob_layout(parse_format("int4", 64), 64, 32)
+    pool, offsets = random_pool(layout, 2)
+    x = torch.randn(1, 64)
+    combine = torch.tensor([[1.0, 0.0]])
+    expected = expert_decode(pool, offsets, layout, x, combine)
+    pool[offsets[1]:].fill_(0xFF)  # fp16 0xFFFF is NaN: any read of expert 1 would show
+    torch.testing.assert_close(expert_decode(pool, offsets, layout, x, combine), expected)
+
+
+def test_decode_routing_deduplicates_without_changing_the_sum():
+    g = torch.Generator().manual_seed(0)
+    table = torch.arange(10, dtype=torch.int64) * 4096
+    for tokens in (1, 2, 5, 8):
+        ids = torch.stack([torch.randperm(10, generator=g)[:4] for _ in range(tokens)])
+        weights = torch.rand(tokens, 4, generator=g)
+        offsets, combine = decode_routing(table, ids, weights)
+        dense = torch.zeros(tokens, 10)
+        dense.scatter_(1, ids, weights)
+        rebuilt = torch.zeros(tokens, 10).index_add_(1, offsets // 4096, combine)
+        torch.testing.assert_close(rebuilt, dense)
+        used = combine.abs().sum(0) > 0
+        assert len(set((offsets[used] // 4096).tolist())) == int(used.sum())  # each slot read once
+
+
+def test_unknown_backend_is_refused():
+    layout = blob_layout(parse_format("int8"), 64, 32)
+    pool, offsets = random_pool(layout, 1)
+    with pytest.raises(ValueError, match="backend"):
+        expert_decode(pool, offsets, layout, torch.randn(1, 64), torch.ones(1, 1), backend="cuda")
+
+
+def test_plan_offsets_match_the_blob_layout():
+    layout = blob_layout(parse_format("int3", 64), 2048, 768)
+    plan = kernel_plan(layout)
+    assert plan.gate.weight == layout.part("gate.weight").offset  # int3 is read as bytes
+    assert plan.down.scales * 2 == layout.part("down.scales").offset
+    assert plan.down.padded_cols == 768 and plan.gate.row_elems == 2048 * 3 // 8
+
+
+_INTERPRETED = r"""
+import json, torch
+from dymoe.checkpoint.blob import blob_layout
+from dymoe.quant.formats import parse_format
+from dymoe.quant.kernels import decode_routing, expert_decode
+from dymoe.quant.kernels.reference import random_pool
+results = {}
+for precision, group in FORMATS:
+    layout = blob_layout(parse_format(precision, group), 160, 48)
+    pool, table = random_pool(layout, 5, seed=3, spare_bytes=256)
+    g = torch.Generator().manual_seed(4)
+    ids = torch.stack([torch.randperm(5, generator=g)[:2] for _ in range(3)])
+    offsets, combine = decode_routing(table, ids, torch.rand(3, 2, generator=g))
+    x = torch.randn(3, 160, generator=g).bfloat16()
+    ref = expert_decode(pool, offsets, layout, x.float(), combine, backend="torch")
+    out = expert_decode(pool, offsets, layout, x, combine, backend="triton")
+    results[f"{precision}/{group}"] = [((out.float() - ref).norm() / ref.norm()).item(), bool(out.isfinite().all())]
+print(json.dumps(results))
+"""
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed (gpu extra)")
+def test_triton_kernels_under_the_interpreter():
+    env = dict(os.environ, TRITON_INTERPRET="1", TRITON_DEFAULT_FP_FUSION="1")
+    script = f"FORMATS = {FORMATS!r}\n" + _INTERPRETED
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    results = json.loads(done.stdout.strip().splitlines()[-1])
+    assert set(results) == {f"{p}/{g}" for p, g in FORMATS}
+    for name, (rel_err, finite) in results.items():
+        assert finite and rel_err < 1e-2, (name, rel_err)
