@@ -188,6 +188,8 @@ class TracingExperts:
         return self.inner.run_experts(layer, hidden, expert_ids, expert_weights)
 
     def __getattr__(self, name):
+        if name == "inner":  # not set yet (e.g. during unpickling): no recursion
+            raise AttributeError(name)
         return getattr(self.inner, name)
 
     def _record(self, layer, hidden, expert_ids, expert_weights) -> None:
