@@ -41,7 +41,7 @@ def _plan(layout: BlobLayout) -> KernelPlan:
 
 
 def expert_decode(pool: torch.Tensor, slot_offsets: torch.Tensor, layout: BlobLayout, x: torch.Tensor,
-                  combine: torch.Tensor, backend: str = "auto") -> torch.Tensor:
+                  combine: torch.Tensor, backend: str = "auto", workspace=None) -> torch.Tensor:
     """``y[t] = sum_e combine[t, e] * expert_e(x[t])`` for a few tokens through one layer's experts.
 
     ``pool`` is the slot pool's 1-D uint8 buffer; ``slot_offsets`` [E] int64 (on the pool's device)
@@ -50,7 +50,9 @@ def expert_decode(pool: torch.Tensor, slot_offsets: torch.Tensor, layout: BlobLa
     holds token t's router weight for expert e, zero where t does not use e (an all-zero column is
     skipped; :func:`decode_routing` builds both from top-k slot ids without a host sync). Returns
     [T, H] in ``x.dtype``. ``backend``: "auto" (Triton on CUDA when installed, else torch),
-    "triton" (also under ``TRITON_INTERPRET=1`` on CPU tensors) or "torch".
+    "triton" (also under ``TRITON_INTERPRET=1`` on CPU tensors) or "torch". ``workspace``: a
+    :class:`~dymoe.quant.kernels.triton_experts.DecodeWorkspace` allocated once, so the Triton path
+    allocates nothing but its [T, H] result (ignored by the torch backend).
     """
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}: choose from {', '.join(BACKENDS)}")
@@ -62,4 +64,4 @@ def expert_decode(pool: torch.Tensor, slot_offsets: torch.Tensor, layout: BlobLa
         raise ValueError("the Triton backend needs a CUDA pool (or TRITON_INTERPRET=1)")
     from dymoe.quant.kernels.triton_experts import launch_decode
 
-    return launch_decode(pool, slot_offsets, _plan(layout), x, combine)
+    return launch_decode(pool, slot_offsets, _plan(layout), x, combine, workspace)

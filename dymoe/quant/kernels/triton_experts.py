@@ -222,8 +222,31 @@ def _sm_count(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
+@dataclass
+class DecodeWorkspace:
+    """Preallocated scratch of the decode step (so the hot path allocates nothing): ``hidden`` holds
+    ``silu(gate x) * up x`` per (expert, token) in bf16, ``partial`` each expert's down projection
+    in float32. Both are flat; a step with E experts and T tokens uses their first E*T rows."""
+
+    hidden: torch.Tensor
+    partial: torch.Tensor
+
+    @classmethod
+    def allocate(cls, plan: KernelPlan, max_experts: int, max_tokens: int, device) -> "DecodeWorkspace":
+        rows = max_experts * max_tokens
+        return cls(torch.empty(rows * plan.intermediate_size, dtype=torch.bfloat16, device=device),
+                   torch.empty(rows * plan.hidden_size, dtype=torch.float32, device=device))
+
+    def views(self, plan: KernelPlan, experts: int, tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+        h, i, rows = plan.hidden_size, plan.intermediate_size, experts * tokens
+        if rows * i > self.hidden.numel() or rows * h > self.partial.numel():
+            raise ValueError(f"workspace too small for {experts} experts x {tokens} tokens")
+        return self.hidden[:rows * i].view(experts, tokens, i), self.partial[:rows * h].view(experts, tokens, h)
+
+
 def launch_decode(pool: torch.Tensor, slot_offsets: torch.Tensor, plan: KernelPlan, x: torch.Tensor,
-                  combine: torch.Tensor, gate_up_config: LaunchConfig | None = None,
+                  combine: torch.Tensor, workspace: DecodeWorkspace | None = None,
+                  gate_up_config: LaunchConfig | None = None,
                   down_config: LaunchConfig | None = None) -> torch.Tensor:
     """The Triton path of :func:`dymoe.quant.kernels.expert_decode` (same arguments and result)."""
     t, e = combine.shape
@@ -234,8 +257,8 @@ def launch_decode(pool: torch.Tensor, slot_offsets: torch.Tensor, plan: KernelPl
     x = x.contiguous()
     combine = combine.contiguous()
     sms = _sm_count(pool.device)
-    hidden = torch.empty(e, t, i_size, dtype=torch.bfloat16, device=x.device)
-    partial = torch.empty(e, t, h_size, dtype=torch.float32, device=x.device)
+    workspace = workspace or DecodeWorkspace.allocate(plan, e, t, x.device)
+    hidden, partial = workspace.views(plan, e, t)
 
     cfg = gate_up_config or choose_config(plan, i_size, e, sms)
     gate, up = plan.gate, plan.up

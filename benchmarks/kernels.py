@@ -1,0 +1,349 @@
+"""Fused expert kernels on the GPU: correctness against the float32 reference, then speed.
+
+    python benchmarks/kernels.py --out DIR [--quick] [--sweep]
+
+1. Correctness: for each model's expert shape, each format and group size, and 1 and 8 tokens,
+   the Triton decode step (``expert_decode``) on fresh random blobs in a pool against
+   ``reference_decode`` (dequantize-then-matmul in float32); relative error (Frobenius) must stay
+   under 1e-2. The kernels' scratch is filled with NaN before each run and checked fully written.
+2. Bandwidth: one decode step (1 token, the model's top-k experts) per format, as bytes of the
+   experts' stored parts over the median time, and as a fraction of the measured device-to-device
+   copy bandwidth (read + write bytes over time).
+3. One MoE layer step (Qwen3-30B-A3B shape, 8 experts, 1 token) per precision: Triton against the
+   torch path the runtime uses today (bf16: gathered strided slots; low bit: dequantize each expert,
+   then matmul) and, for int4, against ``torch._weight_int4pack_mm`` (tinygemm) when available.
+
+Prints a table last and writes DIR/kernels.json with the environment and every measurement.
+``--sweep`` also times a few tile configurations per format (for tuning ``choose_config``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from dymoe.checkpoint.blob import blob_layout, unpack_expert  # noqa: E402
+from dymoe.quant.formats import parse_format  # noqa: E402
+from dymoe.quant.kernels import decode_routing, expert_decode, kernel_plan, reference_decode  # noqa: E402
+from dymoe.quant.kernels.reference import random_pool  # noqa: E402
+from dymoe.runtime.expert_compute import run_grouped  # noqa: E402
+from dymoe.runtime.resident import gathered_decode  # noqa: E402
+
+MODELS = {  # hidden, expert intermediate, top-k
+    "qwen3-30b-a3b": (2048, 768, 8),
+    "mixtral-8x7b": (4096, 14336, 2),
+    "olmoe": (2048, 1024, 8),
+    "deepseek-v2-lite": (2048, 1408, 6),
+}
+FORMATS = [("bf16", 0), ("int8", 0), ("int4", 64), ("int4", 128), ("int3", 64), ("int3", 128), ("int2", 64),
+           ("int2", 128)]
+MAX_REL_ERR = 1e-2
+SPARE_SLOTS = 4
+
+
+def fmt_name(precision: str, group: int) -> str:
+    return f"{precision}/g{group}" if group else precision
+
+
+def layout_of(precision: str, group: int, hidden: int, inter: int):
+    return blob_layout(parse_format(precision, group or 128), hidden, inter)
+
+
+def stored_bytes(layout) -> int:
+    return sum(p.nbytes for p in layout.parts)
+
+
+def routed(table: torch.Tensor, tokens: int, k: int, seed: int):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.stack([torch.randperm(table.numel(), generator=g)[:k] for _ in range(tokens)])
+    weights = torch.softmax(torch.randn(tokens, k, generator=g), dim=-1)
+    return decode_routing(table, ids.to(table.device), weights.to(table.device))
+
+
+def bench(fn) -> float:
+    """Median milliseconds of ``fn`` (triton.testing.do_bench)."""
+    import triton.testing
+
+    return triton.testing.do_bench(fn, warmup=10, rep=50, return_mode="median")
+
+
+# ---- 1. correctness ----------------------------------------------------------------------------
+
+
+def check_one(model: str, precision: str, group: int, tokens: int, seed: int, device) -> dict:
+    from dymoe.quant.kernels.triton_experts import DecodeWorkspace
+
+    hidden, inter, k = MODELS[model]
+    layout = layout_of(precision, group, hidden, inter)
+    pool, table = random_pool(layout, k + SPARE_SLOTS, seed=seed, device=device)
+    offsets, combine = routed(table, tokens, k, seed)
+    x = torch.randn(tokens, hidden, generator=torch.Generator().manual_seed(seed)).to(device, torch.bfloat16)
+    plan = kernel_plan(layout)
+    workspace = DecodeWorkspace.allocate(plan, offsets.numel(), tokens, device)
+    workspace.hidden.fill_(float("nan"))
+    workspace.partial.fill_(float("nan"))
+    out = expert_decode(pool, offsets, layout, x, combine, backend="triton", workspace=workspace)
+    torch.cuda.synchronize()
+    ref = reference_decode(pool, offsets, layout, x.float(), combine)
+    h, partial = workspace.views(plan, offsets.numel(), tokens)
+    active = combine.abs().sum(0) > 0
+    written = bool(partial.isfinite().all()) and bool(h[active].isfinite().all()) and bool(out.isfinite().all())
+    rel = ((out.float() - ref).norm() / ref.norm()).item()
+    return {"model": model, "format": fmt_name(precision, group), "tokens": tokens, "experts": int(active.sum()),
+            "rel_err": rel, "fully_written": written, "ok": written and rel < MAX_REL_ERR}
+
+
+def correctness(device, quick: bool, deadline: float) -> list[dict]:
+    rows, seed = [], 0
+    for tokens in (1,) if quick else (1, 8):
+        for model in MODELS:
+            for precision, group in FORMATS:
+                seed += 1
+                if time.time() > deadline:
+                    rows.append({"model": model, "format": fmt_name(precision, group), "tokens": tokens,
+                                 "skipped": "time budget"})
+                    continue
+                try:
+                    rows.append(check_one(model, precision, group, tokens, seed, device))
+                except Exception as exc:  # record and go on: one failure must not hide the others
+                    rows.append({"model": model, "format": fmt_name(precision, group), "tokens": tokens,
+                                 "ok": False, "error": f"{type(exc).__name__}: {exc}",
+                                 "trace": traceback.format_exc()[-2000:]})
+                r = rows[-1]
+                print(f"check {model:17s} {r['format']:9s} T={tokens}: "
+                      + (f"rel_err {r['rel_err']:.2e} written {r['fully_written']}" if "rel_err" in r
+                         else r.get("error", r.get("skipped", ""))), flush=True)
+    return rows
+
+
+# ---- 2. bandwidth ------------------------------------------------------------------------------
+
+
+def copy_bandwidth(device) -> float:
+    """Device-to-device copy bandwidth in GB/s, counting bytes read plus bytes written."""
+    n = 1 << 30
+    src = torch.empty(n, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    ms = bench(lambda: dst.copy_(src))
+    return 2 * n / ms / 1e6
+
+
+def decode_case(model: str, precision: str, group: int, device, tokens: int = 1):
+    from dymoe.quant.kernels.triton_experts import DecodeWorkspace
+
+    hidden, inter, k = MODELS[model]
+    layout = layout_of(precision, group, hidden, inter)
+    pool, table = random_pool(layout, k + SPARE_SLOTS, seed=7, device=device)
+    offsets, combine = routed(table, tokens, k, 7)
+    x = torch.randn(tokens, hidden, device=device, dtype=torch.bfloat16)
+    workspace = DecodeWorkspace.allocate(kernel_plan(layout), offsets.numel(), tokens, device)
+    return layout, pool, table, offsets, combine, x, workspace, k
+
+
+def bandwidth(device, copy_gbps: float) -> list[dict]:
+    rows = []
+    for model in MODELS:
+        for precision, group in FORMATS:
+            try:
+                layout, pool, _, offsets, combine, x, ws, k = decode_case(model, precision, group, device)
+                ms = bench(lambda: expert_decode(pool, offsets, layout, x, combine, backend="triton", workspace=ws))
+                gbps = k * stored_bytes(layout) / ms / 1e6
+                rows.append({"model": model, "format": fmt_name(precision, group), "ms": ms, "GBps": gbps,
+                             "fraction_of_copy": gbps / copy_gbps})
+                print(f"bandwidth {model:17s} {fmt_name(precision, group):9s} {ms * 1e3:8.1f} us "
+                      f"{gbps:7.0f} GB/s ({gbps / copy_gbps:.0%} of copy)", flush=True)
+            except Exception as exc:
+                rows.append({"model": model, "format": fmt_name(precision, group), "error": repr(exc)})
+                print(f"bandwidth {model} {fmt_name(precision, group)}: {exc!r}", flush=True)
+    return rows
+
+
+# ---- 3. one layer step against the torch paths ---------------------------------------------------
+
+
+def torch_step(layout, pool, table, ids, weights, x):
+    """The step as the runtime runs it today (see dymoe/runtime/offload.py)."""
+    h, i = layout.hidden_size, layout.intermediate_size
+    if layout.format.is_raw:
+        stride = int(table[1] - table[0])
+        words = pool.view(torch.bfloat16)
+        gate_up = words.as_strided((table.numel(), 2 * i, h), (stride // 2, h, 1), layout.part("gate.weight").offset // 2)
+        down = words.as_strided((table.numel(), h, i), (stride // 2, i, 1), layout.part("down.weight").offset // 2)
+        return lambda: gathered_decode(x, ids[0], weights[0].to(x.dtype), gate_up, down)
+    offsets = table.tolist()
+
+    def weights_of(e):
+        gate, up, down = unpack_expert(pool[offsets[e]:offsets[e] + layout.nbytes], layout, torch.bfloat16)
+        return torch.cat([gate, up]), down
+
+    return lambda: run_grouped(x, ids, weights.to(x.dtype), weights_of)
+
+
+def int4pack_step(hidden: int, inter: int, k: int, group: int, device):
+    """8 experts through torch._weight_int4pack_mm (tinygemm), random int4 weights; None if absent."""
+    if not hasattr(torch, "_weight_int4pack_mm"):
+        return None, "torch._weight_int4pack_mm not available"
+    try:
+        def pack(n, kk):
+            codes = torch.randint(0, 16, (n, kk), dtype=torch.int32, device=device)
+            packed = (codes[:, ::2] << 4 | codes[:, 1::2]).to(torch.uint8)
+            w = torch._convert_weight_to_int4pack(packed, 8)
+            sz = torch.rand(kk // group, n, 2, device=device, dtype=torch.bfloat16) * 0.01
+            return w, sz
+
+        experts = [(pack(2 * inter, hidden), pack(hidden, inter)) for _ in range(k)]
+        x = torch.randn(1, hidden, device=device, dtype=torch.bfloat16)
+        w = torch.rand(k, device=device)
+
+        def step():
+            y = torch.zeros(1, hidden, device=device, dtype=torch.bfloat16)
+            for j, ((gu, gu_sz), (d, d_sz)) in enumerate(experts):
+                g, u = torch._weight_int4pack_mm(x, gu, group, gu_sz).chunk(2, dim=-1)
+                y += w[j] * torch._weight_int4pack_mm(F.silu(g) * u, d, group, d_sz)
+            return y
+
+        step()
+        return step, None
+    except Exception as exc:
+        return None, f"{type(exc).__name__}: {exc}"
+
+
+def layer_step(device) -> list[dict]:
+    model = "qwen3-30b-a3b"
+    hidden, inter, k = MODELS[model]
+    rows = []
+    for precision, group in FORMATS:
+        try:
+            layout, pool, table, offsets, combine, x, ws, _ = decode_case(model, precision, group, device)
+            g = torch.Generator().manual_seed(7)
+            ids = torch.stack([torch.randperm(table.numel(), generator=g)[:k]]).to(device)
+            weights = torch.softmax(torch.randn(1, k, generator=g), dim=-1).to(device)
+            offsets, combine = decode_routing(table, ids, weights)
+            triton_ms = bench(lambda: expert_decode(pool, offsets, layout, x, combine, backend="triton", workspace=ws))
+            torch_ms = bench(torch_step(layout, pool, table, ids, weights, x))
+            row = {"model": model, "format": fmt_name(precision, group), "triton_us": triton_ms * 1e3,
+                   "torch_us": torch_ms * 1e3, "speedup": torch_ms / triton_ms}
+            if precision == "int4":
+                step, why = int4pack_step(hidden, inter, k, group, device)
+                row["int4pack_us"] = bench(step) * 1e3 if step else None
+                row["int4pack_note"] = why
+            rows.append(row)
+            print(f"layer step {fmt_name(precision, group):9s} triton {row['triton_us']:8.1f} us  "
+                  f"torch {row['torch_us']:9.1f} us  int4pack {row.get('int4pack_us')}", flush=True)
+        except Exception as exc:
+            rows.append({"format": fmt_name(precision, group), "error": repr(exc),
+                         "trace": traceback.format_exc()[-2000:]})
+            print(f"layer step {fmt_name(precision, group)}: {exc!r}", flush=True)
+    return rows
+
+
+# ---- tile sweep ---------------------------------------------------------------------------------
+
+
+def sweep(device, deadline: float) -> list[dict]:
+    """Time a few tile configurations for the decode step (1 token) of two shapes."""
+    from dymoe.quant.kernels.triton_experts import LaunchConfig, launch_decode
+
+    rows = []
+    configs = [LaunchConfig(bn, bk, w, s) for bn in (16, 32, 64) for bk in (128, 256, 512) for w in (4,)
+               for s in (3, 4)]
+    for model in ("qwen3-30b-a3b", "mixtral-8x7b"):
+        for precision, group in (("bf16", 0), ("int8", 0), ("int4", 128), ("int2", 64)):
+            layout, pool, _, offsets, combine, x, ws, k = decode_case(model, precision, group, device)
+            plan = kernel_plan(layout)
+            best = None
+            for cfg in configs:
+                if time.time() > deadline:
+                    break
+                try:
+                    ms = bench(lambda: launch_decode(pool, offsets, plan, x, combine, ws, cfg, cfg))
+                except Exception as exc:
+                    rows.append({"model": model, "format": fmt_name(precision, group), "config": repr(cfg),
+                                 "error": repr(exc)})
+                    continue
+                gbps = k * stored_bytes(layout) / ms / 1e6
+                rows.append({"model": model, "format": fmt_name(precision, group), "config": cfg.__dict__,
+                             "us": ms * 1e3, "GBps": gbps})
+                best = min(best or (ms, cfg), (ms, cfg), key=lambda r: r[0])
+            if best:
+                print(f"sweep {model:17s} {fmt_name(precision, group):9s} best {best[0] * 1e3:.1f} us {best[1]}",
+                      flush=True)
+    return rows
+
+
+# ---- report -------------------------------------------------------------------------------------
+
+
+def table(result: dict) -> str:
+    copy = result["copy_GBps"]
+    lines = [f"device: {result['env']['device']}   d2d copy: {copy:.0f} GB/s",
+             f"correctness: {result['checks_ok']}/{result['checks_run']} ok (rel err < {MAX_REL_ERR}, "
+             f"max {result['max_rel_err']:.2e}), {result['checks_skipped']} skipped",
+             "",
+             f"{'model':17s} " + " ".join(f"{fmt_name(p, g):>9s}" for p, g in FORMATS) + "   (decode GB/s, % of copy)"]
+    for model in MODELS:
+        cells = []
+        for p, g in FORMATS:
+            r = next((r for r in result["bandwidth"] if r.get("model") == model and r["format"] == fmt_name(p, g)), {})
+            cells.append(f"{r['GBps']:5.0f} {r['fraction_of_copy']:3.0%}" if "GBps" in r else f"{'err':>9s}")
+        lines.append(f"{model:17s} " + " ".join(f"{c:>9s}" for c in cells))
+    lines += ["", "one layer step, Qwen3-30B-A3B shape, 8 experts, 1 token (us):",
+              f"{'format':9s} {'triton':>9s} {'torch':>10s} {'speedup':>8s} {'int4pack':>9s}"]
+    for r in result["layer_step"]:
+        if "error" in r:
+            lines.append(f"{r['format']:9s} error: {r['error'][:80]}")
+            continue
+        i4 = r.get("int4pack_us")
+        lines.append(f"{r['format']:9s} {r['triton_us']:9.1f} {r['torch_us']:10.1f} {r['speedup']:7.1f}x "
+                     f"{(f'{i4:9.1f}' if i4 else '-'):>9s}")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, required=True, help="folder for kernels.json")
+    parser.add_argument("--quick", action="store_true", help="correctness at 1 token only")
+    parser.add_argument("--sweep", action="store_true", help="also time a few tile configurations")
+    parser.add_argument("--budget-s", type=float, default=200.0, help="skip remaining checks/sweeps after this")
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("benchmarks/kernels.py needs a CUDA GPU and Triton (pip install -e .[gpu])")
+        return 2
+    import triton
+
+    start = time.time()
+    device = torch.device("cuda")
+    env = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
+           "cuda": torch.version.cuda, "python": platform.python_version(), "argv": sys.argv}
+    checks = correctness(device, args.quick, start + args.budget_s * 0.55)
+    t_checks = time.time() - start
+    copy_gbps = copy_bandwidth(device)
+    bw = bandwidth(device, copy_gbps)
+    steps = layer_step(device)
+    swept = sweep(device, start + args.budget_s) if args.sweep else []
+    run = [c for c in checks if "skipped" not in c]
+    result = {"env": env, "copy_GBps": copy_gbps, "checks": checks, "checks_run": len(run),
+              "checks_ok": sum(bool(c.get("ok")) for c in run), "checks_skipped": len(checks) - len(run),
+              "max_rel_err": max((c.get("rel_err", 0.0) for c in run), default=0.0),
+              "bandwidth": bw, "layer_step": steps, "sweep": swept,
+              "seconds": {"checks": t_checks, "total": time.time() - start}}
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "kernels.json").write_text(json.dumps(result, indent=1, default=str))
+    print()
+    print(table(result))
+    print(f"\n{time.time() - start:.0f} s; wrote {args.out / 'kernels.json'}")
+    return 0 if result["checks_ok"] == result["checks_run"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
