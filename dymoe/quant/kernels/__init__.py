@@ -19,8 +19,8 @@ from dymoe.checkpoint.blob import BlobLayout
 from dymoe.quant.kernels.plan import KernelPlan, kernel_plan
 from dymoe.quant.kernels.reference import decode_routing, reference_decode
 
-__all__ = ["BACKENDS", "KernelPlan", "decode_routing", "expert_decode", "kernel_plan", "reference_decode",
-           "triton_available"]
+__all__ = ["BACKENDS", "KernelPlan", "decode_routing", "decode_workspace", "expert_decode", "kernel_plan",
+           "reference_decode", "triton_available"]
 
 BACKENDS = ("auto", "triton", "torch")
 
@@ -65,3 +65,14 @@ def expert_decode(pool: torch.Tensor, slot_offsets: torch.Tensor, layout: BlobLa
     from dymoe.quant.kernels.triton_experts import launch_decode
 
     return launch_decode(pool, slot_offsets, _plan(layout), x, combine, workspace)
+
+
+def decode_workspace(layout: BlobLayout, max_experts: int, max_tokens: int, device):
+    """Scratch for :func:`expert_decode`'s Triton path, to allocate once at start-up (a
+    :class:`~dymoe.quant.kernels.triton_experts.DecodeWorkspace`); None where the torch path runs.
+    ``max_experts`` is the most routing columns a step passes (T*k with :func:`decode_routing`)."""
+    if torch.device(device).type != "cuda" or not triton_available():
+        return None
+    from dymoe.quant.kernels.triton_experts import DecodeWorkspace
+
+    return DecodeWorkspace.allocate(_plan(layout), max_experts, max_tokens, device)
