@@ -177,7 +177,8 @@ def torch_step(layout, pool, table, ids, weights, x):
     if layout.format.is_raw:
         stride = int(table[1] - table[0])
         words = pool.view(torch.bfloat16)
-        gate_up = words.as_strided((table.numel(), 2 * i, h), (stride // 2, h, 1), layout.part("gate.weight").offset // 2)
+        gate_offset = layout.part("gate.weight").offset // 2
+        gate_up = words.as_strided((table.numel(), 2 * i, h), (stride // 2, h, 1), gate_offset)
         down = words.as_strided((table.numel(), h, i), (stride // 2, i, 1), layout.part("down.weight").offset // 2)
         return lambda: gathered_decode(x, ids[0], weights[0].to(x.dtype), gate_up, down)
     offsets = table.tolist()
