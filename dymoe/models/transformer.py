@@ -57,9 +57,13 @@ class MoETransformer(nn.Module):
         return [layer.mlp for layer in self.model.layers if isinstance(layer.mlp, MoEBlock)]
 
     def attach_experts(self, experts: ExpertProvider) -> None:
+        """Hand every MoE block the expert runtime; a runtime with ``bind`` gets the model too (the
+        prefetcher reads the routers)."""
         self.experts = experts
         for block in self.moe_blocks:
             block.experts = experts
+        if hasattr(experts, "bind"):
+            experts.bind(self)
 
     @torch.inference_mode()
     def forward(self, tokens: torch.Tensor, start: int, cache: KVCache, last_only: bool = False) -> torch.Tensor:

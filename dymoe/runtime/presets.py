@@ -10,6 +10,9 @@ lru             least recently used                    bf16         yes
 lfu             least frequently used                  bf16         yes
 static-int4     least recently used                    int4         yes
 static-int2     least recently used                    int2         yes
+lru-prefetch    lru + Fate's cross-layer gate prefetch bf16         yes
+on-demand-      load, run, drop; next layer prefetched bf16         no
+prefetch
 auto (default)  resident when it fits, else lru        bf16         yes
 ==============  =====================================  ===========  ==========================
 
@@ -38,6 +41,8 @@ PRESETS: dict[str, dict] = {
     "lfu": dict(precision="bf16", eviction="lfu"),
     "static-int4": dict(precision="int4", eviction="lru"),
     "static-int2": dict(precision="int2", eviction="lru"),
+    "lru-prefetch": dict(precision="bf16", eviction="lru", prefetch_depth=1),
+    "on-demand-prefetch": dict(precision="bf16", eviction="lru", keep_across_layers=False, prefetch_depth=1),
 }
 POLICY_NAMES = ("auto", "resident", *PRESETS)
 

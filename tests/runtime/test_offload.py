@@ -72,7 +72,7 @@ def test_offloaded_equals_resident_bit_for_bit(bf16_models, family):
     reference = run(model, ResidentExperts.from_checkpoint(checkpoint, "cpu", torch.float32))
     top_k = checkpoint.config.num_experts_per_tok
     for budget in budgets(checkpoint, store, 4, seed=hash(family) % 1000):
-        for preset in ("on-demand", "lru", "lfu"):
+        for preset in ("on-demand", "lru", "lfu", "lru-prefetch", "on-demand-prefetch"):
             experts = OffloadedExperts(store, OffloadConfig(budget_bytes=budget, **PRESETS[preset]), top_k,
                                        "cpu", torch.float32)
             prefill, decode, ids = run(model, experts)
@@ -85,7 +85,11 @@ def test_offloaded_equals_resident_bit_for_bit(bf16_models, family):
             assert stats["hits"] + stats["misses"] > 0
             if preset == "on-demand":
                 assert stats["hits"] == 0  # nothing survives a layer
-            assert stats["h2d_bytes"] == stats["misses"] * store.layout("bf16").nbytes
+            fetched = stats["misses"] + stats["prefetches"]
+            assert stats["h2d_bytes"] == fetched * store.layout("bf16").nbytes
+            assert stats["prefetch_hits"] <= stats["prefetches"]
+            if preset == "on-demand-prefetch":
+                assert stats["hits"] == stats["prefetch_hits"]  # only prefetched copies survive a layer
 
 
 def test_a_cache_that_holds_everything_fetches_each_expert_once(bf16_models):
@@ -134,3 +138,47 @@ def test_static_int4_computes_with_the_dequantized_store(bf16_models):
     assert ids == reference[2]
     exact = run(model, ResidentExperts.from_checkpoint(checkpoint, "cpu", torch.float32))
     assert not torch.equal(prefill, exact[0])  # int4 really is in use
+
+
+def test_cross_layer_predictor_equals_next_routing_on_the_same_hidden(bf16_models):
+    """With the hidden state unchanged, applying layer l+1's router predicts exactly its routing."""
+    from dymoe.runtime.offload import CrossLayerPredictor
+
+    checkpoint, _ = bf16_models["qwen3_moe"]
+    model = load_dense(checkpoint, 64, "cpu", torch.float32)
+    predictor = CrossLayerPredictor.from_model(model, depth=2)
+    assert predictor.targets(0) == [1, 2] and predictor.targets(2) == []
+    hidden = torch.randn(1, checkpoint.config.hidden_size, generator=torch.Generator().manual_seed(0))
+    predicted = predictor.predict(0, hidden)
+    for row, layer in zip(predicted, (1, 2)):
+        ids, _ = model.model.layers[layer].mlp.gate(hidden)
+        assert row.tolist() == ids[0].tolist()
+    assert predictor.predict(2, hidden) is None
+
+
+def test_prefetch_on_the_trained_demo_model_is_mostly_right():
+    """On a trained MoE the cross-layer gate prefetches experts that are then used."""
+    from pathlib import Path
+
+    from dymoe.engine.engine import Engine, EngineConfig
+    from dymoe.engine.sampling import SamplingParams
+    from dymoe.engine.tokenizer import Tokenizer
+    from dymoe.runtime.presets import RuntimeConfig
+
+    demo = Path(__file__).resolve().parents[2] / "models" / "dymoe-demo-moe"
+    tokenizer = Tokenizer.from_dir(demo)
+    text = (Path(__file__).resolve().parents[1] / "data" / "heldout_snippet.txt").read_text()[:400]
+    prompt = tokenizer.encode(text)
+    budget = 48 * 98304  # a quarter of the 192 experts at bf16
+    results = {}
+    for preset in ("lru", "lru-prefetch"):
+        runtime = RuntimeConfig(policy=preset, device_memory=budget, progress=False)
+        engine = Engine.load(EngineConfig(model_dir=demo, device="cpu", progress=False, runtime=runtime))
+        engine.model.experts.metrics.reset()
+        ids = list(engine.generate(prompt, SamplingParams(max_new_tokens=32)))
+        results[preset] = (ids, engine.model.experts.stats()["total"])
+    assert results["lru"][0] == results["lru-prefetch"][0]
+    plain, prefetching = results["lru"][1], results["lru-prefetch"][1]
+    assert prefetching["prefetches"] > 0
+    assert prefetching["prefetch_hits"] / prefetching["prefetches"] > 0.5  # prefetch precision
+    assert prefetching["misses"] < plain["misses"]  # demand misses turned into prefetches
