@@ -13,7 +13,9 @@ For one MoE layer and the routing of its tokens:
 5. unpin; the `on-demand` preset also drops everything, so nothing is kept across layers.
 
 The compute is the shared grouped SwiGLU of :mod:`dymoe.runtime.expert_compute`; bf16 slots are
-read in place, low-bit slots through the reference dequantize-then-matmul for now.
+read in place. Low-bit slots go through :func:`dymoe.quant.kernels.expert_decode` for one token
+(fused dequantize-GEMV in Triton on the GPU, the torch reference elsewhere) and through the
+reference dequantize-then-matmul for prefill.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from dymoe.errors import BudgetError
 from dymoe.runtime.cache import ExpertCache
 from dymoe.runtime.expert_compute import group_by_expert, run_grouped
 from dymoe.runtime.metrics import RuntimeMetrics
+from dymoe.quant.kernels import decode_routing, decode_workspace, expert_decode
 from dymoe.runtime.resident import gathered_decode
 from dymoe.runtime.slot_pool import SlotPool
 from dymoe.runtime.transfer import TransferEngine
@@ -67,6 +70,10 @@ class OffloadedExperts:
         self.transfers = TransferEngine(self.device, self.metrics, measure_stalls=config.measure_stalls)
         self._views = [self._weights_view(self.pool.view(config.precision, s)) for s in range(slots)]
         self._stacks = self._stacked_views(slots)
+        # low-bit decode reads the packed slots in place (fused dequantize + GEMV, Triton on GPU)
+        self._slot_table = torch.tensor([self.pool.offset(config.precision, s) for s in range(slots)],
+                                        dtype=torch.int64, device=self.device)
+        self._workspace = decode_workspace(self.layout, top_k, 1, self.device) if self._stacks is None else None
         self.predictor: CrossLayerPredictor | None = None
 
     def bind(self, model) -> None:
@@ -77,7 +84,7 @@ class OffloadedExperts:
     # ---- the ExpertProvider interface ------------------------------------------------------------
 
     def run_experts(self, layer, hidden, expert_ids, expert_weights):
-        if hidden.shape[0] == 1 and self._stacks is not None:
+        if hidden.shape[0] == 1:
             out = self._decode_one(layer, hidden, expert_ids[0], expert_weights[0])
         else:
             out = self._run_grouped(layer, hidden, expert_ids, expert_weights)
@@ -113,8 +120,12 @@ class OffloadedExperts:
         for ticket in tickets.values():
             self.transfers.wait(ticket)
         slots = torch.tensor([self.cache.peek((layer, e)).slot for e in experts], device=self.device)
-        gate_up, down = self._stacks
-        out = gathered_decode(hidden, slots, weights, gate_up, down, self.dtype)
+        if self._stacks is not None:  # bf16: the resident model's arithmetic, bit for bit
+            gate_up, down = self._stacks
+            out = gathered_decode(hidden, slots, weights, gate_up, down, self.dtype)
+        else:
+            offsets, combine = decode_routing(self._slot_table, slots[None], weights[None])
+            out = expert_decode(self.pool.buffer, offsets, self.layout, hidden, combine, workspace=self._workspace)
         for e in experts:
             self.cache.unpin((layer, e))
         self.transfers.fence()
