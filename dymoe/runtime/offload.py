@@ -4,18 +4,23 @@ For one MoE layer and the routing of its tokens:
 
 1. group the (token, slot) assignments by expert (the one host synchronisation of the step: the
    runtime must know which experts to fetch);
-2. look every needed expert up in the :class:`ExpertCache`; pin the hits;
-3. start a host-to-device copy for each miss into a free or evicted slot (pinned experts are never
+2. decide each expert's precision: the single precision of a static preset, or DyMoE's per-token
+   importance (the experts holding most of a token's router weight, and every expert of a
+   critical layer, run at the high precision; the rest at the low one);
+3. look every needed expert up in the :class:`ExpertCache`; pin the hits (a copy at the other
+   precision serves when the policy allows it, instead of a stall);
+4. start a host-to-device copy for each miss into a free or evicted slot (pinned experts are never
    evicted); if every slot is pinned, first run the experts already present and unpin them
-   (waves), so a budget of one token's top-k slots is always enough;
-4. run the hits first, while the misses are in flight, then each miss once its copy has landed
+   (waves), so a budget of one token's top-k slots per class is always enough;
+5. run the hits first, while the misses are in flight, then each miss once its copy has landed
    (the compute stream waits on that copy's event only);
-5. unpin; the `on-demand` preset also drops everything, so nothing is kept across layers.
+6. unpin; the `on-demand` preset also drops everything, so nothing is kept across layers; with a
+   prefetch depth, the next layers' experts predicted by the cross-layer gate are fetched ahead.
 
-The compute is the shared grouped SwiGLU of :mod:`dymoe.runtime.expert_compute`; bf16 slots are
-read in place. Low-bit slots go through :func:`dymoe.quant.kernels.expert_decode` for one token
-(fused dequantize-GEMV in Triton on the GPU, the torch reference elsewhere) and through the
-reference dequantize-then-matmul for prefill.
+bf16 slots are read in place (a single-precision bf16 runtime decodes with the resident model's
+exact arithmetic, so it is bit-identical to it). Low-bit slots go through
+:func:`dymoe.quant.kernels.expert_decode` for one token (fused dequantize-GEMV in Triton on the GPU,
+the torch reference elsewhere) and through the reference dequantize-then-matmul for prefill.
 """
 
 from __future__ import annotations
@@ -26,10 +31,10 @@ import torch
 
 from dymoe.checkpoint.blob import BlobLayout, unpack_expert
 from dymoe.errors import BudgetError
+from dymoe.quant.kernels import decode_routing, decode_workspace, expert_decode
 from dymoe.runtime.cache import ExpertCache
 from dymoe.runtime.expert_compute import group_by_expert, run_grouped
 from dymoe.runtime.metrics import RuntimeMetrics
-from dymoe.quant.kernels import decode_routing, decode_workspace, expert_decode
 from dymoe.runtime.resident import gathered_decode
 from dymoe.runtime.slot_pool import SlotPool
 from dymoe.runtime.transfer import TransferEngine
@@ -40,11 +45,21 @@ class OffloadConfig:
     """Which copies to keep on the device, and how many: the knobs a policy preset sets."""
 
     budget_bytes: int
-    precision: str = "bf16"
-    eviction: str = "lru"  # "lru" | "lfu"
+    precision: str = "bf16"  # the (high) precision experts are fetched at
+    eviction: str = "lru"  # an ExpertCache policy name: "lru", "lfu", ...
     keep_across_layers: bool = True  # False: the on-demand preset (load, run, drop)
     measure_stalls: bool = True  # CUDA event pairs around each wait (no host sync; cheap)
     prefetch_depth: int = 0  # Fate's cross-layer gate: prefetch the next d MoE layers' experts (decode)
+    # DyMoE mixed precision (off when low_precision is None)
+    low_precision: str | None = None
+    high_share: float = 0.5  # share of the budget for high-precision slots
+    important_mass: float = 0.5  # a token's experts, by router weight, until this mass: high precision
+    critical_layers: tuple[int, ...] = ()  # depth floor: these MoE layer indices always run high (-1 = last)
+    substitute: bool = True  # a resident copy at the other precision serves instead of a stall
+
+    @property
+    def precisions(self) -> tuple[str, ...]:
+        return (self.precision,) if self.low_precision is None else (self.precision, self.low_precision)
 
 
 class OffloadedExperts:
@@ -55,29 +70,47 @@ class OffloadedExperts:
         self.store = store
         self.config = config
         self.precision = config.precision
-        self.layout: BlobLayout = store.layout(config.precision)
+        self.low = config.low_precision
+        self.layouts: dict[str, BlobLayout] = {p: store.layout(p) for p in config.precisions}
+        self.layout = self.layouts[self.precision]
         self.device = torch.device(device)
         self.dtype = dtype
         self.metrics = metrics or RuntimeMetrics()
-        slots = config.budget_bytes // self.layout.nbytes
-        if slots < top_k:
-            raise BudgetError(
-                f"--device-memory leaves room for {slots} {config.precision} experts, but one token needs "
-                f"{top_k}: give at least {_mib(top_k * self.layout.nbytes)} for experts"
-            )
-        self.pool = SlotPool(self.device, {config.precision: self.layout.nbytes}, {config.precision: slots})
+        counts = self._slot_counts(config, top_k)
+        self.pool = SlotPool(self.device, {p: self.layouts[p].nbytes for p in counts}, counts)
         self.cache = ExpertCache(self.pool, config.eviction, on_evict=self.metrics.evicted)
         self.transfers = TransferEngine(self.device, self.metrics, measure_stalls=config.measure_stalls)
-        self._views = [self._weights_view(self.pool.view(config.precision, s)) for s in range(slots)]
-        self._stacks = self._stacked_views(slots)
-        # low-bit decode reads the packed slots in place (fused dequantize + GEMV, Triton on GPU)
-        self._slot_table = torch.tensor([self.pool.offset(config.precision, s) for s in range(slots)],
-                                        dtype=torch.int64, device=self.device)
-        self._workspace = decode_workspace(self.layout, top_k, 1, self.device) if self._stacks is None else None
+        self._views = {s: self._weights_view(self.pool.view(self.precision, s)) for s in range(counts[self.precision])}
+        self._stacks = self._stacked_views(counts[self.precision])
+        self._slot_tables = {p: torch.tensor([self.pool.offset(p, s) for s in range(n)], dtype=torch.int64,
+                                             device=self.device) for p, n in counts.items()}
+        self._workspaces = {p: decode_workspace(self.layouts[p], top_k, 1, self.device)
+                            for p in counts if p != "bf16" or self._stacks is None}
         self.predictor: CrossLayerPredictor | None = None
+        self._critical: set[int] = set()
+        self.precision_uses: dict[str, int] = {p: 0 for p in config.precisions}  # expert runs per precision
+
+    def _slot_counts(self, config: OffloadConfig, top_k: int) -> dict[str, int]:
+        """Whole slots per precision class within the budget; each class must hold one token's top-k."""
+        if self.low is None:
+            shares = {self.precision: 1.0}
+        else:
+            shares = {self.precision: config.high_share, self.low: 1.0 - config.high_share}
+        counts = {p: int(config.budget_bytes * share) // self.layouts[p].nbytes for p, share in shares.items()}
+        for p, n in counts.items():
+            if n < top_k:
+                need = top_k * self.layouts[p].nbytes / shares[p]
+                raise BudgetError(
+                    f"--device-memory leaves room for {n} {p} experts, but one token needs {top_k}: "
+                    f"give at least {_mib(need)} for experts"
+                )
+        return counts
 
     def bind(self, model) -> None:
-        """Called by the model when it attaches this runtime: the prefetcher needs the routers."""
+        """Called by the model when it attaches this runtime: the prefetcher needs the routers, the
+        depth floor needs the MoE layer indices."""
+        layers = [block.layer for block in model.moe_blocks]
+        self._critical = {layers[i] for i in self.config.critical_layers if -len(layers) <= i < len(layers)}
         if self.config.prefetch_depth:
             self.predictor = CrossLayerPredictor.from_model(model, self.config.prefetch_depth)
 
@@ -95,64 +128,104 @@ class OffloadedExperts:
 
     def _run_grouped(self, layer, hidden, expert_ids, expert_weights):
         grouping = group_by_expert(expert_ids)
+        wanted = self._wanted_grouped(layer, expert_ids, expert_weights, grouping[1])
         tickets: dict[int, object] = {}
-        out = run_grouped(
+        return run_grouped(
             hidden, expert_ids, expert_weights, lambda e: self._weights(layer, e, tickets), grouping,
-            schedule=self._schedule(layer, grouping[1], tickets),
+            schedule=self._schedule(layer, grouping[1], wanted, tickets),
         )
-        return out
 
     def _decode_one(self, layer, hidden, ids, weights):
-        """One token: make its k experts resident, then gather their slots and run two batched
-        matmuls — the arithmetic of :func:`~dymoe.runtime.resident.gathered_decode`, so the result
-        is bit-identical to the resident model's decode."""
+        """One token: make its k experts resident, then run them from their slots — bf16 ones with
+        the arithmetic of :func:`~dymoe.runtime.resident.gathered_decode` (bit-identical to the
+        resident model's decode), low-bit ones through the fused kernels."""
+        k = ids.shape[0]
         predicted = self.predictor.predict(layer, hidden) if self.predictor else None
-        if predicted is None:
-            experts = ids.tolist()  # the step's one host sync: the runtime must know what to fetch
-        else:  # the same one sync carries the guesses for the next layers
-            experts, *guesses = torch.cat([ids.view(1, -1), predicted]).tolist()
+        mixed = self.low is not None and layer not in self._critical
+        parts = [ids.view(-1)]
+        if predicted is not None:
+            parts.append(predicted.reshape(-1))
+        if mixed:
+            parts.append(important_count(weights, self.config.important_mass).view(1))
+        # the step's one host sync: the runtime must know what to fetch (plus the prefetcher's
+        # guesses and how many experts are important, in the same transfer)
+        flat = torch.cat(parts).tolist() if len(parts) > 1 else parts[0].tolist()
+        experts = flat[:k]
+        guesses = [flat[k + i * k : k + (i + 1) * k] for i in range(len(predicted))] if predicted is not None else []
+        n_high = flat[-1] if mixed else k
+        wanted = {e: (self.precision if j < n_high else self.low) for j, e in enumerate(experts)}
         tickets: dict[int, object] = {}
-        wave = self._start_wave(layer, experts, tickets)
-        if len(wave) < len(experts):
+        used = self._start_wave(layer, experts, wanted, tickets)
+        if len(used) < len(experts):
             raise BudgetError(f"layer {layer}: fewer free expert slots than one token's top-k; raise --device-memory")
         if predicted is not None:
             self._prefetch(self.predictor.targets(layer), guesses)
         for ticket in tickets.values():
             self.transfers.wait(ticket)
-        slots = torch.tensor([self.cache.peek((layer, e)).slot for e in experts], device=self.device)
-        if self._stacks is not None:  # bf16: the resident model's arithmetic, bit for bit
-            gate_up, down = self._stacks
-            out = gathered_decode(hidden, slots, weights, gate_up, down, self.dtype)
-        else:
-            offsets, combine = decode_routing(self._slot_table, slots[None], weights[None])
-            out = expert_decode(self.pool.buffer, offsets, self.layout, hidden, combine, workspace=self._workspace)
+        out = None
+        for precision in self.config.precisions:
+            rows = [j for j, e in enumerate(experts) if used[e] == precision]
+            if rows:
+                part = self._decode_rows(layer, hidden, [experts[j] for j in rows], weights, rows, precision)
+                out = part if out is None else out + part
         for e in experts:
             self.cache.unpin((layer, e))
         self.transfers.fence()
         return out
 
+    def _decode_rows(self, layer, hidden, experts, weights, rows, precision):
+        slots = torch.tensor([self.cache.peek((layer, e)).slot for e in experts], device=self.device)
+        if len(rows) < weights.shape[0]:
+            weights = weights[torch.tensor(rows, device=weights.device)]
+        if precision == "bf16" and self._stacks is not None:
+            gate_up, down = self._stacks
+            return gathered_decode(hidden, slots, weights, gate_up, down, self.dtype)
+        offsets, combine = decode_routing(self._slot_tables[precision], slots[None], weights[None])
+        return expert_decode(self.pool.buffer, offsets, self.layouts[precision], hidden, combine,
+                             workspace=self._workspaces.get(precision))
+
+    # ---- precision ----------------------------------------------------------------------------------
+
+    def _wanted_grouped(self, layer, expert_ids, expert_weights, experts) -> dict[int, str]:
+        """Prefill: an expert runs high if it is important (see :func:`important_count`) for any of its tokens."""
+        if self.low is None or layer in self._critical:
+            return {e: self.precision for e in experts}
+        w = expert_weights.float()
+        ranked = torch.argsort(w, dim=-1, descending=True)
+        before = torch.cumsum(torch.gather(w, -1, ranked), -1) - torch.gather(w, -1, ranked)
+        important_ranked = (before < self.config.important_mass * w.sum(-1, keepdim=True))
+        important = torch.zeros_like(important_ranked).scatter_(-1, ranked, important_ranked)
+        high = set(expert_ids[important].unique().tolist())
+        return {e: self.precision if e in high else self.low for e in experts}
+
     # ---- fetching ---------------------------------------------------------------------------------
 
-    def _schedule(self, layer: int, experts: list[int], tickets: dict):
+    def _schedule(self, layer: int, experts: list[int], wanted: dict[int, str], tickets: dict):
         """Yield the order to compute the layer's experts in: resident ones first (their compute
         overlaps the misses' copies), in waves that fit the pool; unpin each wave after it ran."""
         pending = sorted(range(len(experts)), key=lambda j: (layer, experts[j]) not in self.cache)
         while pending:
-            wave = self._start_wave(layer, [experts[j] for j in pending], tickets)
-            if not wave:
+            used = self._start_wave(layer, [experts[j] for j in pending], wanted, tickets)
+            if not used:
                 raise BudgetError(f"no free expert slot for layer {layer}: raise --device-memory")
-            yield from pending[: len(wave)]
-            for e in wave:
+            yield from pending[: len(used)]
+            for e in used:
                 self.cache.unpin((layer, e))
             self.transfers.fence()  # the next wave may reuse these slots once their compute is done
-            pending = pending[len(wave) :]
+            pending = pending[len(used) :]
 
-    def _start_wave(self, layer: int, experts: list[int], tickets: dict) -> list[int]:
-        """Pin the resident experts and start fetches for the missing ones, while slots last."""
-        wave = []
+    def _start_wave(self, layer: int, experts: list[int], wanted: dict[int, str], tickets: dict) -> dict[int, str]:
+        """Pin resident experts and start fetches for missing ones, while slots last; returns the
+        precision each admitted expert will run at (insertion order = admission order)."""
+        used: dict[int, str] = {}
+        floor = layer in self._critical  # depth floor: never run below the high precision here
         for e in experts:
             key = (layer, e)
-            if key in self.cache:
+            resident = self.cache.peek(key)
+            if resident is not None and resident.precision != wanted[e] and not self._may_substitute(key, resident, floor):
+                self.cache.remove(key)  # the wrong precision and no substitution: refetch
+                resident = None
+            if resident is not None:
                 prefetched = self.cache.is_prefetched(key)
                 self.cache.lookup(key)
                 self.cache.pin(key)
@@ -160,42 +233,64 @@ class OffloadedExperts:
                 in_flight = self.transfers.pending(key)  # a prefetch that has not landed yet
                 if in_flight is not None:
                     tickets[e] = in_flight
-            else:
-                slot = self.cache.make_room(self.precision)
-                if slot is None:
-                    break  # every slot pinned by this wave: run it, then continue
-                self.cache.insert(key, self.precision, slot)
-                self.cache.pin(key)
-                src = self.store.blob(layer, e, self.precision)
-                tickets[e] = self.transfers.fetch(key, src, self.pool.view(self.precision, slot))
-                self.metrics.miss(layer, src.numel())
-            wave.append(e)
-        return wave
+                used[e] = resident.precision
+                self.precision_uses[resident.precision] += 1
+                continue
+            precision, slot = self._room(key, wanted[e], floor)
+            if slot is None:
+                break  # every slot pinned by this wave: run it, then continue
+            self.cache.insert(key, precision, slot)
+            self.cache.pin(key)
+            src = self.store.blob(layer, e, precision)
+            tickets[e] = self.transfers.fetch(key, src, self.pool.view(precision, slot))
+            self.metrics.miss(layer, src.numel())
+            used[e] = precision
+            self.precision_uses[precision] += 1
+        return used
+
+    def _may_substitute(self, key, resident, floor: bool) -> bool:
+        """Whether a resident copy at the other precision may serve: a high copy always may; a
+        low-bit one (DyMoE: rather than wait for the high copy) when substitution is on and the
+        layer has no precision floor. A copy pinned by this step must serve as it is."""
+        if resident.precision == self.precision or self.cache.is_pinned(key):
+            return True
+        return self.config.substitute and not floor
+
+    def _room(self, key, precision: str, floor: bool) -> tuple[str, int | None]:
+        slot = self.cache.make_room(precision, incoming=key)
+        if slot is None and self.low is not None and self.config.substitute and not floor:
+            other = self.low if precision == self.precision else self.precision
+            return other, self.cache.make_room(other, incoming=key)
+        return precision, slot
 
     def _prefetch(self, layers: list[int], guesses: list[list[int]]) -> None:
         """Start copies of predicted experts that are not resident, while unpinned slots last.
 
         Issued after the current layer's demand copies (one copy stream keeps them first) and
-        before its compute, so they overlap this layer's compute and the next layer's attention."""
+        before its compute, so they overlap this layer's compute and the next layer's attention.
+        Mixed precision prefetches the low-bit copy (cheaper to move; DyMoE's look-ahead)."""
+        precision = self.low or self.precision
         for layer, experts in zip(layers, guesses):
             for e in experts:
                 key = (layer, e)
                 if key in self.cache:
                     continue
-                slot = self.cache.make_room(self.precision, incoming=key)
+                slot = self.cache.make_room(precision, incoming=key)
                 if slot is None:
                     return
-                self.cache.insert(key, self.precision, slot, prefetched=True)
-                self.transfers.fetch(key, self.store.blob(layer, e, self.precision), self.pool.view(self.precision, slot))
+                self.cache.insert(key, precision, slot, prefetched=True)
+                self.transfers.fetch(key, self.store.blob(layer, e, precision), self.pool.view(precision, slot))
                 self.metrics.prefetch(layer)
+
+    # ---- weights ------------------------------------------------------------------------------------
 
     def _weights(self, layer: int, expert: int, tickets: dict):
         ticket = tickets.pop(expert, None)
         if ticket is not None:
             self.transfers.wait(ticket)
-        _, slot = self.cache.peek((layer, expert))  # peek: the use was counted when the wave started
-        if self.precision != "bf16":
-            return self._dequantize(slot)
+        precision, slot = self.cache.peek((layer, expert))  # peek: the use was counted when the wave started
+        if precision != "bf16":
+            return self._dequantize(precision, slot)
         gate_up, down = self._views[slot]
         if self.dtype != torch.bfloat16:  # float32 compute (CPU): upcasting bf16 is exact
             return gate_up.to(self.dtype), down.to(self.dtype)
@@ -221,15 +316,15 @@ class OffloadedExperts:
         stride = offsets[1] - offsets[0] if slots > 1 else self.layout.nbytes
         if any(o != offsets[0] + i * stride for i, o in enumerate(offsets)) or stride % 2:
             return None
-        gate, up, down = (self.layout.part(f"{p}.weight") for p in ("gate", "up", "down"))
+        gate, down = self.layout.part("gate.weight"), self.layout.part("down.weight")
         h, i = self.layout.hidden_size, self.layout.intermediate_size
         words = self.pool.buffer[offsets[0] :].view(torch.bfloat16)
         gate_up = words.as_strided((slots, 2 * i, h), (stride // 2, h, 1), gate.offset // 2)
         down_stack = words.as_strided((slots, h, i), (stride // 2, i, 1), down.offset // 2)
         return gate_up, down_stack
 
-    def _dequantize(self, slot: int):
-        gate, up, down = unpack_expert(self.pool.view(self.precision, slot), self.layout, self.dtype)
+    def _dequantize(self, precision: str, slot: int):
+        gate, up, down = unpack_expert(self.pool.view(precision, slot), self.layouts[precision], self.dtype)
         return torch.cat([gate, up]), down
 
     # ---- reporting --------------------------------------------------------------------------------
@@ -237,15 +332,20 @@ class OffloadedExperts:
     def stats(self) -> dict:
         """The runtime metrics as a dict (resolves pending CUDA stall timings first)."""
         self.transfers.collect_stalls()
-        return self.metrics.to_dict()
+        return {**self.metrics.to_dict(), "precision_uses": dict(self.precision_uses)}
 
     def report(self) -> str:
         self.transfers.collect_stalls()
         return self.metrics.format_table()
 
 
-def _mib(n: int) -> str:
-    return f"{n / 2**20:.1f} MiB"
+def important_count(weights: torch.Tensor, mass: float) -> torch.Tensor:
+    """DyMoE's importance rule for one token: how many of its experts (router weights sorted
+    descending, as top-k returns them) it takes, in order, to reach ``mass`` of the total weight —
+    at least one. Stays on the device until the step's one synchronisation."""
+    w = weights.float()
+    before = torch.cumsum(w, 0) - w
+    return (before < mass * w.sum()).sum().clamp(min=1)
 
 
 class CrossLayerPredictor:
@@ -274,3 +374,7 @@ class CrossLayerPredictor:
             return None
         guesses = [self.routers[t](hidden)[0] for t in targets]  # (ids [1, k], weights)
         return torch.cat(guesses)
+
+
+def _mib(n: float) -> str:
+    return f"{n / 2**20:.1f} MiB"

@@ -13,6 +13,12 @@ static-int2     least recently used                    int2         yes
 lru-prefetch    lru + Fate's cross-layer gate prefetch bf16         yes
 on-demand-      load, run, drop; next layer prefetched bf16         no
 prefetch
+dymoe           lru, two slot classes (bf16, int4)     per token:   yes
+                + look-ahead prefetch at int4          important
+                                                       experts bf16,
+                                                       others int4;
+                                                       first/last
+                                                       layer bf16
 auto (default)  resident when it fits, else lru        bf16         yes
 ==============  =====================================  ===========  ==========================
 
@@ -43,6 +49,10 @@ PRESETS: dict[str, dict] = {
     "static-int2": dict(precision="int2", eviction="lru"),
     "lru-prefetch": dict(precision="bf16", eviction="lru", prefetch_depth=1),
     "on-demand-prefetch": dict(precision="bf16", eviction="lru", keep_across_layers=False, prefetch_depth=1),
+    # DyMoE: per token, the experts holding half the router weight run at bf16, the rest at int4; the
+    # first and last MoE layers are critical (bf16 only); look-ahead prefetch of the next layer at int4
+    "dymoe": dict(precision="bf16", low_precision="int4", high_share=0.5, important_mass=0.5,
+                  critical_layers=(0, -1), eviction="lru", prefetch_depth=1),
 }
 POLICY_NAMES = ("auto", "resident", *PRESETS)
 
@@ -76,32 +86,34 @@ def choose_preset(config: RuntimeConfig, checkpoint, dtype: torch.dtype) -> str:
     return "lru"
 
 
-def open_store(checkpoint, config: RuntimeConfig, precision: str):
-    """The expert store holding ``precision``: opened, or built on first use with a clear message."""
+def open_store(checkpoint, config: RuntimeConfig, precisions: tuple[str, ...]):
+    """The expert store holding ``precisions``: opened, or built (or completed) on first use with a
+    clear message."""
     path = config.store or default_store_dir(checkpoint.path)
     try:
         store = ExpertStore.open(path, checkpoint)
-        if precision in store.precisions:
+        if all(p in store.precisions for p in precisions):
             return store
     except StoreError:
         if config.store is not None and (Path(config.store) / "index.json").exists():
             raise
-    print(f"dymoe: building the expert store for {precision} at {path} (one-time; later runs reuse it)",
-          file=sys.stderr)
-    convert_store(checkpoint, path, precisions=(precision,), group_size=config.group_size, progress=config.progress)
+    print(f"dymoe: building the expert store for {', '.join(precisions)} at {path} (one-time; later runs "
+          f"reuse it)", file=sys.stderr)
+    convert_store(checkpoint, path, precisions=precisions, group_size=config.group_size, progress=config.progress)
     return ExpertStore.open(path, checkpoint)
 
 
-def pinned_host_tier(store, config: RuntimeConfig, precision: str, device: torch.device):
-    """On CUDA, pin as much of the store as ``--host-memory`` allows (default: the whole precision
-    if it takes at most half of the available RAM) so copies run asynchronously at link speed."""
+def pinned_host_tier(store, config: RuntimeConfig, precisions: tuple[str, ...], device: torch.device):
+    """On CUDA, pin as much of the store as ``--host-memory`` allows (default: the precisions in use,
+    up to half of the available RAM; low-bit copies first, they serve the most experts per byte)
+    so copies run asynchronously at link speed."""
     if device.type != "cuda":
         return store
-    wanted = store.nbytes(precision)
+    wanted = sum(store.nbytes(p) for p in precisions)
     budget = config.host_memory if config.host_memory is not None else min(wanted, _available_ram() // 2)
     if budget <= 0:
         return store
-    order = [(l, e, precision) for l in store.layers for e in range(store.num_experts)]
+    order = [(l, e, p) for p in reversed(precisions) for l in store.layers for e in range(store.num_experts)]
     return MemoryStore.pin_from(store, budget, order)
 
 
@@ -117,7 +129,7 @@ def build_offloaded(checkpoint, config: RuntimeConfig, preset: str, device: torc
     knobs = PRESETS[preset]
     if config.device_memory is None:
         raise InputError(f"--policy {preset} offloads experts: give --device-memory (e.g. 8GiB)")
-    store = open_store(checkpoint, config, knobs["precision"])
-    source = pinned_host_tier(store, config, knobs["precision"], device)
     offload = OffloadConfig(budget_bytes=config.device_memory, **knobs)
+    store = open_store(checkpoint, config, offload.precisions)
+    source = pinned_host_tier(store, config, offload.precisions, device)
     return OffloadedExperts(source, offload, checkpoint.config.num_experts_per_tok, device, dtype)
