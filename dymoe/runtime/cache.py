@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from typing import Callable, Collection, Iterator, Mapping, NamedTuple, Protocol, Sequence
 
 from dymoe.errors import BudgetError
+from dymoe.runtime.policies import ARCPolicy, FatePolicy, ShallowFavouringPolicy
 from dymoe.runtime.slot_pool import SlotPool
 
 Key = tuple[int, int]  # (layer, expert)
@@ -153,11 +154,14 @@ class BeladyPolicy:
         return max(sorted(candidates), key=self.next_use)
 
 
-POLICIES: dict[str, Callable[[], EvictionPolicy]] = {"lru": LRUPolicy, "lfu": LFUPolicy}
+POLICIES: dict[str, Callable[[], EvictionPolicy]] = {
+    "lru": LRUPolicy, "lfu": LFUPolicy, "arc": ARCPolicy, "shallow": ShallowFavouringPolicy, "fate": FatePolicy,
+}
 
 
 def make_policy(name: str) -> EvictionPolicy:
-    """A fresh policy by preset name (``lru``, ``lfu``); Belady needs a trace, so build it directly."""
+    """A fresh policy by preset name (``lru``, ``lfu``, ``arc``, ``shallow``, ``fate``: see
+    :mod:`dymoe.runtime.policies`); Belady needs a trace, so build it directly."""
     if name not in POLICIES:
         raise ValueError(f"unknown eviction policy {name!r}; known: {', '.join(POLICIES)}")
     return POLICIES[name]()
