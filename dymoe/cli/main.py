@@ -14,7 +14,7 @@ import sys
 from dymoe import __version__
 from dymoe.errors import DymoeError
 
-SUBCOMMANDS = ("generate", "chat", "inspect", "convert", "demo", "serve", "simulate")
+SUBCOMMANDS = ("generate", "chat", "inspect", "convert", "demo", "serve", "simulate", "bench", "eval")
 
 
 def build_parser() -> argparse.ArgumentParser:
