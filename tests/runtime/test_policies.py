@@ -1,0 +1,283 @@
+"""Fate's cache policies: ARC by hand and against a literal reference of the paper's algorithm, its
+adaptation of p, the shallow-favouring per-layer budget's decisions, and fate vs LRU on the demo model."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import pytest
+
+import dymoe.bench.simulate as simulate_module
+from dymoe.runtime.cache import ExpertCache, make_policy
+from dymoe.runtime.policies import ARCPolicy, FatePolicy, ShallowFavouringPolicy, linear_weights
+from dymoe.runtime.presets import PRESETS
+from dymoe.runtime.slot_pool import SlotPool
+
+DEMO = Path(__file__).resolve().parents[2] / "models" / "dymoe-demo-moe"
+HELDOUT = Path(__file__).resolve().parents[1] / "data" / "heldout_snippet.txt"
+
+
+def make_cache(policy, slots: int) -> ExpertCache:
+    return ExpertCache(SlotPool("meta", {"bf16": 1}, {"bf16": slots}), policy)
+
+
+def request(cache: ExpertCache, key) -> bool:
+    """One reference as the runtime makes it: a use on a hit, a demand insert (naming the incoming
+    key to the policy) on a miss. True on a hit."""
+    if cache.lookup(key) is not None:
+        return True
+    cache.insert(key, "bf16")
+    return False
+
+
+def arc_state(policy: ARCPolicy):
+    return ([k[1] for k in policy.t1], [k[1] for k in policy.t2], [k[1] for k in policy.b1],
+            [k[1] for k in policy.b2], policy.p)
+
+
+# -- ARC ---------------------------------------------------------------------------------------------
+
+def test_arc_hand_computed_sequence():
+    """c = 2; lists are LRU first. Worked through the paper's cases by hand:
+     1 miss       T1=[1]
+     2 miss       T1=[1,2]
+     1 hit T1     T1=[2] T2=[1]
+     3 miss (IV)  |T1|=1 > p=0: 2 -> B1           T1=[3] T2=[1] B1=[2]
+     2 ghost B1   p = 0+max(1, 0/1) = 1; |T1|=1 not > 1: 1 -> B2    T1=[3] T2=[2] B2=[1]
+     4 miss (IV)  |T1|=1 not > 1: 2 -> B2          T1=[3,4] T2=[] B2=[1,2]
+     1 ghost B2   p = 1-max(1, 0/2) = 0; |T1|=2 > 0: 3 -> B1        T1=[4] T2=[1] B1=[3] B2=[2]
+     4 hit T1     T1=[] T2=[1,4]
+     5 miss (IV)  total = 4 = 2c: drop B2's 2; |T1|=0: 1 -> B2      T1=[5] T2=[4] B1=[3] B2=[1]
+     3 ghost B1   p = 0+max(1, 1/1) = 1; |T1|=1 not > 1: 4 -> B2   T1=[5] T2=[3] B2=[1,4]
+    """
+    policy = ARCPolicy()
+    cache = make_cache(policy, 2)
+    hits = [request(cache, (0, e)) for e in [1, 2, 1, 3, 2, 4, 1, 4, 5, 3]]
+    assert hits == [False, False, True, False, False, False, False, True, False, False]
+    assert arc_state(policy) == ([5], [3], [], [1, 4], 1.0)
+
+
+def arc_reference(requests, c):
+    """The paper's Fig. 4 (Megiddo & Modha, FAST 2003) with plain lists, MRU last: hits and final state."""
+    t1, t2, b1, b2, p, hits = [], [], [], [], 0.0, []
+
+    def replace(x):
+        if t1 and ((x in b2 and len(t1) == p) or len(t1) > p):
+            b1.append(t1.pop(0))
+        else:
+            b2.append(t2.pop(0))
+
+    for x in requests:
+        if x in t1 or x in t2:  # case I
+            (t1 if x in t1 else t2).remove(x)
+            t2.append(x)
+            hits.append(True)
+            continue
+        hits.append(False)
+        if x in b1:  # case II
+            p = min(float(c), p + max(1.0, len(b2) / len(b1)))
+            replace(x)
+            b1.remove(x)
+            t2.append(x)
+        elif x in b2:  # case III
+            p = max(0.0, p - max(1.0, len(b1) / len(b2)))
+            replace(x)
+            b2.remove(x)
+            t2.append(x)
+        else:  # case IV
+            if len(t1) + len(b1) == c:
+                if len(t1) < c:
+                    b1.pop(0)
+                    replace(x)
+                else:
+                    t1.pop(0)
+            elif len(t1) + len(b1) < c and len(t1) + len(t2) + len(b1) + len(b2) >= c:
+                if len(t1) + len(t2) + len(b1) + len(b2) == 2 * c:
+                    b2.pop(0)
+                replace(x)
+            t1.append(x)
+    return hits, (t1, t2, b1, b2, p)
+
+
+@pytest.mark.parametrize("seed", range(30))
+def test_arc_equals_the_reference_on_random_sequences(seed):
+    rng = random.Random(seed)
+    c = rng.randrange(1, 12)
+    universe = rng.randrange(c + 1, 4 * c + 4)
+    hot = rng.sample(range(universe), max(1, universe // 4))
+    requests = [rng.choice(hot) if rng.random() < 0.5 else rng.randrange(universe) for _ in range(400)]
+    policy = ARCPolicy()
+    cache = make_cache(policy, c)
+    hits = [request(cache, (0, x)) for x in requests]
+    expected_hits, expected_state = arc_reference(requests, c)
+    assert hits == expected_hits
+    assert arc_state(policy) == expected_state
+
+
+def test_arc_adapts_p_to_recency_then_to_frequency():
+    """Short reuse (each key used again 6 requests later, once) hits ghosts of B1: T1 was too short,
+    p rises to c. Then a hot loop of 6 keys between one-time scans of 10 keys hits ghosts of B2: the
+    scans must not flush the hot keys (ARC's scan resistance), so p falls back toward 0."""
+    rng = random.Random(0)
+    c = 8
+    policy = ARCPolicy()
+    cache = make_cache(policy, c)
+    for i in range(200):
+        for x in (i, max(i - 6, 0)):
+            request(cache, (0, 10_000 + x))
+    assert policy.p == c
+    new = 100
+    for _ in range(100):
+        for x in [rng.randrange(6) for _ in range(10)] + list(range(new, new + 10)):
+            request(cache, (0, x))
+        new += 10
+    assert policy.p < 1
+    assert {(0, x) for x in range(6)} <= set(policy.t2)  # the hot loop stays
+
+
+def test_arc_ghost_lists_stay_bounded():
+    rng = random.Random(1)
+    c = 5
+    policy = ARCPolicy()
+    cache = make_cache(policy, c)
+    for _ in range(2000):
+        request(cache, (0, rng.randrange(40)))
+        assert len(policy.t1) + len(policy.b1) <= c
+        assert len(policy.t1) + len(policy.t2) + len(policy.b1) + len(policy.b2) <= 2 * c
+
+
+def test_arc_prefetched_copy_counts_its_first_use_once():
+    """A prefetch arrives without a use; its first use is the reference it anticipated (stays in T1),
+    the second one makes it frequent (T2)."""
+    policy = ARCPolicy()
+    cache = make_cache(policy, 4)
+    cache.insert((0, 1), "bf16", prefetched=True)
+    assert cache.lookup((0, 1)) is not None
+    assert list(policy.t1) == [(0, 1)] and not policy.t2
+    cache.lookup((0, 1))
+    assert list(policy.t2) == [(0, 1)] and not policy.t1
+
+
+@pytest.mark.parametrize("name", ["arc", "shallow", "fate"])
+def test_pinned_copies_are_never_chosen(name):
+    rng = random.Random(name)
+    cache = make_cache(make_policy(name), 12)
+    for _ in range(3000):
+        layer = rng.randrange(4)
+        pinned = [k for k in cache.resident() if rng.random() < 0.3][:11]
+        for key in pinned:
+            cache.pin(key)
+        key = (layer, rng.randrange(16))
+        if cache.lookup(key) is None:
+            _, evicted = cache.insert(key, "bf16")
+            assert not set(evicted) & set(pinned)
+        for k in pinned:
+            cache.unpin(k)
+
+
+# -- shallow-favouring budget ------------------------------------------------------------------------
+
+def test_linear_weights():
+    assert linear_weights(1) == [1.0]
+    assert linear_weights(3) == [2.0, 1.5, 1.0]
+    assert linear_weights(5, ratio=3.0) == [3.0, 2.5, 2.0, 1.5, 1.0]
+
+
+def test_shares_follow_the_weights_and_the_learned_layers():
+    policy = ShallowFavouringPolicy()  # layers learned from the keys
+    cache = make_cache(policy, 12)
+    for layer in (5, 3, 1):  # MoE layers need not start at 0 or arrive in order
+        for e in range(4):
+            request(cache, (layer, e))
+    request(cache, (1, 9))  # full: the first victim fixes the shares
+    assert policy.layers == [1, 3, 5]
+    assert policy.shares == pytest.approx({1: 12 * 2 / 4.5, 3: 12 * 1.5 / 4.5, 5: 12 * 1 / 4.5})
+
+
+def test_shallow_favouring_rejects_bad_configuration():
+    with pytest.raises(ValueError, match="3 shallow-favouring weights for 2 layers"):
+        ShallowFavouringPolicy(2, weights=[3, 2, 1])
+    cache = make_cache(ShallowFavouringPolicy([0, 1]), 4)
+    with pytest.raises(ValueError, match="layer 7"):
+        cache.insert((7, 0), "bf16")
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_victim_comes_from_the_layer_most_over_its_share(seed):
+    """Every eviction takes from a layer whose excess over its share (counting the incoming copy in
+    its layer) is the largest among layers that have an unpinned copy; pinned copies never leave."""
+    rng = random.Random(seed)
+    layers, slots = 4, rng.randrange(8, 40)
+    weights = [rng.uniform(0.5, 3.0) for _ in range(layers)]
+    policy = ShallowFavouringPolicy(layers, weights=weights, within=ARCPolicy if seed % 2 else None)
+    cache = make_cache(policy, slots)
+    for _ in range(1500):
+        key = (rng.randrange(layers), int(rng.paretovariate(1.2)) % 24)
+        if cache.lookup(key) is not None:
+            continue
+        pinned = [k for k in cache.resident() if rng.random() < 0.2][:slots - 1]
+        for k in pinned:
+            cache.pin(k)
+        counts = {l: sum(1 for k in cache.resident() if k[0] == l) for l in range(layers)}
+        _, evicted = cache.insert(key, "bf16")
+        if evicted:
+            share = {l: slots * w / sum(weights) for l, w in enumerate(weights)}
+            over = {l: counts[l] + (l == key[0]) - share[l] for l in range(layers)}
+            open_layers = {k[0] for k in cache.resident() if k not in pinned and k != key} | {evicted[0][0]}
+            assert evicted[0] not in pinned
+            assert over[evicted[0][0]] == pytest.approx(max(over[l] for l in open_layers))
+        for k in pinned:
+            cache.unpin(k)
+
+
+def test_no_layer_stays_over_its_share_while_all_layers_ask():
+    """Uniform demand on every layer: once the cache is full the largest excess never grows, and it
+    falls below one slot, so each layer then holds at most its share rounded up."""
+    rng = random.Random(3)
+    layers, slots = 6, 48
+    policy = FatePolicy(layers)
+    cache = make_cache(policy, slots)
+    for e in range(slots):  # fill deep layers first: the worst start for a shallow-favouring split
+        request(cache, (layers - 1 - e // 8, e % 8))
+    shares = dict(zip(range(layers), (slots * w / sum(linear_weights(layers)) for w in linear_weights(layers))))
+    worst = []
+    for _ in range(3000):
+        request(cache, (rng.randrange(layers), rng.randrange(32)))
+        counts = {l: sum(1 for k in cache.resident() if k[0] == l) for l in range(layers)}
+        worst.append(max(counts[l] - shares[l] for l in range(layers)))
+    assert all(b <= a + 1e-9 for a, b in zip(worst, worst[1:]))
+    assert worst[-1] < 1
+
+
+# -- on the demo model -------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def demo_trace():
+    if not (DEMO / "config.json").exists():
+        pytest.skip("the demo model is not in this checkout")
+    from dymoe.bench.trace import record_trace
+    from dymoe.engine.engine import Engine, EngineConfig
+    from dymoe.engine.tokenizer import Tokenizer
+
+    tokenizer = Tokenizer.from_dir(DEMO)
+    prompts = [tokenizer.encode(p.strip()) for p in HELDOUT.read_text().split("\n\n") if p.strip()]
+    engine = Engine.load(EngineConfig(model_dir=DEMO, device="cpu", progress=False))
+    return record_trace(engine, prompts, 64)
+
+
+def test_fate_beats_lru_on_the_demo_trace(demo_trace, monkeypatch):
+    """The held-out snippet (12 prompts, 64 tokens each) at a quarter and a half of the experts:
+    fate's hit rate is above LRU's and below the oracle's."""
+    for name in ("arc", "shallow", "fate"):
+        if name not in PRESETS:  # until presets.py carries them
+            monkeypatch.setitem(PRESETS, name, dict(precision="bf16", eviction=name))
+    monkeypatch.setattr(simulate_module, "POLICIES", (*PRESETS, "belady"))
+    eb = demo_trace.header["expert_bytes"]["bf16"]
+    total = len(demo_trace.layers) * demo_trace.num_experts
+    for share in (4, 2):
+        rates = {p: simulate_module.simulate(demo_trace, p, total // share * eb).hit_rate
+                 for p in ("lru", "lfu", "arc", "shallow", "fate", "belady")}
+        print(f"1/{share} of the experts:", " ".join(f"{p} {100 * r:.1f}%" for p, r in rates.items()))
+        assert rates["lru"] < rates["fate"] < rates["belady"]
+        assert rates["lru"] <= rates["arc"]
