@@ -35,33 +35,87 @@ TOKEN_BLOCK = 16  # tl.dot's smallest N; the decode path takes up to this many t
 
 
 @triton.jit
+def _unit_tile(w_ptr, w_base, rows, row_ok, k0, ROW: tl.constexpr, KP: tl.constexpr, BITS: tl.constexpr,
+               CPW: tl.constexpr, SUB_K: tl.constexpr):
+    """[BLOCK_N, SUB_K // CPW] packing units of weight ``rows`` from input column ``k0`` (zero outside
+    the stored columns): bf16 values (CPW 1), 32-bit words of CPW codes, or int3's 24-bit words of 8
+    codes assembled from 3 bytes."""
+    j = k0 // CPW + tl.arange(0, SUB_K // CPW)
+    mask = row_ok[:, None] & (j[None, :] < KP // CPW)
+    if BITS == 3:
+        p = w_ptr + w_base + rows[:, None] * ROW + 3 * j[None, :]
+        units = (tl.load(p, mask=mask, other=0).to(tl.int32)
+                 | (tl.load(p + 1, mask=mask, other=0).to(tl.int32) << 8)
+                 | (tl.load(p + 2, mask=mask, other=0).to(tl.int32) << 16))
+    else:
+        units = tl.load(w_ptr + w_base + rows[:, None] * ROW + j[None, :], mask=mask, other=0)
+    return units
+
+
+@triton.jit
 def _code_tile(w_ptr, w_base, rows, row_ok, k0, ROW: tl.constexpr, KP: tl.constexpr, BITS: tl.constexpr,
                CPW: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """[BLOCK_N, BLOCK_K] stored values of weight ``rows``, input columns ``k0 .. k0+BLOCK_K`` (zero
-    outside the stored columns): bf16 weights, or integer codes (int8 signed, the others unsigned)
-    unpacked from 32-bit words (int3: 24-bit words assembled from 3 bytes)."""
+    """[BLOCK_N, BLOCK_K] stored values of weight ``rows``, input columns ``k0 .. k0+BLOCK_K``: bf16
+    weights, or integer codes (int8 signed, the others unsigned), for ``tl.dot``."""
     # constexpr branches each assign the result: Triton compiles the code after a returning branch
     # too, so there are no early returns in these helpers
+    units = _unit_tile(w_ptr, w_base, rows, row_ok, k0, ROW, KP, BITS, CPW, BLOCK_K)
     if BITS == 16:
-        k = k0 + tl.arange(0, BLOCK_K)
-        mask = row_ok[:, None] & (k[None, :] < KP)
-        tile = tl.load(w_ptr + w_base + rows[:, None] * ROW + k[None, :], mask=mask, other=0)
+        tile = units
     else:
-        j = k0 // CPW + tl.arange(0, BLOCK_K // CPW)
-        mask = row_ok[:, None] & (j[None, :] < KP // CPW)
-        if BITS == 3:
-            p = w_ptr + w_base + rows[:, None] * ROW + 3 * j[None, :]
-            words = (tl.load(p, mask=mask, other=0).to(tl.int32)
-                     | (tl.load(p + 1, mask=mask, other=0).to(tl.int32) << 8)
-                     | (tl.load(p + 2, mask=mask, other=0).to(tl.int32) << 16))
-        else:
-            words = tl.load(w_ptr + w_base + rows[:, None] * ROW + j[None, :], mask=mask, other=0)
         shifts = tl.arange(0, CPW) * BITS
-        codes = (words[:, :, None] >> shifts[None, None, :]) & ((1 << BITS) - 1)
+        codes = (units[:, :, None] >> shifts[None, None, :]) & ((1 << BITS) - 1)
         if BITS == 8:
             codes = codes - ((codes >> 7) << 8)  # two's complement byte
         tile = tl.reshape(codes, (BLOCK_N, BLOCK_K))
     return tile
+
+
+@triton.jit
+def _code_values(units, j, BITS: tl.constexpr):
+    """Code ``j`` of each packing unit as an exact float32 (int8 signed, the others unsigned).
+
+    Without an int-to-float conversion, which runs at a quarter of the FMA rate on sm_90 and would
+    bound the step by arithmetic rather than bytes: the code is OR-ed into the mantissa of 2**23
+    (one LOP3) and 2**23 subtracted (one FADD); int8 is biased by 128 first."""
+    u = (units >> (j * BITS)) & ((1 << BITS) - 1)
+    if BITS == 8:
+        u = u ^ 0x80
+    f = (u | 0x4B000000).to(tl.float32, bitcast=True)
+    if BITS == 8:
+        v = f - 8388736.0  # 2**23 + 128
+    else:
+        v = f - 8388608.0  # 2**23
+    return v
+
+
+@triton.jit
+def _gemv_step(acc, acc_m, w_ptr, s_ptr, w_base, s_base, m_base, rows, row_ok, k0, a_ptr, a_cols,
+               ROW: tl.constexpr, KP: tl.constexpr, GROUPS: tl.constexpr, BITS: tl.constexpr, CPW: tl.constexpr,
+               SUB_K: tl.constexpr):
+    """One token: ``acc`` [BLOCK_N, SUB_K // CPW] (per packing unit, reduced once after the loop) and
+    ``acc_m`` [BLOCK_N] (the mins' term) plus ``W[rows, k0:k0+SUB_K] . a[k0:k0+SUB_K]``.
+
+    The codes stay in their packing units as a [BLOCK_N, units, CPW] tensor and the activations are
+    loaded in the same [units, CPW] order, so no weight tile changes layout (the ``tl.dot`` path's
+    reshape and operand shuffles of the whole tile through shared memory are what held low-bit
+    decode to ~10% of the copy bandwidth); the product is CUDA-core FMAs. A group format's
+    sub-block is one group: ``s * (codes . a) + m * sum(a)``, as in :func:`_accumulate`."""
+    units = _unit_tile(w_ptr, w_base, rows, row_ok, k0, ROW, KP, BITS, CPW, SUB_K)
+    k = k0 + tl.arange(0, SUB_K // CPW)[:, None] * CPW + tl.arange(0, CPW)[None, :]
+    a = tl.load(a_ptr + k, mask=k < a_cols, other=0.0).to(tl.float32)
+    j = tl.arange(0, CPW)[None, None, :]
+    part = tl.sum(_code_values(units[:, :, None], j, BITS) * a[None, :, :], axis=2)
+    if BITS >= 8:
+        acc = acc + part
+    else:
+        g = k0 // SUB_K + rows * 0
+        smask = row_ok & (g < GROUPS)
+        s = tl.load(s_ptr + s_base + rows * GROUPS + g, mask=smask, other=0).to(tl.float32)
+        m = tl.load(s_ptr + m_base + rows * GROUPS + g, mask=smask, other=0).to(tl.float32)
+        acc = acc + s[:, None] * part
+        acc_m = acc_m + m * tl.sum(tl.sum(a, axis=1), axis=0)
+    return acc, acc_m
 
 
 @triton.jit
@@ -132,48 +186,94 @@ def _gate_up_kernel(w_ptr, s_ptr, offsets_ptr, combine_ptr, x_ptr, h_ptr, T, E,
                     GATE_W: tl.constexpr, GATE_S: tl.constexpr, GATE_M: tl.constexpr,
                     UP_W: tl.constexpr, UP_S: tl.constexpr, UP_M: tl.constexpr,
                     ROW: tl.constexpr, KP: tl.constexpr, GROUPS: tl.constexpr, BITS: tl.constexpr,
-                    CPW: tl.constexpr, F32_DOT: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
-                    SUB_K: tl.constexpr, SUBS: tl.constexpr):
+                    CPW: tl.constexpr, F32_DOT: tl.constexpr, GEMV: tl.constexpr, BLOCK_T: tl.constexpr,
+                    BLOCK_N: tl.constexpr, SUB_K: tl.constexpr, SUBS: tl.constexpr):
     e = tl.program_id(0)
     rows = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < I
     w_slot, s_slot, t, c, active = _expert_slot(offsets_ptr, combine_ptr, e, T, E, W_BYTES, BLOCK_T)
     t_ok = t < T
-    acc_g = tl.zeros((BLOCK_N, BLOCK_T), dtype=tl.float32)
-    acc_u = tl.zeros((BLOCK_N, BLOCK_T), dtype=tl.float32)
-    for k0 in range(0, tl.where(active, KP, 0), SUB_K * SUBS):
-        for sub in tl.static_range(SUBS):  # several groups per step: more bytes in flight per block
-            k = k0 + sub * SUB_K
-            acc_g = _accumulate(acc_g, w_ptr, s_ptr, w_slot + GATE_W, s_slot + GATE_S, s_slot + GATE_M, rows,
-                                row_ok, k, x_ptr, H, H, t, t_ok, ROW, KP, GROUPS, BITS, CPW, F32_DOT, BLOCK_N, SUB_K)
-            acc_u = _accumulate(acc_u, w_ptr, s_ptr, w_slot + UP_W, s_slot + UP_S, s_slot + UP_M, rows,
-                                row_ok, k, x_ptr, H, H, t, t_ok, ROW, KP, GROUPS, BITS, CPW, F32_DOT, BLOCK_N, SUB_K)
-    acc_g = acc_g * _row_scales(s_ptr, s_slot + GATE_S, rows, row_ok, BITS)[:, None]
-    acc_u = acc_u * _row_scales(s_ptr, s_slot + UP_S, rows, row_ok, BITS)[:, None]
-    h = acc_g * tl.sigmoid(acc_g) * acc_u * c[None, :]
+    gate_w, gate_s, gate_m = w_slot + GATE_W, s_slot + GATE_S, s_slot + GATE_M
+    up_w, up_s, up_m = w_slot + UP_W, s_slot + UP_S, s_slot + UP_M
+    if GEMV:  # one token: CUDA-core FMAs on the packed codes
+        acc_g = tl.zeros((BLOCK_N, SUB_K // CPW), dtype=tl.float32)
+        acc_u = tl.zeros((BLOCK_N, SUB_K // CPW), dtype=tl.float32)
+        m_g = tl.zeros((BLOCK_N,), dtype=tl.float32)
+        m_u = tl.zeros((BLOCK_N,), dtype=tl.float32)
+        for k0 in range(0, tl.where(active, KP, 0), SUB_K * SUBS):
+            for sub in tl.static_range(SUBS):  # several groups per step: more bytes in flight per block
+                k = k0 + sub * SUB_K
+                acc_g, m_g = _gemv_step(acc_g, m_g, w_ptr, s_ptr, gate_w, gate_s, gate_m, rows, row_ok, k,
+                                        x_ptr, H, ROW, KP, GROUPS, BITS, CPW, SUB_K)
+                acc_u, m_u = _gemv_step(acc_u, m_u, w_ptr, s_ptr, up_w, up_s, up_m, rows, row_ok, k,
+                                        x_ptr, H, ROW, KP, GROUPS, BITS, CPW, SUB_K)
+        out_g = (tl.sum(acc_g, axis=1) + m_g)[:, None]
+        out_u = (tl.sum(acc_u, axis=1) + m_u)[:, None]
+    else:  # several tokens: tensor cores
+        out_g = tl.zeros((BLOCK_N, BLOCK_T), dtype=tl.float32)
+        out_u = tl.zeros((BLOCK_N, BLOCK_T), dtype=tl.float32)
+        for k0 in range(0, tl.where(active, KP, 0), SUB_K * SUBS):
+            for sub in tl.static_range(SUBS):
+                k = k0 + sub * SUB_K
+                out_g = _accumulate(out_g, w_ptr, s_ptr, gate_w, gate_s, gate_m, rows, row_ok, k, x_ptr, H, H,
+                                    t, t_ok, ROW, KP, GROUPS, BITS, CPW, F32_DOT, BLOCK_N, SUB_K)
+                out_u = _accumulate(out_u, w_ptr, s_ptr, up_w, up_s, up_m, rows, row_ok, k, x_ptr, H, H,
+                                    t, t_ok, ROW, KP, GROUPS, BITS, CPW, F32_DOT, BLOCK_N, SUB_K)
+    out_g = out_g * _row_scales(s_ptr, gate_s, rows, row_ok, BITS)[:, None]
+    out_u = out_u * _row_scales(s_ptr, up_s, rows, row_ok, BITS)[:, None]
+    h = out_g * tl.sigmoid(out_g) * out_u * c[None, :]
     tl.store(h_ptr + (e * T + t[None, :]) * I + rows[:, None], h.to(tl.bfloat16), mask=row_ok[:, None] & t_ok[None, :])
 
 
 @triton.jit
-def _down_kernel(w_ptr, s_ptr, offsets_ptr, combine_ptr, h_ptr, partial_ptr, T, E,
+def _down_kernel(w_ptr, s_ptr, offsets_ptr, combine_ptr, h_ptr, partial_ptr, out_ptr, counters_ptr, T, E,
                  H: tl.constexpr, I: tl.constexpr, W_BYTES: tl.constexpr,
                  DOWN_W: tl.constexpr, DOWN_S: tl.constexpr, DOWN_M: tl.constexpr,
                  ROW: tl.constexpr, KP: tl.constexpr, GROUPS: tl.constexpr, BITS: tl.constexpr,
-                 CPW: tl.constexpr, F32_DOT: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
-                 SUB_K: tl.constexpr, SUBS: tl.constexpr):
+                 CPW: tl.constexpr, F32_DOT: tl.constexpr, GEMV: tl.constexpr, BLOCK_T: tl.constexpr,
+                 BLOCK_N: tl.constexpr, SUB_K: tl.constexpr, SUBS: tl.constexpr):
     e = tl.program_id(0)
     rows = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < H
     w_slot, s_slot, t, c, active = _expert_slot(offsets_ptr, combine_ptr, e, T, E, W_BYTES, BLOCK_T)
     t_ok = t < T
-    acc = tl.zeros((BLOCK_N, BLOCK_T), dtype=tl.float32)
-    for k0 in range(0, tl.where(active, KP, 0), SUB_K * SUBS):
-        for sub in tl.static_range(SUBS):
-            acc = _accumulate(acc, w_ptr, s_ptr, w_slot + DOWN_W, s_slot + DOWN_S, s_slot + DOWN_M, rows, row_ok,
-                              k0 + sub * SUB_K, h_ptr + e * T * I, I, I, t, t_ok, ROW, KP, GROUPS, BITS, CPW, F32_DOT,
-                              BLOCK_N, SUB_K)
-    acc = acc * _row_scales(s_ptr, s_slot + DOWN_S, rows, row_ok, BITS)[:, None]
-    tl.store(partial_ptr + (e * T + t[None, :]) * H + rows[:, None], acc, mask=row_ok[:, None] & t_ok[None, :])
+    down_w, down_s, down_m = w_slot + DOWN_W, s_slot + DOWN_S, s_slot + DOWN_M
+    if GEMV:
+        acc = tl.zeros((BLOCK_N, SUB_K // CPW), dtype=tl.float32)
+        acc_m = tl.zeros((BLOCK_N,), dtype=tl.float32)
+        for k0 in range(0, tl.where(active, KP, 0), SUB_K * SUBS):
+            for sub in tl.static_range(SUBS):
+                acc, acc_m = _gemv_step(acc, acc_m, w_ptr, s_ptr, down_w, down_s, down_m, rows, row_ok,
+                                        k0 + sub * SUB_K, h_ptr + e * T * I, I, ROW, KP, GROUPS, BITS, CPW, SUB_K)
+        out = (tl.sum(acc, axis=1) + acc_m)[:, None]
+    else:
+        out = tl.zeros((BLOCK_N, BLOCK_T), dtype=tl.float32)
+        for k0 in range(0, tl.where(active, KP, 0), SUB_K * SUBS):
+            for sub in tl.static_range(SUBS):
+                out = _accumulate(out, w_ptr, s_ptr, down_w, down_s, down_m, rows, row_ok, k0 + sub * SUB_K,
+                                  h_ptr + e * T * I, I, I, t, t_ok, ROW, KP, GROUPS, BITS, CPW, F32_DOT, BLOCK_N,
+                                  SUB_K)
+    out = out * _row_scales(s_ptr, down_s, rows, row_ok, BITS)[:, None]
+    mask = row_ok[:, None] & t_ok[None, :]
+    tl.store(partial_ptr + (e * T + t[None, :]) * H + rows[:, None], out, mask=mask)
+    _sum_experts(partial_ptr, out_ptr, counters_ptr + tl.program_id(1), rows, t, mask, T, E, H, BLOCK_N, BLOCK_T)
+
+
+@triton.jit
+def _sum_experts(partial_ptr, out_ptr, counter_ptr, rows, t, mask, T, E, H: tl.constexpr, BLOCK_N: tl.constexpr,
+                 BLOCK_T: tl.constexpr):
+    """The last of a row block's E programs to finish sums the E partials in expert order and writes
+    the result: one launch fewer than a separate sum, and still deterministic (the order of the sum
+    does not depend on which program comes last). The counter is left at zero for the next step."""
+    tl.debug_barrier()  # every thread's partial store happens before the release below
+    arrived = tl.atomic_add(counter_ptr, 1, sem="acq_rel")
+    if arrived == E - 1:
+        total = tl.zeros((BLOCK_N, BLOCK_T), dtype=tl.float32)
+        for e in range(E):
+            total += tl.load(partial_ptr + (e * T + t[None, :]) * H + rows[:, None], mask=mask, other=0.0,
+                             cache_modifier=".cg")  # from L2: this SM's L1 may hold stale lines
+        tl.store(out_ptr + t[None, :] * H + rows[:, None], total.to(out_ptr.dtype.element_ty), mask=mask)
+        tl.atomic_xchg(counter_ptr, 0)
 
 
 # ---- launching ---------------------------------------------------------------------------------
@@ -190,15 +290,26 @@ class LaunchConfig:
     num_stages: int = 3
 
 
-def choose_config(plan: KernelPlan, rows: int, experts: int, sms: int) -> LaunchConfig:
+def uses_gemv(plan: KernelPlan, tokens: int) -> bool:
+    """Whether a step of ``tokens`` runs the one-token CUDA-core path (packed formats at one token;
+    bf16 tiles go to the tensor cores without any reshuffle, and several tokens share each weight)."""
+    return tokens == 1 and plan.bits < 16
+
+
+def choose_config(plan: KernelPlan, rows: int, experts: int, sms: int, gemv: bool = False) -> LaunchConfig:
     """Tiles for ``experts`` x ``rows`` output rows: the widest row block that still gives every SM
-    at least two blocks (a decode step is bound by how many bytes are in flight, so parallelism
-    comes first)."""
-    block_n = 16
-    for candidate in (64, 32):
-        if experts * triton.cdiv(rows, candidate) >= 2 * sms:
+    enough blocks (two for the tensor-core path, four for the one-token path, whose blocks hold
+    fewer bytes in flight each): a decode step is bound by how many bytes are in flight, so
+    parallelism comes first."""
+    per_sm = 4 if gemv else 2
+    smallest = 8 if gemv else 16
+    block_n = smallest
+    for candidate in (64, 32, 16):
+        if candidate > smallest and experts * triton.cdiv(rows, candidate) >= per_sm * sms:
             block_n = candidate
             break
+    if gemv:
+        return LaunchConfig(block_n=min(block_n, 32), block_k=512 if plan.bits < 8 else 256)
     return LaunchConfig(block_n=block_n, block_k=128 if plan.bits == 16 else 256)
 
 
@@ -208,11 +319,10 @@ def _tiling(plan: KernelPlan, config: LaunchConfig) -> dict:
     return dict(SUB_K=config.block_k, SUBS=1)
 
 
-def _format_args(plan: KernelPlan, proj: Projection) -> dict:
+def _format_args(plan: KernelPlan, proj: Projection, interpreting: bool) -> dict:
     cpw = {8: 4, 4: 8, 3: 8, 2: 16}.get(plan.bits, 1)
     return dict(ROW=proj.row_elems, KP=proj.padded_cols, GROUPS=max(proj.padded_cols // max(plan.group_size, 1), 1),
-                BITS=plan.bits, CPW=cpw, W_BYTES=plan.payload_elem_bytes,
-                F32_DOT=os.environ.get("TRITON_INTERPRET") == "1")
+                BITS=plan.bits, CPW=cpw, W_BYTES=plan.payload_elem_bytes, F32_DOT=interpreting)
 
 
 @functools.lru_cache(maxsize=8)
@@ -226,16 +336,20 @@ def _sm_count(device: torch.device) -> int:
 class DecodeWorkspace:
     """Preallocated scratch of the decode step (so the hot path allocates nothing): ``hidden`` holds
     ``silu(gate x) * up x`` per (expert, token) in bf16, ``partial`` each expert's down projection
-    in float32. Both are flat; a step with E experts and T tokens uses their first E*T rows."""
+    in float32, ``counters`` one int32 per down row block (zero between steps; the down kernel's
+    last program per block resets it). Both buffers are flat; a step with E experts and T tokens
+    uses their first E*T rows. One workspace serves one stream at a time."""
 
     hidden: torch.Tensor
     partial: torch.Tensor
+    counters: torch.Tensor
 
     @classmethod
     def allocate(cls, plan: KernelPlan, max_experts: int, max_tokens: int, device) -> "DecodeWorkspace":
         rows = max_experts * max_tokens
         return cls(torch.empty(rows * plan.intermediate_size, dtype=torch.bfloat16, device=device),
-                   torch.empty(rows * plan.hidden_size, dtype=torch.float32, device=device))
+                   torch.empty(rows * plan.hidden_size, dtype=torch.float32, device=device),
+                   torch.zeros(plan.hidden_size, dtype=torch.int32, device=device))
 
     def views(self, plan: KernelPlan, experts: int, tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
         h, i, rows = plan.hidden_size, plan.intermediate_size, experts * tokens
@@ -244,35 +358,49 @@ class DecodeWorkspace:
         return self.hidden[:rows * i].view(experts, tokens, i), self.partial[:rows * h].view(experts, tokens, h)
 
 
+@functools.lru_cache(maxsize=256)
+def _launches(plan: KernelPlan, experts: int, tokens: int, sms: int, interpreting: bool,
+              gate_up_config: LaunchConfig | None, down_config: LaunchConfig | None) -> tuple:
+    """(grid, constexpr kwargs) of both kernels, computed once per step shape: the per-step host
+    work is then two dictionary merges, since at ~10 us of weights per step the Python around the
+    launches is a large part of a decode step."""
+    gemv = uses_gemv(plan, tokens)
+    common = dict(H=plan.hidden_size, I=plan.intermediate_size, GEMV=gemv, BLOCK_T=2 if gemv else TOKEN_BLOCK)
+
+    def kwargs(cfg, proj, **parts):
+        return dict(common, **parts, **_format_args(plan, proj, interpreting), BLOCK_N=cfg.block_n,
+                    **_tiling(plan, cfg), num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+
+    g, u, d = plan.gate, plan.up, plan.down
+    cfg = gate_up_config or choose_config(plan, plan.intermediate_size, experts, sms, gemv)
+    gate_up = ((experts, triton.cdiv(plan.intermediate_size, cfg.block_n)),
+               kwargs(cfg, g, GATE_W=g.weight, GATE_S=g.scales, GATE_M=g.mins, UP_W=u.weight, UP_S=u.scales,
+                      UP_M=u.mins))
+    cfg = down_config or choose_config(plan, plan.hidden_size, experts, sms, gemv)
+    down = ((experts, triton.cdiv(plan.hidden_size, cfg.block_n)),
+            kwargs(cfg, d, DOWN_W=d.weight, DOWN_S=d.scales, DOWN_M=d.mins))
+    return gate_up, down
+
+
 def launch_decode(pool: torch.Tensor, slot_offsets: torch.Tensor, plan: KernelPlan, x: torch.Tensor,
                   combine: torch.Tensor, workspace: DecodeWorkspace | None = None,
                   gate_up_config: LaunchConfig | None = None,
                   down_config: LaunchConfig | None = None) -> torch.Tensor:
-    """The Triton path of :func:`dymoe.quant.kernels.expert_decode` (same arguments and result)."""
+    """The Triton path of :func:`dymoe.quant.kernels.expert_decode` (same arguments and result):
+    two launches, the second of which also sums the experts into the result."""
     t, e = combine.shape
     if t > TOKEN_BLOCK:
         raise ValueError(f"the decode kernels take at most {TOKEN_BLOCK} tokens per launch, got {t}")
-    h_size, i_size = plan.hidden_size, plan.intermediate_size
-    payload, scales = pool.view(plan.payload_dtype), pool.view(torch.float16)
     x = x.contiguous()
     combine = combine.contiguous()
-    sms = _sm_count(pool.device)
     workspace = workspace or DecodeWorkspace.allocate(plan, e, t, x.device)
     hidden, partial = workspace.views(plan, e, t)
-
-    cfg = gate_up_config or choose_config(plan, i_size, e, sms)
-    gate, up = plan.gate, plan.up
-    _gate_up_kernel[(e, triton.cdiv(i_size, cfg.block_n))](
-        payload, scales, slot_offsets, combine, x, hidden, t, e, H=h_size, I=i_size,
-        GATE_W=gate.weight, GATE_S=gate.scales, GATE_M=gate.mins, UP_W=up.weight, UP_S=up.scales, UP_M=up.mins,
-        **_format_args(plan, gate), BLOCK_T=TOKEN_BLOCK, BLOCK_N=cfg.block_n, **_tiling(plan, cfg),
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-
-    cfg = down_config or choose_config(plan, h_size, e, sms)
-    down = plan.down
-    _down_kernel[(e, triton.cdiv(h_size, cfg.block_n))](
-        payload, scales, slot_offsets, combine, hidden, partial, t, e, H=h_size, I=i_size,
-        DOWN_W=down.weight, DOWN_S=down.scales, DOWN_M=down.mins,
-        **_format_args(plan, down), BLOCK_T=TOKEN_BLOCK, BLOCK_N=cfg.block_n, **_tiling(plan, cfg),
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-    return partial.sum(0).to(x.dtype)
+    (grid_gu, kw_gu), (grid_d, kw_d) = _launches(plan, e, t, _sm_count(pool.device),
+                                                 os.environ.get("TRITON_INTERPRET") == "1",
+                                                 gate_up_config, down_config)
+    payload, scales = pool.view(plan.payload_dtype), pool.view(torch.float16)
+    out = torch.empty_like(x)
+    _gate_up_kernel[grid_gu](payload, scales, slot_offsets, combine, x, hidden, t, e, **kw_gu)
+    _down_kernel[grid_d](payload, scales, slot_offsets, combine, hidden, partial, out, workspace.counters, t, e,
+                         **kw_d)
+    return out
