@@ -44,7 +44,7 @@ bench mixtral-8x7b-4l --model synthetic:mixtral-8x7b --layers 4 --gen-len "$MIXT
 if "$PYTHON" -c "import accelerate, transformers" 2>/dev/null; then
   echo "== transformers + accelerate CPU offload ($(date -u +%FT%TZ))"
   timeout $((560 - (SECONDS - started))) "$PYTHON" benchmarks/accelerate_offload.py --out "$OUT" \
-    --layers 8 --budgets 25,50 --prompt-len 32,512 --gen-len 8 | tee "$OUT/accelerate.txt" \
+    --layers 8 --budgets 25,50 --prompt-len "$PROMPTS" --gen-len 8 | tee "$OUT/accelerate.txt" \
     || echo "accelerate baseline did not finish (status $?)"
 else
   echo "accelerate or transformers not installed: no peer baseline"
