@@ -131,10 +131,14 @@ class ShallowFavouringPolicy:
     Layer l's share of the c slots is ``c * w_l / sum(w)``. ``layers`` is the MoE layers' indices (or
     their number, for 0..n-1); without it, the layers seen so far in ascending order. ``weights``
     (one per layer, shallowest first) default to :func:`linear_weights` with ``ratio``. The victim
-    comes from the layer most over its share, counting ``incoming`` in its layer, so a layer only
-    grows past its share by taking from itself; within that layer ``within()`` (one instance per
+    comes from the layer most over its share (ties: the deeper layer), so every layer's count stays
+    within a slot of its share while all layers ask; within that layer ``within()`` (one instance per
     layer, LRU by default) chooses, and a policy with a ``capacity`` attribute (ARC) gets its layer's
-    share as capacity. Cost per victim: a sort of the layers, plus the layer policy's own.
+    share as capacity. The layer is chosen from the copies resident before ``incoming`` arrives:
+    counting the arrival in its layer forces a layer at its share to evict its own other unpinned
+    experts, which cost 2 points of hit rate on the demo trace at a quarter budget (37.3% vs 39.4%),
+    and it keeps the choice the same whether or not the caller names ``incoming``.
+    Cost per victim: a sort of the layers, plus the layer policy's own.
     """
 
     def __init__(self, layers: int | Sequence[int] | None = None, weights: Sequence[float] | None = None,
@@ -175,7 +179,7 @@ class ShallowFavouringPolicy:
             self._layer(incoming[0])
         shares = self._current_shares()
         arriving = incoming[0] if incoming is not None else None
-        over = {l: n + (l == arriving) - shares.get(l, 0.0) for l, n in self.counts.items() if n}
+        over = {l: n - shares.get(l, 0.0) for l, n in self.counts.items() if n}
         for layer in sorted(over, key=lambda l: (-over[l], -l)):  # ties: the deeper layer gives
             try:
                 return self.inner[layer].victim(candidates, incoming if layer == arriving else None)

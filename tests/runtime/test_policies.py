@@ -205,8 +205,8 @@ def test_shallow_favouring_rejects_bad_configuration():
 
 @pytest.mark.parametrize("seed", range(8))
 def test_victim_comes_from_the_layer_most_over_its_share(seed):
-    """Every eviction takes from a layer whose excess over its share (counting the incoming copy in
-    its layer) is the largest among layers that have an unpinned copy; pinned copies never leave."""
+    """Every eviction takes from a layer whose excess over its share (before the incoming copy
+    arrives) is the largest among layers that have an unpinned copy; pinned copies never leave."""
     rng = random.Random(seed)
     layers, slots = 4, rng.randrange(8, 40)
     weights = [rng.uniform(0.5, 3.0) for _ in range(layers)]
@@ -223,7 +223,7 @@ def test_victim_comes_from_the_layer_most_over_its_share(seed):
         _, evicted = cache.insert(key, "bf16")
         if evicted:
             share = {l: slots * w / sum(weights) for l, w in enumerate(weights)}
-            over = {l: counts[l] + (l == key[0]) - share[l] for l in range(layers)}
+            over = {l: counts[l] - share[l] for l in range(layers)}
             open_layers = {k[0] for k in cache.resident() if k not in pinned and k != key} | {evicted[0][0]}
             assert evicted[0] not in pinned
             assert over[evicted[0][0]] == pytest.approx(max(over[l] for l in open_layers))
@@ -231,23 +231,22 @@ def test_victim_comes_from_the_layer_most_over_its_share(seed):
             cache.unpin(k)
 
 
-def test_no_layer_stays_over_its_share_while_all_layers_ask():
-    """Uniform demand on every layer: once the cache is full the largest excess never grows, and it
-    falls below one slot, so each layer then holds at most its share rounded up."""
+def test_layers_converge_to_their_shares_while_all_layers_ask():
+    """Uniform demand on every layer after a fill that favours the deep layers (the worst start for a
+    shallow-favouring split): the evictions rebalance it, and from then on every layer holds its
+    share to within a slot below and less than two above (one arrival past a full share)."""
     rng = random.Random(3)
     layers, slots = 6, 48
-    policy = FatePolicy(layers)
-    cache = make_cache(policy, slots)
-    for e in range(slots):  # fill deep layers first: the worst start for a shallow-favouring split
+    cache = make_cache(FatePolicy(layers), slots)
+    for e in range(slots):
         request(cache, (layers - 1 - e // 8, e % 8))
-    shares = dict(zip(range(layers), (slots * w / sum(linear_weights(layers)) for w in linear_weights(layers))))
-    worst = []
-    for _ in range(3000):
+    weights = linear_weights(layers)
+    shares = [slots * w / sum(weights) for w in weights]
+    for step in range(3000):
         request(cache, (rng.randrange(layers), rng.randrange(32)))
-        counts = {l: sum(1 for k in cache.resident() if k[0] == l) for l in range(layers)}
-        worst.append(max(counts[l] - shares[l] for l in range(layers)))
-    assert all(b <= a + 1e-9 for a, b in zip(worst, worst[1:]))
-    assert worst[-1] < 1
+        if step >= 100:
+            counts = [sum(1 for k in cache.resident() if k[0] == l) for l in range(layers)]
+            assert all(s - 1 < n < s + 2 for n, s in zip(counts, shares)), (step, counts)
 
 
 # -- on the demo model -------------------------------------------------------------------------------
