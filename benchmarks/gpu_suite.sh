@@ -43,7 +43,8 @@ bench mixtral-8x7b-4l --model synthetic:mixtral-8x7b --layers 4 --gen-len "$MIXT
 # peer baseline: transformers + accelerate offloading (device_map / max_memory), same shape and budgets
 if "$PYTHON" -c "import accelerate, transformers" 2>/dev/null; then
   echo "== transformers + accelerate CPU offload ($(date -u +%FT%TZ))"
-  timeout $((560 - (SECONDS - started))) "$PYTHON" benchmarks/accelerate_offload.py --out "$OUT" \
+  left=$((570 - (SECONDS - started))); [ "$left" -gt 30 ] || left=30
+  timeout "$left" "$PYTHON" benchmarks/accelerate_offload.py --out "$OUT" \
     --layers 8 --budgets 25,50 --prompt-len "$PROMPTS" --gen-len 8 | tee "$OUT/accelerate.txt" \
     || echo "accelerate baseline did not finish (status $?)"
 else
