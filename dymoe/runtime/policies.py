@@ -148,7 +148,8 @@ class ShallowFavouringPolicy:
 
             within = LRUPolicy
         self._learn_layers = layers is None
-        self.layers: list[int] = [] if layers is None else list(range(layers)) if isinstance(layers, int) else sorted(layers)
+        numbered = list(range(layers)) if isinstance(layers, int) else layers
+        self.layers: list[int] = sorted(numbered) if numbered is not None else []
         if weights is not None and not self._learn_layers and len(weights) != len(self.layers):
             raise ValueError(f"{len(weights)} shallow-favouring weights for {len(self.layers)} layers")
         self._weights, self._ratio, self._within = weights, ratio, within
