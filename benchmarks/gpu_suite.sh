@@ -8,7 +8,7 @@
 # first, the others teacher-forced with its tokens); then the replay of the recorded Qwen3 trace
 # through the simulator (oracle / Belady hit rate and the floor per link), and the transformers +
 # accelerate CPU-offload baseline for the Qwen3 shape. Tables go to stdout and $OUT/*.txt, full
-# reports to $OUT/*.json. Knobs (environment): GEN_LEN (128), MIXTRAL_GEN_LEN (64: a Mixtral expert
+# reports to $OUT/*.json. Knobs (environment): POLICIES, GEN_LEN (128), MIXTRAL_GEN_LEN (64: a Mixtral expert
 # is 336 MiB, so on-demand decode moves ~2.6 GiB a token), PROMPTS (32,512,2048), PYTHON.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -17,7 +17,7 @@ PYTHON=${PYTHON:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo pyt
 GEN_LEN=${GEN_LEN:-128}
 MIXTRAL_GEN_LEN=${MIXTRAL_GEN_LEN:-64}
 PROMPTS=${PROMPTS:-32,512,2048}
-POLICIES=resident,on-demand,on-demand-prefetch,lru,lru-prefetch,static-int4
+POLICIES=${POLICIES:-resident,on-demand,on-demand-prefetch,lru,lru-prefetch,static-int4,dymoe}
 mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,memory.total,driver_version,pcie.link.gen.max,pcie.link.width.max --format=csv \
   | tee "$OUT/gpu.txt" || true

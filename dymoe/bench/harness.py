@@ -123,7 +123,8 @@ def load_synthetic(shape: str, config: BenchConfig, device, dtype, context_len: 
     model = build_dense(model_config, device, dtype, seed=config.seed, context_len=context_len)
     experts = {l: build_expert_layer(model_config, l, device, torch.bfloat16, seed=config.seed)
                for l in model_config.moe_layers}
-    precisions = sorted({"bf16", *(PRESETS[p]["precision"] for p in config.offloading)}, key=_precision_order)
+    needed = {q for p in config.offloading for q in OffloadConfig(budget_bytes=0, **PRESETS[p]).precisions}
+    precisions = sorted({"bf16", *needed}, key=_precision_order)
     store = MemoryStore.from_experts(experts, precisions=precisions, group_size=config.group_size,
                                      pin=device.type == "cuda")
     resident = ResidentExperts({l: (a.to(dtype), b.to(dtype)) for l, (a, b) in experts.items()})
