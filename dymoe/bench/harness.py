@@ -75,7 +75,8 @@ class BenchConfig:
         if not self.prompt_lens or min(self.prompt_lens) < 1:
             raise InputError(f"--prompt-len needs positive lengths, got {self.prompt_lens}")
         if self.gen_len < 2:
-            raise InputError(f"--gen-len must be at least 2 (one prefill token and one decode step), got {self.gen_len}")
+            raise InputError(f"--gen-len must be at least 2 (the prefill's token and one decode step), "
+                             f"got {self.gen_len}")
         if not self.budgets and any(p != REFERENCE for p in self.policies):
             raise InputError("--device-memory: give at least one budget for the offloading presets")
 
@@ -202,7 +203,8 @@ def make_prompts(config: BenchConfig, model: BenchModel) -> dict[int, torch.Tens
             raise InputError("--text needs a checkpoint folder with a tokenizer; synthetic models take random ids")
         ids = model.tokenizer.encode(Path(config.text).read_text(encoding="utf-8"))
         if len(ids) < max(config.prompt_lens):
-            raise InputError(f"--text {config.text} has {len(ids)} tokens; --prompt-len asks for {max(config.prompt_lens)}")
+            raise InputError(f"--text {config.text} has {len(ids)} tokens; --prompt-len asks for "
+                             f"{max(config.prompt_lens)}")
         return {n: torch.tensor(ids[:n], device=device) for n in sorted(config.prompt_lens)}
     generator = torch.Generator().manual_seed(config.seed)
     vocab = model.model.config.vocab_size

@@ -39,7 +39,8 @@ def register(subparsers) -> None:
     parser.add_argument("--device-memory", metavar="SIZE[,SIZE]", default="25%",
                         help="device memory for expert slots, one or more comma-separated: sizes (6GiB) or shares "
                              "of all experts' bf16 bytes (25%%; default)")
-    parser.add_argument("--prompt-len", default="32,512,2048", help="comma-separated prompt lengths (default: 32,512,2048)")
+    parser.add_argument("--prompt-len", default="32,512,2048",
+                        help="comma-separated prompt lengths (default: 32,512,2048)")
     parser.add_argument("--gen-len", type=int, default=128, help="tokens generated per prompt (default: 128)")
     parser.add_argument("--layers", type=int, default=None, help="synthetic models: keep the first N layers")
     parser.add_argument("--tiny", action="store_true", help="synthetic models: toy widths (a CPU smoke run)")
