@@ -77,6 +77,38 @@ def bench(fn) -> float:
     return triton.testing.do_bench(fn, warmup=10, rep=50, return_mode="median")
 
 
+def bench_graph(fn) -> float:
+    """Median milliseconds of ``fn`` replayed from a CUDA graph: the GPU time without the Python and
+    launch overhead of eager calls (what the step costs once the runtime captures it)."""
+    fn()
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return bench(graph.replay)
+
+
+def launch_floor(device) -> dict:
+    """Eager time of an empty Triton launch (the host floor of one kernel launch) and of two (our
+    step), and of one empty launch replayed from a graph."""
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def empty(x_ptr):
+        pass
+
+    x = torch.empty(1, device=device)
+    one = bench(lambda: empty[(1,)](x))
+    two = bench(lambda: (empty[(1,)](x), empty[(1,)](x)))
+    return {"empty_launch_us": one * 1e3, "two_launches_us": two * 1e3,
+            "empty_graph_us": bench_graph(lambda: empty[(1,)](x)) * 1e3}
+
+
 # ---- 1. correctness ----------------------------------------------------------------------------
 
 
@@ -156,12 +188,17 @@ def bandwidth(device, copy_gbps: float) -> list[dict]:
         for precision, group in FORMATS:
             try:
                 layout, pool, _, offsets, combine, x, ws, k = decode_case(model, precision, group, device)
-                ms = bench(lambda: expert_decode(pool, offsets, layout, x, combine, backend="triton", workspace=ws))
-                gbps = k * stored_bytes(layout) / ms / 1e6
-                rows.append({"model": model, "format": fmt_name(precision, group), "ms": ms, "GBps": gbps,
-                             "fraction_of_copy": gbps / copy_gbps})
-                print(f"bandwidth {model:17s} {fmt_name(precision, group):9s} {ms * 1e3:8.1f} us "
-                      f"{gbps:7.0f} GB/s ({gbps / copy_gbps:.0%} of copy)", flush=True)
+                step = lambda: expert_decode(pool, offsets, layout, x, combine, backend="triton", workspace=ws)  # noqa: E731
+                ms, graph_ms = bench(step), bench_graph(step)
+                nbytes = k * stored_bytes(layout)
+                gbps, graph_gbps = nbytes / ms / 1e6, nbytes / graph_ms / 1e6
+                rows.append({"model": model, "format": fmt_name(precision, group), "bytes": nbytes, "ms": ms,
+                             "graph_ms": graph_ms, "floor_us": nbytes / copy_gbps / 1e3, "GBps": gbps,
+                             "fraction_of_copy": gbps / copy_gbps, "graph_GBps": graph_gbps,
+                             "graph_fraction_of_copy": graph_gbps / copy_gbps})
+                print(f"bandwidth {model:17s} {fmt_name(precision, group):9s} floor {nbytes / copy_gbps / 1e3:6.1f} us"
+                      f" eager {ms * 1e3:7.1f} us ({gbps / copy_gbps:.0%}) graph {graph_ms * 1e3:7.1f} us "
+                      f"({graph_gbps / copy_gbps:.0%} of copy)", flush=True)
             except Exception as exc:
                 rows.append({"model": model, "format": fmt_name(precision, group), "error": repr(exc)})
                 print(f"bandwidth {model} {fmt_name(precision, group)}: {exc!r}", flush=True)
@@ -219,7 +256,7 @@ def int4pack_step(hidden: int, inter: int, k: int, group: int, device):
         return None, f"{type(exc).__name__}: {exc}"
 
 
-def layer_step(device) -> list[dict]:
+def layer_step(device, copy_gbps: float) -> list[dict]:
     model = "qwen3-30b-a3b"
     hidden, inter, k = MODELS[model]
     rows = []
@@ -230,9 +267,11 @@ def layer_step(device) -> list[dict]:
             ids = torch.stack([torch.randperm(table.numel(), generator=g)[:k]]).to(device)
             weights = torch.softmax(torch.randn(1, k, generator=g), dim=-1).to(device)
             offsets, combine = decode_routing(table, ids, weights)
-            triton_ms = bench(lambda: expert_decode(pool, offsets, layout, x, combine, backend="triton", workspace=ws))
+            step = lambda: expert_decode(pool, offsets, layout, x, combine, backend="triton", workspace=ws)  # noqa: E731
+            triton_ms, graph_ms = bench(step), bench_graph(step)
             torch_ms = bench(torch_step(layout, pool, table, ids, weights, x))
             row = {"model": model, "format": fmt_name(precision, group), "triton_us": triton_ms * 1e3,
+                   "graph_us": graph_ms * 1e3, "floor_us": k * stored_bytes(layout) / copy_gbps / 1e3,
                    "torch_us": torch_ms * 1e3, "speedup": torch_ms / triton_ms}
             if precision == "int4":
                 step, why = int4pack_step(hidden, inter, k, group, device)
@@ -240,6 +279,7 @@ def layer_step(device) -> list[dict]:
                 row["int4pack_note"] = why
             rows.append(row)
             print(f"layer step {fmt_name(precision, group):9s} triton {row['triton_us']:8.1f} us  "
+                  f"graph {row['graph_us']:7.1f} us  "
                   f"torch {row['torch_us']:9.1f} us  int4pack {row.get('int4pack_us')}", flush=True)
         except Exception as exc:
             rows.append({"format": fmt_name(precision, group), "error": repr(exc),
@@ -252,33 +292,36 @@ def layer_step(device) -> list[dict]:
 
 
 def sweep(device, deadline: float) -> list[dict]:
-    """Time a few tile configurations for the decode step (1 token) of two shapes."""
+    """Time tile configurations (same for both kernels, replayed from a CUDA graph) for the decode
+    step (1 token) of two shapes, to tune ``choose_config``."""
     from dymoe.quant.kernels.triton_experts import LaunchConfig, launch_decode
 
     rows = []
-    configs = [LaunchConfig(bn, bk, w, s) for bn in (16, 32, 64) for bk in (128, 256, 512) for w in (4,)
-               for s in (3, 4)]
+    configs = [LaunchConfig(bn, bk, w, 3) for bn, bk, w in
+               ((8, 128, 1), (16, 128, 1), (16, 256, 1), (32, 128, 1), (32, 256, 1), (16, 256, 2), (32, 256, 4),
+                (64, 256, 4))]
     for model in ("qwen3-30b-a3b", "mixtral-8x7b"):
-        for precision, group in (("bf16", 0), ("int8", 0), ("int4", 128), ("int2", 64)):
+        for precision, group in (("int8", 0), ("int4", 128), ("int4", 64), ("int2", 64)):
             layout, pool, _, offsets, combine, x, ws, k = decode_case(model, precision, group, device)
             plan = kernel_plan(layout)
+            default = bench_graph(lambda: launch_decode(pool, offsets, plan, x, combine, ws))
             best = None
             for cfg in configs:
                 if time.time() > deadline:
                     break
                 try:
-                    ms = bench(lambda: launch_decode(pool, offsets, plan, x, combine, ws, cfg, cfg))
+                    ms = bench_graph(lambda: launch_decode(pool, offsets, plan, x, combine, ws, cfg, cfg))
                 except Exception as exc:
                     rows.append({"model": model, "format": fmt_name(precision, group), "config": repr(cfg),
-                                 "error": repr(exc)})
+                                 "error": repr(exc)[:300]})
                     continue
-                gbps = k * stored_bytes(layout) / ms / 1e6
                 rows.append({"model": model, "format": fmt_name(precision, group), "config": cfg.__dict__,
-                             "us": ms * 1e3, "GBps": gbps})
+                             "us": ms * 1e3, "GBps": k * stored_bytes(layout) / ms / 1e6})
                 best = min(best or (ms, cfg), (ms, cfg), key=lambda r: r[0])
             if best:
-                print(f"sweep {model:17s} {fmt_name(precision, group):9s} best {best[0] * 1e3:.1f} us {best[1]}",
-                      flush=True)
+                c = best[1]
+                print(f"sweep {model:17s} {fmt_name(precision, group):9s} default {default * 1e3:6.1f} us, best "
+                      f"{best[0] * 1e3:6.1f} us at n{c.block_n} k{c.block_k} w{c.num_warps}", flush=True)
     return rows
 
 
@@ -286,27 +329,30 @@ def sweep(device, deadline: float) -> list[dict]:
 
 
 def table(result: dict) -> str:
-    copy = result["copy_GBps"]
-    lines = [f"device: {result['env']['device']}   d2d copy: {copy:.0f} GB/s",
+    copy, floor = result["copy_GBps"], result["launch_floor"]
+    lines = [f"device: {result['env']['device']}   d2d copy: {copy:.0f} GB/s   empty Triton launch: "
+             f"{floor['empty_launch_us']:.1f} us eager (two: {floor['two_launches_us']:.1f} us), "
+             f"{floor['empty_graph_us']:.1f} us from a graph",
              f"correctness: {result['checks_ok']}/{result['checks_run']} ok (rel err < {MAX_REL_ERR}, "
              f"max {result['max_rel_err']:.2e}), {result['checks_skipped']} skipped",
              "",
-             f"{'model':17s} " + " ".join(f"{fmt_name(p, g):>9s}" for p, g in FORMATS) + "   (decode GB/s, % of copy)"]
+             "decode step, 1 token, top-k experts: % of copy bandwidth, eager / CUDA graph",
+             f"{'model':17s} " + " ".join(f"{fmt_name(p, g):>9s}" for p, g in FORMATS)]
     for model in MODELS:
         cells = []
         for p, g in FORMATS:
             r = next((r for r in result["bandwidth"] if r.get("model") == model and r["format"] == fmt_name(p, g)), {})
-            cells.append(f"{r['GBps']:5.0f} {r['fraction_of_copy']:3.0%}" if "GBps" in r else f"{'err':>9s}")
+            cells.append(f"{r['fraction_of_copy']:.0%}/{r['graph_fraction_of_copy']:.0%}" if "GBps" in r else "err")
         lines.append(f"{model:17s} " + " ".join(f"{c:>9s}" for c in cells))
-    lines += ["", "one layer step, Qwen3-30B-A3B shape, 8 experts, 1 token (us):",
-              f"{'format':9s} {'triton':>9s} {'torch':>10s} {'speedup':>8s} {'int4pack':>9s}"]
+    lines += ["", "one layer step, Qwen3-30B-A3B shape, 8 experts, 1 token (us; floor = bytes / copy bandwidth):",
+              f"{'format':9s} {'floor':>6s} {'graph':>7s} {'triton':>7s} {'torch':>9s} {'speedup':>8s} {'int4pack':>9s}"]
     for r in result["layer_step"]:
         if "error" in r:
             lines.append(f"{r['format']:9s} error: {r['error'][:80]}")
             continue
         i4 = r.get("int4pack_us")
-        lines.append(f"{r['format']:9s} {r['triton_us']:9.1f} {r['torch_us']:10.1f} {r['speedup']:7.1f}x "
-                     f"{(f'{i4:9.1f}' if i4 else '-'):>9s}")
+        lines.append(f"{r['format']:9s} {r['floor_us']:6.1f} {r['graph_us']:7.1f} {r['triton_us']:7.1f} "
+                     f"{r['torch_us']:9.1f} {r['speedup']:7.1f}x {(f'{i4:9.1f}' if i4 else '-'):>9s}")
     return "\n".join(lines)
 
 
@@ -330,13 +376,14 @@ def main(argv=None) -> int:
     t_checks = time.time() - start
     copy_gbps = copy_bandwidth(device)
     bw = bandwidth(device, copy_gbps)
-    steps = layer_step(device)
+    steps = layer_step(device, copy_gbps)
+    floor = launch_floor(device)
     swept = sweep(device, start + args.budget_s) if args.sweep else []
     run = [c for c in checks if "skipped" not in c]
     result = {"env": env, "copy_GBps": copy_gbps, "checks": checks, "checks_run": len(run),
               "checks_ok": sum(bool(c.get("ok")) for c in run), "checks_skipped": len(checks) - len(run),
               "max_rel_err": max((c.get("rel_err", 0.0) for c in run), default=0.0),
-              "bandwidth": bw, "layer_step": steps, "sweep": swept,
+              "bandwidth": bw, "layer_step": steps, "launch_floor": floor, "sweep": swept,
               "seconds": {"checks": t_checks, "total": time.time() - start}}
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "kernels.json").write_text(json.dumps(result, indent=1, default=str))

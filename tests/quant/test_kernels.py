@@ -102,16 +102,18 @@ from dymoe.quant.formats import parse_format
 from dymoe.quant.kernels import decode_routing, expert_decode
 from dymoe.quant.kernels.reference import random_pool
 results = {}
-for precision, group in FORMATS:
+for tokens in (1, 3):  # 1: the one-token CUDA-core path; 3: the tensor-core path
+  for precision, group in FORMATS:
     layout = blob_layout(parse_format(precision, group), 160, 48)
     pool, table = random_pool(layout, 5, seed=3, spare_bytes=256)
     g = torch.Generator().manual_seed(4)
-    ids = torch.stack([torch.randperm(5, generator=g)[:2] for _ in range(3)])
-    offsets, combine = decode_routing(table, ids, torch.rand(3, 2, generator=g))
-    x = torch.randn(3, 160, generator=g).bfloat16()
+    ids = torch.stack([torch.randperm(5, generator=g)[:2] for _ in range(tokens)])
+    offsets, combine = decode_routing(table, ids, torch.rand(tokens, 2, generator=g))
+    x = torch.randn(tokens, 160, generator=g).bfloat16()
     ref = expert_decode(pool, offsets, layout, x.float(), combine, backend="torch")
     out = expert_decode(pool, offsets, layout, x, combine, backend="triton")
-    results[f"{precision}/{group}"] = [((out.float() - ref).norm() / ref.norm()).item(), bool(out.isfinite().all())]
+    results[f"{precision}/{group}/T{tokens}"] = [((out.float() - ref).norm() / ref.norm()).item(),
+                                                 bool(out.isfinite().all())]
 print(json.dumps(results))
 """
 
@@ -123,6 +125,6 @@ def test_triton_kernels_under_the_interpreter():
     done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     results = json.loads(done.stdout.strip().splitlines()[-1])
-    assert set(results) == {f"{p}/{g}" for p, g in FORMATS}
+    assert set(results) == {f"{p}/{g}/T{t}" for p, g in FORMATS for t in (1, 3)}
     for name, (rel_err, finite) in results.items():
         assert finite and rel_err < 1e-2, (name, rel_err)

@@ -72,20 +72,24 @@ def _code_tile(w_ptr, w_base, rows, row_ok, k0, ROW: tl.constexpr, KP: tl.conste
 
 
 @triton.jit
-def _code_values(units, j, BITS: tl.constexpr):
-    """Code ``j`` of each packing unit as an exact float32 (int8 signed, the others unsigned).
+def _code_value(units, j: tl.constexpr, BITS: tl.constexpr):
+    """Code ``j`` of each packing unit (uint32; int8's bytes XOR-ed with 0x80) as an exact float32,
+    int8 signed and the others unsigned, in three instructions per code and no int-to-float
+    conversion (a quarter-rate instruction on sm_90 that would bound the step by arithmetic):
 
-    Without an int-to-float conversion, which runs at a quarter of the FMA rate on sm_90 and would
-    bound the step by arithmetic rather than bytes: the code is OR-ed into the mantissa of 2**23
-    (one LOP3) and 2**23 subtracted (one FADD); int8 is biased by 128 first."""
-    u = (units >> (j * BITS)) & ((1 << BITS) - 1)
+    a code at bits ``low .. low+BITS`` of a unit is OR-ed in place into the mantissa of
+    ``2**(23 - low)`` (one LOP3), which makes the float ``2**(23 - low) + code``; one FADD takes the
+    power of two (and int8's bias of 128) off, one FFMA uses it. A code must end below bit 23, so
+    codes past that are first shifted down (one shift per unit, shared by the codes above it)."""
+    PER: tl.constexpr = 23 // BITS  # codes per 23-bit mantissa
+    low: tl.constexpr = (j % PER) * BITS
+    piece = units >> ((j // PER) * PER * BITS)
+    magic: tl.constexpr = (150 - low) << 23  # the float 2**(23 - low)
+    f = ((piece & (((1 << BITS) - 1) << low)) | magic).to(tl.float32, bitcast=True)
     if BITS == 8:
-        u = u ^ 0x80
-    f = (u | 0x4B000000).to(tl.float32, bitcast=True)
-    if BITS == 8:
-        v = f - 8388736.0  # 2**23 + 128
+        v = f - ((1 << (23 - low)) + 128.0)
     else:
-        v = f - 8388608.0  # 2**23
+        v = f - (1 << (23 - low))
     return v
 
 
@@ -101,11 +105,16 @@ def _gemv_step(acc, acc_m, w_ptr, s_ptr, w_base, s_base, m_base, rows, row_ok, k
     reshape and operand shuffles of the whole tile through shared memory are what held low-bit
     decode to ~10% of the copy bandwidth); the product is CUDA-core FMAs. A group format's
     sub-block is one group: ``s * (codes . a) + m * sum(a)``, as in :func:`_accumulate`."""
-    units = _unit_tile(w_ptr, w_base, rows, row_ok, k0, ROW, KP, BITS, CPW, SUB_K)
-    k = k0 + tl.arange(0, SUB_K // CPW)[:, None] * CPW + tl.arange(0, CPW)[None, :]
-    a = tl.load(a_ptr + k, mask=k < a_cols, other=0.0).to(tl.float32)
-    j = tl.arange(0, CPW)[None, None, :]
-    part = tl.sum(_code_values(units[:, :, None], j, BITS) * a[None, :, :], axis=2)
+    units = _unit_tile(w_ptr, w_base, rows, row_ok, k0, ROW, KP, BITS, CPW, SUB_K).to(tl.uint32, bitcast=True)
+    if BITS == 8:
+        units = units ^ 0x80808080  # signed bytes to codes biased by 128
+    k = k0 + tl.arange(0, SUB_K // CPW) * CPW  # each unit's first column
+    part = tl.zeros(units.shape, dtype=tl.float32)
+    asum = tl.zeros(k.shape, dtype=tl.float32)
+    for j in tl.static_range(CPW):
+        a = tl.load(a_ptr + k + j, mask=k + j < a_cols, other=0.0).to(tl.float32)
+        part += _code_value(units, j, BITS) * a[None, :]
+        asum += a
     if BITS >= 8:
         acc = acc + part
     else:
@@ -114,7 +123,7 @@ def _gemv_step(acc, acc_m, w_ptr, s_ptr, w_base, s_base, m_base, rows, row_ok, k
         s = tl.load(s_ptr + s_base + rows * GROUPS + g, mask=smask, other=0).to(tl.float32)
         m = tl.load(s_ptr + m_base + rows * GROUPS + g, mask=smask, other=0).to(tl.float32)
         acc = acc + s[:, None] * part
-        acc_m = acc_m + m * tl.sum(tl.sum(a, axis=1), axis=0)
+        acc_m = acc_m + m * tl.sum(asum, axis=0)
     return acc, acc_m
 
 
@@ -298,18 +307,18 @@ def uses_gemv(plan: KernelPlan, tokens: int) -> bool:
 
 def choose_config(plan: KernelPlan, rows: int, experts: int, sms: int, gemv: bool = False) -> LaunchConfig:
     """Tiles for ``experts`` x ``rows`` output rows: the widest row block that still gives every SM
-    enough blocks (two for the tensor-core path, four for the one-token path, whose blocks hold
-    fewer bytes in flight each): a decode step is bound by how many bytes are in flight, so
-    parallelism comes first."""
-    per_sm = 4 if gemv else 2
-    smallest = 8 if gemv else 16
-    block_n = smallest
+    two blocks (a decode step is bound by how many bytes are in flight, so parallelism comes first).
+    The one-token path runs one-warp blocks, so that each thread holds several rows and reuses
+    each activation it loads; its tile sizes keep every block's codes in registers at sm_90 (no
+    spills in the compiled code for 64 x 256 int4, 32 x 128 int2 and int8)."""
+    widest = 32 if gemv else 64
+    block_n = 8 if gemv else 16
     for candidate in (64, 32, 16):
-        if candidate > smallest and experts * triton.cdiv(rows, candidate) >= per_sm * sms:
+        if candidate <= widest and experts * triton.cdiv(rows, candidate) >= 2 * sms:
             block_n = candidate
             break
     if gemv:
-        return LaunchConfig(block_n=min(block_n, 32), block_k=512 if plan.bits < 8 else 256)
+        return LaunchConfig(block_n=block_n, block_k=2 * plan.group_size if plan.bits in (3, 4) else 128, num_warps=1)
     return LaunchConfig(block_n=block_n, block_k=128 if plan.bits == 16 else 256)
 
 
