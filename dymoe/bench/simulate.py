@@ -98,7 +98,7 @@ class _Replay:
         self.keep_across_layers, self.resident_first = keep_across_layers, resident_first
 
     def layer_step(self, layer: int, experts: list[int], one_token: bool) -> None:
-        if one_token and self.precision == "bf16":  # OffloadedExperts._decode_one
+        if one_token:  # OffloadedExperts._decode_one (every precision since the fused low-bit kernels)
             wave = self._start_wave(layer, experts)
             if len(wave) < len(experts):
                 raise BudgetError(f"layer {layer}: fewer free expert slots than one token's top-k")
@@ -127,7 +127,7 @@ class _Replay:
                 self.cache.pin(key)
                 self.metrics.hit(layer)
             else:
-                slot = self.cache.make_room(self.precision)
+                slot = self.cache.make_room(self.precision, incoming=key)
                 if slot is None:
                     break
                 self.cache.insert(key, self.precision, slot)

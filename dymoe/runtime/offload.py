@@ -46,7 +46,7 @@ class OffloadConfig:
 
     budget_bytes: int
     precision: str = "bf16"  # the (high) precision experts are fetched at
-    eviction: str = "lru"  # an ExpertCache policy name: "lru", "lfu", ...
+    eviction: str = "lru"  # an ExpertCache policy name: "lru", "lfu", "arc", "shallow", "fate"
     keep_across_layers: bool = True  # False: the on-demand preset (load, run, drop)
     measure_stalls: bool = True  # CUDA event pairs around each wait (no host sync; cheap)
     prefetch_depth: int = 0  # Fate's cross-layer gate: prefetch the next d MoE layers' experts (decode)

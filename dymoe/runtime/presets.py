@@ -13,6 +13,10 @@ static-int2     least recently used                    int2         yes
 lru-prefetch    lru + Fate's cross-layer gate prefetch bf16         yes
 on-demand-      load, run, drop; next layer prefetched bf16         no
 prefetch
+arc             adaptive replacement (recency+frequency) bf16         yes
+shallow         per-layer shares, shallow layers more  bf16         yes
+fate            shallow shares + ARC per layer         bf16         yes
+                + cross-layer gate prefetch
 dymoe           lru, two slot classes (bf16, int4)     per token:   yes
                 + look-ahead prefetch at int4          important
                                                        experts bf16,
@@ -49,6 +53,11 @@ PRESETS: dict[str, dict] = {
     "static-int2": dict(precision="int2", eviction="lru"),
     "lru-prefetch": dict(precision="bf16", eviction="lru", prefetch_depth=1),
     "on-demand-prefetch": dict(precision="bf16", eviction="lru", keep_across_layers=False, prefetch_depth=1),
+    "arc": dict(precision="bf16", eviction="arc"),
+    "shallow": dict(precision="bf16", eviction="shallow"),
+    # Fate (partial): shallow-favouring per-layer budget with ARC inside each layer, plus the
+    # cross-layer gate prefetch; its int4/int2 expert variants are not in this preset yet
+    "fate": dict(precision="bf16", eviction="fate", prefetch_depth=1),
     # DyMoE: per token, the experts holding half the router weight run at bf16, the rest at int4; the
     # first and last MoE layers are critical (bf16 only); look-ahead prefetch of the next layer at int4
     "dymoe": dict(precision="bf16", low_precision="int4", high_share=0.5, important_mass=0.5,
