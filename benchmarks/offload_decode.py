@@ -32,6 +32,7 @@ from pathlib import Path
 
 import torch
 
+from dymoe.bench.harness import pinned_h2d_bandwidth, sync
 from dymoe.bench.synthetic import build_dense, build_expert_layer, synthetic_config, tiny_config
 from dymoe.checkpoint.memory_store import MemoryStore
 from dymoe.runtime.offload import OffloadConfig, OffloadedExperts
@@ -56,28 +57,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--tiny", action="store_true", help="toy widths (CPU smoke test)")
     parser.add_argument("--seed", type=int, default=0)
     return parser.parse_args(argv)
-
-
-def sync(device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def h2d_bandwidth(device, nbytes: int = 1 << 28) -> float:
-    """Pinned host -> device copy bandwidth in bytes/s (median of 10)."""
-    if device.type != "cuda":
-        return float("nan")
-    src = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
-    dst = torch.empty(nbytes, dtype=torch.uint8, device=device)
-    times = []
-    for _ in range(12):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        dst.copy_(src, non_blocking=True)
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) / 1000)
-    return nbytes / statistics.median(times[2:])
 
 
 def build(args, device):
@@ -182,7 +161,7 @@ def main(argv=None) -> dict:
     env = {"python": platform.python_version(), "torch": torch.__version__, "device": str(device),
            "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor()}
     print(" ".join(f"{k} {v}" for k, v in env.items()), flush=True)
-    bandwidth = h2d_bandwidth(device)
+    bandwidth = pinned_h2d_bandwidth(device) or float("nan")
     config, model, experts, store, encode_s = build(args, device)
     bf16_bytes = store.nbytes("bf16")
     budget = int(args.budget * bf16_bytes)
