@@ -89,6 +89,8 @@ class OffloadedExperts:
         self.predictor: CrossLayerPredictor | None = None
         self._critical: set[int] = set()
         self.precision_uses: dict[str, int] = {p: 0 for p in config.precisions}  # expert runs per precision
+        if self.device.type == "cuda":
+            self._compile_kernels(top_k)
 
     def _slot_counts(self, config: OffloadConfig, top_k: int) -> dict[str, int]:
         """Whole slots per precision class within the budget; each class must hold one token's top-k."""
@@ -183,6 +185,17 @@ class OffloadedExperts:
         offsets, combine = decode_routing(self._slot_tables[precision], slots[None], weights[None])
         return expert_decode(self.pool.buffer, offsets, self.layouts[precision], hidden, combine,
                              workspace=self._workspaces.get(precision))
+
+    def _compile_kernels(self, top_k: int) -> None:
+        """Run each low-bit decode kernel once at start-up (on whatever the slots hold), so Triton's
+        compilation — seconds on first use — is not paid by the first generated tokens."""
+        hidden = torch.zeros(1, self.layout.hidden_size, device=self.device, dtype=self.dtype)
+        weights = torch.full((1, top_k), 1.0 / top_k, device=self.device)
+        slots = torch.arange(top_k, device=self.device).view(1, -1)
+        for precision, workspace in self._workspaces.items():
+            if workspace is not None:
+                offsets, combine = decode_routing(self._slot_tables[precision], slots, weights)
+                expert_decode(self.pool.buffer, offsets, self.layouts[precision], hidden, combine, workspace=workspace)
 
     # ---- precision ----------------------------------------------------------------------------------
 
