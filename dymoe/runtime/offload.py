@@ -190,10 +190,12 @@ class OffloadedExperts:
         """Run each low-bit decode kernel once at start-up (on whatever the slots hold), so Triton's
         compilation — seconds on first use — is not paid by the first generated tokens."""
         hidden = torch.zeros(1, self.layout.hidden_size, device=self.device, dtype=self.dtype)
-        weights = torch.full((1, top_k), 1.0 / top_k, device=self.device)
-        slots = torch.arange(top_k, device=self.device).view(1, -1)
+        # mixed precision splits a token's experts between the classes: any count from 1 to k occurs
+        counts = range(1, top_k + 1) if self.low is not None else (top_k,)
         for precision, workspace in self._workspaces.items():
-            if workspace is not None:
+            for n in counts if workspace is not None else ():
+                slots = torch.arange(n, device=self.device).view(1, -1)
+                weights = torch.full((1, n), 1.0 / n, device=self.device)
                 offsets, combine = decode_routing(self._slot_tables[precision], slots, weights)
                 expert_decode(self.pool.buffer, offsets, self.layouts[precision], hidden, combine, workspace=workspace)
 
