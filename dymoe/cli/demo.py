@@ -14,12 +14,12 @@ from pathlib import Path
 
 import dymoe
 from dymoe.checkpoint.reader import Checkpoint
+from dymoe.cli.inspect import expert_bytes
 from dymoe.cli.units import format_bytes
 from dymoe.engine.engine import Engine, EngineConfig
 from dymoe.engine.sampling import SamplingParams
 from dymoe.engine.tokenizer import Tokenizer
 from dymoe.errors import CheckpointError
-from dymoe.quant.formats import nbytes, parse_format
 from dymoe.runtime.presets import PRESETS, RuntimeConfig
 
 DEMO_MODEL = Path(dymoe.__file__).resolve().parent.parent / "models" / "dymoe-demo-moe"
@@ -44,9 +44,7 @@ def register(subparsers) -> None:
 def quarter_budget(checkpoint: Checkpoint, share: float) -> tuple[int, int]:
     """Bytes for ``share`` of the experts at bf16 (whole experts), and how many experts that is."""
     c = checkpoint.config
-    fmt = parse_format("bf16")
-    one = 2 * nbytes(fmt, c.moe_intermediate_size, c.hidden_size) + nbytes(fmt, c.hidden_size, c.moe_intermediate_size)
-    one = -(-one // 4096) * 4096  # store blobs are page aligned
+    one = expert_bytes(c, "bf16", group_size=128)
     count = max(c.num_experts_per_tok, int(share * len(c.moe_layers) * c.num_experts))
     return count * one, count
 

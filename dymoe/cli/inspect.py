@@ -11,7 +11,8 @@ import json
 from dymoe.checkpoint.reader import Checkpoint
 from dymoe.cli.units import format_bytes, parse_bytes
 from dymoe.models.config import ModelConfig
-from dymoe.quant.formats import nbytes, parse_format
+from dymoe.checkpoint.blob import blob_layout
+from dymoe.quant.formats import parse_format
 
 PRECISIONS = ("bf16", "int8", "int4", "int2")
 
@@ -31,10 +32,10 @@ def register(subparsers) -> None:
 
 
 def expert_bytes(config: ModelConfig, precision: str, group_size: int) -> int:
-    """Bytes of one routed expert (gate, up and down) stored at ``precision``."""
+    """Bytes of one routed expert (gate, up and down, with scales) as the expert store holds it: one
+    page-aligned blob, which is also the size of its device slot."""
     fmt = parse_format(precision, group_size=group_size)
-    h, i = config.hidden_size, config.moe_intermediate_size
-    return 2 * nbytes(fmt, i, h) + nbytes(fmt, h, i)
+    return blob_layout(fmt, config.hidden_size, config.moe_intermediate_size).nbytes
 
 
 def describe(checkpoint: Checkpoint, budget: int | None, group_size: int) -> dict:
