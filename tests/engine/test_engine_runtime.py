@@ -61,3 +61,17 @@ def test_cli_stats_and_small_budget(model_dir, capsys):
     assert "policy: lru" in err and "hit %" in err
     assert main(["generate", "-m", str(model_dir), "x", "--policy", "lru", "--device-memory", "1KiB"]) == 2
     assert "give at least" in capsys.readouterr().err
+
+
+def test_corrupted_store_is_one_clear_error(model_dir, tmp_path, capsys):
+    """Invariant 5 for stores: a truncated data file given with --store ends in one line, exit 2."""
+    store = tmp_path / "store"
+    assert main(["convert", str(model_dir), "--out", str(store), "--precisions", "bf16", "--no-progress"]) == 0
+    data = sorted(store.glob("*.bin"))[0]
+    data.write_bytes(data.read_bytes()[:-4096])
+    capsys.readouterr()
+    code = main(["generate", "-m", str(model_dir), "x", "-n", "2", "--policy", "lru", "--device-memory", "1MiB",
+                 "--store", str(store), "--no-progress"])
+    assert code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and data.name in err[0] and "dymoe convert" in err[0]
