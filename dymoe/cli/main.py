@@ -14,7 +14,7 @@ import sys
 from dymoe import __version__
 from dymoe.errors import DymoeError
 
-SUBCOMMANDS = ("generate", "chat", "inspect", "convert", "demo", "serve", "simulate", "bench", "eval")
+SUBCOMMANDS = ("generate", "chat", "inspect", "convert", "demo", "serve", "simulate", "bench", "eval", "calibrate")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -37,6 +37,8 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
                          help="device memory for routed experts, e.g. 6GiB (default: no limit, all resident)")
     runtime.add_argument("--host-memory", metavar="SIZE", default=None,
                          help="pinned host RAM for the expert store on GPU runs (default: up to half the free RAM)")
+    runtime.add_argument("--schedule", type=Path, default=None,
+                         help="depth floors from `dymoe calibrate` for the dymoe preset (default: first and last layer)")
     runtime.add_argument("--store", type=Path, default=None,
                          help="expert store folder (default: MODEL/dymoe-store, built on first use; see `dymoe convert`)")
 
@@ -60,7 +62,7 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
         policy=args.policy,
         device_memory=parse_bytes(args.device_memory, "--device-memory") if args.device_memory else None,
         host_memory=parse_bytes(args.host_memory, "--host-memory") if args.host_memory else None,
-        store=args.store, progress=not args.no_progress,
+        store=args.store, progress=not args.no_progress, schedule=args.schedule,
     )
     return EngineConfig(
         model_dir=args.model, device=args.device, dtype=args.dtype, context_len=args.context_len,

@@ -76,6 +76,7 @@ class RuntimeConfig:
     store: Path | None = None  # default: next to the checkpoint (see default_store_dir)
     group_size: int = 128
     progress: bool = True
+    schedule: Path | None = None  # a `dymoe calibrate` schedule: critical layers of mixed-precision presets
 
     def __post_init__(self):
         if self.policy not in POLICY_NAMES:
@@ -138,6 +139,12 @@ def build_offloaded(checkpoint, config: RuntimeConfig, preset: str, device: torc
     knobs = PRESETS[preset]
     if config.device_memory is None:
         raise InputError(f"--policy {preset} offloads experts: give --device-memory (e.g. 8GiB)")
+    if config.schedule is not None:
+        if "low_precision" not in knobs:
+            raise InputError(f"--schedule sets mixed-precision depth floors; --policy {preset} has one precision")
+        from dymoe.runtime.calibrate import Schedule
+
+        knobs = {**knobs, "critical_layers": Schedule.load(config.schedule).critical_layers}
     offload = OffloadConfig(budget_bytes=config.device_memory, **knobs)
     store = open_store(checkpoint, config, offload.precisions)
     source = pinned_host_tier(store, config, offload.precisions, device)
