@@ -17,6 +17,8 @@ arc             adaptive replacement (recency+frequency) bf16         yes
 shallow         per-layer shares, shallow layers more  bf16         yes
 fate            shallow shares + ARC per layer         bf16         yes
                 + cross-layer gate prefetch
+dynaexq         every expert resident at int4; hottest  int4 + hot   yes
+                (EMA) promoted to bf16 asynchronously   at bf16
 dymoe           lru, two slot classes (bf16, int4)     per token:   yes
                 + look-ahead prefetch at int4          important
                                                        experts bf16,
@@ -63,7 +65,9 @@ PRESETS: dict[str, dict] = {
     "dymoe": dict(precision="bf16", low_precision="int4", high_share=0.5, important_mass=0.5,
                   critical_layers=(0, -1), eviction="lru", prefetch_depth=1),
 }
-POLICY_NAMES = ("auto", "resident", *PRESETS)
+# DynaExq: every expert resident at int4, hot experts promoted to bf16 copies (dymoe/runtime/hotness.py)
+HOTNESS_PRESETS: dict[str, dict] = {"dynaexq": dict(high="bf16", low="int4")}
+POLICY_NAMES = ("auto", "resident", *PRESETS, *HOTNESS_PRESETS)
 
 
 @dataclass(frozen=True)
@@ -136,9 +140,16 @@ def _available_ram() -> int:
 
 def build_offloaded(checkpoint, config: RuntimeConfig, preset: str, device: torch.device, dtype: torch.dtype):
     """The expert provider of an offloading preset, with its store, host tier and pool."""
-    knobs = PRESETS[preset]
     if config.device_memory is None:
         raise InputError(f"--policy {preset} offloads experts: give --device-memory (e.g. 8GiB)")
+    if preset in HOTNESS_PRESETS:
+        from dymoe.runtime.hotness import HotnessConfig, HotnessExperts
+
+        hot = HotnessConfig(budget_bytes=config.device_memory, **HOTNESS_PRESETS[preset])
+        store = open_store(checkpoint, config, (hot.high, hot.low))
+        source = pinned_host_tier(store, config, (hot.high,), device)
+        return HotnessExperts(source, hot, checkpoint.config.num_experts_per_tok, device, dtype)
+    knobs = PRESETS[preset]
     if config.schedule is not None:
         if "low_precision" not in knobs:
             raise InputError(f"--schedule sets mixed-precision depth floors; --policy {preset} has one precision")
