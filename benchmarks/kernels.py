@@ -96,7 +96,6 @@ def launch_floor(device) -> dict:
     """Eager time of an empty Triton launch (the host floor of one kernel launch) and of two (our
     step), and of one empty launch replayed from a graph."""
     import triton
-    import triton.language as tl
 
     @triton.jit
     def empty(x_ptr):

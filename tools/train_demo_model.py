@@ -41,7 +41,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
 
-from dymoe.bench.random_checkpoint import CHATML, SPECIAL_TOKENS, train_tokenizer  # noqa: E402
+from dymoe.bench.random_checkpoint import CHATML, train_tokenizer  # noqa: E402
 from dymoe.checkpoint.writer import save_checkpoint, write_atomic  # noqa: E402
 
 DOC_SEPARATOR = "<|endoftext|>"

@@ -5,7 +5,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-import torch
 
 from dymoe.engine.engine import Engine, EngineConfig
 from dymoe.engine.sampling import SamplingParams
