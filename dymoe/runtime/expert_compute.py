@@ -16,6 +16,14 @@ import torch.nn.functional as F
 ExpertWeightsFn = Callable[[int], tuple[torch.Tensor, torch.Tensor]]
 
 
+def dequantized_expert(blob: torch.Tensor, layout, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """(gate_up [2I, H], down [H, I]) of one expert blob, dequantized by the reference code."""
+    from dymoe.checkpoint.blob import unpack_expert
+
+    gate, up, down = unpack_expert(blob, layout, dtype)
+    return torch.cat([gate, up]), down
+
+
 def swiglu_expert(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
     gate, up = F.linear(x, gate_up).chunk(2, dim=-1)
     return F.linear(F.silu(gate) * up, down)

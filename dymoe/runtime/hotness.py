@@ -19,12 +19,12 @@ from dataclasses import dataclass
 
 import torch
 
-from dymoe.checkpoint.blob import unpack_expert
 from dymoe.errors import BudgetError
 from dymoe.quant.kernels import decode_routing, decode_workspace, expert_decode
 from dymoe.runtime.cache import ExpertCache
-from dymoe.runtime.expert_compute import run_grouped
+from dymoe.runtime.expert_compute import dequantized_expert, run_grouped
 from dymoe.runtime.metrics import RuntimeMetrics
+from dymoe.runtime.offload import RuntimeReporting
 from dymoe.runtime.slot_pool import SlotPool
 from dymoe.runtime.transfer import TransferEngine
 
@@ -77,7 +77,7 @@ class ColdestFirst:
         return min(candidates, key=self.controller.value)
 
 
-class HotnessExperts:
+class HotnessExperts(RuntimeReporting):
     """The `dynaexq` preset's :class:`~dymoe.models.moe.ExpertProvider`."""
 
     def __init__(self, store, config: HotnessConfig, top_k: int, device, dtype: torch.dtype,
@@ -191,16 +191,5 @@ class HotnessExperts:
             self.metrics.prefetch(layer)
 
     def _dequantize_low(self, layer: int, expert: int):
-        gate, up, down = unpack_expert(self.pool.view(self.config.low, self._low_slot(layer, expert)), self.low_layout,
-                                       self.dtype)
-        return torch.cat([gate, up]), down
-
-    # ---- reporting --------------------------------------------------------------------------------
-
-    def stats(self) -> dict:
-        self.transfers.collect_stalls()
-        return {**self.metrics.to_dict(), "precision_uses": dict(self.precision_uses)}
-
-    def report(self) -> str:
-        self.transfers.collect_stalls()
-        return self.metrics.format_table()
+        return dequantized_expert(self.pool.view(self.config.low, self._low_slot(layer, expert)), self.low_layout,
+                                  self.dtype)

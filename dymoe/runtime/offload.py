@@ -29,11 +29,11 @@ from dataclasses import dataclass
 
 import torch
 
-from dymoe.checkpoint.blob import BlobLayout, unpack_expert
+from dymoe.checkpoint.blob import BlobLayout
 from dymoe.errors import BudgetError
 from dymoe.quant.kernels import decode_routing, decode_workspace, expert_decode
 from dymoe.runtime.cache import ExpertCache
-from dymoe.runtime.expert_compute import group_by_expert, run_grouped
+from dymoe.runtime.expert_compute import dequantized_expert, group_by_expert, run_grouped
 from dymoe.runtime.metrics import RuntimeMetrics
 from dymoe.runtime.resident import gathered_decode
 from dymoe.runtime.slot_pool import SlotPool
@@ -62,7 +62,21 @@ class OffloadConfig:
         return (self.precision,) if self.low_precision is None else (self.precision, self.low_precision)
 
 
-class OffloadedExperts:
+class RuntimeReporting:
+    """``stats()`` and ``report()`` of an expert runtime that has ``transfers``, ``metrics`` and
+    ``precision_uses``."""
+
+    def stats(self) -> dict:
+        """The runtime metrics as a dict (resolves pending CUDA stall timings first)."""
+        self.transfers.collect_stalls()
+        return {**self.metrics.to_dict(), "precision_uses": dict(self.precision_uses)}
+
+    def report(self) -> str:
+        self.transfers.collect_stalls()
+        return self.metrics.format_table()
+
+
+class OffloadedExperts(RuntimeReporting):
     """An :class:`~dymoe.models.moe.ExpertProvider` whose experts live in an expert store."""
 
     def __init__(self, store, config: OffloadConfig, top_k: int, device, dtype: torch.dtype,
@@ -339,19 +353,7 @@ class OffloadedExperts:
         return gate_up, down_stack
 
     def _dequantize(self, precision: str, slot: int):
-        gate, up, down = unpack_expert(self.pool.view(precision, slot), self.layouts[precision], self.dtype)
-        return torch.cat([gate, up]), down
-
-    # ---- reporting --------------------------------------------------------------------------------
-
-    def stats(self) -> dict:
-        """The runtime metrics as a dict (resolves pending CUDA stall timings first)."""
-        self.transfers.collect_stalls()
-        return {**self.metrics.to_dict(), "precision_uses": dict(self.precision_uses)}
-
-    def report(self) -> str:
-        self.transfers.collect_stalls()
-        return self.metrics.format_table()
+        return dequantized_expert(self.pool.view(precision, slot), self.layouts[precision], self.dtype)
 
 
 def important_count(weights: torch.Tensor, mass: float) -> torch.Tensor:
