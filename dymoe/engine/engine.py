@@ -142,13 +142,15 @@ class Engine:
         self.check_prompt(len(prompt_ids))
         budget = min(params.max_new_tokens, self.model.context_len - len(prompt_ids))
         sampler = Sampler(params, self.device)
-        history = torch.tensor(prompt_ids, dtype=torch.long, device=self.device)
-        self.stats = stats = GenerationStats(prompt_tokens=len(prompt_ids), stop_reason="length")
+        n = len(prompt_ids)
+        history = torch.empty(n + budget, dtype=torch.long, device=self.device)  # allocated once
+        history[:n] = torch.tensor(prompt_ids, dtype=torch.long)
+        self.stats = stats = GenerationStats(prompt_tokens=n, stop_reason="length")
         started = time.perf_counter()
-        logits = self.prefill(history)
+        logits = self.prefill(history[:n])
         for step in range(budget):
-            token = sampler.sample(logits, history)
-            history = torch.cat([history, token.view(1)])
+            token = sampler.sample(logits, history[: n + step])
+            history[n + step] = token
             token_id = int(token)
             now = time.perf_counter()
             if step == 0:
