@@ -4,9 +4,11 @@ For one MoE layer and the routing of its tokens:
 
 1. group the (token, slot) assignments by expert (the one host synchronisation of the step: the
    runtime must know which experts to fetch);
-2. decide each expert's precision: the single precision of a static preset, or DyMoE's per-token
-   importance (the experts holding most of a token's router weight, and every expert of a
-   critical layer, run at the high precision; the rest at the low one);
+2. decide each expert's precision: the single precision of a static preset, or a mixed-precision
+   rule (:mod:`dymoe.runtime.precision`): DyMoE's per-token importance (the experts holding most
+   of a token's router weight run at the high precision, the rest at the low one) or Fate's
+   popularity (decode all high; in prefill the experts few tokens chose run low); every expert of
+   a critical layer runs high;
 3. look every needed expert up in the :class:`ExpertCache`; pin the hits (a copy at the other
    precision serves when the policy allows it, instead of a stall);
 4. start a host-to-device copy for each miss into a free or evicted slot (pinned experts are never
@@ -35,6 +37,7 @@ from dymoe.quant.kernels import decode_routing, decode_workspace, expert_decode
 from dymoe.runtime.cache import ExpertCache
 from dymoe.runtime.expert_compute import dequantized_expert, group_by_expert, run_grouped
 from dymoe.runtime.metrics import RuntimeMetrics
+from dymoe.runtime.precision import make_precision_rule
 from dymoe.runtime.resident import gathered_decode
 from dymoe.runtime.slot_pool import SlotPool
 from dymoe.runtime.transfer import TransferEngine
@@ -50,10 +53,12 @@ class OffloadConfig:
     keep_across_layers: bool = True  # False: the on-demand preset (load, run, drop)
     measure_stalls: bool = True  # CUDA event pairs around each wait (no host sync; cheap)
     prefetch_depth: int = 0  # Fate's cross-layer gate: prefetch the next d MoE layers' experts (decode)
-    # DyMoE mixed precision (off when low_precision is None)
+    # mixed precision (off when low_precision is None): two slot classes and a rule choosing between them
     low_precision: str | None = None
     high_share: float = 0.5  # share of the budget for high-precision slots
-    important_mass: float = 0.5  # a token's experts, by router weight, until this mass: high precision
+    precision_rule: str = "importance"  # "importance" (DyMoE) or "popularity" (Fate): runtime/precision.py
+    important_mass: float = 0.5  # importance: a token's experts, by router weight, until this mass run high
+    popularity_floor: float = 1.0  # popularity: prefill experts with fewer tokens than this x tokens*k/experts run low
     critical_layers: tuple[int, ...] = ()  # depth floor: these MoE layer indices always run high (-1 = last)
     substitute: bool = True  # a resident copy at the other precision serves instead of a stall
 
@@ -101,6 +106,8 @@ class OffloadedExperts(RuntimeReporting):
         self._workspaces = {p: decode_workspace(self.layouts[p], top_k, 1, self.device)
                             for p in counts if p != "bf16" or self._stacks is None}
         self.predictor: CrossLayerPredictor | None = None
+        self.rule = make_precision_rule(config.precision_rule, important_mass=config.important_mass,
+                                        popularity_floor=config.popularity_floor, num_experts=store.num_experts)
         self._critical: set[int] = set()
         self.precision_uses: dict[str, int] = {p: 0 for p in config.precisions}  # expert runs per precision
         if self.device.type == "cuda":
@@ -144,7 +151,7 @@ class OffloadedExperts(RuntimeReporting):
 
     def _run_grouped(self, layer, hidden, expert_ids, expert_weights):
         grouping = group_by_expert(expert_ids)
-        wanted = self._wanted_grouped(layer, expert_ids, expert_weights, grouping[1])
+        wanted = self._wanted_grouped(layer, expert_ids, expert_weights, grouping[1], grouping[2])
         tickets: dict[int, object] = {}
         return run_grouped(
             hidden, expert_ids, expert_weights, lambda e: self._weights(layer, e, tickets), grouping,
@@ -157,12 +164,13 @@ class OffloadedExperts(RuntimeReporting):
         resident model's decode), low-bit ones through the fused kernels."""
         k = ids.shape[0]
         predicted = self.predictor.predict(layer, hidden) if self.predictor else None
-        mixed = self.low is not None and layer not in self._critical
+        high = self.rule.decode_high(weights) if self.low is not None and layer not in self._critical else None
+        mixed = high is not None
         parts = [ids.view(-1)]
         if predicted is not None:
             parts.append(predicted.reshape(-1))
         if mixed:
-            parts.append(important_count(weights, self.config.important_mass).view(1))
+            parts.append(high.view(1))
         # the step's one host sync: the runtime must know what to fetch (plus the prefetcher's
         # guesses and how many experts are important, in the same transfer)
         flat = torch.cat(parts).tolist() if len(parts) > 1 else parts[0].tolist()
@@ -215,16 +223,11 @@ class OffloadedExperts(RuntimeReporting):
 
     # ---- precision ----------------------------------------------------------------------------------
 
-    def _wanted_grouped(self, layer, expert_ids, expert_weights, experts) -> dict[int, str]:
-        """Prefill: an expert runs high if it is important (see :func:`important_count`) for any of its tokens."""
+    def _wanted_grouped(self, layer, expert_ids, expert_weights, experts, counts) -> dict[int, str]:
+        """Prefill: the precision each used expert should run at, as the rule chooses."""
         if self.low is None or layer in self._critical:
             return {e: self.precision for e in experts}
-        w = expert_weights.float()
-        ranked = torch.argsort(w, dim=-1, descending=True)
-        before = torch.cumsum(torch.gather(w, -1, ranked), -1) - torch.gather(w, -1, ranked)
-        important_ranked = (before < self.config.important_mass * w.sum(-1, keepdim=True))
-        important = torch.zeros_like(important_ranked).scatter_(-1, ranked, important_ranked)
-        high = set(expert_ids[important].unique().tolist())
+        high = self.rule.prefill_high(expert_ids, expert_weights, experts, counts)
         return {e: self.precision if e in high else self.low for e in experts}
 
     # ---- fetching ---------------------------------------------------------------------------------
@@ -297,8 +300,9 @@ class OffloadedExperts(RuntimeReporting):
 
         Issued after the current layer's demand copies (one copy stream keeps them first) and
         before its compute, so they overlap this layer's compute and the next layer's attention.
-        Mixed precision prefetches the low-bit copy (cheaper to move; DyMoE's look-ahead)."""
-        precision = self.low or self.precision
+        The rule says which copy: DyMoE's look-ahead moves the low one (cheaper), Fate's the high
+        one (what decode runs)."""
+        precision = self.low if self.low is not None and self.rule.prefetch_low else self.precision
         for layer, experts in zip(layers, guesses):
             for e in experts:
                 key = (layer, e)
@@ -354,15 +358,6 @@ class OffloadedExperts(RuntimeReporting):
 
     def _dequantize(self, precision: str, slot: int):
         return dequantized_expert(self.pool.view(precision, slot), self.layouts[precision], self.dtype)
-
-
-def important_count(weights: torch.Tensor, mass: float) -> torch.Tensor:
-    """DyMoE's importance rule for one token: how many of its experts (router weights sorted
-    descending, as top-k returns them) it takes, in order, to reach ``mass`` of the total weight —
-    at least one. Stays on the device until the step's one synchronisation."""
-    w = weights.float()
-    before = torch.cumsum(w, 0) - w
-    return (before < mass * w.sum()).sum().clamp(min=1)
 
 
 class CrossLayerPredictor:

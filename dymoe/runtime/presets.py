@@ -15,8 +15,12 @@ on-demand-      load, run, drop; next layer prefetched bf16         no
 prefetch
 arc             adaptive replacement (recency+frequency) bf16         yes
 shallow         per-layer shares, shallow layers more  bf16         yes
-fate            shallow shares + ARC per layer         bf16         yes
-                + cross-layer gate prefetch
+fate            shallow shares + ARC per layer         int4; in     yes
+                + cross-layer gate prefetch at int4    prefill,
+                (slot classes: 3/4 int4, 1/4 int2)     unpopular
+                                                       experts at
+                                                       int2
+fate-bf16       fate's cache and prefetch, at bf16     bf16         yes
 dynaexq         every expert resident at int4; hottest  int4 + hot   yes
                 (EMA) promoted to bf16 asynchronously   at bf16
 dymoe           lru, two slot classes (bf16, int4)     per token:   yes
@@ -28,8 +32,7 @@ dymoe           lru, two slot classes (bf16, int4)     per token:   yes
 auto (default)  resident when it fits, else lru        bf16         yes
 ==============  =====================================  ===========  ==========================
 
-The DyMoE, Fate and DynaExq presets (mixed precision, prefetch, hotness) arrive with the policies
-issue; ``auto`` will then choose among all of them.
+``auto`` does not choose among the mixed-precision presets yet.
 """
 
 from __future__ import annotations
@@ -45,6 +48,7 @@ from dymoe.checkpoint.convert import convert_store
 from dymoe.checkpoint.memory_store import MemoryStore
 from dymoe.checkpoint.store import ExpertStore, default_store_dir
 from dymoe.errors import InputError, StoreError
+from dymoe.runtime.hotness import HotnessConfig, HotnessExperts
 from dymoe.runtime.offload import OffloadConfig, OffloadedExperts
 
 PRESETS: dict[str, dict] = {
@@ -57,9 +61,15 @@ PRESETS: dict[str, dict] = {
     "on-demand-prefetch": dict(precision="bf16", eviction="lru", keep_across_layers=False, prefetch_depth=1),
     "arc": dict(precision="bf16", eviction="arc"),
     "shallow": dict(precision="bf16", eviction="shallow"),
-    # Fate (partial): shallow-favouring per-layer budget with ARC inside each layer, plus the
-    # cross-layer gate prefetch; its int4/int2 expert variants are not in this preset yet
-    "fate": dict(precision="bf16", eviction="fate", prefetch_depth=1),
+    # Fate: shallow-favouring per-layer budget with ARC inside each layer, the cross-layer gate
+    # prefetch, experts cached and moved at int4; in prefill the unpopular ones (fewer tokens than a
+    # balanced router's share) move at int2. Decode runs int4 only: an int2 copy left by prefill is
+    # refetched, not substituted (decode errors compound into every later token). The int2 class
+    # only serves prefill, so it gets a quarter of the budget.
+    "fate": dict(precision="int4", low_precision="int2", precision_rule="popularity", high_share=0.75,
+                 substitute=False, eviction="fate", prefetch_depth=1),
+    # Fate's cache and prefetch at bf16 (exact: offloading is invisible, invariant 2)
+    "fate-bf16": dict(precision="bf16", eviction="fate", prefetch_depth=1),
     # DyMoE: per token, the experts holding half the router weight run at bf16, the rest at int4; the
     # first and last MoE layers are critical (bf16 only); look-ahead prefetch of the next layer at int4
     "dymoe": dict(precision="bf16", low_precision="int4", high_share=0.5, important_mass=0.5,
@@ -138,25 +148,37 @@ def _available_ram() -> int:
         return 0
 
 
+def preset_precisions(preset: str) -> tuple[str, ...]:
+    """The store precisions an offloading preset reads, highest first."""
+    if preset in HOTNESS_PRESETS:
+        return (HOTNESS_PRESETS[preset]["high"], HOTNESS_PRESETS[preset]["low"])
+    return OffloadConfig(budget_bytes=0, **PRESETS[preset]).precisions
+
+
+def preset_provider(store, preset: str, budget_bytes: int, top_k: int, device, dtype: torch.dtype, **knobs):
+    """The expert provider of an offloading preset over ``store`` (an :class:`ExpertStore`, its
+    pinned host tier, or a :class:`MemoryStore`), with ``knobs`` overriding the preset's: the one
+    place a preset name becomes a runtime (``dymoe generate``, ``dymoe bench``, the benchmarks)."""
+    if preset in HOTNESS_PRESETS:
+        hot = HotnessConfig(budget_bytes=budget_bytes, **{**HOTNESS_PRESETS[preset], **knobs})
+        return HotnessExperts(store, hot, top_k, device, dtype)
+    offload = OffloadConfig(budget_bytes=budget_bytes, **{**PRESETS[preset], **knobs})
+    return OffloadedExperts(store, offload, top_k, device, dtype)
+
+
 def build_offloaded(checkpoint, config: RuntimeConfig, preset: str, device: torch.device, dtype: torch.dtype):
     """The expert provider of an offloading preset, with its store, host tier and pool."""
     if config.device_memory is None:
         raise InputError(f"--policy {preset} offloads experts: give --device-memory (e.g. 8GiB)")
-    if preset in HOTNESS_PRESETS:
-        from dymoe.runtime.hotness import HotnessConfig, HotnessExperts
-
-        hot = HotnessConfig(budget_bytes=config.device_memory, **HOTNESS_PRESETS[preset])
-        store = open_store(checkpoint, config, (hot.high, hot.low))
-        source = pinned_host_tier(store, config, (hot.high,), device)
-        return HotnessExperts(source, hot, checkpoint.config.num_experts_per_tok, device, dtype)
-    knobs = PRESETS[preset]
+    knobs = {}
     if config.schedule is not None:
-        if "low_precision" not in knobs:
+        if "low_precision" not in PRESETS.get(preset, {}):
             raise InputError(f"--schedule sets mixed-precision depth floors; --policy {preset} has one precision")
         from dymoe.runtime.calibrate import Schedule
 
-        knobs = {**knobs, "critical_layers": Schedule.load(config.schedule).critical_layers}
-    offload = OffloadConfig(budget_bytes=config.device_memory, **knobs)
-    store = open_store(checkpoint, config, offload.precisions)
-    source = pinned_host_tier(store, config, offload.precisions, device)
-    return OffloadedExperts(source, offload, checkpoint.config.num_experts_per_tok, device, dtype)
+        knobs["critical_layers"] = Schedule.load(config.schedule).critical_layers
+    precisions = preset_precisions(preset)
+    store = open_store(checkpoint, config, precisions)
+    source = pinned_host_tier(store, config, precisions, device)
+    return preset_provider(source, preset, config.device_memory, checkpoint.config.num_experts_per_tok, device, dtype,
+                           **knobs)

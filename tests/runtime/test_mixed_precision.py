@@ -10,7 +10,8 @@ from dymoe.checkpoint.reader import Checkpoint
 from dymoe.checkpoint.store import ExpertStore
 from dymoe.errors import BudgetError
 from dymoe.models.transformer import load_dense
-from dymoe.runtime.offload import OffloadConfig, OffloadedExperts, important_count
+from dymoe.runtime.offload import OffloadConfig, OffloadedExperts
+from dymoe.runtime.precision import important_count
 from dymoe.runtime.presets import PRESETS
 from dymoe.runtime.resident import ResidentExperts
 from tests.tiny_models import make_hf_model, save_checkpoint

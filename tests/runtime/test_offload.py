@@ -72,7 +72,7 @@ def test_offloaded_equals_resident_bit_for_bit(bf16_models, family):
     reference = run(model, ResidentExperts.from_checkpoint(checkpoint, "cpu", torch.float32))
     top_k = checkpoint.config.num_experts_per_tok
     for budget in budgets(checkpoint, store, 4, seed=hash(family) % 1000):
-        for preset in ("on-demand", "lru", "lfu", "lru-prefetch", "on-demand-prefetch", "arc", "shallow", "fate"):
+        for preset in ("on-demand", "lru", "lfu", "lru-prefetch", "on-demand-prefetch", "arc", "shallow", "fate-bf16"):
             experts = OffloadedExperts(store, OffloadConfig(budget_bytes=budget, **PRESETS[preset]), top_k,
                                        "cpu", torch.float32)
             prefill, decode, ids = run(model, experts)
