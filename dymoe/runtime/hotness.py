@@ -9,23 +9,36 @@ high-precision slots, evicting (demoting) the coldest high copy. A step uses a h
 transfer has landed, else the resident low copy: promotions never block a forward pass. Both slot
 classes live in one preallocated pool, so allocation stays deterministic.
 
-In the metrics, a hit is a use served by a landed high-precision copy and a miss one served by the
-resident low copy (nothing is fetched on a miss); prefetches count promotions.
+Fallback (DESIGN.md: "where even the low-bit copies of all experts do not fit"): when the budget
+cannot hold every int4 copy plus a minimal high pool (one token's top-k bf16 slots), the runtime says
+so in one line on stderr and keeps the low tier as a cache too: the high pool keeps its top-k slots
+(fewer only when even that leaves no room for one token's top-k int4 copies), the rest of the budget
+becomes int4 slots, filled at start-up with an even share of every layer's experts and then managed
+least recently used; a low copy that is not resident is fetched on demand and the step waits for it
+(a stall, as in any offloading preset). Promotions continue as before. Only a budget below one
+token's top-k int4 copies is refused. The two tiers share one copy stream, so a demand fetch of a
+low copy queues behind promotions already issued.
+
+In the metrics, a hit is a use served by a landed high-precision copy and a miss one served by a low
+copy: with every low copy resident nothing is fetched on a miss (missed bytes 0, no stall); in the
+fallback a miss whose low copy was not resident fetches it (missed bytes, stall). Prefetches count
+promotions; H2D bytes are promotions plus, in the fallback, the low-tier fetches.
 """
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 
 import torch
 
 from dymoe.errors import BudgetError
 from dymoe.quant.kernels import decode_routing, decode_workspace, expert_decode
-from dymoe.runtime.cache import ExpertCache
+from dymoe.runtime.cache import ExpertCache, LRUPolicy
 from dymoe.runtime.expert_compute import dequantized_expert, run_grouped
 from dymoe.runtime.metrics import RuntimeMetrics
 from dymoe.runtime.offload import RuntimeReporting
-from dymoe.runtime.slot_pool import SlotPool
+from dymoe.runtime.slot_pool import SlotPool, format_size
 from dymoe.runtime.transfer import TransferEngine
 
 
@@ -88,23 +101,21 @@ class HotnessExperts(RuntimeReporting):
         self.layers = list(store.layers)
         self.num_experts = store.num_experts
         self.low_layout, self.high_layout = store.layout(config.low), store.layout(config.high)
-        n_low = len(self.layers) * self.num_experts
-        low_bytes = n_low * self.low_layout.nbytes
-        n_high = (config.budget_bytes - low_bytes) // self.high_layout.nbytes
-        if n_high < top_k:
-            need = low_bytes + top_k * self.high_layout.nbytes
-            raise BudgetError(
-                f"dynaexq keeps every expert at {config.low} on the device ({low_bytes / 2**20:.1f} MiB) plus high "
-                f"copies: give --device-memory at least {need / 2**20:.1f} MiB, or use --policy static-{config.low}"
-            )
+        counts = hotness_slot_counts(config, self.low_layout.nbytes, self.high_layout.nbytes,
+                                     len(self.layers) * self.num_experts, top_k)
+        n_high, n_low = counts[config.high], counts[config.low]
+        self.fallback = n_low < len(self.layers) * self.num_experts
         self.pool = SlotPool(self.device, {config.high: self.high_layout.nbytes, config.low: self.low_layout.nbytes},
-                             {config.high: n_high, config.low: n_low})
+                             counts)
         self.controller = HotnessController(self.layers, self.num_experts, config.decay)
-        self.cache = ExpertCache(self.pool, {config.high: ColdestFirst(self.controller), config.low: ColdestFirst(self.controller)},
+        # two caches over the one pool, one per class: an expert may hold a high and a low copy at once
+        self.cache = ExpertCache(self.pool, {config.high: ColdestFirst(self.controller), config.low: LRUPolicy()},
                                  on_evict=self.metrics.evicted)
+        self.low_cache = ExpertCache(self.pool, LRUPolicy, on_evict=self.metrics.evicted)
         self.transfers = TransferEngine(self.device, self.metrics)
         self.high_per_layer = max(1, n_high // len(self.layers))
         self._steps = {layer: 0 for layer in self.layers}
+        self._promotions: dict = {}  # (layer, expert) -> the ticket of its latest high copy
         self._load_low_copies()
         self._low_table = torch.tensor([self.pool.offset(config.low, s) for s in range(n_low)], dtype=torch.int64,
                                        device=self.device)
@@ -114,25 +125,29 @@ class HotnessExperts(RuntimeReporting):
                            for p, lay in ((config.low, self.low_layout), (config.high, self.high_layout))}
         self.precision_uses = {config.high: 0, config.low: 0}
 
-    def _low_slot(self, layer: int, expert: int) -> int:
-        return self.layers.index(layer) * self.num_experts + expert
-
     def _load_low_copies(self) -> None:
-        """Every expert's low copy into its own slot, once (the start-up cost DynaExq pays)."""
-        for layer in self.layers:
-            for e in range(self.num_experts):
-                self.pool.view(self.config.low, self._low_slot(layer, e)).copy_(self.store.blob(layer, e, self.config.low))
+        """Fill every low slot once (the start-up cost DynaExq pays): all experts, or in the fallback
+        an even share of every layer's (expert-major order)."""
+        order = [(layer, e) for e in range(self.num_experts) for layer in self.layers]
+        for key in order[: self.pool.num_slots(self.config.low)]:
+            slot, _ = self.low_cache.insert(key, self.config.low)
+            self.pool.view(self.config.low, slot).copy_(self.store.blob(*key, self.config.low))
 
     # ---- the ExpertProvider interface ------------------------------------------------------------
 
     def run_experts(self, layer, hidden, expert_ids, expert_weights):
-        if hidden.shape[0] > 1:  # prefill: the resident low copies, grouped
+        if hidden.shape[0] > 1:  # prefill: the low copies, grouped
             self.controller.observe(layer, expert_ids.unique().tolist())
-            return run_grouped(hidden, expert_ids, expert_weights, lambda e: self._dequantize_low(layer, e))
+            return run_grouped(hidden, expert_ids, expert_weights, lambda e: self._low_weights(layer, e))
         experts = expert_ids[0].tolist()  # the step's one host sync
         self.controller.observe(layer, experts)
         high = [j for j, e in enumerate(experts) if self._high_ready((layer, e))]
         low = [j for j in range(len(experts)) if j not in high]
+        tickets = [self._pin_low((layer, experts[j])) for j in low]  # all fetches start before any wait
+        for ticket in tickets:
+            self.metrics.miss(layer, ticket.nbytes if ticket is not None else 0)
+            if ticket is not None:
+                self.transfers.wait(ticket)
         out = None
         for precision, rows, table in ((self.config.high, high, self._high_table), (self.config.low, low, self._low_table)):
             if rows:
@@ -142,6 +157,8 @@ class HotnessExperts(RuntimeReporting):
                 self.precision_uses[precision] += len(rows)
         for j in high:
             self.cache.unpin((layer, experts[j]))
+        for j in low:
+            self.low_cache.unpin((layer, experts[j]))
         self.transfers.fence()
         self.metrics.tokens_seen(layer, 1)
         self._steps[layer] += 1
@@ -152,24 +169,33 @@ class HotnessExperts(RuntimeReporting):
     def _high_ready(self, key) -> bool:
         """A high copy serves only once it has landed; the low copy serves meanwhile (no stall)."""
         if key not in self.cache:
-            self.metrics.miss(key[0], 0)
             return False
-        ticket = self.transfers.pending(key)
-        if ticket is not None and not self.transfers.is_done(ticket):
-            self.metrics.miss(key[0], 0)
-            return False
+        ticket = self._promotions.get(key)
         if ticket is not None:
+            if not self.transfers.is_done(ticket):
+                return False
             self.transfers.wait(ticket)
+            del self._promotions[key]
         prefetched = self.cache.is_prefetched(key)
         self.cache.lookup(key)
         self.cache.pin(key)
         self.metrics.hit(key[0], prefetched=prefetched)
         return True
 
+    def _pin_low(self, key):
+        """Pin ``key``'s low copy; in the fallback, first fetch it if it is not resident (the ticket to
+        wait for; None when it was resident). A step pins at most top-k low copies, and there are at
+        least that many low slots, so room is always found."""
+        if self.low_cache.lookup(key) is not None:
+            self.low_cache.pin(key)
+            return None
+        slot, _ = self.low_cache.insert(key, self.config.low)
+        self.low_cache.pin(key)
+        return self.transfers.fetch(key, self.store.blob(*key, self.config.low), self.pool.view(self.config.low, slot))
+
     def _slot(self, layer: int, expert: int, precision: str) -> int:
-        if precision == self.config.low:
-            return self._low_slot(layer, expert)
-        return self.cache.peek((layer, expert)).slot
+        cache = self.low_cache if precision == self.config.low else self.cache
+        return cache.peek((layer, expert)).slot
 
     def _decode(self, hidden, slots, weights, precision, table):
         index = torch.tensor(slots, device=self.device)
@@ -183,13 +209,49 @@ class HotnessExperts(RuntimeReporting):
             key = (layer, e)
             if key in self.cache:
                 continue
+            if self.controller.value(key) == 0:  # before make_room: a slot taken and not filled would leak
+                return
             slot = self.cache.make_room(self.config.high, incoming=key)
-            if slot is None or self.controller.value(key) == 0:
+            if slot is None:
                 return
             self.cache.insert(key, self.config.high, slot, prefetched=True)
-            self.transfers.fetch(key, self.store.blob(layer, e, self.config.high), self.pool.view(self.config.high, slot))
+            self._promotions[key] = self.transfers.fetch(key, self.store.blob(layer, e, self.config.high),
+                                                         self.pool.view(self.config.high, slot))
             self.metrics.prefetch(layer)
 
-    def _dequantize_low(self, layer: int, expert: int):
-        return dequantized_expert(self.pool.view(self.config.low, self._low_slot(layer, expert)), self.low_layout,
-                                  self.dtype)
+    def _low_weights(self, layer: int, expert: int):
+        """Prefill: one expert's low copy, dequantized (made resident first in the fallback)."""
+        key = (layer, expert)
+        ticket = self._pin_low(key)
+        if ticket is not None:
+            self.metrics.miss(layer, ticket.nbytes)
+            self.transfers.wait(ticket)
+        weights = dequantized_expert(self.pool.view(self.config.low, self.low_cache.peek(key).slot), self.low_layout,
+                                     self.dtype)
+        self.low_cache.unpin(key)
+        self.transfers.fence()  # a later fetch into this slot waits for the dequantization just queued
+        return weights
+
+
+def hotness_slot_counts(config: HotnessConfig, low_bytes: int, high_bytes: int, experts: int,
+                        top_k: int) -> dict[str, int]:
+    """High and low slot counts for ``config.budget_bytes``: every low copy and the rest high when
+    that leaves one token's top-k high slots; else the fallback (module docstring), announced on
+    stderr. Raises :class:`BudgetError` below one token's top-k low copies."""
+    budget, high, low = config.budget_bytes, config.high, config.low
+    all_low = experts * low_bytes
+    if budget >= all_low + top_k * high_bytes:
+        return {high: (budget - all_low) // high_bytes, low: experts}
+    n_high = top_k if budget >= top_k * (high_bytes + low_bytes) else max(0, (budget - top_k * low_bytes) // high_bytes)
+    n_low = min(experts, (budget - n_high * high_bytes) // low_bytes)
+    if n_low < top_k:
+        raise BudgetError(
+            f"--device-memory {format_size(budget)} cannot hold one token's {top_k} experts at {low} "
+            f"({format_size(top_k * low_bytes)}): raise --device-memory to at least {format_size(top_k * low_bytes)} "
+            f"(dynaexq keeps every expert at {low} with {format_size(all_low + top_k * high_bytes)})"
+        )
+    print(f"dymoe: dynaexq: --device-memory {format_size(budget)} cannot hold every expert at {low} plus "
+          f"{top_k} {high} slots ({format_size(all_low + top_k * high_bytes)}): {n_low} of {experts} {low} copies "
+          f"({100 * n_low / experts:.0f}%) fit, so the {low} tier is offloaded too (least recently used, misses "
+          f"fetched on demand) with {n_high} {high} slots for promotions", file=sys.stderr)
+    return {high: n_high, low: n_low}

@@ -54,6 +54,20 @@ def test_dynaexq_promotes_hot_experts_within_the_budget():
     assert agree > 0.5  # int4 + hot bf16 stays close to the exact model on the trained demo
 
 
-def test_dynaexq_refuses_a_budget_without_room_for_all_int4_copies():
-    with pytest.raises(BudgetError, match="keeps every expert at int4"):
-        run(ALL_INT4)
+def test_dynaexq_falls_back_to_offloading_int4_when_not_every_copy_fits(capsys):
+    """DESIGN.md: where the low-bit copies of all experts do not fit, the preset says so and offloads
+    that tier too, rather than failing."""
+    engine, ids = run(ALL_INT4)
+    experts = engine.model.experts
+    message = capsys.readouterr().err
+    assert "181 of 192 int4 copies (94%) fit" in message and "offloaded too" in message
+    assert experts.fallback and experts.pool.capacity_bytes <= ALL_INT4
+    assert experts.pool.counts == {"bf16": 4, "int4": 181}
+    stats = experts.stats()["total"]
+    assert stats["missed_bytes"] > 0 and stats["prefetches"] > 0  # int4 fetched on demand; promotions go on
+    assert len(ids) == 24
+
+
+def test_dynaexq_refuses_a_budget_below_one_tokens_int4_experts():
+    with pytest.raises(BudgetError, match="cannot hold one token's 4 experts at int4.*at least 0.15 MiB"):
+        run(4 * 36864 - 1)
