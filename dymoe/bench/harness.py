@@ -39,11 +39,11 @@ from dymoe.cli.units import parse_bytes
 from dymoe.engine.engine import resolve_device, resolve_dtype
 from dymoe.errors import InputError
 from dymoe.runtime.metrics import LayerCounters
-from dymoe.runtime.presets import PRESETS
+from dymoe.runtime.presets import HOTNESS_PRESETS, PRESETS, preset_precisions, preset_provider
 from dymoe.runtime.resident import ResidentExperts
 
 REFERENCE = "resident"
-BENCH_POLICIES = (REFERENCE, *PRESETS)
+BENCH_POLICIES = (REFERENCE, *PRESETS, *HOTNESS_PRESETS)
 COUNTERS = ("hits", "misses", "prefetch_hits", "prefetches", "missed_bytes", "h2d_bytes", "stall_seconds",
             "evictions", "tokens")
 
@@ -115,7 +115,6 @@ def load_synthetic(shape: str, config: BenchConfig, device, dtype, context_len: 
     """Random weights in memory. Experts are drawn in bf16 (the store's top precision); the resident
     copy is the same values in ``dtype``, so an offloaded bf16 preset computes the same function."""
     from dymoe.checkpoint.memory_store import MemoryStore
-    from dymoe.runtime.offload import OffloadConfig, OffloadedExperts
 
     model_config = synthetic_config(shape, layers=config.layers)
     if config.tiny:
@@ -124,7 +123,7 @@ def load_synthetic(shape: str, config: BenchConfig, device, dtype, context_len: 
     model = build_dense(model_config, device, dtype, seed=config.seed, context_len=context_len)
     experts = {l: build_expert_layer(model_config, l, device, torch.bfloat16, seed=config.seed)
                for l in model_config.moe_layers}
-    needed = {q for p in config.offloading for q in OffloadConfig(budget_bytes=0, **PRESETS[p]).precisions}
+    needed = {q for p in config.offloading for q in preset_precisions(p)}
     precisions = sorted({"bf16", *needed}, key=_precision_order)
     store = MemoryStore.from_experts(experts, precisions=precisions, group_size=config.group_size,
                                      pin=device.type == "cuda")
@@ -132,9 +131,7 @@ def load_synthetic(shape: str, config: BenchConfig, device, dtype, context_len: 
     del experts
 
     def offloaded(preset: str, budget: int):
-        knobs = PRESETS[preset]
-        return OffloadedExperts(store, OffloadConfig(budget_bytes=budget, **knobs),
-                                model_config.num_experts_per_tok, device, dtype)
+        return preset_provider(store, preset, budget, model_config.num_experts_per_tok, device, dtype)
 
     blob = store.layout("bf16").nbytes
     label = SPEC_LABEL.format(shape=shape, layers=model_config.num_layers, tiny=" (tiny widths)" if config.tiny else "")
@@ -455,7 +452,18 @@ def format_table(report: dict) -> str:
     for row in report["rows"]:
         lines.append(" ".join(f"{v:>{w}}" if i else f"{v:<{w}}"
                               for i, (v, (_, w)) in enumerate(zip(_cells(row, lens), columns))))
+    if any(row["preset"] in HOTNESS_PRESETS for row in report["rows"]):
+        lines += ["", *DYNAEXQ_FOOTNOTE]
     return "\n".join(lines)
+
+
+# what a dynaexq row's runtime columns mean (dymoe/runtime/hotness.py's docstring)
+DYNAEXQ_FOOTNOTE = (
+    "dynaexq: hit % = expert uses served by a landed bf16 promotion; the others ran on int4 copies (a miss moves",
+    "  nothing while every int4 copy fits; else a stderr line says so and a missing copy is fetched on demand).",
+    "  H2D = promotions + those fetches (not the start-up load of the int4 copies); stall % = waits for those",
+    "  fetches (on CPU copies are synchronous, so promotions count too); pf prec = share of promotions used.",
+)
 
 
 def _cells(row: dict, lens) -> list[str]:

@@ -112,7 +112,7 @@ class HotnessExperts(RuntimeReporting):
         self.cache = ExpertCache(self.pool, {config.high: ColdestFirst(self.controller), config.low: LRUPolicy()},
                                  on_evict=self.metrics.evicted)
         self.low_cache = ExpertCache(self.pool, LRUPolicy, on_evict=self.metrics.evicted)
-        self.transfers = TransferEngine(self.device, self.metrics)
+        self.transfers = TransferEngine(self.device, self.metrics, measure_stalls=True)  # fallback fetches stall
         self.high_per_layer = max(1, n_high // len(self.layers))
         self._steps = {layer: 0 for layer in self.layers}
         self._promotions: dict = {}  # (layer, expert) -> the ticket of its latest high copy

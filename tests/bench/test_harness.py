@@ -140,3 +140,24 @@ def test_eval_perplexity_matches_the_model_card(capsys):
 def test_eval_missing_file(tmp_path, capsys):
     assert main(["eval", "-m", str(DEMO), "--text", str(tmp_path / "none.txt")]) == 2
     assert "none.txt" in capsys.readouterr().err
+
+
+def test_dynaexq_in_the_bench_table_with_its_fallback(capsys):
+    """dynaexq runs side by side with the other presets on a synthetic model: at 25% of the bf16
+    bytes not every int4 copy fits (the fallback, announced on stderr; int4 copies fetched on
+    demand), at 150% they all do (nothing fetched on a miss; at tiny widths a page-aligned int4 blob
+    is as large as a bf16 one); the table explains its columns."""
+    config = BenchConfig(model="synthetic:qwen3-30b-a3b", tiny=True, layers=2, policies=("resident", "dynaexq", "lru"),
+                         budgets=("25%", "150%"), prompt_lens=(8,), gen_len=12, device="cpu", progress=False)
+    report = run_bench(config, argv=["dymoe", "bench"])
+    assert "int4 tier is offloaded too" in capsys.readouterr().err
+    r = rows(report)
+    tight, roomy = r["dynaexq@25%"], r["dynaexq@150%"]
+    assert tight["counters"]["missed_bytes"] > 0 and roomy["counters"]["missed_bytes"] == 0
+    assert roomy["counters"]["prefetches"] > 0 and roomy["hit_rate"] > 0  # promotions landed and served
+    for row in (tight, roomy):
+        assert row["counters"]["hits"] + row["counters"]["misses"] == 2 * 4 * 11  # layers x top-k x decode steps
+        assert row["quality"]["kl_mean"] > 0 and row["quality"]["top1_agreement"] > 0.5  # int4: close, not exact
+    table = format_table(report)
+    assert "\ndynaexq@25% " in table and "dynaexq: hit % = expert uses served by a landed bf16 promotion" in table
+    assert "dynaexq:" not in format_table({**report, "rows": [r["resident"], r["lru@25%"]]})

@@ -304,6 +304,19 @@ def hot_step(runtime, store, layer, experts, seed=0):
     return used
 
 
+def hot_steps(runtime, store, budget, seed, n, release_share):
+    """``n`` decode steps of random routing through every layer, each checked by :func:`hot_step`;
+    after each, the held copies land with probability ``release_share``."""
+    rng = random.Random(seed)
+    for i, routing in enumerate(steps(seed, n)):
+        for layer in LAYERS:
+            hot_step(runtime, store, layer, routing[layer], seed=i)
+        if rng.random() < release_share:
+            runtime.transfers.release()
+        check_hot_pool(runtime, budget)
+    return runtime.stats()
+
+
 def check_hot_pool(runtime, budget):
     assert runtime.pool.capacity_bytes <= budget
     for cache, precision in ((runtime.cache, "bf16"), (runtime.low_cache, "int4")):
@@ -361,19 +374,8 @@ def test_promotions_racing_demand_never_block(store, held, high_slots):
     within the budget with no slot leaked (with room for every expert, promotion rounds look at
     experts never used; a slot taken for one and not filled used to leak)."""
     runtime, budget = dynaexq(store, ALL, high_slots)
-    transfers = held(runtime, release_on_wait=False)
-    rng = random.Random(high_slots)
-
-    def work():
-        for i, routing in enumerate(steps(high_slots, 30)):
-            for layer in LAYERS:
-                hot_step(runtime, store, layer, routing[layer], seed=i)
-            if rng.random() < 0.3:
-                transfers.release()
-            check_hot_pool(runtime, budget)
-        return runtime.stats()
-
-    stats = finishes(work)
+    held(runtime, release_on_wait=False)
+    stats = finishes(lambda: hot_steps(runtime, store, budget, seed=high_slots, n=30, release_share=0.3))
     assert stats["precision_uses"]["bf16"] > 0 and stats["total"]["prefetches"] > 0
     assert stats["total"]["missed_bytes"] == 0 and stats["total"]["stall_seconds"] == 0.0
     if high_slots == len(LAYERS):
@@ -399,23 +401,16 @@ def test_fallback_offloads_the_low_tier_and_keeps_promoting(store, held, capsys,
     assert runtime.fallback and message.count("\n") == 1
     assert f"{low_slots} of {ALL} int4 copies ({100 * low_slots / ALL:.0f}%) fit" in message
     assert runtime.pool.counts == {"bf16": high_slots, "int4": low_slots}
-    transfers = held(runtime)
+    held(runtime)
     prompt, ids = torch.randn(6, HIDDEN), torch.stack([torch.randperm(EXPERTS)[:TOP_K] for _ in range(6)])
     w = torch.softmax(torch.randn(6, TOP_K), -1)
     exact = int4_reference(store)
-    rng = random.Random(low_slots)
 
     def work():
         for layer in LAYERS:
             out = runtime.run_experts(layer, prompt, ids, w)
             assert torch.allclose(out, exact.run_experts(layer, prompt, ids, w), rtol=1e-5, atol=1e-6)
-        for i, routing in enumerate(steps(low_slots, 20)):
-            for layer in LAYERS:
-                hot_step(runtime, store, layer, routing[layer], seed=i)
-            if rng.random() < 0.5:
-                transfers.release()
-            check_hot_pool(runtime, budget)
-        return runtime.stats()
+        return hot_steps(runtime, store, budget, seed=low_slots, n=20, release_share=0.5)
 
     stats = finishes(work)["total"]
     assert stats["missed_bytes"] > 0 and stats["h2d_bytes"] >= stats["missed_bytes"]
