@@ -17,7 +17,7 @@ PYTHON=${PYTHON:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo pyt
 GEN_LEN=${GEN_LEN:-128}
 MIXTRAL_GEN_LEN=${MIXTRAL_GEN_LEN:-64}
 PROMPTS=${PROMPTS:-32,512,2048}
-POLICIES=${POLICIES:-resident,on-demand,on-demand-prefetch,lru,lru-prefetch,static-int4,dymoe}
+POLICIES=${POLICIES:-resident,on-demand,on-demand-prefetch,lru,lru-prefetch,static-int4,dymoe,dynaexq}
 mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,memory.total,driver_version,pcie.link.gen.max,pcie.link.width.max --format=csv \
   | tee "$OUT/gpu.txt" || true

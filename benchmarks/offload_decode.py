@@ -1,4 +1,4 @@
-"""Offloaded decode on a synthetic Qwen3-30B-A3B: on-demand, lru and static-int4 at a 25% budget.
+"""Offloaded decode on a synthetic Qwen3-30B-A3B: on-demand, lru, static-int4 and dynaexq at a 25% budget.
 
 One command on the GPU machine: ``python benchmarks/offload_decode.py --out $OUT``.
 
@@ -32,11 +32,10 @@ from pathlib import Path
 
 import torch
 
-from dymoe.bench.harness import pinned_h2d_bandwidth, sync
+from dymoe.bench.harness import DYNAEXQ_FOOTNOTE, pinned_h2d_bandwidth, sync
 from dymoe.bench.synthetic import build_dense, build_expert_layer, synthetic_config, tiny_config
 from dymoe.checkpoint.memory_store import MemoryStore
-from dymoe.runtime.offload import OffloadConfig, OffloadedExperts
-from dymoe.runtime.presets import PRESETS
+from dymoe.runtime.presets import HOTNESS_PRESETS, preset_precisions, preset_provider
 from dymoe.runtime.resident import ResidentExperts
 
 SHAPE = "qwen3-30b-a3b"
@@ -51,7 +50,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--prompt", type=int, default=512)
     parser.add_argument("--gen", type=int, default=128)
     parser.add_argument("--budget", type=float, default=0.25, help="expert budget as a fraction of bf16 expert bytes")
-    parser.add_argument("--policies", default="resident,resident-grouped,on-demand,lru,static-int4",
+    parser.add_argument("--policies", default="resident,resident-grouped,on-demand,lru,static-int4,dynaexq",
                         help="the first one is the reference the others are teacher-forced with")
     parser.add_argument("--trace-steps", type=int, default=6, help="decode steps in the lru profiler trace (0: none)")
     parser.add_argument("--tiny", action="store_true", help="toy widths (CPU smoke test)")
@@ -66,7 +65,10 @@ def build(args, device):
     model = build_dense(config, device, torch.bfloat16, seed=args.seed, context_len=args.prompt + args.gen + 8)
     experts = {l: build_expert_layer(config, l, device, torch.bfloat16, seed=args.seed) for l in config.moe_layers}
     started = time.perf_counter()
-    store = MemoryStore.from_experts(experts, precisions=("bf16", "int4"), group_size=128, pin=True)
+    offloading = [name for name in args.policies.split(",") if not name.startswith("resident")]
+    needed = {p for name in offloading for p in preset_precisions(name)}
+    precisions = ("bf16", "int4", *sorted(needed - {"bf16", "int4"}))
+    store = MemoryStore.from_experts(experts, precisions=precisions, group_size=128, pin=True)
     encode_s = time.perf_counter() - started
     return config, model, experts, store, encode_s
 
@@ -179,14 +181,12 @@ def main(argv=None) -> dict:
         elif name == "resident-grouped":
             provider = ResidentExperts(experts, gather_decode=False)
         else:
-            provider = OffloadedExperts(store, OffloadConfig(budget_bytes=budget, **PRESETS[name]),
-                                        config.num_experts_per_tok, device, torch.bfloat16)
+            provider = preset_provider(store, name, budget, config.num_experts_per_tok, device, torch.bfloat16)
         print(f"running {name} ...", flush=True)
         results[name] = run_preset(model, provider, prompt, args.gen, device, forced)
         forced = forced or results[name]["tokens"]
         if name == "lru" and args.trace_steps:
-            fresh = OffloadedExperts(store, OffloadConfig(budget_bytes=budget, **PRESETS[name]),
-                                     config.num_experts_per_tok, device, torch.bfloat16)
+            fresh = preset_provider(store, name, budget, config.num_experts_per_tok, device, torch.bfloat16)
             results[name]["overlap"] = trace_lru(model, fresh, prompt, args.trace_steps, device, out)
             del fresh
         del provider
@@ -222,6 +222,8 @@ def table(report: dict, config) -> str:
         lines.append(f"lru trace (cold prefill + decode): {o['copies']} H2D copies took {o['copy_us'] / 1e3:.1f} ms, "
                      f"kernels {o['kernel_us'] / 1e3:.1f} ms; {100 * o['kernel_overlap_share']:.0f}% of kernel time ran "
                      f"during a copy, {100 * o['overlap_share']:.0f}% of copy time during a kernel")
+    if any(name in HOTNESS_PRESETS for name in results):
+        lines += DYNAEXQ_FOOTNOTE
     return "\n".join(lines)
 
 

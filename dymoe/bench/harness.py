@@ -461,8 +461,8 @@ def format_table(report: dict) -> str:
 DYNAEXQ_FOOTNOTE = (
     "dynaexq: hit % = expert uses served by a landed bf16 promotion; the others ran on int4 copies (a miss moves",
     "  nothing while every int4 copy fits; else a stderr line says so and a missing copy is fetched on demand).",
-    "  H2D = promotions + those fetches (not the start-up load of the int4 copies); stall % = waits for those",
-    "  fetches (on CPU copies are synchronous, so promotions count too); pf prec = share of promotions used.",
+    "  H2D = promotions (its prefetches) + those fetches, not the start-up load of the int4 copies; stall % =",
+    "  waits for those fetches (on CPU, where copies are synchronous, promotions count too).",
 )
 
 
