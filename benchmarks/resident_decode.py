@@ -119,25 +119,29 @@ def hf_qwen3_moe(config: ModelConfig, model: nn.Module, experts: dict, dtype: to
 class DymoeRunner:
     """dymoe's MoETransformer: preallocated KV cache, forward(tokens, start, cache)."""
 
-    name = "dymoe"
-
-    def __init__(self, model):
+    def __init__(self, model, graphs: bool = False):
         self.model = model
         self.cache = model.new_cache(1)
+        self.graphs = graphs
+        self.name = "dymoe+graphs" if graphs else "dymoe"
 
     @contextmanager
     def depth(self, layers: int):
         full = self.model.model.layers
         self.model.model.layers = nn.ModuleList(list(full)[:layers])
+        self.model.attach_experts(self.model.experts)  # drops CUDA-graph recordings of the other depth
         try:
             yield
         finally:
             self.model.model.layers = full
+            self.model.attach_experts(self.model.experts)
 
     def reset(self) -> None:
         pass  # positions restart at 0 and overwrite the preallocated cache
 
     def forward(self, tokens: torch.Tensor, start: int) -> torch.Tensor:
+        if self.graphs and tokens.numel() == 1:
+            return self.model.decode(tokens, start, self.cache)
         return self.model(tokens, start, self.cache, last_only=True)[0]
 
 
@@ -291,7 +295,7 @@ def main(argv=None) -> dict:
     prompt, decode = tokens[: args.prompt].view(1, -1), tokens[args.prompt:]
     depths = (max(1, args.layers // 2), args.layers)
 
-    runners = [DymoeRunner(model)] + [HFRunner(hf, impl) for impl in args.hf_experts.split(",") if impl]
+    runners = [DymoeRunner(model), DymoeRunner(model, graphs=True)] + [HFRunner(hf, impl) for impl in args.hf_experts.split(",") if impl]
     results, failures = {}, {}
     for runner in runners:
         print(f"timing {runner.name} at depths {depths} ...", flush=True)

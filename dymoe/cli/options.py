@@ -29,6 +29,8 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--context-len", type=int, default=None,
                        help="tokens of context to allocate (default: min(model maximum, 4096))")
     group.add_argument("--no-progress", action="store_true", help="no progress bar while loading")
+    group.add_argument("--eager", action="store_true",
+                       help="decode without CUDA graphs (slower; for debugging and comparisons)")
     runtime = parser.add_argument_group("expert runtime")
     runtime.add_argument("--policy", default="auto", choices=POLICY_NAMES,
                          help="expert policy preset (default: auto = resident if all experts fit in "
@@ -66,7 +68,7 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
     )
     return EngineConfig(
         model_dir=args.model, device=args.device, dtype=args.dtype, context_len=args.context_len,
-        progress=not args.no_progress, runtime=runtime,
+        progress=not args.no_progress, runtime=runtime, cuda_graphs=not args.eager,
     )
 
 

@@ -33,6 +33,7 @@ class EngineConfig:
     context_len: int | None = None  # default: min(max_position_embeddings, 4096)
     progress: bool = True
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+    cuda_graphs: bool = True  # decode replays CUDA graphs on a GPU (dymoe/models/decode_graphs.py)
 
 
 @dataclass
@@ -108,6 +109,7 @@ class Engine:
             if experts is None:
                 experts = ResidentExperts.from_checkpoint(checkpoint, device, dtype, progress)
         model.attach_experts(experts)
+        model.cuda_graphs = config.cuda_graphs
         engine = cls(model, checkpoint, eos_token_ids)
         engine.preset = preset
         return engine
@@ -135,7 +137,7 @@ class Engine:
         return self.model(prompt.view(1, -1), 0, self.cache, last_only=True)[0]
 
     def decode_one(self, token: torch.Tensor, position: int) -> torch.Tensor:
-        return self.model(token.view(1, 1), position, self.cache, last_only=True)[0]
+        return self.model.decode(token, position, self.cache)
 
     def generate(self, prompt_ids: list[int], params: SamplingParams) -> Iterator[int]:
         """Yield generated token ids one by one; timings land in ``self.stats``."""

@@ -26,6 +26,7 @@ class ResidentExperts:
     def __init__(self, layers: dict[int, tuple[torch.Tensor, torch.Tensor]], gather_decode: bool = True):
         self.layers = layers
         self.gather_decode = gather_decode
+        self.graph_safe = gather_decode  # decode never synchronises with the host: CUDA graphs record it
 
     @classmethod
     def from_checkpoint(cls, checkpoint, device, dtype, progress=None, gather_decode: bool = True) -> "ResidentExperts":

@@ -1,0 +1,167 @@
+"""One-token decode through CUDA graphs: the dense parts replayed, the expert runtime in between.
+
+Decoding one token is bound by the host: some 80 small kernels per layer, each launched from Python
+(docs/benchmarks.md). A CUDA graph replays a recorded sequence of kernels with one launch. An
+offloading runtime must see which experts a token routes to before it can fetch them (one host
+synchronisation per MoE layer), so a step is cut after each MoE block's router::
+
+    graph 0   embedding, dense layers, attention and router of the first MoE layer
+    runtime   run_experts: fetch what is missing, run the expert kernels (eager)
+    graph 1   add the routed output (and shared experts), ..., router of the next MoE layer
+    ...
+    graph n   final norm and LM head
+
+A runtime that never synchronises (``graph_safe``, e.g. the resident experts) is recorded with the
+rest, so the whole step is one graph. The position lives on the device (:class:`StaticPosition`);
+attention covers a fixed span of the KV cache per graph (a power of two of at least 256 entries that
+covers the position, later entries masked), so a few recordings serve every position. A span is
+recorded at the first step that needs it, right after that step ran eagerly (which also warms up
+any lazily initialised kernel); later steps replay it.
+
+The same segments run without recording where CUDA is absent (``record=False``): that is how the CPU
+tests check this path against the plain forward.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from dymoe.models.layers import KVCache, StaticPosition
+
+MIN_SPAN = 256
+
+
+@dataclass
+class _Segment:
+    """What one segment leaves for the next: the residual stream after attention, the MoE input,
+    and its routing; or, for the last segment, the logits."""
+
+    h: torch.Tensor | None = None
+    flat: torch.Tensor | None = None
+    ids: torch.Tensor | None = None
+    weights: torch.Tensor | None = None
+    logits: torch.Tensor | None = None
+
+
+@dataclass
+class _Recording:
+    graphs: list  # torch.cuda.CUDAGraph per segment (one for a whole-step recording)
+    outputs: list[_Segment]
+
+
+def supports_graphs(model) -> bool:
+    """Whether every part of ``model`` that reads the position can read it from the device: the
+    attention modules, and the routing clock of position-dependent synthetic routers."""
+    clock = getattr(model, "routing_clock", None)
+    if clock is not None and not getattr(clock, "supports_static_position", False):
+        return False
+    return all(getattr(layer.self_attn, "supports_static_position", False) for layer in model.model.layers)
+
+
+def span_for(position: int, context_len: int) -> int:
+    """The attention span of the recording that serves ``position``."""
+    span = MIN_SPAN
+    while span <= position:
+        span *= 2
+    return min(span, context_len)
+
+
+class DecodeGraphs:
+    """Decode steps of ``model`` over ``cache`` (bound to both: recordings hold their addresses)."""
+
+    def __init__(self, model, cache: KVCache, record: bool):
+        self.model = model
+        self.cache = cache
+        self.record = record
+        device = model.lm_head.weight.device
+        hidden = model.config.hidden_size
+        self.token = torch.zeros(1, 1, dtype=torch.long, device=device)
+        self.index = torch.zeros(1, dtype=torch.long, device=device)
+        self.arange = torch.arange(cache.context_len, device=device)
+        self.layers = list(model.model.layers)
+        self.moe_at = [i for i, layer in enumerate(self.layers) if hasattr(layer.mlp, "gate")]
+        self.routed = [torch.zeros(1, hidden, dtype=model.lm_head.weight.dtype, device=device) for _ in self.moe_at]
+        self.positions: dict[int, StaticPosition] = {}
+        self.recordings: dict[int, _Recording] = {}
+        self.whole = bool(getattr(model.experts, "graph_safe", False))
+
+    def step(self, token: torch.Tensor, position: int) -> torch.Tensor:
+        """Logits [V] (float32) of the token ``token`` (a one-element tensor) at ``position``."""
+        span = span_for(position, self.cache.context_len)
+        pos = self.positions.get(span)
+        if pos is None:
+            mask = torch.zeros(1, span, dtype=torch.bool, device=self.index.device)
+            pos = self.positions[span] = StaticPosition(self.index, span, mask)
+        self.token.copy_(token.view(1, 1))
+        self.index.fill_(position)
+        recording = self.recordings.get(span)
+        if recording is not None:
+            return self._replay(recording)
+        logits = self._run(pos)
+        if self.record:
+            self.recordings[span] = self._capture(pos)
+        return logits
+
+    # ---- running, recording, replaying ---------------------------------------------------------
+
+    def _run(self, pos: StaticPosition) -> torch.Tensor:
+        out = None
+        for s in range(len(self.moe_at) + 1):
+            out = self._segment(s, pos, out)
+            if s < len(self.moe_at):
+                self._experts(s, out)
+        return out.logits
+
+    def _experts(self, s: int, out: _Segment) -> None:
+        block = self.layers[self.moe_at[s]].mlp
+        self.routed[s].copy_(self.model.experts.run_experts(block.layer, out.flat, out.ids, out.weights))
+
+    def _capture(self, pos: StaticPosition) -> _Recording:
+        pool = torch.cuda.graph_pool_handle()
+        if self.whole:
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=pool):
+                logits = self._run(pos)
+            return _Recording([graph], [_Segment(logits=logits)])
+        graphs, outputs, out = [], [], None
+        for s in range(len(self.moe_at) + 1):
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=pool):
+                out = self._segment(s, pos, out)
+            graphs.append(graph)
+            outputs.append(out)
+        return _Recording(graphs, outputs)
+
+    def _replay(self, recording: _Recording) -> torch.Tensor:
+        for s, graph in enumerate(recording.graphs):
+            graph.replay()
+            if not self.whole and s < len(self.moe_at):
+                self._experts(s, recording.outputs[s])
+        return recording.outputs[-1].logits
+
+    # ---- one segment: from after MoE layer s-1's router to MoE layer s's router -------------------
+
+    def _segment(self, s: int, pos: StaticPosition, prev: _Segment | None) -> _Segment:
+        model, cache, rotary = self.model, self.cache, self.model.rotary
+        if s == 0:
+            torch.le(self.arange[: pos.span], self.index, out=pos.mask[0])
+            if getattr(model, "routing_clock", None) is not None:
+                model.routing_clock.set(pos, 1)
+            x = model.model.embed_tokens(self.token)
+            first = 0
+        else:
+            block = self.layers[self.moe_at[s - 1]].mlp
+            x = prev.h + block.finish(prev.flat, self.routed[s - 1]).view_as(prev.h)
+            first = self.moe_at[s - 1] + 1
+        last = self.moe_at[s] if s < len(self.moe_at) else len(self.layers)
+        for layer in self.layers[first:last]:
+            x = layer(x, pos, cache, rotary)
+        if s == len(self.moe_at):
+            return _Segment(logits=model.lm_head(model.model.norm(x[:, -1])).float()[0])
+        layer = self.layers[last]
+        h = x + layer.self_attn(layer.input_layernorm(x), pos, cache, rotary)
+        flat = layer.post_attention_layernorm(h).view(1, -1)
+        ids, weights = layer.mlp.gate(flat)
+        return _Segment(h=h, flat=flat, ids=ids, weights=weights)

@@ -1,0 +1,84 @@
+"""The CUDA-graph decode path (dymoe/models/decode_graphs.py), run without recording on the CPU:
+the same segments, device-held positions, span masks and expert-runtime calls as on the GPU, against
+the plain forward."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from dymoe.checkpoint.convert import convert_store
+from dymoe.checkpoint.reader import Checkpoint
+from dymoe.checkpoint.store import ExpertStore
+from dymoe.models import decode_graphs
+from dymoe.models.decode_graphs import DecodeGraphs, span_for, supports_graphs
+from dymoe.models.transformer import load_dense
+from dymoe.runtime.offload import OffloadConfig, OffloadedExperts
+from dymoe.runtime.presets import PRESETS
+from dymoe.runtime.resident import ResidentExperts
+from tests.tiny_models import FAMILIES, make_hf_model, save_checkpoint
+
+PROMPT = torch.tensor([[1, 17, 42, 5, 63, 8, 29, 11]])
+STEPS = 14  # positions 8..21: across the spans 8 -> 16 -> 32 with MIN_SPAN patched to 8
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    root = tmp_path_factory.mktemp("graphs")
+    return {f: Checkpoint.open(save_checkpoint(make_hf_model(f, seed=5), root / f)) for f in FAMILIES}
+
+
+def decode_both(model, experts):
+    """Greedy decode with the plain forward and with the segmented path, each on its own cache."""
+    model.attach_experts(experts)
+    plain_cache, graph_cache = model.new_cache(1), model.new_cache(1)
+    logits = model(PROMPT, 0, plain_cache, last_only=True)[0]
+    assert torch.equal(logits, model(PROMPT, 0, graph_cache, last_only=True)[0])
+    graphs = DecodeGraphs(model, graph_cache, record=False)
+    plain, segmented = [], []
+    token = logits.argmax()
+    for i in range(STEPS):
+        position = PROMPT.shape[1] + i
+        plain.append(model(token.view(1, 1), position, plain_cache, last_only=True)[0])
+        segmented.append(graphs.step(token, position))
+        token = plain[-1].argmax()  # both fed the same tokens
+    return torch.stack(plain), torch.stack(segmented), graphs
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_segmented_decode_equals_the_forward(checkpoints, family, monkeypatch):
+    monkeypatch.setattr(decode_graphs, "MIN_SPAN", 8)
+    checkpoint = checkpoints[family]
+    model = load_dense(checkpoint, 40, "cpu", torch.float32)
+    assert supports_graphs(model), (f"{family}: every attention module must accept a StaticPosition "
+                                    f"(dymoe/models/layers.py) so that decode runs in CUDA graphs")
+    plain, segmented, graphs = decode_both(model, ResidentExperts.from_checkpoint(checkpoint, "cpu", torch.float32))
+    torch.testing.assert_close(segmented, plain, rtol=1e-5, atol=1e-5)
+    assert torch.equal(segmented.argmax(-1), plain.argmax(-1))
+    assert sorted(graphs.positions) == [16, 32]  # positions 8..21 need spans 16 and 32
+    assert graphs.whole  # the resident runtime never synchronises: one recording per step
+
+
+def test_segmented_decode_calls_an_offloading_runtime_once_per_moe_layer(checkpoints, tmp_path, monkeypatch):
+    monkeypatch.setattr(decode_graphs, "MIN_SPAN", 8)
+    checkpoint = checkpoints["qwen2_moe"]  # shared experts: finish() adds them after the runtime
+    store = ExpertStore.open(convert_store(checkpoint, tmp_path / "store", precisions=("bf16",), progress=False))
+    model = load_dense(checkpoint, 40, "cpu", torch.float32)
+    c = checkpoint.config
+    budget = c.num_experts_per_tok * store.layout("bf16").nbytes * 2
+    experts = OffloadedExperts(store, OffloadConfig(budget_bytes=budget, **PRESETS["lru"]), c.num_experts_per_tok,
+                               "cpu", torch.float32)
+    calls = []
+    run_experts = experts.run_experts
+    experts.run_experts = lambda layer, *args: calls.append(layer) or run_experts(layer, *args)
+    plain, segmented, graphs = decode_both(model, experts)
+    torch.testing.assert_close(segmented, plain, rtol=1e-5, atol=1e-5)
+    assert not graphs.whole
+    moe_layers = list(c.moe_layers)
+    # the prefill (twice) then, per step, the plain forward and the segmented path: each layer once
+    assert calls[2 * len(moe_layers):] == moe_layers * (2 * STEPS)
+
+
+def test_span_covers_the_position_in_powers_of_two_up_to_the_context():
+    assert [span_for(p, 4096) for p in (0, 255, 256, 511, 512, 3000, 4095)] == [256, 256, 512, 512, 1024, 4096, 4096]
+    assert span_for(700, 1000) == 1000
