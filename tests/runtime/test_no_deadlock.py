@@ -182,7 +182,8 @@ def offloaded(store, preset, slots_per_class, depth, **knobs):
     predictor that is always wrong; returns it and its budget."""
     budget, share = exact_budget(store, preset)
     budget *= slots_per_class
-    runtime = preset_provider(store, preset, budget, TOP_K, "cpu", torch.float32, prefetch_depth=depth, **share, **knobs)
+    runtime = preset_provider(store, preset, budget, TOP_K, "cpu", torch.float32, prefetch_depth=depth, **share,
+                              **knobs)
     assert set(runtime.pool.counts.values()) == {slots_per_class * TOP_K}
     runtime.predictor = WrongGuesses(depth)
     return runtime, budget
@@ -197,7 +198,14 @@ def run_offloaded_steps(store, resident, runtime, budget, seed):
     w = torch.softmax(torch.randn(6, TOP_K, generator=g), -1)
     for layer in LAYERS:
         out = runtime.run_experts(layer, hidden, ids, w)
-        if not mixed:
+        if mixed:  # each token's row is its experts at the precisions they ran at, one per expert
+            ran = {}
+            for n in range(6):
+                experts = ids[n].tolist()
+                precisions = served_as(store, layer, hidden[n : n + 1], experts, w[n : n + 1], out[n : n + 1])
+                for e, p in zip(experts, precisions):
+                    assert ran.setdefault(e, p) == p
+        else:
             assert torch.equal(out, resident.run_experts(layer, hidden, ids, w))
     for i, routing in enumerate(steps(seed, 8)):
         for layer in LAYERS:
