@@ -58,7 +58,7 @@ class OffloadConfig:
     high_share: float = 0.5  # share of the budget for high-precision slots
     precision_rule: str = "importance"  # "importance" (DyMoE) or "popularity" (Fate): runtime/precision.py
     important_mass: float = 0.5  # importance: a token's experts, by router weight, until this mass run high
-    popularity_floor: float = 1.0  # popularity: prefill experts with fewer tokens than this x tokens*k/experts run low
+    popularity_floor: float = 0.5  # popularity: prefill experts with fewer tokens than this x tokens*k/experts run low
     critical_layers: tuple[int, ...] = ()  # depth floor: these MoE layer indices always run high (-1 = last)
     substitute: bool = True  # a resident copy at the other precision serves instead of a stall
 

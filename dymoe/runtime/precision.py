@@ -70,15 +70,17 @@ class PopularityRule:
     """Fate: every expert high in decode; in prefill, the unpopular experts low.
 
     An expert is unpopular in a batch of N tokens routed top-k over E experts when fewer than
-    ``floor * N * k / E`` of the tokens chose it — below the load a perfectly balanced router would
-    give it. Its quantization error then touches few tokens while its copy costs as much as a
+    ``floor * N * k / E`` of the tokens chose it, N*k/E being the load a perfectly balanced router
+    would give it. Its quantization error then touches few tokens while its copy costs as much as a
     popular one's, which is the trade Fate makes. The threshold scales with the prompt; a prompt
-    shorter than E / (floor * k) tokens has no unpopular expert and runs like decode.
+    shorter than E / (floor * k) tokens has no unpopular expert and runs like decode. The default
+    0.5 (under half the balanced load) is measured on the demo model (docs/benchmarks.md): 1.0 sent
+    half of a 256-token prompt's experts to int2 and gave 7x static-int4's KL, 0.5 a fifth and 2x.
     """
 
     prefetch_low = False
 
-    def __init__(self, num_experts: int, floor: float = 1.0):
+    def __init__(self, num_experts: int, floor: float = 0.5):
         self.num_experts = num_experts
         self.floor = floor
 

@@ -62,12 +62,12 @@ PRESETS: dict[str, dict] = {
     "arc": dict(precision="bf16", eviction="arc"),
     "shallow": dict(precision="bf16", eviction="shallow"),
     # Fate: shallow-favouring per-layer budget with ARC inside each layer, the cross-layer gate
-    # prefetch, experts cached and moved at int4; in prefill the unpopular ones (fewer tokens than a
-    # balanced router's share) move at int2. Decode runs int4 only: an int2 copy left by prefill is
+    # prefetch, experts cached and moved at int4; in prefill the unpopular ones (fewer tokens than
+    # half a balanced router's share) move at int2. Decode runs int4 only: an int2 copy left by prefill is
     # refetched, not substituted (decode errors compound into every later token). The int2 class
     # only serves prefill, so it gets a quarter of the budget.
-    "fate": dict(precision="int4", low_precision="int2", precision_rule="popularity", high_share=0.75,
-                 substitute=False, eviction="fate", prefetch_depth=1),
+    "fate": dict(precision="int4", low_precision="int2", precision_rule="popularity", popularity_floor=0.5,
+                 high_share=0.75, substitute=False, eviction="fate", prefetch_depth=1),
     # Fate's cache and prefetch at bf16 (exact: offloading is invisible, invariant 2)
     "fate-bf16": dict(precision="bf16", eviction="fate", prefetch_depth=1),
     # DyMoE: per token, the experts holding half the router weight run at bf16, the rest at int4; the

@@ -82,7 +82,8 @@ def test_prefill_runs_unpopular_experts_at_int2(model_and_store):
     c = checkpoint.config
     assert (c.num_experts, c.num_experts_per_tok) == (8, 3)
     ids = torch.tensor([[0, 1, 2], [0, 1, 3], [0, 1, 2], [0, 4, 5], [0, 1, 6], [0, 1, 2], [0, 1, 7], [0, 1, 2]])
-    # 8 tokens x 3 / 8 experts: popular = at least 3 tokens -> 0 (8), 1 (7), 2 (4); 3..7 have one each
+    # 8 tokens x 3 / 8 experts = 3 tokens each if balanced; popular = at least half of that (floor 0.5):
+    # 0 (8 tokens), 1 (7), 2 (4); 3..7 have one each
     experts, recording = fate(checkpoint, store, 32 * store.layout("int4").nbytes)  # int2 class: >= 8 slots
     layer = c.moe_layers[1]
     experts.run_experts(layer, torch.randn(8, c.hidden_size), ids, torch.full((8, 3), 1 / 3))
@@ -110,10 +111,11 @@ def test_decode_runs_int4_only_and_refetches_int2_copies(model_and_store):
 
 class ChosenPrecisionReference:
     """The reference the fate preset must equal: each expert dequantized straight from the store at the
-    precision Fate's rule gives it (int2 below the balanced share in prefill, else int4; int4 in decode)."""
+    precision Fate's rule gives it (int2 below ``floor`` x the balanced share in prefill, else int4;
+    int4 in decode)."""
 
-    def __init__(self, store, num_experts: int):
-        self.store, self.num_experts = store, num_experts
+    def __init__(self, store, num_experts: int, floor: float):
+        self.store, self.num_experts, self.floor = store, num_experts, floor
         self.used: dict[str, int] = {"int4": 0, "int2": 0}
 
     def run_experts(self, layer, hidden, expert_ids, expert_weights):
@@ -126,7 +128,7 @@ class ChosenPrecisionReference:
         counts = torch.bincount(expert_ids.reshape(-1), minlength=self.num_experts).tolist()
 
         def weights_of(e):
-            precision = "int4" if counts[e] >= n * k / self.num_experts else "int2"
+            precision = "int4" if counts[e] >= self.floor * n * k / self.num_experts else "int2"
             self.used[precision] += 1
             return dequantized_expert(self.store.blob(layer, e, precision), self.store.layout(precision),
                                       hidden.dtype)
@@ -151,7 +153,7 @@ def test_fate_equals_the_chosen_precisions_within_budget(model_and_store):
     checkpoint, store = model_and_store
     c = checkpoint.config
     model = load_dense(checkpoint, 64, "cpu", torch.float32)
-    reference = ChosenPrecisionReference(store, c.num_experts)
+    reference = ChosenPrecisionReference(store, c.num_experts, PRESETS["fate"]["popularity_floor"])
     expected = generate(model, reference)
     assert reference.used["int2"] > 0 and reference.used["int4"] > 0  # the prompt has unpopular experts
     low = min_budget(checkpoint, store)
