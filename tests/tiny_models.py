@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-FAMILIES = ("qwen3_moe", "qwen2_moe", "mixtral", "olmoe")
+FAMILIES = ("qwen3_moe", "qwen2_moe", "mixtral", "olmoe", "deepseek_v2", "deepseek_v3")
 
 # Small but not degenerate: several experts per token, GQA, more than one layer, and an init
 # scale large enough that routing differs between tokens.
@@ -19,6 +19,15 @@ FAMILY_KW = {
                       shared_expert_intermediate_size=40),
     "mixtral": dict(num_local_experts=8, num_experts_per_tok=2),
     "olmoe": dict(num_experts=8, num_experts_per_tok=3, clip_qkv=None),
+    # MLA with a value head narrower than the query/key head, one leading dense layer, two shared
+    # experts, and a routed scaling factor; one KV head per query head, as MLA expands them.
+    "deepseek_v2": dict(moe_intermediate_size=24, n_routed_experts=8, num_experts_per_tok=3, n_shared_experts=2,
+                        first_k_dense_replace=1, num_key_value_heads=4, kv_lora_rank=16, q_lora_rank=None,
+                        qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=12, routed_scaling_factor=1.5),
+    "deepseek_v3": dict(moe_intermediate_size=24, n_routed_experts=8, num_experts_per_tok=3, n_shared_experts=1,
+                        first_k_dense_replace=1, num_key_value_heads=4, kv_lora_rank=16, q_lora_rank=20,
+                        qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=12, n_group=4, topk_group=2,
+                        routed_scaling_factor=2.5),
 }
 
 
@@ -30,6 +39,8 @@ def hf_classes(family: str):
         "qwen2_moe": (tf.Qwen2MoeConfig, tf.Qwen2MoeForCausalLM),
         "mixtral": (tf.MixtralConfig, tf.MixtralForCausalLM),
         "olmoe": (tf.OlmoeConfig, tf.OlmoeForCausalLM),
+        "deepseek_v2": (tf.DeepseekV2Config, tf.DeepseekV2ForCausalLM),
+        "deepseek_v3": (tf.DeepseekV3Config, tf.DeepseekV3ForCausalLM),
     }[family]
 
 
@@ -38,6 +49,10 @@ def make_hf_model(family: str, seed: int = 0, **overrides):
     kwargs = {**BASE, **FAMILY_KW[family], "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0, **overrides}
     torch.manual_seed(seed)
     model = model_cls(config_cls(**kwargs)).eval()
+    with torch.no_grad():  # transformers starts DeepSeek-V3's routing bias at zero; make it matter
+        for name, buffer in model.named_buffers():
+            if name.endswith("e_score_correction_bias"):
+                buffer.normal_(0.0, 0.05)
     return model
 
 

@@ -15,6 +15,12 @@ The shapes are copied from the public ``config.json`` files of these hub reposit
   top-8, intermediate_size 1024, vocab 50304, q/k norm over the full projection).
 * ``qwen2-moe-a2.7b``: Qwen/Qwen1.5-MoE-A2.7B (hidden 2048, 24 layers, 16 / 16 heads, 60 experts,
   top-4, moe_intermediate_size 1408, shared expert 5632, vocab 151936, q/k/v bias).
+* ``deepseek-v2-lite``: deepseek-ai/DeepSeek-V2-Lite (hidden 2048, 27 layers of which the first is
+  dense with intermediate_size 10944, 16 heads of multi-head latent attention with kv_lora_rank 512,
+  q_lora_rank null, qk_nope_head_dim 128, qk_rope_head_dim 64, v_head_dim 128; 64 routed experts,
+  top-6, greedy softmax routing, norm_topk_prob false, routed_scaling_factor 1.0, 2 shared experts,
+  moe_intermediate_size 1408, vocab 102400, YaRN RoPE theta 1e4 factor 40 from 4096 positions with
+  mscale = mscale_all_dim = 0.707, max_position_embeddings 163840).
 
 Weights are a function of (seed, tensor name, device kind) only: each tensor has its own generator,
 so layer 3 of a 4-layer model equals layer 3 of the 48-layer one, and the same seed gives the same
@@ -70,6 +76,19 @@ SYNTHETIC_SHAPES: dict[str, dict[str, Any]] = {
         "rms_norm_eps": 1e-6, "rope_theta": 1000000.0, "tie_word_embeddings": False,
         "bos_token_id": 151643, "eos_token_id": 151643,
     },
+    "deepseek-v2-lite": {
+        "architectures": ["DeepseekV2ForCausalLM"], "model_type": "deepseek_v2", "vocab_size": 102400,
+        "hidden_size": 2048, "intermediate_size": 10944, "moe_intermediate_size": 1408, "num_hidden_layers": 27,
+        "num_attention_heads": 16, "num_key_value_heads": 16, "kv_lora_rank": 512, "q_lora_rank": None,
+        "qk_nope_head_dim": 128, "qk_rope_head_dim": 64, "v_head_dim": 128, "n_routed_experts": 64,
+        "num_experts_per_tok": 6, "n_shared_experts": 2, "first_k_dense_replace": 1, "moe_layer_freq": 1,
+        "topk_method": "greedy", "n_group": 1, "topk_group": 1, "norm_topk_prob": False, "scoring_func": "softmax",
+        "routed_scaling_factor": 1.0, "max_position_embeddings": 163840, "rms_norm_eps": 1e-6,
+        "rope_theta": 10000, "rope_scaling": {"type": "yarn", "factor": 40, "original_max_position_embeddings": 4096,
+                                              "beta_fast": 32, "beta_slow": 1, "mscale": 0.707,
+                                              "mscale_all_dim": 0.707},
+        "attention_bias": False, "tie_word_embeddings": False, "bos_token_id": 100000, "eos_token_id": 100001,
+    },
 }
 
 # Fills one MoE layer's router weight [E, H] in place; the hook for skewed routing (a later issue):
@@ -105,10 +124,14 @@ def synthetic_config(name: str, layers: int | None = None) -> ModelConfig:
 def tiny_config(config: ModelConfig) -> ModelConfig:
     """The same family and switches at toy widths, for CPU smoke runs and tests.
 
-    Keeps whether attention is grouped-query, whether there is a shared expert and the layer
-    pattern; shrinks every width, the vocabulary and the expert count.
+    Keeps whether attention is grouped-query (or latent), whether there is a shared expert and the
+    layer pattern; shrinks every width, the vocabulary and the expert count.
     """
     kv_heads = 4 if config.num_kv_heads == config.num_heads else 2
+    latent = config.latent_attention
+    if latent is not None:
+        latent = dataclasses.replace(latent, kv_lora_rank=32, q_lora_rank=latent.q_lora_rank and 24,
+                                     qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=16)
     return dataclasses.replace(
         config,
         vocab_size=512,
@@ -122,6 +145,7 @@ def tiny_config(config: ModelConfig) -> ModelConfig:
         num_experts_per_tok=min(config.num_experts_per_tok, 4),
         shared_expert_intermediate_size=80 if config.shared_expert_intermediate_size else 0,
         max_position_embeddings=min(config.max_position_embeddings, 4096),
+        latent_attention=latent,  # head_dim 16 = qk_nope_head_dim + qk_rope_head_dim
     )
 
 

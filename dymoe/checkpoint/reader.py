@@ -34,6 +34,7 @@ class ExpertNames:
     down: str = "experts.{e}.down_proj.weight"
     fused_gate_up: str = "experts.gate_up_proj"
     fused_down: str = "experts.down_proj"
+    shared: str = "shared_expert"  # the always-on shared expert(s), dense and resident
 
 
 def _check_header(path: Path) -> None:
@@ -136,6 +137,8 @@ class Checkpoint:
 
     def tensor_name(self, param_name: str) -> str:
         """The checkpoint's name for one of our (Hugging Face-named) dense parameters."""
+        if self.names.shared != ExpertNames.shared:
+            param_name = param_name.replace(f".mlp.{ExpertNames.shared}.", f".mlp.{self.names.shared}.")
         default = ExpertNames.block.split("{")[0]
         if self.names.block != ExpertNames.block and param_name.startswith(default):
             layer = param_name[len(default):].split(".")[0]
@@ -195,9 +198,15 @@ MIXTRAL_NAMES = ExpertNames(
 )
 
 
+DEEPSEEK_NAMES = ExpertNames(shared="shared_experts")
+
+
 def _detect_names(config: ModelConfig, tensor_files: dict[str, Path]) -> ExpertNames:
     """Mixtral's hub checkpoints say ``block_sparse_moe`` and ``w1/w3/w2``; its fused exports (as
-    transformers 5 holds it in memory) say ``mlp`` like the other families."""
+    transformers 5 holds it in memory) say ``mlp`` like the other families. DeepSeek names its
+    shared experts ``mlp.shared_experts``."""
+    if config.family.startswith("deepseek"):
+        return DEEPSEEK_NAMES
     if config.family == "mixtral" and config.moe_layers:
         router = MIXTRAL_NAMES.block.format(l=config.moe_layers[0]) + ".gate.weight"
         if router in tensor_files:

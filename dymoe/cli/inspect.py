@@ -47,6 +47,8 @@ def describe(checkpoint: Checkpoint, budget: int | None, group_size: int) -> dic
     active = dense_params + len(c.moe_layers) * c.num_experts_per_tok * c.expert_params
     facts = {
         "architecture": c.family,
+        "attention": attention_summary(c),
+        "kv_cache_bytes_per_token_bf16": 2 * c.num_layers * c.num_kv_heads * (c.head_dim + c.v_head_dim),
         "layers": c.num_layers,
         "moe_layers": len(c.moe_layers),
         "experts_per_layer": c.num_experts,
@@ -73,6 +75,15 @@ def describe(checkpoint: Checkpoint, budget: int | None, group_size: int) -> dic
     return facts
 
 
+def attention_summary(c: ModelConfig) -> str:
+    """One phrase: the attention kind and its head shapes."""
+    m = c.latent_attention
+    if m is not None:
+        return (f"multi-head latent (MLA), {c.num_heads} heads, kv_lora_rank {m.kv_lora_rank}, "
+                f"q_lora_rank {m.q_lora_rank if m.q_lora_rank is not None else 'none'}")
+    return f"grouped-query, {c.num_heads} query / {c.num_kv_heads} KV heads of {c.head_dim}"
+
+
 def _numel(shape) -> int:
     n = 1
     for s in shape:
@@ -83,6 +94,8 @@ def _numel(shape) -> int:
 def render(facts: dict) -> str:
     lines = [
         f"architecture     {facts['architecture']}",
+        f"attention        {facts['attention']}; KV cache "
+        f"{format_bytes(facts['kv_cache_bytes_per_token_bf16'])} per token at bf16",
         f"layers           {facts['layers']} ({facts['moe_layers']} MoE), hidden {facts['hidden_size']}",
         f"experts          {facts['experts_per_layer']} per layer, top-{facts['experts_per_token']}, "
         f"width {facts['expert_width']}"

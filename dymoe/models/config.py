@@ -1,7 +1,8 @@
 """ModelConfig: the one description of a model that every layer of dymoe reads.
 
 It is parsed from a Hugging Face ``config.json`` by :mod:`dymoe.models.registry`; families differ only
-in the few fields below (q/k norms, attention bias, router normalisation, shared expert). Both the
+in the few fields below (q/k norms, attention bias, router normalisation and grouping, shared
+experts, DeepSeek's latent attention). Both the
 transformers-4 spelling (``rope_theta`` + ``rope_scaling``) and the transformers-5 spelling
 (``rope_parameters``) of RoPE settings are accepted.
 """
@@ -33,16 +34,33 @@ class RopeConfig:
 
 
 @dataclass(frozen=True)
+class LatentAttentionConfig:
+    """Widths of DeepSeek's Multi-head Latent Attention (MLA, arXiv 2405.04434 section 2.1).
+
+    Keys and values are projected down to one ``kv_lora_rank`` latent per token and up again per
+    head; only ``qk_rope_head_dim`` of each query/key head carries RoPE, and that part of the key is
+    shared by all heads. ``q_lora_rank`` None (DeepSeek-V2-Lite) projects queries directly.
+    """
+
+    kv_lora_rank: int
+    q_lora_rank: int | None
+    qk_nope_head_dim: int
+    qk_rope_head_dim: int
+    v_head_dim: int
+    rope_interleave: bool = True  # RoPE pairs are adjacent dims (x0, x1), not (x0, x_{d/2})
+
+
+@dataclass(frozen=True)
 class ModelConfig:
     """Shapes and family switches of a decoder-only MoE transformer."""
 
-    family: str  # "qwen3_moe" | "qwen2_moe" | "mixtral" | "olmoe"
+    family: str  # "qwen3_moe" | "qwen2_moe" | "mixtral" | "olmoe" | "deepseek_v2" | "deepseek_v3"
     vocab_size: int
     hidden_size: int
     num_layers: int
     num_heads: int
     num_kv_heads: int
-    head_dim: int
+    head_dim: int  # query/key head width (MLA: qk_nope_head_dim + qk_rope_head_dim)
     intermediate_size: int  # dense MLP width (layers that are not MoE)
     moe_intermediate_size: int  # one routed expert's width
     num_experts: int
@@ -54,7 +72,17 @@ class ModelConfig:
     attention_bias: bool = False
     qk_norm: str | None = None  # None | "per_head" (Qwen3) | "full" (OLMoE)
     clip_qkv: float | None = None
-    shared_expert_intermediate_size: int = 0  # Qwen2-MoE shared expert (with sigmoid gate)
+    shared_expert_intermediate_size: int = 0  # always-on shared expert(s), summed into one MLP
+    shared_expert_gate: bool = False  # Qwen2-MoE scales it by a sigmoid gate; DeepSeek does not
+    # Router variants beyond "softmax, top-k": DeepSeek-V3 scores with a sigmoid and picks with a
+    # per-expert correction bias ("noaux_tc"); DeepSeek-V2 may first keep the topk_group best of
+    # n_group expert groups ("group_limited_greedy"); both scale the chosen weights.
+    router_scoring: str = "softmax"  # "softmax" | "sigmoid"
+    topk_method: str = "greedy"  # "greedy" | "group_limited_greedy" | "noaux_tc"
+    n_group: int = 1
+    topk_group: int = 1
+    routed_scaling_factor: float = 1.0
+    latent_attention: LatentAttentionConfig | None = None  # DeepSeek's MLA instead of GQA
     moe_layers: tuple[int, ...] = ()  # layer indices whose MLP is a routed MoE block
     tie_word_embeddings: bool = False
     bos_token_id: int | None = None
@@ -64,6 +92,16 @@ class ModelConfig:
     def expert_params(self) -> int:
         """Parameters of one routed expert (gate, up and down projections)."""
         return 3 * self.hidden_size * self.moe_intermediate_size
+
+    @property
+    def v_head_dim(self) -> int:
+        """Width of one value head (MLA's differs from the query/key width)."""
+        return self.latent_attention.v_head_dim if self.latent_attention else self.head_dim
+
+    @property
+    def rope_dim(self) -> int:
+        """How many dims of a query/key head RoPE rotates (MLA: only the rope part)."""
+        return self.latent_attention.qk_rope_head_dim if self.latent_attention else self.head_dim
 
     def is_moe_layer(self, layer: int) -> bool:
         return layer in self.moe_layers

@@ -132,9 +132,9 @@ class KVCache:
     """Keys and values of every layer, preallocated for ``batch`` x ``context_len`` at start-up."""
 
     def __init__(self, config: ModelConfig, batch: int, context_len: int, device, dtype: torch.dtype):
-        shape = (config.num_layers, batch, config.num_kv_heads, context_len, config.head_dim)
-        self.k = torch.zeros(shape, device=device, dtype=dtype)
-        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        shape = (config.num_layers, batch, config.num_kv_heads, context_len)
+        self.k = torch.zeros(*shape, config.head_dim, device=device, dtype=dtype)
+        self.v = torch.zeros(*shape, config.v_head_dim, device=device, dtype=dtype)
         self.context_len = context_len
 
     @property
@@ -194,8 +194,10 @@ class Attention(nn.Module):
         return self.o_proj(out.transpose(1, 2).reshape(b, t, -1))
 
 
-def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int) -> torch.Tensor:
-    """Causal attention of q [B, H, T, D] over k, v [B, Hkv, L, D] (grouped-query when H > Hkv).
+def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int, scale: float | None = None
+            ) -> torch.Tensor:
+    """Causal attention of q [B, H, T, D] over k, v [B, Hkv, L, D] (grouped-query when H > Hkv);
+    scores are scaled by ``scale`` (default 1/sqrt(D)).
 
     One new token sees every cached key, so its query heads can be folded into the query length of
     their key-value head ([B, Hkv, H/Hkv, D]): a plain attention the flash and efficient kernels run,
@@ -205,11 +207,11 @@ def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int) -> to
     groups = h // k.shape[1]
     with sdpa_kernel(SDPA_BACKENDS):
         if t == 1 and groups > 1:
-            out = F.scaled_dot_product_attention(q.view(b, k.shape[1], groups, d), k, v)
-            return out.view(b, h, 1, d)
+            out = F.scaled_dot_product_attention(q.view(b, k.shape[1], groups, d), k, v, scale=scale)
+            return out.view(b, h, 1, -1)
         return F.scaled_dot_product_attention(
             q, k, v, attn_mask=_causal_mask(start, t, q.device), is_causal=(start == 0 and t > 1),
-            enable_gqa=groups > 1,
+            enable_gqa=groups > 1, scale=scale,
         )
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from dymoe.errors import CheckpointError, UnsupportedModelError
-from dymoe.models.config import ModelConfig, RopeConfig
+from dymoe.models.config import LatentAttentionConfig, ModelConfig, RopeConfig
 
 ConfigParser = Callable[[dict[str, Any]], dict[str, Any]]
 
@@ -110,7 +110,8 @@ def _qwen3_moe(raw: dict) -> dict[str, Any]:
 
 def _qwen2_moe(raw: dict) -> dict[str, Any]:
     return dict(_qwen_experts(raw), family="qwen2_moe", attention_bias=bool(raw.get("qkv_bias", True)),
-                shared_expert_intermediate_size=raw.get("shared_expert_intermediate_size", 0))
+                shared_expert_intermediate_size=raw.get("shared_expert_intermediate_size", 0),
+                shared_expert_gate=True)
 
 
 def _mixtral(raw: dict) -> dict[str, Any]:
@@ -142,13 +143,64 @@ def _olmoe(raw: dict) -> dict[str, Any]:
     )
 
 
+def _deepseek(raw: dict) -> dict[str, Any]:
+    """What DeepSeek-V2 and -V3 share: latent attention, leading dense layers, ungated shared experts."""
+    experts = _required(raw, "n_routed_experts", "num_experts")
+    width = _required(raw, "moe_intermediate_size")
+    nope, rope = _required(raw, "qk_nope_head_dim"), _required(raw, "qk_rope_head_dim")
+    first_dense = raw.get("first_k_dense_replace") or 0
+    step = raw.get("moe_layer_freq") or 1  # DeepSeek's own code: MoE where l >= first_dense and l % step == 0
+    heads = _required(raw, "num_attention_heads")
+    return dict(
+        head_dim=nope + rope,  # config.json's head_dim is the rope width (transformers writes it so)
+        num_kv_heads=heads,  # the latent is expanded to one key and one value per query head
+        intermediate_size=_required(raw, "intermediate_size"),
+        moe_intermediate_size=width,
+        num_experts=experts,
+        num_experts_per_tok=_required(raw, "num_experts_per_tok"),
+        shared_expert_intermediate_size=width * (raw.get("n_shared_experts") or 0),
+        attention_bias=bool(raw.get("attention_bias", False)),
+        moe_layers=tuple(l for l in range(raw["num_hidden_layers"]) if l >= first_dense and l % step == 0),
+        n_group=raw.get("n_group") or 1,
+        topk_group=raw.get("topk_group") or 1,
+        routed_scaling_factor=float(raw.get("routed_scaling_factor") or 1.0),
+        latent_attention=LatentAttentionConfig(
+            kv_lora_rank=_required(raw, "kv_lora_rank"),
+            q_lora_rank=raw.get("q_lora_rank"),
+            qk_nope_head_dim=nope,
+            qk_rope_head_dim=rope,
+            v_head_dim=_required(raw, "v_head_dim"),
+            rope_interleave=bool(raw.get("rope_interleave", True)),
+        ),
+    )
+
+
+def _deepseek_v2(raw: dict) -> dict[str, Any]:
+    # transformers 5 reads neither scoring_func nor norm_topk_prob for V2 (always softmax, never
+    # renormalised, always times routed_scaling_factor); every published V2 config agrees
+    # (softmax, norm_topk_prob false), so we follow it.
+    method = raw.get("topk_method") or "greedy"
+    if method not in ("greedy", "group_limited_greedy"):
+        raise UnsupportedModelError(f"DeepSeek-V2 topk_method {method!r} is not supported (greedy, group_limited_greedy)")
+    return dict(_deepseek(raw), family="deepseek_v2", topk_method=method, norm_topk_prob=False)
+
+
+def _deepseek_v3(raw: dict) -> dict[str, Any]:
+    # transformers 5 always routes V3 as noaux_tc: sigmoid scores, choice on scores + bias.
+    return dict(_deepseek(raw), family="deepseek_v3", topk_method="noaux_tc", router_scoring="sigmoid",
+                norm_topk_prob=bool(raw.get("norm_topk_prob", True)))
+
+
 FAMILIES: dict[str, ConfigParser] = {
     "Qwen3MoeForCausalLM": _qwen3_moe,
     "Qwen2MoeForCausalLM": _qwen2_moe,
     "MixtralForCausalLM": _mixtral,
     "OlmoeForCausalLM": _olmoe,
+    "DeepseekV2ForCausalLM": _deepseek_v2,
+    "DeepseekV3ForCausalLM": _deepseek_v3,
 }
-MODEL_TYPES = {"qwen3_moe": _qwen3_moe, "qwen2_moe": _qwen2_moe, "mixtral": _mixtral, "olmoe": _olmoe}
+MODEL_TYPES = {"qwen3_moe": _qwen3_moe, "qwen2_moe": _qwen2_moe, "mixtral": _mixtral, "olmoe": _olmoe,
+               "deepseek_v2": _deepseek_v2, "deepseek_v3": _deepseek_v3}
 
 
 def supported_architectures() -> list[str]:

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from dymoe.models.config import ModelConfig
+from dymoe.models.latent_attention import LatentAttention
 from dymoe.models.layers import Attention, DenseMLP, KVCache, RMSNorm, RotaryEmbedding
 from dymoe.models.moe import ExpertProvider, MoEBlock
 
@@ -19,7 +20,7 @@ from dymoe.models.moe import ExpertProvider, MoEBlock
 class DecoderLayer(nn.Module):
     def __init__(self, config: ModelConfig, layer: int):
         super().__init__()
-        self.self_attn = Attention(config, layer)
+        self.self_attn = (LatentAttention if config.latent_attention else Attention)(config, layer)
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         if config.is_moe_layer(layer):
@@ -48,7 +49,7 @@ class MoETransformer(nn.Module):
         self.config = config
         self.model = Backbone(config)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
-        self.rotary = RotaryEmbedding(config.rope, config.head_dim, context_len)
+        self.rotary = RotaryEmbedding(config.rope, config.rope_dim, context_len)
         self.context_len = context_len
         self.experts: ExpertProvider | None = None
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import runpy
 from pathlib import Path
 
@@ -11,7 +12,9 @@ import torch
 from dymoe.bench.synthetic import (
     SYNTHETIC_SHAPES, build_expert_layer, build_synthetic, parse_model_spec, synthetic_config, tiny_config,
 )
+from dymoe.cli.main import main
 from dymoe.errors import InputError
+from dymoe.models.transformer import MoETransformer
 from dymoe.runtime.resident import ResidentExperts
 
 # name -> (family, hidden, layers, heads, kv heads, head_dim, experts, top-k, expert width, vocab)
@@ -20,7 +23,9 @@ PUBLISHED = {
     "mixtral-8x7b": ("mixtral", 4096, 32, 32, 8, 128, 8, 2, 14336, 32000),
     "olmoe-1b-7b": ("olmoe", 2048, 16, 16, 16, 128, 64, 8, 1024, 50304),
     "qwen2-moe-a2.7b": ("qwen2_moe", 2048, 24, 16, 16, 128, 60, 4, 1408, 151936),
+    "deepseek-v2-lite": ("deepseek_v2", 2048, 27, 16, 16, 192, 64, 6, 1408, 102400),
 }
+FIRST_DENSE_LAYERS = {"deepseek-v2-lite": 1}
 BENCHMARK = Path(__file__).resolve().parents[2] / "benchmarks" / "resident_decode.py"
 
 
@@ -29,7 +34,7 @@ def test_configs_have_the_published_shapes(name):
     c = synthetic_config(name)
     assert (c.family, c.hidden_size, c.num_layers, c.num_heads, c.num_kv_heads, c.head_dim, c.num_experts,
             c.num_experts_per_tok, c.moe_intermediate_size, c.vocab_size) == PUBLISHED[name]
-    assert c.moe_layers == tuple(range(c.num_layers))
+    assert c.moe_layers == tuple(range(FIRST_DENSE_LAYERS.get(name, 0), c.num_layers))
 
 
 def test_family_switches():
@@ -38,6 +43,38 @@ def test_family_switches():
     assert olmoe.qk_norm == "full" and not olmoe.norm_topk_prob
     assert qwen2.shared_expert_intermediate_size == 5632 and qwen2.attention_bias
     assert synthetic_config("mixtral-8x7b").qk_norm is None
+
+
+def test_deepseek_v2_lite_as_published():
+    """Latent attention, shared experts and YaRN as in the config.json; 15.7 B parameters in all, as
+    the model card says (counted on the meta device, nothing allocated)."""
+    c = synthetic_config("deepseek-v2-lite")
+    m = c.latent_attention
+    assert (m.kv_lora_rank, m.q_lora_rank, m.qk_nope_head_dim, m.qk_rope_head_dim, m.v_head_dim) == (512, None, 128, 64, 128)
+    assert c.shared_expert_intermediate_size == 2 * 1408 and not c.shared_expert_gate
+    assert c.intermediate_size == 10944 and c.topk_method == "greedy" and c.routed_scaling_factor == 1.0
+    assert (c.rope.rope_type, c.rope.factor, c.rope.original_max_position, c.rope.mscale_all_dim) == ("yarn", 40.0, 4096, 0.707)
+    with torch.device("meta"):
+        dense = sum(p.numel() for p in MoETransformer(c, 16).parameters())
+    total = dense + len(c.moe_layers) * c.num_experts * c.expert_params
+    assert round(total / 1e9, 1) == 15.7
+
+
+def test_deepseek_v2_lite_decodes_through_bench(tmp_path, capsys):
+    """``dymoe bench --model synthetic:deepseek-v2-lite --tiny --layers 2`` on the CPU: a dense layer
+    and an MoE layer decode a few tokens, offloaded (lru, bf16) exactly as resident."""
+    out = tmp_path / "bench.json"
+    status = main(["bench", "--model", "synthetic:deepseek-v2-lite", "--tiny", "--layers", "2", "--policies", "lru",
+                   "--prompt-len", "8", "--gen-len", "4", "--device-memory", "50%", "--device", "cpu",
+                   "--no-progress", "--json", str(out)])
+    assert status == 0
+    assert "lru@50%" in capsys.readouterr().out
+    report = json.loads(out.read_text())
+    assert report["model"]["shape"] == "deepseek-v2-lite" and report["model"]["layers"] == 2
+    resident, lru = report["rows"]
+    assert (resident["preset"], lru["preset"]) == ("resident", "lru")
+    assert lru["quality"]["positions"] == 4 and lru["quality"]["top1_agreement"] == 1.0
+    assert lru["quality"]["kl_mean"] == 0.0
 
 
 def test_layers_override():

@@ -84,6 +84,23 @@ def test_inspect_json_counts(model_dir, capsys):
     assert facts["parameters"] == total
 
 
+def test_inspect_deepseek(checkpoints, capsys):
+    """DeepSeek-V2: latent attention, the dense first layer, and the shared experts counted as dense."""
+    path, hf = checkpoints["deepseek_v2"]
+    assert main(["inspect", str(path), "--json"]) == 0
+    facts = json.loads(capsys.readouterr().out)
+    h, i = 32, 24
+    assert facts["architecture"] == "deepseek_v2" and facts["attention"].startswith("multi-head latent (MLA)")
+    assert (facts["layers"], facts["moe_layers"], facts["experts_per_layer"], facts["experts_per_token"]) == (3, 2, 8, 3)
+    assert facts["shared_expert_width"] == 2 * i
+    assert facts["expert_parameters"] == 2 * 8 * 3 * h * i
+    assert facts["parameters"] == sum(p.numel() for p in hf.state_dict().values())
+    # the cache holds expanded keys (8 + 8) and values (12) for each of the 4 heads, 3 layers, bf16
+    assert facts["kv_cache_bytes_per_token_bf16"] == 2 * 3 * 4 * (16 + 12)
+    assert main(["inspect", str(path)]) == 0
+    assert "architecture     deepseek_v2" in capsys.readouterr().out
+
+
 def test_inspect_bad_size(model_dir, capsys):
     assert main(["inspect", str(model_dir), "--device-memory", "lots"]) == 2
     assert "--device-memory 'lots' is not a size" in capsys.readouterr().err

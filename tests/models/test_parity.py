@@ -143,3 +143,33 @@ def test_qwen3_dense_layers_between_moe_layers(tmp_path):
 def test_olmoe_clip_qkv(tmp_path):
     hf = make_hf_model("olmoe", seed=8, clip_qkv=0.05)
     assert_logits_match(load_ours(save_checkpoint(hf, tmp_path / "clip")), hf)
+
+
+# DeepSeek's switches, each against transformers: the query path (direct or low-rank), routing
+# (greedy, group-limited, V3's biased sigmoid with or without renormalisation), how many leading
+# layers are dense, YaRN with the mscale that also sharpens the attention softmax, RoPE layout.
+DEEPSEEK_YARN = {"rope_theta": 10000.0, "rope_type": "yarn", "factor": 40.0, "original_max_position_embeddings": 16,
+                 "beta_fast": 32.0, "beta_slow": 1.0, "mscale": 1.0, "mscale_all_dim": 0.707}
+
+
+@pytest.mark.parametrize(
+    "family,overrides",
+    [
+        ("deepseek_v2", dict(q_lora_rank=12)),
+        ("deepseek_v2", dict(topk_method="group_limited_greedy", n_group=4, topk_group=2)),
+        ("deepseek_v2", dict(first_k_dense_replace=2, num_hidden_layers=4)),
+        ("deepseek_v2", dict(first_k_dense_replace=0, rope_parameters=DEEPSEEK_YARN, max_position_embeddings=640)),
+        ("deepseek_v3", dict(norm_topk_prob=False, rope_interleave=False)),
+        ("deepseek_v3", dict(q_lora_rank=None, rope_parameters=DEEPSEEK_YARN, max_position_embeddings=640)),
+    ],
+    ids=["q-lora", "group-limited", "two-dense-layers", "yarn", "v3-plain-rope", "v3-yarn"],
+)
+def test_deepseek_variants(tmp_path, family, overrides):
+    hf = make_hf_model(family, seed=9, **overrides)
+    ours = load_ours(save_checkpoint(hf, tmp_path / "deepseek"), context_len=128)
+    c = ours.config
+    assert c.moe_layers == tuple(range(hf.config.first_k_dense_replace, c.num_layers))
+    assert c.latent_attention.q_lora_rank == hf.config.q_lora_rank
+    assert_logits_match(ours, hf, length=40)
+    prompt = torch.tensor([1, 17, 42, 5, 63, 8, 29])
+    assert greedy_ids(ours, prompt, 16) == hf_greedy_ids(hf, prompt, 16)
