@@ -216,6 +216,14 @@ def parse_config(raw: dict[str, Any], source: Path | str = "config.json") -> Mod
         raise UnsupportedModelError(
             f"architecture {name} (from {source}) is not supported; supported: {', '.join(supported_architectures())}"
         )
+    quantized = raw.get("quantization_config")
+    if quantized:
+        # Casting e.g. DeepSeek-V3's block-scaled fp8 weights without their scales would load garbage.
+        method = quantized.get("quant_method", "unknown") if isinstance(quantized, dict) else "unknown"
+        raise UnsupportedModelError(
+            f"{source} describes a pre-quantized checkpoint ({method}); dymoe reads bf16/fp16/fp32 weights "
+            "and makes its own low-bit copies: use the model's bf16 release (or dequantize it first)"
+        )
     try:
         fields = {**_common(raw), **parser(raw)}
     except KeyError as exc:

@@ -32,6 +32,15 @@ def test_no_config(tmp_path):
         Checkpoint.open(tmp_path / "m")
 
 
+def test_pre_quantized_checkpoint_is_refused(ckpt_copy):
+    """DeepSeek-V3's release is block-scaled fp8: casting its weights without the scales would load garbage."""
+    config = json.loads((ckpt_copy / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "fp8", "weight_block_size": [128, 128]}
+    (ckpt_copy / "config.json").write_text(json.dumps(config))
+    with pytest.raises(UnsupportedModelError, match=r"pre-quantized checkpoint \(fp8\)"):
+        Checkpoint.open(ckpt_copy)
+
+
 def test_unsupported_architecture_lists_supported(ckpt_copy):
     config = json.loads((ckpt_copy / "config.json").read_text())
     config.update(architectures=["LlamaForCausalLM"], model_type="llama")
