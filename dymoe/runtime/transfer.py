@@ -250,3 +250,29 @@ class TransferEngine:
     def _add_stall(self, layer: int, seconds: float) -> None:
         self._stall_seconds += seconds
         self.metrics.stall(layer, seconds)
+
+
+class IndexUpload:
+    """Short index lists (slot ids, rows) to the device without a host synchronisation.
+
+    ``torch.tensor(values, device="cuda")`` copies from pageable memory and waits for the stream.
+    Here the values go into a pinned row and are copied asynchronously on the current stream. A row
+    is reused only after the caller's next device-to-host read (the routing sync of the next
+    layer), which waits for the copy; so a step may use each of its ``rows`` rows once.
+    """
+
+    def __init__(self, width: int, device: torch.device, rows: int = 2):
+        self.device = torch.device(device)
+        self.cuda = self.device.type == "cuda"
+        self.host = torch.empty(rows, width, dtype=torch.int64, pin_memory=self.cuda)
+        self.dev = torch.empty(rows, width, dtype=torch.int64, device=self.device)
+
+    def __call__(self, values: list[int], row: int = 0) -> torch.Tensor:
+        """``values`` as an int64 tensor on the device (a view valid until ``row`` is reused)."""
+        if not self.cuda:
+            return torch.tensor(values, dtype=torch.int64)
+        n = len(values)
+        self.host[row, :n] = torch.tensor(values, dtype=torch.int64)
+        target = self.dev[row, :n]
+        target.copy_(self.host[row, :n], non_blocking=True)
+        return target
