@@ -49,6 +49,8 @@ def deinterleave(x: torch.Tensor) -> torch.Tensor:
 class LatentAttention(nn.Module):
     """MLA: low-rank queries and key-values, RoPE on a decoupled part of each head."""
 
+    supports_static_position = True  # rotary, cache and _attend take a device-held position (CUDA graphs)
+
     def __init__(self, config: ModelConfig, layer: int):
         super().__init__()
         m = config.latent_attention

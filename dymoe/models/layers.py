@@ -8,6 +8,7 @@ activation dtype) so that logits match it within float tolerance (invariant 1 of
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -94,6 +95,22 @@ def _yarn_inv_freq(rope: RopeConfig, dim: int) -> tuple[torch.Tensor, float]:
     return inv_freq, float(attention)
 
 
+@dataclass(frozen=True)
+class StaticPosition:
+    """One decode token's position held on the device, so a CUDA graph replays at any position.
+
+    ``index`` [1] int64 is the position; attention covers the first ``span`` cache entries (fixed
+    per graph) and ``mask`` [1, span] bool (``arange(span) <= index``) hides those not yet written.
+    """
+
+    index: torch.Tensor
+    span: int
+    mask: torch.Tensor
+
+
+Position = int | StaticPosition
+
+
 class RotaryEmbedding(nn.Module):
     """cos/sin tables for positions [0, context_len), built once at start-up."""
 
@@ -113,10 +130,13 @@ class RotaryEmbedding(nn.Module):
         self.cos = (emb.cos() * scale).to(device=device, dtype=dtype)
         self.sin = (emb.sin() * scale).to(device=device, dtype=dtype)
 
-    def forward(self, q: torch.Tensor, k: torch.Tensor, start: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, q: torch.Tensor, k: torch.Tensor, start: Position) -> tuple[torch.Tensor, torch.Tensor]:
         """Rotate q, k of shape [B, heads, T, D] for positions start..start+T-1."""
-        t = q.shape[2]
-        cos, sin = self.cos[start : start + t], self.sin[start : start + t]
+        if isinstance(start, StaticPosition):
+            cos, sin = self.cos.index_select(0, start.index), self.sin.index_select(0, start.index)
+        else:
+            t = q.shape[2]
+            cos, sin = self.cos[start : start + t], self.sin[start : start + t]
         return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
 
 
@@ -141,8 +161,13 @@ class KVCache:
     def nbytes(self) -> int:
         return self.k.nbytes + self.v.nbytes
 
-    def update(self, layer: int, start: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write k, v [B, Hkv, T, D] at ``start`` and return the filled prefix [.., :start+T, ..]."""
+    def update(self, layer: int, start: Position, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write k, v [B, Hkv, T, D] at ``start`` and return the filled prefix [.., :start+T, ..]
+        (for a :class:`StaticPosition`, the first ``span`` entries)."""
+        if isinstance(start, StaticPosition):
+            self.k[layer].index_copy_(2, start.index, k)
+            self.v[layer].index_copy_(2, start.index, v)
+            return self.k[layer, :, :, : start.span], self.v[layer, :, :, : start.span]
         end = start + k.shape[2]
         self.k[layer, :, :, start:end] = k
         self.v[layer, :, :, start:end] = v
@@ -176,7 +201,9 @@ class Attention(nn.Module):
             self.k_norm = RMSNorm(c.num_kv_heads * c.head_dim, c.rms_norm_eps)
         self.clip_qkv = c.clip_qkv
 
-    def forward(self, x: torch.Tensor, start: int, cache: KVCache, rotary: RotaryEmbedding) -> torch.Tensor:
+    supports_static_position = True  # decode runs in CUDA graphs (dymoe/models/decode_graphs.py)
+
+    def forward(self, x: torch.Tensor, start: Position, cache: KVCache, rotary: RotaryEmbedding) -> torch.Tensor:
         b, t, _ = x.shape
         q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
         if self.qk_norm == "full":
@@ -194,7 +221,7 @@ class Attention(nn.Module):
         return self.o_proj(out.transpose(1, 2).reshape(b, t, -1))
 
 
-def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int, scale: float | None = None
+def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: Position, scale: float | None = None
             ) -> torch.Tensor:
     """Causal attention of q [B, H, T, D] over k, v [B, Hkv, L, D] (grouped-query when H > Hkv);
     scores are scaled by ``scale`` (default 1/sqrt(D)).
@@ -205,18 +232,22 @@ def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int, scale
     """
     b, h, t, d = q.shape
     groups = h // k.shape[1]
+    mask = start.mask if isinstance(start, StaticPosition) else None
     with sdpa_kernel(SDPA_BACKENDS):
         if t == 1 and groups > 1:
-            out = F.scaled_dot_product_attention(q.view(b, k.shape[1], groups, d), k, v, scale=scale)
-            return out.view(b, h, 1, -1)
+            out = F.scaled_dot_product_attention(q.view(b, k.shape[1], groups, d), k, v, attn_mask=mask,
+                                                 scale=scale)
+            return out.reshape(b, h, 1, -1)  # the masked (graph) path may return a strided output
         return F.scaled_dot_product_attention(
             q, k, v, attn_mask=_causal_mask(start, t, q.device), is_causal=(start == 0 and t > 1),
             enable_gqa=groups > 1, scale=scale,
         )
 
 
-def _causal_mask(start: int, t: int, device) -> torch.Tensor | None:
+def _causal_mask(start: Position, t: int, device) -> torch.Tensor | None:
     """None when SDPA's own masking suffices (prefill from 0, or one new token); else a bool mask."""
+    if isinstance(start, StaticPosition):
+        return start.mask
     if start == 0 or t == 1:
         return None
     q_pos = torch.arange(start, start + t, device=device)[:, None]

@@ -26,6 +26,33 @@ class ExpertProvider(Protocol):
         ...
 
 
+class RoutingClock:
+    """Where the tokens of the model's current forward call sit: positions ``start .. start+tokens-1``
+    of every sequence in the batch. Owned by a model whose routing depends on position (the skewed
+    routing of synthetic models, :mod:`dymoe.bench.routing`) and set by its forward, or by a CUDA-graph
+    decode with the position held on the device; trained routers never read it."""
+
+    supports_static_position = True  # decode_graphs.py may set a device-held position
+
+    def __init__(self):
+        self.start, self.tokens = 0, 0
+
+    def set(self, start, tokens: int) -> None:
+        """``start``: an int, or a :class:`~dymoe.models.layers.StaticPosition` (its ``index`` [1] on the device)."""
+        self.start, self.tokens = start, tokens
+
+    def rows(self, table: torch.Tensor, n: int) -> torch.Tensor:
+        """``table`` [positions, ...] at the current positions, one row per flattened token (b-major, n of them)."""
+        if not isinstance(self.start, int):  # a device-held position: no host check (it would synchronise)
+            rows = table.index_select(0, self.start.index)
+            return rows if n == 1 else rows.repeat(n, 1)
+        if self.start + self.tokens > table.shape[0] or self.tokens == 0 or n % self.tokens:
+            raise ValueError(f"routing table of {table.shape[0]} positions asked for {n} rows at positions "
+                             f"{self.start}..{self.start + self.tokens - 1}")
+        rows = table[self.start : self.start + self.tokens]
+        return rows if n == self.tokens else rows.repeat(n // self.tokens, 1)
+
+
 class Router(nn.Module):
     """Softmax router; top-k weights renormalised when the family asks (norm_topk_prob).
 
@@ -79,6 +106,11 @@ class Router(nn.Module):
         keep = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, best, True)
         return grouped.masked_fill(~keep.unsqueeze(-1), float("-inf")).view_as(probs)
 
+    def predict(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """What a prefetcher may assume this router picks for ``x`` (Fate's cross-layer gate feeds it
+        an earlier layer's input): a trained router's own choice. Synthetic routers override it."""
+        return self(x)
+
 
 class MoEBlock(nn.Module):
     def __init__(self, config: ModelConfig, layer: int):
@@ -95,9 +127,14 @@ class MoEBlock(nn.Module):
         shape = x.shape
         flat = x.reshape(-1, shape[-1])
         ids, weights = self.gate(flat)
-        out = self.experts.run_experts(self.layer, flat, ids, weights)
+        return self.finish(flat, self.experts.run_experts(self.layer, flat, ids, weights)).view(shape)
+
+    def finish(self, flat: torch.Tensor, routed: torch.Tensor) -> torch.Tensor:
+        """The block's output from its input [N, H] and the routed experts' sum [N, H]: adds what
+        does not go through the expert runtime (shared experts). The CUDA-graph decode calls the
+        router, the runtime and this separately (dymoe/models/decode_graphs.py)."""
         if self.shared_expert is None:
-            return out.view(shape)
+            return routed
         if self.shared_expert_gate is None:  # DeepSeek: shared experts always on, at full weight
-            return (out + self.shared_expert(flat)).view(shape)
-        return (out + torch.sigmoid(self.shared_expert_gate(flat)) * self.shared_expert(flat)).view(shape)
+            return routed + self.shared_expert(flat)
+        return routed + torch.sigmoid(self.shared_expert_gate(flat)) * self.shared_expert(flat)

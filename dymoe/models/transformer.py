@@ -8,13 +8,15 @@ loader maps a parameter to its tensor by name; the only family-specific names ar
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 from torch import nn
 
 from dymoe.models.config import ModelConfig
 from dymoe.models.latent_attention import LatentAttention
 from dymoe.models.layers import Attention, DenseMLP, KVCache, RMSNorm, RotaryEmbedding
-from dymoe.models.moe import ExpertProvider, MoEBlock
+from dymoe.models.moe import ExpertProvider, MoEBlock, RoutingClock
 
 
 class DecoderLayer(nn.Module):
@@ -52,6 +54,9 @@ class MoETransformer(nn.Module):
         self.rotary = RotaryEmbedding(config.rope, config.rope_dim, context_len)
         self.context_len = context_len
         self.experts: ExpertProvider | None = None
+        self.routing_clock: RoutingClock | None = None  # only for position-dependent (synthetic) routing
+        self.cuda_graphs = True  # decode() replays CUDA graphs on a CUDA device (decode_graphs.py)
+        self._graphs: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # KVCache -> DecodeGraphs
 
     @property
     def moe_blocks(self) -> list[MoEBlock]:
@@ -61,6 +66,7 @@ class MoETransformer(nn.Module):
         """Hand every MoE block the expert runtime; a runtime with ``bind`` gets the model too (the
         prefetcher reads the routers)."""
         self.experts = experts
+        self._graphs = weakref.WeakKeyDictionary()  # recordings hold the previous runtime's calls
         for block in self.moe_blocks:
             block.experts = experts
         if hasattr(experts, "bind"):
@@ -69,12 +75,29 @@ class MoETransformer(nn.Module):
     @torch.inference_mode()
     def forward(self, tokens: torch.Tensor, start: int, cache: KVCache, last_only: bool = False) -> torch.Tensor:
         """tokens [B, T] at positions start..start+T-1 -> logits [B, T, V] (or [B, V] if last_only)."""
+        if self.routing_clock is not None:
+            self.routing_clock.set(start, tokens.shape[1])
         x = self.model.embed_tokens(tokens)
         for layer in self.model.layers:
             x = layer(x, start, cache, self.rotary)
         if last_only:
             x = x[:, -1]
         return self.lm_head(self.model.norm(x)).float()
+
+    @torch.inference_mode()
+    def decode(self, token: torch.Tensor, position: int, cache: KVCache) -> torch.Tensor:
+        """Logits [V] (float32) of one token (a one-element tensor) at ``position``: the forward,
+        replayed from CUDA graphs on a CUDA device (see :mod:`dymoe.models.decode_graphs`)."""
+        if not (self.cuda_graphs and cache.k.is_cuda):
+            return self(token.view(1, 1), position, cache, last_only=True)[0]
+        from dymoe.models.decode_graphs import DecodeGraphs, supports_graphs
+
+        graphs = self._graphs.get(cache)
+        if graphs is None:
+            if not supports_graphs(self):
+                return self(token.view(1, 1), position, cache, last_only=True)[0]
+            graphs = self._graphs[cache] = DecodeGraphs(self, cache, record=True)
+        return graphs.step(token, position)
 
     def new_cache(self, batch: int = 1) -> KVCache:
         param = self.lm_head.weight
