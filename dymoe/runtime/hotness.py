@@ -35,9 +35,10 @@ import torch
 from dymoe.errors import BudgetError
 from dymoe.quant.kernels import decode_routing, decode_workspace, expert_decode
 from dymoe.runtime.cache import ExpertCache, LRUPolicy
-from dymoe.runtime.expert_compute import dequantized_expert, run_grouped
+from dymoe.runtime.expert_compute import group_by_expert, run_grouped
 from dymoe.runtime.metrics import RuntimeMetrics
 from dymoe.runtime.offload import RuntimeReporting
+from dymoe.runtime.prefill import PrefillDequantizer, prefill_capacity
 from dymoe.runtime.slot_pool import SlotPool, format_size
 from dymoe.runtime.transfer import TransferEngine
 
@@ -121,6 +122,11 @@ class HotnessExperts(RuntimeReporting):
                                        device=self.device)
         self._high_table = torch.tensor([self.pool.offset(config.high, s) for s in range(n_high)], dtype=torch.int64,
                                         device=self.device)
+        self._prefill = PrefillDequantizer(self.pool.buffer, lambda s: self.pool.offset(config.low, s), self.low_layout,
+                                           prefill_capacity(self.low_layout, n_low, self.num_experts, dtype), dtype,
+                                           self.transfers.wait)
+        if self.device.type == "cuda":
+            self._prefill.warm_up()  # Triton compiles at start-up, not in the first prefill
         self._workspace = {p: decode_workspace(lay, top_k, 1, self.device)
                            for p, lay in ((config.low, self.low_layout), (config.high, self.high_layout))}
         self.precision_uses = {config.high: 0, config.low: 0}
@@ -138,7 +144,10 @@ class HotnessExperts(RuntimeReporting):
     def run_experts(self, layer, hidden, expert_ids, expert_weights):
         if hidden.shape[0] > 1:  # prefill: the low copies, grouped
             self.controller.observe(layer, expert_ids.unique().tolist())
-            return run_grouped(hidden, expert_ids, expert_weights, lambda e: self._low_weights(layer, e))
+            grouping = group_by_expert(expert_ids)
+            if not self.fallback:  # every low copy resident: the layer's experts dequantized in a launch or a few
+                self._prefill.plan([(self.low_cache.peek((layer, e)).slot, None) for e in grouping[1]])
+            return run_grouped(hidden, expert_ids, expert_weights, lambda e: self._low_weights(layer, e), grouping)
         experts = expert_ids[0].tolist()  # the step's one host sync
         self.controller.observe(layer, experts)
         high = [j for j, e in enumerate(experts) if self._high_ready((layer, e))]
@@ -226,8 +235,7 @@ class HotnessExperts(RuntimeReporting):
         if ticket is not None:
             self.metrics.miss(layer, ticket.nbytes)
             self.transfers.wait(ticket)
-        weights = dequantized_expert(self.pool.view(self.config.low, self.low_cache.peek(key).slot), self.low_layout,
-                                     self.dtype)
+        weights = self._prefill.weights(self.low_cache.peek(key).slot)
         self.low_cache.unpin(key)
         self.transfers.fence()  # a later fetch into this slot waits for the dequantization just queued
         return weights

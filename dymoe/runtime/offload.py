@@ -22,11 +22,13 @@ For one MoE layer and the routing of its tokens:
 bf16 slots are read in place (a single-precision bf16 runtime decodes with the resident model's
 exact arithmetic, so it is bit-identical to it). Low-bit slots go through
 :func:`dymoe.quant.kernels.expert_decode` for one token (fused dequantize-GEMV in Triton on the GPU,
-the torch reference elsewhere) and through the reference dequantize-then-matmul for prefill.
+the torch reference elsewhere); for prefill a wave's low-bit experts are dequantized a batch per launch
+into a preallocated workspace (:mod:`dymoe.runtime.prefill`) and run through the same bf16 matmuls.
 """
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -35,9 +37,10 @@ from dymoe.checkpoint.blob import BlobLayout
 from dymoe.errors import BudgetError
 from dymoe.quant.kernels import decode_routing, decode_workspace, expert_decode
 from dymoe.runtime.cache import ExpertCache
-from dymoe.runtime.expert_compute import dequantized_expert, group_by_expert, run_grouped
+from dymoe.runtime.expert_compute import group_by_expert, run_grouped
 from dymoe.runtime.metrics import RuntimeMetrics
 from dymoe.runtime.precision import make_precision_rule
+from dymoe.runtime.prefill import PrefillDequantizer, prefill_capacity
 from dymoe.runtime.resident import gathered_decode
 from dymoe.runtime.slot_pool import SlotPool
 from dymoe.runtime.transfer import TransferEngine
@@ -103,6 +106,9 @@ class OffloadedExperts(RuntimeReporting):
         self._stacks = self._stacked_views(counts[self.precision])
         self._slot_tables = {p: torch.tensor([self.pool.offset(p, s) for s in range(n)], dtype=torch.int64,
                                              device=self.device) for p, n in counts.items()}
+        self._prefill = {p: PrefillDequantizer(self.pool.buffer, functools.partial(self.pool.offset, p), self.layouts[p],
+                                               prefill_capacity(self.layouts[p], n, store.num_experts, dtype), dtype,
+                                               self.transfers.wait) for p, n in counts.items() if p != "bf16"}
         self._workspaces = {p: decode_workspace(self.layouts[p], top_k, 1, self.device)
                             for p in counts if p != "bf16" or self._stacks is None}
         self.predictor: CrossLayerPredictor | None = None
@@ -220,6 +226,8 @@ class OffloadedExperts(RuntimeReporting):
                 weights = torch.full((1, n), 1.0 / n, device=self.device)
                 offsets, combine = decode_routing(self._slot_tables[precision], slots, weights)
                 expert_decode(self.pool.buffer, offsets, self.layouts[precision], hidden, combine, workspace=workspace)
+        for dequantizer in self._prefill.values():  # and the prefill dequantize (one compile per precision)
+            dequantizer.warm_up()
 
     # ---- precision ----------------------------------------------------------------------------------
 
@@ -240,6 +248,7 @@ class OffloadedExperts(RuntimeReporting):
             used = self._start_wave(layer, [experts[j] for j in pending], wanted, tickets)
             if not used:
                 raise BudgetError(f"no free expert slot for layer {layer}: raise --device-memory")
+            self._plan_prefill(layer, used, tickets)
             yield from pending[: len(used)]
             for e in used:
                 self.cache.unpin((layer, e))
@@ -356,8 +365,14 @@ class OffloadedExperts(RuntimeReporting):
         down_stack = words.as_strided((slots, h, i), (stride // 2, i, 1), down.offset // 2)
         return gate_up, down_stack
 
+    def _plan_prefill(self, layer: int, used: dict[int, str], tickets: dict) -> None:
+        """Announce a wave's low-bit experts, in run order, to their class's prefill dequantizer."""
+        for precision, dequantizer in self._prefill.items():
+            dequantizer.plan([(self.cache.peek((layer, e)).slot, tickets.get(e)) for e, p in used.items()
+                              if p == precision])
+
     def _dequantize(self, precision: str, slot: int):
-        return dequantized_expert(self.pool.view(precision, slot), self.layouts[precision], self.dtype)
+        return self._prefill[precision].weights(slot)
 
 
 class CrossLayerPredictor:

@@ -2,8 +2,9 @@
 
 The torch backend runs everywhere; the Triton kernels run here through Triton's interpreter (in a
 subprocess, since ``TRITON_INTERPRET`` is read when a kernel is defined) on small shapes that
-still cover padded groups, tails of row blocks, duplicate slots and unused experts. The GPU side
-is ``benchmarks/kernels.py``.
+still cover padded groups, tails of row blocks, duplicate slots and unused experts; the prefill
+dequantize kernel must equal ``unpack_expert`` bit for bit. The GPU side is ``benchmarks/kernels.py``
+and ``benchmarks/prefill_kernels.py``.
 """
 
 from __future__ import annotations
@@ -18,9 +19,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from dymoe.checkpoint.blob import blob_layout, encode_expert
+from dymoe.checkpoint.blob import blob_layout, encode_expert, unpack_expert
 from dymoe.quant.formats import parse_format
-from dymoe.quant.kernels import decode_routing, expert_decode, kernel_plan
+from dymoe.quant.kernels import DequantWorkspace, decode_routing, dequantize_experts, expert_decode, kernel_plan
 from dymoe.quant.kernels.reference import random_pool
 from dymoe.quant.reference import dequantize, quantize
 
@@ -128,3 +129,75 @@ def test_triton_kernels_under_the_interpreter():
     assert set(results) == {f"{p}/{g}/T{t}" for p, g in FORMATS for t in (1, 3)}
     for name, (rel_err, finite) in results.items():
         assert finite and rel_err < 1e-2, (name, rel_err)
+
+
+# ---- prefill: several experts dequantized into a workspace ---------------------------------------
+
+
+def _unpacked(pool, offsets, layout, dtype):
+    parts = [unpack_expert(pool[o:o + layout.nbytes], layout, dtype) for o in offsets.tolist()]
+    return torch.stack([torch.cat([g, u]) for g, u, _ in parts]), torch.stack([d for _, _, d in parts])
+
+
+@pytest.mark.parametrize("precision,group", FORMATS)
+def test_torch_dequantize_writes_unpack_expert_into_the_workspace(precision, group):
+    layout = blob_layout(parse_format(precision, group), 160, 48)
+    pool, table = random_pool(layout, 5, seed=2, spare_bytes=256)
+    offsets = table[torch.tensor([3, 0, 4])]  # odd slot order
+    workspace = DequantWorkspace.allocate(layout, 4, "cpu", torch.bfloat16)
+    workspace.gate_up.fill_(float("nan"))
+    workspace.down.fill_(float("nan"))
+    dequantize_experts(pool, offsets, layout, *workspace.views(1, 3))
+    gate_up, down = _unpacked(pool, offsets, layout, torch.bfloat16)
+    assert torch.equal(workspace.gate_up[1:], gate_up) and torch.equal(workspace.down[1:], down)
+    assert workspace.gate_up[0].isnan().all() and workspace.down[0].isnan().all()  # outside the views: untouched
+
+
+def test_dequantize_refuses_outputs_of_the_wrong_size():
+    layout = blob_layout(parse_format("int4", 64), 64, 32)
+    pool, offsets = random_pool(layout, 2)
+    workspace = DequantWorkspace.allocate(layout, 3, "cpu", torch.float32)
+    with pytest.raises(ValueError, match="2 experts"):
+        dequantize_experts(pool, offsets, layout, *workspace.views(0, 3))
+    with pytest.raises(ValueError, match="holds 3 experts"):
+        workspace.views(2, 2)
+
+
+_INTERPRETED_DEQUANT = r"""
+import json, torch
+from dymoe.checkpoint.blob import blob_layout
+from dymoe.quant.formats import parse_format
+from dymoe.quant.kernels import DequantWorkspace, dequantize_experts
+from dymoe.quant.kernels.dequant import DequantConfig
+from dymoe.quant.kernels.reference import random_pool
+results = {}
+# 32 x 128 tiles on 160 x 48 experts: two column tiles (the second partly past H), row tiles with
+# tails, a padded last group at 64 and 128; float32 once (the CPU runtime's dtype)
+cases = [(p, g, torch.bfloat16) for p, g in FORMATS] + [("int4", 64, torch.float32)]
+for precision, group, dtype in cases:
+    layout = blob_layout(parse_format(precision, group), 160, 48)
+    pool, table = random_pool(layout, 5, seed=3, spare_bytes=256)
+    offsets = table[torch.tensor([3, 0, 4])]  # odd slot order
+    ref = DequantWorkspace.allocate(layout, 3, "cpu", dtype)
+    dequantize_experts(pool, offsets, layout, *ref.views(0, 3), backend="torch")
+    out = DequantWorkspace.allocate(layout, 4, "cpu", dtype)
+    out.gate_up.fill_(float("nan"))
+    out.down.fill_(float("nan"))
+    dequantize_experts(pool, offsets, layout, *out.views(1, 3), backend="triton", config=DequantConfig(32, 128))
+    results[f"{precision}/{group}/{dtype}"] = [torch.equal(out.gate_up[1:], ref.gate_up),
+                                               torch.equal(out.down[1:], ref.down),
+                                               bool(out.gate_up[0].isnan().all() and out.down[0].isnan().all())]
+print(json.dumps(results))
+"""
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed (gpu extra)")
+def test_triton_dequantize_under_the_interpreter_is_bit_exact():
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    script = f"FORMATS = {FORMATS!r}\n" + _INTERPRETED_DEQUANT
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    results = json.loads(done.stdout.strip().splitlines()[-1])
+    assert len(results) == len(FORMATS) + 1
+    for name, (gate_up_equal, down_equal, untouched) in results.items():
+        assert gate_up_equal and down_equal and untouched, name

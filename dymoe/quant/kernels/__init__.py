@@ -4,7 +4,9 @@
 (bf16, int8, int4, int3, int2): on a CUDA pool with Triton installed (the ``gpu`` extra) it runs two
 Triton launches (:mod:`dymoe.quant.kernels.triton_experts`); anywhere else it runs the torch
 definition (:func:`~dymoe.quant.kernels.reference.reference_decode`), which has the same arguments
-and semantics. See docs/kernels.md for the design and measurements.
+and semantics. :func:`dequantize_experts` is the prefill counterpart: several experts of one
+precision dequantized in one launch into a preallocated :class:`DequantWorkspace`, for bf16 matmuls.
+See docs/kernels.md for the design and measurements.
 """
 
 from __future__ import annotations
@@ -12,15 +14,16 @@ from __future__ import annotations
 import functools
 import importlib.util
 import os
+from dataclasses import dataclass
 
 import torch
 
 from dymoe.checkpoint.blob import BlobLayout
 from dymoe.quant.kernels.plan import KernelPlan, kernel_plan
-from dymoe.quant.kernels.reference import decode_routing, reference_decode
+from dymoe.quant.kernels.reference import decode_routing, reference_decode, reference_dequantize
 
-__all__ = ["BACKENDS", "KernelPlan", "decode_routing", "decode_workspace", "expert_decode", "kernel_plan",
-           "reference_decode", "triton_available"]
+__all__ = ["BACKENDS", "DequantWorkspace", "KernelPlan", "decode_routing", "decode_workspace", "dequantize_experts",
+           "expert_decode", "kernel_plan", "reference_decode", "reference_dequantize", "triton_available"]
 
 BACKENDS = ("auto", "triton", "torch")
 
@@ -54,17 +57,22 @@ def expert_decode(pool: torch.Tensor, slot_offsets: torch.Tensor, layout: BlobLa
     :class:`~dymoe.quant.kernels.triton_experts.DecodeWorkspace` allocated once, so the Triton path
     allocates nothing but its [T, H] result (ignored by the torch backend).
     """
+    if _resolve(backend, pool) == "torch":
+        return reference_decode(pool, slot_offsets, layout, x, combine)
+    from dymoe.quant.kernels.triton_experts import launch_decode
+
+    return launch_decode(pool, slot_offsets, _plan(layout), x, combine, workspace)
+
+
+def _resolve(backend: str, pool: torch.Tensor) -> str:
+    """The backend that runs for ``backend`` (see :func:`expert_decode`) on ``pool``'s device."""
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}: choose from {', '.join(BACKENDS)}")
     if backend == "auto":
         backend = "triton" if pool.is_cuda and triton_available() else "torch"
-    if backend == "torch":
-        return reference_decode(pool, slot_offsets, layout, x, combine)
-    if not (pool.is_cuda or _interpreting()):
+    if backend == "triton" and not (pool.is_cuda or _interpreting()):
         raise ValueError("the Triton backend needs a CUDA pool (or TRITON_INTERPRET=1)")
-    from dymoe.quant.kernels.triton_experts import launch_decode
-
-    return launch_decode(pool, slot_offsets, _plan(layout), x, combine, workspace)
+    return backend
 
 
 def decode_workspace(layout: BlobLayout, max_experts: int, max_tokens: int, device):
@@ -76,3 +84,51 @@ def decode_workspace(layout: BlobLayout, max_experts: int, max_tokens: int, devi
     from dymoe.quant.kernels.triton_experts import DecodeWorkspace
 
     return DecodeWorkspace.allocate(_plan(layout), max_experts, max_tokens, device)
+
+
+@dataclass
+class DequantWorkspace:
+    """Where :func:`dequantize_experts` writes: ``gate_up`` [capacity, 2I, H] and ``down``
+    [capacity, H, I] in the compute dtype, allocated once at start-up (prefill then allocates no
+    weight-sized memory). One workspace serves one stream: a launch may overwrite an expert only
+    after the matmuls that read it were queued."""
+
+    gate_up: torch.Tensor
+    down: torch.Tensor
+
+    @classmethod
+    def allocate(cls, layout: BlobLayout, capacity: int, device, dtype: torch.dtype) -> "DequantWorkspace":
+        h, i = layout.hidden_size, layout.intermediate_size
+        return cls(torch.empty(capacity, 2 * i, h, dtype=dtype, device=device),
+                   torch.empty(capacity, h, i, dtype=dtype, device=device))
+
+    @property
+    def capacity(self) -> int:
+        return self.gate_up.shape[0]
+
+    def views(self, first: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Experts ``first .. first+n`` of the workspace (views, no copy)."""
+        if first + n > self.capacity:
+            raise ValueError(f"workspace holds {self.capacity} experts, asked for {first}..{first + n}")
+        return self.gate_up[first:first + n], self.down[first:first + n]
+
+
+def dequantize_experts(pool: torch.Tensor, slot_offsets: torch.Tensor, layout: BlobLayout, gate_up: torch.Tensor,
+                       down: torch.Tensor, backend: str = "auto", config=None) -> None:
+    """Dequantize the experts whose blobs start at byte ``slot_offsets`` [n] (int64, on the pool's
+    device) of ``pool`` (the slot pool's 1-D uint8 buffer), all laid out as ``layout``, into
+    ``gate_up`` [n, 2I, H] (gate rows, then up rows) and ``down`` [n, H, I] (contiguous, e.g.
+    :meth:`DequantWorkspace.views`), in their dtype. Values equal
+    :func:`~dymoe.checkpoint.blob.unpack_expert`'s bit for bit, in every format (bf16 is a copy).
+    ``backend`` as in :func:`expert_decode`: the Triton path is one launch and no host sync;
+    ``config``: a :class:`~dymoe.quant.kernels.dequant.DequantConfig` (Triton tiles)."""
+    n = slot_offsets.numel()
+    if gate_up.shape[0] != n or down.shape[0] != n or not (gate_up.is_contiguous() and down.is_contiguous()):
+        raise ValueError(f"expected contiguous outputs of {n} experts, got {tuple(gate_up.shape)} and "
+                         f"{tuple(down.shape)}")
+    if _resolve(backend, pool) == "torch":
+        reference_dequantize(pool, slot_offsets, layout, gate_up, down)
+        return
+    from dymoe.quant.kernels.dequant import launch_dequantize
+
+    launch_dequantize(pool, slot_offsets, _plan(layout), gate_up, down, config)

@@ -36,6 +36,19 @@ def reference_decode(pool: torch.Tensor, slot_offsets: torch.Tensor, layout: Blo
     return out.to(x.dtype)
 
 
+def reference_dequantize(pool: torch.Tensor, slot_offsets: torch.Tensor, layout: BlobLayout, gate_up: torch.Tensor,
+                         down: torch.Tensor) -> None:
+    """Expert j's blob at ``slot_offsets[j]`` dequantized by :func:`~dymoe.checkpoint.blob.unpack_expert`
+    into ``gate_up[j]`` ([2I, H]: gate rows, then up rows) and ``down[j]`` ([H, I]), in their dtype;
+    one expert at a time (and one host sync to read the offsets)."""
+    for j, offset in enumerate(slot_offsets.tolist()):
+        gate, up, w_down = unpack_expert(pool[offset:offset + layout.nbytes], layout, gate_up.dtype)
+        i = gate.shape[0]
+        gate_up[j, :i].copy_(gate)
+        gate_up[j, i:].copy_(up)
+        down[j].copy_(w_down)
+
+
 def decode_routing(slot_table: torch.Tensor, slot_ids: torch.Tensor,
                    weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(slot_offsets [E], combine [T, E]) for tokens routed to pool slots ``slot_ids`` [T, k] with
