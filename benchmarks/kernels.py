@@ -1,6 +1,7 @@
 """Fused expert kernels on the GPU: correctness against the float32 reference, then speed.
 
     python benchmarks/kernels.py --out DIR [--quick] [--sweep]
+    python benchmarks/kernels.py --out DIR --variants [--models M ...] [--formats int4/g128 ...]
 
 1. Correctness: for each model's expert shape, each format and group size, and 1 and 8 tokens,
    the Triton decode step (``expert_decode``) on fresh random blobs in a pool against
@@ -15,6 +16,9 @@
 
 Prints a table last and writes DIR/kernels.json with the environment and every measurement.
 ``--sweep`` also times a few tile configurations per format (for tuning ``choose_config``).
+``--variants`` runs only the one-token step of every model shape and format under the old tiled
+kernels, ``choose_config``'s pick and split-K variations: correctness of each and % of copy
+bandwidth, a table last, DIR/variants.json (docs/kernels.md, "One token: split-K").
 """
 
 from __future__ import annotations
@@ -324,6 +328,181 @@ def sweep(device, deadline: float) -> list[dict]:
     return rows
 
 
+# ---- variants of the one-token step (--variants) ------------------------------------------------
+
+VARIANT_MODELS = ("mixtral-8x7b", "deepseek-v2-lite", "olmoe", "qwen3-30b-a3b")  # big shapes first
+VARIANT_FORMATS = [("bf16", 0), ("int8", 0), ("int4", 128), ("int4", 64), ("int3", 128), ("int3", 64), ("int2", 64),
+                   ("int2", 128)]
+GRAPH_STEPS = 20  # steps per CUDA graph replay: back to back, as a model's layers run them
+
+
+def variant_candidates(plan, k: int, sms: int) -> tuple[list, list]:
+    """(first pass, second pass) of (name, (gate_up config, down config)): first the old tiled
+    path and choose_config's pick (and split-K's defaults where the pick is tiled), then split-K
+    variations around the defaults and the best tile of the 2026-11-22 sweep."""
+    from dymoe.quant.kernels.triton_experts import LaunchConfig, choose_config, split_config, tiled_config
+
+    gemv = plan.bits < 16
+    h, i = plan.hidden_size, plan.intermediate_size
+    tiled = (tiled_config(plan, i, k, sms, gemv), tiled_config(plan, h, k, sms, gemv))
+    chosen = (choose_config(plan, "gate_up", k, 1, sms), choose_config(plan, "down", k, 1, sms))
+
+    def split(k_scale: float = 1.0, **knobs):
+        configs = []
+        for kernel in ("gate_up", "down"):
+            block_k = int(split_config(plan, kernel, k, sms).block_k * k_scale)
+            configs.append(split_config(plan, kernel, k, sms, block_k=max(block_k, plan.group_size, 16), **knobs))
+        return tuple(configs)
+
+    first = [("tiled (old default)", tiled), ("choose_config", chosen)]
+    if chosen[0].split_k is None:
+        first.append(("split default", split()))
+    second = [("split n32", split(block_n=32)), ("split n128", split(block_n=128)),
+              ("split w8", split(num_warps=8)), ("split 3 blocks/SM", split(blocks_per_sm=3)),
+              ("split 12 blocks/SM", split(blocks_per_sm=12)), ("split stages 1", split(num_stages=1)),
+              ("split k x2", split(k_scale=2)), ("split k /2", split(k_scale=0.5))]
+    if gemv:
+        best_tile = LaunchConfig(block_n=16, block_k=256, num_warps=2, num_stages=3)  # Qwen3 int4's best
+        second.append(("tiled n16 k256 w2", (best_tile, best_tile)))
+    return first, second
+
+
+def describe(configs: tuple, plan) -> str:
+    """Both launches' tiles in one short string: row block, K step and, for split-K, the K slices
+    each launch really uses (gate_up/down)."""
+    from dymoe.quant.kernels.triton_experts import k_slices
+
+    gu, d = configs
+    if gu.split_k is None:
+        return f"tiled n{gu.block_n}/{d.block_n} k{gu.block_k}/{d.block_k} w{gu.num_warps}"
+    slices = (k_slices(plan, plan.gate.padded_cols, gu)[0], k_slices(plan, plan.down.padded_cols, d)[0])
+    return (f"split n{gu.block_n}/{d.block_n} k{gu.block_k}/{d.block_k} w{gu.num_warps} s{gu.num_stages} "
+            f"slices {slices[0]}/{slices[1]}")
+
+
+def check_variant(pool, offsets, plan, x, combine, ws, configs, ref) -> dict:
+    """One step with NaN-poisoned scratch against the reference: relative error, result finite,
+    counters left at zero."""
+    from dymoe.quant.kernels.triton_experts import launch_decode
+
+    for scratch in (ws.hidden, ws.partial, ws.gate_up_partial, ws.hidden_transposed):
+        scratch.fill_(float("nan"))
+    out = launch_decode(pool, offsets, plan, x, combine, ws, *configs)
+    torch.cuda.synchronize()
+    rel = ((out.float() - ref).norm() / ref.norm()).item()
+    finite = bool(out.isfinite().all())
+    reset = not (bool(ws.counters.any()) or bool(ws.gate_up_counters.any()))
+    return {"rel_err": rel, "finite": finite, "counters_reset": reset, "ok": finite and reset and rel < MAX_REL_ERR}
+
+
+def bench_steps(fn, steps: int = GRAPH_STEPS) -> float:
+    """Median milliseconds of one call of ``fn`` when ``steps`` calls are replayed from one CUDA
+    graph (the GPU time of back-to-back steps, without the graph launch's host floor)."""
+    fn()
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(steps):
+            fn()
+    return bench(graph.replay) / steps
+
+
+def run_variant(case, name: str, configs: tuple, copy_gbps: float) -> dict:
+    from dymoe.quant.kernels.triton_experts import launch_decode
+
+    model, fmt, layout, pool, offsets, combine, x, ws, plan, ref, nbytes = case
+    row = {"model": model, "format": fmt, "variant": name, "config": describe(configs, plan),
+           "configs": [c.__dict__ for c in configs]}
+    try:
+        row.update(check_variant(pool, offsets, plan, x, combine, ws, configs, ref))
+        ms = bench_steps(lambda: launch_decode(pool, offsets, plan, x, combine, ws, *configs))
+        row.update(us=ms * 1e3, fraction_of_copy=nbytes / ms / 1e6 / copy_gbps)
+        print(f"variant {model:17s} {fmt:9s} {name:20s} {row['config']:48s} {row['us']:8.1f} us "
+              f"{row['fraction_of_copy']:5.0%} of copy  {'ok' if row['ok'] else '!! WRONG'} "
+              f"(rel {row['rel_err']:.1e}{'' if row['finite'] else ', NaN'}"
+              f"{'' if row['counters_reset'] else ', counters not reset'})", flush=True)
+    except Exception as exc:  # a compile error in one candidate must not hide the others
+        row.update(ok=False, error=f"{type(exc).__name__}: {exc}"[:2000], trace=traceback.format_exc()[-3000:])
+        print(f"!! FAILED variant {model} {fmt} {name} ({row['config']}): {row['error'][:400]}", flush=True)
+    return row
+
+
+def variant_case(model: str, precision: str, group: int, device):
+    hidden, inter, k = MODELS[model]
+    layout, pool, _, offsets, combine, x, ws, _ = decode_case(model, precision, group, device)
+    ref = reference_decode(pool, offsets, layout, x.float(), combine)
+    return (model, fmt_name(precision, group), layout, pool, offsets, combine, x, ws, kernel_plan(layout), ref,
+            k * stored_bytes(layout))
+
+
+def variants(device, copy_gbps: float, deadline: float, models, formats) -> list[dict]:
+    """The one-token decode step of every model shape and format under the old tiled kernels,
+    choose_config's pick and split-K variations: correctness and % of copy bandwidth. Two passes
+    (old and pick first for every shape, then the variations) so that a time budget cuts the
+    variations, not the comparison that matters."""
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    rows = []
+    for first_pass in (True, False):
+        for model in models:
+            for precision, group in formats:
+                if time.time() > deadline:
+                    rows.append({"model": model, "format": fmt_name(precision, group), "first_pass": first_pass,
+                                 "skipped": "time budget"})
+                    print(f"variant {model} {fmt_name(precision, group)}: skipped (time budget)", flush=True)
+                    continue
+                try:
+                    case = variant_case(model, precision, group, device)
+                    plan, k = case[8], MODELS[model][2]
+                    first, second = variant_candidates(plan, k, sms)
+                except Exception as exc:
+                    rows.append({"model": model, "format": fmt_name(precision, group), "ok": False,
+                                 "error": f"{type(exc).__name__}: {exc}"[:2000]})
+                    print(f"!! FAILED variant setup {model} {fmt_name(precision, group)}: {exc!r}", flush=True)
+                    continue
+                for name, configs in first if first_pass else second:
+                    if not first_pass and time.time() > deadline:
+                        break
+                    rows.append(run_variant(case, name, configs, copy_gbps))
+                del case
+                torch.cuda.empty_cache()
+    return rows
+
+
+def variants_table(rows: list[dict], models, formats) -> str:
+    """Per model and format: % of copy of the old tiled path, choose_config's pick and the best
+    candidate, and any failure."""
+    lines = ["one-token decode step, top-k experts, CUDA graph of 20 steps: % of device copy bandwidth",
+             f"{'model':17s} {'format':9s} {'old':>5s} {'chosen':>6s} {'best':>5s}  best variant / chosen config"]
+    for model in models:
+        for p, g in formats:
+            fmt = fmt_name(p, g)
+            mine = [r for r in rows if r.get("model") == model and r.get("format") == fmt and "us" in r]
+            if not mine:
+                lines.append(f"{model:17s} {fmt:9s} no result")
+                continue
+            by = {r["variant"]: r for r in mine}
+            good = [r for r in mine if r.get("ok")]
+            best = max(good, key=lambda r: r["fraction_of_copy"]) if good else None
+
+            def pct(r):
+                return f"{r['fraction_of_copy']:.0%}" if r else "-"
+
+            chosen = by.get("choose_config")
+            lines.append(f"{model:17s} {fmt:9s} {pct(by.get('tiled (old default)')):>5s} {pct(chosen):>6s} "
+                         f"{pct(best):>5s}  {best['variant'] + ': ' + best['config'] if best else '-'}"
+                         f"  / {chosen['config'] if chosen else '-'}")
+    bad = [r for r in rows if r.get("ok") is False]
+    lines.append(f"\n{len(bad)} candidate(s) failed or wrong" + (":" if bad else ""))
+    for r in bad:
+        lines.append(f"  !! {r.get('model')} {r.get('format')} {r.get('variant', 'setup')}: "
+                     f"{r.get('error', '') or 'rel %.1e finite %s counters reset %s' % (r.get('rel_err', -1), r.get('finite'), r.get('counters_reset'))}"[:300])
+    return "\n".join(lines)
+
+
 # ---- report -------------------------------------------------------------------------------------
 
 
@@ -360,7 +539,13 @@ def main(argv=None) -> int:
     parser.add_argument("--out", type=Path, required=True, help="folder for kernels.json")
     parser.add_argument("--quick", action="store_true", help="correctness at 1 token only")
     parser.add_argument("--sweep", action="store_true", help="also time a few tile configurations")
-    parser.add_argument("--budget-s", type=float, default=200.0, help="skip remaining checks/sweeps after this")
+    parser.add_argument("--variants", action="store_true",
+                        help="only the one-token step under the old tiled kernels, choose_config's pick and "
+                             "split-K variations: correctness and %% of copy bandwidth (writes variants.json)")
+    parser.add_argument("--models", nargs="+", choices=list(MODELS), help="--variants: these model shapes only")
+    parser.add_argument("--formats", nargs="+", help="--variants: these formats only, e.g. int4/g128 int8")
+    parser.add_argument("--budget-s", type=float, help="skip remaining checks/sweeps/variants after this "
+                                                       "(default 200 s, 260 s with --variants)")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         print("benchmarks/kernels.py needs a CUDA GPU and Triton (pip install -e .[gpu])")
@@ -371,6 +556,9 @@ def main(argv=None) -> int:
     device = torch.device("cuda")
     env = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
            "cuda": torch.version.cuda, "python": platform.python_version(), "argv": sys.argv}
+    if args.variants:
+        return main_variants(args, env, device, start)
+    args.budget_s = args.budget_s or 200.0
     checks = correctness(device, args.quick, start + args.budget_s * 0.55)
     t_checks = time.time() - start
     copy_gbps = copy_bandwidth(device)
@@ -390,6 +578,28 @@ def main(argv=None) -> int:
     print(table(result))
     print(f"\n{time.time() - start:.0f} s; wrote {args.out / 'kernels.json'}")
     return 0 if result["checks_ok"] == result["checks_run"] else 1
+
+
+def main_variants(args, env: dict, device, start: float) -> int:
+    """--variants: copy bandwidth, then :func:`variants`; exit 1 if any candidate failed or was wrong."""
+    models = args.models or VARIANT_MODELS
+    formats = VARIANT_FORMATS
+    if args.formats:
+        formats = [f for f in VARIANT_FORMATS if fmt_name(*f) in args.formats]
+        if len(formats) != len(args.formats):
+            print(f"--formats: choose from {', '.join(fmt_name(*f) for f in VARIANT_FORMATS)}")
+            return 2
+    copy_gbps = copy_bandwidth(device)
+    print(f"d2d copy: {copy_gbps:.0f} GB/s", flush=True)
+    rows = variants(device, copy_gbps, start + (args.budget_s or 260.0), models, formats)
+    result = {"env": env, "copy_GBps": copy_gbps, "graph_steps": GRAPH_STEPS, "variants": rows,
+              "seconds": time.time() - start}
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "variants.json").write_text(json.dumps(result, indent=1, default=str))
+    print(f"\ndevice: {env['device']}   triton {env['triton']}   d2d copy: {copy_gbps:.0f} GB/s")
+    print(variants_table(rows, models, formats))
+    print(f"\n{time.time() - start:.0f} s; wrote {args.out / 'variants.json'}")
+    return 1 if any(r.get("ok") is False for r in rows) else 0
 
 
 if __name__ == "__main__":

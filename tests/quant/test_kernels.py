@@ -100,35 +100,85 @@ _INTERPRETED = r"""
 import json, torch
 from dymoe.checkpoint.blob import blob_layout
 from dymoe.quant.formats import parse_format
-from dymoe.quant.kernels import decode_routing, expert_decode
+from dymoe.quant.kernels import decode_routing, expert_decode, kernel_plan
 from dymoe.quant.kernels.reference import random_pool
+from dymoe.quant.kernels.triton_experts import DecodeWorkspace, LaunchConfig, launch_decode, tiled_config
+
+def run(layout, pool, offsets, x, combine, configs):
+    plan = kernel_plan(layout)
+    ws = DecodeWorkspace.allocate(plan, combine.shape[1], x.shape[0], "cpu")
+    for scratch in (ws.hidden, ws.partial, ws.gate_up_partial, ws.hidden_transposed):
+        scratch.fill_(float("nan"))  # a scratch value read before it is written shows in the result
+    out = launch_decode(pool, offsets, plan, x, combine, ws, *configs)
+    counters_reset = not (ws.counters.any() or ws.gate_up_counters.any())
+    return out, counters_reset
+
 results = {}
-for tokens in (1, 3):  # 1: the one-token CUDA-core path; 3: the tensor-core path
-  for precision, group in FORMATS:
-    layout = blob_layout(parse_format(precision, group), 160, 48)
-    pool, table = random_pool(layout, 5, seed=3, spare_bytes=256)
+for precision, group in FORMATS:
+  # 160 and 96 features: padded last groups at 64 and 128; both kernels cut K in 2 slices at block_k 64
+  # (32 for the formats without groups) and leave a tail row block at block_n 32
+  layout = blob_layout(parse_format(precision, group), 160, 96)
+  plan = kernel_plan(layout)
+  pool, table = random_pool(layout, 5, seed=3, spare_bytes=256)
+  small_k = 32 if plan.group_size == 0 else max(64, plan.group_size)
+  cases = {  # name: (tokens, gate_up and down configs; None: choose_config's)
+      "T3": (3, (None, None)),  # several tokens: tensor cores
+      "T1-tiled": (1, (tiled_config(plan, 96, 2, 132, gemv=plan.bits < 16),
+                       tiled_config(plan, 160, 2, 132, gemv=plan.bits < 16))),  # the first one-token kernels
+      "T1-split": (1, (LaunchConfig(32, small_k, 1, 1, split_k=2),) * 2),
+  }
+  for name, (tokens, configs) in cases.items():
     g = torch.Generator().manual_seed(4)
-    ids = torch.stack([torch.randperm(5, generator=g)[:2] for _ in range(tokens)])
-    offsets, combine = decode_routing(table, ids, torch.rand(tokens, 2, generator=g))
+    ids = torch.stack([torch.randperm(5, generator=g)[:3] for _ in range(tokens)])  # slots in any order
+    offsets, combine = decode_routing(table, ids, torch.rand(tokens, 3, generator=g))
+    combine[:, 1] = 0.0  # an expert no token uses: never read, still counted by the reductions
     x = torch.randn(tokens, 160, generator=g).bfloat16()
     ref = expert_decode(pool, offsets, layout, x.float(), combine, backend="torch")
-    out = expert_decode(pool, offsets, layout, x, combine, backend="triton")
-    results[f"{precision}/{group}/T{tokens}"] = [((out.float() - ref).norm() / ref.norm()).item(),
-                                                 bool(out.isfinite().all())]
+    out, counters_reset = run(layout, pool, offsets, x, combine, configs)
+    results[f"{precision}/{group}/{name}"] = [((out.float() - ref).norm() / ref.norm()).item(),
+                                              bool(out.isfinite().all()), counters_reset]
 print(json.dumps(results))
 """
+
+CASES = ("T3", "T1-tiled", "T1-split")
 
 
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed (gpu extra)")
 def test_triton_kernels_under_the_interpreter():
+    """Every format through the tensor-core path (3 tokens), the tiled one-token GEMV and the
+    split-K one-token GEMV (2 K slices in both kernels, reduced by the last program of each block):
+    within 1e-2 of the float32 reference, no NaN from the poisoned scratch, every counter reset."""
     env = dict(os.environ, TRITON_INTERPRET="1", TRITON_DEFAULT_FP_FUSION="1")
     script = f"FORMATS = {FORMATS!r}\n" + _INTERPRETED
-    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     results = json.loads(done.stdout.strip().splitlines()[-1])
-    assert set(results) == {f"{p}/{g}/T{t}" for p, g in FORMATS for t in (1, 3)}
-    for name, (rel_err, finite) in results.items():
+    assert set(results) == {f"{p}/{g}/{c}" for p, g in FORMATS for c in CASES}
+    for name, (rel_err, finite, counters_reset) in results.items():
         assert finite and rel_err < 1e-2, (name, rel_err)
+        assert counters_reset, name
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed (gpu extra)")
+def test_choose_config_splits_k_for_one_token_only():
+    """Packed formats at one token get split-K with enough blocks for every SM; several tokens and
+    bf16 keep the tiled kernels; a split never exceeds K's steps or MAX_SPLIT."""
+    from dymoe.quant.kernels.triton_experts import MAX_SPLIT, choose_config
+
+    for precision, group in FORMATS:
+        for hidden, inter, k in ((2048, 768, 8), (4096, 14336, 2)):
+            plan = kernel_plan(blob_layout(parse_format(precision, group), hidden, inter))
+            for kernel, rows, cols in (("gate_up", inter, hidden), ("down", hidden, inter)):
+                one = choose_config(plan, kernel, k, 1, 132)
+                assert choose_config(plan, kernel, k, 4, 132).split_k is None
+                if plan.bits == 16:
+                    assert one.split_k is None
+                    continue
+                steps = -(-cols // one.block_k)
+                assert 1 <= one.split_k <= min(MAX_SPLIT, steps)
+                assert one.block_k % max(plan.group_size, 1) == 0
+                blocks = k * -(-rows // one.block_n) * one.split_k
+                assert blocks >= 2 * 132 or one.split_k == min(MAX_SPLIT, steps)
 
 
 # ---- prefill: several experts dequantized into a workspace ---------------------------------------

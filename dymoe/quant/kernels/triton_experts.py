@@ -287,16 +287,22 @@ def _sum_experts(partial_ptr, out_ptr, counter_ptr, rows, t, mask, T, E, H: tl.c
 
 # ---- launching ---------------------------------------------------------------------------------
 
+MAX_SPLIT = 16  # K slices a split-K launch may use (sizes the workspace's split scratch)
+
 
 @dataclass(frozen=True)
 class LaunchConfig:
     """Tiles of one kernel launch: ``block_n`` output rows per block, ``block_k`` input columns per
-    pipelined step (a group format's step is ``block_k / group_size`` groups, at least one)."""
+    pipelined step (a group format's step is ``block_k / group_size`` groups, at least one).
+    ``split_k``: None runs the tiled kernels (each block reads whole rows); a number runs the
+    one-token split-K kernels of :mod:`dymoe.quant.kernels.split_k` with up to that many K slices
+    (fewer when K has fewer ``block_k`` steps)."""
 
     block_n: int = 16
     block_k: int = 256
     num_warps: int = 4
     num_stages: int = 3
+    split_k: int | None = None
 
 
 def uses_gemv(plan: KernelPlan, tokens: int) -> bool:
@@ -305,12 +311,32 @@ def uses_gemv(plan: KernelPlan, tokens: int) -> bool:
     return tokens == 1 and plan.bits < 16
 
 
-def choose_config(plan: KernelPlan, rows: int, experts: int, sms: int, gemv: bool = False) -> LaunchConfig:
-    """Tiles for ``experts`` x ``rows`` output rows: the widest row block that still gives every SM
-    two blocks (a decode step is bound by how many bytes are in flight, so parallelism comes first).
-    The one-token path runs one-warp blocks, so that each thread holds several rows and reuses
-    each activation it loads; its tile sizes keep every block's codes in registers at sm_90 (no
-    spills in the compiled code for 64 x 256 int4, 32 x 128 int2 and int8)."""
+def _rows_cols(plan: KernelPlan, kernel: str) -> tuple[int, int]:
+    if kernel not in ("gate_up", "down"):
+        raise ValueError(f"unknown decode kernel {kernel!r}: 'gate_up' or 'down'")
+    h, i = plan.hidden_size, plan.intermediate_size
+    return (i, h) if kernel == "gate_up" else (h, i)
+
+
+def choose_config(plan: KernelPlan, kernel: str, experts: int, tokens: int, sms: int) -> LaunchConfig:
+    """Tiles of the ``kernel`` ("gate_up" or "down") launch of a step of ``tokens`` tokens through
+    ``experts`` experts. One token of a packed format runs split-K (:func:`split_config`: the
+    tiled one-token kernels kept 10-30% of the copy bandwidth on an H100 for lack of blocks and
+    bytes in flight, docs/kernels.md); bf16 and several tokens run the tiled kernels
+    (:func:`tiled_config`). TO BE CONFIRMED on the H100 (`benchmarks/kernels.py --variants`)."""
+    rows, _ = _rows_cols(plan, kernel)
+    if uses_gemv(plan, tokens):
+        return split_config(plan, kernel, experts, sms)
+    return tiled_config(plan, rows, experts, sms, gemv=False)
+
+
+def tiled_config(plan: KernelPlan, rows: int, experts: int, sms: int, gemv: bool = False) -> LaunchConfig:
+    """Tiles of the tiled kernels for ``experts`` x ``rows`` output rows: the widest row block that
+    still gives every SM two blocks (a decode step is bound by how many bytes are in flight, so
+    parallelism comes first). Their one-token path runs one-warp blocks, so that each thread holds
+    several rows and reuses each activation it loads; its tile sizes keep every block's codes in
+    registers at sm_90 (no spills in the compiled code for 64 x 256 int4, 32 x 128 int2 and int8).
+    (``choose_config`` before split-K; kept as the baseline the benchmark compares against.)"""
     widest = 32 if gemv else 64
     block_n = 8 if gemv else 16
     for candidate in (64, 32, 16):
@@ -322,14 +348,39 @@ def choose_config(plan: KernelPlan, rows: int, experts: int, sms: int, gemv: boo
     return LaunchConfig(block_n=block_n, block_k=128 if plan.bits == 16 else 256)
 
 
+def split_config(plan: KernelPlan, kernel: str, experts: int, sms: int, block_n: int | None = None,
+                 block_k: int | None = None, num_warps: int = 4, blocks_per_sm: int = 6,
+                 num_stages: int = 2) -> LaunchConfig:
+    """A split-K config: ``block_k`` defaults to 128 bytes of each row per step for down (one cache
+    line per row: 256 int4 codes) and 64 for gate_up (which reads two weights: the same bytes per
+    step, and no register spills at sm_90 where 128 spilled for int4/g64, int3 and int2/g128);
+    ``block_n`` to 64 rows, more where a group is under 16 bytes of a row (int2/g64), so that each
+    thread still loads whole 16-byte vectors; then K is cut into as many slices as it takes for
+    ``blocks_per_sm`` blocks per SM (at most ``MAX_SPLIT`` and the number of ``block_k`` steps in
+    K). At 6 four-warp blocks of 8 KB per step per SM, ~48 KB are in flight per SM."""
+    rows, cols = _rows_cols(plan, kernel)
+    row_bytes = 64 if kernel == "gate_up" else 128
+    block_k = block_k or max(1 << (8 * row_bytes // plan.bits).bit_length() - 1, plan.group_size)
+    if block_n is None:
+        words_per_group = (plan.group_size or block_k) // _CODES_PER_WORD.get(plan.bits, 1)
+        block_n = max(64, 4 * 32 * num_warps // words_per_group)
+    blocks = experts * triton.cdiv(rows, block_n)
+    steps = triton.cdiv(cols, block_k)
+    split = max(1, min(MAX_SPLIT, steps, triton.cdiv(blocks_per_sm * sms, blocks)))
+    return LaunchConfig(block_n=block_n, block_k=block_k, num_warps=num_warps, num_stages=num_stages, split_k=split)
+
+
 def _tiling(plan: KernelPlan, config: LaunchConfig) -> dict:
     if plan.group_size:
         return dict(SUB_K=plan.group_size, SUBS=max(config.block_k // plan.group_size, 1))
     return dict(SUB_K=config.block_k, SUBS=1)
 
 
+_CODES_PER_WORD = {8: 4, 4: 8, 3: 8, 2: 16}  # per packing word (int3: 24-bit words); bf16: 1
+
+
 def _format_args(plan: KernelPlan, proj: Projection, interpreting: bool) -> dict:
-    cpw = {8: 4, 4: 8, 3: 8, 2: 16}.get(plan.bits, 1)
+    cpw = _CODES_PER_WORD.get(plan.bits, 1)
     return dict(ROW=proj.row_elems, KP=proj.padded_cols, GROUPS=max(proj.padded_cols // max(plan.group_size, 1), 1),
                 BITS=plan.bits, CPW=cpw, W_BYTES=plan.payload_elem_bytes, F32_DOT=interpreting)
 
@@ -344,21 +395,32 @@ def _sm_count(device: torch.device) -> int:
 @dataclass
 class DecodeWorkspace:
     """Preallocated scratch of the decode step (so the hot path allocates nothing): ``hidden`` holds
-    ``silu(gate x) * up x`` per (expert, token) in bf16, ``partial`` each expert's down projection
-    in float32, ``counters`` one int32 per down row block (zero between steps; the down kernel's
-    last program per block resets it). Both buffers are flat; a step with E experts and T tokens
-    uses their first E*T rows. One workspace serves one stream at a time."""
+    ``silu(gate x) * up x`` per (expert, token) in bf16, ``partial`` each expert's (or each expert
+    and K slice's) down projection in float32, ``gate_up_partial`` the split-K gate and up sums per
+    (expert, K slice) in float32, ``counters`` one int32 per down row block and
+    ``gate_up_counters`` one per (expert, gate_up row block) (zero between steps; the last program
+    of each block resets its counter), ``hidden_transposed`` the split-K path's ``hidden`` in
+    float32, transposed by code position for the down kernel's vector loads (see
+    :mod:`dymoe.quant.kernels.split_k`). Buffers are flat; a step uses their first rows. One
+    workspace serves one stream at a time."""
 
     hidden: torch.Tensor
     partial: torch.Tensor
     counters: torch.Tensor
+    gate_up_partial: torch.Tensor
+    gate_up_counters: torch.Tensor
+    hidden_transposed: torch.Tensor
 
     @classmethod
     def allocate(cls, plan: KernelPlan, max_experts: int, max_tokens: int, device) -> "DecodeWorkspace":
         rows = max_experts * max_tokens
-        return cls(torch.empty(rows * plan.intermediate_size, dtype=torch.bfloat16, device=device),
-                   torch.empty(rows * plan.hidden_size, dtype=torch.float32, device=device),
-                   torch.zeros(plan.hidden_size, dtype=torch.int32, device=device))
+        h, i = plan.hidden_size, plan.intermediate_size
+        return cls(torch.empty(rows * i, dtype=torch.bfloat16, device=device),
+                   torch.empty(max(rows, max_experts * MAX_SPLIT) * h, dtype=torch.float32, device=device),
+                   torch.zeros(h, dtype=torch.int32, device=device),
+                   torch.empty(max_experts * MAX_SPLIT * 2 * i, dtype=torch.float32, device=device),
+                   torch.zeros(max_experts * i, dtype=torch.int32, device=device),
+                   torch.empty(max_experts * plan.down.padded_cols, dtype=torch.float32, device=device))
 
     def views(self, plan: KernelPlan, experts: int, tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
         h, i, rows = plan.hidden_size, plan.intermediate_size, experts * tokens
@@ -367,27 +429,71 @@ class DecodeWorkspace:
         return self.hidden[:rows * i].view(experts, tokens, i), self.partial[:rows * h].view(experts, tokens, h)
 
 
+@dataclass(frozen=True)
+class _Launch:
+    """One cached kernel launch: the kernel, its grid and constexpr kwargs, and K slices (0: tiled)."""
+
+    kernel: object
+    grid: tuple
+    kwargs: dict
+    split: int = 0
+
+
+def k_slices(plan: KernelPlan, cols: int, config: LaunchConfig) -> tuple[int, int]:
+    """(slices, columns per slice) of a split-K launch over ``cols`` stored input columns: slices
+    of whole ``block_k`` steps (a slice never ends inside a step), so at most ``config.split_k``."""
+    tiling = _tiling(plan, config)
+    step = tiling["SUB_K"] * tiling["SUBS"]
+    k_slice = triton.cdiv(triton.cdiv(cols, config.split_k), step) * step
+    return triton.cdiv(cols, k_slice), k_slice
+
+
+def _split_launch(kernel, plan: KernelPlan, proj: Projection, cfg: LaunchConfig, experts: int, rows: int,
+                  **parts) -> _Launch:
+    """A split-K launch over :func:`k_slices`."""
+    tiling = _tiling(plan, cfg)
+    split, k_slice = k_slices(plan, proj.padded_cols, cfg)
+    if split > MAX_SPLIT:
+        raise ValueError(f"split_k {cfg.split_k} gives {split} K slices, more than MAX_SPLIT = {MAX_SPLIT}")
+    fmt = {k: v for k, v in _format_args(plan, proj, False).items() if k != "F32_DOT"}
+    kwargs = dict(H=plan.hidden_size, I=plan.intermediate_size, **parts, **fmt, BLOCK_N=cfg.block_n, **tiling,
+                  SPLIT=split, K_SLICE=k_slice, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    return _Launch(kernel, (experts, triton.cdiv(rows, cfg.block_n), split), kwargs, split)
+
+
 @functools.lru_cache(maxsize=256)
 def _launches(plan: KernelPlan, experts: int, tokens: int, sms: int, interpreting: bool,
-              gate_up_config: LaunchConfig | None, down_config: LaunchConfig | None) -> tuple:
-    """(grid, constexpr kwargs) of both kernels, computed once per step shape: the per-step host
-    work is then two dictionary merges, since at ~10 us of weights per step the Python around the
-    launches is a large part of a decode step."""
+              gate_up_config: LaunchConfig | None, down_config: LaunchConfig | None) -> tuple[_Launch, _Launch]:
+    """Both kernels' launches, computed once per step shape: the per-step host work is then two
+    dictionary merges, since at ~10 us of weights per step the Python around the launches is a
+    large part of a decode step."""
+    g, u, d = plan.gate, plan.up, plan.down
+    h, i = plan.hidden_size, plan.intermediate_size
+    gu_cfg = gate_up_config or choose_config(plan, "gate_up", experts, tokens, sms)
+    d_cfg = down_config or choose_config(plan, "down", experts, tokens, sms)
+    if (gu_cfg.split_k is None) != (d_cfg.split_k is None):
+        raise ValueError("gate_up and down must both be split-K configs or both tiled")
+    if gu_cfg.split_k is not None:
+        if tokens != 1:
+            raise ValueError(f"the split-K decode kernels take one token, got {tokens}")
+        from dymoe.quant.kernels.split_k import _down_split_kernel, _gate_up_split_kernel
+
+        return (_split_launch(_gate_up_split_kernel, plan, g, gu_cfg, experts, i, GATE_W=g.weight, GATE_S=g.scales,
+                              GATE_M=g.mins, UP_W=u.weight, UP_S=u.scales, UP_M=u.mins, KP_DOWN=d.padded_cols),
+                _split_launch(_down_split_kernel, plan, d, d_cfg, experts, h, DOWN_W=d.weight, DOWN_S=d.scales,
+                              DOWN_M=d.mins))
     gemv = uses_gemv(plan, tokens)
-    common = dict(H=plan.hidden_size, I=plan.intermediate_size, GEMV=gemv, BLOCK_T=2 if gemv else TOKEN_BLOCK)
+    common = dict(H=h, I=i, GEMV=gemv, BLOCK_T=2 if gemv else TOKEN_BLOCK)
 
     def kwargs(cfg, proj, **parts):
         return dict(common, **parts, **_format_args(plan, proj, interpreting), BLOCK_N=cfg.block_n,
                     **_tiling(plan, cfg), num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
-    g, u, d = plan.gate, plan.up, plan.down
-    cfg = gate_up_config or choose_config(plan, plan.intermediate_size, experts, sms, gemv)
-    gate_up = ((experts, triton.cdiv(plan.intermediate_size, cfg.block_n)),
-               kwargs(cfg, g, GATE_W=g.weight, GATE_S=g.scales, GATE_M=g.mins, UP_W=u.weight, UP_S=u.scales,
-                      UP_M=u.mins))
-    cfg = down_config or choose_config(plan, plan.hidden_size, experts, sms, gemv)
-    down = ((experts, triton.cdiv(plan.hidden_size, cfg.block_n)),
-            kwargs(cfg, d, DOWN_W=d.weight, DOWN_S=d.scales, DOWN_M=d.mins))
+    gate_up = _Launch(_gate_up_kernel, (experts, triton.cdiv(i, gu_cfg.block_n)),
+                      kwargs(gu_cfg, g, GATE_W=g.weight, GATE_S=g.scales, GATE_M=g.mins, UP_W=u.weight,
+                             UP_S=u.scales, UP_M=u.mins))
+    down = _Launch(_down_kernel, (experts, triton.cdiv(h, d_cfg.block_n)),
+                   kwargs(d_cfg, d, DOWN_W=d.weight, DOWN_S=d.scales, DOWN_M=d.mins))
     return gate_up, down
 
 
@@ -396,20 +502,31 @@ def launch_decode(pool: torch.Tensor, slot_offsets: torch.Tensor, plan: KernelPl
                   gate_up_config: LaunchConfig | None = None,
                   down_config: LaunchConfig | None = None) -> torch.Tensor:
     """The Triton path of :func:`dymoe.quant.kernels.expert_decode` (same arguments and result):
-    two launches, the second of which also sums the experts into the result."""
+    two launches, the second of which also sums the experts into the result. The configs default
+    to :func:`choose_config`'s; the benchmark passes others."""
     t, e = combine.shape
     if t > TOKEN_BLOCK:
         raise ValueError(f"the decode kernels take at most {TOKEN_BLOCK} tokens per launch, got {t}")
     x = x.contiguous()
     combine = combine.contiguous()
     workspace = workspace or DecodeWorkspace.allocate(plan, e, t, x.device)
-    hidden, partial = workspace.views(plan, e, t)
-    (grid_gu, kw_gu), (grid_d, kw_d) = _launches(plan, e, t, _sm_count(pool.device),
-                                                 os.environ.get("TRITON_INTERPRET") == "1",
-                                                 gate_up_config, down_config)
+    gate_up, down = _launches(plan, e, t, _sm_count(pool.device), os.environ.get("TRITON_INTERPRET") == "1",
+                              gate_up_config, down_config)
     payload, scales = pool.view(plan.payload_dtype), pool.view(torch.float16)
     out = torch.empty_like(x)
-    _gate_up_kernel[grid_gu](payload, scales, slot_offsets, combine, x, hidden, t, e, **kw_gu)
-    _down_kernel[grid_d](payload, scales, slot_offsets, combine, hidden, partial, out, workspace.counters, t, e,
-                         **kw_d)
+    if gate_up.split:
+        ws = workspace
+        if (e * gate_up.split * 2 * plan.intermediate_size > ws.gate_up_partial.numel()
+                or e * down.split * plan.hidden_size > ws.partial.numel()
+                or e * plan.down.padded_cols > ws.hidden_transposed.numel()):
+            raise ValueError(f"workspace too small for {e} experts at split-K {gate_up.split}/{down.split}")
+        gate_up.kernel[gate_up.grid](payload, scales, slot_offsets, combine, x, ws.hidden_transposed,
+                                     ws.gate_up_partial, ws.gate_up_counters, e, **gate_up.kwargs)
+        down.kernel[down.grid](payload, scales, slot_offsets, combine, ws.hidden_transposed, ws.partial, out,
+                               ws.counters, e, **down.kwargs)
+        return out
+    hidden, partial = workspace.views(plan, e, t)
+    gate_up.kernel[gate_up.grid](payload, scales, slot_offsets, combine, x, hidden, t, e, **gate_up.kwargs)
+    down.kernel[down.grid](payload, scales, slot_offsets, combine, hidden, partial, out, workspace.counters, t, e,
+                           **down.kwargs)
     return out
