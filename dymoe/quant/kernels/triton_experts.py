@@ -353,13 +353,15 @@ def split_config(plan: KernelPlan, kernel: str, experts: int, sms: int, block_n:
                  num_stages: int = 2) -> LaunchConfig:
     """A split-K config: ``block_k`` defaults to 128 bytes of each row per step for down (one cache
     line per row: 256 int4 codes) and 64 for gate_up (which reads two weights: the same bytes per
-    step, and no register spills at sm_90 where 128 spilled for int4/g64, int3 and int2/g128);
+    step, and no register spills at sm_90 where 128 spilled for int4/g64, int3 and int2/g128;
+    int2's down too: 128 bytes took 200 registers and ~4x the compile time for a step that is bound
+    by arithmetic, not loads);
     ``block_n`` to 64 rows, more where a group is under 16 bytes of a row (int2/g64), so that each
     thread still loads whole 16-byte vectors; then K is cut into as many slices as it takes for
     ``blocks_per_sm`` blocks per SM (at most ``MAX_SPLIT`` and the number of ``block_k`` steps in
     K). At 6 four-warp blocks of 8 KB per step per SM, ~48 KB are in flight per SM."""
     rows, cols = _rows_cols(plan, kernel)
-    row_bytes = 64 if kernel == "gate_up" else 128
+    row_bytes = 64 if kernel == "gate_up" or plan.bits == 2 else 128  # int2: bound by arithmetic anyway
     block_k = block_k or max(1 << (8 * row_bytes // plan.bits).bit_length() - 1, plan.group_size)
     if block_n is None:
         words_per_group = (plan.group_size or block_k) // _CODES_PER_WORD.get(plan.bits, 1)
