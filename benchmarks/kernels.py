@@ -125,17 +125,36 @@ def check_one(model: str, precision: str, group: int, tokens: int, seed: int, de
     x = torch.randn(tokens, hidden, generator=torch.Generator().manual_seed(seed)).to(device, torch.bfloat16)
     plan = kernel_plan(layout)
     workspace = DecodeWorkspace.allocate(plan, offsets.numel(), tokens, device)
-    workspace.hidden.fill_(float("nan"))
-    workspace.partial.fill_(float("nan"))
+    for scratch in (workspace.hidden, workspace.partial, workspace.gate_up_partial, workspace.hidden_transposed):
+        scratch.fill_(float("nan"))
     out = expert_decode(pool, offsets, layout, x, combine, backend="triton", workspace=workspace)
     torch.cuda.synchronize()
     ref = reference_decode(pool, offsets, layout, x.float(), combine)
-    h, partial = workspace.views(plan, offsets.numel(), tokens)
     active = combine.abs().sum(0) > 0
-    written = bool(partial.isfinite().all()) and bool(h[active].isfinite().all()) and bool(out.isfinite().all())
+    written = bool(out.isfinite().all()) and scratch_written(workspace, plan, active, tokens)
     rel = ((out.float() - ref).norm() / ref.norm()).item()
     return {"model": model, "format": fmt_name(precision, group), "tokens": tokens, "experts": int(active.sum()),
             "rel_err": rel, "fully_written": written, "ok": written and rel < MAX_REL_ERR}
+
+
+def scratch_written(workspace, plan, active: torch.Tensor, tokens: int) -> bool:
+    """Whether the step wrote every scratch value it reads (the caller NaN-poisons the scratch
+    first): hidden of the active experts and the down partials, in the tiled or split-K layout."""
+    from dymoe.quant.kernels.triton_experts import choose_config, k_slices, uses_gemv
+
+    experts = active.numel()
+    if not uses_gemv(plan, tokens):  # the tiled kernels
+        h, partial = workspace.views(plan, experts, tokens)
+        return bool(partial.isfinite().all()) and bool(h[active].isfinite().all())
+    cpw = {8: 4, 4: 8, 3: 8, 2: 16}[plan.bits]
+    kp, i = plan.down.padded_cols, plan.intermediate_size
+    columns = torch.arange(i, device=active.device)
+    transposed = (columns % cpw) * (kp // cpw) + columns // cpw  # split_k._transposed
+    h = workspace.hidden_transposed[:experts * kp].view(experts, kp)[active][:, transposed]
+    slices = k_slices(plan, kp, choose_config(plan, "down", experts, 1, torch.cuda.get_device_properties(
+        active.device).multi_processor_count))[0]
+    partial = workspace.partial[:experts * slices * plan.hidden_size]
+    return bool(h.isfinite().all()) and bool(partial.isfinite().all())
 
 
 def correctness(device, quick: bool, deadline: float) -> list[dict]:
