@@ -40,7 +40,7 @@ from dymoe.runtime.metrics import RuntimeMetrics
 from dymoe.runtime.offload import RuntimeReporting
 from dymoe.runtime.prefill import PrefillDequantizer, prefill_capacity
 from dymoe.runtime.slot_pool import SlotPool, format_size
-from dymoe.runtime.transfer import TransferEngine
+from dymoe.runtime.transfer import IndexUpload, TransferEngine
 
 
 @dataclass(frozen=True)
@@ -122,6 +122,7 @@ class HotnessExperts(RuntimeReporting):
                                        device=self.device)
         self._high_table = torch.tensor([self.pool.offset(config.high, s) for s in range(n_high)], dtype=torch.int64,
                                         device=self.device)
+        self._upload = IndexUpload(top_k, self.device, rows=4)  # slot ids and rows of both classes
         self._prefill = PrefillDequantizer(self.pool.buffer, lambda s: self.pool.offset(config.low, s), self.low_layout,
                                            prefill_capacity(self.low_layout, n_low, self.num_experts, dtype), dtype,
                                            self.transfers.wait)
@@ -158,10 +159,12 @@ class HotnessExperts(RuntimeReporting):
             if ticket is not None:
                 self.transfers.wait(ticket)
         out = None
-        for precision, rows, table in ((self.config.high, high, self._high_table), (self.config.low, low, self._low_table)):
+        for i, (precision, rows, table) in enumerate(((self.config.high, high, self._high_table),
+                                                      (self.config.low, low, self._low_table))):
             if rows:
-                slots = [self._slot(layer, experts[j], precision) for j in rows]
-                part = self._decode(hidden, slots, expert_weights[0, rows], precision, table)
+                slots = self._upload([self._slot(layer, experts[j], precision) for j in rows], 2 * i)
+                weights = expert_weights[0] if len(rows) == len(experts) else expert_weights[0, self._upload(rows, 2 * i + 1)]
+                part = self._decode(hidden, slots, weights, precision, table)
                 out = part if out is None else out + part
                 self.precision_uses[precision] += len(rows)
         for j in high:
@@ -206,8 +209,7 @@ class HotnessExperts(RuntimeReporting):
         cache = self.low_cache if precision == self.config.low else self.cache
         return cache.peek((layer, expert)).slot
 
-    def _decode(self, hidden, slots, weights, precision, table):
-        index = torch.tensor(slots, device=self.device)
+    def _decode(self, hidden, index, weights, precision, table):
         layout = self.high_layout if precision == self.config.high else self.low_layout
         offsets, combine = decode_routing(table, index[None], weights[None])
         return expert_decode(self.pool.buffer, offsets, layout, hidden, combine, workspace=self._workspace[precision])

@@ -43,7 +43,7 @@ from dymoe.runtime.precision import make_precision_rule
 from dymoe.runtime.prefill import PrefillDequantizer, prefill_capacity
 from dymoe.runtime.resident import gathered_decode
 from dymoe.runtime.slot_pool import SlotPool
-from dymoe.runtime.transfer import TransferEngine
+from dymoe.runtime.transfer import IndexUpload, TransferEngine
 
 
 @dataclass(frozen=True)
@@ -112,6 +112,7 @@ class OffloadedExperts(RuntimeReporting):
         self._workspaces = {p: decode_workspace(self.layouts[p], top_k, 1, self.device)
                             for p in counts if p != "bf16" or self._stacks is None}
         self.predictor: CrossLayerPredictor | None = None
+        self._upload = IndexUpload(top_k, self.device, rows=2 * len(config.precisions))  # slot ids, rows per class
         self.rule = make_precision_rule(config.precision_rule, important_mass=config.important_mass,
                                         popularity_floor=config.popularity_floor, num_experts=store.num_experts)
         self._critical: set[int] = set()
@@ -204,9 +205,10 @@ class OffloadedExperts(RuntimeReporting):
         return out
 
     def _decode_rows(self, layer, hidden, experts, weights, rows, precision):
-        slots = torch.tensor([self.cache.peek((layer, e)).slot for e in experts], device=self.device)
+        row = 2 * self.config.precisions.index(precision)
+        slots = self._upload([self.cache.peek((layer, e)).slot for e in experts], row)
         if len(rows) < weights.shape[0]:
-            weights = weights[torch.tensor(rows, device=weights.device)]
+            weights = weights[self._upload(rows, row + 1)]
         if precision == "bf16" and self._stacks is not None:
             gate_up, down = self._stacks
             return gathered_decode(hidden, slots, weights, gate_up, down, self.dtype)
@@ -399,7 +401,7 @@ class CrossLayerPredictor:
         targets = self.targets(layer)
         if not targets:
             return None
-        guesses = [self.routers[t](hidden)[0] for t in targets]  # (ids [1, k], weights)
+        guesses = [self.routers[t].predict(hidden)[0] for t in targets]  # (ids [1, k], weights)
         return torch.cat(guesses)
 
 
