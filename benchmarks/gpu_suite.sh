@@ -9,7 +9,10 @@
 # through the simulator (oracle / Belady hit rate and the floor per link), and the transformers +
 # accelerate CPU-offload baseline for the Qwen3 shape. Tables go to stdout and $OUT/*.txt, full
 # reports to $OUT/*.json. Knobs (environment): POLICIES, GEN_LEN (128), MIXTRAL_GEN_LEN (64: a Mixtral expert
-# is 336 MiB, so on-demand decode moves ~2.6 GiB a token), PROMPTS (32,512,2048), PYTHON.
+# is 336 MiB, so on-demand decode moves ~2.6 GiB a token), PROMPTS (32,512,2048), PYTHON, ROUTING (skewed:
+# the synthetic models route with the labelled skewed, local stand-in for a trained router of docs/routing.md;
+# ROUTING=uniform gives the random routers' own near-uniform routing, the earlier tables; any
+# `dymoe bench --routing` value works, e.g. skewed:s=1.2,r=0.2). Every table and trace says which it was.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-bench-out}
@@ -18,6 +21,7 @@ GEN_LEN=${GEN_LEN:-128}
 MIXTRAL_GEN_LEN=${MIXTRAL_GEN_LEN:-64}
 PROMPTS=${PROMPTS:-32,512,2048}
 POLICIES=${POLICIES:-resident,on-demand,on-demand-prefetch,lru,lru-prefetch,static-int4,dymoe,dynaexq}
+ROUTING=${ROUTING:-skewed}
 mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,memory.total,driver_version,pcie.link.gen.max,pcie.link.width.max --format=csv \
   | tee "$OUT/gpu.txt" || true
@@ -27,7 +31,7 @@ bench() {  # name, then dymoe bench arguments
   local name=$1; shift
   echo "== dymoe bench $* ($(date -u +%FT%TZ))"
   "$PYTHON" -m dymoe bench --policies "$POLICIES" --device-memory 25%,50% --prompt-len "$PROMPTS" \
-    --no-progress --json "$OUT/$name.json" "$@" | tee "$OUT/$name.txt"
+    --routing "$ROUTING" --no-progress --json "$OUT/$name.json" "$@" | tee "$OUT/$name.txt"
   echo "-- $name done at +$((SECONDS - started)) s"
 }
 
@@ -40,7 +44,8 @@ bench qwen3-30b-a3b-8l --model synthetic:qwen3-30b-a3b --layers 8 --gen-len "$GE
   | tee "$OUT/qwen3-30b-a3b-8l.simulate-50.txt"
 bench mixtral-8x7b-4l --model synthetic:mixtral-8x7b --layers 4 --gen-len "$MIXTRAL_GEN_LEN"
 
-# peer baseline: transformers + accelerate offloading (device_map / max_memory), same shape and budgets
+# peer baseline: transformers + accelerate offloading (device_map / max_memory), same shape and budgets;
+# it routes with transformers' own random routers (near uniform) whatever ROUTING says
 if "$PYTHON" -c "import accelerate, transformers" 2>/dev/null; then
   echo "== transformers + accelerate CPU offload ($(date -u +%FT%TZ))"
   left=$((570 - (SECONDS - started))); [ "$left" -gt 30 ] || left=30

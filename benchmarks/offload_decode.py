@@ -17,7 +17,8 @@ few decode steps (``OUT/trace_lru.json``, open in chrome://tracing or Perfetto) 
 how much of the host-to-device copy time ran while a compute kernel was running on another stream.
 
 Random weights route almost uniformly, so hit rates here are the worst case of a cache; the
-routing of trained models is skewed (see the demo model's card). Per-token figures scale with the
+routing of trained models is skewed (see the demo model's card): ``--routing skewed`` gives the
+synthetic model a labelled stand-in for it (docs/routing.md). Per-token figures scale with the
 number of layers: ``x 48 / layers`` gives the full model's.
 """
 
@@ -33,6 +34,7 @@ from pathlib import Path
 import torch
 
 from dymoe.bench.harness import DYNAEXQ_FOOTNOTE, pinned_h2d_bandwidth, sync
+from dymoe.bench.routing import parse_routing
 from dymoe.bench.synthetic import build_dense, build_expert_layer, synthetic_config, tiny_config
 from dymoe.checkpoint.memory_store import MemoryStore
 from dymoe.runtime.presets import HOTNESS_PRESETS, preset_precisions, preset_provider
@@ -55,6 +57,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--trace-steps", type=int, default=6, help="decode steps in the lru profiler trace (0: none)")
     parser.add_argument("--tiny", action="store_true", help="toy widths (CPU smoke test)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--routing", default="uniform", type=parse_routing, metavar="uniform|skewed[:s=S,r=R,q=Q]",
+                        help="how experts are chosen (dymoe bench --help; docs/routing.md); default uniform")
     return parser.parse_args(argv)
 
 
@@ -62,7 +66,8 @@ def build(args, device):
     config = synthetic_config(SHAPE, layers=args.layers)
     if args.tiny:
         config = tiny_config(config)
-    model = build_dense(config, device, torch.bfloat16, seed=args.seed, context_len=args.prompt + args.gen + 8)
+    model = build_dense(config, device, torch.bfloat16, seed=args.seed, context_len=args.prompt + args.gen + 8,
+                        routing=args.routing)
     experts = {l: build_expert_layer(config, l, device, torch.bfloat16, seed=args.seed) for l in config.moe_layers}
     started = time.perf_counter()
     offloading = [name for name in args.policies.split(",") if not name.startswith("resident")]
@@ -190,7 +195,8 @@ def main(argv=None) -> dict:
             results[name]["overlap"] = trace_lru(model, fresh, prompt, args.trace_steps, device, out)
             del fresh
         del provider
-    report = {"environment": env, "args": vars(args) | {"out": str(args.out)}, "h2d_bytes_per_s": bandwidth,
+    report = {"environment": env, "args": vars(args) | {"out": str(args.out), "routing": args.routing.spec},
+              "routing": args.routing.label, "h2d_bytes_per_s": bandwidth,
               "budget_bytes": budget, "bf16_expert_bytes": bf16_bytes, "results": results}
     (out / "offload_decode.json").write_text(json.dumps(report, indent=1, default=str))
     print(table(report, config))
@@ -205,6 +211,7 @@ def table(report: dict, config) -> str:
         f"\n{SHAPE} x {config.num_layers} layers, budget {report['budget_bytes'] / 2**30:.2f} GiB "
         f"({100 * report['budget_bytes'] / report['bf16_expert_bytes']:.0f}% of bf16 experts), "
         f"pinned H2D {report['h2d_bytes_per_s'] / 1e9:.1f} GB/s; TPOT@48L = TPOT x {scale:g}",
+        f"routing: {report['routing']}",
         f"{'preset':<12} {'TTFT ms':>9} {'TPOT ms':>9} {'TPOT@48L':>9} {'hit %':>6} {'H2D MiB/tok':>12} "
         f"{'stall %':>8} {'top1 agree':>10}",
     ]

@@ -33,8 +33,9 @@ import torch.nn.functional as F
 
 import dymoe
 from dymoe.bench.quality import Agreement, compare
+from dymoe.bench.routing import SyntheticRouting
 from dymoe.bench.synthetic import build_dense, build_expert_layer, parse_model_spec, synthetic_config, tiny_config
-from dymoe.bench.trace import TracingExperts, expert_bytes, trace_header
+from dymoe.bench.trace import TRAINED_ROUTING, TracingExperts, expert_bytes, trace_header
 from dymoe.cli.units import parse_bytes
 from dymoe.engine.engine import resolve_device, resolve_dtype
 from dymoe.errors import InputError
@@ -59,6 +60,7 @@ class BenchConfig:
     gen_len: int = 128
     layers: int | None = None  # synthetic models only: keep the first N layers
     tiny: bool = False  # synthetic models only: toy widths (CPU smoke runs, tests)
+    routing: SyntheticRouting = SyntheticRouting()  # synthetic models only: uniform, or skewed (bench/routing.py)
     device: str = "auto"
     dtype: str = "auto"
     seed: int = 0
@@ -106,8 +108,9 @@ def load_bench_model(config: BenchConfig, device: torch.device, dtype: torch.dty
     shape = parse_model_spec(config.model)
     if shape is not None:
         return load_synthetic(shape, config, device, dtype, context_len)
-    if config.layers is not None or config.tiny:
-        raise InputError("--layers and --tiny apply to synthetic:NAME models only, not to a checkpoint folder")
+    if config.layers is not None or config.tiny or config.routing.skewed:
+        raise InputError("--layers, --tiny and --routing apply to synthetic:NAME models only, not to a checkpoint "
+                         "folder (whose trained routers route as they were trained)")
     return load_checkpoint(config, device, dtype, context_len)
 
 
@@ -120,7 +123,8 @@ def load_synthetic(shape: str, config: BenchConfig, device, dtype, context_len: 
     if config.tiny:
         model_config = tiny_config(model_config)
     _check_context(context_len, model_config.max_position_embeddings, config.model)
-    model = build_dense(model_config, device, dtype, seed=config.seed, context_len=context_len)
+    model = build_dense(model_config, device, dtype, seed=config.seed, context_len=context_len,
+                        routing=config.routing)
     experts = {l: build_expert_layer(model_config, l, device, torch.bfloat16, seed=config.seed)
                for l in model_config.moe_layers}
     needed = {q for p in config.offloading for q in preset_precisions(p)}
@@ -138,7 +142,7 @@ def load_synthetic(shape: str, config: BenchConfig, device, dtype, context_len: 
     return BenchModel(label, model, resident, offloaded, store.nbytes("bf16"), blob,
                       info={"kind": "synthetic", "shape": shape, "layers": model_config.num_layers,
                             "tiny": config.tiny, "weights": "random normal(0, 0.02), seed %d" % config.seed,
-                            "routing": "random routers (near uniform: the worst case of a cache)",
+                            "routing": config.routing.label, "routing_config": config.routing.to_dict(),
                             "store_precisions": list(precisions)})
 
 
@@ -386,7 +390,8 @@ def record_reference_trace(bench: BenchModel, prompts, reference: dict[int, Prom
     engine_like = _EngineView(model, "resident")
     recipe = {"prompts": len(prompts), "prompt_tokens": sorted(prompts), "gen_len": config.gen_len,
               "sampling": "greedy", "source": "dymoe bench", "prompt_ids": "text" if config.text else "random"}
-    trace = tracer.to_trace(trace_header(engine_like, bench.name, recipe))
+    trace = tracer.to_trace(trace_header(engine_like, bench.name, recipe,
+                                         routing=bench.info.get("routing", TRAINED_ROUTING)))
     return trace.save(path)
 
 

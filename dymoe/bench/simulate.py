@@ -209,6 +209,7 @@ def format_report(trace: Trace, results: list[SimResult], links: list[str]) -> s
     r0 = results[0]
     lines = [
         f"trace    {trace.describe()}",
+        f"routing  {trace.routing}",
         f"budget   {_mib(r0.budget_bytes):.2f} MiB: {r0.slots} {r0.precision} experts of {total_experts} "
         f"({100 * r0.slots / total_experts:.1f}%), {r0.expert_bytes / 1024:.0f} KiB each; "
         f"compute {1e3 * r0.compute_s_per_token:.2f} ms/token",

@@ -35,6 +35,7 @@ from typing import Any, Callable
 
 import torch
 
+from dymoe.bench.routing import SyntheticRouting, apply_routing
 from dymoe.errors import InputError
 from dymoe.models.config import ModelConfig
 from dymoe.models.registry import parse_config
@@ -91,8 +92,8 @@ SYNTHETIC_SHAPES: dict[str, dict[str, Any]] = {
     },
 }
 
-# Fills one MoE layer's router weight [E, H] in place; the hook for skewed routing (a later issue):
-# a skew knob becomes a RouterInit that, e.g., scales a few experts' rows up.
+# Fills one MoE layer's router weight [E, H] in place. Skewed, local routing does not come from the
+# weights (random ones route near uniformly whatever their scale) but from dymoe.bench.routing.
 RouterInit = Callable[[int, torch.Tensor, torch.Generator], None]
 
 
@@ -168,11 +169,13 @@ def build_dense(
     context_len: int = 4096,
     std: float = DEFAULT_STD,
     router_init: RouterInit | None = None,
+    routing: SyntheticRouting | None = None,
 ) -> MoETransformer:
     """The model without its experts, built as :func:`~dymoe.models.transformer.load_dense` builds it.
 
     Norm weights are one, biases zero, every other weight normal(0, std); ``router_init`` replaces
-    the routers' normal init (the hook for skewed routing).
+    the routers' normal init; ``routing`` (skewed) replaces the routers' choice of experts with
+    :mod:`dymoe.bench.routing`'s seeded process, tabled for the whole ``context_len``.
     """
     with torch.device("meta"):
         model = MoETransformer(config, context_len)
@@ -188,6 +191,8 @@ def build_dense(
             else:
                 fill_normal_(param, std, tensor_generator(seed, name, param.device))
     model.rotary.build(device, dtype)
+    if routing is not None:
+        apply_routing(model, routing, seed)
     model.requires_grad_(False)
     model.eval()
     return model
@@ -225,6 +230,7 @@ def build_synthetic(
     pin_memory: bool = False,
     std: float = DEFAULT_STD,
     router_init: RouterInit | None = None,
+    routing: SyntheticRouting | None = None,
 ) -> tuple[MoETransformer, dict[int, tuple[torch.Tensor, torch.Tensor]]]:
     """A random-weight model of ``config``: the dense model on ``device`` and expert stacks per MoE layer.
 
@@ -232,7 +238,7 @@ def build_synthetic(
     an offloading runtime, or the GPU for :class:`~dymoe.runtime.resident.ResidentExperts`. They are
     returned, not attached: the caller picks the runtime. Layers are drawn one at a time.
     """
-    model = build_dense(config, device, dtype, seed, context_len, std, router_init)
+    model = build_dense(config, device, dtype, seed, context_len, std, router_init, routing)
     expert_device = device if expert_device is None else expert_device
     experts = {
         layer: build_expert_layer(config, layer, expert_device, dtype, seed, std, pin_memory)

@@ -106,6 +106,12 @@ class Trace:
             recall[self.layers[i]] = found / max(truth.numel(), 1)
         return recall
 
+    @property
+    def routing(self) -> str:
+        """What chose the experts (traces from before this key existed were all of trained models or
+        of near-uniform random synthetic ones; they say "not recorded")."""
+        return self.header["model"].get("routing", "not recorded")
+
     def describe(self) -> str:
         m = self.header["model"]
         prefill = self.num_tokens - self.decode_tokens()
@@ -204,7 +210,7 @@ class TracingExperts:
         guesses = torch.full((self.lookahead, n, expert_ids.shape[1]), -1, dtype=torch.int16)
         for d in range(self.lookahead):
             if index + 1 + d < len(self.layers):
-                guess, _ = self.routers[self.layers[index + 1 + d]](hidden)
+                guess, _ = self.routers[self.layers[index + 1 + d]].predict(hidden)
                 guesses[d] = guess.to("cpu", torch.int16)
         predicted.append(guesses)
 
@@ -231,6 +237,9 @@ def model_fingerprint(model) -> str:
     h = hashlib.sha256(json.dumps(_config_summary(model.config), sort_keys=True).encode())
     for block in model.moe_blocks:
         h.update(block.gate.weight.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+        for table in ("routes", "guesses"):  # synthetic skewed routing (bench/routing.py): its choices
+            if hasattr(block.gate, table):
+                h.update(getattr(block.gate, table)[:64].to("cpu").contiguous().numpy().tobytes())
     return h.hexdigest()[:16]
 
 
@@ -249,13 +258,19 @@ def _config_summary(config) -> dict:
             "hidden_size": config.hidden_size, "moe_intermediate_size": config.moe_intermediate_size}
 
 
-def trace_header(engine, name: str, recipe: dict | None = None, lookahead: int = 1) -> dict:
-    """The header of a trace recorded from ``engine``: format, model fingerprint and summary,
-    expert bytes per precision, and ``recipe`` (how the prompts and generation were chosen)."""
+TRAINED_ROUTING = "trained routers of the checkpoint"
+
+
+def trace_header(engine, name: str, recipe: dict | None = None, lookahead: int = 1,
+                 routing: str = TRAINED_ROUTING) -> dict:
+    """The header of a trace recorded from ``engine``: format, model fingerprint and summary (with
+    ``routing``, what chose the experts: a synthetic model's label says so), expert bytes per
+    precision, and ``recipe`` (how the prompts and generation were chosen)."""
     return {
         "format": FORMAT, "format_version": FORMAT_VERSION, "dymoe_version": dymoe.__version__,
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "model": {"name": name, "fingerprint": model_fingerprint(engine.model), **_config_summary(engine.config)},
+        "model": {"name": name, "fingerprint": model_fingerprint(engine.model), **_config_summary(engine.config),
+                  "routing": routing},
         "expert_bytes": expert_bytes(engine.config),
         "recorded_on": {"device": str(engine.device), "dtype": str(engine.model.lm_head.weight.dtype),
                         "policy": engine.preset},

@@ -15,11 +15,14 @@ import sys
 from pathlib import Path
 
 from dymoe.bench.harness import BENCH_POLICIES, BenchConfig, format_table, run_bench
+from dymoe.bench.routing import DEFAULT_LOCALITY, DEFAULT_PREDICTOR_RECALL, DEFAULT_ZIPF, parse_routing
 from dymoe.errors import InputError
 
 EXAMPLES = """examples:
   dymoe bench --model synthetic:qwen3-30b-a3b --layers 8 --device-memory 25%,50% --json out.json
   dymoe bench --model synthetic:mixtral-8x7b --layers 4 --policies resident,lru,static-int4
+  dymoe bench --model synthetic:olmoe-1b-7b --layers 2 --routing skewed --record-trace olmoe.trace
+  dymoe bench --model synthetic:qwen3-30b-a3b --layers 8 --routing skewed:s=1.2,r=0.7,q=0.9
   dymoe bench --model models/dymoe-demo-moe --text tests/data/heldout_snippet.txt --prompt-len 32,512 \\
       --policies resident,lru,lru-prefetch --device-memory 25%
 """
@@ -44,6 +47,14 @@ def register(subparsers) -> None:
     parser.add_argument("--gen-len", type=int, default=128, help="tokens generated per prompt (default: 128)")
     parser.add_argument("--layers", type=int, default=None, help="synthetic models: keep the first N layers")
     parser.add_argument("--tiny", action="store_true", help="synthetic models: toy widths (a CPU smoke run)")
+    parser.add_argument("--routing", default="uniform", metavar="uniform|skewed[:s=S,r=R,q=Q]",
+                        help="synthetic models: how experts are chosen. uniform (default): the random routers' own "
+                             "choice, near uniform. skewed: a seeded stand-in for a trained router, labelled as "
+                             f"such in every output: per-layer Zipf popularity with exponent s (default "
+                             f"{DEFAULT_ZIPF:g}), each expert of the previous token kept with probability r "
+                             f"(default {DEFAULT_LOCALITY:g}), and the cross-layer predictor shown each true expert "
+                             f"with probability q (default {DEFAULT_PREDICTOR_RECALL:g}); weights still come from "
+                             "the real router logits. Sources: docs/routing.md")
     parser.add_argument("--text", type=Path, default=None,
                         help="checkpoints: prompts are the first tokens of this file (default: random token ids)")
     parser.add_argument("--store", type=Path, default=None, help="checkpoints: expert store folder")
@@ -75,8 +86,8 @@ def bench_config(args) -> BenchConfig:
         model=args.model, policies=tuple(policies),
         budgets=tuple(b.strip() for b in args.device_memory.split(",") if b.strip()),
         prompt_lens=_ints(args.prompt_len, "--prompt-len"), gen_len=args.gen_len, layers=args.layers,
-        tiny=args.tiny, device=args.device, dtype=args.dtype, seed=args.seed, text=args.text, store=args.store,
-        progress=not args.no_progress,
+        tiny=args.tiny, routing=parse_routing(args.routing), device=args.device, dtype=args.dtype, seed=args.seed,
+        text=args.text, store=args.store, progress=not args.no_progress,
     )
 
 
