@@ -55,10 +55,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--policies", default="resident,resident-grouped,on-demand,lru,static-int4,dynaexq",
                         help="the first one is the reference the others are teacher-forced with")
     parser.add_argument("--trace-steps", type=int, default=6, help="decode steps in the lru profiler trace (0: none)")
+    parser.add_argument("--eager", action="store_true", help="decode without CUDA graphs (the pre-graph path)")
     parser.add_argument("--tiny", action="store_true", help="toy widths (CPU smoke test)")
-    parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--routing", default="uniform", type=parse_routing, metavar="uniform|skewed[:s=S,r=R,q=Q]",
                         help="how experts are chosen (dymoe bench --help; docs/routing.md); default uniform")
+    parser.add_argument("--seed", type=int, default=0)
     return parser.parse_args(argv)
 
 
@@ -99,7 +100,7 @@ def run_preset(model, provider, prompt, gen, device, forced: list[int] | None = 
         feed = torch.tensor(forced[i], device=device) if forced else token
         sync(device)
         t0 = time.perf_counter()
-        logits = model(feed.view(1, 1), prompt.numel() + i, cache, last_only=True)[0]
+        logits = model.decode(feed, prompt.numel() + i, cache)
         token = logits.argmax()
         sync(device)
         steps.append(time.perf_counter() - t0)
@@ -170,6 +171,7 @@ def main(argv=None) -> dict:
     print(" ".join(f"{k} {v}" for k, v in env.items()), flush=True)
     bandwidth = pinned_h2d_bandwidth(device) or float("nan")
     config, model, experts, store, encode_s = build(args, device)
+    model.cuda_graphs = not args.eager
     bf16_bytes = store.nbytes("bf16")
     budget = int(args.budget * bf16_bytes)
     print(f"{config.num_layers} layers x {config.num_experts} experts; bf16 experts {bf16_bytes / 2**30:.2f} GiB, "

@@ -69,6 +69,7 @@ class BenchConfig:
     store: Path | None = None  # checkpoints only: the expert store folder
     progress: bool = True
     warmup: bool = True
+    cuda_graphs: bool = True  # decode replays CUDA graphs on a GPU (--eager: off)
 
     def __post_init__(self):
         unknown = [p for p in self.policies if p not in BENCH_POLICIES]
@@ -273,7 +274,7 @@ def run_prompt(model, provider, prompt: torch.Tensor, gen_len: int, forced: torc
         feed = tokens[i - 1]
         sync(device)
         t0 = time.perf_counter()
-        out = model(feed.view(1, 1), prompt.numel() + i - 1, cache, last_only=True)[0]
+        out = model.decode(feed, prompt.numel() + i - 1, cache)
         token = out.argmax()
         sync(device)
         steps.append(time.perf_counter() - t0)
@@ -308,6 +309,7 @@ def run_bench(config: BenchConfig, argv: list[str] | None = None, trace_path: Pa
     dtype = resolve_dtype(config.dtype, device)
     context_len = max(config.prompt_lens) + config.gen_len + 8
     bench = load_bench_model(config, device, dtype, context_len)
+    bench.model.cuda_graphs = config.cuda_graphs
     budgets = {text: parse_budget(text, bench) for text in config.budgets} if config.offloading else {}
     prompts = make_prompts(config, bench)
     bandwidth = pinned_h2d_bandwidth(device)

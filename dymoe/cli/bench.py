@@ -67,6 +67,7 @@ def register(subparsers) -> None:
     parser.add_argument("--record-trace", type=Path, default=None, metavar="OUT.trace",
                         help="also write the resident run's routing trace (for dymoe simulate)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--eager", action="store_true", help="decode without CUDA graphs (to measure what they bring)")
     parser.set_defaults(func=run)
 
 
@@ -87,7 +88,7 @@ def bench_config(args) -> BenchConfig:
         budgets=tuple(b.strip() for b in args.device_memory.split(",") if b.strip()),
         prompt_lens=_ints(args.prompt_len, "--prompt-len"), gen_len=args.gen_len, layers=args.layers,
         tiny=args.tiny, routing=parse_routing(args.routing), device=args.device, dtype=args.dtype, seed=args.seed,
-        text=args.text, store=args.store, progress=not args.no_progress,
+        text=args.text, store=args.store, progress=not args.no_progress, cuda_graphs=not args.eager,
     )
 
 
