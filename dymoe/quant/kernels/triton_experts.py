@@ -325,6 +325,10 @@ def choose_config(plan: KernelPlan, kernel: str, experts: int, tokens: int, sms:
     bytes in flight, docs/kernels.md); bf16 and several tokens run the tiled kernels
     (:func:`tiled_config`). TO BE CONFIRMED on the H100 (`benchmarks/kernels.py --variants`)."""
     rows, _ = _rows_cols(plan, kernel)
+    if uses_gemv(plan, tokens) and plan.bits == 3:
+        # int3 assembles each word from three byte loads; split-K measured no faster (5-6% of copy
+        # against the tiled path's 5-8%, docs/results/kernel_variants_h200.json)
+        return tiled_config(plan, rows, experts, sms, gemv=True)
     if uses_gemv(plan, tokens):
         return split_config(plan, kernel, experts, sms)
     return tiled_config(plan, rows, experts, sms, gemv=False)
@@ -362,6 +366,8 @@ def split_config(plan: KernelPlan, kernel: str, experts: int, sms: int, block_n:
     K). At 6 four-warp blocks of 8 KB per step per SM, ~48 KB are in flight per SM."""
     rows, cols = _rows_cols(plan, kernel)
     row_bytes = 64 if kernel == "gate_up" or plan.bits == 2 else 128  # int2: bound by arithmetic anyway
+    if plan.bits == 8:  # no spills at twice the step; Mixtral's step 54% -> 72% of copy (kernel_variants_h200.json)
+        row_bytes *= 2
     block_k = block_k or max(1 << (8 * row_bytes // plan.bits).bit_length() - 1, plan.group_size)
     if block_n is None:
         words_per_group = (plan.group_size or block_k) // _CODES_PER_WORD.get(plan.bits, 1)
