@@ -20,7 +20,8 @@ PYTHON=${PYTHON:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo pyt
 GEN_LEN=${GEN_LEN:-128}
 MIXTRAL_GEN_LEN=${MIXTRAL_GEN_LEN:-64}
 PROMPTS=${PROMPTS:-32,512,2048}
-POLICIES=${POLICIES:-resident,on-demand,on-demand-prefetch,lru,lru-prefetch,static-int4,dymoe,dynaexq}
+POLICIES=${POLICIES:-resident,on-demand,on-demand-prefetch,lru,lru-prefetch,static-int4,fate,dymoe,dynaexq}
+PARTS=${PARTS:-qwen3 mixtral accelerate}  # a subset runs in a shorter device call
 ROUTING=${ROUTING:-skewed}
 mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,memory.total,driver_version,pcie.link.gen.max,pcie.link.width.max --format=csv \
@@ -35,18 +36,24 @@ bench() {  # name, then dymoe bench arguments
   echo "-- $name done at +$((SECONDS - started)) s"
 }
 
-bench qwen3-30b-a3b-8l --model synthetic:qwen3-30b-a3b --layers 8 --gen-len "$GEN_LEN" \
-  --record-trace "$OUT/qwen3-30b-a3b-8l.trace"
-# the oracle (Belady) hit rate and the modelled floor per link, on the very routing just measured
-"$PYTHON" -m dymoe simulate "$OUT/qwen3-30b-a3b-8l.trace" --policy lru,lfu --device-memory 25% \
-  | tee "$OUT/qwen3-30b-a3b-8l.simulate-25.txt"
-"$PYTHON" -m dymoe simulate "$OUT/qwen3-30b-a3b-8l.trace" --policy lru,lfu --device-memory 50% \
-  | tee "$OUT/qwen3-30b-a3b-8l.simulate-50.txt"
-bench mixtral-8x7b-4l --model synthetic:mixtral-8x7b --layers 4 --gen-len "$MIXTRAL_GEN_LEN"
+if [[ " $PARTS " == *" qwen3 "* ]]; then
+  bench qwen3-30b-a3b-8l --model synthetic:qwen3-30b-a3b --layers 8 --gen-len "$GEN_LEN" \
+    --record-trace "$OUT/qwen3-30b-a3b-8l.trace"
+  # the oracle (Belady) hit rate and the modelled floor per link, on the very routing just measured
+  "$PYTHON" -m dymoe simulate "$OUT/qwen3-30b-a3b-8l.trace" --policy lru,lfu --device-memory 25% \
+    | tee "$OUT/qwen3-30b-a3b-8l.simulate-25.txt"
+  "$PYTHON" -m dymoe simulate "$OUT/qwen3-30b-a3b-8l.trace" --policy lru,lfu --device-memory 50% \
+    | tee "$OUT/qwen3-30b-a3b-8l.simulate-50.txt"
+fi
+if [[ " $PARTS " == *" mixtral "* ]]; then
+  bench mixtral-8x7b-4l --model synthetic:mixtral-8x7b --layers 4 --gen-len "$MIXTRAL_GEN_LEN"
+fi
 
 # peer baseline: transformers + accelerate offloading (device_map / max_memory), same shape and budgets;
 # it routes with transformers' own random routers (near uniform) whatever ROUTING says
-if "$PYTHON" -c "import accelerate, transformers" 2>/dev/null; then
+if [[ " $PARTS " != *" accelerate "* ]]; then
+  echo "accelerate baseline not in PARTS"
+elif "$PYTHON" -c "import accelerate, transformers" 2>/dev/null; then
   echo "== transformers + accelerate CPU offload ($(date -u +%FT%TZ))"
   left=$((570 - (SECONDS - started))); [ "$left" -gt 30 ] || left=30
   timeout "$left" "$PYTHON" benchmarks/accelerate_offload.py --out "$OUT" \

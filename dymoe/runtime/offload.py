@@ -121,20 +121,23 @@ class OffloadedExperts(RuntimeReporting):
             self._compile_kernels(top_k)
 
     def _slot_counts(self, config: OffloadConfig, top_k: int) -> dict[str, int]:
-        """Whole slots per precision class within the budget; each class must hold one token's top-k."""
+        """Whole slots per precision class within the budget: each class holds one token's top-k,
+        and the budget beyond that is split by ``high_share`` (so a small budget shifts bytes to the
+        class that would fall short, instead of refusing a budget that fits both)."""
+        size = {p: self.layouts[p].nbytes for p in config.precisions}
+        floor = sum(top_k * n for n in size.values())
+        if config.budget_bytes < floor:
+            what = " + ".join(f"{top_k} {p}" for p in config.precisions)
+            raise BudgetError(
+                f"--device-memory leaves room for fewer experts than one token needs ({what}): "
+                f"give at least {_mib(floor)} for experts"
+            )
         if self.low is None:
-            shares = {self.precision: 1.0}
-        else:
-            shares = {self.precision: config.high_share, self.low: 1.0 - config.high_share}
-        counts = {p: int(config.budget_bytes * share) // self.layouts[p].nbytes for p, share in shares.items()}
-        for p, n in counts.items():
-            if n < top_k:
-                need = top_k * self.layouts[p].nbytes / shares[p]
-                raise BudgetError(
-                    f"--device-memory leaves room for {n} {p} experts, but one token needs {top_k}: "
-                    f"give at least {_mib(need)} for experts"
-                )
-        return counts
+            return {self.precision: config.budget_bytes // size[self.precision]}
+        spare = config.budget_bytes - floor
+        high = top_k + int(spare * config.high_share) // size[self.precision]
+        low = top_k + (spare - (high - top_k) * size[self.precision]) // size[self.low]
+        return {self.precision: high, self.low: low}
 
     def bind(self, model) -> None:
         """Called by the model when it attaches this runtime: the prefetcher needs the routers, the

@@ -107,9 +107,21 @@ def test_low_copy_substitutes_instead_of_a_fetch(model_and_store):
         assert (fetched > 0) == expect_fetch, substitute
 
 
-def test_each_class_must_hold_a_token(model_and_store):
+def test_each_class_holds_a_token_whatever_the_share(model_and_store):
+    """A skewed share shifts bytes to the class that would fall short; a budget below one token's
+    top-k in both classes is refused with that minimum."""
     checkpoint, store = model_and_store
-    with pytest.raises(BudgetError, match="int4 experts, but one token needs"):
-        OffloadedExperts(store, OffloadConfig(budget_bytes=2 * 3 * store.layout("bf16").nbytes, precision="bf16",
-                                              low_precision="int4", high_share=0.95),
-                         checkpoint.config.num_experts_per_tok, "cpu", torch.float32)
+    k = checkpoint.config.num_experts_per_tok
+    bf16, int4 = store.layout("bf16").nbytes, store.layout("int4").nbytes
+    floor = k * (bf16 + int4)
+    for budget in (floor, floor + bf16 // 2, 2 * floor + 3 * int4):
+        experts = OffloadedExperts(store, OffloadConfig(budget_bytes=budget, precision="bf16", low_precision="int4",
+                                                        high_share=0.95), k, "cpu", torch.float32)
+        counts = experts.pool.counts
+        assert min(counts.values()) >= k, counts
+        assert counts["bf16"] * bf16 + counts["int4"] * int4 <= budget
+        assert experts.pool.capacity_bytes <= budget
+    with pytest.raises(BudgetError, match=f"{k} bf16 \\+ {k} int4") as info:
+        OffloadedExperts(store, OffloadConfig(budget_bytes=floor - 1, precision="bf16", low_precision="int4",
+                                              high_share=0.95), k, "cpu", torch.float32)
+    assert f"{floor / 2**20:.1f} MiB" in str(info.value)
