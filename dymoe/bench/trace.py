@@ -168,6 +168,8 @@ class TracingExperts:
     ``metrics``) are the inner provider's.
     """
 
+    graph_safe = False  # it reads each step's routing back to the host: never inside a CUDA graph
+
     def __init__(self, inner, routers: dict, lookahead: int = 1):
         if lookahead < 1:
             raise InputError(f"lookahead must be >= 1, got {lookahead}")

@@ -82,3 +82,15 @@ def test_segmented_decode_calls_an_offloading_runtime_once_per_moe_layer(checkpo
 def test_span_covers_the_position_in_powers_of_two_up_to_the_context():
     assert [span_for(p, 4096) for p in (0, 255, 256, 511, 512, 3000, 4095)] == [256, 256, 512, 512, 1024, 4096, 4096]
     assert span_for(700, 1000) == 1000
+
+
+def test_a_tracing_provider_is_never_recorded_whole(checkpoints):
+    """The trace recorder reads routing back to the host each step, so it must run between graph
+    segments even around the resident experts (whose own decode is recorded whole)."""
+    from dymoe.bench.trace import TracingExperts
+
+    checkpoint = checkpoints["qwen3_moe"]
+    model = load_dense(checkpoint, 40, "cpu", torch.float32)
+    model.attach_experts(ResidentExperts.from_checkpoint(checkpoint, "cpu", torch.float32))
+    model.attach_experts(TracingExperts.around(model))
+    assert not DecodeGraphs(model, model.new_cache(1), record=False).whole
