@@ -169,6 +169,7 @@ class TracingExperts:
     """
 
     graph_safe = False  # it reads each step's routing back to the host: never inside a CUDA graph
+    deferred_decode = False  # and it records in run_experts, which a split decode would bypass
 
     def __init__(self, inner, routers: dict, lookahead: int = 1):
         if lookahead < 1:

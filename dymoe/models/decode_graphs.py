@@ -12,7 +12,10 @@ synchronisation per MoE layer), so a step is cut after each MoE block's router::
     graph n   final norm and LM head
 
 A runtime that never synchronises (``graph_safe``, e.g. the resident experts) is recorded with the
-rest, so the whole step is one graph. The position lives on the device (:class:`StaticPosition`);
+rest, so the whole step is one graph. A runtime with ``deferred_decode`` (one precision class)
+splits its step: ``decode_prepare`` (read the routing, fetch, upload slot ids to a fixed row) runs
+between graphs, ``decode_compute`` (kernels on fixed buffers) is recorded at the start of the next
+segment, and ``decode_finish`` (unpin, fence) follows that segment's replay. The position lives on the device (:class:`StaticPosition`);
 attention covers a fixed span of the KV cache per graph (a power of two of at least 256 entries that
 covers the position, later entries masked), so a few recordings serve every position. A span is
 recorded at the first step that needs it, right after that step ran eagerly (which also warms up
@@ -86,6 +89,9 @@ class DecodeGraphs:
         self.positions: dict[int, StaticPosition] = {}
         self.recordings: dict[int, _Recording] = {}
         self.whole = bool(getattr(model.experts, "graph_safe", False))
+        # a runtime whose compute reads only fixed buffers once prepared: its expert kernels are
+        # recorded at the start of the next segment, the host keeps only the bookkeeping
+        self.deferred = not self.whole and bool(getattr(model.experts, "deferred_decode", False))
 
     def step(self, token: torch.Tensor, position: int) -> torch.Tensor:
         """Logits [V] (float32) of the token ``token`` (a one-element tensor) at ``position``."""
@@ -110,13 +116,22 @@ class DecodeGraphs:
         out = None
         for s in range(len(self.moe_at) + 1):
             out = self._segment(s, pos, out)
-            if s < len(self.moe_at):
-                self._experts(s, out)
+            self._between(s, out)
         return out.logits
 
-    def _experts(self, s: int, out: _Segment) -> None:
+    def _between(self, s: int, out: _Segment) -> None:
+        """The host's part after segment s: finish layer s-1's deferred compute (queued in segment s),
+        then route layer s's experts (deferred: prepare them; else run them)."""
+        experts = self.model.experts
+        if self.deferred and s > 0:
+            experts.decode_finish(self.layers[self.moe_at[s - 1]].mlp.layer)
+        if s == len(self.moe_at):
+            return
         block = self.layers[self.moe_at[s]].mlp
-        self.routed[s].copy_(self.model.experts.run_experts(block.layer, out.flat, out.ids, out.weights))
+        if self.deferred:
+            experts.decode_prepare(block.layer, out.flat, out.ids[0], out.weights[0])
+        else:
+            self.routed[s].copy_(experts.run_experts(block.layer, out.flat, out.ids, out.weights))
 
     def _capture(self, pos: StaticPosition) -> _Recording:
         pool = torch.cuda.graph_pool_handle()
@@ -137,8 +152,8 @@ class DecodeGraphs:
     def _replay(self, recording: _Recording) -> torch.Tensor:
         for s, graph in enumerate(recording.graphs):
             graph.replay()
-            if not self.whole and s < len(self.moe_at):
-                self._experts(s, recording.outputs[s])
+            if not self.whole:
+                self._between(s, recording.outputs[s])
         return recording.outputs[-1].logits
 
     # ---- one segment: from after MoE layer s-1's router to MoE layer s's router -------------------
@@ -153,7 +168,11 @@ class DecodeGraphs:
             first = 0
         else:
             block = self.layers[self.moe_at[s - 1]].mlp
-            x = prev.h + block.finish(prev.flat, self.routed[s - 1]).view_as(prev.h)
+            if self.deferred:
+                routed = model.experts.decode_compute(block.layer, prev.flat, prev.weights[0])
+            else:
+                routed = self.routed[s - 1]
+            x = prev.h + block.finish(prev.flat, routed).view_as(prev.h)
             first = self.moe_at[s - 1] + 1
         last = self.moe_at[s] if s < len(self.moe_at) else len(self.layers)
         for layer in self.layers[first:last]:

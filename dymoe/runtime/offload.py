@@ -172,6 +172,19 @@ class OffloadedExperts(RuntimeReporting):
         """One token: make its k experts resident, then run them from their slots — bf16 ones with
         the arithmetic of :func:`~dymoe.runtime.resident.gathered_decode` (bit-identical to the
         resident model's decode), low-bit ones through the fused kernels."""
+        experts, used = self._admit(layer, hidden, ids, weights)
+        out = None
+        for precision in self.config.precisions:
+            rows = [j for j, e in enumerate(experts) if used[e] == precision]
+            if rows:
+                part = self._decode_rows(layer, hidden, [experts[j] for j in rows], weights, rows, precision)
+                out = part if out is None else out + part
+        self._release(layer, experts)
+        return out
+
+    def _admit(self, layer, hidden, ids, weights) -> tuple[list[int], dict[int, str]]:
+        """Read the token's routing, make its experts resident (fetching the misses, prefetching the
+        predicted ones) and have the compute stream wait for their copies: (experts, precision used)."""
         k = ids.shape[0]
         predicted = self.predictor.predict(layer, hidden) if self.predictor else None
         high = self.rule.decode_high(weights) if self.low is not None and layer not in self._critical else None
@@ -196,28 +209,57 @@ class OffloadedExperts(RuntimeReporting):
             self._prefetch(self.predictor.targets(layer), guesses)
         for ticket in tickets.values():
             self.transfers.wait(ticket)
-        out = None
-        for precision in self.config.precisions:
-            rows = [j for j, e in enumerate(experts) if used[e] == precision]
-            if rows:
-                part = self._decode_rows(layer, hidden, [experts[j] for j in rows], weights, rows, precision)
-                out = part if out is None else out + part
+        return experts, used
+
+    def _release(self, layer, experts: list[int]) -> None:
         for e in experts:
             self.cache.unpin((layer, e))
         self.transfers.fence()
-        return out
 
     def _decode_rows(self, layer, hidden, experts, weights, rows, precision):
         row = 2 * self.config.precisions.index(precision)
         slots = self._upload([self.cache.peek((layer, e)).slot for e in experts], row)
         if len(rows) < weights.shape[0]:
             weights = weights[self._upload(rows, row + 1)]
+        return self._run_slots(hidden, slots, weights, precision)
+
+    def _run_slots(self, hidden, slots, weights, precision):
+        """One token through the experts in ``slots`` (device int64) of one class: device work only."""
         if precision == "bf16" and self._stacks is not None:
             gate_up, down = self._stacks
             return gathered_decode(hidden, slots, weights, gate_up, down, self.dtype)
         offsets, combine = decode_routing(self._slot_tables[precision], slots[None], weights[None])
         return expert_decode(self.pool.buffer, offsets, self.layouts[precision], hidden, combine,
                              workspace=self._workspaces.get(precision))
+
+    # ---- decode in three steps, for the CUDA-graph decode (dymoe/models/decode_graphs.py) -----------
+
+    @property
+    def deferred_decode(self) -> bool:
+        """With one precision class a token's k experts always run as k slots of that class, read
+        from one fixed device row of slot ids: the compute is device work on fixed buffers, which a
+        CUDA graph records (with the next layer's attention), leaving the host its bookkeeping."""
+        return self.low is None
+
+    def decode_prepare(self, layer, hidden, ids, weights) -> None:
+        """Everything before the compute of one token's layer: :meth:`_admit`, then the slot ids
+        into the fixed row :meth:`decode_compute` reads."""
+        experts, _ = self._admit(layer, hidden, ids, weights)
+        self._upload([self.cache.peek((layer, e)).slot for e in experts], 0)
+        self._deferred = (layer, experts)
+
+    def decode_compute(self, layer, hidden, weights) -> torch.Tensor:
+        """The experts :meth:`decode_prepare` admitted, run on hidden [1, H] with weights [k]."""
+        return self._run_slots(hidden, self._upload.dev[0, : weights.shape[0]], weights, self.precision)
+
+    def decode_finish(self, layer) -> None:
+        """After the compute is queued: unpin, fence, and what run_experts does after a layer."""
+        pending, experts = self._deferred
+        assert pending == layer, f"decode_finish({layer}) after decode_prepare({pending})"
+        self._release(layer, experts)
+        if not self.config.keep_across_layers:
+            self.cache.drop_layer(layer)
+        self.metrics.tokens_seen(layer, 1)
 
     def _compile_kernels(self, top_k: int) -> None:
         """Run each low-bit decode kernel once at start-up (on whatever the slots hold), so Triton's

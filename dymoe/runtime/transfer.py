@@ -285,9 +285,11 @@ class IndexUpload:
 
     def __call__(self, values: list[int], row: int = 0) -> torch.Tensor:
         """``values`` as an int64 tensor on the device (a view valid until ``row`` is reused)."""
-        if not self.cuda:
-            return torch.tensor(values, dtype=torch.int64)
         n = len(values)
+        if not self.cuda:
+            target = self.dev[row, :n]
+            target.copy_(torch.tensor(values, dtype=torch.int64))
+            return target
         self.host[row, :n] = torch.tensor(values, dtype=torch.int64)
         target = self.dev[row, :n]
         target.copy_(self.host[row, :n], non_blocking=True)

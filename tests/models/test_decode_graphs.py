@@ -59,24 +59,35 @@ def test_segmented_decode_equals_the_forward(checkpoints, family, monkeypatch):
     assert graphs.whole  # the resident runtime never synchronises: one recording per step
 
 
-def test_segmented_decode_calls_an_offloading_runtime_once_per_moe_layer(checkpoints, tmp_path, monkeypatch):
+@pytest.mark.parametrize("preset", ["lru", "dymoe"])
+def test_segmented_decode_drives_an_offloading_runtime_once_per_moe_layer(checkpoints, tmp_path, monkeypatch, preset):
+    """lru (one precision class) is split: decode_prepare between segments, decode_compute inside the
+    next one, decode_finish after it; dymoe (two classes) runs whole through run_experts."""
     monkeypatch.setattr(decode_graphs, "MIN_SPAN", 8)
     checkpoint = checkpoints["qwen2_moe"]  # shared experts: finish() adds them after the runtime
-    store = ExpertStore.open(convert_store(checkpoint, tmp_path / "store", precisions=("bf16",), progress=False))
+    store = ExpertStore.open(convert_store(checkpoint, tmp_path / "store", precisions=("bf16", "int4"),
+                                           group_size=64, progress=False))
     model = load_dense(checkpoint, 40, "cpu", torch.float32)
     c = checkpoint.config
-    budget = c.num_experts_per_tok * store.layout("bf16").nbytes * 2
-    experts = OffloadedExperts(store, OffloadConfig(budget_bytes=budget, **PRESETS["lru"]), c.num_experts_per_tok,
+    budget = c.num_experts_per_tok * (store.layout("bf16").nbytes + store.layout("int4").nbytes) * 2
+    experts = OffloadedExperts(store, OffloadConfig(budget_bytes=budget, **PRESETS[preset]), c.num_experts_per_tok,
                                "cpu", torch.float32)
     calls = []
-    run_experts = experts.run_experts
-    experts.run_experts = lambda layer, *args: calls.append(layer) or run_experts(layer, *args)
+    for name in ("run_experts", "decode_prepare", "decode_compute", "decode_finish"):
+        method = getattr(experts, name)
+        setattr(experts, name, lambda layer, *args, m=method, n=name: calls.append((n, layer)) or m(layer, *args))
     plain, segmented, graphs = decode_both(model, experts)
     torch.testing.assert_close(segmented, plain, rtol=1e-5, atol=1e-5)
-    assert not graphs.whole
-    moe_layers = list(c.moe_layers)
-    # the prefill (twice) then, per step, the plain forward and the segmented path: each layer once
-    assert calls[2 * len(moe_layers):] == moe_layers * (2 * STEPS)
+    assert not graphs.whole and graphs.deferred == (preset == "lru")
+    layers = list(c.moe_layers)
+    plain_step = [("run_experts", layer) for layer in layers]
+    if preset == "lru":
+        split = [(n, layer) for layer in layers for n in ("decode_prepare", "decode_compute", "decode_finish")]
+    else:
+        split = plain_step
+    # the prefill (twice), then per step the plain forward and the segmented path
+    assert calls[: 2 * len(layers)] == plain_step * 2
+    assert calls[2 * len(layers):] == (plain_step + split) * STEPS
 
 
 def test_span_covers_the_position_in_powers_of_two_up_to_the_context():
