@@ -32,7 +32,9 @@ dymoe           lru, two slot classes (bf16, int4)     per token:   yes
 auto (default)  resident when it fits, else lru        bf16         yes
 ==============  =====================================  ===========  ==========================
 
-``auto`` does not choose among the mixed-precision presets yet.
+``auto`` stays exact (resident, else lru): the presets that beat lru on speed (static-int4, fate,
+dymoe, dynaexq) change the output slightly, so they are the user's choice; the suite in
+docs/benchmarks.md shows the trade per preset.
 """
 
 from __future__ import annotations
