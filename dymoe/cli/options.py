@@ -41,6 +41,9 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
                          help="pinned host RAM for the expert store on GPU runs (default: up to half the free RAM)")
     runtime.add_argument("--schedule", type=Path, default=None,
                          help="depth floors from `dymoe calibrate` for the dymoe preset (default: first and last layer)")
+    runtime.add_argument("--policy-config", type=Path, default=None, metavar="FILE",
+                         help="TOML (or .json) table of knobs overriding the preset's, e.g. "
+                              "'prefetch_depth = 2' or 'important_mass = 0.7' (keys: see README, Policy knobs)")
     runtime.add_argument("--store", type=Path, default=None,
                          help="expert store folder (default: MODEL/dymoe-store, built on first use; see `dymoe convert`)")
 
@@ -64,7 +67,7 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
         policy=args.policy,
         device_memory=parse_bytes(args.device_memory, "--device-memory") if args.device_memory else None,
         host_memory=parse_bytes(args.host_memory, "--host-memory") if args.host_memory else None,
-        store=args.store, progress=not args.no_progress, schedule=args.schedule,
+        store=args.store, progress=not args.no_progress, schedule=args.schedule, policy_config=args.policy_config,
     )
     return EngineConfig(
         model_dir=args.model, device=args.device, dtype=args.dtype, context_len=args.context_len,

@@ -39,6 +39,7 @@ docs/benchmarks.md shows the trade per preset.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import sys
 from dataclasses import dataclass
@@ -93,6 +94,7 @@ class RuntimeConfig:
     group_size: int = 128
     progress: bool = True
     schedule: Path | None = None  # a `dymoe calibrate` schedule: critical layers of mixed-precision presets
+    policy_config: Path | None = None  # a TOML or JSON file of knobs overriding the preset's (load_knobs)
 
     def __post_init__(self):
         if self.policy not in POLICY_NAMES:
@@ -150,11 +152,56 @@ def _available_ram() -> int:
         return 0
 
 
-def preset_precisions(preset: str) -> tuple[str, ...]:
-    """The store precisions an offloading preset reads, highest first."""
+def preset_precisions(preset: str, knobs: dict | None = None) -> tuple[str, ...]:
+    """The store precisions an offloading preset reads (with ``knobs`` applied), highest first."""
+    knobs = knobs or {}
     if preset in HOTNESS_PRESETS:
-        return (HOTNESS_PRESETS[preset]["high"], HOTNESS_PRESETS[preset]["low"])
-    return OffloadConfig(budget_bytes=0, **PRESETS[preset]).precisions
+        hot = {**HOTNESS_PRESETS[preset], **knobs}
+        return (hot["high"], hot["low"])
+    return OffloadConfig(budget_bytes=0, **{**PRESETS[preset], **knobs}).precisions
+
+
+def load_knobs(path: Path, preset: str) -> dict:
+    """The knobs of a ``--policy-config`` file (TOML, or JSON by its suffix) for ``preset``: a flat
+    table whose keys are fields of the preset's runtime config (``OffloadConfig``: prefetch_depth,
+    eviction, precision, low_precision, high_share, important_mass, critical_layers, substitute,
+    popularity_floor, ...; ``HotnessConfig`` for dynaexq: high, low, decay, interval). Unknown keys
+    and values of the wrong type are refused with the file, the key and the accepted keys."""
+    import json
+    import tomllib
+
+    path = Path(path)
+    try:
+        text = path.read_text()
+        raw = json.loads(text) if path.suffix == ".json" else tomllib.loads(text)
+    except OSError as exc:
+        raise InputError(f"--policy-config {path}: cannot read it ({exc.strerror or exc})") from None
+    except (ValueError, tomllib.TOMLDecodeError) as exc:
+        raise InputError(f"--policy-config {path}: not valid {'JSON' if path.suffix == '.json' else 'TOML'} ({exc})") from None
+    if not isinstance(raw, dict):
+        raise InputError(f"--policy-config {path}: expected a table of knobs, got {type(raw).__name__}")
+    schema = HotnessConfig if preset in HOTNESS_PRESETS else OffloadConfig
+    fields = {f.name: f for f in dataclasses.fields(schema) if f.name != "budget_bytes"}
+    knobs = {}
+    for key, value in raw.items():
+        if key not in fields:
+            raise InputError(f"--policy-config {path}: {key!r} is not a knob of --policy {preset}; "
+                             f"choose from {', '.join(sorted(fields))}")
+        default = fields[key].default
+        if isinstance(default, tuple) and isinstance(value, list):
+            value = tuple(value)
+        expected = (int, float) if isinstance(default, float) else type(default)
+        if default is not None and (not isinstance(value, expected) or isinstance(value, bool) != isinstance(default, bool)):
+            raise InputError(f"--policy-config {path}: {key} = {value!r} should be of type {type(default).__name__} "
+                             f"(like the default {default!r})")
+        knobs[key] = value
+    try:
+        preset_precisions(preset, knobs)
+        if preset not in HOTNESS_PRESETS:
+            OffloadConfig(budget_bytes=0, **{**PRESETS[preset], **knobs})
+    except (KeyError, ValueError, TypeError) as exc:
+        raise InputError(f"--policy-config {path}: {exc}") from None
+    return knobs
 
 
 def preset_provider(store, preset: str, budget_bytes: int, top_k: int, device, dtype: torch.dtype, **knobs):
@@ -179,7 +226,9 @@ def build_offloaded(checkpoint, config: RuntimeConfig, preset: str, device: torc
         from dymoe.runtime.calibrate import Schedule
 
         knobs["critical_layers"] = Schedule.load(config.schedule).critical_layers
-    precisions = preset_precisions(preset)
+    if config.policy_config is not None:
+        knobs.update(load_knobs(config.policy_config, preset))
+    precisions = preset_precisions(preset, knobs)
     store = open_store(checkpoint, config, precisions)
     source = pinned_host_tier(store, config, precisions, device)
     return preset_provider(source, preset, config.device_memory, checkpoint.config.num_experts_per_tok, device, dtype,
