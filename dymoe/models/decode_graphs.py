@@ -55,10 +55,13 @@ class _Recording:
 
 
 def supports_graphs(model) -> bool:
-    """Whether every part of ``model`` that reads the position can read it from the device: the
-    attention modules, and the routing clock of position-dependent synthetic routers."""
+    """Whether every part of ``model`` that reads the position can read it from the device (the
+    attention modules, and the routing clock of position-dependent synthetic routers), and its
+    expert runtime does not opt out."""
     clock = getattr(model, "routing_clock", None)
     if clock is not None and not getattr(clock, "supports_static_position", False):
+        return False
+    if not getattr(model.experts, "decode_graphs", True):  # a runtime may opt out (HotnessExperts)
         return False
     return all(getattr(layer.self_attn, "supports_static_position", False) for layer in model.model.layers)
 

@@ -94,6 +94,12 @@ class ColdestFirst:
 class HotnessExperts(RuntimeReporting):
     """The `dynaexq` preset's :class:`~dymoe.models.moe.ExpertProvider`."""
 
+    # Decode through the CUDA-graph segments was 3-7x slower than eager on the demo model whenever
+    # high copies were demoted (H100, `dymoe generate --policy dynaexq`: 93.9 vs 12.9 ms at 6 MiB,
+    # 43.2 vs 15.1 ms at 9 MiB; at 24 MiB, with no demotions, 4.8 vs 8.9 ms); until the cause is
+    # found this runtime decodes eagerly.
+    decode_graphs = False
+
     def __init__(self, store, config: HotnessConfig, top_k: int, device, dtype: torch.dtype,
                  metrics: RuntimeMetrics | None = None):
         self.store, self.config = store, config

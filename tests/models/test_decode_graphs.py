@@ -105,3 +105,13 @@ def test_a_tracing_provider_is_never_recorded_whole(checkpoints):
     model.attach_experts(ResidentExperts.from_checkpoint(checkpoint, "cpu", torch.float32))
     model.attach_experts(TracingExperts.around(model))
     assert not DecodeGraphs(model, model.new_cache(1), record=False).whole
+
+
+def test_a_runtime_can_opt_out_of_graph_decode(checkpoints):
+    checkpoint = checkpoints["qwen3_moe"]
+    model = load_dense(checkpoint, 40, "cpu", torch.float32)
+    resident = ResidentExperts.from_checkpoint(checkpoint, "cpu", torch.float32)
+    model.attach_experts(resident)
+    assert supports_graphs(model)
+    resident.decode_graphs = False
+    assert not supports_graphs(model)
