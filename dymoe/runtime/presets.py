@@ -51,6 +51,8 @@ from dymoe.checkpoint.convert import convert_store
 from dymoe.checkpoint.memory_store import MemoryStore
 from dymoe.checkpoint.store import ExpertStore, default_store_dir
 from dymoe.errors import InputError, StoreError
+from dymoe.quant.formats import PRECISIONS
+from dymoe.runtime.cache import POLICIES as EVICTION_POLICIES
 from dymoe.runtime.hotness import HotnessConfig, HotnessExperts
 from dymoe.runtime.offload import OffloadConfig, OffloadedExperts
 
@@ -161,6 +163,10 @@ def preset_precisions(preset: str, knobs: dict | None = None) -> tuple[str, ...]
     return OffloadConfig(budget_bytes=0, **{**PRESETS[preset], **knobs}).precisions
 
 
+_KNOB_CHOICES = {"precision": PRECISIONS, "low_precision": PRECISIONS, "high": PRECISIONS, "low": PRECISIONS,
+                 "eviction": tuple(EVICTION_POLICIES), "precision_rule": ("importance", "popularity")}
+
+
 def load_knobs(path: Path, preset: str) -> dict:
     """The knobs of a ``--policy-config`` file (TOML, or JSON by its suffix) for ``preset``: a flat
     table whose keys are fields of the preset's runtime config (``OffloadConfig``: prefetch_depth,
@@ -194,6 +200,9 @@ def load_knobs(path: Path, preset: str) -> dict:
         if default is not None and (not isinstance(value, expected) or isinstance(value, bool) != isinstance(default, bool)):
             raise InputError(f"--policy-config {path}: {key} = {value!r} should be of type {type(default).__name__} "
                              f"(like the default {default!r})")
+        choices = _KNOB_CHOICES.get(key)
+        if choices is not None and value not in choices and not (value is None and key == "low_precision"):
+            raise InputError(f"--policy-config {path}: {key} = {value!r}: choose from {', '.join(choices)}")
         knobs[key] = value
     try:
         preset_precisions(preset, knobs)

@@ -30,6 +30,8 @@ def test_toml_and_json_knobs_are_typed_and_checked(tmp_path):
         'prefetch_depth = "2"\n': "prefetch_depth = '2' should be of type int",
         "substitute = 1\n": "substitute = 1 should be of type bool",
         "prefetch_depth = [\n": "not valid TOML",
+        'eviction = "mru"\n': "eviction = 'mru': choose from lru, lfu, arc",
+        'precision = "int5"\n': "precision = 'int5': choose from bf16, int8, int4",
     }
     for text, message in cases.items():
         with pytest.raises(InputError, match=message.replace("[", r"\[")) as info:
