@@ -154,10 +154,13 @@ class OffloadedExperts(RuntimeReporting):
             out = self._decode_one(layer, hidden, expert_ids[0], expert_weights[0])
         else:
             out = self._run_grouped(layer, hidden, expert_ids, expert_weights)
+        self._after_layer(layer, hidden.shape[0])
+        return out
+
+    def _after_layer(self, layer: int, tokens: int) -> None:
         if not self.config.keep_across_layers:
             self.cache.drop_layer(layer)
-        self.metrics.tokens_seen(layer, hidden.shape[0])
-        return out
+        self.metrics.tokens_seen(layer, tokens)
 
     def _run_grouped(self, layer, hidden, expert_ids, expert_weights):
         grouping = group_by_expert(expert_ids)
@@ -218,10 +221,13 @@ class OffloadedExperts(RuntimeReporting):
 
     def _decode_rows(self, layer, hidden, experts, weights, rows, precision):
         row = 2 * self.config.precisions.index(precision)
-        slots = self._upload([self.cache.peek((layer, e)).slot for e in experts], row)
+        slots = self._upload(self._slots(layer, experts), row)
         if len(rows) < weights.shape[0]:
             weights = weights[self._upload(rows, row + 1)]
         return self._run_slots(hidden, slots, weights, precision)
+
+    def _slots(self, layer: int, experts: list[int]) -> list[int]:
+        return [self.cache.peek((layer, e)).slot for e in experts]
 
     def _run_slots(self, hidden, slots, weights, precision):
         """One token through the experts in ``slots`` (device int64) of one class: device work only."""
@@ -245,7 +251,7 @@ class OffloadedExperts(RuntimeReporting):
         """Everything before the compute of one token's layer: :meth:`_admit`, then the slot ids
         into the fixed row :meth:`decode_compute` reads."""
         experts, _ = self._admit(layer, hidden, ids, weights)
-        self._upload([self.cache.peek((layer, e)).slot for e in experts], 0)
+        self._upload(self._slots(layer, experts), 0)
         self._deferred = (layer, experts)
 
     def decode_compute(self, layer, hidden, weights) -> torch.Tensor:
@@ -257,9 +263,7 @@ class OffloadedExperts(RuntimeReporting):
         pending, experts = self._deferred
         assert pending == layer, f"decode_finish({layer}) after decode_prepare({pending})"
         self._release(layer, experts)
-        if not self.config.keep_across_layers:
-            self.cache.drop_layer(layer)
-        self.metrics.tokens_seen(layer, 1)
+        self._after_layer(layer, 1)
 
     def _compile_kernels(self, top_k: int) -> None:
         """Run each low-bit decode kernel once at start-up (on whatever the slots hold), so Triton's
