@@ -34,12 +34,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from dymoe.checkpoint.blob import blob_layout  # noqa: E402
-from dymoe.quant.formats import parse_format  # noqa: E402
 from dymoe.quant.kernels import DequantWorkspace, dequantize_experts, triton_available  # noqa: E402
 from dymoe.quant.kernels.reference import random_pool  # noqa: E402
 from dymoe.runtime.expert_compute import dequantized_expert, group_by_expert, run_grouped  # noqa: E402
 from dymoe.runtime.prefill import PrefillDequantizer, prefill_capacity  # noqa: E402
+from benchmarks.kernels import fmt_name, layout_of, stored_bytes  # noqa: E402  (the decode kernels' script)
 
 MODELS = {"qwen3-30b-a3b": (2048, 768), "mixtral-8x7b": (4096, 14336)}  # hidden, expert intermediate
 TINY_MODELS = {"tiny-a": (160, 48), "tiny-b": (256, 96)}  # padded last groups at 64 and 128
@@ -50,18 +49,6 @@ CHECKED_EXPERTS = 4
 STEP = dict(tokens=512, top_k=8, experts=128, model="qwen3-30b-a3b", format=("int4", 128))
 TINY_STEP = dict(tokens=64, top_k=4, experts=16, model="tiny-b", format=("int4", 128))
 SWEEP = [(32, 512, 4), (16, 512, 4), (64, 256, 4), (32, 1024, 8), (16, 256, 2), (64, 512, 8)]
-
-
-def fmt_name(precision: str, group: int) -> str:
-    return f"{precision}/g{group}" if group else precision
-
-
-def layout_of(precision: str, group: int, hidden: int, inter: int):
-    return blob_layout(parse_format(precision, group or 128), hidden, inter)
-
-
-def stored_bytes(layout) -> int:
-    return sum(p.nbytes for p in layout.parts)
 
 
 def timed_ms(fn, device, reps: int = 0) -> float:
