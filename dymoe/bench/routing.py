@@ -205,15 +205,8 @@ class PositionalRouter(Router):
             raise InputError("synthetic skewed routing was captured in a CUDA graph with a host-side position: "
                              "decode eagerly (--eager)")
         ids = self.clock.rows(table, x.shape[0])
-        logits = self.logits(x).float()
-        probs = torch.sigmoid(logits) if self.sigmoid else torch.softmax(logits, dim=-1)
-        weights, order = probs.gather(1, ids).sort(dim=-1, descending=True)  # router order, as top-k gives
-        ids = ids.gather(1, order)
-        if self.normalize:
-            weights = weights / weights.sum(dim=-1, keepdim=True)
-        if self.scaling != 1.0:
-            weights = weights * self.scaling
-        return ids, weights.to(x.dtype)
+        weights, order = self.scores(x).gather(1, ids).sort(dim=-1, descending=True)  # router order, as top-k gives
+        return ids.gather(1, order), self.combine_weights(weights).to(x.dtype)
 
 
 def apply_routing(model, routing: SyntheticRouting, seed: int) -> None:

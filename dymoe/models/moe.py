@@ -79,18 +79,25 @@ class Router(nn.Module):
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x [N, H] -> (expert ids [N, k] int64, weights [N, k] in x's dtype)."""
-        logits = self.logits(x).float()
-        probs = torch.sigmoid(logits) if self.sigmoid else torch.softmax(logits, dim=-1)
+        probs = self.scores(x)
         if self.topk_method == "greedy":
             weights, ids = torch.topk(probs, self.top_k, dim=-1)
         else:
             ids = torch.topk(self._group_limited(probs), self.top_k, dim=-1).indices
             weights = probs.gather(1, ids)
+        return ids, self.combine_weights(weights).to(x.dtype)
+
+    def scores(self, x: torch.Tensor) -> torch.Tensor:
+        """Every expert's score for x [N, H], float32: softmax or sigmoid of the logits."""
+        logits = self.logits(x).float()
+        return torch.sigmoid(logits) if self.sigmoid else torch.softmax(logits, dim=-1)
+
+    def combine_weights(self, chosen: torch.Tensor) -> torch.Tensor:
+        """The chosen experts' scores [N, k] as the weights their outputs are summed with: renormalised
+        when the family asks (norm_topk_prob), times routed_scaling_factor."""
         if self.normalize:
-            weights = weights / weights.sum(dim=-1, keepdim=True)
-        if self.scaling != 1.0:
-            weights = weights * self.scaling
-        return ids, weights.to(x.dtype)
+            chosen = chosen / chosen.sum(dim=-1, keepdim=True)
+        return chosen * self.scaling if self.scaling != 1.0 else chosen
 
     def _group_limited(self, probs: torch.Tensor) -> torch.Tensor:
         """Scores to choose by [N, E]: those of experts outside the ``topk_group`` best groups set to
