@@ -256,7 +256,7 @@ class OffloadedExperts(RuntimeReporting):
 
     def decode_compute(self, layer, hidden, weights) -> torch.Tensor:
         """The experts :meth:`decode_prepare` admitted, run on hidden [1, H] with weights [k]."""
-        return self._run_slots(hidden, self._upload.dev[0, : weights.shape[0]], weights, self.precision)
+        return self._run_slots(hidden, self._upload.row(0, weights.shape[0]), weights, self.precision)
 
     def decode_finish(self, layer) -> None:
         """After the compute is queued: unpin, fence, and what run_experts does after a layer."""

@@ -283,6 +283,10 @@ class IndexUpload:
         self.host = torch.empty(rows, width, dtype=torch.int64, pin_memory=self.cuda)
         self.dev = torch.empty(rows, width, dtype=torch.int64, device=self.device)
 
+    def row(self, row: int, n: int) -> torch.Tensor:
+        """The device view the last ``n`` values uploaded to ``row`` live in (a fixed address)."""
+        return self.dev[row, :n]
+
     def __call__(self, values: list[int], row: int = 0) -> torch.Tensor:
         """``values`` as an int64 tensor on the device (a view valid until ``row`` is reused)."""
         n = len(values)
