@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from typing import Callable, Collection, Iterator, Mapping, NamedTuple, Protocol, Sequence
 
 from dymoe.errors import BudgetError
-from dymoe.runtime.policies import ARCPolicy, FatePolicy, ShallowFavouringPolicy
+from dymoe.runtime.policies import ARCPolicy, FatePolicy, LeastStalePolicy, ShallowFavouringPolicy
 from dymoe.runtime.slot_pool import SlotPool
 
 Key = tuple[int, int]  # (layer, expert)
@@ -156,11 +156,12 @@ class BeladyPolicy:
 
 POLICIES: dict[str, Callable[[], EvictionPolicy]] = {
     "lru": LRUPolicy, "lfu": LFUPolicy, "arc": ARCPolicy, "shallow": ShallowFavouringPolicy, "fate": FatePolicy,
+    "least-stale": LeastStalePolicy,
 }
 
 
 def make_policy(name: str) -> EvictionPolicy:
-    """A fresh policy by preset name (``lru``, ``lfu``, ``arc``, ``shallow``, ``fate``: see
+    """A fresh policy by preset name (``lru``, ``lfu``, ``arc``, ``shallow``, ``fate``, ``least-stale``: see
     :mod:`dymoe.runtime.policies`); Belady needs a trace, so build it directly."""
     if name not in POLICIES:
         raise ValueError(f"unknown eviction policy {name!r}; known: {', '.join(POLICIES)}")

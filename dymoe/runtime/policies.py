@@ -222,3 +222,92 @@ class FatePolicy(ShallowFavouringPolicy):
     def __init__(self, layers: int | Sequence[int] | None = None, weights: Sequence[float] | None = None,
                  ratio: float = 2.0):
         super().__init__(layers, weights, within=ARCPolicy, ratio=ratio)
+
+
+class LeastStalePolicy:
+    """Evict the copy whose next use is furthest away, as far as the layer order tells.
+
+    A forward pass visits the MoE layers in order, so where each layer stands in the cycle is known
+    exactly; only whether an expert will be chosen is not. Each copy is ranked by ``m * n + d``:
+    ``m`` = how many times its layer has come by since the copy's last use without choosing it
+    (LRU counted in passes, not events), ``d`` = how many layer steps until its layer comes again
+    (the current layer counts a whole pass: its copies that are not pinned were used by an earlier
+    wave or not chosen), ``n`` = the number of MoE layers; the highest rank leaves. Where every
+    copy was used in the last pass (a long prefill, or a budget that holds most of the experts)
+    this evicts the layer just passed, not the one about to come: LRU does the opposite and, once
+    the experts a pass needs exceed the slots, misses on nearly every one of them. Fresh
+    prefetches of a coming layer rank below everything (``m = -1``).
+
+    Our reading of the idea behind SpecMD's Least-Stale eviction (arXiv 2602.03921: expert access
+    follows the layer order, not temporal locality); the paper's exact rule may differ.
+
+    A pass starts when a use is of a shallower layer than the one before. Per layer, copies are kept
+    in order of last use, so the candidate of a layer is its first unpinned copy and a victim costs
+    one look per layer (plus pinned copies skipped). ``layers`` (indices, or their number) fixes the
+    cycle; without it the layers seen so far, in ascending order.
+    """
+
+    def __init__(self, layers: int | Sequence[int] | None = None):
+        self._learn_layers = layers is None
+        numbered = list(range(layers)) if isinstance(layers, int) else layers
+        self.layers: list[int] = sorted(numbered) if numbered is not None else []
+        self._index = {l: i for i, l in enumerate(self.layers)}
+        self.by_layer: dict[int, OrderedDict[Key, int]] = {l: OrderedDict() for l in self.layers}  # key -> pass
+        self.passes = 0
+        self.current: int | None = None  # the layer of the latest use
+
+    def on_access(self, key: Key, step: int) -> None:
+        layer = key[0]
+        self._learn(layer)
+        if self.current is not None and self._index[layer] < self._index[self.current]:
+            self.passes += 1
+        self.current = layer
+        self._stamp(key)
+
+    def on_insert(self, key: Key, step: int) -> None:
+        self._learn(key[0])
+        self._stamp(key)  # a demand insert is also accessed; a prefetch is stamped as of now
+
+    def on_remove(self, key: Key) -> None:
+        entries = self.by_layer.get(key[0])
+        if entries is not None:
+            entries.pop(key, None)
+
+    def rank(self, key: Key, incoming: Key | None = None) -> int:
+        """``m * n + d`` of a resident copy (class docstring); the highest leaves first. An
+        ``incoming`` copy of a shallower layer than the latest use starts the next pass already."""
+        layer, n = key[0], len(self.layers)
+        passes, at = self.passes, self._index[self.current] if self.current is not None else -1
+        if incoming is not None and incoming[0] in self._index and self._index[incoming[0]] < at:
+            passes, at = passes + 1, self._index[incoming[0]]
+        ahead = self._index[layer] > at  # its layer has not come yet in this pass
+        stale = passes - self.by_layer[layer][key] - (1 if ahead else 0)
+        distance = self._index[layer] - at if ahead else n - at + self._index[layer]
+        return stale * n + distance
+
+    def victim(self, candidates: Collection[Key], incoming: Key | None = None) -> Key:
+        best, best_rank = None, None
+        for entries in self.by_layer.values():
+            key = next((k for k in entries if k in candidates), None)  # its layer's least recent unpinned copy
+            if key is None:
+                continue
+            rank = self.rank(key, incoming)
+            if best_rank is None or rank > best_rank:
+                best, best_rank = key, rank
+        if best is None:
+            raise LookupError("LeastStalePolicy has no candidate to evict")
+        return best
+
+    def _stamp(self, key: Key) -> None:
+        entries = self.by_layer[key[0]]
+        entries[key] = self.passes
+        entries.move_to_end(key)
+
+    def _learn(self, layer: int) -> None:
+        if layer in self._index:
+            return
+        if not self._learn_layers:
+            raise ValueError(f"expert of layer {layer}, but the least-stale policy was given layers {self.layers}")
+        self.layers = sorted([*self.layers, layer])
+        self._index = {l: i for i, l in enumerate(self.layers)}
+        self.by_layer.setdefault(layer, OrderedDict())

@@ -15,6 +15,10 @@ on-demand-      load, run, drop; next layer prefetched bf16         no
 prefetch
 arc             adaptive replacement (recency+frequency) bf16         yes
 shallow         per-layer shares, shallow layers more  bf16         yes
+least-stale     furthest next use by layer order,      bf16         yes
+                then least recently used by pass
+least-stale-    least-stale                            int4         yes
+int4
 fate            shallow shares + ARC per layer         int4; in     yes
                 + cross-layer gate prefetch at int4    prefill,
                 (slot classes: 3/4 int4, 1/4 int2)     unpopular
@@ -66,6 +70,10 @@ PRESETS: dict[str, dict] = {
     "on-demand-prefetch": dict(precision="bf16", eviction="lru", keep_across_layers=False, prefetch_depth=1),
     "arc": dict(precision="bf16", eviction="arc"),
     "shallow": dict(precision="bf16", eviction="shallow"),
+    # SpecMD-style least-stale eviction (dymoe/runtime/policies.py): no thrashing when a pass needs
+    # more experts than there are slots
+    "least-stale": dict(precision="bf16", eviction="least-stale"),
+    "least-stale-int4": dict(precision="int4", eviction="least-stale"),
     # Fate: shallow-favouring per-layer budget with ARC inside each layer, the cross-layer gate
     # prefetch, experts cached and moved at int4; in prefill the unpopular ones (fewer tokens than
     # half a balanced router's share) move at int2. Decode runs int4 only: an int2 copy left by prefill is

@@ -10,7 +10,7 @@ import pytest
 
 import dymoe.bench.simulate as simulate_module
 from dymoe.runtime.cache import ExpertCache, make_policy
-from dymoe.runtime.policies import ARCPolicy, FatePolicy, ShallowFavouringPolicy, linear_weights
+from dymoe.runtime.policies import ARCPolicy, FatePolicy, LeastStalePolicy, ShallowFavouringPolicy, linear_weights
 from dymoe.runtime.presets import PRESETS
 from dymoe.runtime.slot_pool import SlotPool
 
@@ -159,7 +159,7 @@ def test_arc_prefetched_copy_counts_its_first_use_once():
     assert list(policy.t2) == [(0, 1)] and not policy.t1
 
 
-@pytest.mark.parametrize("name", ["arc", "shallow", "fate"])
+@pytest.mark.parametrize("name", ["arc", "shallow", "fate", "least-stale"])
 def test_pinned_copies_are_never_chosen(name):
     rng = random.Random(name)
     cache = make_cache(make_policy(name), 12)
@@ -247,6 +247,104 @@ def test_layers_converge_to_their_shares_while_all_layers_ask():
         if step >= 100:
             counts = [sum(1 for k in cache.resident() if k[0] == l) for l in range(layers)]
             assert all(s - 1 < n < s + 2 for n, s in zip(counts, shares)), (step, counts)
+
+
+# -- least-stale ---------------------------------------------------------------------------------------
+
+def cyclic_misses(policy, passes: int, layers: int = 3, experts: int = 2, slots: int = 5) -> list[int]:
+    """Misses per pass when every pass uses every expert of every layer, in layer order, each layer
+    as the runtime's wave: its resident experts pinned first, then the misses inserted."""
+    cache = make_cache(policy, slots)
+    misses = []
+    for _ in range(passes):
+        missed = 0
+        for layer in range(layers):
+            keys = [(layer, e) for e in range(experts)]
+            hits = [k for k in keys if cache.lookup(k) is not None]
+            for k in hits:
+                cache.pin(k)
+            for k in keys:
+                if k not in hits:
+                    cache.insert(k, "bf16")
+                    cache.pin(k)
+                    missed += 1
+            for k in keys:
+                cache.unpin(k)
+        misses.append(missed)
+    return misses
+
+
+def test_least_stale_does_not_thrash_on_a_scan_larger_than_the_cache():
+    """Every pass uses all experts of every layer in order (a long prefill) and 7/8 of them fit:
+    LRU, LFU and ARC evict the copies the next layers need and miss all 32 every pass; least-stale
+    evicts from the layers just computed and misses about the 4 that cannot fit."""
+    for name in ("lru", "lfu", "arc"):
+        assert cyclic_misses(make_policy(name), 10, layers=8, experts=4, slots=28) == [32] * 10
+    stale = cyclic_misses(make_policy("least-stale"), 10, layers=8, experts=4, slots=28)
+    assert stale[0] == 32 and sum(stale[1:]) <= 5 * 9 and min(stale[1:]) == 4
+    # 3 layers x 2 experts, 5 slots, hand-traced: pass 0 ends evicting (2,0) (rank 3 against 1 and
+    # 2); pass 1 misses (2,0) and evicts (1,0) (layer 1's least recent: rank 2 against layer 0's
+    # 1), pass 2 misses (1,0) and (2,0)... LRU evicts (0,*) first and misses 3 per pass
+    assert cyclic_misses(make_policy("lru"), 6) == [6, 3, 3, 3, 3, 3]
+    assert cyclic_misses(make_policy("least-stale"), 6) == [6, 1, 2, 1, 2, 1]
+
+
+def test_least_stale_ranks_hand_computed():
+    """Layers 0, 2, 5 (learned as they come), one pass then part of the next: the rank is
+    m * n + d, m = passes its layer came by without using it, d = layer steps until its layer comes."""
+    policy = LeastStalePolicy()
+    for key in [(0, 1), (0, 2), (2, 1), (5, 1), (5, 2)]:  # pass 0
+        policy.on_insert(key, 0)
+        policy.on_access(key, 0)
+    for key in [(0, 1), (2, 3)]:  # pass 1, at layer 2 now; (2, 3) is new
+        policy.on_insert(key, 0)
+        policy.on_access(key, 0)
+    assert policy.passes == 1 and policy.current == 2
+    ranks = {key: policy.rank(key) for key in [(0, 1), (0, 2), (2, 1), (2, 3), (5, 1)]}
+    # (0,1) used this pass: m 0, next in 2 steps (5, then 0); (0,2) skipped once: 3 + 2;
+    # (2,1) skipped at this layer: 3 + 3; (2,3) just used: 0 + 3; (5,1) not due yet: 0 + 1
+    assert ranks == {(0, 1): 2, (0, 2): 5, (2, 1): 6, (2, 3): 3, (5, 1): 1}
+    candidates = set(ranks) | {(5, 2)}
+    assert policy.victim(candidates) == (2, 1)
+    assert policy.victim(candidates - {(2, 1)}) == (0, 2)
+    policy.on_insert((5, 7), 0)  # a prefetch of a coming layer: ranks below everything
+    assert policy.rank((5, 7)) == -3 + 1
+    with pytest.raises(LookupError):
+        policy.victim(set())
+    with pytest.raises(ValueError, match="given layers"):
+        LeastStalePolicy(layers=[0, 2]).on_access((3, 0), 0)
+
+
+def test_least_stale_offloading_is_exact_and_misses_less_than_lru_in_prefill(tmp_path):
+    """A long prompt whose every layer needs more experts than a pass can keep: the bf16 runtime with
+    least-stale eviction gives the resident logits bit for bit, and moves fewer experts than LRU."""
+    import torch
+
+    from dymoe.checkpoint.convert import convert_store
+    from dymoe.checkpoint.reader import Checkpoint
+    from dymoe.checkpoint.store import ExpertStore
+    from dymoe.models.transformer import load_dense
+    from dymoe.runtime.offload import OffloadConfig, OffloadedExperts
+    from dymoe.runtime.resident import ResidentExperts
+    from tests.tiny_models import make_hf_model, save_checkpoint
+
+    checkpoint = Checkpoint.open(save_checkpoint(make_hf_model("qwen3_moe", seed=5).to(torch.bfloat16), tmp_path / "m"))
+    store = ExpertStore.open(convert_store(checkpoint, tmp_path / "s", precisions=("bf16",), progress=False))
+    c = checkpoint.config
+    model = load_dense(checkpoint, 96, "cpu", torch.float32)
+    prompts = torch.randint(0, c.vocab_size, (3, 1, 24), generator=torch.Generator().manual_seed(1))
+    model.attach_experts(ResidentExperts.from_checkpoint(checkpoint, "cpu", torch.float32))
+    expected = [model(p, 0, model.new_cache(1)) for p in prompts]
+    total = len(c.moe_layers) * c.num_experts
+    misses = {}
+    for eviction in ("lru", "least-stale"):
+        runtime = OffloadedExperts(store, OffloadConfig(budget_bytes=(total * 3 // 4) * store.layout("bf16").nbytes,
+                                                        eviction=eviction), c.num_experts_per_tok, "cpu", torch.float32)
+        model.attach_experts(runtime)
+        for p, want in zip(prompts, expected):
+            assert torch.equal(model(p, 0, model.new_cache(1)), want)
+        misses[eviction] = runtime.metrics.total().misses
+    assert misses["least-stale"] < misses["lru"]
 
 
 # -- on the demo model -------------------------------------------------------------------------------
