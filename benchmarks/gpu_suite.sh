@@ -20,7 +20,7 @@ PYTHON=${PYTHON:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo pyt
 GEN_LEN=${GEN_LEN:-128}
 MIXTRAL_GEN_LEN=${MIXTRAL_GEN_LEN:-64}
 PROMPTS=${PROMPTS:-32,512,2048}
-POLICIES=${POLICIES:-resident,on-demand,on-demand-prefetch,lru,lru-prefetch,static-int4,fate,dymoe,dynaexq}
+POLICIES=${POLICIES:-resident,on-demand,on-demand-prefetch,lru,lru-prefetch,least-stale,static-int4,least-stale-int4,fate,dymoe,dynaexq}
 PARTS=${PARTS:-qwen3 mixtral accelerate}  # a subset runs in a shorter device call
 ROUTING=${ROUTING:-skewed}
 mkdir -p "$OUT"
@@ -40,9 +40,9 @@ if [[ " $PARTS " == *" qwen3 "* ]]; then
   bench qwen3-30b-a3b-8l --model synthetic:qwen3-30b-a3b --layers 8 --gen-len "$GEN_LEN" \
     --record-trace "$OUT/qwen3-30b-a3b-8l.trace"
   # the oracle (Belady) hit rate and the modelled floor per link, on the very routing just measured
-  "$PYTHON" -m dymoe simulate "$OUT/qwen3-30b-a3b-8l.trace" --policy lru,lfu --device-memory 25% \
+  "$PYTHON" -m dymoe simulate "$OUT/qwen3-30b-a3b-8l.trace" --policy lru,lfu,least-stale --device-memory 25% \
     | tee "$OUT/qwen3-30b-a3b-8l.simulate-25.txt"
-  "$PYTHON" -m dymoe simulate "$OUT/qwen3-30b-a3b-8l.trace" --policy lru,lfu --device-memory 50% \
+  "$PYTHON" -m dymoe simulate "$OUT/qwen3-30b-a3b-8l.trace" --policy lru,lfu,least-stale --device-memory 50% \
     | tee "$OUT/qwen3-30b-a3b-8l.simulate-50.txt"
 fi
 if [[ " $PARTS " == *" mixtral "* ]]; then
