@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-FAMILIES = ("qwen3_moe", "qwen2_moe", "mixtral", "olmoe", "deepseek_v2", "deepseek_v3")
+FAMILIES = ("qwen3_moe", "qwen2_moe", "mixtral", "olmoe", "deepseek_v2", "deepseek_v3", "phimoe")
 
 # Small but not degenerate: several experts per token, GQA, more than one layer, and an init
 # scale large enough that routing differs between tokens.
@@ -28,6 +28,10 @@ FAMILY_KW = {
                         first_k_dense_replace=1, num_key_value_heads=4, kv_lora_rank=16, q_lora_rank=20,
                         qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=12, n_group=4, topk_group=2,
                         routed_scaling_factor=2.5),
+    # Biased q/k/v/o and LM head; a jitter margin wide enough that sparsemixer's softmaxes often
+    # keep a second expert (at the published 0.01 nearly every weight is exactly 1).
+    "phimoe": dict(num_local_experts=8, num_experts_per_tok=2, attention_bias=True, lm_head_bias=True,
+                   router_jitter_noise=0.3),
 }
 
 
@@ -41,6 +45,7 @@ def hf_classes(family: str):
         "olmoe": (tf.OlmoeConfig, tf.OlmoeForCausalLM),
         "deepseek_v2": (tf.DeepseekV2Config, tf.DeepseekV2ForCausalLM),
         "deepseek_v3": (tf.DeepseekV3Config, tf.DeepseekV3ForCausalLM),
+        "phimoe": (tf.PhimoeConfig, tf.PhimoeForCausalLM),
     }[family]
 
 
@@ -53,6 +58,10 @@ def make_hf_model(family: str, seed: int = 0, **overrides):
         for name, buffer in model.named_buffers():
             if name.endswith("e_score_correction_bias"):
                 buffer.normal_(0.0, 0.05)
+        if family == "phimoe":  # likewise every bias (zero) and LayerNorm weight (one)
+            for name, param in model.named_parameters():
+                if name.endswith(".bias") or "norm" in name:
+                    param.add_(torch.randn_like(param), alpha=0.1)
     return model
 
 

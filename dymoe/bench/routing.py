@@ -15,7 +15,8 @@ The choice is a function of (seed, layer, position) only, so the resident model 
 offloading runtime route a prompt identically, and a prefill of N tokens routes position t exactly
 as a decode step at t does. The *weights* still come from the layer's real router: the softmax of
 its logits on the hidden state, gathered at the chosen experts and renormalised when the family
-does (``norm_topk_prob``), so expert outputs depend on the hidden state as usual.
+does (``norm_topk_prob``), or for Phi-MoE sparsemixer's masked softmaxes at the chosen experts
+(:meth:`Router.weigh <dymoe.models.moe.Router.weigh>`), so expert outputs depend on the hidden state as usual.
 
 The cross-layer predictor (:class:`~dymoe.runtime.offload.CrossLayerPredictor`) asks a router's
 :meth:`~PositionalRouter.predict`; here each expert of the true set is visible with probability
@@ -185,6 +186,7 @@ class PositionalRouter(Router):
         self.weight = router.weight
         self.top_k, self.normalize = router.top_k, router.normalize
         self.sigmoid, self.scaling = router.sigmoid, router.scaling  # DeepSeek's scoring and weight scale
+        self.topk_method, self.jitter_eps = router.topk_method, router.jitter_eps  # Phi-MoE's sparsemixer weights
         if hasattr(router, "e_score_correction_bias"):  # kept as a parameter; it steers only a trained choice
             self.e_score_correction_bias = router.e_score_correction_bias
         self.clock = clock
@@ -204,9 +206,7 @@ class PositionalRouter(Router):
             # a graph would freeze this host-side position; decode_graphs.py hands the clock a device-held one
             raise InputError("synthetic skewed routing was captured in a CUDA graph with a host-side position: "
                              "decode eagerly (--eager)")
-        ids = self.clock.rows(table, x.shape[0])
-        weights, order = self.scores(x).gather(1, ids).sort(dim=-1, descending=True)  # router order, as top-k gives
-        return ids.gather(1, order), self.combine_weights(weights).to(x.dtype)
+        return self.weigh(x, self.clock.rows(table, x.shape[0]))
 
 
 def apply_routing(model, routing: SyntheticRouting, seed: int) -> None:

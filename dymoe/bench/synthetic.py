@@ -21,6 +21,12 @@ The shapes are copied from the public ``config.json`` files of these hub reposit
   top-6, greedy softmax routing, norm_topk_prob false, routed_scaling_factor 1.0, 2 shared experts,
   moe_intermediate_size 1408, vocab 102400, YaRN RoPE theta 1e4 factor 40 from 4096 positions with
   mscale = mscale_all_dim = 0.707, max_position_embeddings 163840).
+* ``phi-3.5-moe``: microsoft/Phi-3.5-MoE-instruct (hidden 4096, 32 layers, 32 / 8 heads of 128,
+  16 experts, top-2 sparsemixer routing with router_jitter_noise 0.01, intermediate_size 6400,
+  vocab 32064, LayerNorms with eps 1e-5, q/k/v/o and LM-head biases, RoPE theta 1e4,
+  max_position_embeddings 131072; the shapes are also transformers' PhimoeConfig defaults,
+  models/phimoe/configuration_phimoe.py). Its LongRoPE scaling (two lists of 64 factors, switching
+  at 4096 positions) is left out: the synthetic model runs plain RoPE, which costs the same.
 
 Weights are a function of (seed, tensor name, device kind) only: each tensor has its own generator,
 so layer 3 of a 4-layer model equals layer 3 of the 48-layer one, and the same seed gives the same
@@ -89,6 +95,14 @@ SYNTHETIC_SHAPES: dict[str, dict[str, Any]] = {
                                               "beta_fast": 32, "beta_slow": 1, "mscale": 0.707,
                                               "mscale_all_dim": 0.707},
         "attention_bias": False, "tie_word_embeddings": False, "bos_token_id": 100000, "eos_token_id": 100001,
+    },
+    "phi-3.5-moe": {
+        "architectures": ["PhiMoEForCausalLM"], "model_type": "phimoe", "vocab_size": 32064,
+        "hidden_size": 4096, "intermediate_size": 6400, "num_hidden_layers": 32, "num_attention_heads": 32,
+        "num_key_value_heads": 8, "num_local_experts": 16, "num_experts_per_tok": 2, "router_jitter_noise": 0.01,
+        "max_position_embeddings": 131072, "sliding_window": 131072, "rms_norm_eps": 1e-5, "rope_theta": 10000.0,
+        "attention_bias": True, "lm_head_bias": True, "tie_word_embeddings": False, "bos_token_id": 1,
+        "eos_token_id": 32000,
     },
 }
 

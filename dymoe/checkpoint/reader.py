@@ -35,6 +35,7 @@ class ExpertNames:
     fused_gate_up: str = "experts.gate_up_proj"
     fused_down: str = "experts.down_proj"
     shared: str = "shared_expert"  # the always-on shared expert(s), dense and resident
+    router: str = "gate"  # the router's module under the block
 
 
 def _check_header(path: Path) -> None:
@@ -139,6 +140,8 @@ class Checkpoint:
         """The checkpoint's name for one of our (Hugging Face-named) dense parameters."""
         if self.names.shared != ExpertNames.shared:
             param_name = param_name.replace(f".mlp.{ExpertNames.shared}.", f".mlp.{self.names.shared}.")
+        if self.names.router != ExpertNames.router:
+            param_name = param_name.replace(f".mlp.{ExpertNames.router}.", f".mlp.{self.names.router}.")
         default = ExpertNames.block.split("{")[0]
         if self.names.block != ExpertNames.block and param_name.startswith(default):
             layer = param_name[len(default):].split(".")[0]
@@ -199,18 +202,21 @@ MIXTRAL_NAMES = ExpertNames(
 
 
 DEEPSEEK_NAMES = ExpertNames(shared="shared_experts")
+PHIMOE_FUSED_NAMES = ExpertNames(router="router")
 
 
 def _detect_names(config: ModelConfig, tensor_files: dict[str, Path]) -> ExpertNames:
-    """Mixtral's hub checkpoints say ``block_sparse_moe`` and ``w1/w3/w2``; its fused exports (as
-    transformers 5 holds it in memory) say ``mlp`` like the other families. DeepSeek names its
-    shared experts ``mlp.shared_experts``."""
+    """Mixtral's and Phi-MoE's hub checkpoints say ``block_sparse_moe`` and ``w1/w3/w2``; their
+    fused exports (as transformers 5 holds them in memory) say ``mlp`` like the other families, and
+    Phi-MoE's calls its router ``mlp.router``. DeepSeek names its shared experts ``mlp.shared_experts``."""
     if config.family.startswith("deepseek"):
         return DEEPSEEK_NAMES
-    if config.family == "mixtral" and config.moe_layers:
+    if config.family in ("mixtral", "phimoe") and config.moe_layers:
         router = MIXTRAL_NAMES.block.format(l=config.moe_layers[0]) + ".gate.weight"
         if router in tensor_files:
             return MIXTRAL_NAMES
+    if config.family == "phimoe":
+        return PHIMOE_FUSED_NAMES
     return ExpertNames()
 
 

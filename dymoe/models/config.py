@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 @dataclass(frozen=True)
 class RopeConfig:
-    """Rotary embedding settings; ``rope_type`` is one of default, linear, dynamic, yarn, llama3."""
+    """Rotary embedding settings; ``rope_type`` is one of default, linear, dynamic, yarn, llama3, longrope."""
 
     theta: float = 10000.0
     rope_type: str = "default"
@@ -31,6 +31,13 @@ class RopeConfig:
     low_freq_factor: float = 1.0
     high_freq_factor: float = 4.0
     partial_rotary_factor: float = 1.0
+    # longrope (Phi-3.5): one frequency divisor per rotated pair, the short set while the sequence
+    # fits original_max_position and the long set beyond; each set's cos/sin scale (None: derived
+    # from factor as transformers does)
+    short_factor: tuple[float, ...] = ()
+    long_factor: tuple[float, ...] = ()
+    short_mscale: float | None = None
+    long_mscale: float | None = None
 
 
 @dataclass(frozen=True)
@@ -54,7 +61,7 @@ class LatentAttentionConfig:
 class ModelConfig:
     """Shapes and family switches of a decoder-only MoE transformer."""
 
-    family: str  # "qwen3_moe" | "qwen2_moe" | "mixtral" | "olmoe" | "deepseek_v2" | "deepseek_v3"
+    family: str  # "qwen3_moe" | "qwen2_moe" | "mixtral" | "olmoe" | "deepseek_v2" | "deepseek_v3" | "phimoe"
     vocab_size: int
     hidden_size: int
     num_layers: int
@@ -69,16 +76,22 @@ class ModelConfig:
     rms_norm_eps: float
     rope: RopeConfig = field(default_factory=RopeConfig)
     norm_topk_prob: bool = True
-    attention_bias: bool = False
+    attention_bias: bool = False  # q/k/v projections
+    o_proj_bias: bool = False  # the attention output projection
+    norm: str = "rms"  # block and final norms: "rms" (RMSNorm) | "layer" (LayerNorm with bias, Phi-MoE)
+    lm_head_bias: bool = False
     qk_norm: str | None = None  # None | "per_head" (Qwen3) | "full" (OLMoE)
     clip_qkv: float | None = None
     shared_expert_intermediate_size: int = 0  # always-on shared expert(s), summed into one MLP
     shared_expert_gate: bool = False  # Qwen2-MoE scales it by a sigmoid gate; DeepSeek does not
     # Router variants beyond "softmax, top-k": DeepSeek-V3 scores with a sigmoid and picks with a
     # per-expert correction bias ("noaux_tc"); DeepSeek-V2 may first keep the topk_group best of
-    # n_group expert groups ("group_limited_greedy"); both scale the chosen weights.
+    # n_group expert groups ("group_limited_greedy"); both scale the chosen weights. Phi-MoE picks
+    # two experts one after the other, each weighted by a softmax over the experts whose logits are
+    # within router_jitter_eps of it ("sparsemixer").
     router_scoring: str = "softmax"  # "softmax" | "sigmoid"
-    topk_method: str = "greedy"  # "greedy" | "group_limited_greedy" | "noaux_tc"
+    topk_method: str = "greedy"  # "greedy" | "group_limited_greedy" | "noaux_tc" | "sparsemixer"
+    router_jitter_eps: float = 0.0  # sparsemixer's relative logit margin (Phi-MoE's router_jitter_noise)
     n_group: int = 1
     topk_group: int = 1
     routed_scaling_factor: float = 1.0

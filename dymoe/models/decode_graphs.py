@@ -19,7 +19,9 @@ segment, and ``decode_finish`` (unpin, fence) follows that segment's replay. The
 attention covers a fixed span of the KV cache per graph (a power of two of at least 256 entries that
 covers the position, later entries masked), so a few recordings serve every position. A span is
 recorded at the first step that needs it, right after that step ran eagerly (which also warms up
-any lazily initialised kernel); later steps replay it.
+any lazily initialised kernel); later steps replay it. A LongRoPE model's one step past its switch
+length runs eagerly, as the plain forward re-runs the whole sequence there (the rotary table row of
+every later position already holds the long frequencies).
 
 The same segments run without recording where CUDA is absent (``record=False``): that is how the CPU
 tests check this path against the plain forward.
@@ -98,6 +100,10 @@ class DecodeGraphs:
 
     def step(self, token: torch.Tensor, position: int) -> torch.Tensor:
         """Logits [V] (float32) of the token ``token`` (a one-element tensor) at ``position``."""
+        if self.cache.tokens is not None:  # LongRoPE: the step past its switch re-runs the sequence eagerly
+            self.cache.tokens[:, position] = token.view(1)
+            if self.model.rotary.crosses_switch(position, position + 1):
+                return self.model(token.view(1, 1), position, self.cache, last_only=True)[0]
         span = span_for(position, self.cache.context_len)
         pos = self.positions.get(span)
         if pos is None:

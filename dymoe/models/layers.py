@@ -1,5 +1,5 @@
-"""The pieces every family shares, written once: RMSNorm, rotary embeddings, attention with a
-preallocated KV cache, and the dense SwiGLU MLP.
+"""The pieces every family shares, written once: RMSNorm (or LayerNorm), rotary embeddings, attention
+with a preallocated KV cache, and the dense SwiGLU MLP.
 
 Numerics follow Hugging Face transformers (norms in float32, RoPE tables in float32 cast to the
 activation dtype) so that logits match it within float tolerance (invariant 1 of DESIGN.md).
@@ -31,11 +31,20 @@ class RMSNorm(nn.Module):
         return self.weight * x32.to(dtype)
 
 
+def block_norm(config: ModelConfig) -> nn.Module:
+    """The norm before each block and before the LM head: RMSNorm, or LayerNorm with a bias (Phi-MoE)."""
+    if config.norm == "layer":
+        return nn.LayerNorm(config.hidden_size, eps=config.rms_norm_eps)
+    return RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+
 # ---- rotary embeddings ---------------------------------------------------------------------------
 
 
-def rope_inv_freq(rope: RopeConfig, head_dim: int, context_len: int) -> tuple[torch.Tensor, float]:
-    """Inverse frequencies and the attention scaling for one RoPE variant (YaRN, Llama-3, ...)."""
+def rope_inv_freq(rope: RopeConfig, head_dim: int, context_len: int, long: bool = False
+                  ) -> tuple[torch.Tensor, float]:
+    """Inverse frequencies and the attention scaling for one RoPE variant (YaRN, Llama-3, ...);
+    ``long`` picks LongRoPE's set for sequences longer than ``original_max_position``."""
     dim = int(head_dim * rope.partial_rotary_factor)
     exponents = torch.arange(0, dim, 2, dtype=torch.int64).float() / dim
     base = rope.theta
@@ -43,6 +52,8 @@ def rope_inv_freq(rope: RopeConfig, head_dim: int, context_len: int) -> tuple[to
         # NTK-aware scaling, fixed for the whole allocated context so the KV cache stays consistent.
         ratio = rope.factor * context_len / rope.original_max_position - (rope.factor - 1)
         base = base * ratio ** (dim / (dim - 2))
+    if rope.rope_type == "longrope":
+        return _longrope_inv_freq(rope, base**exponents, long)
     inv_freq = 1.0 / (base**exponents)
     if rope.rope_type == "linear":
         return inv_freq / rope.factor, 1.0
@@ -63,6 +74,28 @@ def _llama3_inv_freq(inv_freq: torch.Tensor, rope: RopeConfig) -> torch.Tensor:
     smoothed = (1 - smooth) * scaled / rope.factor + smooth * scaled
     medium = ~(wavelen < high_wavelen) & ~(wavelen > low_wavelen)
     return torch.where(medium, smoothed, scaled)
+
+
+def _longrope_inv_freq(rope: RopeConfig, wavelengths: torch.Tensor, long: bool) -> tuple[torch.Tensor, float]:
+    """LongRoPE (arXiv 2402.13753): each rotated pair's frequency divided by its own factor; the
+    scale is the config's mscale of that set, else sqrt(1 + ln(factor) / ln(original length))."""
+    factors = torch.tensor(rope.long_factor if long else rope.short_factor, dtype=torch.float32)
+    scale = rope.long_mscale if long else rope.short_mscale
+    if scale is None:
+        scale = rope.attention_factor
+    if scale is None:
+        stretch = math.log(rope.factor) / math.log(rope.original_max_position)
+        scale = 1.0 if rope.factor <= 1.0 else math.sqrt(1 + stretch)
+    return 1.0 / (factors * wavelengths), float(scale)
+
+
+def longrope_switch(rope: RopeConfig, context_len: int) -> int | None:
+    """The sequence length past which LongRoPE's long set replaces the short one, if a context of
+    ``context_len`` can get there and the two sets differ; else None (one table serves every length)."""
+    if rope.rope_type != "longrope" or context_len <= rope.original_max_position:
+        return None
+    same = rope.short_factor == rope.long_factor and rope.short_mscale == rope.long_mscale
+    return None if same else rope.original_max_position
 
 
 def _yarn_inv_freq(rope: RopeConfig, dim: int) -> tuple[torch.Tensor, float]:
@@ -112,23 +145,44 @@ Position = int | StaticPosition
 
 
 class RotaryEmbedding(nn.Module):
-    """cos/sin tables for positions [0, context_len), built once at start-up."""
+    """cos/sin tables for positions [0, context_len), built once at start-up.
+
+    LongRoPE rotates every position of a sequence with one set of frequencies, chosen by the
+    sequence's length: the short set up to ``switch`` tokens, the long set beyond. ``cos``/``sin``
+    row p holds what the last token of a p+1-token sequence uses (short below ``switch``, long from
+    it on), which is all a decode step needs; ``cos_long``/``sin_long`` hold the long set at every
+    position, for a call whose tokens span the switch (see MoETransformer.forward).
+    """
 
     def __init__(self, rope: RopeConfig, head_dim: int, context_len: int):
         super().__init__()
         self.rope = rope
         self.head_dim = head_dim
         self.context_len = context_len
-        self.register_buffer("cos", torch.empty(0), persistent=False)
-        self.register_buffer("sin", torch.empty(0), persistent=False)
+        self.switch = longrope_switch(rope, context_len)
+        for name in ("cos", "sin", "cos_long", "sin_long"):
+            self.register_buffer(name, torch.empty(0), persistent=False)
 
     def build(self, device: torch.device | str, dtype: torch.dtype) -> None:
-        inv_freq, scale = rope_inv_freq(self.rope, self.head_dim, self.context_len)
+        cos, sin = self._table(long=False)
+        if self.switch is not None:
+            cos_long, sin_long = self._table(long=True)
+            cos[self.switch :], sin[self.switch :] = cos_long[self.switch :], sin_long[self.switch :]
+            self.cos_long = cos_long.to(device=device, dtype=dtype)
+            self.sin_long = sin_long.to(device=device, dtype=dtype)
+        self.cos, self.sin = cos.to(device=device, dtype=dtype), sin.to(device=device, dtype=dtype)
+
+    def _table(self, long: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        inv_freq, scale = rope_inv_freq(self.rope, self.head_dim, self.context_len, long)
         positions = torch.arange(self.context_len, dtype=torch.int64).float()
         freqs = torch.outer(positions, inv_freq)
         emb = torch.cat([freqs, freqs], dim=-1)
-        self.cos = (emb.cos() * scale).to(device=device, dtype=dtype)
-        self.sin = (emb.sin() * scale).to(device=device, dtype=dtype)
+        return emb.cos() * scale, emb.sin() * scale
+
+    def crosses_switch(self, length: int, new_length: int) -> bool:
+        """Whether a sequence growing from ``length`` to ``new_length`` tokens passes LongRoPE's switch
+        (from the short set to the long one)."""
+        return self.switch is not None and length <= self.switch < new_length
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, start: Position) -> tuple[torch.Tensor, torch.Tensor]:
         """Rotate q, k of shape [B, heads, T, D] for positions start..start+T-1."""
@@ -136,7 +190,8 @@ class RotaryEmbedding(nn.Module):
             cos, sin = self.cos.index_select(0, start.index), self.sin.index_select(0, start.index)
         else:
             t = q.shape[2]
-            cos, sin = self.cos[start : start + t], self.sin[start : start + t]
+            cos, sin = (self.cos_long, self.sin_long) if self.crosses_switch(start, start + t) else (self.cos, self.sin)
+            cos, sin = cos[start : start + t], sin[start : start + t]
         return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
 
 
@@ -149,12 +204,16 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 class KVCache:
-    """Keys and values of every layer, preallocated for ``batch`` x ``context_len`` at start-up."""
+    """Keys and values of every layer, preallocated for ``batch`` x ``context_len`` at start-up;
+    with ``keep_tokens``, also the token ids they came from (a LongRoPE model re-runs them when its
+    sequence outgrows the short frequencies)."""
 
-    def __init__(self, config: ModelConfig, batch: int, context_len: int, device, dtype: torch.dtype):
+    def __init__(self, config: ModelConfig, batch: int, context_len: int, device, dtype: torch.dtype,
+                 keep_tokens: bool = False):
         shape = (config.num_layers, batch, config.num_kv_heads, context_len)
         self.k = torch.zeros(*shape, config.head_dim, device=device, dtype=dtype)
         self.v = torch.zeros(*shape, config.v_head_dim, device=device, dtype=dtype)
+        self.tokens = torch.zeros(batch, context_len, dtype=torch.long, device=device) if keep_tokens else None
         self.context_len = context_len
 
     @property
@@ -191,7 +250,7 @@ class Attention(nn.Module):
         self.q_proj = nn.Linear(c.hidden_size, c.num_heads * c.head_dim, bias=c.attention_bias)
         self.k_proj = nn.Linear(c.hidden_size, c.num_kv_heads * c.head_dim, bias=c.attention_bias)
         self.v_proj = nn.Linear(c.hidden_size, c.num_kv_heads * c.head_dim, bias=c.attention_bias)
-        self.o_proj = nn.Linear(c.num_heads * c.head_dim, c.hidden_size, bias=False)
+        self.o_proj = nn.Linear(c.num_heads * c.head_dim, c.hidden_size, bias=c.o_proj_bias)
         self.qk_norm = c.qk_norm
         if c.qk_norm == "per_head":
             self.q_norm = RMSNorm(c.head_dim, c.rms_norm_eps)

@@ -59,7 +59,7 @@ class Router(nn.Module):
     DeepSeek's variants: sigmoid scores (V3), a choice limited to the ``topk_group`` best of
     ``n_group`` expert groups (V2's group_limited_greedy, V3's noaux_tc with its per-expert
     ``e_score_correction_bias``, which steers the choice but not the weights), and weights times
-    ``routed_scaling_factor``.
+    ``routed_scaling_factor``. Phi-MoE's ``sparsemixer``: see :func:`sparsemixer_choice`.
     """
 
     def __init__(self, config: ModelConfig):
@@ -71,6 +71,7 @@ class Router(nn.Module):
         self.topk_method = config.topk_method
         self.n_group, self.topk_group = config.n_group, config.topk_group
         self.scaling = config.routed_scaling_factor
+        self.jitter_eps = config.router_jitter_eps
         if config.topk_method == "noaux_tc":
             self.e_score_correction_bias = nn.Parameter(torch.zeros(config.num_experts))
 
@@ -79,6 +80,10 @@ class Router(nn.Module):
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x [N, H] -> (expert ids [N, k] int64, weights [N, k] in x's dtype)."""
+        if self.topk_method == "sparsemixer":
+            logits = self.logits(x)
+            ids = sparsemixer_choice(logits, self.top_k)
+            return ids, sparsemixer_weights(logits, ids, self.jitter_eps)
         probs = self.scores(x)
         if self.topk_method == "greedy":
             weights, ids = torch.topk(probs, self.top_k, dim=-1)
@@ -91,6 +96,17 @@ class Router(nn.Module):
         """Every expert's score for x [N, H], float32: softmax or sigmoid of the logits."""
         logits = self.logits(x).float()
         return torch.sigmoid(logits) if self.sigmoid else torch.softmax(logits, dim=-1)
+
+    def weigh(self, x: torch.Tensor, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """This router's weights for experts ``ids`` [N, k] chosen by something else (synthetic
+        routing, dymoe/bench/routing.py): (the ids in the router's order, best first as its own
+        choice comes; their weights [N, k] in x's dtype)."""
+        if self.topk_method == "sparsemixer":
+            logits = self.logits(x)
+            ids = ids.gather(1, logits.gather(1, ids).sort(dim=-1, descending=True).indices)
+            return ids, sparsemixer_weights(logits, ids, self.jitter_eps)
+        weights, order = self.scores(x).gather(1, ids).sort(dim=-1, descending=True)
+        return ids.gather(1, order), self.combine_weights(weights).to(x.dtype)
 
     def combine_weights(self, chosen: torch.Tensor) -> torch.Tensor:
         """The chosen experts' scores [N, k] as the weights their outputs are summed with: renormalised
@@ -117,6 +133,31 @@ class Router(nn.Module):
         """What a prefetcher may assume this router picks for ``x`` (Fate's cross-layer gate feeds it
         an earlier layer's input): a trained router's own choice. Synthetic routers override it."""
         return self(x)
+
+
+def sparsemixer_choice(logits: torch.Tensor, k: int) -> torch.Tensor:
+    """Phi-MoE's sparsemixer at inference (arXiv 2409.12136; transformers' eval path): expert ids
+    [N, k], each the largest logit of those not chosen yet (the lowest index on a tie)."""
+    ids = []
+    for _ in range(k):
+        ids.append(logits.max(dim=-1, keepdim=True).indices)
+        logits = logits.scatter(1, ids[-1], float("-inf"))
+    return torch.cat(ids, dim=1)
+
+
+def sparsemixer_weights(logits: torch.Tensor, ids: torch.Tensor, eps: float) -> torch.Tensor:
+    """The weight of each chosen expert [N, k]: a softmax taken at that expert over the experts not
+    chosen before it whose logit l is above or close to its logit c, (c - l) / max(|l|, c) <= 2 eps
+    (for the router's own choice, nothing is above). The weights are not renormalised (two clear
+    choices weigh about 1 each). Computed in the logits' dtype, as transformers does."""
+    candidates, weights = logits, []
+    for j in range(ids.shape[1]):
+        chosen = ids[:, j : j + 1]
+        best = logits.gather(1, chosen)
+        far = (best - logits) / logits.abs().clamp(min=best) > 2 * eps
+        weights.append(torch.softmax(candidates.masked_fill(far, float("-inf")), dim=-1).gather(1, chosen))
+        candidates = candidates.scatter(1, chosen, float("-inf"))
+    return torch.cat(weights, dim=1)
 
 
 class MoEBlock(nn.Module):

@@ -36,16 +36,20 @@ def parse_rope(raw: dict) -> RopeConfig:
         raise UnsupportedModelError("per-layer-type rope_parameters are not supported yet")
     rope_type = params.get("rope_type", params.get("type", "default"))
     theta = params.get("rope_theta", raw.get("rope_theta", 10000.0))
-    if rope_type not in ("default", "linear", "dynamic", "yarn", "llama3"):
+    if rope_type not in ("default", "linear", "dynamic", "yarn", "llama3", "longrope"):
         raise UnsupportedModelError(
-            f"rope type {rope_type!r} is not supported (supported: default, linear, dynamic, yarn, llama3)"
+            f"rope type {rope_type!r} is not supported (supported: default, linear, dynamic, yarn, llama3, longrope)"
         )
     original = params.get("original_max_position_embeddings", raw.get("original_max_position_embeddings"))
     if rope_type in ("yarn", "llama3") and original is None:
         original = raw.get("max_position_embeddings")
+    if rope_type == "longrope" and original is None:
+        raise KeyError("original_max_position_embeddings")
     factor = params.get("factor")
     if factor is None:
-        factor = raw["max_position_embeddings"] / original if rope_type == "yarn" and original else 1.0
+        stretched = rope_type in ("yarn", "longrope") and original
+        factor = raw["max_position_embeddings"] / original if stretched else 1.0
+    partial = float(params.get("partial_rotary_factor", raw.get("partial_rotary_factor", 1.0)))
     return RopeConfig(
         theta=float(theta),
         rope_type=rope_type,
@@ -59,8 +63,25 @@ def parse_rope(raw: dict) -> RopeConfig:
         truncate=bool(params.get("truncate", True)),
         low_freq_factor=float(params.get("low_freq_factor", 1.0)),
         high_freq_factor=float(params.get("high_freq_factor", 4.0)),
-        partial_rotary_factor=float(params.get("partial_rotary_factor", raw.get("partial_rotary_factor", 1.0))),
+        partial_rotary_factor=partial,
+        **(_longrope(raw, params, partial) if rope_type == "longrope" else {}),
     )
+
+
+def _longrope(raw: dict, params: dict, partial: float) -> dict[str, Any]:
+    """LongRoPE's two factor lists (one value per rotated pair of dims, checked) and their scales."""
+    head_dim = raw.get("head_dim") or _required(raw, "hidden_size") // _required(raw, "num_attention_heads")
+    pairs = int(head_dim * partial) // 2
+    out = {}
+    for key in ("short_factor", "long_factor"):
+        values = tuple(float(v) for v in _required(params, key))
+        if len(values) != pairs:
+            raise CheckpointError(f"config.json: rope {key} has {len(values)} values, expected {pairs} "
+                                  f"(one per rotated pair of the {head_dim}-wide heads)")
+        out[key] = values
+    for key in ("short_mscale", "long_mscale"):
+        out[key] = None if params.get(key) is None else float(params[key])
+    return out
 
 
 def _common(raw: dict) -> dict[str, Any]:
@@ -191,6 +212,49 @@ def _deepseek_v3(raw: dict) -> dict[str, Any]:
                 norm_topk_prob=bool(raw.get("norm_topk_prob", True)))
 
 
+PHIMOE_THETA = 1e6  # transformers' PhimoeConfig.default_theta, for configs without rope_theta
+
+
+def _phimoe(raw: dict) -> dict[str, Any]:
+    """Phi-MoE (Phi-3.5-MoE): Mixtral's layout with LayerNorms (with bias) instead of RMSNorms,
+    biased q/k/v/o projections and LM head when the config says so, sparsemixer top-2 routing and
+    LongRoPE whose cos/sin scales are the config's short_mscale / long_mscale."""
+    rope = parse_rope({**raw, "rope_theta": raw.get("rope_theta", PHIMOE_THETA)})
+    if rope.rope_type not in ("default", "longrope"):
+        # transformers' Phimoe scales any other RoPE variant by the longrope mscales as well
+        raise UnsupportedModelError(f"Phi-MoE with rope type {rope.rope_type!r} is not supported (default, longrope)")
+    if rope.rope_type == "longrope" and None in (rope.short_mscale, rope.long_mscale):
+        raise KeyError("short_mscale")
+    top_k = raw.get("num_experts_per_tok", 2)
+    if top_k != 2:
+        raise UnsupportedModelError(f"Phi-MoE's sparsemixer router picks exactly 2 experts per token (transformers "
+                                    f"ignores num_experts_per_tok); this config.json asks for {top_k}")
+    width = _required(raw, "intermediate_size")
+    bias = bool(raw.get("attention_bias", False))
+    positions = raw.get("max_position_embeddings", 131072)
+    window = raw.get("sliding_window")
+    return dict(
+        family="phimoe",
+        rope=rope,
+        rms_norm_eps=raw.get("rms_norm_eps", 1e-5),  # the LayerNorms' eps, under the RMSNorm key
+        # Within its sliding window (131072 = max_position_embeddings for Phi-3.5-MoE) transformers'
+        # sliding mask is the causal one; beyond it the attention would differ, so the context ends there.
+        max_position_embeddings=min(positions, window) if window else positions,
+        intermediate_size=width,
+        moe_intermediate_size=width,
+        num_experts=_required(raw, "num_local_experts", "num_experts"),
+        num_experts_per_tok=2,
+        norm_topk_prob=False,
+        topk_method="sparsemixer",
+        router_jitter_eps=float(raw.get("router_jitter_noise", 0.01)),
+        attention_bias=bias,
+        o_proj_bias=bias,
+        norm="layer",
+        lm_head_bias=bool(raw.get("lm_head_bias", False)),
+        moe_layers=tuple(range(raw["num_hidden_layers"])),
+    )
+
+
 FAMILIES: dict[str, ConfigParser] = {
     "Qwen3MoeForCausalLM": _qwen3_moe,
     "Qwen2MoeForCausalLM": _qwen2_moe,
@@ -198,9 +262,12 @@ FAMILIES: dict[str, ConfigParser] = {
     "OlmoeForCausalLM": _olmoe,
     "DeepseekV2ForCausalLM": _deepseek_v2,
     "DeepseekV3ForCausalLM": _deepseek_v3,
+    "PhimoeForCausalLM": _phimoe,
+    "PhiMoEForCausalLM": _phimoe,  # the hub's Phi-3.5-MoE config.json (written for its own modelling code)
 }
 MODEL_TYPES = {"qwen3_moe": _qwen3_moe, "qwen2_moe": _qwen2_moe, "mixtral": _mixtral, "olmoe": _olmoe,
-               "deepseek_v2": _deepseek_v2, "deepseek_v3": _deepseek_v3}
+               "deepseek_v2": _deepseek_v2, "deepseek_v3": _deepseek_v3,
+               "phimoe": _phimoe}
 
 
 def supported_architectures() -> list[str]:

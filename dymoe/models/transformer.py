@@ -15,7 +15,7 @@ from torch import nn
 
 from dymoe.models.config import ModelConfig
 from dymoe.models.latent_attention import LatentAttention
-from dymoe.models.layers import Attention, DenseMLP, KVCache, RMSNorm, RotaryEmbedding
+from dymoe.models.layers import Attention, DenseMLP, KVCache, RotaryEmbedding, block_norm
 from dymoe.models.moe import ExpertProvider, MoEBlock, RoutingClock
 
 
@@ -23,8 +23,8 @@ class DecoderLayer(nn.Module):
     def __init__(self, config: ModelConfig, layer: int):
         super().__init__()
         self.self_attn = (LatentAttention if config.latent_attention else Attention)(config, layer)
-        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.input_layernorm = block_norm(config)
+        self.post_attention_layernorm = block_norm(config)
         if config.is_moe_layer(layer):
             self.mlp = MoEBlock(config, layer)
         else:
@@ -40,7 +40,7 @@ class Backbone(nn.Module):
         super().__init__()
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_layers))
-        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.norm = block_norm(config)
 
 
 class MoETransformer(nn.Module):
@@ -50,7 +50,7 @@ class MoETransformer(nn.Module):
         super().__init__()
         self.config = config
         self.model = Backbone(config)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=config.lm_head_bias)
         self.rotary = RotaryEmbedding(config.rope, config.rope_dim, context_len)
         self.context_len = context_len
         self.experts: ExpertProvider | None = None
@@ -75,6 +75,9 @@ class MoETransformer(nn.Module):
     @torch.inference_mode()
     def forward(self, tokens: torch.Tensor, start: int, cache: KVCache, last_only: bool = False) -> torch.Tensor:
         """tokens [B, T] at positions start..start+T-1 -> logits [B, T, V] (or [B, V] if last_only)."""
+        new = tokens.shape[1]
+        if cache.tokens is not None:
+            tokens, start = self._with_history(tokens, start, cache)
         if self.routing_clock is not None:
             self.routing_clock.set(start, tokens.shape[1])
         x = self.model.embed_tokens(tokens)
@@ -82,7 +85,20 @@ class MoETransformer(nn.Module):
             x = layer(x, start, cache, self.rotary)
         if last_only:
             x = x[:, -1]
+        elif tokens.shape[1] != new:  # a re-run sequence: the logits of the new tokens only
+            x = x[:, -new:]
         return self.lm_head(self.model.norm(x)).float()
+
+    def _with_history(self, tokens: torch.Tensor, start: int, cache: KVCache) -> tuple[torch.Tensor, int]:
+        """Record ``tokens`` in the cache. If they take the sequence past LongRoPE's switch while the
+        cache holds keys rotated for a shorter sequence, return the whole sequence from position 0
+        instead, to run it again with the long frequencies: every position of a LongRoPE sequence
+        uses its length's set (transformers' generate drops its cache at this step for the same reason)."""
+        end = start + tokens.shape[1]
+        cache.tokens[:, start:end] = tokens
+        if start > 0 and self.rotary.crosses_switch(start, end):
+            return cache.tokens[:, :end], 0
+        return tokens, start
 
     @torch.inference_mode()
     def decode(self, token: torch.Tensor, position: int, cache: KVCache) -> torch.Tensor:
@@ -101,7 +117,8 @@ class MoETransformer(nn.Module):
 
     def new_cache(self, batch: int = 1) -> KVCache:
         param = self.lm_head.weight
-        return KVCache(self.config, batch, self.context_len, param.device, param.dtype)
+        return KVCache(self.config, batch, self.context_len, param.device, param.dtype,
+                       keep_tokens=self.rotary.switch is not None)
 
     @property
     def dense_nbytes(self) -> int:

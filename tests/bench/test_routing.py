@@ -177,6 +177,23 @@ def test_weights_are_the_real_routers_probabilities_of_the_chosen_experts():
         assert not torch.allclose(weights[:3], weights[3:])  # they depend on the hidden state
 
 
+def test_phi_moe_weights_are_sparsemixer_weights_of_the_chosen_experts():
+    """Phi-MoE's router weighs the chosen experts with its masked softmaxes, largest logit first."""
+    from dymoe.models.moe import sparsemixer_weights
+
+    config = dataclasses.replace(tiny_config(synthetic_config("phi-3.5-moe", layers=2)), router_jitter_eps=0.5)
+    model, _ = build_synthetic(config, "cpu", torch.float32, seed=2, context_len=64, routing=SKEWED)
+    gate = model.moe_blocks[1].gate
+    model.routing_clock.set(5, 3)
+    x = torch.randn(6, config.hidden_size, generator=torch.Generator().manual_seed(1))
+    ids, weights = gate(x)
+    assert torch.equal(ids.sort(-1).values, gate.routes[5:8].repeat(2, 1))
+    logits = gate.logits(x)
+    assert (logits.gather(1, ids)[:, 0] >= logits.gather(1, ids)[:, 1]).all()
+    assert torch.equal(weights, sparsemixer_weights(logits, ids, 0.5))
+    assert ((weights > 0) & (weights < 1)).any() and not torch.allclose(weights[:3], weights[3:])
+
+
 def test_predict_defaults_to_forward_for_trained_routers():
     config = tiny_config(synthetic_config("mixtral-8x7b", layers=2))
     model, _ = build_synthetic(config, "cpu", torch.float32, context_len=16)
@@ -208,7 +225,7 @@ def test_position_beyond_the_table_is_a_clear_error():
         model.moe_blocks[0].gate(torch.zeros(2, model.config.hidden_size))
 
 
-@pytest.mark.parametrize("name", ["qwen3-30b-a3b", "qwen2-moe-a2.7b", "deepseek-v2-lite"])
+@pytest.mark.parametrize("name", ["qwen3-30b-a3b", "qwen2-moe-a2.7b", "deepseek-v2-lite", "phi-3.5-moe"])
 def test_offloaded_equals_resident_bit_for_bit_with_skewed_routing(name):
     """DESIGN.md invariant 2 with the skewed router: bf16 experts, several presets and budgets."""
     config = tiny_config(synthetic_config(name, layers=3))

@@ -24,6 +24,7 @@ PUBLISHED = {
     "olmoe-1b-7b": ("olmoe", 2048, 16, 16, 16, 128, 64, 8, 1024, 50304),
     "qwen2-moe-a2.7b": ("qwen2_moe", 2048, 24, 16, 16, 128, 60, 4, 1408, 151936),
     "deepseek-v2-lite": ("deepseek_v2", 2048, 27, 16, 16, 192, 64, 6, 1408, 102400),
+    "phi-3.5-moe": ("phimoe", 4096, 32, 32, 8, 128, 16, 2, 6400, 32064),
 }
 FIRST_DENSE_LAYERS = {"deepseek-v2-lite": 1}
 BENCHMARK = Path(__file__).resolve().parents[2] / "benchmarks" / "resident_decode.py"
@@ -58,6 +59,20 @@ def test_deepseek_v2_lite_as_published():
         dense = sum(p.numel() for p in MoETransformer(c, 16).parameters())
     total = dense + len(c.moe_layers) * c.num_experts * c.expert_params
     assert round(total / 1e9, 1) == 15.7
+
+
+def test_phi_3_5_moe_as_published():
+    """LayerNorms, biased attention and LM head, sparsemixer routing; 41.9 B parameters of which
+    6.6 B active per token, as the model card says (counted on the meta device)."""
+    c = synthetic_config("phi-3.5-moe")
+    assert (c.norm, c.rms_norm_eps, c.attention_bias, c.o_proj_bias, c.lm_head_bias) == ("layer", 1e-5, True, True, True)
+    assert (c.topk_method, c.router_jitter_eps, c.norm_topk_prob, c.rope.theta) == ("sparsemixer", 0.01, False, 1e4)
+    with torch.device("meta"):
+        model = MoETransformer(c, 16)
+    assert isinstance(model.model.norm, torch.nn.LayerNorm) and model.lm_head.bias is not None
+    dense = sum(p.numel() for p in model.parameters())
+    assert round((dense + len(c.moe_layers) * c.num_experts * c.expert_params) / 1e9, 1) == 41.9
+    assert round((dense + len(c.moe_layers) * 2 * c.expert_params) / 1e9, 1) == 6.6
 
 
 def test_deepseek_v2_lite_decodes_through_bench(tmp_path, capsys):

@@ -59,6 +59,22 @@ def test_segmented_decode_equals_the_forward(checkpoints, family, monkeypatch):
     assert graphs.whole  # the resident runtime never synchronises: one recording per step
 
 
+def test_longrope_steps_read_their_lengths_table_and_rerun_at_the_switch(tmp_path, monkeypatch):
+    """Phi-MoE whose LongRoPE sets differ, switching at 12 tokens: steps at positions 8..11 read the
+    short rows, the step at 12 re-runs the sequence eagerly (as the forward does), later steps
+    read the long rows; every step equals the plain forward."""
+    monkeypatch.setattr(decode_graphs, "MIN_SPAN", 8)
+    rope = {"rope_type": "longrope", "rope_theta": 10000.0, "original_max_position_embeddings": 12,
+            "short_factor": [1.0, 1.5, 2.0, 3.0], "long_factor": [2.0, 4.0, 8.0, 16.0],
+            "short_mscale": 1.1, "long_mscale": 1.3}
+    checkpoint = Checkpoint.open(save_checkpoint(make_hf_model("phimoe", seed=5, rope_parameters=rope), tmp_path))
+    model = load_dense(checkpoint, 40, "cpu", torch.float32)
+    assert model.rotary.switch == 12
+    plain, segmented, _ = decode_both(model, ResidentExperts.from_checkpoint(checkpoint, "cpu", torch.float32))
+    torch.testing.assert_close(segmented, plain, rtol=1e-5, atol=1e-5)
+    assert torch.equal(segmented.argmax(-1), plain.argmax(-1))
+
+
 @pytest.mark.parametrize("preset", ["lru", "dymoe"])
 def test_segmented_decode_drives_an_offloading_runtime_once_per_moe_layer(checkpoints, tmp_path, monkeypatch, preset):
     """lru (one precision class) is split: decode_prepare between segments, decode_compute inside the

@@ -173,3 +173,61 @@ def test_deepseek_variants(tmp_path, family, overrides):
     assert_logits_match(ours, hf, length=40)
     prompt = torch.tensor([1, 17, 42, 5, 63, 8, 29])
     assert greedy_ids(ours, prompt, 16) == hf_greedy_ids(hf, prompt, 16)
+
+
+# Phi-MoE's LongRoPE: every position of a sequence is rotated with the set its length selects
+# (short factors and short_mscale up to original_max_position_embeddings, long ones beyond), so a
+# sequence that grows past it is run again from position 0, as transformers' generate does.
+PHIMOE_LONGROPE = {"rope_type": "longrope", "rope_theta": 10000.0, "original_max_position_embeddings": 16,
+                   "short_factor": [1.0, 1.5, 2.0, 3.0], "long_factor": [1.0, 1.5, 2.0, 3.0],
+                   "short_mscale": 1.1, "long_mscale": 1.3}
+
+
+def test_phimoe_longrope_scale_switch_matches_transformers(tmp_path):
+    """Short and long sets differ in their scale only, which transformers 5 switches on the
+    sequence length too: prompts on both sides of 16 tokens, and a generation that crosses it."""
+    hf = make_hf_model("phimoe", seed=10, rope_parameters=PHIMOE_LONGROPE)
+    ours = load_ours(save_checkpoint(hf, tmp_path / "longrope"))
+    assert ours.rotary.switch == 16 and ours.new_cache(1).tokens is not None
+    assert_logits_match(ours, hf, length=12)
+    assert_logits_match(ours, hf, length=40)
+    prompt = torch.tensor([1, 17, 42, 5, 63, 8, 29])
+    expected = hf_greedy_ids(hf, prompt, 16)  # positions 7..22: the cache is dropped at 16
+    cache = ours.new_cache(1)
+    logits = ours(prompt.view(1, -1), 0, cache, last_only=True)[0]
+    sequence = prompt.tolist()
+    for token in expected:
+        with torch.no_grad():
+            reference = hf(torch.tensor([sequence])).logits[0, -1]  # the whole sequence, no cache
+        assert int(logits.argmax()) == token
+        torch.testing.assert_close(logits, reference, rtol=1e-4, atol=1e-4 * float(reference.abs().max()))
+        logits = ours(torch.tensor([[token]]), len(sequence), cache, last_only=True)[0]
+        sequence.append(token)
+
+
+def test_phimoe_longrope_factors_follow_transformers_longrope_parameters(tmp_path):
+    """Distinct factor sets: up to 16 tokens the model equals transformers; the tables are those of
+    transformers' _compute_longrope_parameters at each length (short set at 16, long at 17).
+
+    transformers 5's PhimoeRotaryEmbedding calls that function without the sequence length, so it
+    rotates long sequences with the short factors; its earlier releases and Microsoft's modelling
+    code for Phi-3.5-MoE pass the length, and so does dymoe."""
+    from transformers.modeling_rope_utils import _compute_longrope_parameters
+
+    rope = {**PHIMOE_LONGROPE, "long_factor": [2.0, 4.0, 8.0, 16.0]}
+    hf = make_hf_model("phimoe", seed=11, rope_parameters=rope)
+    ours = load_ours(save_checkpoint(hf, tmp_path / "longrope"))
+    assert_logits_match(ours, hf, length=16)
+    prompt = torch.tensor([1, 17, 42, 5])
+    assert greedy_ids(ours, prompt, 12) == hf_greedy_ids(hf, prompt, 12)  # 16 tokens in all
+    positions = torch.arange(ours.context_len, dtype=torch.float32)[:, None]
+    tables = {}
+    for length, mscale in ((16, 1.1), (17, 1.3)):
+        inv_freq, _ = _compute_longrope_parameters(hf.config, seq_len=length)
+        angles = torch.cat([positions * inv_freq] * 2, dim=-1)
+        tables[length] = angles.cos() * mscale
+    short, long = tables[16], tables[17]
+    assert not torch.allclose(short[1:], long[1:])
+    torch.testing.assert_close(ours.rotary.cos[:16], short[:16], rtol=0, atol=1e-6)  # steps of sequences <= 16
+    torch.testing.assert_close(ours.rotary.cos[16:], long[16:], rtol=0, atol=1e-6)  # steps of sequences > 16
+    torch.testing.assert_close(ours.rotary.cos_long, long, rtol=0, atol=1e-6)  # prompts and re-runs past 16
