@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-FAMILIES = ("qwen3_moe", "qwen2_moe", "mixtral", "olmoe", "deepseek_v2", "deepseek_v3", "phimoe")
+FAMILIES = ("qwen3_moe", "qwen2_moe", "mixtral", "olmoe", "deepseek_v2", "deepseek_v3", "phimoe", "gpt_oss")
 
 # Small but not degenerate: several experts per token, GQA, more than one layer, and an init
 # scale large enough that routing differs between tokens.
@@ -32,6 +32,10 @@ FAMILY_KW = {
     # keep a second expert (at the published 0.01 nearly every weight is exactly 1).
     "phimoe": dict(num_local_experts=8, num_experts_per_tok=2, attention_bias=True, lm_head_bias=True,
                    router_jitter_noise=0.3),
+    # Sliding-window layers (0 and 2) with a window shorter than the test prompts, sinks, and a
+    # SwiGLU clamp low enough that it cuts (at the published 7.0 a tiny model never reaches it).
+    "gpt_oss": dict(num_local_experts=8, num_experts_per_tok=3, head_dim=8, sliding_window=5, swiglu_limit=1.0,
+                    rms_norm_eps=1e-5, max_position_embeddings=131072),
 }
 
 
@@ -46,6 +50,7 @@ def hf_classes(family: str):
         "deepseek_v2": (tf.DeepseekV2Config, tf.DeepseekV2ForCausalLM),
         "deepseek_v3": (tf.DeepseekV3Config, tf.DeepseekV3ForCausalLM),
         "phimoe": (tf.PhimoeConfig, tf.PhimoeForCausalLM),
+        "gpt_oss": (tf.GptOssConfig, tf.GptOssForCausalLM),
     }[family]
 
 
@@ -62,6 +67,12 @@ def make_hf_model(family: str, seed: int = 0, **overrides):
             for name, param in model.named_parameters():
                 if name.endswith(".bias") or "norm" in name:
                     param.add_(torch.randn_like(param), alpha=0.1)
+        if family == "gpt_oss":  # transformers starts expert biases at zero and sinks near it: make them matter
+            for name, param in model.named_parameters():
+                if name.endswith("_proj_bias"):
+                    param.normal_(0.0, 0.5)
+                elif name.endswith("sinks"):
+                    param.normal_(0.0, 2.0)
     return model
 
 

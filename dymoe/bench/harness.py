@@ -132,7 +132,7 @@ def load_synthetic(shape: str, config: BenchConfig, device, dtype, context_len: 
     precisions = sorted({"bf16", *needed}, key=_precision_order)
     store = MemoryStore.from_experts(experts, precisions=precisions, group_size=config.group_size,
                                      pin=device.type == "cuda")
-    resident = ResidentExperts({l: (a.to(dtype), b.to(dtype)) for l, (a, b) in experts.items()})
+    resident = ResidentExperts({l: tuple(t.to(dtype) for t in stacks) for l, stacks in experts.items()})
     del experts
 
     def offloaded(preset: str, budget: int):

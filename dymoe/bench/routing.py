@@ -187,6 +187,7 @@ class PositionalRouter(Router):
         self.top_k, self.normalize = router.top_k, router.normalize
         self.sigmoid, self.scaling = router.sigmoid, router.scaling  # DeepSeek's scoring and weight scale
         self.topk_method, self.jitter_eps = router.topk_method, router.jitter_eps  # Phi-MoE's sparsemixer weights
+        self.bias = router.bias  # GPT-OSS's router bias
         if hasattr(router, "e_score_correction_bias"):  # kept as a parameter; it steers only a trained choice
             self.e_score_correction_bias = router.e_score_correction_bias
         self.clock = clock

@@ -27,6 +27,14 @@ The shapes are copied from the public ``config.json`` files of these hub reposit
   max_position_embeddings 131072; the shapes are also transformers' PhimoeConfig defaults,
   models/phimoe/configuration_phimoe.py). Its LongRoPE scaling (two lists of 64 factors, switching
   at 4096 positions) is left out: the synthetic model runs plain RoPE, which costs the same.
+* ``gpt-oss-20b``: openai/gpt-oss-20b (hidden 2880, 24 layers alternating sliding-window (128
+  positions, from layer 0) and full attention, 64 query / 8 KV heads of 64 with attention sinks and
+  q/k/v/o biases, 32 experts, top-4, intermediate_size 2880 with biases and the clamped SwiGLU
+  (swiglu_limit 7.0), vocab 201088, RMSNorm eps 1e-5, YaRN RoPE theta 150000 factor 32 from 4096
+  positions without truncation, max_position_embeddings 131072). Apart from the depth and the
+  expert count (the 120b's 36 and 128) these are transformers' GptOssConfig defaults
+  (models/gpt_oss/configuration_gpt_oss.py). The release's experts are MXFP4; here they are drawn
+  in bf16 like every synthetic model's.
 
 Weights are a function of (seed, tensor name, device kind) only: each tensor has its own generator,
 so layer 3 of a 4-layer model equals layer 3 of the 48-layer one, and the same seed gives the same
@@ -104,6 +112,17 @@ SYNTHETIC_SHAPES: dict[str, dict[str, Any]] = {
         "attention_bias": True, "lm_head_bias": True, "tie_word_embeddings": False, "bos_token_id": 1,
         "eos_token_id": 32000,
     },
+    "gpt-oss-20b": {
+        "architectures": ["GptOssForCausalLM"], "model_type": "gpt_oss", "vocab_size": 201088,
+        "hidden_size": 2880, "intermediate_size": 2880, "num_hidden_layers": 24, "num_attention_heads": 64,
+        "num_key_value_heads": 8, "head_dim": 64, "num_local_experts": 32, "num_experts_per_tok": 4,
+        "experts_per_token": 4, "sliding_window": 128,
+        "layer_types": ["sliding_attention", "full_attention"] * 12, "attention_bias": True,
+        "max_position_embeddings": 131072, "rms_norm_eps": 1e-5, "rope_theta": 150000,
+        "rope_scaling": {"rope_type": "yarn", "factor": 32.0, "beta_fast": 32.0, "beta_slow": 1.0, "truncate": False,
+                         "original_max_position_embeddings": 4096},
+        "swiglu_limit": 7.0, "tie_word_embeddings": False, "eos_token_id": 200002, "pad_token_id": 199999,
+    },
 }
 
 # Fills one MoE layer's router weight [E, H] in place. Skewed, local routing does not come from the
@@ -133,6 +152,8 @@ def synthetic_config(name: str, layers: int | None = None) -> ModelConfig:
         if not 1 <= layers <= raw["num_hidden_layers"]:
             raise InputError(f"{name} has {raw['num_hidden_layers']} layers; asked for {layers}")
         raw["num_hidden_layers"] = layers
+        if "layer_types" in raw:  # GPT-OSS: one attention kind per layer
+            raw["layer_types"] = raw["layer_types"][:layers]
     return parse_config(raw, source=SPEC_PREFIX + name)
 
 
@@ -220,18 +241,22 @@ def build_expert_layer(
     seed: int = 0,
     std: float = DEFAULT_STD,
     pin_memory: bool = False,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """One MoE layer's stacked experts: gate_up [E, 2I, H] and down [E, H, I], drawn in place.
+) -> tuple[torch.Tensor, ...]:
+    """One MoE layer's stacked experts: gate_up [E, 2I, H] and down [E, H, I], and for families with
+    biased experts (GPT-OSS) their biases gate_up [E, 2I] and down [E, H], drawn in place.
 
     Drawn directly in ``dtype`` on ``device`` (pinned when asked), so the peak is the layer itself.
     """
     e, i, h = config.num_experts, config.moe_intermediate_size, config.hidden_size
     prefix = f"model.layers.{layer}.mlp.experts."
+    shapes = [("gate_up_proj", (e, 2 * i, h)), ("down_proj", (e, h, i))]
+    if config.expert_bias:
+        shapes += [("gate_up_proj_bias", (e, 2 * i)), ("down_proj_bias", (e, h))]
     stacks = []
-    for name, shape in (("gate_up_proj", (e, 2 * i, h)), ("down_proj", (e, h, i))):
+    for name, shape in shapes:
         tensor = torch.empty(shape, dtype=dtype, device=device, pin_memory=pin_memory and _is_cpu(device))
         stacks.append(fill_normal_(tensor, std, tensor_generator(seed, prefix + name, tensor.device)))
-    return stacks[0], stacks[1]
+    return tuple(stacks)
 
 
 def build_synthetic(
@@ -245,11 +270,12 @@ def build_synthetic(
     std: float = DEFAULT_STD,
     router_init: RouterInit | None = None,
     routing: SyntheticRouting | None = None,
-) -> tuple[MoETransformer, dict[int, tuple[torch.Tensor, torch.Tensor]]]:
+) -> tuple[MoETransformer, dict[int, tuple[torch.Tensor, ...]]]:
     """A random-weight model of ``config``: the dense model on ``device`` and expert stacks per MoE layer.
 
-    Experts go to ``expert_device`` (default ``device``), e.g. ``"cpu"`` with ``pin_memory=True`` for
-    an offloading runtime, or the GPU for :class:`~dymoe.runtime.resident.ResidentExperts`. They are
+    Experts (stacks as :func:`build_expert_layer` draws them) go to ``expert_device`` (default
+    ``device``), e.g. ``"cpu"`` with ``pin_memory=True`` for an offloading runtime, or the GPU for
+    :class:`~dymoe.runtime.resident.ResidentExperts`. They are
     returned, not attached: the caller picks the runtime. Layers are drawn one at a time.
     """
     model = build_dense(config, device, dtype, seed, context_len, std, router_init, routing)

@@ -251,7 +251,8 @@ def expert_bytes(config, group_size: int = 128) -> dict[str, int]:
     from dymoe.checkpoint.blob import blob_layout
     from dymoe.quant.formats import parse_format
 
-    return {p: blob_layout(parse_format(p, group_size), config.hidden_size, config.moe_intermediate_size).nbytes
+    return {p: blob_layout(parse_format(p, group_size), config.hidden_size, config.moe_intermediate_size,
+                           bias=config.expert_bias).nbytes
             for p in PRECISIONS}
 
 

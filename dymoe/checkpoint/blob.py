@@ -15,11 +15,14 @@ order  part              contents (``H`` hidden size, ``I`` expert width)
 7      ``gate.mins``     fp16 mins (int4/3/2 only), same shapes as the scales
 8      ``up.mins``
 9      ``down.mins``
+10     ``gate_up.bias``  bf16 ``[2I]``, gate then up (families with biased experts only)
+11     ``down.bias``     bf16 ``[H]``
 =====  ================  ==========================================================
 
-bf16 blobs hold parts 1-3 only; int8 blobs parts 1-6. Payload forms and the bit packing are those of
-:mod:`dymoe.quant.formats` and :mod:`dymoe.quant.reference`; weights keep the Hugging Face
-orientation ``[out, in]``. Payloads come first and gate directly precedes up, so when a payload's
+bf16 blobs hold parts 1-3 only; int8 blobs parts 1-6; biases (GPT-OSS) follow at every precision,
+unquantized, so every copy of an expert carries them and a slot holds all an expert needs. Payload
+forms and the bit packing are those of :mod:`dymoe.quant.formats` and :mod:`dymoe.quant.reference`;
+weights keep the Hugging Face orientation ``[out, in]``. Payloads come first and gate directly precedes up, so when a payload's
 size is a multiple of :data:`PART_ALIGN` (it is for every published model's shapes) gate and up form
 one fused ``[2I, ...]`` matrix that a kernel can read as a single operand. :class:`BlobLayout`
 records every part's offset, shape and dtype, so no reader re-derives them.
@@ -38,6 +41,7 @@ BLOB_ALIGN = 4096  # a page: blobs can be read with O_DIRECT and mapped views ar
 PART_ALIGN = 256  # enough for any vector load or TMA descriptor on current GPUs
 PROJECTIONS = ("gate", "up", "down")
 KINDS = ("weight", "scales", "mins")
+BIAS_PARTS = ("gate_up.bias", "down.bias")
 
 
 def _align(n: int, to: int) -> int:
@@ -66,6 +70,11 @@ class BlobLayout:
     parts: tuple[Part, ...]
     nbytes: int  # padded size of one blob, a multiple of BLOB_ALIGN
 
+    @property
+    def has_bias(self) -> bool:
+        """Whether the blobs carry the expert's biases (parts ``gate_up.bias`` and ``down.bias``)."""
+        return any(p.name in BIAS_PARTS for p in self.parts)
+
     def part(self, name: str) -> Part:
         for p in self.parts:
             if p.name == name:
@@ -90,8 +99,10 @@ class BlobLayout:
                    data["intermediate_size"], parts, data["nbytes"])
 
 
-def blob_layout(fmt: QuantFormat, hidden_size: int, intermediate_size: int, rounding: str = "nearest") -> BlobLayout:
-    """The layout of one expert's blob at ``fmt`` (see the module docstring for the order)."""
+def blob_layout(fmt: QuantFormat, hidden_size: int, intermediate_size: int, rounding: str = "nearest",
+                bias: bool = False) -> BlobLayout:
+    """The layout of one expert's blob at ``fmt``, with bias parts when ``bias`` (see the module
+    docstring for the order)."""
     shapes = {"gate": (intermediate_size, hidden_size), "up": (intermediate_size, hidden_size),
               "down": (hidden_size, intermediate_size)}
     specs = {proj: {s.name: s for s in part_specs(fmt, *shapes[proj])} for proj in PROJECTIONS}
@@ -103,11 +114,19 @@ def blob_layout(fmt: QuantFormat, hidden_size: int, intermediate_size: int, roun
                 continue
             parts.append(Part(f"{proj}.{kind}", offset, spec.nbytes, spec.shape, spec.dtype))
             offset = _align(offset + spec.nbytes, PART_ALIGN)
+    for name, length in zip(BIAS_PARTS, (2 * intermediate_size, hidden_size)) if bias else ():
+        parts.append(Part(name, offset, 2 * length, (length,), torch.bfloat16))
+        offset = _align(offset + 2 * length, PART_ALIGN)
     return BlobLayout(fmt, rounding, hidden_size, intermediate_size, tuple(parts), _align(offset, BLOB_ALIGN))
 
 
-def encode_expert(gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor, layout: BlobLayout) -> torch.Tensor:
-    """Quantize one expert into ``layout`` and return its blob as a uint8 tensor of ``layout.nbytes``."""
+def encode_expert(gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor, layout: BlobLayout,
+                  bias: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+    """Quantize one expert into ``layout`` and return its blob as a uint8 tensor of ``layout.nbytes``;
+    ``bias`` (gate_up [2I], down [H]) is required exactly when the layout has bias parts."""
+    if (bias is not None) != layout.has_bias:
+        raise ValueError(f"{layout.format.name} layout {'has' if layout.has_bias else 'has no'} bias parts, "
+                         f"but the expert was given {'no ' if bias is None else ''}biases")
     blob = torch.zeros(layout.nbytes, dtype=torch.uint8)
     views = split_blob(blob, layout)
     for proj, w in zip(PROJECTIONS, (gate, up, down)):
@@ -115,6 +134,8 @@ def encode_expert(gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor, layo
         for kind, tensor in zip(KINDS, (q.payload, q.scales, q.mins)):
             if tensor is not None:
                 views[f"{proj}.{kind}"].copy_(tensor.reshape(views[f"{proj}.{kind}"].shape))
+    for name, tensor in zip(BIAS_PARTS, bias or ()):
+        views[name].copy_(tensor.reshape(views[name].shape))
     return blob
 
 
@@ -136,6 +157,14 @@ def expert_quantized(blob: torch.Tensor, layout: BlobLayout) -> tuple[QuantizedT
         out.append(QuantizedTensor(views[f"{proj}.weight"], views.get(f"{proj}.scales"), views.get(f"{proj}.mins"),
                                    (rows, cols), layout.format, layout.rounding))
     return tuple(out)
+
+
+def expert_biases(blob: torch.Tensor, layout: BlobLayout) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(gate_up bias [2I], down bias [H]) of a blob as bf16 views, or None when it has none."""
+    if not layout.has_bias:
+        return None
+    views = split_blob(blob, layout)
+    return views["gate_up.bias"], views["down.bias"]
 
 
 def unpack_expert(blob: torch.Tensor, layout: BlobLayout,

@@ -34,7 +34,8 @@ def convert_store(checkpoint, out_dir: str | Path, precisions=("bf16", "int4"), 
                   rounding: str = "nearest", progress: bool = True) -> Path:
     """Write every routed expert of ``checkpoint`` in each of ``precisions`` into the store ``out_dir``.
 
-    ``checkpoint`` needs only ``.config``, ``.path`` and ``.expert_weights(layer, expert)``.
+    ``checkpoint`` needs only ``.config``, ``.path`` and ``.expert_weights(layer, expert)`` (and
+    ``.expert_biases(layer, expert)`` for families with biased experts).
     ``group_size`` applies to int4/int3/int2; ``rounding`` is "nearest" or "hqq" (slower, lower
     error). Returns the store folder. See the module docstring for what an existing store becomes.
     """
@@ -68,7 +69,8 @@ def _layouts(config, precisions, group_size: int, rounding: str) -> dict[str, Bl
     if not names:
         raise StoreError("no precisions requested: pass e.g. --precisions bf16,int4")
     formats: dict[str, QuantFormat] = {n: parse_format(n, group_size) for n in dict.fromkeys(names)}
-    return {n: blob_layout(f, config.hidden_size, config.moe_intermediate_size, rounding if f.is_grouped else "nearest")
+    return {n: blob_layout(f, config.hidden_size, config.moe_intermediate_size, rounding if f.is_grouped else "nearest",
+                           bias=config.expert_bias)
             for n, f in formats.items()}
 
 
@@ -147,8 +149,9 @@ def _write_chunk(checkpoint, out: Path, chunk, layouts, names, records, bar) -> 
                 rec["experts"][str(layer)] = []
             for expert in range(checkpoint.config.num_experts):
                 weights = _expert_weights(checkpoint, layer, expert)
+                biases = _expert_biases(checkpoint, layer, expert)
                 for p, lay in layouts.items():
-                    records[p]["experts"][str(layer)].append(_append_blob(handles[p], names[p], weights, lay))
+                    records[p]["experts"][str(layer)].append(_append_blob(handles[p], names[p], weights, biases, lay))
                 bar.update(1)
         for f in handles.values():
             f.flush()
@@ -161,8 +164,8 @@ def _write_chunk(checkpoint, out: Path, chunk, layouts, names, records, bar) -> 
         records[p]["files"][names[p]] = (out / names[p]).stat().st_size
 
 
-def _append_blob(f, file_name: str, weights, layout: BlobLayout) -> list:
-    blob = encode_expert(*weights, layout)
+def _append_blob(f, file_name: str, weights, biases, layout: BlobLayout) -> list:
+    blob = encode_expert(*weights, layout, bias=biases)
     offset = f.tell()
     f.write(blob.numpy())
     return [file_name, offset, layout.nbytes, blob_crc32(blob)]
@@ -180,6 +183,18 @@ def _expert_weights(checkpoint, layer: int, expert: int) -> tuple[torch.Tensor, 
         if not bool(torch.isfinite(w).all()):
             raise CheckpointError(f"{where} contains NaN or infinite values: the checkpoint is damaged")
     return gate, up, down
+
+
+def _expert_biases(checkpoint, layer: int, expert: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """One expert's (gate_up, down) biases for families that have them, checked for finiteness."""
+    if not checkpoint.config.expert_bias:
+        return None
+    biases = checkpoint.expert_biases(layer, expert)
+    for name, b in zip(("gate_up_proj", "down_proj"), biases):
+        if not bool(torch.isfinite(b).all()):
+            raise CheckpointError(f"layer {layer} expert {expert} {name} bias in {checkpoint.path} contains NaN or "
+                                  "infinite values: the checkpoint is damaged")
+    return biases
 
 
 def _write_index(out: Path, index: dict) -> None:

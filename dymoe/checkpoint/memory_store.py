@@ -75,20 +75,22 @@ class MemoryStore:
 
     @classmethod
     def from_experts(
-        cls, experts: dict[int, tuple[torch.Tensor, torch.Tensor]], precisions: Iterable[str] = ("bf16",),
+        cls, experts: dict[int, tuple[torch.Tensor, ...]], precisions: Iterable[str] = ("bf16",),
         group_size: int = 128, pin: bool = True,
     ) -> "MemoryStore":
-        """Encode stacked experts (gate_up [E, 2I, H], down [E, H, I] per layer) into blobs."""
+        """Encode stacked experts (gate_up [E, 2I, H], down [E, H, I] per layer, followed for families
+        with biased experts by the biases gate_up [E, 2I], down [E, H]) into blobs."""
         layers = tuple(sorted(experts))
-        gate_up0, down0 = experts[layers[0]]
+        gate_up0, down0, *biased = experts[layers[0]]
         num_experts, hidden, width = gate_up0.shape[0], gate_up0.shape[2], down0.shape[2]
-        layouts = {p: blob_layout(parse_format(p, group_size), hidden, width) for p in precisions}
+        layouts = {p: blob_layout(parse_format(p, group_size), hidden, width, bias=bool(biased)) for p in precisions}
         keys = [(l, e, p) for p in layouts for l in layers for e in range(num_experts)]
         offsets, total = _pack_offsets(keys, layouts)
         buffer = _pinned_or_plain(total, pin)
         for (layer, expert, precision), offset in offsets.items():
-            gate_up, down = experts[layer]
-            blob = encode_expert(gate_up[expert, :width], gate_up[expert, width:], down[expert], layouts[precision])
+            gate_up, down, *biases = experts[layer]
+            blob = encode_expert(gate_up[expert, :width], gate_up[expert, width:], down[expert], layouts[precision],
+                                 bias=tuple(b[expert] for b in biases) or None)
             buffer[offset : offset + blob.numel()].copy_(blob)
         return cls(layouts, buffer, offsets, layers, num_experts)
 

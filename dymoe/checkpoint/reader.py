@@ -5,6 +5,13 @@ when present), checks shapes against what the model expects, and reads routed ex
 time in either of the two layouts published on the hub: one tensor per expert and projection
 (``mlp.experts.E.gate_proj.weight``, Mixtral's ``w1/w3/w2``) or the fused 3-D layout
 (``mlp.experts.gate_up_proj`` [E, 2I, H] and ``mlp.experts.down_proj`` [E, H, I]).
+
+GPT-OSS's fused experts differ in three ways, all undone here so the rest of dymoe sees the usual
+[out, in] weights with gate rows before up rows: its bf16 tensors are stored [E, in, out]
+(``gate_up_proj`` [E, H, 2I], ``down_proj`` [E, I, H]), gate and up alternate along 2I, and each
+projection has a bias (``gate_up_proj_bias`` [E, 2I], ``down_proj_bias`` [E, H]). Its published
+release stores the expert weights as MXFP4 (``gate_up_proj_blocks``/``_scales`` [E, 2I, H/32, ...],
+[out, in] order), dequantized to bf16 as they are read (:mod:`dymoe.quant.mxfp4`).
 """
 
 from __future__ import annotations
@@ -20,6 +27,7 @@ from safetensors import safe_open
 from dymoe.errors import CheckpointError
 from dymoe.models.config import ModelConfig
 from dymoe.models.registry import parse_config
+from dymoe.quant.mxfp4 import dequantize_mxfp4
 
 INDEX_FILE = "model.safetensors.index.json"
 
@@ -35,6 +43,10 @@ class ExpertNames:
     fused_gate_up: str = "experts.gate_up_proj"
     fused_down: str = "experts.down_proj"
     shared: str = "shared_expert"  # the always-on shared expert(s), dense and resident
+    fused_gate_up_bias: str = "experts.gate_up_proj_bias"  # families with biased experts (GPT-OSS)
+    fused_down_bias: str = "experts.down_proj_bias"
+    fused_in_out: bool = False  # bf16 fused tensors stored [E, in, out] (needed when H == I makes it ambiguous)
+    interleaved_gate_up: bool = False  # gate and up alternate along the 2I dimension
     router: str = "gate"  # the router's module under the block
 
 
@@ -70,8 +82,10 @@ class Checkpoint:
         self._tensor_files = tensor_files
         self._handles: dict[Path, object] = {}
         self.names = _detect_names(config, tensor_files)
-        self.fused_experts = bool(config.moe_layers) and (
-            self._block(config.moe_layers[0], self.names.fused_gate_up) in tensor_files
+        first = config.moe_layers[0] if config.moe_layers else None
+        self.mxfp4 = first is not None and self._block(first, self.names.fused_gate_up + "_blocks") in tensor_files
+        self.fused_experts = first is not None and (
+            self.mxfp4 or self._block(first, self.names.fused_gate_up) in tensor_files
         )
 
     @classmethod
@@ -154,39 +168,90 @@ class Checkpoint:
         return self.names.block.format(l=layer) + "." + suffix
 
     def expert_weights(self, layer: int, expert: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(gate [I, H], up [I, H], down [H, I]) of one routed expert, in the checkpoint dtype."""
+        """(gate [I, H], up [I, H], down [H, I]) of one routed expert, in the checkpoint dtype (bf16
+        for MXFP4 experts)."""
         c = self.config
-        h, i, e = c.hidden_size, c.moe_intermediate_size, c.num_experts
+        h, i = c.hidden_size, c.moe_intermediate_size
         if self.fused_experts:
-            gate_up = self._fused(layer, self.names.fused_gate_up, (e, 2 * i, h), (e, h, 2 * i))[expert]
-            down = self._fused(layer, self.names.fused_down, (e, h, i), (e, i, h))[expert]
-            return gate_up[:i], gate_up[i:], down
+            gate_up = self._fused_expert(layer, self.names.fused_gate_up, expert, 2 * i, h)
+            down = self._fused_expert(layer, self.names.fused_down, expert, h, i)
+            return (*self._split_gate_up(gate_up, dim=0), down)
         return (
             self.get(self._block(layer, self.names.gate.format(e=expert)), (i, h)),
             self.get(self._block(layer, self.names.up.format(e=expert)), (i, h)),
             self.get(self._block(layer, self.names.down.format(e=expert)), (h, i)),
         )
 
-    def _fused(self, layer: int, suffix: str, shape: tuple, transposed: tuple) -> torch.Tensor:
-        """A fused expert tensor in the [E, out, in] orientation (transformers 5 keeps that one;
-        some exports store [E, in, out], which is transposed here)."""
+    def expert_biases(self, layer: int, expert: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(gate_up bias [2I], gate part first; down bias [H]) of one routed expert; None for
+        families whose experts have no biases."""
+        biases = self.layer_expert_biases(layer)
+        return None if biases is None else (biases[0][expert], biases[1][expert])
+
+    def layer_expert_biases(self, layer: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Every expert's biases of a layer stacked: gate_up [E, 2I] (gate part first) and down [E, H]."""
+        c = self.config
+        if not c.expert_bias:
+            return None
+        e, h, i = c.num_experts, c.hidden_size, c.moe_intermediate_size
+        gate_up = self.get(self._block(layer, self.names.fused_gate_up_bias), (e, 2 * i))
+        down = self.get(self._block(layer, self.names.fused_down_bias), (e, h))
+        return torch.cat(self._split_gate_up(gate_up, dim=1), dim=1), down
+
+    def _split_gate_up(self, gate_up: torch.Tensor, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The gate and up halves of a fused gate_up along ``dim`` (interleaved for GPT-OSS)."""
+        if self.names.interleaved_gate_up:
+            return gate_up.unflatten(dim, (gate_up.shape[dim] // 2, 2)).unbind(dim + 1)
+        return gate_up.chunk(2, dim=dim)
+
+    def _fused_expert(self, layer: int, suffix: str, expert: int, rows: int, cols: int) -> torch.Tensor:
+        """One expert's [rows, cols] (out, in) weight from a fused tensor, reading only its slice:
+        MXFP4 blocks and scales dequantized to bf16, or an [E, out, in] or [E, in, out] tensor."""
         name = self._block(layer, suffix)
-        actual = self.shape(name)
-        if actual == shape:
-            return self.get(name)
-        if actual == transposed:
-            return self.get(name).transpose(1, 2)
-        return self.get(name, shape)  # raises the shape error
+        e = self.config.num_experts
+        if self.mxfp4:
+            blocks = self._expert_slice(name + "_blocks", expert, (e, rows, cols // 32, 16))
+            scales = self._expert_slice(name + "_scales", expert, (e, rows, cols // 32))
+            return dequantize_mxfp4(blocks, scales)
+        if self._stored_in_out(name, rows, cols):
+            return self._expert_slice(name, expert, (e, cols, rows)).T
+        return self._expert_slice(name, expert, (e, rows, cols))
+
+    def _fused_layer(self, layer: int, suffix: str, rows: int, cols: int) -> torch.Tensor:
+        """A whole fused (bf16) tensor as a contiguous [E, rows, cols] (out, in): the resident
+        stacks must be laid out as the store's slots are, or matmuls round differently."""
+        name = self._block(layer, suffix)
+        e = self.config.num_experts
+        if self._stored_in_out(name, rows, cols):
+            return self.get(name, (e, cols, rows)).transpose(1, 2).contiguous()
+        return self.get(name, (e, rows, cols))
+
+    def _stored_in_out(self, name: str, rows: int, cols: int) -> bool:
+        """Whether the fused tensor is stored [E, in, out]: transformers 5 keeps [E, out, in], some
+        exports and GPT-OSS the other way (declared for it: its H == I makes the shape ambiguous)."""
+        actual = self.shape(name)[1:]
+        return actual == (cols, rows) and (self.names.fused_in_out or actual != (rows, cols))
+
+    def _expert_slice(self, name: str, expert: int, shape: tuple) -> torch.Tensor:
+        """Row ``expert`` of the fused tensor ``name``, whose shape must be ``shape``."""
+        handle = self._handle(name)
+        actual = tuple(handle.get_slice(name).get_shape())
+        if actual != tuple(shape):
+            self.get(name, shape)  # raises the shape error naming the file
+        try:
+            return handle.get_slice(name)[expert]
+        except Exception as exc:  # safetensors raises its own error types for short reads
+            raise CheckpointError(f"cannot read tensor {name} from {self._tensor_files[name]}: {exc}") from None
 
     def layer_experts(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """All experts of a layer stacked: gate_up [E, 2I, H] and down [E, H, I]."""
+        """All experts of a layer stacked: gate_up [E, 2I, H] (gate rows, then up rows) and down [E, H, I]."""
         c = self.config
-        if self.fused_experts:
-            h, i, e = c.hidden_size, c.moe_intermediate_size, c.num_experts
-            return (
-                self._fused(layer, self.names.fused_gate_up, (e, 2 * i, h), (e, h, 2 * i)),
-                self._fused(layer, self.names.fused_down, (e, h, i), (e, i, h)),
-            )
+        h, i = c.hidden_size, c.moe_intermediate_size
+        if self.fused_experts and not self.mxfp4:  # MXFP4 is dequantized an expert at a time (memory)
+            gate_up = self._fused_layer(layer, self.names.fused_gate_up, 2 * i, h)
+            if self.names.interleaved_gate_up:
+                gate_up = torch.cat(self._split_gate_up(gate_up, dim=1), dim=1)
+            return gate_up, self._fused_layer(layer, self.names.fused_down, h, i)
         parts = [self.expert_weights(layer, e) for e in range(c.num_experts)]
         gate_up = torch.stack([torch.cat([g, u], dim=0) for g, u, _ in parts])
         down = torch.stack([d for _, _, d in parts])
@@ -202,6 +267,9 @@ MIXTRAL_NAMES = ExpertNames(
 
 
 DEEPSEEK_NAMES = ExpertNames(shared="shared_experts")
+
+
+GPT_OSS_NAMES = ExpertNames(router="router", fused_in_out=True, interleaved_gate_up=True)
 PHIMOE_FUSED_NAMES = ExpertNames(router="router")
 
 
@@ -211,6 +279,8 @@ def _detect_names(config: ModelConfig, tensor_files: dict[str, Path]) -> ExpertN
     Phi-MoE's calls its router ``mlp.router``. DeepSeek names its shared experts ``mlp.shared_experts``."""
     if config.family.startswith("deepseek"):
         return DEEPSEEK_NAMES
+    if config.family == "gpt_oss":
+        return GPT_OSS_NAMES
     if config.family in ("mixtral", "phimoe") and config.moe_layers:
         router = MIXTRAL_NAMES.block.format(l=config.moe_layers[0]) + ".gate.weight"
         if router in tensor_files:

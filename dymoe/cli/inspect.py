@@ -35,12 +35,12 @@ def expert_bytes(config: ModelConfig, precision: str, group_size: int) -> int:
     """Bytes of one routed expert (gate, up and down, with scales) as the expert store holds it: one
     page-aligned blob, which is also the size of its device slot."""
     fmt = parse_format(precision, group_size=group_size)
-    return blob_layout(fmt, config.hidden_size, config.moe_intermediate_size).nbytes
+    return blob_layout(fmt, config.hidden_size, config.moe_intermediate_size, bias=config.expert_bias).nbytes
 
 
 def describe(checkpoint: Checkpoint, budget: int | None, group_size: int) -> dict:
     c = checkpoint.config
-    total_params = sum(_numel(checkpoint.shape(name)) for name in checkpoint.tensor_names)
+    total_params = sum(_parameters(name, checkpoint.shape(name)) for name in checkpoint.tensor_names)
     n_experts = len(c.moe_layers) * c.num_experts
     expert_params = n_experts * c.expert_params
     dense_params = total_params - expert_params
@@ -81,7 +81,19 @@ def attention_summary(c: ModelConfig) -> str:
     if m is not None:
         return (f"multi-head latent (MLA), {c.num_heads} heads, kv_lora_rank {m.kv_lora_rank}, "
                 f"q_lora_rank {m.q_lora_rank if m.q_lora_rank is not None else 'none'}")
-    return f"grouped-query, {c.num_heads} query / {c.num_kv_heads} KV heads of {c.head_dim}"
+    summary = f"grouped-query, {c.num_heads} query / {c.num_kv_heads} KV heads of {c.head_dim}"
+    if c.attention_sinks:
+        summary += ", attention sinks"
+    if c.sliding_layers:
+        summary += f", sliding window of {c.sliding_window} on {len(c.sliding_layers)} of {c.num_layers} layers"
+    return summary
+
+
+def _parameters(name: str, shape) -> int:
+    """Weights a tensor holds: MXFP4 blocks (GPT-OSS's experts) pack two a byte, their scales none."""
+    if name.endswith("_scales"):
+        return 0
+    return _numel(shape) * (2 if name.endswith("_blocks") else 1)
 
 
 def _numel(shape) -> int:

@@ -2,7 +2,7 @@
 
 It is parsed from a Hugging Face ``config.json`` by :mod:`dymoe.models.registry`; families differ only
 in the few fields below (q/k norms, attention bias, router normalisation and grouping, shared
-experts, DeepSeek's latent attention). Both the
+experts, DeepSeek's latent attention, GPT-OSS's sinks, sliding windows and biased experts). Both the
 transformers-4 spelling (``rope_theta`` + ``rope_scaling``) and the transformers-5 spelling
 (``rope_parameters``) of RoPE settings are accepted.
 """
@@ -61,7 +61,8 @@ class LatentAttentionConfig:
 class ModelConfig:
     """Shapes and family switches of a decoder-only MoE transformer."""
 
-    family: str  # "qwen3_moe" | "qwen2_moe" | "mixtral" | "olmoe" | "deepseek_v2" | "deepseek_v3" | "phimoe"
+    # "qwen3_moe" | "qwen2_moe" | "mixtral" | "olmoe" | "deepseek_v2" | "deepseek_v3" | "phimoe" | "gpt_oss"
+    family: str
     vocab_size: int
     hidden_size: int
     num_layers: int
@@ -96,6 +97,21 @@ class ModelConfig:
     topk_group: int = 1
     routed_scaling_factor: float = 1.0
     latent_attention: LatentAttentionConfig | None = None  # DeepSeek's MLA instead of GQA
+    # GPT-OSS: a learned per-head logit that joins each softmax's denominator only (an attention
+    # "sink"), a sliding window on some layers (a key is seen by the sliding_window queries from its
+    # own position on), and a router with a bias.
+    attention_sinks: bool = False
+    sliding_window: int | None = None
+    sliding_layers: tuple[int, ...] = ()  # layer indices that use the sliding window
+    router_bias: bool = False
+    # How a routed expert turns its projections into an output: "silu" is SwiGLU,
+    # down(silu(gate x) * up x); "gpt_oss" clamps gate (above) and up (both sides) at swiglu_limit and
+    # computes down((up + 1) * gate * sigmoid(swiglu_alpha * gate)). expert_bias: every projection
+    # has a bias (dymoe/models/expert_math.py is the one place that computes either).
+    expert_activation: str = "silu"  # "silu" | "gpt_oss"
+    expert_bias: bool = False
+    swiglu_limit: float = 7.0
+    swiglu_alpha: float = 1.702
     moe_layers: tuple[int, ...] = ()  # layer indices whose MLP is a routed MoE block
     tie_word_embeddings: bool = False
     bos_token_id: int | None = None
@@ -103,8 +119,9 @@ class ModelConfig:
 
     @property
     def expert_params(self) -> int:
-        """Parameters of one routed expert (gate, up and down projections)."""
-        return 3 * self.hidden_size * self.moe_intermediate_size
+        """Parameters of one routed expert (gate, up and down projections, and their biases)."""
+        h, i = self.hidden_size, self.moe_intermediate_size
+        return 3 * h * i + (2 * i + h if self.expert_bias else 0)
 
     @property
     def v_head_dim(self) -> int:
@@ -118,3 +135,7 @@ class ModelConfig:
 
     def is_moe_layer(self, layer: int) -> bool:
         return layer in self.moe_layers
+
+    def attention_window(self, layer: int) -> int | None:
+        """How many positions (its own included) a query of ``layer`` sees; None: all before it."""
+        return self.sliding_window if layer in self.sliding_layers else None

@@ -240,7 +240,8 @@ SDPA_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDP
 
 
 class Attention(nn.Module):
-    """Grouped-query attention with the q/k-norm and bias variants of the supported families."""
+    """Grouped-query attention with the q/k-norm and bias variants of the supported families, and
+    GPT-OSS's attention sinks and sliding windows (:func:`attend_with_sinks`)."""
 
     def __init__(self, config: ModelConfig, layer: int):
         super().__init__()
@@ -251,6 +252,8 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(c.hidden_size, c.num_kv_heads * c.head_dim, bias=c.attention_bias)
         self.v_proj = nn.Linear(c.hidden_size, c.num_kv_heads * c.head_dim, bias=c.attention_bias)
         self.o_proj = nn.Linear(c.num_heads * c.head_dim, c.hidden_size, bias=c.o_proj_bias)
+        self.sinks = nn.Parameter(torch.zeros(c.num_heads)) if c.attention_sinks else None
+        self.window = c.attention_window(layer)
         self.qk_norm = c.qk_norm
         if c.qk_norm == "per_head":
             self.q_norm = RMSNorm(c.head_dim, c.rms_norm_eps)
@@ -276,7 +279,10 @@ class Attention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = rotary(q.transpose(1, 2), k.transpose(1, 2), start)
         k, v = cache.update(self.layer, start, k, v)
-        out = _attend(q, k, v, start)
+        if self.sinks is None and self.window is None:
+            out = _attend(q, k, v, start)
+        else:
+            out = attend_with_sinks(q, k, v, start, self.sinks, self.window)
         return self.o_proj(out.transpose(1, 2).reshape(b, t, -1))
 
 
@@ -301,6 +307,65 @@ def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: Position, 
             q, k, v, attn_mask=_causal_mask(start, t, q.device), is_causal=(start == 0 and t > 1),
             enable_gqa=groups > 1, scale=scale,
         )
+
+
+# Scores of at most this many bytes (float32) are held at once by attend_with_sinks: a long prompt
+# runs in chunks of queries (GPT-OSS-20B: 64 heads x 2048 keys x 128 queries = 64 MiB).
+SCORE_BYTES = 64 * 2**20
+
+
+def attend_with_sinks(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: Position,
+                      sinks: torch.Tensor | None, window: int | None) -> torch.Tensor:
+    """Causal attention of q [B, H, T, D] over the cached k, v [B, Hkv, L, D], where each query
+    sees only the ``window`` latest positions (its own included) when a window is given, and each
+    head's softmax has one more term in its denominator, exp(sinks[h]), that weighs no value
+    (GPT-OSS's attention sinks). Written out, as transformers' eager GPT-OSS attention is (SDPA has
+    no sink term); the softmax runs in float32.
+
+    With an int ``start`` the keys before the first query's window are not read at all, so a
+    sliding layer decodes over ``window`` keys whatever the context; a :class:`StaticPosition`
+    (CUDA-graph decode) masks them instead.
+    """
+    t = q.shape[2]
+    if isinstance(start, StaticPosition):
+        return _sink_softmax_attend(q, k, v, _static_visible(start, window), sinks)
+    first = max(0, start - window + 1) if window is not None else 0
+    k, v = k[:, :, first:], v[:, :, first:]
+    chunk = max(1, SCORE_BYTES // (4 * q.shape[0] * q.shape[1] * k.shape[2]))
+    outs = []
+    for lo in range(0, t, chunk):
+        hi = min(t, lo + chunk)
+        visible = _visible(start + lo, hi - lo, first, k.shape[2], window, q.device)
+        outs.append(_sink_softmax_attend(q[:, :, lo:hi], k, v, visible, sinks))
+    return outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
+
+
+def _visible(start: int, t: int, first: int, keys: int, window: int | None, device) -> torch.Tensor:
+    """[t, keys] bool: whether query start+i sees key first+j (causal, within the window)."""
+    q_pos = torch.arange(start, start + t, device=device)[:, None]
+    k_pos = torch.arange(first, first + keys, device=device)[None, :]
+    visible = k_pos <= q_pos
+    return visible if window is None else visible & (k_pos > q_pos - window)
+
+
+def _static_visible(start: StaticPosition, window: int | None) -> torch.Tensor:
+    if window is None:
+        return start.mask
+    k_pos = torch.arange(start.span, device=start.mask.device)
+    return start.mask & (k_pos > start.index - window)
+
+
+def _sink_softmax_attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, visible: torch.Tensor,
+                         sinks: torch.Tensor | None) -> torch.Tensor:
+    b, h, t, d = q.shape
+    hkv, keys = k.shape[1], k.shape[2]
+    # the query heads of one key-value head attend together: [B, Hkv, (H/Hkv)*T, D] against [B, Hkv, L, D]
+    scores = torch.matmul(q.reshape(b, hkv, -1, d), k.transpose(2, 3)).view(b, h, t, keys).float()
+    scores = scores.mul_(d**-0.5).masked_fill_(~visible, float("-inf"))
+    if sinks is not None:
+        scores = torch.cat([scores, sinks.float().view(1, h, 1, 1).expand(b, h, t, 1)], dim=-1)
+    probs = torch.softmax(scores, dim=-1)[..., :keys].to(v.dtype)
+    return torch.matmul(probs.reshape(b, hkv, -1, keys), v).view(b, h, t, -1)
 
 
 def _causal_mask(start: Position, t: int, device) -> torch.Tensor | None:

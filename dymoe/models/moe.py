@@ -59,7 +59,9 @@ class Router(nn.Module):
     DeepSeek's variants: sigmoid scores (V3), a choice limited to the ``topk_group`` best of
     ``n_group`` expert groups (V2's group_limited_greedy, V3's noaux_tc with its per-expert
     ``e_score_correction_bias``, which steers the choice but not the weights), and weights times
-    ``routed_scaling_factor``. Phi-MoE's ``sparsemixer``: see :func:`sparsemixer_choice`.
+    ``routed_scaling_factor``. Phi-MoE's ``sparsemixer``: see :func:`sparsemixer_choice`. GPT-OSS's
+    router has a bias; its softmax over the top-k logits equals the renormalised top-k of the full
+    softmax (``norm_topk_prob``).
     """
 
     def __init__(self, config: ModelConfig):
@@ -74,9 +76,10 @@ class Router(nn.Module):
         self.jitter_eps = config.router_jitter_eps
         if config.topk_method == "noaux_tc":
             self.e_score_correction_bias = nn.Parameter(torch.zeros(config.num_experts))
+        self.bias = nn.Parameter(torch.zeros(config.num_experts)) if config.router_bias else None  # GPT-OSS
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight)
+        return F.linear(x, self.weight, self.bias)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x [N, H] -> (expert ids [N, k] int64, weights [N, k] in x's dtype)."""

@@ -212,6 +212,54 @@ def _deepseek_v3(raw: dict) -> dict[str, Any]:
                 norm_topk_prob=bool(raw.get("norm_topk_prob", True)))
 
 
+# transformers' GptOssConfig defaults (models/gpt_oss/configuration_gpt_oss.py), for configs that
+# leave these keys out; the published openai/gpt-oss-20b and -120b configs spell them all.
+GPT_OSS_ROPE = {"rope_type": "yarn", "factor": 32.0, "beta_fast": 32.0, "beta_slow": 1.0, "truncate": False,
+                "original_max_position_embeddings": 4096}
+GPT_OSS_THETA = 150000.0
+
+
+def _gpt_oss(raw: dict) -> dict[str, Any]:
+    """GPT-OSS: every layer MoE; biased experts with a clamped SwiGLU; a biased router that takes the
+    top-k logits and softmaxes over them (equal to renormalising the top-k of the full softmax);
+    attention with q/k/v/o biases and sinks; sliding windows where ``layer_types`` says so (by
+    default every other layer from the first); YaRN RoPE."""
+    n = raw["num_hidden_layers"]
+    types = raw.get("layer_types") or ["sliding_attention" if l % 2 == 0 else "full_attention" for l in range(n)]
+    if len(types) != n or not set(types) <= {"sliding_attention", "full_attention"}:
+        raise UnsupportedModelError(f"GPT-OSS layer_types has {len(types)} entries of {sorted(set(types))} for "
+                                    f"{n} layers: expected one sliding_attention or full_attention per layer")
+    window = raw.get("sliding_window", 128)
+    rope_raw = {**raw, "rope_theta": raw.get("rope_theta", GPT_OSS_THETA)}
+    if not (raw.get("rope_parameters") or raw.get("rope_scaling")):
+        rope_raw["rope_parameters"] = GPT_OSS_ROPE
+    width = _required(raw, "intermediate_size")
+    bias = bool(raw.get("attention_bias", True))
+    return dict(
+        family="gpt_oss",
+        head_dim=raw.get("head_dim") or 64,
+        max_position_embeddings=raw.get("max_position_embeddings", 131072),
+        rms_norm_eps=raw.get("rms_norm_eps", 1e-5),
+        rope=parse_rope(rope_raw),
+        intermediate_size=width,
+        moe_intermediate_size=width,
+        num_experts=_required(raw, "num_local_experts", "num_experts"),
+        num_experts_per_tok=_required(raw, "num_experts_per_tok", "experts_per_token"),
+        norm_topk_prob=True,
+        attention_bias=bias,
+        o_proj_bias=bias,
+        attention_sinks=True,
+        sliding_window=window,
+        sliding_layers=tuple(l for l, t in enumerate(types) if t == "sliding_attention") if window else (),
+        router_bias=True,
+        expert_activation="gpt_oss",
+        expert_bias=True,
+        swiglu_limit=float(raw.get("swiglu_limit", 7.0)),
+        swiglu_alpha=float(raw.get("swiglu_alpha", 1.702)),
+        moe_layers=tuple(range(n)),
+    )
+
+
 PHIMOE_THETA = 1e6  # transformers' PhimoeConfig.default_theta, for configs without rope_theta
 
 
@@ -262,11 +310,12 @@ FAMILIES: dict[str, ConfigParser] = {
     "OlmoeForCausalLM": _olmoe,
     "DeepseekV2ForCausalLM": _deepseek_v2,
     "DeepseekV3ForCausalLM": _deepseek_v3,
+    "GptOssForCausalLM": _gpt_oss,
     "PhimoeForCausalLM": _phimoe,
     "PhiMoEForCausalLM": _phimoe,  # the hub's Phi-3.5-MoE config.json (written for its own modelling code)
 }
 MODEL_TYPES = {"qwen3_moe": _qwen3_moe, "qwen2_moe": _qwen2_moe, "mixtral": _mixtral, "olmoe": _olmoe,
-               "deepseek_v2": _deepseek_v2, "deepseek_v3": _deepseek_v3,
+               "deepseek_v2": _deepseek_v2, "deepseek_v3": _deepseek_v3, "gpt_oss": _gpt_oss,
                "phimoe": _phimoe}
 
 
@@ -283,16 +332,29 @@ def parse_config(raw: dict[str, Any], source: Path | str = "config.json") -> Mod
         raise UnsupportedModelError(
             f"architecture {name} (from {source}) is not supported; supported: {', '.join(supported_architectures())}"
         )
-    quantized = raw.get("quantization_config")
-    if quantized:
-        # Casting e.g. DeepSeek-V3's block-scaled fp8 weights without their scales would load garbage.
-        method = quantized.get("quant_method", "unknown") if isinstance(quantized, dict) else "unknown"
-        raise UnsupportedModelError(
-            f"{source} describes a pre-quantized checkpoint ({method}); dymoe reads bf16/fp16/fp32 weights "
-            "and makes its own low-bit copies: use the model's bf16 release (or dequantize it first)"
-        )
+    _check_quantization(raw, parser, source)
     try:
         fields = {**_common(raw), **parser(raw)}
     except KeyError as exc:
         raise CheckpointError(f"{source} lacks the key {exc.args[0]!r} that this architecture needs") from None
     return ModelConfig(**fields)
+
+
+# Pre-quantized checkpoints a family may ship, which the checkpoint reader dequantizes: GPT-OSS's
+# experts come as MXFP4 (dymoe/quant/mxfp4.py); everything else in those files is bf16.
+DEQUANTIZED_ON_READ: dict[ConfigParser, tuple[str, ...]] = {_gpt_oss: ("mxfp4",)}
+
+
+def _check_quantization(raw: dict, parser: ConfigParser, source) -> None:
+    quantized = raw.get("quantization_config")
+    if not quantized:
+        return
+    method = quantized.get("quant_method", "unknown") if isinstance(quantized, dict) else "unknown"
+    if method in DEQUANTIZED_ON_READ.get(parser, ()):
+        return
+    # Casting e.g. DeepSeek-V3's block-scaled fp8 weights without their scales would load garbage.
+    raise UnsupportedModelError(
+        f"{source} describes a pre-quantized checkpoint ({method}); dymoe reads bf16/fp16/fp32 weights "
+        "(and GPT-OSS's mxfp4 experts) and makes its own low-bit copies: use the model's bf16 release "
+        "(or dequantize it first)"
+    )

@@ -3,30 +3,31 @@
 Tokens are sorted by expert so each chosen expert runs one matmul pair over all its tokens; the
 router weight is applied before the scatter-add back into token order. ``weights_of(e)`` returns
 expert e's (gate_up [2I, H], down [H, I]) in the compute dtype, wherever they live (a resident
-stack, a pool slot, or a dequantized low-bit copy).
+stack, a pool slot, or a dequantized low-bit copy), followed by its biases (gate_up [2I], down [H])
+for families that have them. What an expert computes is :mod:`dymoe.models.expert_math`'s.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable, Iterable
 
 import torch
 import torch.nn.functional as F
 
-ExpertWeightsFn = Callable[[int], tuple[torch.Tensor, torch.Tensor]]
+from dymoe.models.expert_math import SWIGLU, ExpertMath, expert_forward
+
+ExpertWeightsFn = Callable[[int], tuple[torch.Tensor, ...]]  # (gate_up, down) or (gate_up, down, biases...)
 
 
-def dequantized_expert(blob: torch.Tensor, layout, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """(gate_up [2I, H], down [H, I]) of one expert blob, dequantized by the reference code."""
-    from dymoe.checkpoint.blob import unpack_expert
+def dequantized_expert(blob: torch.Tensor, layout, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
+    """(gate_up [2I, H], down [H, I]) of one expert blob, dequantized by the reference code, then
+    its biases (gate_up [2I], down [H]) when the blob has them."""
+    from dymoe.checkpoint.blob import expert_biases, unpack_expert
 
     gate, up, down = unpack_expert(blob, layout, dtype)
-    return torch.cat([gate, up]), down
-
-
-def swiglu_expert(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
-    gate, up = F.linear(x, gate_up).chunk(2, dim=-1)
-    return F.linear(F.silu(gate) * up, down)
+    biases = expert_biases(blob, layout)
+    return (torch.cat([gate, up]), down, *(b.to(dtype) for b in biases or ()))
 
 
 def group_by_expert(expert_ids: torch.Tensor) -> tuple[torch.Tensor, list[int], list[int]]:
@@ -42,20 +43,43 @@ def group_by_expert(expert_ids: torch.Tensor) -> tuple[torch.Tensor, list[int], 
     return order, experts_list, counts_list
 
 
+@dataclass
+class ExpertRun:
+    """Several of a grouping's experts whose weights already sit in stacks (a prefill workspace
+    of dequantized low-bit experts): ``indices`` into the grouping's expert list, their weights
+    ``gate_up[i]`` [2I, H] and ``down[i]`` [H, I]. They run as one grouped GEMM, with no copy."""
+
+    indices: list[int]
+    gate_up: torch.Tensor  # [n, 2I, H]
+    down: torch.Tensor  # [n, H, I]
+    gate_up_bias: torch.Tensor | None = None  # [n, 2I], families with biased experts
+    down_bias: torch.Tensor | None = None  # [n, H]
+
+    def weights(self, i: int) -> tuple[torch.Tensor, ...]:
+        """The i-th expert's weights as ``weights_of`` returns them."""
+        if self.gate_up_bias is None:
+            return self.gate_up[i], self.down[i]
+        return self.gate_up[i], self.down[i], self.gate_up_bias[i], self.down_bias[i]
+
+
 def run_grouped(
     hidden: torch.Tensor,
     expert_ids: torch.Tensor,
     expert_weights: torch.Tensor,
     weights_of: ExpertWeightsFn,
     grouping: tuple[torch.Tensor, list[int], list[int]] | None = None,
-    schedule: Iterable[int] | None = None,
+    schedule: Iterable[int | ExpertRun] | None = None,
+    math: ExpertMath = SWIGLU,
 ) -> torch.Tensor:
     """sum_j w[n, j] * expert_{ids[n, j]}(hidden[n]) for every token n; hidden [N, H].
 
     ``schedule`` gives the order in which the grouped experts (indices into the grouping's expert
     list) are computed — an offloading runtime runs resident experts first and fetches between
-    steps. Each expert's rows land at their sorted position and are combined once at the end, so
-    the result is bit-identical whatever the schedule.
+    steps — and may hand over several at once as an :class:`ExpertRun` (computed as soon as it is
+    yielded, so the schedule may then reuse the stacks). Each expert's rows land at their sorted
+    position and are combined once at the end, so the result is bit-identical whatever the schedule.
+    ``math``: the family's expert activation; experts other than plain SwiGLU run one matmul pair
+    each, never through the grouped GEMMs.
     """
     k = expert_ids.shape[1]
     order, experts, counts = grouping or group_by_expert(expert_ids)
@@ -65,13 +89,22 @@ def run_grouped(
     tokens = order // k
     x = hidden[tokens]
     rows = torch.empty_like(x)
-    grouped, batch = len(experts) > 1 and grouped_mm_usable(x), None
-    for j in range(len(experts)) if schedule is None else schedule:
-        gate_up, down = weights_of(experts[j])
-        start, stop = starts[j], starts[j] + counts[j]
-        if not grouped:
-            rows[start:stop] = swiglu_expert(x[start:stop], gate_up, down)
+    grouped, batch = len(experts) > 1 and math.plain and grouped_mm_usable(x), None
+    for item in range(len(experts)) if schedule is None else schedule:
+        if isinstance(item, ExpertRun):
+            ranges = [(starts[j], starts[j] + counts[j]) for j in item.indices]
+            if grouped:
+                _grouped_rows(x, rows, ranges, item.gate_up, item.down)
+            else:
+                for i, (start, stop) in enumerate(ranges):
+                    rows[start:stop] = expert_forward(x[start:stop], *item.weights(i), math=math)
             continue
+        weights = weights_of(experts[item])
+        start, stop = starts[item], starts[item] + counts[item]
+        if not grouped:
+            rows[start:stop] = expert_forward(x[start:stop], *weights, math=math)
+            continue
+        gate_up, down = weights
         batch = batch or GroupedBatch.for_rows(x, (gate_up, down))
         if batch.add(gate_up, down, start, stop):
             batch.flush(x, rows)
@@ -131,8 +164,19 @@ class GroupedBatch:
     def flush(self, x: torch.Tensor, rows: torch.Tensor) -> None:
         if not self.ranges:
             return
-        index = torch.cat([torch.arange(a, b) for a, b in self.ranges]).to(x.device, non_blocking=True)
-        ends = torch.tensor([b - a for a, b in self.ranges]).cumsum(0).to(device=x.device, dtype=torch.int32)
         n = len(self.ranges)
-        rows[index] = grouped_swiglu(x[index], ends, self.gate_up[:n], self.down[:n])
+        _grouped_rows(x, rows, self.ranges, self.gate_up[:n], self.down[:n])
         self.ranges = []
+
+
+def _grouped_rows(x: torch.Tensor, rows: torch.Tensor, ranges: list[tuple[int, int]], gate_up: torch.Tensor,
+                  down: torch.Tensor) -> None:
+    """rows[a:b] = expert g's SwiGLU of x[a:b] for the g-th range, through one grouped GEMM pair:
+    a slice when the ranges follow each other (the usual case), else gathered and scattered."""
+    ends = torch.tensor([b - a for a, b in ranges]).cumsum(0).to(device=x.device, dtype=torch.int32)
+    if all(ranges[i][1] == ranges[i + 1][0] for i in range(len(ranges) - 1)):
+        first, last = ranges[0][0], ranges[-1][1]
+        rows[first:last] = grouped_swiglu(x[first:last], ends, gate_up, down)
+        return
+    index = torch.cat([torch.arange(a, b) for a, b in ranges]).to(x.device, non_blocking=True)
+    rows[index] = grouped_swiglu(x[index], ends, gate_up, down)

@@ -33,6 +33,7 @@ from dataclasses import dataclass
 import torch
 
 from dymoe.errors import BudgetError
+from dymoe.models.expert_math import SWIGLU, ExpertMath
 from dymoe.quant.kernels import decode_routing, decode_workspace, expert_decode
 from dymoe.runtime.cache import ExpertCache, LRUPolicy
 from dymoe.runtime.expert_compute import group_by_expert, run_grouped
@@ -131,12 +132,17 @@ class HotnessExperts(RuntimeReporting):
         self._upload = IndexUpload(top_k, self.device, rows=4)  # slot ids and rows of both classes
         self._prefill = PrefillDequantizer(self.pool.buffer, lambda s: self.pool.offset(config.low, s), self.low_layout,
                                            prefill_capacity(self.low_layout, n_low, self.num_experts, dtype), dtype,
-                                           self.transfers.wait)
+                                           self._wait_copy)
         if self.device.type == "cuda":
             self._prefill.warm_up()  # Triton compiles at start-up, not in the first prefill
         self._workspace = {p: decode_workspace(lay, top_k, 1, self.device)
                            for p, lay in ((config.low, self.low_layout), (config.high, self.high_layout))}
         self.precision_uses = {config.high: 0, config.low: 0}
+        self.math = SWIGLU  # the model's, once bound
+
+    def bind(self, model) -> None:
+        """Called by the model when it attaches this runtime: the experts compute as its family says."""
+        self.math = ExpertMath.of(model.config)
 
     def _load_low_copies(self) -> None:
         """Fill every low slot once (the start-up cost DynaExq pays): all experts, or in the fallback
@@ -152,9 +158,12 @@ class HotnessExperts(RuntimeReporting):
         if hidden.shape[0] > 1:  # prefill: the low copies, grouped
             self.controller.observe(layer, expert_ids.unique().tolist())
             grouping = group_by_expert(expert_ids)
+            schedule = None
             if not self.fallback:  # every low copy resident: the layer's experts dequantized in a launch or a few
-                self._prefill.plan([(self.low_cache.peek((layer, e)).slot, None) for e in grouping[1]])
-            return run_grouped(hidden, expert_ids, expert_weights, lambda e: self._low_weights(layer, e), grouping)
+                schedule = self._prefill.runs([(j, self.low_cache.peek((layer, e)).slot, None)
+                                               for j, e in enumerate(grouping[1])])
+            return run_grouped(hidden, expert_ids, expert_weights, lambda e: self._low_weights(layer, e), grouping,
+                               schedule=schedule, math=self.math)
         experts = expert_ids[0].tolist()  # the step's one host sync
         self.controller.observe(layer, experts)
         high = [j for j, e in enumerate(experts) if self._high_ready((layer, e))]
@@ -218,7 +227,8 @@ class HotnessExperts(RuntimeReporting):
     def _decode(self, hidden, index, weights, precision, table):
         layout = self.high_layout if precision == self.config.high else self.low_layout
         offsets, combine = decode_routing(table, index[None], weights[None])
-        return expert_decode(self.pool.buffer, offsets, layout, hidden, combine, workspace=self._workspace[precision])
+        return expert_decode(self.pool.buffer, offsets, layout, hidden, combine, workspace=self._workspace[precision],
+                             math=self.math)
 
     def _promote(self, layer: int) -> None:
         """Fetch high copies of the layer's hottest experts that lack one (asynchronously)."""

@@ -22,8 +22,8 @@ For one MoE layer and the routing of its tokens:
 bf16 slots are read in place (a single-precision bf16 runtime decodes with the resident model's
 exact arithmetic, so it is bit-identical to it). Low-bit slots go through
 :func:`dymoe.quant.kernels.expert_decode` for one token (fused dequantize-GEMV in Triton on the GPU,
-the torch reference elsewhere); for prefill a wave's low-bit experts are dequantized a batch per launch
-into a preallocated workspace (:mod:`dymoe.runtime.prefill`) and run through the same bf16 matmuls.
+the torch reference elsewhere and for experts the kernels do not compute, GPT-OSS's); for prefill
+a wave's low-bit experts are dequantized a batch per launch into a preallocated workspace (:mod:`dymoe.runtime.prefill`) and run through the same bf16 matmuls.
 """
 
 from __future__ import annotations
@@ -33,11 +33,12 @@ from dataclasses import dataclass
 
 import torch
 
-from dymoe.checkpoint.blob import BlobLayout
-from dymoe.errors import BudgetError
-from dymoe.quant.kernels import decode_routing, decode_workspace, expert_decode
+from dymoe.checkpoint.blob import BlobLayout, expert_biases
+from dymoe.errors import BudgetError, StoreError
+from dymoe.models.expert_math import SWIGLU, ExpertMath
+from dymoe.quant.kernels import decode_routing, decode_workspace, expert_decode, fused_kernels_compute
 from dymoe.runtime.cache import ExpertCache
-from dymoe.runtime.expert_compute import group_by_expert, run_grouped
+from dymoe.runtime.expert_compute import ExpertRun, group_by_expert, run_grouped
 from dymoe.runtime.metrics import RuntimeMetrics
 from dymoe.runtime.precision import make_precision_rule
 from dymoe.runtime.prefill import PrefillDequantizer, prefill_capacity
@@ -72,7 +73,7 @@ class OffloadConfig:
 
 class RuntimeReporting:
     """``stats()`` and ``report()`` of an expert runtime that has ``transfers``, ``metrics`` and
-    ``precision_uses``."""
+    ``precision_uses`` (and the wait its prefill dequantizer is given)."""
 
     def stats(self) -> dict:
         """The runtime metrics as a dict (resolves pending CUDA stall timings first)."""
@@ -82,6 +83,10 @@ class RuntimeReporting:
     def report(self) -> str:
         self.transfers.collect_stalls()
         return self.metrics.format_table()
+
+    def _wait_copy(self, ticket) -> None:
+        """The compute stream waits for a copy, through whatever engine ``transfers`` is now (tests swap it)."""
+        self.transfers.wait(ticket)
 
 
 class OffloadedExperts(RuntimeReporting):
@@ -104,11 +109,13 @@ class OffloadedExperts(RuntimeReporting):
         self.transfers = TransferEngine(self.device, self.metrics, measure_stalls=config.measure_stalls)
         self._views = {s: self._weights_view(self.pool.view(self.precision, s)) for s in range(counts[self.precision])}
         self._stacks = self._stacked_views(counts[self.precision])
+        self._bias_stacks = self._stacked_biases(counts[self.precision]) if self._stacks is not None else None
+        self.math = SWIGLU  # the model's, once bound
         self._slot_tables = {p: torch.tensor([self.pool.offset(p, s) for s in range(n)], dtype=torch.int64,
                                              device=self.device) for p, n in counts.items()}
         self._prefill = {p: PrefillDequantizer(self.pool.buffer, functools.partial(self.pool.offset, p), self.layouts[p],
                                                prefill_capacity(self.layouts[p], n, store.num_experts, dtype), dtype,
-                                               self.transfers.wait) for p, n in counts.items() if p != "bf16"}
+                                               self._wait_copy) for p, n in counts.items() if p != "bf16"}
         self._workspaces = {p: decode_workspace(self.layouts[p], top_k, 1, self.device)
                             for p in counts if p != "bf16" or self._stacks is None}
         self.predictor: CrossLayerPredictor | None = None
@@ -141,7 +148,12 @@ class OffloadedExperts(RuntimeReporting):
 
     def bind(self, model) -> None:
         """Called by the model when it attaches this runtime: the prefetcher needs the routers, the
-        depth floor needs the MoE layer indices."""
+        depth floor needs the MoE layer indices; the experts compute as the model's family says."""
+        self.math = ExpertMath.of(model.config)
+        if self.math.bias != self.layout.has_bias:
+            raise StoreError(f"the expert store's blobs {'carry' if self.layout.has_bias else 'lack'} expert biases, "
+                             f"but {model.config.family} experts {'have' if self.math.bias else 'have no'} biases: "
+                             "the store belongs to another model; convert this one again")
         layers = [block.layer for block in model.moe_blocks]
         self._critical = {layers[i] for i in self.config.critical_layers if -len(layers) <= i < len(layers)}
         if self.config.prefetch_depth:
@@ -168,7 +180,7 @@ class OffloadedExperts(RuntimeReporting):
         tickets: dict[int, object] = {}
         return run_grouped(
             hidden, expert_ids, expert_weights, lambda e: self._weights(layer, e, tickets), grouping,
-            schedule=self._schedule(layer, grouping[1], wanted, tickets),
+            schedule=self._schedule(layer, grouping[1], wanted, tickets), math=self.math,
         )
 
     def _decode_one(self, layer, hidden, ids, weights):
@@ -233,10 +245,10 @@ class OffloadedExperts(RuntimeReporting):
         """One token through the experts in ``slots`` (device int64) of one class: device work only."""
         if precision == "bf16" and self._stacks is not None:
             gate_up, down = self._stacks
-            return gathered_decode(hidden, slots, weights, gate_up, down, self.dtype)
+            return gathered_decode(hidden, slots, weights, gate_up, down, self.dtype, self._bias_stacks, self.math)
         offsets, combine = decode_routing(self._slot_tables[precision], slots[None], weights[None])
         return expert_decode(self.pool.buffer, offsets, self.layouts[precision], hidden, combine,
-                             workspace=self._workspaces.get(precision))
+                             workspace=self._workspaces.get(precision), math=self.math)
 
     # ---- decode in three steps, for the CUDA-graph decode (dymoe/models/decode_graphs.py) -----------
 
@@ -244,8 +256,11 @@ class OffloadedExperts(RuntimeReporting):
     def deferred_decode(self) -> bool:
         """With one precision class a token's k experts always run as k slots of that class, read
         from one fixed device row of slot ids: the compute is device work on fixed buffers, which a
-        CUDA graph records (with the next layer's attention), leaving the host its bookkeeping."""
-        return self.low is None
+        CUDA graph records (with the next layer's attention), leaving the host its bookkeeping. Not
+        for low-bit experts the fused kernels do not compute (GPT-OSS's): their torch reference
+        reads the slot offsets on the host, so they run between the graph segments instead."""
+        in_place = self.precision == "bf16" and self._stacks is not None
+        return self.low is None and (in_place or fused_kernels_compute(self.layout, self.math))
 
     def decode_prepare(self, layer, hidden, ids, weights) -> None:
         """Everything before the compute of one token's layer: :meth:`_admit`, then the slot ids
@@ -299,8 +314,7 @@ class OffloadedExperts(RuntimeReporting):
             used = self._start_wave(layer, [experts[j] for j in pending], wanted, tickets)
             if not used:
                 raise BudgetError(f"no free expert slot for layer {layer}: raise --device-memory")
-            self._plan_prefill(layer, used, tickets)
-            yield from pending[: len(used)]
+            yield from self._wave_order(layer, experts, pending[: len(used)], used, tickets)
             for e in used:
                 self.cache.unpin((layer, e))
             self.transfers.fence()  # the next wave may reuse these slots once their compute is done
@@ -381,16 +395,15 @@ class OffloadedExperts(RuntimeReporting):
         ticket = tickets.pop(expert, None)
         if ticket is not None:
             self.transfers.wait(ticket)
-        precision, slot = self.cache.peek((layer, expert))  # peek: the use was counted when the wave started
-        if precision != "bf16":
-            return self._dequantize(precision, slot)
-        gate_up, down = self._views[slot]
+        _, slot = self.cache.peek((layer, expert))  # bf16 (low-bit ones run as ExpertRuns); peek: counted already
+        weights = self._views[slot]
         if self.dtype != torch.bfloat16:  # float32 compute (CPU): upcasting bf16 is exact
-            return gate_up.to(self.dtype), down.to(self.dtype)
-        return gate_up, down
+            return tuple(w.to(self.dtype) for w in weights)
+        return weights
 
     def _weights_view(self, blob: torch.Tensor):
-        """(gate_up [2I, H], down [H, I]) read in place from a bf16 slot; None for low-bit slots."""
+        """(gate_up [2I, H], down [H, I]) read in place from a bf16 slot, then its biases if the blobs
+        carry them; None for low-bit slots."""
         if self.precision != "bf16":
             return None
         gate, up, down = (self.layout.part(f"{p}.weight") for p in ("gate", "up", "down"))
@@ -398,7 +411,8 @@ class OffloadedExperts(RuntimeReporting):
             raise ValueError("bf16 blob layout does not keep gate and up adjacent")
         h, i = self.layout.hidden_size, self.layout.intermediate_size
         gate_up = blob[gate.offset : up.offset + up.nbytes].view(torch.bfloat16).view(2 * i, h)
-        return gate_up, blob[down.offset : down.offset + down.nbytes].view(torch.bfloat16).view(h, i)
+        down_view = blob[down.offset : down.offset + down.nbytes].view(torch.bfloat16).view(h, i)
+        return (gate_up, down_view, *(expert_biases(blob, self.layout) or ()))
 
     def _stacked_views(self, slots: int):
         """bf16 slots as two strided stacks [S, 2I, H] and [S, H, I] over the pool buffer, when the
@@ -416,14 +430,34 @@ class OffloadedExperts(RuntimeReporting):
         down_stack = words.as_strided((slots, h, i), (stride // 2, i, 1), down.offset // 2)
         return gate_up, down_stack
 
-    def _plan_prefill(self, layer: int, used: dict[int, str], tickets: dict) -> None:
-        """Announce a wave's low-bit experts, in run order, to their class's prefill dequantizer."""
-        for precision, dequantizer in self._prefill.items():
-            dequantizer.plan([(self.cache.peek((layer, e)).slot, tickets.get(e)) for e, p in used.items()
-                              if p == precision])
+    def _stacked_biases(self, slots: int):
+        """The bf16 slots' biases as strided stacks [S, 2I] and [S, H] over the pool buffer, like
+        :meth:`_stacked_views` (None when the blobs carry no biases)."""
+        if not self.layout.has_bias:
+            return None
+        offsets = [self.pool.offset(self.precision, s) for s in range(slots)]
+        stride = offsets[1] - offsets[0] if slots > 1 else self.layout.nbytes
+        words = self.pool.buffer[offsets[0] :].view(torch.bfloat16)
+        return tuple(words.as_strided((slots, part.shape[0]), (stride // 2, 1), part.offset // 2)
+                     for part in (self.layout.part("gate_up.bias"), self.layout.part("down.bias")))
 
-    def _dequantize(self, precision: str, slot: int):
-        return self._prefill[precision].weights(slot)
+    def _wave_order(self, layer: int, experts: list[int], wave: list[int], used: dict[int, str], tickets: dict):
+        """A wave's experts (indices into ``experts``) in run order: bf16 ones one by one, each
+        low-bit class's as :class:`ExpertRun` batches of its prefill dequantizer, yielded where
+        their first expert stands (so resident experts still run while the misses' copies land)."""
+        runs = {}
+        for precision, dequantizer in self._prefill.items():
+            members = [(j, self.cache.peek((layer, experts[j])).slot, tickets.pop(experts[j], None))
+                       for j in wave if used[experts[j]] == precision]
+            if members:
+                for batch in dequantizer.plan(members):
+                    runs[batch.keys[0]] = (dequantizer, batch)
+        for j in wave:
+            if j in runs:
+                dequantizer, batch = runs[j]
+                yield ExpertRun(batch.keys, *dequantizer.launch(batch))
+            elif used[experts[j]] not in self._prefill:
+                yield j
 
 
 class CrossLayerPredictor:

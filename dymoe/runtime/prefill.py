@@ -18,12 +18,13 @@ before on the same stream.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 
 from dymoe.checkpoint.blob import BlobLayout
 from dymoe.quant.kernels import DequantWorkspace, dequantize_experts
+from dymoe.runtime.expert_compute import ExpertRun
 
 # Workspace bytes per precision class. It lives outside the expert budget, like activations; a
 # Qwen3-30B-A3B layer's 128 experts take 1.2 GB in bf16, a Mixtral-8x7B expert 352 MB, so the cap
@@ -44,6 +45,7 @@ def prefill_capacity(layout: BlobLayout, slots: int, num_experts: int, dtype: to
 class _Batch:
     first: int  # workspace position of its first expert
     offsets: list[int]  # blob byte offsets in the pool
+    keys: list = field(default_factory=list)  # the caller's names of its experts, in workspace order
     tickets: list = field(default_factory=list)  # copies to wait for before the launch
     done: bool = False
 
@@ -61,25 +63,54 @@ class PrefillDequantizer:
         self.launches = 0
         self._where: dict[int, tuple[_Batch, int]] = {}  # slot -> (batch, workspace position)
 
-    def plan(self, members: list[tuple[int, object | None]]) -> None:
-        """The wave's experts of this class as (slot, ticket or None), in the order they will be asked
-        for; replaces the previous plan."""
+    def plan(self, members: list[tuple[int, object | None]]) -> list[_Batch]:
+        """The wave's experts of this class as (slot, ticket or None), or (key, slot, ticket) with a
+        name for each, in the order they will be asked for; replaces the previous plan. Returns the
+        batches in launch order."""
         self._where.clear()
+        members = [m if len(m) == 3 else (m[0], *m) for m in members]
         capacity = self.workspace.capacity
+        batches = []
         for start in range(0, len(members), capacity):
             chunk = members[start:start + capacity]
             first = 0
-            for group in ([m for m in chunk if m[1] is None], [m for m in chunk if m[1] is not None]):
+            for group in ([m for m in chunk if m[2] is None], [m for m in chunk if m[2] is not None]):
                 if not group:
                     continue
-                tickets = [t for _, t in group if t is not None]
-                batch = _Batch(first, [self.slot_offset(slot) for slot, _ in group], tickets)
-                for j, (slot, _) in enumerate(group):
+                batch = _Batch(first, [self.slot_offset(slot) for _, slot, _ in group], [key for key, _, _ in group],
+                               [t for _, _, t in group if t is not None])
+                for j, (_, slot, _) in enumerate(group):
                     self._where[slot] = (batch, first + j)
                 first += len(group)
+                batches.append(batch)
+        return batches
 
-    def weights(self, slot: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(gate_up [2I, H], down [H, I]) of the expert in ``slot``, views into the workspace (valid
+    def runs(self, members: list[tuple[object, int, object | None]]) -> Iterator[ExpertRun]:
+        """Plan ``members`` (key, slot, ticket) and yield each batch as an :class:`ExpertRun` over
+        the workspace, dequantized right before it is yielded: the consumer computes it before
+        asking for the next, which may overwrite the same workspace rows."""
+        for batch in self.plan(members):
+            yield ExpertRun(batch.keys, *self.launch(batch))
+
+    def launch(self, batch: _Batch) -> tuple[torch.Tensor, ...]:
+        """Dequantize ``batch`` (once: after waiting for its copies) and return its stacks
+        gate_up [n, 2I, H] and down [n, H, I], views into the workspace, then for biased experts
+        their biases [n, 2I] and [n, H] (copied out of the slots with them, so a slot may be reused
+        as soon as the batch is dequantized)."""
+        views = self.workspace.views(batch.first, len(batch.offsets))
+        biases = self.workspace.bias_views(batch.first, len(batch.offsets))
+        if not batch.done:
+            for ticket in batch.tickets:
+                self.wait(ticket)
+            dequantize_experts(self.pool, _device_offsets(batch.offsets, self.pool.device), self.layout, *views,
+                               biases=biases)
+            batch.done = True
+            self.launches += 1
+        return views if biases is None else (*views, *biases)
+
+    def weights(self, slot: int) -> tuple[torch.Tensor, ...]:
+        """(gate_up [2I, H], down [H, I]) of the expert in ``slot`` (and its biases, if it has them),
+        views into the workspace (valid
         until the next chunk is dequantized); launches its batch on first use. A slot asked for
         outside the plan (or a second time: its contents may have changed) is dequantized alone
         after dropping the plan; the plan's other experts are then dequantized one by one as they
@@ -87,14 +118,7 @@ class PrefillDequantizer:
         if slot not in self._where:
             self.plan([(slot, None)])
         batch, position = self._where.pop(slot)
-        if not batch.done:
-            for ticket in batch.tickets:
-                self.wait(ticket)
-            offsets = _device_offsets(batch.offsets, self.pool.device)
-            dequantize_experts(self.pool, offsets, self.layout, *self.workspace.views(batch.first, len(batch.offsets)))
-            batch.done = True
-            self.launches += 1
-        return self.workspace.gate_up[position], self.workspace.down[position]
+        return tuple(stack[position - batch.first] for stack in self.launch(batch))
 
     def warm_up(self) -> None:
         """Dequantize slot 0 once, whatever it holds, so Triton compiles the kernel at start-up rather

@@ -15,16 +15,20 @@ offloading runtimes are compared with).
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
+from dymoe.models.expert_math import SWIGLU, ExpertMath
 from dymoe.runtime.expert_compute import grouped_mm_usable, grouped_swiglu, run_grouped
 
 
 class ResidentExperts:
-    """Stacked expert weights per MoE layer: gate_up [E, 2I, H] and down [E, H, I]."""
+    """Stacked expert weights per MoE layer: gate_up [E, 2I, H] and down [E, H, I], followed for
+    families with biased experts (GPT-OSS) by the biases gate_up [E, 2I] and down [E, H]; they
+    compute as ``math`` says (the model's family, set when the model attaches the runtime)."""
 
-    def __init__(self, layers: dict[int, tuple[torch.Tensor, torch.Tensor]], gather_decode: bool = True):
+    def __init__(self, layers: dict[int, tuple[torch.Tensor, ...]], gather_decode: bool = True,
+                 math: ExpertMath = SWIGLU):
         self.layers = layers
+        self.math = math
         self.gather_decode = gather_decode
         self.graph_safe = gather_decode  # decode never synchronises with the host: CUDA graphs record it
 
@@ -32,43 +36,60 @@ class ResidentExperts:
     def from_checkpoint(cls, checkpoint, device, dtype, progress=None, gather_decode: bool = True) -> "ResidentExperts":
         layers = {}
         for layer in checkpoint.config.moe_layers:
-            gate_up, down = checkpoint.layer_experts(layer)
-            layers[layer] = (gate_up.to(device=device, dtype=dtype), down.to(device=device, dtype=dtype))
+            stacks = (*checkpoint.layer_experts(layer), *(checkpoint.layer_expert_biases(layer) or ()))
+            layers[layer] = tuple(t.to(device=device, dtype=dtype) for t in stacks)
             if progress is not None:
-                progress.update(gate_up.nbytes + down.nbytes)
-        return cls(layers, gather_decode)
+                progress.update(sum(t.nbytes for t in stacks))
+        return cls(layers, gather_decode, ExpertMath.of(checkpoint.config))
+
+    def bind(self, model) -> None:
+        """Called when the model attaches this runtime: its experts compute as its family says."""
+        self.math = ExpertMath.of(model.config)
+        wanted = "(gate_up, down, gate_up_bias, down_bias)" if self.math.bias else "(gate_up, down)"
+        if any(len(stacks) != (4 if self.math.bias else 2) for stacks in self.layers.values()):
+            raise ValueError(f"{model.config.family} experts {'have' if self.math.bias else 'have no'} biases: "
+                             f"give ResidentExperts {wanted} per layer")
 
     @property
     def nbytes(self) -> int:
-        return sum(a.nbytes + b.nbytes for a, b in self.layers.values())
+        return sum(t.nbytes for stacks in self.layers.values() for t in stacks)
 
     def run_experts(self, layer, hidden, expert_ids, expert_weights):
-        gate_up, down = self.layers[layer]
+        stacks = self.layers[layer]
+        gate_up, down = stacks[:2]
         if self.gather_decode and hidden.shape[0] == 1:
-            return gathered_decode(hidden, expert_ids[0], expert_weights[0], gate_up, down)
-        if grouped_mm_usable(hidden):
+            return gathered_decode(hidden, expert_ids[0], expert_weights[0], gate_up, down, biases=stacks[2:] or None,
+                                   math=self.math)
+        if grouped_mm_usable(hidden) and self.math.plain:
             return grouped_prefill(hidden, expert_ids, expert_weights, gate_up, down)
-        return run_grouped(hidden, expert_ids, expert_weights, lambda e: (gate_up[e], down[e]))
+        return run_grouped(hidden, expert_ids, expert_weights, lambda e: tuple(t[e] for t in stacks), math=self.math)
 
 
-def gathered_decode(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor,
-                    gate_up: torch.Tensor, down: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+def gathered_decode(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, gate_up: torch.Tensor,
+                    down: torch.Tensor, dtype: torch.dtype | None = None,
+                    biases: tuple[torch.Tensor, torch.Tensor] | None = None, math: ExpertMath = SWIGLU) -> torch.Tensor:
     """One token x [1, H] through experts ``ids`` [k] of the stacks ``gate_up`` [E, 2I, H] and
-    ``down`` [E, H, I]: gather the k experts' weights (cast to ``dtype`` if given), two batched matmuls."""
+    ``down`` [E, H, I] (and ``biases`` stacked alike, if the family has them): gather the k experts'
+    weights (cast to ``dtype`` if given), two batched matmuls, the activation of ``math``."""
     k = ids.shape[0]
     w1, w2 = gate_up[ids], down[ids]
     if dtype is not None and w1.dtype != dtype:
         w1, w2 = w1.to(dtype), w2.to(dtype)
     h = torch.bmm(w1, x.expand(k, -1).unsqueeze(-1))  # [k, 2I, 1]
+    if biases is not None:
+        h = h + biases[0][ids].to(h.dtype).unsqueeze(-1)
     gate, up = h.chunk(2, dim=1)
-    y = torch.bmm(w2, F.silu(gate) * up).squeeze(-1)  # [k, H]
+    y = torch.bmm(w2, math.glu(gate, up)).squeeze(-1)  # [k, H]
+    if biases is not None:
+        y = y + biases[1][ids].to(y.dtype)
     return (weights.unsqueeze(-1) * y).sum(0, keepdim=True)
 
 
 def grouped_prefill(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, gate_up: torch.Tensor,
                     down: torch.Tensor) -> torch.Tensor:
     """Several tokens x [N, H] through the whole stacks in two grouped GEMMs, every expert a group
-    (unused ones empty): no host synchronisation and no per-expert launches."""
+    (unused ones empty): no host synchronisation and no per-expert launches. Plain SwiGLU experts
+    only (:attr:`~dymoe.models.expert_math.ExpertMath.plain`); GPT-OSS's take the per-expert loop."""
     k = ids.shape[1]
     flat = ids.reshape(-1)
     order = torch.argsort(flat, stable=True)

@@ -25,6 +25,7 @@ PUBLISHED = {
     "qwen2-moe-a2.7b": ("qwen2_moe", 2048, 24, 16, 16, 128, 60, 4, 1408, 151936),
     "deepseek-v2-lite": ("deepseek_v2", 2048, 27, 16, 16, 192, 64, 6, 1408, 102400),
     "phi-3.5-moe": ("phimoe", 4096, 32, 32, 8, 128, 16, 2, 6400, 32064),
+    "gpt-oss-20b": ("gpt_oss", 2880, 24, 64, 8, 64, 32, 4, 2880, 201088),
 }
 FIRST_DENSE_LAYERS = {"deepseek-v2-lite": 1}
 BENCHMARK = Path(__file__).resolve().parents[2] / "benchmarks" / "resident_decode.py"
@@ -73,6 +74,47 @@ def test_phi_3_5_moe_as_published():
     dense = sum(p.numel() for p in model.parameters())
     assert round((dense + len(c.moe_layers) * c.num_experts * c.expert_params) / 1e9, 1) == 41.9
     assert round((dense + len(c.moe_layers) * 2 * c.expert_params) / 1e9, 1) == 6.6
+
+
+def test_gpt_oss_20b_as_published():
+    """Sinks, sliding windows on every other layer from the first, biased router and experts with
+    the clamped SwiGLU, YaRN; 20.9 B parameters of which 3.6 B active per token besides the
+    embedding table, as the model card says (21 B and 3.6 B; counted on the meta device)."""
+    c = synthetic_config("gpt-oss-20b")
+    assert (c.sliding_window, c.sliding_layers) == (128, tuple(range(0, 24, 2)))
+    assert c.attention_sinks and c.attention_bias and c.o_proj_bias and c.router_bias and c.expert_bias
+    assert (c.expert_activation, c.swiglu_limit, c.rms_norm_eps) == ("gpt_oss", 7.0, 1e-5)
+    r = c.rope
+    assert (r.rope_type, r.theta, r.factor, r.original_max_position, r.truncate) == ("yarn", 150000.0, 32.0, 4096, False)
+    assert c.max_position_embeddings == 131072
+    with torch.device("meta"):
+        model = MoETransformer(c, 16)
+    dense = sum(p.numel() for p in model.parameters())
+    assert round((dense + len(c.moe_layers) * c.num_experts * c.expert_params) / 1e9, 1) == 20.9
+    embedding = c.vocab_size * c.hidden_size
+    assert round((dense - embedding + len(c.moe_layers) * 4 * c.expert_params) / 1e9, 1) == 3.6
+    assert synthetic_config("gpt-oss-20b", layers=3).sliding_layers == (0, 2)
+
+
+def test_gpt_oss_expert_layer_has_biases():
+    config = tiny_config(synthetic_config("gpt-oss-20b", layers=1))
+    gate_up, down, gate_up_bias, down_bias = build_expert_layer(config, 0, "cpu", torch.bfloat16, seed=3)
+    e, i, h = config.num_experts, config.moe_intermediate_size, config.hidden_size
+    assert gate_up.shape == (e, 2 * i, h) and down.shape == (e, h, i)
+    assert gate_up_bias.shape == (e, 2 * i) and down_bias.shape == (e, h) and gate_up_bias.std() > 0
+
+
+def test_gpt_oss_20b_decodes_through_bench(tmp_path):
+    """``dymoe bench --model synthetic:gpt-oss-20b --tiny --layers 2`` on the CPU: offloaded bf16
+    (lru) exactly as resident, static-int4 completes close to it."""
+    out = tmp_path / "bench.json"
+    status = main(["bench", "--model", "synthetic:gpt-oss-20b", "--tiny", "--layers", "2", "--policies",
+                   "lru,static-int4", "--prompt-len", "8", "--gen-len", "4", "--device-memory", "50%", "--device", "cpu",
+                   "--no-progress", "--json", str(out)])
+    assert status == 0
+    resident, lru, int4 = json.loads(out.read_text())["rows"]
+    assert lru["quality"]["top1_agreement"] == 1.0 and lru["quality"]["kl_mean"] == 0.0
+    assert 0 < int4["quality"]["kl_mean"] < 0.1
 
 
 def test_deepseek_v2_lite_decodes_through_bench(tmp_path, capsys):

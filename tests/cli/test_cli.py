@@ -122,7 +122,7 @@ def _broken_copies(model_dir: Path, root: Path) -> dict[str, tuple[Path, str]]:
     config["architectures"] = ["GPT2LMHeadModel"]
     config["model_type"] = "gpt2"
     (arch / "config.json").write_text(json.dumps(config))
-    cases["arch"] = (arch, "supported: DeepseekV2ForCausalLM, DeepseekV3ForCausalLM, MixtralForCausalLM")
+    cases["arch"] = (arch, "supported: DeepseekV2ForCausalLM, DeepseekV3ForCausalLM, GptOssForCausalLM, MixtralForCausalLM")
 
     for name, edit, expect in [
         ("missing_tensor", lambda t: t.pop("model.norm.weight"), "tensor model.norm.weight is missing"),

@@ -138,3 +138,44 @@ def test_bad_format_names_and_group_sizes_are_user_errors():
     with pytest.raises(InputError, match="group size 100 .*--group-size"):
         parse_format("int4", group_size=100)
     assert parse_format("INT4", 64).group_size == 64
+
+
+# ---- GPT-OSS widths: 2880 = 22.5 groups of 128, 45 of 64 ------------------------------------------
+
+
+@pytest.mark.parametrize("precision,group_size", [("int8", 128), ("int4", 128), ("int4", 64), ("int3", 128),
+                                                  ("int2", 128), ("int2", 64), ("bf16", 128)])
+@pytest.mark.parametrize("hidden,width", [(2880, 96), (96, 2880)], ids=["hidden-2880", "width-2880"])
+def test_gpt_oss_widths_through_blobs_slots_and_kernels(precision, group_size, hidden, width):
+    """An in-dimension of 2880 (GPT-OSS's hidden and expert width) is padded to whole groups: every
+    format round-trips a biased expert within its bound through a blob in a slot of the pool, the
+    kernel plan accepts the layout, and the prefill dequantize (biases copied out) equals the reference."""
+    from dymoe.checkpoint.blob import PART_ALIGN, blob_layout, encode_expert, expert_biases, unpack_expert
+    from dymoe.quant.kernels import DequantWorkspace, dequantize_experts, kernel_plan
+    from dymoe.runtime.slot_pool import SlotPool
+
+    layout = blob_layout(parse_format(precision, group_size), hidden, width, bias=True)
+    plan = kernel_plan(layout)
+    assert (plan.gate.cols, plan.down.cols) == (hidden, width)
+    assert plan.gate.padded_cols >= hidden and plan.down.padded_cols >= width
+    weights = (normal(width, hidden, 1), normal(width, hidden, 2), normal(hidden, width, 3))
+    biases = (normal(1, 2 * width, 4)[0], normal(1, hidden, 5)[0])
+    pool = SlotPool("cpu", {precision: layout.nbytes}, {precision: 3})
+    for slot in range(3):
+        assert pool.offset(precision, slot) % PART_ALIGN == 0
+        pool.view(precision, slot).copy_(encode_expert(*weights, layout, bias=biases))
+    blob = pool.view(precision, 2)
+    for w, back in zip(weights, unpack_expert(blob, layout, torch.float32)):
+        q = quantize(w, layout.format)
+        source = w.bfloat16().float() if layout.format.is_raw else w  # bf16's bound is about bf16 weights
+        assert back.shape == w.shape and bool(((source - back).abs() <= error_bound(q)).all())
+    for b, stored in zip(biases, expert_biases(blob, layout)):
+        assert torch.equal(stored, b.to(torch.bfloat16))
+    workspace = DequantWorkspace.allocate(layout, 2, "cpu", torch.float32)
+    offsets = torch.tensor([pool.offset(precision, 2), pool.offset(precision, 0)])
+    dequantize_experts(pool.buffer, offsets, layout, *workspace.views(0, 2), backend="torch",
+                       biases=workspace.bias_views(0, 2))
+    gate, up, down = unpack_expert(blob, layout, torch.float32)
+    assert torch.equal(workspace.gate_up[1], torch.cat([gate, up])) and torch.equal(workspace.down[0], down)
+    assert torch.equal(workspace.gate_up_bias[1], biases[0].to(torch.bfloat16).float())
+    assert torch.equal(workspace.down_bias[0], biases[1].to(torch.bfloat16).float())

@@ -60,6 +60,7 @@ def test_offloaded_prefill_in_waves_equals_the_loop(tmp_path, monkeypatch):
     from dymoe.checkpoint.store import ExpertStore
     from dymoe.models.transformer import load_dense
     from dymoe.runtime.offload import OffloadConfig, OffloadedExperts
+    from dymoe.runtime.prefill import PrefillDequantizer
     from dymoe.runtime.presets import PRESETS
     from tests.tiny_models import make_hf_model, save_checkpoint
 
@@ -74,8 +75,19 @@ def test_offloaded_prefill_in_waves_equals_the_loop(tmp_path, monkeypatch):
         monkeypatch.setattr(expert_compute, "grouped_mm_usable", lambda t, on=grouped: on)
         for preset in ("lru", "static-int4"):
             one = store.layout(PRESETS[preset]["precision"]).nbytes
-            model.attach_experts(OffloadedExperts(store, OffloadConfig(budget_bytes=k * one, **PRESETS[preset]), k,
-                                                  "cpu", torch.bfloat16))
-            results[grouped, preset] = model(prompt, 0, model.new_cache(1))
-    for preset in ("lru", "static-int4"):
-        torch.testing.assert_close(results[True, preset], results[False, preset], rtol=0, atol=0)
+            for slots, capacity in ((k, None), (3 * k, 2)):
+                experts = OffloadedExperts(store, OffloadConfig(budget_bytes=slots * one, **PRESETS[preset]), k,
+                                           "cpu", torch.bfloat16)
+                for precision, old in experts._prefill.items() if capacity else ():
+                    # a workspace of 2 experts: a wave's int4 experts run as ExpertRuns over rows that
+                    # the next chunk overwrites, so each run must be computed before that launch
+                    experts._prefill[precision] = PrefillDequantizer(old.pool, old.slot_offset, old.layout, capacity,
+                                                                     torch.bfloat16, old.wait)
+                model.attach_experts(experts)
+                results[grouped, preset, slots] = model(prompt, 0, model.new_cache(1))
+                launches = sum(d.launches for d in experts._prefill.values())
+                assert launches > 0 if preset == "static-int4" else launches == 0
+    for key in [key for key in results if key[0]]:
+        torch.testing.assert_close(results[key], results[False, *key[1:]], rtol=0, atol=0)
+    unchunked = results[False, "static-int4", k]
+    torch.testing.assert_close(results[True, "static-int4", 3 * k], unchunked, rtol=0, atol=0)

@@ -21,7 +21,7 @@ import torch
 from dymoe.checkpoint.blob import unpack_expert
 from dymoe.checkpoint.memory_store import MemoryStore
 from dymoe.errors import BudgetError
-from dymoe.runtime.expert_compute import swiglu_expert
+from dymoe.models.expert_math import expert_forward
 from dymoe.runtime.hotness import HotnessConfig, HotnessExperts
 from dymoe.runtime.presets import preset_provider
 from dymoe.runtime.resident import ResidentExperts
@@ -130,7 +130,7 @@ def reference(store, layer, hidden, experts, weights, precisions):
     out = torch.zeros_like(hidden)
     for j, (e, p) in enumerate(zip(experts, precisions)):
         gate, up, down = unpack_expert(store.blob(layer, e, p), store.layout(p), torch.float32)
-        out += weights[0, j] * swiglu_expert(hidden, torch.cat([gate, up]), down)
+        out += weights[0, j] * expert_forward(hidden, torch.cat([gate, up]), down)
     return out
 
 

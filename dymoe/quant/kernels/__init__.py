@@ -7,6 +7,12 @@ definition (:func:`~dymoe.quant.kernels.reference.reference_decode`), which has 
 and semantics. :func:`dequantize_experts` is the prefill counterpart: several experts of one
 precision dequantized in one launch into a preallocated :class:`DequantWorkspace`, for bf16 matmuls.
 See docs/kernels.md for the design and measurements.
+
+The fused decode kernels compute plain SwiGLU experts without biases. Experts that are not
+(GPT-OSS's: biases and a clamped activation, :mod:`dymoe.models.expert_math`) decode through the
+torch reference on every device, whatever ``backend`` says when it is "auto"; their prefill still uses
+:func:`dequantize_experts` (a dequantization knows nothing of activations), which also copies
+the blobs' biases out when asked.
 """
 
 from __future__ import annotations
@@ -18,12 +24,14 @@ from dataclasses import dataclass
 
 import torch
 
-from dymoe.checkpoint.blob import BlobLayout
+from dymoe.checkpoint.blob import BIAS_PARTS, BlobLayout
+from dymoe.models.expert_math import SWIGLU, ExpertMath
 from dymoe.quant.kernels.plan import KernelPlan, kernel_plan
 from dymoe.quant.kernels.reference import decode_routing, reference_decode, reference_dequantize
 
-__all__ = ["BACKENDS", "DequantWorkspace", "KernelPlan", "decode_routing", "decode_workspace", "dequantize_experts",
-           "expert_decode", "kernel_plan", "reference_decode", "reference_dequantize", "triton_available"]
+__all__ = ["BACKENDS", "DequantWorkspace", "KernelPlan", "copy_biases", "decode_routing", "decode_workspace",
+           "dequantize_experts", "expert_decode", "fused_kernels_compute", "kernel_plan", "reference_decode",
+           "reference_dequantize", "triton_available"]
 
 BACKENDS = ("auto", "triton", "torch")
 
@@ -44,7 +52,8 @@ def _plan(layout: BlobLayout) -> KernelPlan:
 
 
 def expert_decode(pool: torch.Tensor, slot_offsets: torch.Tensor, layout: BlobLayout, x: torch.Tensor,
-                  combine: torch.Tensor, backend: str = "auto", workspace=None) -> torch.Tensor:
+                  combine: torch.Tensor, backend: str = "auto", workspace=None,
+                  math: ExpertMath = SWIGLU) -> torch.Tensor:
     """``y[t] = sum_e combine[t, e] * expert_e(x[t])`` for a few tokens through one layer's experts.
 
     ``pool`` is the slot pool's 1-D uint8 buffer; ``slot_offsets`` [E] int64 (on the pool's device)
@@ -55,13 +64,25 @@ def expert_decode(pool: torch.Tensor, slot_offsets: torch.Tensor, layout: BlobLa
     [T, H] in ``x.dtype``. ``backend``: "auto" (Triton on CUDA when installed, else torch),
     "triton" (also under ``TRITON_INTERPRET=1`` on CPU tensors) or "torch". ``workspace``: a
     :class:`~dymoe.quant.kernels.triton_experts.DecodeWorkspace` allocated once, so the Triton path
-    allocates nothing but its [T, H] result (ignored by the torch backend).
+    allocates nothing but its [T, H] result (ignored by the torch backend). ``math``: the experts'
+    activation; with it or biased blobs the kernels do not compute (:func:`fused_kernels_compute`),
+    "auto" means the torch reference.
     """
+    if not fused_kernels_compute(layout, math):
+        if backend == "triton":
+            raise ValueError("the Triton decode kernels compute plain SwiGLU experts without biases; use "
+                             "backend 'torch' for these")
+        backend = "torch"
     if _resolve(backend, pool) == "torch":
-        return reference_decode(pool, slot_offsets, layout, x, combine)
+        return reference_decode(pool, slot_offsets, layout, x, combine, math)
     from dymoe.quant.kernels.triton_experts import launch_decode
 
     return launch_decode(pool, slot_offsets, _plan(layout), x, combine, workspace)
+
+
+def fused_kernels_compute(layout: BlobLayout, math: ExpertMath = SWIGLU) -> bool:
+    """Whether the fused Triton decode kernels compute these experts: plain SwiGLU, no biases."""
+    return math.plain and not layout.has_bias
 
 
 def _resolve(backend: str, pool: torch.Tensor) -> str:
@@ -75,11 +96,11 @@ def _resolve(backend: str, pool: torch.Tensor) -> str:
     return backend
 
 
-def decode_workspace(layout: BlobLayout, max_experts: int, max_tokens: int, device):
+def decode_workspace(layout: BlobLayout, max_experts: int, max_tokens: int, device, math: ExpertMath = SWIGLU):
     """Scratch for :func:`expert_decode`'s Triton path, to allocate once at start-up (a
     :class:`~dymoe.quant.kernels.triton_experts.DecodeWorkspace`); None where the torch path runs.
     ``max_experts`` is the most routing columns a step passes (T*k with :func:`decode_routing`)."""
-    if torch.device(device).type != "cuda" or not triton_available():
+    if torch.device(device).type != "cuda" or not triton_available() or not fused_kernels_compute(layout, math):
         return None
     from dymoe.quant.kernels.triton_experts import DecodeWorkspace
 
@@ -95,12 +116,16 @@ class DequantWorkspace:
 
     gate_up: torch.Tensor
     down: torch.Tensor
+    gate_up_bias: torch.Tensor | None = None  # [capacity, 2I] when the blobs carry biases
+    down_bias: torch.Tensor | None = None  # [capacity, H]
 
     @classmethod
     def allocate(cls, layout: BlobLayout, capacity: int, device, dtype: torch.dtype) -> "DequantWorkspace":
         h, i = layout.hidden_size, layout.intermediate_size
+        biases = ((torch.empty(capacity, 2 * i, dtype=dtype, device=device),
+                   torch.empty(capacity, h, dtype=dtype, device=device)) if layout.has_bias else ())
         return cls(torch.empty(capacity, 2 * i, h, dtype=dtype, device=device),
-                   torch.empty(capacity, h, i, dtype=dtype, device=device))
+                   torch.empty(capacity, h, i, dtype=dtype, device=device), *biases)
 
     @property
     def capacity(self) -> int:
@@ -112,23 +137,45 @@ class DequantWorkspace:
             raise ValueError(f"workspace holds {self.capacity} experts, asked for {first}..{first + n}")
         return self.gate_up[first:first + n], self.down[first:first + n]
 
+    def bias_views(self, first: int, n: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Biases of experts ``first .. first+n`` (views), or None when the blobs have none."""
+        if self.gate_up_bias is None:
+            return None
+        self.views(first, n)  # the range check
+        return self.gate_up_bias[first:first + n], self.down_bias[first:first + n]
+
 
 def dequantize_experts(pool: torch.Tensor, slot_offsets: torch.Tensor, layout: BlobLayout, gate_up: torch.Tensor,
-                       down: torch.Tensor, backend: str = "auto", config=None) -> None:
+                       down: torch.Tensor, backend: str = "auto", config=None,
+                       biases: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
     """Dequantize the experts whose blobs start at byte ``slot_offsets`` [n] (int64, on the pool's
     device) of ``pool`` (the slot pool's 1-D uint8 buffer), all laid out as ``layout``, into
     ``gate_up`` [n, 2I, H] (gate rows, then up rows) and ``down`` [n, H, I] (contiguous, e.g.
     :meth:`DequantWorkspace.views`), in their dtype. Values equal
     :func:`~dymoe.checkpoint.blob.unpack_expert`'s bit for bit, in every format (bf16 is a copy).
     ``backend`` as in :func:`expert_decode`: the Triton path is one launch and no host sync;
-    ``config``: a :class:`~dymoe.quant.kernels.dequant.DequantConfig` (Triton tiles)."""
+    ``config``: a :class:`~dymoe.quant.kernels.dequant.DequantConfig` (Triton tiles). ``biases``:
+    (gate_up [n, 2I], down [n, H]) to copy the blobs' biases into (:func:`copy_biases`)."""
     n = slot_offsets.numel()
     if gate_up.shape[0] != n or down.shape[0] != n or not (gate_up.is_contiguous() and down.is_contiguous()):
         raise ValueError(f"expected contiguous outputs of {n} experts, got {tuple(gate_up.shape)} and "
                          f"{tuple(down.shape)}")
+    if biases is not None:
+        copy_biases(pool, slot_offsets, layout, *biases)
     if _resolve(backend, pool) == "torch":
         reference_dequantize(pool, slot_offsets, layout, gate_up, down)
         return
     from dymoe.quant.kernels.dequant import launch_dequantize
 
     launch_dequantize(pool, slot_offsets, _plan(layout), gate_up, down, config)
+
+
+def copy_biases(pool: torch.Tensor, slot_offsets: torch.Tensor, layout: BlobLayout, gate_up_bias: torch.Tensor,
+                down_bias: torch.Tensor) -> None:
+    """The bf16 biases of the blobs at byte ``slot_offsets`` [n] of ``pool`` into ``gate_up_bias``
+    [n, 2I] and ``down_bias`` [n, H] (in their dtype): one gather each, on the device, no host sync."""
+    words = pool.view(torch.bfloat16)  # blobs and their parts start at even offsets
+    for name, out in zip(BIAS_PARTS, (gate_up_bias, down_bias)):
+        part = layout.part(name)
+        index = (slot_offsets.unsqueeze(1) + part.offset) // 2 + torch.arange(part.shape[0], device=pool.device)
+        out.copy_(words[index])

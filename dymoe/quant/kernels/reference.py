@@ -9,20 +9,22 @@ expert e, zero where t does not use e)::
 with every weight dequantized by :func:`dymoe.quant.reference.dequantize` and the arithmetic done in
 float32, then cast to ``x.dtype``. An expert whose column of ``combine`` is all zero is skipped
 (its weights are never read): that is how :func:`decode_routing` marks duplicate slots without a
-host synchronisation.
+host synchronisation. :func:`reference_decode` also computes the experts the fused kernels do not
+know (biases, GPT-OSS's clamped activation: :mod:`dymoe.models.expert_math`).
 """
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
-from dymoe.checkpoint.blob import BlobLayout, unpack_expert
+from dymoe.checkpoint.blob import BlobLayout, expert_biases, unpack_expert
+from dymoe.models.expert_math import SWIGLU, ExpertMath
 
 
 def reference_decode(pool: torch.Tensor, slot_offsets: torch.Tensor, layout: BlobLayout, x: torch.Tensor,
-                     combine: torch.Tensor) -> torch.Tensor:
-    """Dequantize-then-matmul in float32, one expert at a time (slow; syncs to read the offsets)."""
+                     combine: torch.Tensor, math: ExpertMath = SWIGLU) -> torch.Tensor:
+    """Dequantize-then-matmul in float32, one expert at a time (slow; syncs to read the offsets),
+    with the blobs' biases if they carry them and ``math``'s activation."""
     xf = x.float()
     out = torch.zeros_like(xf)
     weights = combine.float()
@@ -31,8 +33,13 @@ def reference_decode(pool: torch.Tensor, slot_offsets: torch.Tensor, layout: Blo
             continue
         blob = pool[offset:offset + layout.nbytes]
         gate, up, down = unpack_expert(blob, layout, torch.float32)
-        h = F.silu(xf @ gate.T) * (xf @ up.T)
-        out += weights[:, e:e + 1] * (h @ down.T)
+        gate_x, up_x = xf @ gate.T, xf @ up.T
+        biases = expert_biases(blob, layout)
+        if biases is not None:
+            gate_up_bias, down_bias = (b.float() for b in biases)
+            gate_x, up_x = gate_x + gate_up_bias[:gate.shape[0]], up_x + gate_up_bias[gate.shape[0]:]
+        y = math.glu(gate_x, up_x) @ down.T
+        out += weights[:, e:e + 1] * (y if biases is None else y + down_bias)
     return out.to(x.dtype)
 
 
@@ -98,5 +105,7 @@ def random_pool(layout: BlobLayout, experts: int, seed: int = 0, device: torch.d
                                                              else 0.1 / fmt.max_code)
             elif kind == "mins":
                 view.uniform_(-0.06, -0.04, generator=gen)
+            elif kind == "bias":
+                view.normal_(0.0, 0.02, generator=gen)
     offsets = torch.arange(experts, dtype=torch.int64, device=device) * stride
     return pool, offsets
