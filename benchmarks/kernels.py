@@ -24,6 +24,7 @@ bandwidth, a table last, DIR/variants.json (docs/kernels.md, "One token: split-K
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import platform
 import sys
@@ -376,6 +377,8 @@ def variant_candidates(plan, k: int, sms: int) -> tuple[list, list]:
     first = [("tiled (old default)", tiled), ("choose_config", chosen)]
     if chosen[0].split_k is None:
         first.append(("split default", split()))
+    elif plan.bits == 4:  # the pick runs int4 in packed float16 arithmetic; the float32 path it replaced
+        first.append(("split float32", tuple(dataclasses.replace(c, packed=False) for c in chosen)))
     second = [("split n32", split(block_n=32)), ("split n128", split(block_n=128)),
               ("split w8", split(num_warps=8)), ("split 3 blocks/SM", split(blocks_per_sm=3)),
               ("split 12 blocks/SM", split(blocks_per_sm=12)), ("split stages 1", split(num_stages=1)),

@@ -296,13 +296,15 @@ class LaunchConfig:
     pipelined step (a group format's step is ``block_k / group_size`` groups, at least one).
     ``split_k``: None runs the tiled kernels (each block reads whole rows); a number runs the
     one-token split-K kernels of :mod:`dymoe.quant.kernels.split_k` with up to that many K slices
-    (fewer when K has fewer ``block_k`` steps)."""
+    (fewer when K has fewer ``block_k`` steps). ``packed``: their int4 inner product in packed
+    float16 arithmetic (compiled code only: Triton's interpreter runs no inline assembly)."""
 
     block_n: int = 16
     block_k: int = 256
     num_warps: int = 4
     num_stages: int = 3
     split_k: int | None = None
+    packed: bool = True  # split-K int4: packed float16 FMAs (split_k._int4_dot8); False: the float32 path
 
 
 def uses_gemv(plan: KernelPlan, tokens: int) -> bool:
@@ -360,7 +362,7 @@ def split_config(plan: KernelPlan, kernel: str, experts: int, sms: int, block_n:
     step, and no register spills at sm_90 where 128 spilled for int4/g64, int3 and int2/g128;
     int2's down too: 128 bytes took 200 registers and ~4x the compile time for a step that is bound
     by arithmetic, not loads);
-    ``block_n`` to 64 rows, more where a group is under 16 bytes of a row (int2/g64), so that each
+    ``block_n`` to 64 rows (int4: 128), more where a group is under 16 bytes of a row (int2/g64), so that each
     thread still loads whole 16-byte vectors; then K is cut into as many slices as it takes for
     ``blocks_per_sm`` blocks per SM (at most ``MAX_SPLIT`` and the number of ``block_k`` steps in
     K). At 6 four-warp blocks of 8 KB per step per SM, ~48 KB are in flight per SM."""
@@ -371,7 +373,9 @@ def split_config(plan: KernelPlan, kernel: str, experts: int, sms: int, block_n:
     block_k = block_k or max(1 << (8 * row_bytes // plan.bits).bit_length() - 1, plan.group_size)
     if block_n is None:
         words_per_group = (plan.group_size or block_k) // _CODES_PER_WORD.get(plan.bits, 1)
-        block_n = max(64, 4 * 32 * num_warps // words_per_group)
+        # int4: 128 rows measured faster on 7 of 8 shapes (Mixtral g64 184 -> 150 us; H200,
+        # docs/results/kernel_variants_int4_packed_h200.json), no spills at sm_90
+        block_n = max(128 if plan.bits == 4 else 64, 4 * 32 * num_warps // words_per_group)
     blocks = experts * triton.cdiv(rows, block_n)
     steps = triton.cdiv(cols, block_k)
     split = max(1, min(MAX_SPLIT, steps, triton.cdiv(blocks_per_sm * sms, blocks)))
@@ -457,7 +461,7 @@ def k_slices(plan: KernelPlan, cols: int, config: LaunchConfig) -> tuple[int, in
 
 
 def _split_launch(kernel, plan: KernelPlan, proj: Projection, cfg: LaunchConfig, experts: int, rows: int,
-                  **parts) -> _Launch:
+                  interpreting: bool, **parts) -> _Launch:
     """A split-K launch over :func:`k_slices`."""
     tiling = _tiling(plan, cfg)
     split, k_slice = k_slices(plan, proj.padded_cols, cfg)
@@ -465,7 +469,8 @@ def _split_launch(kernel, plan: KernelPlan, proj: Projection, cfg: LaunchConfig,
         raise ValueError(f"split_k {cfg.split_k} gives {split} K slices, more than MAX_SPLIT = {MAX_SPLIT}")
     fmt = {k: v for k, v in _format_args(plan, proj, False).items() if k != "F32_DOT"}
     kwargs = dict(H=plan.hidden_size, I=plan.intermediate_size, **parts, **fmt, BLOCK_N=cfg.block_n, **tiling,
-                  SPLIT=split, K_SLICE=k_slice, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+                  SPLIT=split, K_SLICE=k_slice, PACKED=cfg.packed and plan.bits == 4 and not interpreting,
+                  num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return _Launch(kernel, (experts, triton.cdiv(rows, cfg.block_n), split), kwargs, split)
 
 
@@ -486,10 +491,11 @@ def _launches(plan: KernelPlan, experts: int, tokens: int, sms: int, interpretin
             raise ValueError(f"the split-K decode kernels take one token, got {tokens}")
         from dymoe.quant.kernels.split_k import _down_split_kernel, _gate_up_split_kernel
 
-        return (_split_launch(_gate_up_split_kernel, plan, g, gu_cfg, experts, i, GATE_W=g.weight, GATE_S=g.scales,
-                              GATE_M=g.mins, UP_W=u.weight, UP_S=u.scales, UP_M=u.mins, KP_DOWN=d.padded_cols),
-                _split_launch(_down_split_kernel, plan, d, d_cfg, experts, h, DOWN_W=d.weight, DOWN_S=d.scales,
-                              DOWN_M=d.mins))
+        return (_split_launch(_gate_up_split_kernel, plan, g, gu_cfg, experts, i, interpreting, GATE_W=g.weight,
+                              GATE_S=g.scales, GATE_M=g.mins, UP_W=u.weight, UP_S=u.scales, UP_M=u.mins,
+                              KP_DOWN=d.padded_cols),
+                _split_launch(_down_split_kernel, plan, d, d_cfg, experts, h, interpreting, DOWN_W=d.weight,
+                              DOWN_S=d.scales, DOWN_M=d.mins))
     gemv = uses_gemv(plan, tokens)
     common = dict(H=h, I=i, GEMV=gemv, BLOCK_T=2 if gemv else TOKEN_BLOCK)
 
