@@ -80,7 +80,8 @@ def calibrate(model, experts: ResidentExperts, ids: list[int], low_precision: st
     sensitivity = {}
     for layer in layers:
         exact = experts.layers[layer]
-        experts.layers[layer] = low_bit_stacks(*exact, low_precision, group_size)
+        # biases (GPT-OSS) stay as they are: the store keeps them unquantized at every precision
+        experts.layers[layer] = (*low_bit_stacks(*exact[:2], low_precision, group_size), *exact[2:])
         try:
             sensitivity[layer] = mean_kl(model, tokens, reference)
         finally:

@@ -242,3 +242,15 @@ def test_inspect_counts_mxfp4_experts_as_weights(tmp_path):
     assert facts["parameters"] == sum(p.numel() for p in hf.parameters())
     assert facts["expert_parameters"] == 3 * 8 * (3 * 32 * 64 + 2 * 64 + 32)  # 3 layers of 8 biased experts
     assert facts["attention"].endswith("attention sinks, sliding window of 5 on 2 of 3 layers")
+
+
+def test_calibration_quantizes_weights_and_keeps_biases(tiny):
+    """``dymoe calibrate``'s per-layer sensitivity on a model with biased experts: the int4 round
+    trip of one layer's weights changes the output, its biases are left as the store keeps them."""
+    from dymoe.runtime.calibrate import calibrate
+
+    ours = load_ours(tiny[0])
+    before = {layer: tuple(t.clone() for t in stacks) for layer, stacks in ours.experts.layers.items()}
+    schedule = calibrate(ours, ours.experts, list(range(3, 40)), group_size=64, critical=1)
+    assert sorted(schedule.sensitivity) == [0, 1, 2] and all(kl > 0 for kl in schedule.sensitivity.values())
+    assert all(torch.equal(a, b) for layer in before for a, b in zip(before[layer], ours.experts.layers[layer]))
