@@ -12,10 +12,10 @@ from above and the up projection on both sides at ``limit`` and compute
 GPT-OSS checkpoints interleave gate and up columns; the checkpoint reader separates them, so every
 path here sees gate rows first.
 
-The resident stacks, the offloaded slots, the low-bit reference decode and the prefill loop all go
-through :meth:`ExpertMath.glu` and :func:`expert_forward`; the fused Triton kernels and the grouped-GEMM
-prefill compute plain SwiGLU only (:attr:`ExpertMath.plain`), so a runtime sends other experts down the
-torch path.
+The resident stacks, the offloaded slots, the low-bit reference decode, the prefill loop and the
+grouped-GEMM prefill all go through :meth:`ExpertMath.glu` (and :func:`expert_forward`); the fused
+Triton decode kernels implement the same two activations (``_glu`` in
+:mod:`dymoe.quant.kernels.triton_experts`).
 """
 
 from __future__ import annotations
@@ -46,11 +46,6 @@ class ExpertMath:
     def of(cls, config) -> "ExpertMath":
         """The expert math of a :class:`~dymoe.models.config.ModelConfig`."""
         return cls(config.expert_activation, config.expert_bias, config.swiglu_limit, config.swiglu_alpha)
-
-    @property
-    def plain(self) -> bool:
-        """SwiGLU without biases: what the fused Triton decode kernels and the grouped GEMMs compute."""
-        return self.activation == "silu" and not self.bias
 
     def glu(self, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
         """The gated activation of the gate and up projections (same shapes), elementwise."""

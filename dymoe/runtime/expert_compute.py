@@ -13,7 +13,6 @@ from dataclasses import dataclass
 from typing import Callable, Iterable
 
 import torch
-import torch.nn.functional as F
 
 from dymoe.models.expert_math import SWIGLU, ExpertMath, expert_forward
 
@@ -78,8 +77,7 @@ def run_grouped(
     steps — and may hand over several at once as an :class:`ExpertRun` (computed as soon as it is
     yielded, so the schedule may then reuse the stacks). Each expert's rows land at their sorted
     position and are combined once at the end, so the result is bit-identical whatever the schedule.
-    ``math``: the family's expert activation; experts other than plain SwiGLU run one matmul pair
-    each, never through the grouped GEMMs.
+    ``math``: the family's expert activation (with biases: GPT-OSS), also through the grouped GEMMs.
     """
     k = expert_ids.shape[1]
     order, experts, counts = grouping or group_by_expert(expert_ids)
@@ -89,12 +87,13 @@ def run_grouped(
     tokens = order // k
     x = hidden[tokens]
     rows = torch.empty_like(x)
-    grouped, batch = len(experts) > 1 and math.plain and grouped_mm_usable(x), None
+    grouped, batch = len(experts) > 1 and grouped_mm_usable(x), None
     for item in range(len(experts)) if schedule is None else schedule:
         if isinstance(item, ExpertRun):
             ranges = [(starts[j], starts[j] + counts[j]) for j in item.indices]
             if grouped:
-                _grouped_rows(x, rows, ranges, item.gate_up, item.down)
+                biases = (item.gate_up_bias, item.down_bias) if item.gate_up_bias is not None else None
+                _grouped_rows(x, rows, ranges, item.gate_up, item.down, biases, math)
             else:
                 for i, (start, stop) in enumerate(ranges):
                     rows[start:stop] = expert_forward(x[start:stop], *item.weights(i), math=math)
@@ -104,9 +103,8 @@ def run_grouped(
         if not grouped:
             rows[start:stop] = expert_forward(x[start:stop], *weights, math=math)
             continue
-        gate_up, down = weights
-        batch = batch or GroupedBatch.for_rows(x, (gate_up, down))
-        if batch.add(gate_up, down, start, stop):
+        batch = batch or GroupedBatch.for_rows(x, weights, math)
+        if batch.add(weights, start, stop):
             batch.flush(x, rows)
     if batch is not None:
         batch.flush(x, rows)
@@ -125,12 +123,21 @@ def grouped_mm_usable(x: torch.Tensor) -> bool:
             and torch.cuda.get_device_capability(x.device) >= (9, 0))
 
 
-def grouped_swiglu(x: torch.Tensor, offsets: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
+def grouped_experts(x: torch.Tensor, offsets: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor,
+                   biases: tuple[torch.Tensor, torch.Tensor] | None = None, math: ExpertMath = SWIGLU) -> torch.Tensor:
     """Rows x [M, H] sorted by group through stacks gate_up [G, 2I, H] and down [G, H, I]: group g
-    takes rows offsets[g-1]:offsets[g] (int32 ends on the device). Two launches for all groups."""
+    takes rows offsets[g-1]:offsets[g] (int32 ends on the device). Two grouped GEMMs for all groups;
+    ``biases`` (gate_up [G, 2I], down [G, H]) are added per row's group and ``math`` gives the
+    activation (GPT-OSS's experts), still without a host synchronisation."""
     h = torch._grouped_mm(x, gate_up.transpose(-2, -1), offs=offsets)
+    group = None
+    if biases is not None:
+        counts = torch.diff(offsets, prepend=offsets.new_zeros(1)).long()
+        group = torch.repeat_interleave(torch.arange(len(offsets), device=x.device), counts, output_size=x.shape[0])
+        h = h + biases[0][group]
     gate, up = h.chunk(2, dim=-1)
-    return torch._grouped_mm(F.silu(gate) * up, down.transpose(-2, -1), offs=offsets)
+    y = torch._grouped_mm(math.glu(gate, up), down.transpose(-2, -1), offs=offsets)
+    return y if group is None else y + biases[1][group]
 
 
 class GroupedBatch:
@@ -142,41 +149,43 @@ class GroupedBatch:
     a later fetch into the same slot waits for the compute queued so far, which includes the copy.
     """
 
-    def __init__(self, capacity: int, gate_up_shape, down_shape, device, dtype):
-        self.gate_up = torch.empty(capacity, *gate_up_shape, device=device, dtype=dtype)
-        self.down = torch.empty(capacity, *down_shape, device=device, dtype=dtype)
+    def __init__(self, capacity: int, first: tuple[torch.Tensor, ...], device, dtype, math: ExpertMath = SWIGLU):
+        """Stacks for ``capacity`` experts shaped like ``first`` ((gate_up, down) or with biases)."""
+        self.stacks = [torch.empty(capacity, *t.shape, device=device, dtype=dtype) for t in first]
+        self.math = math
         self.ranges: list[tuple[int, int]] = []
 
     @classmethod
-    def for_rows(cls, x: torch.Tensor, first: tuple[torch.Tensor, torch.Tensor]) -> "GroupedBatch":
-        gate_up, down = first
-        capacity = max(1, GROUPED_BYTES // (gate_up.nbytes + down.nbytes))
-        return cls(capacity, gate_up.shape, down.shape, x.device, x.dtype)
+    def for_rows(cls, x: torch.Tensor, first: tuple[torch.Tensor, ...], math: ExpertMath = SWIGLU) -> "GroupedBatch":
+        capacity = max(1, GROUPED_BYTES // sum(t.nbytes for t in first))
+        return cls(capacity, first, x.device, x.dtype, math)
 
-    def add(self, gate_up: torch.Tensor, down: torch.Tensor, start: int, stop: int) -> bool:
+    def add(self, weights: tuple[torch.Tensor, ...], start: int, stop: int) -> bool:
         """Queue one expert's rows start:stop; True when the stack is full (flush now)."""
         i = len(self.ranges)
-        self.gate_up[i].copy_(gate_up)
-        self.down[i].copy_(down)
+        for stack, t in zip(self.stacks, weights):
+            stack[i].copy_(t)
         self.ranges.append((start, stop))
-        return len(self.ranges) == self.gate_up.shape[0]
+        return len(self.ranges) == self.stacks[0].shape[0]
 
     def flush(self, x: torch.Tensor, rows: torch.Tensor) -> None:
         if not self.ranges:
             return
         n = len(self.ranges)
-        _grouped_rows(x, rows, self.ranges, self.gate_up[:n], self.down[:n])
+        gate_up, down, *biases = (stack[:n] for stack in self.stacks)
+        _grouped_rows(x, rows, self.ranges, gate_up, down, tuple(biases) or None, self.math)
         self.ranges = []
 
 
 def _grouped_rows(x: torch.Tensor, rows: torch.Tensor, ranges: list[tuple[int, int]], gate_up: torch.Tensor,
-                  down: torch.Tensor) -> None:
-    """rows[a:b] = expert g's SwiGLU of x[a:b] for the g-th range, through one grouped GEMM pair:
+                  down: torch.Tensor, biases: tuple[torch.Tensor, torch.Tensor] | None = None,
+                  math: ExpertMath = SWIGLU) -> None:
+    """rows[a:b] = expert g's output for x[a:b] for the g-th range, through one grouped GEMM pair:
     a slice when the ranges follow each other (the usual case), else gathered and scattered."""
     ends = torch.tensor([b - a for a, b in ranges]).cumsum(0).to(device=x.device, dtype=torch.int32)
     if all(ranges[i][1] == ranges[i + 1][0] for i in range(len(ranges) - 1)):
         first, last = ranges[0][0], ranges[-1][1]
-        rows[first:last] = grouped_swiglu(x[first:last], ends, gate_up, down)
+        rows[first:last] = grouped_experts(x[first:last], ends, gate_up, down, biases, math)
         return
     index = torch.cat([torch.arange(a, b) for a, b in ranges]).to(x.device, non_blocking=True)
-    rows[index] = grouped_swiglu(x[index], ends, gate_up, down)
+    rows[index] = grouped_experts(x[index], ends, gate_up, down, biases, math)

@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 
 from dymoe.models.expert_math import SWIGLU, ExpertMath
-from dymoe.runtime.expert_compute import grouped_mm_usable, grouped_swiglu, run_grouped
+from dymoe.runtime.expert_compute import grouped_mm_usable, grouped_experts, run_grouped
 
 
 class ResidentExperts:
@@ -60,8 +60,8 @@ class ResidentExperts:
         if self.gather_decode and hidden.shape[0] == 1:
             return gathered_decode(hidden, expert_ids[0], expert_weights[0], gate_up, down, biases=stacks[2:] or None,
                                    math=self.math)
-        if grouped_mm_usable(hidden) and self.math.plain:
-            return grouped_prefill(hidden, expert_ids, expert_weights, gate_up, down)
+        if grouped_mm_usable(hidden):
+            return grouped_prefill(hidden, expert_ids, expert_weights, gate_up, down, stacks[2:] or None, self.math)
         return run_grouped(hidden, expert_ids, expert_weights, lambda e: tuple(t[e] for t in stacks), math=self.math)
 
 
@@ -86,14 +86,15 @@ def gathered_decode(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, g
 
 
 def grouped_prefill(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, gate_up: torch.Tensor,
-                    down: torch.Tensor) -> torch.Tensor:
+                    down: torch.Tensor, biases: tuple[torch.Tensor, torch.Tensor] | None = None,
+                    math: ExpertMath = SWIGLU) -> torch.Tensor:
     """Several tokens x [N, H] through the whole stacks in two grouped GEMMs, every expert a group
-    (unused ones empty): no host synchronisation and no per-expert launches. Plain SwiGLU experts
-    only (:attr:`~dymoe.models.expert_math.ExpertMath.plain`); GPT-OSS's take the per-expert loop."""
+    (unused ones empty): no host synchronisation and no per-expert launches; ``biases`` stacked
+    like the weights and ``math``'s activation for GPT-OSS's experts."""
     k = ids.shape[1]
     flat = ids.reshape(-1)
     order = torch.argsort(flat, stable=True)
     ends = torch.bincount(flat, minlength=gate_up.shape[0]).cumsum(0).to(torch.int32)
     tokens = order // k
-    rows = grouped_swiglu(x[tokens], ends, gate_up, down) * weights.reshape(-1)[order].unsqueeze(-1)
+    rows = grouped_experts(x[tokens], ends, gate_up, down, biases, math) * weights.reshape(-1)[order].unsqueeze(-1)
     return torch.zeros_like(x).index_add_(0, tokens, rows)

@@ -104,22 +104,32 @@ from dymoe.quant.kernels import decode_routing, expert_decode, kernel_plan
 from dymoe.quant.kernels.reference import random_pool
 from dymoe.quant.kernels.triton_experts import DecodeWorkspace, LaunchConfig, launch_decode, tiled_config
 
-def run(layout, pool, offsets, x, combine, configs):
+from dymoe.models.expert_math import SWIGLU, ExpertMath
+
+def run(layout, pool, offsets, x, combine, configs, math=SWIGLU):
     plan = kernel_plan(layout)
     ws = DecodeWorkspace.allocate(plan, combine.shape[1], x.shape[0], "cpu")
     for scratch in (ws.hidden, ws.partial, ws.gate_up_partial, ws.hidden_transposed):
         scratch.fill_(float("nan"))  # a scratch value read before it is written shows in the result
-    out = launch_decode(pool, offsets, plan, x, combine, ws, *configs)
+    out = launch_decode(pool, offsets, plan, x, combine, ws, *configs, math=math)
     counters_reset = not (ws.counters.any() or ws.gate_up_counters.any())
     return out, counters_reset
 
 results = {}
-for precision, group in FORMATS:
+# GPT-OSS's experts: biases (10x the random pool's, so that leaving one out shows) and the clamped
+# activation at a limit the random weights reach (0.1), against the same torch reference
+GPT_OSS = ExpertMath("gpt_oss", bias=True, limit=0.1, alpha=1.702)
+for precision, group, math in [(p, g, SWIGLU) for p, g in FORMATS] + [(p, g, GPT_OSS) for p, g in BIASED]:
   # 160 and 96 features: padded last groups at 64 and 128; both kernels cut K in 2 slices at block_k 64
   # (32 for the formats without groups) and leave a tail row block at block_n 32
-  layout = blob_layout(parse_format(precision, group), 160, 96)
+  layout = blob_layout(parse_format(precision, group), 160, 96, bias=math.bias)
   plan = kernel_plan(layout)
   pool, table = random_pool(layout, 5, seed=3, spare_bytes=256)
+  for e in range(5) if math.bias else ():
+    for name in ("gate_up.bias", "down.bias"):
+      part = layout.part(name)
+      start = e * (layout.nbytes + 256) + part.offset
+      pool[start:start + part.nbytes].view(torch.bfloat16).mul_(10)
   small_k = 32 if plan.group_size == 0 else max(64, plan.group_size)
   cases = {  # name: (tokens, gate_up and down configs; None: choose_config's)
       "T3": (3, (None, None)),  # several tokens: tensor cores
@@ -133,27 +143,30 @@ for precision, group in FORMATS:
     offsets, combine = decode_routing(table, ids, torch.rand(tokens, 3, generator=g))
     combine[:, 1] = 0.0  # an expert no token uses: never read, still counted by the reductions
     x = torch.randn(tokens, 160, generator=g).bfloat16()
-    ref = expert_decode(pool, offsets, layout, x.float(), combine, backend="torch")
-    out, counters_reset = run(layout, pool, offsets, x, combine, configs)
-    results[f"{precision}/{group}/{name}"] = [((out.float() - ref).norm() / ref.norm()).item(),
-                                              bool(out.isfinite().all()), counters_reset]
+    ref = expert_decode(pool, offsets, layout, x.float(), combine, backend="torch", math=math)
+    out, counters_reset = run(layout, pool, offsets, x, combine, configs, math)
+    key = f"{precision}/{group}/{name}" + ("/gpt_oss" if math.bias else "")
+    results[key] = [((out.float() - ref).norm() / ref.norm()).item(), bool(out.isfinite().all()), counters_reset]
 print(json.dumps(results))
 """
 
 CASES = ("T3", "T1-tiled", "T1-split")
+BIASED = [("bf16", 128), ("int8", 128), ("int4", 64), ("int3", 128), ("int2", 64)]  # GPT-OSS experts
 
 
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed (gpu extra)")
 def test_triton_kernels_under_the_interpreter():
     """Every format through the tensor-core path (3 tokens), the tiled one-token GEMV and the
-    split-K one-token GEMV (2 K slices in both kernels, reduced by the last program of each block):
-    within 1e-2 of the float32 reference, no NaN from the poisoned scratch, every counter reset."""
+    split-K one-token GEMV (2 K slices in both kernels, reduced by the last program of each block),
+    plain SwiGLU and GPT-OSS's biased, clamped experts: within 1e-2 of the float32 reference, no
+    NaN from the poisoned scratch, every counter reset."""
     env = dict(os.environ, TRITON_INTERPRET="1", TRITON_DEFAULT_FP_FUSION="1")
-    script = f"FORMATS = {FORMATS!r}\n" + _INTERPRETED
+    script = f"FORMATS = {FORMATS!r}\nBIASED = {BIASED!r}\n" + _INTERPRETED
     done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     results = json.loads(done.stdout.strip().splitlines()[-1])
-    assert set(results) == {f"{p}/{g}/{c}" for p, g in FORMATS for c in CASES}
+    assert set(results) == ({f"{p}/{g}/{c}" for p, g in FORMATS for c in CASES}
+                            | {f"{p}/{g}/{c}/gpt_oss" for p, g in BIASED for c in CASES})
     for name, (rel_err, finite, counters_reset) in results.items():
         assert finite and rel_err < 1e-2, (name, rel_err)
         assert counters_reset, name

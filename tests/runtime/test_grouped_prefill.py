@@ -91,3 +91,26 @@ def test_offloaded_prefill_in_waves_equals_the_loop(tmp_path, monkeypatch):
         torch.testing.assert_close(results[key], results[False, *key[1:]], rtol=0, atol=0)
     unchunked = results[False, "static-int4", k]
     torch.testing.assert_close(results[True, "static-int4", 3 * k], unchunked, rtol=0, atol=0)
+
+
+def test_grouped_gemms_compute_gpt_oss_experts(experts, monkeypatch):
+    """GPT-OSS's biased experts with the clamped activation through the grouped GEMMs (resident
+    stacks and the runtime's copied batches) give the per-expert loop's result: the biases are
+    added per row's group, the activation is the family's."""
+    from dymoe.models.expert_math import ExpertMath
+
+    gate_up, down, x, ids, weights = experts
+    g = torch.Generator().manual_seed(5)
+    gate_up_bias = torch.randn(E, 2 * I, generator=g).to(torch.bfloat16)
+    down_bias = torch.randn(E, H, generator=g).to(torch.bfloat16)
+    math = ExpertMath("gpt_oss", bias=True, limit=0.5, alpha=1.702)  # a limit the random weights reach
+    stacks = (gate_up, down, gate_up_bias, down_bias)
+    loop = run_grouped(x, ids, weights, lambda e: tuple(t[e] for t in stacks), math=math)
+    plain = run_grouped(x, ids, weights, lambda e: (gate_up[e], down[e]))
+    assert (loop.float() - plain.float()).abs().max() > 0.1  # the biases and the activation matter here
+    monkeypatch.setattr(expert_compute, "grouped_mm_usable", lambda t: True)
+    monkeypatch.setattr(expert_compute, "GROUPED_BYTES", 2 * sum(t[0].nbytes for t in stacks))  # 2 per batch
+    batched = run_grouped(x, ids, weights, lambda e: tuple(t[e].clone() for t in stacks), math=math)
+    whole = grouped_prefill(x, ids, weights, gate_up, down, (gate_up_bias, down_bias), math)
+    for got in (batched, whole):  # bf16: the loop adds each bias inside its matmul, these after it
+        torch.testing.assert_close(got.float(), loop.float(), rtol=2e-2, atol=2e-2)

@@ -8,11 +8,10 @@ and semantics. :func:`dequantize_experts` is the prefill counterpart: several ex
 precision dequantized in one launch into a preallocated :class:`DequantWorkspace`, for bf16 matmuls.
 See docs/kernels.md for the design and measurements.
 
-The fused decode kernels compute plain SwiGLU experts without biases. Experts that are not
-(GPT-OSS's: biases and a clamped activation, :mod:`dymoe.models.expert_math`) decode through the
-torch reference on every device, whatever ``backend`` says when it is "auto"; their prefill still uses
-:func:`dequantize_experts` (a dequantization knows nothing of activations), which also copies
-the blobs' biases out when asked.
+The fused decode kernels compute every expert of :mod:`dymoe.models.expert_math`: plain SwiGLU, and
+GPT-OSS's biased experts with their clamped activation (the biases are read in place from the blob,
+the activation is a constexpr of the launch). Prefill uses :func:`dequantize_experts` (a
+dequantization knows nothing of activations), which also copies the blobs' biases out when asked.
 """
 
 from __future__ import annotations
@@ -65,24 +64,19 @@ def expert_decode(pool: torch.Tensor, slot_offsets: torch.Tensor, layout: BlobLa
     "triton" (also under ``TRITON_INTERPRET=1`` on CPU tensors) or "torch". ``workspace``: a
     :class:`~dymoe.quant.kernels.triton_experts.DecodeWorkspace` allocated once, so the Triton path
     allocates nothing but its [T, H] result (ignored by the torch backend). ``math``: the experts'
-    activation; with it or biased blobs the kernels do not compute (:func:`fused_kernels_compute`),
-    "auto" means the torch reference.
+    activation (biases come with the blobs when the layout has them).
     """
-    if not fused_kernels_compute(layout, math):
-        if backend == "triton":
-            raise ValueError("the Triton decode kernels compute plain SwiGLU experts without biases; use "
-                             "backend 'torch' for these")
-        backend = "torch"
     if _resolve(backend, pool) == "torch":
         return reference_decode(pool, slot_offsets, layout, x, combine, math)
     from dymoe.quant.kernels.triton_experts import launch_decode
 
-    return launch_decode(pool, slot_offsets, _plan(layout), x, combine, workspace)
+    return launch_decode(pool, slot_offsets, _plan(layout), x, combine, workspace, math=math)
 
 
 def fused_kernels_compute(layout: BlobLayout, math: ExpertMath = SWIGLU) -> bool:
-    """Whether the fused Triton decode kernels compute these experts: plain SwiGLU, no biases."""
-    return math.plain and not layout.has_bias
+    """Whether the fused Triton decode kernels compute these experts: every activation of
+    :mod:`dymoe.models.expert_math`, with or without biases."""
+    return True
 
 
 def _resolve(backend: str, pool: torch.Tensor) -> str:
@@ -100,7 +94,7 @@ def decode_workspace(layout: BlobLayout, max_experts: int, max_tokens: int, devi
     """Scratch for :func:`expert_decode`'s Triton path, to allocate once at start-up (a
     :class:`~dymoe.quant.kernels.triton_experts.DecodeWorkspace`); None where the torch path runs.
     ``max_experts`` is the most routing columns a step passes (T*k with :func:`decode_routing`)."""
-    if torch.device(device).type != "cuda" or not triton_available() or not fused_kernels_compute(layout, math):
+    if torch.device(device).type != "cuda" or not triton_available():
         return None
     from dymoe.quant.kernels.triton_experts import DecodeWorkspace
 

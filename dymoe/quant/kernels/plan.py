@@ -45,6 +45,8 @@ class KernelPlan:
     gate: Projection
     up: Projection
     down: Projection
+    gate_up_bias: int = -1  # bf16 biases (GPT-OSS), in fp16-view elements from the blob's start; -1: none
+    down_bias: int = -1
 
     @property
     def payload_dtype(self) -> torch.dtype:
@@ -71,5 +73,6 @@ def kernel_plan(layout: BlobLayout) -> KernelPlan:
         return Projection(rows, cols, padded, row_bytes // elem, weight.offset // elem, scales, mins)
 
     h, i = layout.hidden_size, layout.intermediate_size
+    biases = [layout.part(name).offset // 2 if layout.has_bias else -1 for name in ("gate_up.bias", "down.bias")]
     return KernelPlan(fmt.bits, fmt.group_size, h, i, projection("gate", i, h), projection("up", i, h),
-                      projection("down", h, i))
+                      projection("down", h, i), *biases)

@@ -30,7 +30,8 @@ Why and what it is expected to gain: docs/kernels.md, "One token: split-K".
 import triton
 import triton.language as tl
 
-from dymoe.quant.kernels.triton_experts import _code_value, _expert_slot, _row_scales, _sum_experts, _unit_tile
+from dymoe.quant.kernels.triton_experts import (_bias, _code_value, _expert_slot, _glu, _row_scales, _sum_experts,
+                                                 _unit_tile)
 
 
 @triton.jit
@@ -226,7 +227,8 @@ def _gate_up_split_kernel(w_ptr, s_ptr, offsets_ptr, combine_ptr, x_ptr, h_ptr, 
                           ROW: tl.constexpr, KP: tl.constexpr, GROUPS: tl.constexpr, BITS: tl.constexpr,
                           CPW: tl.constexpr, BLOCK_N: tl.constexpr, SUB_K: tl.constexpr, SUBS: tl.constexpr,
                           SPLIT: tl.constexpr, K_SLICE: tl.constexpr, KP_DOWN: tl.constexpr,
-                          PACKED: tl.constexpr = False):
+                          PACKED: tl.constexpr = False, GU_BIAS: tl.constexpr = -1, ACT: tl.constexpr = 0,
+                          LIMIT: tl.constexpr = 7.0, ALPHA: tl.constexpr = 1.702):
     e = tl.program_id(0)
     block = tl.program_id(1)
     rows = block * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -249,7 +251,9 @@ def _gate_up_split_kernel(w_ptr, s_ptr, offsets_ptr, combine_ptr, x_ptr, h_ptr, 
     up = (tl.sum(acc_u, axis=1) + m_u) * _row_scales(s_ptr, up_s, rows, row_ok, BITS)
     weight = tl.sum(c, axis=0)  # one token: the routing column's only entry
     if SPLIT == 1:
-        tl.store(h_at, gate * tl.sigmoid(gate) * up * weight, mask=row_ok)
+        gate += _bias(s_ptr, s_slot, GU_BIAS, rows, row_ok)
+        up += _bias(s_ptr, s_slot, GU_BIAS, rows + I, row_ok)  # up's biases follow gate's
+        tl.store(h_at, _glu(gate, up, ACT, LIMIT, ALPHA) * weight, mask=row_ok)
     else:
         slices = gu_ptr + e * (SPLIT * 2 * I)
         tl.store(slices + tl.program_id(2) * (2 * I) + rows, gate, mask=row_ok)
@@ -262,7 +266,9 @@ def _gate_up_split_kernel(w_ptr, s_ptr, offsets_ptr, combine_ptr, x_ptr, h_ptr, 
             for p in range(SPLIT):  # in slice order, whichever program came last: deterministic
                 gate += tl.load(slices + p * (2 * I) + rows, mask=row_ok, other=0.0, cache_modifier=".cg")
                 up += tl.load(slices + p * (2 * I) + I + rows, mask=row_ok, other=0.0, cache_modifier=".cg")
-            tl.store(h_at, gate * tl.sigmoid(gate) * up * weight, mask=row_ok)
+            gate += _bias(s_ptr, s_slot, GU_BIAS, rows, row_ok)
+            up += _bias(s_ptr, s_slot, GU_BIAS, rows + I, row_ok)
+            tl.store(h_at, _glu(gate, up, ACT, LIMIT, ALPHA) * weight, mask=row_ok)
             tl.atomic_xchg(counter, 0)
 
 
@@ -272,11 +278,12 @@ def _down_split_kernel(w_ptr, s_ptr, offsets_ptr, combine_ptr, h_ptr, partial_pt
                        DOWN_W: tl.constexpr, DOWN_S: tl.constexpr, DOWN_M: tl.constexpr,
                        ROW: tl.constexpr, KP: tl.constexpr, GROUPS: tl.constexpr, BITS: tl.constexpr,
                        CPW: tl.constexpr, BLOCK_N: tl.constexpr, SUB_K: tl.constexpr, SUBS: tl.constexpr,
-                       SPLIT: tl.constexpr, K_SLICE: tl.constexpr, PACKED: tl.constexpr = False):
+                       SPLIT: tl.constexpr, K_SLICE: tl.constexpr, PACKED: tl.constexpr = False,
+                       D_BIAS: tl.constexpr = -1):
     e = tl.program_id(0)
     rows = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < H
-    w_slot, s_slot, t, _, active = _expert_slot(offsets_ptr, combine_ptr, e, 1, E, W_BYTES, 2)
+    w_slot, s_slot, t, c, active = _expert_slot(offsets_ptr, combine_ptr, e, 1, E, W_BYTES, 2)
     down_w, down_s, down_m = w_slot + DOWN_W, s_slot + DOWN_S, s_slot + DOWN_M
     acc = tl.zeros((BLOCK_N, SUB_K // CPW), dtype=tl.float32)
     acc_m = tl.zeros((BLOCK_N,), dtype=tl.float32)
@@ -287,6 +294,9 @@ def _down_split_kernel(w_ptr, s_ptr, offsets_ptr, combine_ptr, h_ptr, partial_pt
                                       k0 + sub * SUB_K, h_ptr + e * KP, I, ROW, KP, GROUPS, BITS, CPW, SUB_K,
                                       PACKED)
     out = (tl.sum(acc, axis=1) + acc_m) * _row_scales(s_ptr, down_s, rows, row_ok, BITS)
+    if D_BIAS >= 0:  # the router weight times the expert's bias, once (in the first slice's partial)
+        first = (tl.program_id(2) == 0).to(tl.float32)
+        out += _bias(s_ptr, s_slot, D_BIAS, rows, row_ok) * (tl.sum(c, axis=0) * first)
     tl.store(partial_ptr + (e * SPLIT + tl.program_id(2)) * H + rows, out, mask=row_ok)
     # partial row e * SPLIT + slice is "expert" e * SPLIT + slice of one token for the shared sum
     mask = row_ok[:, None] & (t[None, :] < 1)

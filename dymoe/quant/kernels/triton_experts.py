@@ -29,9 +29,11 @@ import torch
 import triton
 import triton.language as tl
 
+from dymoe.models.expert_math import SWIGLU, ExpertMath
 from dymoe.quant.kernels.plan import KernelPlan, Projection
 
 TOKEN_BLOCK = 16  # tl.dot's smallest N; the decode path takes up to this many tokens per launch
+ACTIVATION_CODES = {"silu": 0, "gpt_oss": 1}  # ExpertMath.activation -> the kernels' ACT constexpr
 
 
 @triton.jit
@@ -178,6 +180,31 @@ def _row_scales(s_ptr, s_base, rows, row_ok, BITS: tl.constexpr):
 
 
 @triton.jit
+def _bias(s_ptr, s_slot, OFFSET: tl.constexpr, rows, row_ok):
+    """bf16 biases of ``rows`` stored at fp16-view element ``OFFSET`` of the slot, as float32 (read
+    through the fp16 view as raw bits); zeros for experts without biases (``OFFSET`` -1)."""
+    if OFFSET >= 0:
+        bits = tl.load(s_ptr + s_slot + OFFSET + rows, mask=row_ok, other=0).to(tl.int16, bitcast=True)
+        b = (bits.to(tl.int32) << 16).to(tl.float32, bitcast=True)
+    else:
+        b = tl.zeros(rows.shape, dtype=tl.float32)
+    return b
+
+
+@triton.jit
+def _glu(gate, up, ACT: tl.constexpr, LIMIT: tl.constexpr, ALPHA: tl.constexpr):
+    """The expert activation of :mod:`dymoe.models.expert_math`: SwiGLU (``ACT`` 0), or GPT-OSS's
+    (1): gate clamped from above and up on both sides at ``LIMIT``, ``(up + 1) * gate * sigmoid(ALPHA * gate)``."""
+    if ACT == 1:
+        gate = tl.minimum(gate, LIMIT)
+        up = tl.minimum(tl.maximum(up, -LIMIT), LIMIT)
+        out = (up + 1.0) * (gate * tl.sigmoid(gate * ALPHA))
+    else:
+        out = gate * tl.sigmoid(gate) * up
+    return out
+
+
+@triton.jit
 def _expert_slot(offsets_ptr, combine_ptr, e, T, E, W_BYTES: tl.constexpr, BLOCK_T: tl.constexpr):
     """Expert e's slot base in payload-view and fp16 elements, its routing column [BLOCK_T], and
     how many input columns to read (0 when no token uses it)."""
@@ -196,7 +223,8 @@ def _gate_up_kernel(w_ptr, s_ptr, offsets_ptr, combine_ptr, x_ptr, h_ptr, T, E,
                     UP_W: tl.constexpr, UP_S: tl.constexpr, UP_M: tl.constexpr,
                     ROW: tl.constexpr, KP: tl.constexpr, GROUPS: tl.constexpr, BITS: tl.constexpr,
                     CPW: tl.constexpr, F32_DOT: tl.constexpr, GEMV: tl.constexpr, BLOCK_T: tl.constexpr,
-                    BLOCK_N: tl.constexpr, SUB_K: tl.constexpr, SUBS: tl.constexpr):
+                    BLOCK_N: tl.constexpr, SUB_K: tl.constexpr, SUBS: tl.constexpr, GU_BIAS: tl.constexpr = -1,
+                    ACT: tl.constexpr = 0, LIMIT: tl.constexpr = 7.0, ALPHA: tl.constexpr = 1.702):
     e = tl.program_id(0)
     rows = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < I
@@ -230,7 +258,9 @@ def _gate_up_kernel(w_ptr, s_ptr, offsets_ptr, combine_ptr, x_ptr, h_ptr, T, E,
                                     t, t_ok, ROW, KP, GROUPS, BITS, CPW, F32_DOT, BLOCK_N, SUB_K)
     out_g = out_g * _row_scales(s_ptr, gate_s, rows, row_ok, BITS)[:, None]
     out_u = out_u * _row_scales(s_ptr, up_s, rows, row_ok, BITS)[:, None]
-    h = out_g * tl.sigmoid(out_g) * out_u * c[None, :]
+    out_g += _bias(s_ptr, s_slot, GU_BIAS, rows, row_ok)[:, None]
+    out_u += _bias(s_ptr, s_slot, GU_BIAS, rows + I, row_ok)[:, None]  # up's biases follow gate's
+    h = _glu(out_g, out_u, ACT, LIMIT, ALPHA) * c[None, :]
     tl.store(h_ptr + (e * T + t[None, :]) * I + rows[:, None], h.to(tl.bfloat16), mask=row_ok[:, None] & t_ok[None, :])
 
 
@@ -240,7 +270,7 @@ def _down_kernel(w_ptr, s_ptr, offsets_ptr, combine_ptr, h_ptr, partial_ptr, out
                  DOWN_W: tl.constexpr, DOWN_S: tl.constexpr, DOWN_M: tl.constexpr,
                  ROW: tl.constexpr, KP: tl.constexpr, GROUPS: tl.constexpr, BITS: tl.constexpr,
                  CPW: tl.constexpr, F32_DOT: tl.constexpr, GEMV: tl.constexpr, BLOCK_T: tl.constexpr,
-                 BLOCK_N: tl.constexpr, SUB_K: tl.constexpr, SUBS: tl.constexpr):
+                 BLOCK_N: tl.constexpr, SUB_K: tl.constexpr, SUBS: tl.constexpr, D_BIAS: tl.constexpr = -1):
     e = tl.program_id(0)
     rows = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < H
@@ -263,6 +293,8 @@ def _down_kernel(w_ptr, s_ptr, offsets_ptr, combine_ptr, h_ptr, partial_ptr, out
                                   h_ptr + e * T * I, I, I, t, t_ok, ROW, KP, GROUPS, BITS, CPW, F32_DOT, BLOCK_N,
                                   SUB_K)
     out = out * _row_scales(s_ptr, down_s, rows, row_ok, BITS)[:, None]
+    if D_BIAS >= 0:  # each token's router weight times the expert's bias (h already carries the weight)
+        out += _bias(s_ptr, s_slot, D_BIAS, rows, row_ok)[:, None] * c[None, :]
     mask = row_ok[:, None] & t_ok[None, :]
     tl.store(partial_ptr + (e * T + t[None, :]) * H + rows[:, None], out, mask=mask)
     _sum_experts(partial_ptr, out_ptr, counters_ptr + tl.program_id(1), rows, t, mask, T, E, H, BLOCK_N, BLOCK_T)
@@ -476,12 +508,15 @@ def _split_launch(kernel, plan: KernelPlan, proj: Projection, cfg: LaunchConfig,
 
 @functools.lru_cache(maxsize=256)
 def _launches(plan: KernelPlan, experts: int, tokens: int, sms: int, interpreting: bool,
-              gate_up_config: LaunchConfig | None, down_config: LaunchConfig | None) -> tuple[_Launch, _Launch]:
+              gate_up_config: LaunchConfig | None, down_config: LaunchConfig | None,
+              math: ExpertMath = SWIGLU) -> tuple[_Launch, _Launch]:
     """Both kernels' launches, computed once per step shape: the per-step host work is then two
     dictionary merges, since at ~10 us of weights per step the Python around the launches is a
-    large part of a decode step."""
+    large part of a decode step. ``math`` and the plan's bias offsets specialise the activation."""
     g, u, d = plan.gate, plan.up, plan.down
     h, i = plan.hidden_size, plan.intermediate_size
+    act = dict(GU_BIAS=plan.gate_up_bias, ACT=ACTIVATION_CODES[math.activation], LIMIT=float(math.limit),
+               ALPHA=float(math.alpha))
     gu_cfg = gate_up_config or choose_config(plan, "gate_up", experts, tokens, sms)
     d_cfg = down_config or choose_config(plan, "down", experts, tokens, sms)
     if (gu_cfg.split_k is None) != (d_cfg.split_k is None):
@@ -493,9 +528,9 @@ def _launches(plan: KernelPlan, experts: int, tokens: int, sms: int, interpretin
 
         return (_split_launch(_gate_up_split_kernel, plan, g, gu_cfg, experts, i, interpreting, GATE_W=g.weight,
                               GATE_S=g.scales, GATE_M=g.mins, UP_W=u.weight, UP_S=u.scales, UP_M=u.mins,
-                              KP_DOWN=d.padded_cols),
+                              KP_DOWN=d.padded_cols, **act),
                 _split_launch(_down_split_kernel, plan, d, d_cfg, experts, h, interpreting, DOWN_W=d.weight,
-                              DOWN_S=d.scales, DOWN_M=d.mins))
+                              DOWN_S=d.scales, DOWN_M=d.mins, D_BIAS=plan.down_bias))
     gemv = uses_gemv(plan, tokens)
     common = dict(H=h, I=i, GEMV=gemv, BLOCK_T=2 if gemv else TOKEN_BLOCK)
 
@@ -505,16 +540,16 @@ def _launches(plan: KernelPlan, experts: int, tokens: int, sms: int, interpretin
 
     gate_up = _Launch(_gate_up_kernel, (experts, triton.cdiv(i, gu_cfg.block_n)),
                       kwargs(gu_cfg, g, GATE_W=g.weight, GATE_S=g.scales, GATE_M=g.mins, UP_W=u.weight,
-                             UP_S=u.scales, UP_M=u.mins))
+                             UP_S=u.scales, UP_M=u.mins, **act))
     down = _Launch(_down_kernel, (experts, triton.cdiv(h, d_cfg.block_n)),
-                   kwargs(d_cfg, d, DOWN_W=d.weight, DOWN_S=d.scales, DOWN_M=d.mins))
+                   kwargs(d_cfg, d, DOWN_W=d.weight, DOWN_S=d.scales, DOWN_M=d.mins, D_BIAS=plan.down_bias))
     return gate_up, down
 
 
 def launch_decode(pool: torch.Tensor, slot_offsets: torch.Tensor, plan: KernelPlan, x: torch.Tensor,
                   combine: torch.Tensor, workspace: DecodeWorkspace | None = None,
                   gate_up_config: LaunchConfig | None = None,
-                  down_config: LaunchConfig | None = None) -> torch.Tensor:
+                  down_config: LaunchConfig | None = None, math: ExpertMath = SWIGLU) -> torch.Tensor:
     """The Triton path of :func:`dymoe.quant.kernels.expert_decode` (same arguments and result):
     two launches, the second of which also sums the experts into the result. The configs default
     to :func:`choose_config`'s; the benchmark passes others."""
@@ -525,7 +560,7 @@ def launch_decode(pool: torch.Tensor, slot_offsets: torch.Tensor, plan: KernelPl
     combine = combine.contiguous()
     workspace = workspace or DecodeWorkspace.allocate(plan, e, t, x.device)
     gate_up, down = _launches(plan, e, t, _sm_count(pool.device), os.environ.get("TRITON_INTERPRET") == "1",
-                              gate_up_config, down_config)
+                              gate_up_config, down_config, math)
     payload, scales = pool.view(plan.payload_dtype), pool.view(torch.float16)
     out = torch.empty_like(x)
     if gate_up.split:
