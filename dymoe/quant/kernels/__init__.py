@@ -90,7 +90,7 @@ def _resolve(backend: str, pool: torch.Tensor) -> str:
     return backend
 
 
-def decode_workspace(layout: BlobLayout, max_experts: int, max_tokens: int, device, math: ExpertMath = SWIGLU):
+def decode_workspace(layout: BlobLayout, max_experts: int, max_tokens: int, device):
     """Scratch for :func:`expert_decode`'s Triton path, to allocate once at start-up (a
     :class:`~dymoe.quant.kernels.triton_experts.DecodeWorkspace`); None where the torch path runs.
     ``max_experts`` is the most routing columns a step passes (T*k with :func:`decode_routing`)."""
