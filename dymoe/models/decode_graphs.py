@@ -12,9 +12,10 @@ synchronisation per MoE layer), so a step is cut after each MoE block's router::
     graph n   final norm and LM head
 
 A runtime that never synchronises (``graph_safe``, e.g. the resident experts) is recorded with the
-rest, so the whole step is one graph. A runtime with ``deferred_decode`` (one precision class)
-splits its step: ``decode_prepare`` (read the routing, fetch, upload slot ids to a fixed row) runs
-between graphs, ``decode_compute`` (kernels on fixed buffers) is recorded at the start of the next
+rest, so the whole step is one graph. A runtime with ``deferred_decode`` (an offloading runtime
+whose expert kernels read fixed rows once prepared: one precision class, or two padded to k slots
+each) splits its step: ``decode_prepare`` (read the routing, fetch, upload slot ids to fixed rows)
+runs between graphs, ``decode_compute`` (kernels on fixed buffers) is recorded at the start of the next
 segment, and ``decode_finish`` (unpin, fence) follows that segment's replay. The position lives on the device (:class:`StaticPosition`);
 attention covers a fixed span of the KV cache per graph (a power of two of at least 256 entries that
 covers the position, later entries masked), so a few recordings serve every position. A span is

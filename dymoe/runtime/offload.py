@@ -20,9 +20,10 @@ For one MoE layer and the routing of its tokens:
    prefetch depth, the next layers' experts predicted by the cross-layer gate are fetched ahead.
 
 bf16 slots are read in place (a single-precision bf16 runtime decodes with the resident model's
-exact arithmetic, so it is bit-identical to it). Low-bit slots go through
-:func:`dymoe.quant.kernels.expert_decode` for one token (fused dequantize-GEMV in Triton on the GPU,
-the torch reference elsewhere and for experts the kernels do not compute, GPT-OSS's); for prefill
+exact arithmetic, so it is bit-identical to it), except in the CUDA-graph decode of a two-class
+runtime (:meth:`OffloadedExperts.decode_compute`), which runs them through the fused kernels
+too. Low-bit slots go through :func:`dymoe.quant.kernels.expert_decode` for one token (fused
+dequantize-GEMV in Triton on the GPU, the torch reference elsewhere); for prefill
 a wave's low-bit experts are dequantized a batch per launch into a preallocated workspace (:mod:`dymoe.runtime.prefill`) and run through the same bf16 matmuls.
 """
 
@@ -116,16 +117,21 @@ class OffloadedExperts(RuntimeReporting):
         self._prefill = {p: PrefillDequantizer(self.pool.buffer, functools.partial(self.pool.offset, p), self.layouts[p],
                                                prefill_capacity(self.layouts[p], n, store.num_experts, dtype), dtype,
                                                self._wait_copy) for p, n in counts.items() if p != "bf16"}
+        # bf16 slots read in place need no workspace, except in the two-class deferred decode,
+        # which runs them through the fused kernels (decode_compute)
         self._workspaces = {p: decode_workspace(self.layouts[p], top_k, 1, self.device)
-                            for p in counts if p != "bf16" or self._stacks is None}
+                            for p in counts if p != "bf16" or self._stacks is None or self.low is not None}
         self.predictor: CrossLayerPredictor | None = None
         self._upload = IndexUpload(top_k, self.device, rows=2 * len(config.precisions))  # slot ids, rows per class
+        # the two-class deferred decode's per-class slot and mask rows, in one copy per step (the
+        # host pays per upload, and decode is bound by the host)
+        self._padded_upload = (IndexUpload(2 * len(config.precisions) * top_k, self.device, rows=1)
+                               if self.low is not None else None)
         self.rule = make_precision_rule(config.precision_rule, important_mass=config.important_mass,
                                         popularity_floor=config.popularity_floor, num_experts=store.num_experts)
         self._critical: set[int] = set()
         self.precision_uses: dict[str, int] = {p: 0 for p in config.precisions}  # expert runs per precision
-        if self.device.type == "cuda":
-            self._compile_kernels(top_k)
+        self.top_k = top_k
 
     def _slot_counts(self, config: OffloadConfig, top_k: int) -> dict[str, int]:
         """Whole slots per precision class within the budget: each class holds one token's top-k,
@@ -148,7 +154,8 @@ class OffloadedExperts(RuntimeReporting):
 
     def bind(self, model) -> None:
         """Called by the model when it attaches this runtime: the prefetcher needs the routers, the
-        depth floor needs the MoE layer indices; the experts compute as the model's family says."""
+        depth floor needs the MoE layer indices; the experts compute as the model's family says
+        (and the decode kernels, compiled here, are specialised on that activation)."""
         self.math = ExpertMath.of(model.config)
         if self.math.bias != self.layout.has_bias:
             raise StoreError(f"the expert store's blobs {'carry' if self.layout.has_bias else 'lack'} expert biases, "
@@ -158,6 +165,8 @@ class OffloadedExperts(RuntimeReporting):
         self._critical = {layers[i] for i in self.config.critical_layers if -len(layers) <= i < len(layers)}
         if self.config.prefetch_depth:
             self.predictor = CrossLayerPredictor.from_model(model, self.config.prefetch_depth)
+        if self.device.type == "cuda":
+            self._compile_kernels()
 
     # ---- the ExpertProvider interface ------------------------------------------------------------
 
@@ -246,6 +255,11 @@ class OffloadedExperts(RuntimeReporting):
         if precision == "bf16" and self._stacks is not None:
             gate_up, down = self._stacks
             return gathered_decode(hidden, slots, weights, gate_up, down, self.dtype, self._bias_stacks, self.math)
+        return self._run_fused(hidden, slots, weights, precision)
+
+    def _run_fused(self, hidden, slots, weights, precision):
+        """:meth:`_run_slots` through :func:`expert_decode`, whatever the class: a slot whose weight
+        is zero is skipped without reading its weights."""
         offsets, combine = decode_routing(self._slot_tables[precision], slots[None], weights[None])
         return expert_decode(self.pool.buffer, offsets, self.layouts[precision], hidden, combine,
                              workspace=self._workspaces.get(precision), math=self.math)
@@ -254,24 +268,42 @@ class OffloadedExperts(RuntimeReporting):
 
     @property
     def deferred_decode(self) -> bool:
-        """With one precision class a token's k experts always run as k slots of that class, read
-        from one fixed device row of slot ids: the compute is device work on fixed buffers, which a
-        CUDA graph records (with the next layer's attention), leaving the host its bookkeeping. Not
-        for low-bit experts the fused kernels do not compute (GPT-OSS's): their torch reference
-        reads the slot offsets on the host, so they run between the graph segments instead."""
-        in_place = self.precision == "bf16" and self._stacks is not None
-        return self.low is None and (in_place or fused_kernels_compute(self.layout, self.math))
+        """Whether a token's expert compute reads only fixed device rows once prepared, so a CUDA
+        graph records it (with the next layer's attention), leaving the host its bookkeeping. With
+        one class the k experts run as k slots of that class from one row of slot ids. With two,
+        the split between the classes varies per token, so each class runs all k columns: its
+        row holds the slots of the experts that run at it and a filler slot elsewhere, whose
+        weight a 0/1 mask row zeroes (the fused kernels skip a zero column without reading it).
+        Not where :func:`fused_kernels_compute` says the fused kernels do not compute either
+        class's experts (GPT-OSS's, until they learnt biases and its activation): the torch
+        reference reads the slot offsets on the host, so such experts run between the segments."""
+        if self.low is None and self.precision == "bf16" and self._stacks is not None:
+            return True  # read in place by gathered_decode (the resident model's arithmetic)
+        return all(fused_kernels_compute(self.layouts[p], self.math) for p in self.config.precisions)
 
     def decode_prepare(self, layer, hidden, ids, weights) -> None:
         """Everything before the compute of one token's layer: :meth:`_admit`, then the slot ids
-        into the fixed row :meth:`decode_compute` reads."""
-        experts, _ = self._admit(layer, hidden, ids, weights)
-        self._upload(self._slots(layer, experts), 0)
+        (and, with two classes, each class's slot row and mask row) into the fixed rows
+        :meth:`decode_compute` reads."""
+        experts, used = self._admit(layer, hidden, ids, weights)
+        if self.low is None:
+            self._upload(self._slots(layer, experts), 0)
+        else:
+            self._upload_padded_rows(layer, experts, used)
         self._deferred = (layer, experts)
 
     def decode_compute(self, layer, hidden, weights) -> torch.Tensor:
         """The experts :meth:`decode_prepare` admitted, run on hidden [1, H] with weights [k]."""
-        return self._run_slots(hidden, self._upload.row(0, weights.shape[0]), weights, self.precision)
+        k = weights.shape[0]
+        if self.low is None:
+            return self._run_slots(hidden, self._upload.row(0, k), weights, self.precision)
+        rows = self._padded_rows(k)
+        out = None
+        for precision in self._decode_classes(layer):
+            c = self.config.precisions.index(precision)
+            part = self._run_fused(hidden, rows[2 * c], weights * rows[2 * c + 1].to(weights.dtype), precision)
+            out = part if out is None else out + part
+        return out
 
     def decode_finish(self, layer) -> None:
         """After the compute is queued: unpin, fence, and what run_experts does after a layer."""
@@ -280,20 +312,62 @@ class OffloadedExperts(RuntimeReporting):
         self._release(layer, experts)
         self._after_layer(layer, 1)
 
-    def _compile_kernels(self, top_k: int) -> None:
-        """Run each low-bit decode kernel once at start-up (on whatever the slots hold), so Triton's
-        compilation — seconds on first use — is not paid by the first generated tokens."""
+    def _decode_classes(self, layer: int) -> tuple[str, ...]:
+        """The classes a decode step of ``layer`` may run experts at: only the high one in a critical
+        layer (depth floor) or where the rule runs every decode expert high and no copy at the other
+        precision may substitute (Fate's); both otherwise. Fixed per layer, so a recording may
+        leave out the other class's launches."""
+        if self.low is None or layer in self._critical or not (self.rule.decode_mixed or self.config.substitute):
+            return (self.precision,)
+        return self.config.precisions
+
+    def _upload_padded_rows(self, layer: int, experts: list[int], used: dict[int, str]) -> None:
+        """Each class's :meth:`_class_rows` for a token's ``experts``, in one upload."""
+        classes = self._decode_classes(layer)
+        stray = [e for e in experts if used[e] not in classes]
+        if stray:  # _decode_classes and _start_wave disagree: the compute would drop these experts
+            raise AssertionError(f"layer {layer}: experts {stray} run outside the classes {classes}")
+        values = []
+        for precision in self.config.precisions:
+            slots, mask = self._class_rows(layer, experts, used, precision)
+            values += slots + mask
+        self._padded_upload(values)
+
+    def _padded_rows(self, k: int) -> torch.Tensor:
+        """The rows :meth:`_upload_padded_rows` uploaded, as [2 * classes, k] (a fixed address):
+        class c's slot ids at row 2c, its 0/1 mask at row 2c+1."""
+        return self._padded_upload.row(0, 2 * len(self.config.precisions) * k).view(-1, k)
+
+    def _class_rows(self, layer: int, experts: list[int], used: dict[int, str], precision: str):
+        """(slot ids, 0/1 mask), k entries each, of class ``precision`` for a token's ``experts``:
+        the slot of each expert that runs at ``precision``; elsewhere slot 0 of the class, a valid
+        address whose zero weight keeps the kernels from reading it."""
+        mask = [int(used[e] == precision) for e in experts]
+        slots = [self.cache.peek((layer, e)).slot if m else 0 for e, m in zip(experts, mask)]
+        return slots, mask
+
+    def _compile_kernels(self) -> None:
+        """Run each fused decode kernel variant the decode may launch (:meth:`_launch_widths`, the
+        model's activation) once at start-up (on whatever the slots hold), so Triton's compilation —
+        seconds on first use — is not paid by the first generated tokens."""
         hidden = torch.zeros(1, self.layout.hidden_size, device=self.device, dtype=self.dtype)
-        # mixed precision splits a token's experts between the classes: any count from 1 to k occurs
-        counts = range(1, top_k + 1) if self.low is not None else (top_k,)
         for precision, workspace in self._workspaces.items():
-            for n in counts if workspace is not None else ():
+            for n in self._launch_widths(precision) if workspace is not None else ():
                 slots = torch.arange(n, device=self.device).view(1, -1)
                 weights = torch.full((1, n), 1.0 / n, device=self.device)
                 offsets, combine = decode_routing(self._slot_tables[precision], slots, weights)
-                expert_decode(self.pool.buffer, offsets, self.layouts[precision], hidden, combine, workspace=workspace)
+                expert_decode(self.pool.buffer, offsets, self.layouts[precision], hidden, combine, workspace=workspace,
+                              math=self.math)
         for dequantizer in self._prefill.values():  # and the prefill dequantize (one compile per precision)
             dequantizer.warm_up()
+
+    def _launch_widths(self, precision: str) -> tuple[int, ...]:
+        """How many routing columns a decode launch of ``precision``'s fused kernels may take: k
+        (one class, and every class of the deferred two-class decode); any count from 1 to k in
+        the eager two-class decode (:meth:`_decode_one` splits a token's experts between the
+        classes), except for bf16 slots it reads in place."""
+        in_place = precision == "bf16" and self._stacks is not None
+        return tuple(range(1, self.top_k + 1)) if self.low is not None and not in_place else (self.top_k,)
 
     # ---- precision ----------------------------------------------------------------------------------
 

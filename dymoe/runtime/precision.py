@@ -25,6 +25,7 @@ class PrecisionRule(Protocol):
     """Which experts of one MoE layer's step run at the high precision."""
 
     prefetch_low: bool  # whether the cross-layer prefetch moves the low copies
+    decode_mixed: bool  # whether decode_high may ever send a token's experts to the low class
 
     def decode_high(self, weights: torch.Tensor) -> torch.Tensor | None:
         """One token: how many of its experts (router weights sorted descending, as top-k returns
@@ -49,6 +50,7 @@ class ImportanceRule:
     """DyMoE: the experts that hold ``mass`` of a token's router weight run high."""
 
     prefetch_low = True
+    decode_mixed = True
 
     def __init__(self, mass: float):
         self.mass = mass
@@ -79,6 +81,7 @@ class PopularityRule:
     """
 
     prefetch_low = False
+    decode_mixed = False
 
     def __init__(self, num_experts: int, floor: float = 0.5):
         self.num_experts = num_experts

@@ -13,6 +13,7 @@ from dymoe.checkpoint.store import ExpertStore
 from dymoe.models import decode_graphs
 from dymoe.models.decode_graphs import DecodeGraphs, span_for, supports_graphs
 from dymoe.models.transformer import load_dense
+from dymoe.quant.kernels import fused_kernels_compute
 from dymoe.runtime.offload import OffloadConfig, OffloadedExperts
 from dymoe.runtime.presets import PRESETS
 from dymoe.runtime.resident import ResidentExperts
@@ -77,8 +78,8 @@ def test_longrope_steps_read_their_lengths_table_and_rerun_at_the_switch(tmp_pat
 
 @pytest.mark.parametrize("preset", ["lru", "dymoe"])
 def test_segmented_decode_drives_an_offloading_runtime_once_per_moe_layer(checkpoints, tmp_path, monkeypatch, preset):
-    """lru (one precision class) is split: decode_prepare between segments, decode_compute inside the
-    next one, decode_finish after it; dymoe (two classes) runs whole through run_experts."""
+    """lru (one precision class) and dymoe (two) are split: decode_prepare between segments,
+    decode_compute inside the next one, decode_finish after it."""
     monkeypatch.setattr(decode_graphs, "MIN_SPAN", 8)
     checkpoint = checkpoints["qwen2_moe"]  # shared experts: finish() adds them after the runtime
     store = ExpertStore.open(convert_store(checkpoint, tmp_path / "store", precisions=("bf16", "int4"),
@@ -94,16 +95,107 @@ def test_segmented_decode_drives_an_offloading_runtime_once_per_moe_layer(checkp
         setattr(experts, name, lambda layer, *args, m=method, n=name: calls.append((n, layer)) or m(layer, *args))
     plain, segmented, graphs = decode_both(model, experts)
     torch.testing.assert_close(segmented, plain, rtol=1e-5, atol=1e-5)
-    assert not graphs.whole and graphs.deferred == (preset == "lru")
+    assert not graphs.whole and graphs.deferred
     layers = list(c.moe_layers)
     plain_step = [("run_experts", layer) for layer in layers]
-    if preset == "lru":
-        split = [(n, layer) for layer in layers for n in ("decode_prepare", "decode_compute", "decode_finish")]
-    else:
-        split = plain_step
+    split = [(n, layer) for layer in layers for n in ("decode_prepare", "decode_compute", "decode_finish")]
     # the prefill (twice), then per step the plain forward and the segmented path
     assert calls[: 2 * len(layers)] == plain_step * 2
     assert calls[2 * len(layers):] == (plain_step + split) * STEPS
+
+
+# Two-class runtimes (3 MoE layers, top-3 of 8): (family, store precisions, knobs over the preset,
+# high-precision slots beyond one token's top-k per class).
+MIXED = {
+    "dymoe": ("qwen3_moe", ("bf16", "int4"), dict(), 1),  # the preset: the first and last MoE layer critical
+    # no depth floor and a tight budget: resident copies serve at the other precision both ways
+    "dymoe-substitute": ("qwen3_moe", ("bf16", "int4"), dict(critical_layers=()), 2),
+    "dymoe-critical": ("qwen3_moe", ("bf16", "int4"), dict(critical_layers=(1,)), 3),  # the middle layer all bf16
+    "fate": ("qwen3_moe", ("int4", "int2"), dict(), 2),  # decode runs int4 only: int2 is never launched
+    # biased experts with a clamped activation: deferred only where the fused kernels compute them
+    "dymoe-gpt-oss": ("gpt_oss", ("bf16", "int4"), dict(), 1),
+}
+
+
+@pytest.fixture(scope="module")
+def mixed_stores(checkpoints, tmp_path_factory):
+    root = tmp_path_factory.mktemp("mixed-stores")
+    return {(f, p): ExpertStore.open(convert_store(checkpoints[f], root / f / "-".join(p), precisions=p,
+                                                   group_size=64, progress=False))
+            for f, p in {(family, precisions) for family, precisions, _, _ in MIXED.values()}}
+
+
+class AdmissionLog:
+    """Wraps a runtime's ``_admit``: per decode layer step, each expert's (wanted, used) class, the
+    precision rule's choice against the class it ran at (they differ where a copy substituted)."""
+
+    def __init__(self, experts):
+        self.experts, self.admit, self.steps = experts, experts._admit, []
+        experts._admit = self
+
+    def __call__(self, layer, hidden, ids, weights):
+        ran, used = self.admit(layer, hidden, ids, weights)
+        e = self.experts
+        mixed = e.rule.decode_mixed and layer not in e._critical
+        n_high = int(e.rule.decode_high(weights)) if mixed else len(ran)
+        wanted = {x: e.precision if j < n_high else e.low for j, x in enumerate(ran)}
+        self.steps.append((layer, [(wanted[x], used[x]) for x in ran]))
+        return ran, used
+
+    def count(self, wanted: str, used: str) -> int:
+        return sum(pair == (wanted, used) for _, pairs in self.steps for pair in pairs)
+
+    def classes(self, layer: int) -> set[str]:
+        return {u for step_layer, pairs in self.steps if step_layer == layer for _, u in pairs}
+
+
+@pytest.mark.parametrize("name", MIXED)
+def test_two_class_decode_runs_inside_the_segments(checkpoints, mixed_stores, monkeypatch, name):
+    """A two-class runtime's expert compute is deferred into the graph segments (each class's k
+    slots and 0/1 mask in fixed rows) and gives the eager decode's logits at every step. Two
+    runtimes of the same config, one per path and fed the same tokens, keep the same cache states,
+    so substitutions happen alike in both (one runtime shared by both paths would not)."""
+    monkeypatch.setattr(decode_graphs, "MIN_SPAN", 8)
+    family, precisions, knobs, spare = MIXED[name]
+    checkpoint, store = checkpoints[family], mixed_stores[family, precisions]
+    c = checkpoint.config
+    k = c.num_experts_per_tok
+    preset = "fate" if name == "fate" else "dymoe"
+    budget = k * sum(store.layout(p).nbytes for p in precisions) + spare * store.layout(precisions[0]).nbytes
+    config = OffloadConfig(budget_bytes=budget, **{**PRESETS[preset], **knobs})
+    eager_model, segment_model = (load_dense(checkpoint, 40, "cpu", torch.float32) for _ in range(2))
+    eager_model.attach_experts(OffloadedExperts(store, config, k, "cpu", torch.float32))
+    experts = OffloadedExperts(store, config, k, "cpu", torch.float32)
+    segment_model.attach_experts(experts)
+    fused = all(fused_kernels_compute(store.layout(p), experts.math) for p in precisions)
+    assert fused or family == "gpt_oss"  # plain SwiGLU: the fused kernels compute both classes
+    eager_cache, graph_cache = eager_model.new_cache(1), segment_model.new_cache(1)
+    logits = eager_model(PROMPT, 0, eager_cache, last_only=True)[0]
+    assert torch.equal(segment_model(PROMPT, 0, graph_cache, last_only=True)[0], logits)
+    graphs = DecodeGraphs(segment_model, graph_cache, record=False)
+    assert experts.deferred_decode == graphs.deferred == fused and not graphs.whole
+    log = AdmissionLog(experts)
+    eager, segmented = [], []
+    token = logits.argmax()
+    for i in range(STEPS):
+        position = PROMPT.shape[1] + i
+        eager.append(eager_model(token.view(1, 1), position, eager_cache, last_only=True)[0])
+        segmented.append(graphs.step(token, position))
+        token = eager[-1].argmax()
+    eager, segmented = torch.stack(eager), torch.stack(segmented)
+    torch.testing.assert_close(segmented, eager, rtol=1e-5, atol=1e-5)
+    assert torch.equal(segmented.argmax(-1), eager.argmax(-1))
+    assert len(log.steps) == STEPS * len(c.moe_layers)  # every decode layer step went through decode_prepare
+    high, low = config.precisions
+    if name == "fate":
+        assert log.count(high, high) == STEPS * len(c.moe_layers) * k  # decode: int4 only
+        return
+    assert any(len({u for _, u in pairs}) == 2 for _, pairs in log.steps)  # a token split between the classes
+    critical = {c.moe_layers[i] for i in config.critical_layers}
+    for layer in critical:
+        assert log.classes(layer) == {high}, layer
+    if name == "dymoe-substitute":
+        assert log.count(high, low) > 0 and log.count(low, high) > 0  # substitution both ways
 
 
 def test_span_covers_the_position_in_powers_of_two_up_to_the_context():

@@ -10,6 +10,7 @@ from dymoe.checkpoint.reader import Checkpoint
 from dymoe.checkpoint.store import ExpertStore
 from dymoe.errors import BudgetError
 from dymoe.models.transformer import load_dense
+from dymoe.runtime import offload
 from dymoe.runtime.offload import OffloadConfig, OffloadedExperts
 from dymoe.runtime.precision import important_count
 from dymoe.runtime.presets import PRESETS
@@ -125,3 +126,95 @@ def test_each_class_holds_a_token_whatever_the_share(model_and_store):
         OffloadedExperts(store, OffloadConfig(budget_bytes=floor - 1, precision="bf16", low_precision="int4",
                                               high_share=0.95), k, "cpu", torch.float32)
     assert f"{floor / 2**20:.1f} MiB" in str(info.value)
+
+
+def place(experts, store, layer: int, expert: int, precision: str, poison: bool = False) -> int:
+    """Make ``expert`` resident at ``precision`` in the lowest free slot (its blob, or NaN bytes)."""
+    slot = experts.cache.make_room(precision)
+    experts.cache.insert((layer, expert), precision, slot)
+    view = experts.pool.view(precision, slot)
+    view.copy_(torch.full_like(view, 0xFF) if poison else store.blob(layer, expert, precision))
+    return slot
+
+
+def test_deferred_two_class_decode_uploads_each_class_slots_and_mask(model_and_store):
+    """A hand-made routing whose important expert (5) is resident only at int4 (it substitutes),
+    an unimportant one (2) resident at bf16 (a high copy always serves) and one (7) missing (fetched
+    at int4): each class gets a row of k slot ids (slot 0 where the expert runs at the other class)
+    and a 0/1 mask row. Slot 0 of both classes holds NaN bytes: a padded column whose weights were
+    read would poison the output, which must equal the eager decode's."""
+    checkpoint, store = model_and_store
+    model = load_dense(checkpoint, 64, "cpu", torch.float32)
+    experts, _ = runtime(checkpoint, store, slots_each=6)
+    model.attach_experts(experts)
+    assert experts.deferred_decode
+    layer = checkpoint.config.moe_layers[1]  # not critical
+    assert [place(experts, store, layer, e, p, poison=True) for e, p in ((0, "bf16"), (1, "int4"))] == [0, 0]
+    assert place(experts, store, layer, 5, "int4") == 1 and place(experts, store, layer, 2, "bf16") == 1
+    ids, weights = torch.tensor([5, 2, 7]), torch.tensor([0.6, 0.3, 0.1])  # mass 0.5: only expert 5 is important
+    hidden = torch.randn(1, checkpoint.config.hidden_size, generator=torch.Generator().manual_seed(0))
+
+    experts.decode_prepare(layer, hidden, ids, weights)
+    rows = experts._padded_rows(3).tolist()
+    assert rows == [[0, 1, 0], [0, 1, 0],  # bf16: slots, mask (expert 2)
+                    [1, 0, 2], [1, 0, 1]]  # int4: slots, mask (experts 5 and 7; 7 fetched into slot 2)
+    out = experts.decode_compute(layer, hidden, weights)
+    experts.decode_finish(layer)
+    assert not any(experts.cache.is_pinned((layer, e)) for e in (5, 2, 7))
+
+    assert torch.isfinite(out).all()
+    eager = experts._decode_one(layer, hidden, ids, weights)  # same residency: the same classes
+    torch.testing.assert_close(out, eager, rtol=1e-5, atol=1e-6)
+    int4_only = experts._decode_one(layer, hidden, ids, weights * torch.tensor([1.0, 0.0, 1.0]))
+    assert not torch.allclose(out, int4_only, rtol=1e-3, atol=1e-5)  # the bf16 expert counts
+
+
+def test_deferred_decode_launches_only_the_classes_a_layer_can_use(model_and_store):
+    """Critical layers, and Fate's rule without substitution, run every decode expert high: their
+    recording leaves out the low class."""
+    checkpoint, store = model_and_store
+    model = load_dense(checkpoint, 64, "cpu", torch.float32)
+    layers = checkpoint.config.moe_layers
+    experts, _ = runtime(checkpoint, store, slots_each=6)  # dymoe: first and last MoE layer critical
+    model.attach_experts(experts)
+    assert [experts._decode_classes(layer) for layer in layers] == [("bf16",), *[("bf16", "int4")] * (len(layers) - 2),
+                                                                     ("bf16",)]
+    for substitute, classes in ((False, ("bf16",)), (True, ("bf16", "int4"))):
+        popular, _ = runtime(checkpoint, store, slots_each=6, precision_rule="popularity", critical_layers=(),
+                             substitute=substitute)
+        model.attach_experts(popular)
+        assert {popular._decode_classes(layer) for layer in layers} == {classes}, substitute
+
+
+@pytest.mark.parametrize("computed", [("bf16", "int4"), ("bf16",), ("int4",)])
+def test_two_classes_defer_only_when_the_fused_kernels_compute_both(model_and_store, monkeypatch, computed):
+    """The deferred two-class decode runs both classes through the fused kernels, so one layout
+    they do not compute (GPT-OSS's, before they did) keeps the whole step between the segments;
+    a single bf16 class is read in place and always defers."""
+    checkpoint, store = model_and_store
+    monkeypatch.setattr(offload, "fused_kernels_compute", lambda layout, math: layout.format.name in computed)
+    mixed, _ = runtime(checkpoint, store, slots_each=6)
+    assert mixed.deferred_decode == (len(computed) == 2)
+    k = checkpoint.config.num_experts_per_tok
+    bf16 = OffloadedExperts(store, OffloadConfig(budget_bytes=k * store.layout("bf16").nbytes), k, "cpu", torch.float32)
+    assert bf16.deferred_decode
+
+
+def test_start_up_compiles_every_decode_launch_of_both_paths(model_and_store, monkeypatch):
+    """On the GPU, _compile_kernels runs each fused decode launch once: bf16 with k columns (the
+    deferred decode; the eager one reads bf16 slots in place), int4 with 1..k (the eager decode
+    splits a token's experts between the classes; the deferred one passes k), in the model's
+    activation. Here the workspaces stand in for the GPU's and expert_decode records its calls."""
+    checkpoint, store = model_and_store
+    model = load_dense(checkpoint, 64, "cpu", torch.float32)
+    k = checkpoint.config.num_experts_per_tok
+    experts, _ = runtime(checkpoint, store, slots_each=6)
+    model.attach_experts(experts)
+    assert set(experts._workspaces) == {"bf16", "int4"}  # None on the CPU: the torch reference needs none
+    experts._workspaces = {p: object() for p in experts._workspaces}
+    launches = []
+    monkeypatch.setattr(offload, "expert_decode", lambda pool, offsets, layout, x, combine, workspace, math:
+                        launches.append((layout.format.name, combine.shape[1], math)))
+    experts._compile_kernels()
+    assert sorted(launches, key=lambda launch: launch[:2]) == [("bf16", k, experts.math),
+                                                                *[("int4", n, experts.math) for n in range(1, k + 1)]]
