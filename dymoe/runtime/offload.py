@@ -127,6 +127,11 @@ class OffloadedExperts(RuntimeReporting):
         # host pays per upload, and decode is bound by the host)
         self._padded_upload = (IndexUpload(2 * len(config.precisions) * top_k, self.device, rows=1)
                                if self.low is not None else None)
+        for precision in config.precisions if self.low is not None else ():
+            # the padding's filler slot (_class_rows): the Triton kernels skip a zero column's weights
+            # but still read its int8 row scales and biases, times zero; an uninitialised slot could
+            # hold NaN bit patterns, a written one holds a real (finite) blob
+            self.pool.view(precision, 0).zero_()
         self.rule = make_precision_rule(config.precision_rule, important_mass=config.important_mass,
                                         popularity_floor=config.popularity_floor, num_experts=store.num_experts)
         self._critical: set[int] = set()
