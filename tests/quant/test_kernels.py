@@ -124,8 +124,8 @@ for precision, group, math in [(p, g, SWIGLU) for p, g in FORMATS] + [(p, g, GPT
   # (32 for the formats without groups) and leave a tail row block at block_n 32
   layout = blob_layout(parse_format(precision, group), 160, 96, bias=math.bias)
   plan = kernel_plan(layout)
-  pool, table = random_pool(layout, 5, seed=3, spare_bytes=256)
-  for e in range(5) if math.bias else ():
+  pool, table = random_pool(layout, 6, seed=3, spare_bytes=256)  # the 6th blob: for the unused column
+  for e in range(6) if math.bias else ():
     for name in ("gate_up.bias", "down.bias"):
       part = layout.part(name)
       start = e * (layout.nbytes + 256) + part.offset
@@ -142,9 +142,15 @@ for precision, group, math in [(p, g, SWIGLU) for p, g in FORMATS] + [(p, g, GPT
     ids = torch.stack([torch.randperm(5, generator=g)[:3] for _ in range(tokens)])  # slots in any order
     offsets, combine = decode_routing(table, ids, torch.rand(tokens, 3, generator=g))
     combine[:, 1] = 0.0  # an expert no token uses: never read, still counted by the reductions
+    offsets[1] = table[5]  # ... in a slot no other column uses (a padded column's filler)
     x = torch.randn(tokens, 160, generator=g).bfloat16()
     ref = expert_decode(pool, offsets, layout, x.float(), combine, backend="torch", math=math)
-    out, counters_reset = run(layout, pool, offsets, x, combine, configs, math)
+    # the unused expert's blob as NaN bytes (a padded column's filler slot may hold anything): a
+    # kernel that reads any of it (weights, int8 row scales, biases) and multiplies by zero shows NaN
+    poisoned = pool.clone()
+    start = int(table[5])
+    poisoned[start:start + layout.nbytes] = 0xFF
+    out, counters_reset = run(layout, poisoned, offsets, x, combine, configs, math)
     key = f"{precision}/{group}/{name}" + ("/gpt_oss" if math.bias else "")
     results[key] = [((out.float() - ref).norm() / ref.norm()).item(), bool(out.isfinite().all()), counters_reset]
 print(json.dumps(results))
@@ -159,7 +165,7 @@ def test_triton_kernels_under_the_interpreter():
     """Every format through the tensor-core path (3 tokens), the tiled one-token GEMV and the
     split-K one-token GEMV (2 K slices in both kernels, reduced by the last program of each block),
     plain SwiGLU and GPT-OSS's biased, clamped experts: within 1e-2 of the float32 reference, no
-    NaN from the poisoned scratch, every counter reset."""
+    NaN from the poisoned scratch or from the unused expert's NaN-filled blob, every counter reset."""
     env = dict(os.environ, TRITON_INTERPRET="1", TRITON_DEFAULT_FP_FUSION="1")
     script = f"FORMATS = {FORMATS!r}\nBIASED = {BIASED!r}\n" + _INTERPRETED
     done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600)

@@ -30,8 +30,8 @@ Why and what it is expected to gain: docs/kernels.md, "One token: split-K".
 import triton
 import triton.language as tl
 
-from dymoe.quant.kernels.triton_experts import (_bias, _code_value, _expert_slot, _glu, _row_scales, _sum_experts,
-                                                 _unit_tile)
+from dymoe.quant.kernels.triton_experts import (_bias, _code_value, _expert_slot, _glu, _live, _row_scales,
+                                                 _sum_experts, _unit_tile)
 
 
 @triton.jit
@@ -235,6 +235,7 @@ def _gate_up_split_kernel(w_ptr, s_ptr, offsets_ptr, combine_ptr, x_ptr, h_ptr, 
     row_ok = rows < I
     h_at = h_ptr + e * KP_DOWN + _transposed(rows, KP_DOWN, CPW)  # float32, transposed for the down kernel
     w_slot, s_slot, _, c, active = _expert_slot(offsets_ptr, combine_ptr, e, 1, E, W_BYTES, 2)
+    live = _live(rows, row_ok, active)
     gate_w, gate_s, gate_m = w_slot + GATE_W, s_slot + GATE_S, s_slot + GATE_M
     up_w, up_s, up_m = w_slot + UP_W, s_slot + UP_S, s_slot + UP_M
     acc_g = tl.zeros((BLOCK_N, SUB_K // CPW), dtype=tl.float32)
@@ -247,12 +248,12 @@ def _gate_up_split_kernel(w_ptr, s_ptr, offsets_ptr, combine_ptr, x_ptr, h_ptr, 
             acc_g, m_g, acc_u, m_u = _pair_step(acc_g, m_g, acc_u, m_u, w_ptr, s_ptr, gate_w, gate_s, gate_m, up_w,
                                                 up_s, up_m, rows, row_ok, k0 + sub * SUB_K, x_ptr, H, ROW, KP,
                                                 GROUPS, BITS, CPW, SUB_K, PACKED)
-    gate = (tl.sum(acc_g, axis=1) + m_g) * _row_scales(s_ptr, gate_s, rows, row_ok, BITS)
-    up = (tl.sum(acc_u, axis=1) + m_u) * _row_scales(s_ptr, up_s, rows, row_ok, BITS)
+    gate = (tl.sum(acc_g, axis=1) + m_g) * _row_scales(s_ptr, gate_s, rows, live, BITS)
+    up = (tl.sum(acc_u, axis=1) + m_u) * _row_scales(s_ptr, up_s, rows, live, BITS)
     weight = tl.sum(c, axis=0)  # one token: the routing column's only entry
     if SPLIT == 1:
-        gate += _bias(s_ptr, s_slot, GU_BIAS, rows, row_ok)
-        up += _bias(s_ptr, s_slot, GU_BIAS, rows + I, row_ok)  # up's biases follow gate's
+        gate += _bias(s_ptr, s_slot, GU_BIAS, rows, live)
+        up += _bias(s_ptr, s_slot, GU_BIAS, rows + I, live)  # up's biases follow gate's
         tl.store(h_at, _glu(gate, up, ACT, LIMIT, ALPHA) * weight, mask=row_ok)
     else:
         slices = gu_ptr + e * (SPLIT * 2 * I)
@@ -266,8 +267,8 @@ def _gate_up_split_kernel(w_ptr, s_ptr, offsets_ptr, combine_ptr, x_ptr, h_ptr, 
             for p in range(SPLIT):  # in slice order, whichever program came last: deterministic
                 gate += tl.load(slices + p * (2 * I) + rows, mask=row_ok, other=0.0, cache_modifier=".cg")
                 up += tl.load(slices + p * (2 * I) + I + rows, mask=row_ok, other=0.0, cache_modifier=".cg")
-            gate += _bias(s_ptr, s_slot, GU_BIAS, rows, row_ok)
-            up += _bias(s_ptr, s_slot, GU_BIAS, rows + I, row_ok)
+            gate += _bias(s_ptr, s_slot, GU_BIAS, rows, live)
+            up += _bias(s_ptr, s_slot, GU_BIAS, rows + I, live)
             tl.store(h_at, _glu(gate, up, ACT, LIMIT, ALPHA) * weight, mask=row_ok)
             tl.atomic_xchg(counter, 0)
 
@@ -284,6 +285,7 @@ def _down_split_kernel(w_ptr, s_ptr, offsets_ptr, combine_ptr, h_ptr, partial_pt
     rows = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < H
     w_slot, s_slot, t, c, active = _expert_slot(offsets_ptr, combine_ptr, e, 1, E, W_BYTES, 2)
+    live = _live(rows, row_ok, active)
     down_w, down_s, down_m = w_slot + DOWN_W, s_slot + DOWN_S, s_slot + DOWN_M
     acc = tl.zeros((BLOCK_N, SUB_K // CPW), dtype=tl.float32)
     acc_m = tl.zeros((BLOCK_N,), dtype=tl.float32)
@@ -293,10 +295,10 @@ def _down_split_kernel(w_ptr, s_ptr, offsets_ptr, combine_ptr, h_ptr, partial_pt
             acc, acc_m = _single_step(acc, acc_m, w_ptr, s_ptr, down_w, down_s, down_m, rows, row_ok,
                                       k0 + sub * SUB_K, h_ptr + e * KP, I, ROW, KP, GROUPS, BITS, CPW, SUB_K,
                                       PACKED)
-    out = (tl.sum(acc, axis=1) + acc_m) * _row_scales(s_ptr, down_s, rows, row_ok, BITS)
+    out = (tl.sum(acc, axis=1) + acc_m) * _row_scales(s_ptr, down_s, rows, live, BITS)
     if D_BIAS >= 0:  # the router weight times the expert's bias, once (in the first slice's partial)
         first = (tl.program_id(2) == 0).to(tl.float32)
-        out += _bias(s_ptr, s_slot, D_BIAS, rows, row_ok) * (tl.sum(c, axis=0) * first)
+        out += _bias(s_ptr, s_slot, D_BIAS, rows, live) * (tl.sum(c, axis=0) * first)
     tl.store(partial_ptr + (e * SPLIT + tl.program_id(2)) * H + rows, out, mask=row_ok)
     # partial row e * SPLIT + slice is "expert" e * SPLIT + slice of one token for the shared sum
     mask = row_ok[:, None] & (t[None, :] < 1)

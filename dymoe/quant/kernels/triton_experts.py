@@ -205,6 +205,15 @@ def _glu(gate, up, ACT: tl.constexpr, LIMIT: tl.constexpr, ALPHA: tl.constexpr):
 
 
 @triton.jit
+def _live(rows, row_ok, active):
+    """The rows whose per-row data (int8 scales, biases) a program may read: none for an expert no
+    token uses, whose slot may be a padded column's filler holding any bytes (multiplying a NaN
+    read from it by a zero weight would still give NaN). ``active`` is a scalar; the interpreter
+    wants it as a tensor of the rows' shape."""
+    return row_ok & ((rows * 0 + active.to(tl.int32)) > 0)
+
+
+@triton.jit
 def _expert_slot(offsets_ptr, combine_ptr, e, T, E, W_BYTES: tl.constexpr, BLOCK_T: tl.constexpr):
     """Expert e's slot base in payload-view and fp16 elements, its routing column [BLOCK_T], and
     how many input columns to read (0 when no token uses it)."""
@@ -229,6 +238,7 @@ def _gate_up_kernel(w_ptr, s_ptr, offsets_ptr, combine_ptr, x_ptr, h_ptr, T, E,
     rows = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < I
     w_slot, s_slot, t, c, active = _expert_slot(offsets_ptr, combine_ptr, e, T, E, W_BYTES, BLOCK_T)
+    live = _live(rows, row_ok, active)
     t_ok = t < T
     gate_w, gate_s, gate_m = w_slot + GATE_W, s_slot + GATE_S, s_slot + GATE_M
     up_w, up_s, up_m = w_slot + UP_W, s_slot + UP_S, s_slot + UP_M
@@ -256,10 +266,10 @@ def _gate_up_kernel(w_ptr, s_ptr, offsets_ptr, combine_ptr, x_ptr, h_ptr, T, E,
                                     t, t_ok, ROW, KP, GROUPS, BITS, CPW, F32_DOT, BLOCK_N, SUB_K)
                 out_u = _accumulate(out_u, w_ptr, s_ptr, up_w, up_s, up_m, rows, row_ok, k, x_ptr, H, H,
                                     t, t_ok, ROW, KP, GROUPS, BITS, CPW, F32_DOT, BLOCK_N, SUB_K)
-    out_g = out_g * _row_scales(s_ptr, gate_s, rows, row_ok, BITS)[:, None]
-    out_u = out_u * _row_scales(s_ptr, up_s, rows, row_ok, BITS)[:, None]
-    out_g += _bias(s_ptr, s_slot, GU_BIAS, rows, row_ok)[:, None]
-    out_u += _bias(s_ptr, s_slot, GU_BIAS, rows + I, row_ok)[:, None]  # up's biases follow gate's
+    out_g = out_g * _row_scales(s_ptr, gate_s, rows, live, BITS)[:, None]
+    out_u = out_u * _row_scales(s_ptr, up_s, rows, live, BITS)[:, None]
+    out_g += _bias(s_ptr, s_slot, GU_BIAS, rows, live)[:, None]
+    out_u += _bias(s_ptr, s_slot, GU_BIAS, rows + I, live)[:, None]  # up's biases follow gate's
     h = _glu(out_g, out_u, ACT, LIMIT, ALPHA) * c[None, :]
     tl.store(h_ptr + (e * T + t[None, :]) * I + rows[:, None], h.to(tl.bfloat16), mask=row_ok[:, None] & t_ok[None, :])
 
@@ -275,6 +285,7 @@ def _down_kernel(w_ptr, s_ptr, offsets_ptr, combine_ptr, h_ptr, partial_ptr, out
     rows = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < H
     w_slot, s_slot, t, c, active = _expert_slot(offsets_ptr, combine_ptr, e, T, E, W_BYTES, BLOCK_T)
+    live = _live(rows, row_ok, active)
     t_ok = t < T
     down_w, down_s, down_m = w_slot + DOWN_W, s_slot + DOWN_S, s_slot + DOWN_M
     if GEMV:
@@ -292,9 +303,9 @@ def _down_kernel(w_ptr, s_ptr, offsets_ptr, combine_ptr, h_ptr, partial_ptr, out
                 out = _accumulate(out, w_ptr, s_ptr, down_w, down_s, down_m, rows, row_ok, k0 + sub * SUB_K,
                                   h_ptr + e * T * I, I, I, t, t_ok, ROW, KP, GROUPS, BITS, CPW, F32_DOT, BLOCK_N,
                                   SUB_K)
-    out = out * _row_scales(s_ptr, down_s, rows, row_ok, BITS)[:, None]
+    out = out * _row_scales(s_ptr, down_s, rows, live, BITS)[:, None]
     if D_BIAS >= 0:  # each token's router weight times the expert's bias (h already carries the weight)
-        out += _bias(s_ptr, s_slot, D_BIAS, rows, row_ok)[:, None] * c[None, :]
+        out += _bias(s_ptr, s_slot, D_BIAS, rows, live)[:, None] * c[None, :]
     mask = row_ok[:, None] & t_ok[None, :]
     tl.store(partial_ptr + (e * T + t[None, :]) * H + rows[:, None], out, mask=mask)
     _sum_experts(partial_ptr, out_ptr, counters_ptr + tl.program_id(1), rows, t, mask, T, E, H, BLOCK_N, BLOCK_T)
