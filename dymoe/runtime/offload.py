@@ -37,7 +37,7 @@ import torch
 from dymoe.checkpoint.blob import BlobLayout, expert_biases
 from dymoe.errors import BudgetError, StoreError
 from dymoe.models.expert_math import SWIGLU, ExpertMath
-from dymoe.quant.kernels import decode_routing, decode_workspace, expert_decode, fused_kernels_compute
+from dymoe.quant.kernels import decode_routing, decode_workspace, expert_decode, expert_decode_capturable
 from dymoe.runtime.cache import ExpertCache
 from dymoe.runtime.expert_compute import ExpertRun, group_by_expert, run_grouped
 from dymoe.runtime.metrics import RuntimeMetrics
@@ -279,12 +279,11 @@ class OffloadedExperts(RuntimeReporting):
         the split between the classes varies per token, so each class runs all k columns: its
         row holds the slots of the experts that run at it and a filler slot elsewhere, whose
         weight a 0/1 mask row zeroes (the fused kernels skip a zero column without reading it).
-        Not where :func:`fused_kernels_compute` says the fused kernels do not compute either
-        class's experts (GPT-OSS's, until they learnt biases and its activation): the torch
-        reference reads the slot offsets on the host, so such experts run between the segments."""
+        Not on a GPU without Triton (:func:`expert_decode_capturable`): the torch reference reads
+        the slot offsets on the host, so there the experts run between the segments."""
         if self.low is None and self.precision == "bf16" and self._stacks is not None:
             return True  # read in place by gathered_decode (the resident model's arithmetic)
-        return all(fused_kernels_compute(self.layouts[p], self.math) for p in self.config.precisions)
+        return expert_decode_capturable(self.device)
 
     def decode_prepare(self, layer, hidden, ids, weights) -> None:
         """Everything before the compute of one token's layer: :meth:`_admit`, then the slot ids

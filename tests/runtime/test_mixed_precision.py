@@ -186,16 +186,19 @@ def test_deferred_decode_launches_only_the_classes_a_layer_can_use(model_and_sto
         assert {popular._decode_classes(layer) for layer in layers} == {classes}, substitute
 
 
-@pytest.mark.parametrize("computed", [("bf16", "int4"), ("bf16",), ("int4",)])
-def test_two_classes_defer_only_when_the_fused_kernels_compute_both(model_and_store, monkeypatch, computed):
-    """The deferred two-class decode runs both classes through the fused kernels, so one layout
-    they do not compute (GPT-OSS's, before they did) keeps the whole step between the segments;
-    a single bf16 class is read in place and always defers."""
+@pytest.mark.parametrize("capturable", [True, False])
+def test_low_bit_classes_defer_only_where_the_fused_kernels_run(model_and_store, monkeypatch, capturable):
+    """The deferred decode runs low-bit classes through expert_decode, which a CUDA graph can record
+    only through the Triton kernels (on a GPU without Triton the torch reference reads slot offsets
+    on the host): one class or two, they defer only where expert_decode_capturable says so; a single
+    bf16 class is read in place and always defers."""
     checkpoint, store = model_and_store
-    monkeypatch.setattr(offload, "fused_kernels_compute", lambda layout, math: layout.format.name in computed)
+    monkeypatch.setattr(offload, "expert_decode_capturable", lambda device: capturable)
     mixed, _ = runtime(checkpoint, store, slots_each=6)
-    assert mixed.deferred_decode == (len(computed) == 2)
     k = checkpoint.config.num_experts_per_tok
+    int4 = OffloadedExperts(store, OffloadConfig(budget_bytes=k * store.layout("int4").nbytes, precision="int4"), k,
+                            "cpu", torch.float32)
+    assert mixed.deferred_decode == int4.deferred_decode == capturable
     bf16 = OffloadedExperts(store, OffloadConfig(budget_bytes=k * store.layout("bf16").nbytes), k, "cpu", torch.float32)
     assert bf16.deferred_decode
 

@@ -29,7 +29,7 @@ from dymoe.quant.kernels.plan import KernelPlan, kernel_plan
 from dymoe.quant.kernels.reference import decode_routing, reference_decode, reference_dequantize
 
 __all__ = ["BACKENDS", "DequantWorkspace", "KernelPlan", "copy_biases", "decode_routing", "decode_workspace",
-           "dequantize_experts", "expert_decode", "fused_kernels_compute", "kernel_plan", "reference_decode",
+           "dequantize_experts", "expert_decode", "expert_decode_capturable", "kernel_plan", "reference_decode",
            "reference_dequantize", "triton_available"]
 
 BACKENDS = ("auto", "triton", "torch")
@@ -73,10 +73,11 @@ def expert_decode(pool: torch.Tensor, slot_offsets: torch.Tensor, layout: BlobLa
     return launch_decode(pool, slot_offsets, _plan(layout), x, combine, workspace, math=math)
 
 
-def fused_kernels_compute(layout: BlobLayout, math: ExpertMath = SWIGLU) -> bool:
-    """Whether the fused Triton decode kernels compute these experts: every activation of
-    :mod:`dymoe.models.expert_math`, with or without biases."""
-    return True
+def expert_decode_capturable(device) -> bool:
+    """Whether :func:`expert_decode` with backend "auto" on ``device`` is device work only, so a CUDA
+    graph can record it: on CUDA only through the Triton kernels (the torch reference reads the
+    slot offsets on the host). Off CUDA nothing is recorded and the split decode runs as it is."""
+    return torch.device(device).type != "cuda" or triton_available()
 
 
 def _resolve(backend: str, pool: torch.Tensor) -> str:
