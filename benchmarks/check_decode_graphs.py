@@ -28,7 +28,7 @@ from dymoe.bench.harness import sync
 from dymoe.bench.synthetic import build_dense, build_expert_layer, synthetic_config, tiny_config
 from dymoe.checkpoint.memory_store import MemoryStore
 from dymoe.runtime.offload import OffloadConfig, OffloadedExperts
-from dymoe.runtime.presets import PRESETS
+from dymoe.runtime.presets import PRESETS, preset_precisions
 from dymoe.runtime.resident import ResidentExperts
 
 
@@ -40,7 +40,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--prompt", type=int, default=500)
     parser.add_argument("--steps", type=int, default=40)
-    parser.add_argument("--policies", default="resident,lru,static-int4,dymoe")
+    parser.add_argument("--policies", default="resident,lru,static-int4,dymoe,fate")
     parser.add_argument("--budget", type=float, default=0.25, help="share of the bf16 expert bytes")
     parser.add_argument("--tiny", action="store_true")
     return parser.parse_args(argv)
@@ -93,7 +93,9 @@ def main(argv=None) -> dict:
     model = build_dense(config, device, torch.bfloat16, seed=0, context_len=context)
     experts = {l: build_expert_layer(config, l, device, torch.bfloat16, seed=0) for l in config.moe_layers}
     policies = args.policies.split(",")
-    store = MemoryStore.from_experts(experts, precisions=("bf16", "int4"), group_size=128, pin=device.type == "cuda")
+    precisions = tuple(dict.fromkeys(p for policy in policies if policy != "resident"
+                                     for p in ("bf16", *preset_precisions(policy))))
+    store = MemoryStore.from_experts(experts, precisions=precisions, group_size=128, pin=device.type == "cuda")
     budget = int(args.budget * store.nbytes("bf16"))
     prompt = torch.randint(0, config.vocab_size, (args.prompt,), generator=torch.Generator().manual_seed(1)).to(device)
     results, tokens = {}, None
