@@ -43,6 +43,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--policies", default="resident,lru,static-int4,dymoe,fate")
     parser.add_argument("--budget", type=float, default=0.25, help="share of the bf16 expert bytes")
     parser.add_argument("--tiny", action="store_true")
+    parser.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"),
+                        help="float32 separates a real difference between the paths from bf16 rounding")
     return parser.parse_args(argv)
 
 
@@ -90,8 +92,9 @@ def main(argv=None) -> dict:
     if args.tiny:
         config = tiny_config(config)
     context = args.prompt + args.steps + 8
-    model = build_dense(config, device, torch.bfloat16, seed=0, context_len=context)
-    experts = {l: build_expert_layer(config, l, device, torch.bfloat16, seed=0) for l in config.moe_layers}
+    dtype = getattr(torch, args.dtype)
+    model = build_dense(config, device, dtype, seed=0, context_len=context)
+    experts = {l: build_expert_layer(config, l, device, dtype, seed=0) for l in config.moe_layers}
     policies = args.policies.split(",")
     precisions = tuple(dict.fromkeys(p for policy in policies if policy != "resident"
                                      for p in ("bf16", *preset_precisions(policy))))
@@ -104,7 +107,7 @@ def main(argv=None) -> dict:
             provider = ResidentExperts(experts)
         else:
             provider = OffloadedExperts(store, OffloadConfig(budget_bytes=budget, **PRESETS[name]),
-                                        config.num_experts_per_tok, device, torch.bfloat16)
+                                        config.num_experts_per_tok, device, dtype)
         results[name] = check(model, provider, prompt, args.steps, device, tokens)
         tokens = results[name].pop("tokens")
         del provider
