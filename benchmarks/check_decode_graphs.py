@@ -96,8 +96,8 @@ def main(argv=None) -> dict:
     model = build_dense(config, device, dtype, seed=0, context_len=context)
     experts = {l: build_expert_layer(config, l, device, dtype, seed=0) for l in config.moe_layers}
     policies = args.policies.split(",")
-    precisions = tuple(dict.fromkeys(p for policy in policies if policy != "resident"
-                                     for p in ("bf16", *preset_precisions(policy))))
+    precisions = tuple(dict.fromkeys(["bf16"] + [p for policy in policies if policy != "resident"
+                                                 for p in preset_precisions(policy)]))
     store = MemoryStore.from_experts(experts, precisions=precisions, group_size=128, pin=device.type == "cuda")
     budget = int(args.budget * store.nbytes("bf16"))
     prompt = torch.randint(0, config.vocab_size, (args.prompt,), generator=torch.Generator().manual_seed(1)).to(device)
