@@ -138,7 +138,7 @@ def demo(tmp_path_factory, tiny_dir):
     return model_dir, prompts, trace, tmp_path_factory.mktemp("store")
 
 
-@pytest.mark.parametrize("policy", ["lru", "lfu", "on-demand"])
+@pytest.mark.parametrize("policy", ["lru", "lfu", "on-demand", "least-stale"])
 def test_simulated_equals_live_on_the_same_routing(demo, policy):
     """A live offloaded run (not traced) of the same prompts routes like the resident run (bf16
     offloading is invisible), so replaying the resident trace must give its counters exactly."""
