@@ -26,7 +26,7 @@ EXAMPLES = """examples:
   dymoe bench --model models/dymoe-demo-moe --text tests/data/heldout_snippet.txt --prompt-len 32,512 \\
       --policies resident,lru,lru-prefetch --device-memory 25%
 """
-DEFAULT_POLICIES = "resident,on-demand,on-demand-prefetch,lru,lru-prefetch,static-int4"
+DEFAULT_POLICIES = "resident,on-demand,on-demand-prefetch,lru,lru-prefetch,static-int4,least-stale-int4"
 
 
 def register(subparsers) -> None:
