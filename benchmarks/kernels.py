@@ -383,6 +383,12 @@ def variant_candidates(plan, k: int, sms: int) -> tuple[list, list]:
               ("split w8", split(num_warps=8)), ("split 3 blocks/SM", split(blocks_per_sm=3)),
               ("split 12 blocks/SM", split(blocks_per_sm=12)), ("split stages 1", split(num_stages=1)),
               ("split k x2", split(k_scale=2)), ("split k /2", split(k_scale=0.5))]
+    if plan.bits == 4:  # int4's default caps registers at 128 (4 blocks per SM instead of 3): the uncapped one
+        def uncapped(**knobs):
+            return tuple(dataclasses.replace(c, max_registers=None) for c in split(**knobs))
+
+        second = [("split no register cap", uncapped()), ("split 4 blocks/SM", split(blocks_per_sm=4)),
+                  ("split 8 blocks/SM", split(blocks_per_sm=8))] + second
     if gemv:
         best_tile = LaunchConfig(block_n=16, block_k=256, num_warps=2, num_stages=3)  # Qwen3 int4's best
         second.append(("tiled n16 k256 w2", (best_tile, best_tile)))
