@@ -64,7 +64,7 @@ def supports_graphs(model) -> bool:
     clock = getattr(model, "routing_clock", None)
     if clock is not None and not getattr(clock, "supports_static_position", False):
         return False
-    if not getattr(model.experts, "decode_graphs", True):  # a runtime may opt out (HotnessExperts)
+    if not getattr(model.experts, "decode_graphs", True):  # a runtime may opt out
         return False
     return all(getattr(layer.self_attn, "supports_static_position", False) for layer in model.model.layers)
 

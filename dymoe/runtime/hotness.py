@@ -34,7 +34,7 @@ import torch
 
 from dymoe.errors import BudgetError
 from dymoe.models.expert_math import SWIGLU, ExpertMath
-from dymoe.quant.kernels import decode_routing, decode_workspace, expert_decode
+from dymoe.quant.kernels import decode_routing, decode_workspace, expert_decode, expert_decode_capturable
 from dymoe.runtime.cache import ExpertCache, LRUPolicy
 from dymoe.runtime.expert_compute import group_by_expert, run_grouped
 from dymoe.runtime.metrics import RuntimeMetrics
@@ -95,11 +95,12 @@ class ColdestFirst:
 class HotnessExperts(RuntimeReporting):
     """The `dynaexq` preset's :class:`~dymoe.models.moe.ExpertProvider`."""
 
-    # Decode through the CUDA-graph segments was 3-7x slower than eager on the demo model whenever
-    # high copies were demoted (H100, `dymoe generate --policy dynaexq`: 93.9 vs 12.9 ms at 6 MiB,
-    # 43.2 vs 15.1 ms at 9 MiB; at 24 MiB, with no demotions, 4.8 vs 8.9 ms); until the cause is
-    # found this runtime decodes eagerly.
-    decode_graphs = False
+    # History: this runtime once opted out of graph decode (``decode_graphs = False``): through the
+    # CUDA-graph segments it was 3-7x slower than eager on the demo model whenever high copies were
+    # demoted (H100, `dymoe generate --policy dynaexq`: 93.9 vs 12.9 ms at 6 MiB, 43.2 vs 15.1 ms at
+    # 9 MiB; at 24 MiB, with no demotions, 4.8 vs 8.9 ms), cause not found. That was with run_experts
+    # running eagerly between the segments; whether it persists now that the compute is deferred
+    # into them (deferred_decode) has not been measured on a GPU yet.
 
     def __init__(self, store, config: HotnessConfig, top_k: int, device, dtype: torch.dtype,
                  metrics: RuntimeMetrics | None = None):
@@ -124,12 +125,21 @@ class HotnessExperts(RuntimeReporting):
         self.high_per_layer = max(1, n_high // len(self.layers))
         self._steps = {layer: 0 for layer in self.layers}
         self._promotions: dict = {}  # (layer, expert) -> the ticket of its latest high copy
+        for precision in (config.high, config.low):
+            # the deferred decode's filler slot (decode_prepare): a high slot stays unwritten until a
+            # promotion lands, and uninitialised bytes could hold NaN bit patterns
+            if self.pool.num_slots(precision):
+                self.pool.view(precision, 0).zero_()
         self._load_low_copies()
         self._low_table = torch.tensor([self.pool.offset(config.low, s) for s in range(n_low)], dtype=torch.int64,
                                        device=self.device)
         self._high_table = torch.tensor([self.pool.offset(config.high, s) for s in range(n_high)], dtype=torch.int64,
                                         device=self.device)
         self._upload = IndexUpload(top_k, self.device, rows=4)  # slot ids and rows of both classes
+        # the deferred decode's slot and mask rows of both classes, in one copy per step (the host
+        # pays per upload, and decode is bound by the host)
+        self._padded_upload = IndexUpload(4 * top_k, self.device, rows=1)
+        self._classes = ((config.high, self._high_table), (config.low, self._low_table))
         self._prefill = PrefillDequantizer(self.pool.buffer, lambda s: self.pool.offset(config.low, s), self.low_layout,
                                            prefill_capacity(self.low_layout, n_low, self.num_experts, dtype), dtype,
                                            self._wait_copy)
@@ -164,15 +174,7 @@ class HotnessExperts(RuntimeReporting):
                                                for j, e in enumerate(grouping[1])])
             return run_grouped(hidden, expert_ids, expert_weights, lambda e: self._low_weights(layer, e), grouping,
                                schedule=schedule, math=self.math)
-        experts = expert_ids[0].tolist()  # the step's one host sync
-        self.controller.observe(layer, experts)
-        high = [j for j, e in enumerate(experts) if self._high_ready((layer, e))]
-        low = [j for j in range(len(experts)) if j not in high]
-        tickets = [self._pin_low((layer, experts[j])) for j in low]  # all fetches start before any wait
-        for ticket in tickets:
-            self.metrics.miss(layer, ticket.nbytes if ticket is not None else 0)
-            if ticket is not None:
-                self.transfers.wait(ticket)
+        experts, high, low = self._admit(layer, expert_ids[0])
         out = None
         for i, (precision, rows, table) in enumerate(((self.config.high, high, self._high_table),
                                                       (self.config.low, low, self._low_table))):
@@ -181,7 +183,29 @@ class HotnessExperts(RuntimeReporting):
                 weights = expert_weights[0] if len(rows) == len(experts) else expert_weights[0, self._upload(rows, 2 * i + 1)]
                 part = self._decode(hidden, slots, weights, precision, table)
                 out = part if out is None else out + part
-                self.precision_uses[precision] += len(rows)
+        self._release(layer, experts, high, low)
+        return out
+
+    def _admit(self, layer: int, ids: torch.Tensor) -> tuple[list[int], list[int], list[int]]:
+        """Read one token's routing ``ids`` [k] (the step's one host sync), observe it, pin each
+        expert's landed high copy or else its low copy (fetching a missing one in the fallback) and
+        have the compute stream wait for those fetches: (experts, rows run high, rows run low)."""
+        experts = ids.tolist()
+        self.controller.observe(layer, experts)
+        high = [j for j, e in enumerate(experts) if self._high_ready((layer, e))]
+        low = [j for j in range(len(experts)) if j not in high]
+        tickets = [self._pin_low((layer, experts[j])) for j in low]  # all fetches start before any wait
+        for ticket in tickets:
+            self.metrics.miss(layer, ticket.nbytes if ticket is not None else 0)
+            if ticket is not None:
+                self.transfers.wait(ticket)
+        self.precision_uses[self.config.high] += len(high)
+        self.precision_uses[self.config.low] += len(low)
+        return experts, high, low
+
+    def _release(self, layer: int, experts: list[int], high: list[int], low: list[int]) -> None:
+        """After a token's compute is queued: unpin its copies, fence, and every ``interval`` steps
+        of the layer promote its hottest experts."""
         for j in high:
             self.cache.unpin((layer, experts[j]))
         for j in low:
@@ -191,7 +215,55 @@ class HotnessExperts(RuntimeReporting):
         self._steps[layer] += 1
         if self._steps[layer] % self.config.interval == 0:
             self._promote(layer)
+
+    # ---- decode in three steps, for the CUDA-graph decode (dymoe/models/decode_graphs.py) -----------
+
+    @property
+    def deferred_decode(self) -> bool:
+        """Whether a token's expert compute reads only fixed device rows once prepared, so a CUDA
+        graph records it. Which of a token's experts have a landed high copy varies per token, so
+        each class runs all k columns: its row holds the slots of the experts that run at it and
+        slot 0 of the class elsewhere, whose weight a 0/1 mask row zeroes (the fused kernels skip a
+        zero column without reading it). Not on a GPU without Triton
+        (:func:`expert_decode_capturable`): there the experts run between the segments."""
+        return expert_decode_capturable(self.device)
+
+    def decode_prepare(self, layer, hidden, ids, weights) -> None:
+        """Everything before the compute of one token's layer (:meth:`_admit`), then each class's
+        :meth:`_class_rows` into the fixed rows :meth:`decode_compute` reads, in one upload."""
+        experts, high, low = self._admit(layer, ids)
+        values = []
+        for (precision, _), rows in zip(self._classes, (high, low)):
+            slots, mask = self._class_rows(layer, experts, rows, precision)
+            values += slots + mask
+        self._padded_upload(values)
+        self._deferred = (layer, experts, high, low)
+
+    def decode_compute(self, layer, hidden, weights) -> torch.Tensor:
+        """The experts :meth:`decode_prepare` pinned, run on hidden [1, H] with weights [k]: each
+        class over all k columns, weights times its mask (device work only)."""
+        k = weights.shape[0]
+        rows = self._padded_upload.row(0, 4 * k).view(4, k)
+        out = None
+        for c, (precision, table) in enumerate(self._classes):
+            if table.numel():  # the fallback may leave no high slot: that class never runs
+                part = self._decode(hidden, rows[2 * c], weights * rows[2 * c + 1].to(weights.dtype), precision, table)
+                out = part if out is None else out + part
         return out
+
+    def decode_finish(self, layer) -> None:
+        """After the compute is queued: what run_experts does after it (:meth:`_release`)."""
+        pending, experts, high, low = self._deferred
+        assert pending == layer, f"decode_finish({layer}) after decode_prepare({pending})"
+        self._release(layer, experts, high, low)
+
+    def _class_rows(self, layer: int, experts: list[int], rows: list[int], precision: str):
+        """(slot ids, 0/1 mask), k entries each, of class ``precision`` for a token's ``experts``
+        of which ``rows`` run at it: their slots; elsewhere slot 0 of the class, a valid address
+        whose zero weight keeps the kernels from reading it."""
+        mask = [int(j in rows) for j in range(len(experts))]
+        slots = [self._slot(layer, e, precision) if m else 0 for e, m in zip(experts, mask)]
+        return slots, mask
 
     def _high_ready(self, key) -> bool:
         """A high copy serves only once it has landed; the low copy serves meanwhile (no stall)."""

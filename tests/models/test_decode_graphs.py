@@ -13,6 +13,7 @@ from dymoe.checkpoint.store import ExpertStore
 from dymoe.models import decode_graphs
 from dymoe.models.decode_graphs import DecodeGraphs, span_for, supports_graphs
 from dymoe.models.transformer import load_dense
+from dymoe.runtime.hotness import HotnessConfig, HotnessExperts
 from dymoe.runtime.offload import OffloadConfig, OffloadedExperts
 from dymoe.runtime.presets import PRESETS
 from dymoe.runtime.resident import ResidentExperts
@@ -220,3 +221,56 @@ def test_a_runtime_can_opt_out_of_graph_decode(checkpoints):
     assert supports_graphs(model)
     resident.decode_graphs = False
     assert not supports_graphs(model)
+
+
+# dynaexq (3 MoE layers, top-3 of 8, every expert's int4 copy): (bf16 slots, int4 slots); fewer int4
+# slots than the 24 experts is the fallback, whose int4 tier is fetched on demand too
+HOTNESS = {"dynaexq": (6, 24), "dynaexq-fallback": (3, 12)}
+
+
+@pytest.mark.parametrize("name", HOTNESS)
+def test_dynaexq_decode_runs_inside_the_segments(checkpoints, mixed_stores, monkeypatch, name):
+    """dynaexq's expert compute is deferred into the segments (each class's k slots and 0/1 mask in
+    fixed rows) and gives the eager decode's logits at every step, while promotions land and high
+    copies are demoted between the steps. Two runtimes of the same config, one per path and fed the
+    same tokens, keep the same cache states."""
+    monkeypatch.setattr(decode_graphs, "MIN_SPAN", 8)
+    checkpoint, store = checkpoints["qwen3_moe"], mixed_stores["qwen3_moe", ("bf16", "int4")]
+    c = checkpoint.config
+    k = c.num_experts_per_tok
+    n_high, n_low = HOTNESS[name]
+    budget = n_high * store.layout("bf16").nbytes + n_low * store.layout("int4").nbytes
+    config = HotnessConfig(budget_bytes=budget, decay=0.5, interval=2)  # hotness that moves: demotions
+    eager_model, segment_model = (load_dense(checkpoint, 40, "cpu", torch.float32) for _ in range(2))
+    eager_experts = HotnessExperts(store, config, k, "cpu", torch.float32)
+    experts = HotnessExperts(store, config, k, "cpu", torch.float32)
+    assert experts.pool.counts == {"bf16": n_high, "int4": n_low}
+    eager_model.attach_experts(eager_experts)
+    segment_model.attach_experts(experts)
+    assert supports_graphs(segment_model)
+    prepared = []
+    prepare = experts.decode_prepare
+    experts.decode_prepare = lambda layer, *args: prepared.append(layer) or prepare(layer, *args)
+    eager_cache, graph_cache = eager_model.new_cache(1), segment_model.new_cache(1)
+    logits = eager_model(PROMPT, 0, eager_cache, last_only=True)[0]
+    assert torch.equal(segment_model(PROMPT, 0, graph_cache, last_only=True)[0], logits)
+    graphs = DecodeGraphs(segment_model, graph_cache, record=False)
+    assert experts.deferred_decode and graphs.deferred and not graphs.whole
+    eager, segmented, high_copies = [], [], [set(experts.cache.resident("bf16"))]
+    token = logits.argmax()
+    for i in range(STEPS):
+        position = PROMPT.shape[1] + i
+        eager.append(eager_model(token.view(1, 1), position, eager_cache, last_only=True)[0])
+        segmented.append(graphs.step(token, position))
+        high_copies.append(set(experts.cache.resident("bf16")))
+        token = eager[-1].argmax()
+    eager, segmented = torch.stack(eager), torch.stack(segmented)
+    torch.testing.assert_close(segmented, eager, rtol=1e-5, atol=1e-5)
+    assert torch.equal(segmented.argmax(-1), eager.argmax(-1))
+    assert prepared == list(c.moe_layers) * STEPS  # every decode layer step went through decode_prepare
+    assert experts.precision_uses == eager_experts.precision_uses
+    assert experts.precision_uses["bf16"] > 0 and experts.precision_uses["int4"] > 0
+    assert experts.stats()["total"]["prefetches"] > 0  # promotions
+    assert any(before - after for before, after in zip(high_copies, high_copies[1:]))  # demotions
+    if experts.fallback:
+        assert experts.stats()["total"]["missed_bytes"] > 0  # int4 copies fetched (and waited for) on demand
