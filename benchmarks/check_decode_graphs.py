@@ -27,8 +27,7 @@ import torch
 from dymoe.bench.harness import sync
 from dymoe.bench.synthetic import build_dense, build_expert_layer, synthetic_config, tiny_config
 from dymoe.checkpoint.memory_store import MemoryStore
-from dymoe.runtime.offload import OffloadConfig, OffloadedExperts
-from dymoe.runtime.presets import PRESETS, preset_precisions
+from dymoe.runtime.presets import preset_precisions, preset_provider
 from dymoe.runtime.resident import ResidentExperts
 
 
@@ -105,9 +104,8 @@ def main(argv=None) -> dict:
     for name in policies:
         if name == "resident":
             provider = ResidentExperts(experts)
-        else:
-            provider = OffloadedExperts(store, OffloadConfig(budget_bytes=budget, **PRESETS[name]),
-                                        config.num_experts_per_tok, device, dtype)
+        else:  # dynaexq's HotnessExperts too
+            provider = preset_provider(store, name, budget, config.num_experts_per_tok, device, dtype)
         results[name] = check(model, provider, prompt, args.steps, device, tokens)
         tokens = results[name].pop("tokens")
         del provider
