@@ -95,12 +95,18 @@ class ColdestFirst:
 class HotnessExperts(RuntimeReporting):
     """The `dynaexq` preset's :class:`~dymoe.models.moe.ExpertProvider`."""
 
-    # History: this runtime once opted out of graph decode (``decode_graphs = False``): through the
-    # CUDA-graph segments it was 3-7x slower than eager on the demo model whenever high copies were
-    # demoted (H100, `dymoe generate --policy dynaexq`: 93.9 vs 12.9 ms at 6 MiB, 43.2 vs 15.1 ms at
-    # 9 MiB; at 24 MiB, with no demotions, 4.8 vs 8.9 ms), cause not found. That was with run_experts
-    # running eagerly between the segments; whether it persists now that the compute is deferred
-    # into them (deferred_decode) has not been measured on a GPU yet.
+    # Graph decode, measured (H200, 2026-11-26, `dymoe generate -m models/dymoe-demo-moe --policy
+    # dynaexq -n 64`, graphs vs --eager): with every int4 copy resident the deferred decode is 5-6x
+    # faster (9 MiB: 5.2 vs 33.4 ms per token, 24 MiB: 3.0 vs 16.1; benchmarks/check_decode_graphs.py,
+    # Qwen3 shape, 8 layers, 25%: 2.98 vs 15.18 ms). In the fallback (int4 tier offloaded, misses
+    # fetched on demand) it was slower (6 MiB: 31.8 vs 18.2 ms), as graph decode with the experts run
+    # eagerly between segments had been before (93.9 vs 12.9 ms on an H100), cause not found: the
+    # fallback decodes eagerly (``decode_graphs``).
+
+    @property
+    def decode_graphs(self) -> bool:
+        """Whether the model may decode through CUDA graphs with this runtime: not in the fallback."""
+        return not self.fallback
 
     def __init__(self, store, config: HotnessConfig, top_k: int, device, dtype: torch.dtype,
                  metrics: RuntimeMetrics | None = None):
