@@ -197,10 +197,10 @@ def layer_step(models: dict, step: dict, device, dtype, backend: str) -> dict:
     dequantizer = PrefillDequantizer(pool, lambda s: offsets[s], low, capacity, dtype, wait=lambda ticket: None)
     kernel_out = {}
 
-    def kernel_step():
+    def kernel_step():  # as the runtime runs a wave: ExpertRun batches straight from the workspace
         grouping = group_by_expert(ids)
-        dequantizer.plan([(e, None) for e in grouping[1]])
-        kernel_out["y"] = run_grouped(x, ids, weights, dequantizer.weights, grouping)
+        runs = dequantizer.runs([(j, e, None) for j, e in enumerate(grouping[1])])
+        kernel_out["y"] = run_grouped(x, ids, weights, dequantizer.weights, grouping, schedule=runs)
 
     result["kernel_ms"] = timed_ms(kernel_step, device)
     reference_y = run_grouped(x, ids, weights, reference_slot)
