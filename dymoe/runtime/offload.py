@@ -39,10 +39,11 @@ from dymoe.errors import BudgetError, StoreError
 from dymoe.models.expert_math import SWIGLU, ExpertMath
 from dymoe.quant.kernels import decode_routing, decode_workspace, expert_decode, expert_decode_capturable
 from dymoe.runtime.cache import ExpertCache
+from dymoe.runtime import expert_compute
 from dymoe.runtime.expert_compute import ExpertRun, group_by_expert, run_grouped
 from dymoe.runtime.metrics import RuntimeMetrics
 from dymoe.runtime.precision import make_precision_rule
-from dymoe.runtime.prefill import PrefillDequantizer, prefill_capacity
+from dymoe.runtime.prefill import PrefillDequantizer, device_indices, prefill_capacity
 from dymoe.runtime.resident import gathered_decode
 from dymoe.runtime.slot_pool import SlotPool
 from dymoe.runtime.transfer import IndexUpload, TransferEngine
@@ -520,22 +521,55 @@ class OffloadedExperts(RuntimeReporting):
                      for part in (self.layout.part("gate_up.bias"), self.layout.part("down.bias")))
 
     def _wave_order(self, layer: int, experts: list[int], wave: list[int], used: dict[int, str], tickets: dict):
-        """A wave's experts (indices into ``experts``) in run order: bf16 ones one by one, each
-        low-bit class's as :class:`ExpertRun` batches of its prefill dequantizer, yielded where
-        their first expert stands (so resident experts still run while the misses' copies land)."""
+        """A wave's experts (indices into ``experts``) in run order, as :class:`ExpertRun` batches
+        yielded where their first expert stands (so resident experts still run while the misses'
+        copies land): each low-bit class's from its prefill dequantizer's workspace, the bf16 ones
+        gathered from the slot stacks (:meth:`_gathered_runs`); bf16 experts one by one only where
+        the slots are not evenly spaced."""
         runs = {}
         for precision, dequantizer in self._prefill.items():
             members = [(j, self.cache.peek((layer, experts[j])).slot, tickets.pop(experts[j], None))
                        for j in wave if used[experts[j]] == precision]
             if members:
                 for batch in dequantizer.plan(members):
-                    runs[batch.keys[0]] = (dequantizer, batch)
+                    runs[batch.keys[0]] = functools.partial(self._dequantized_run, dequantizer, batch)
+        one_by_one = {j for j in wave if used[experts[j]] not in self._prefill}
+        if self._stacks is not None:
+            members = [(j, self.cache.peek((layer, experts[j])).slot, tickets.pop(experts[j], None))
+                       for j in wave if j in one_by_one]
+            for chunk in self._gathered_chunks(members):
+                runs[chunk[0][0]] = functools.partial(self._gathered_run, chunk)
+            one_by_one = set()
         for j in wave:
             if j in runs:
-                dequantizer, batch = runs[j]
-                yield ExpertRun(batch.keys, *dequantizer.launch(batch))
-            elif used[experts[j]] not in self._prefill:
+                yield runs[j]()
+            elif j in one_by_one:
                 yield j
+
+    def _dequantized_run(self, dequantizer, batch) -> ExpertRun:
+        return ExpertRun(batch.keys, *dequantizer.launch(batch))
+
+    def _gathered_chunks(self, members: list[tuple[int, int, object | None]]) -> list[list]:
+        """bf16 members (key, slot, ticket) in batches of at most ``GROUPED_BYTES`` of weights, the
+        resident ones (no copy to wait for) apart from those still landing."""
+        gate_up, down = self._stacks
+        capacity = max(1, expert_compute.GROUPED_BYTES // (gate_up[0].nbytes + down[0].nbytes))
+        chunks = []
+        for group in ([m for m in members if m[2] is None], [m for m in members if m[2] is not None]):
+            chunks += [group[i:i + capacity] for i in range(0, len(group), capacity)]
+        return chunks
+
+    def _gathered_run(self, chunk: list[tuple[int, int, object | None]]) -> ExpertRun:
+        """bf16 slots gathered from the slot stacks in one launch per stack (rather than two copies
+        per expert), after waiting for their copies; computed before the wave unpins its slots."""
+        for _, _, ticket in chunk:
+            if ticket is not None:
+                self.transfers.wait(ticket)
+        index = device_indices([slot for _, slot, _ in chunk], self.device)
+        stacks = [t.index_select(0, index) for t in (*self._stacks, *(self._bias_stacks or ()))]
+        if self.dtype != torch.bfloat16:  # float32 compute (CPU): upcasting bf16 is exact
+            stacks = [t.to(self.dtype) for t in stacks]
+        return ExpertRun([key for key, _, _ in chunk], *stacks)
 
 
 class CrossLayerPredictor:

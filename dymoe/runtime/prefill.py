@@ -102,7 +102,7 @@ class PrefillDequantizer:
         if not batch.done:
             for ticket in batch.tickets:
                 self.wait(ticket)
-            dequantize_experts(self.pool, _device_offsets(batch.offsets, self.pool.device), self.layout, *views,
+            dequantize_experts(self.pool, device_indices(batch.offsets, self.pool.device), self.layout, *views,
                                biases=biases)
             batch.done = True
             self.launches += 1
@@ -127,8 +127,8 @@ class PrefillDequantizer:
         self._where.clear()
 
 
-def _device_offsets(offsets: list[int], device: torch.device) -> torch.Tensor:
-    """Byte offsets as int64 on ``device``; on CUDA through pinned memory and an asynchronous copy,
+def device_indices(offsets: list[int], device: torch.device) -> torch.Tensor:
+    """Byte offsets (or slot indices) as int64 on ``device``; on CUDA through pinned memory and an asynchronous copy,
     since a pageable copy would make the host wait for the stream (the caching host allocator keeps
     the pinned block until the copy is done)."""
     if device.type != "cuda":

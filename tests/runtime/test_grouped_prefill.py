@@ -54,7 +54,8 @@ def test_resident_grouped_prefill_equals_the_loop(experts):
 
 def test_offloaded_prefill_in_waves_equals_the_loop(tmp_path, monkeypatch):
     """An lru runtime at one token's top-k of slots runs a prompt's experts in many waves whose slots
-    are reused: the grouped batches (copied as each expert is handed over) equal the per-expert loop."""
+    are reused: the bf16 experts gathered per wave from the slot stacks (in batches of 2 with
+    3k slots) equal the per-expert loop; the runtime never hands bf16 weights over one by one."""
     from dymoe.checkpoint.convert import convert_store
     from dymoe.checkpoint.reader import Checkpoint
     from dymoe.checkpoint.store import ExpertStore
@@ -70,6 +71,7 @@ def test_offloaded_prefill_in_waves_equals_the_loop(tmp_path, monkeypatch):
     model = load_dense(checkpoint, 64, "cpu", torch.bfloat16)
     prompt = torch.tensor([[1, 17, 42, 5, 63, 8, 29, 11, 2, 90, 33, 7]])
     k = checkpoint.config.num_experts_per_tok
+    default_bytes = expert_compute.GROUPED_BYTES
     results = {}
     for grouped in (False, True):
         monkeypatch.setattr(expert_compute, "grouped_mm_usable", lambda t, on=grouped: on)
@@ -78,6 +80,10 @@ def test_offloaded_prefill_in_waves_equals_the_loop(tmp_path, monkeypatch):
             for slots, capacity in ((k, None), (3 * k, 2)):
                 experts = OffloadedExperts(store, OffloadConfig(budget_bytes=slots * one, **PRESETS[preset]), k,
                                            "cpu", torch.bfloat16)
+                # with 3k slots, bf16 gathers of 2 experts: several batches per wave
+                pair = 2 * sum(t[0].nbytes for t in experts._stacks) if experts._stacks else 1
+                monkeypatch.setattr(expert_compute, "GROUPED_BYTES", pair if capacity else default_bytes)
+                monkeypatch.setattr(experts, "_weights", lambda *a: pytest.fail("bf16 weights handed over one by one"))
                 for precision, old in experts._prefill.items() if capacity else ():
                     # a workspace of 2 experts: a wave's int4 experts run as ExpertRuns over rows that
                     # the next chunk overwrites, so each run must be computed before that launch
@@ -89,6 +95,7 @@ def test_offloaded_prefill_in_waves_equals_the_loop(tmp_path, monkeypatch):
                 assert launches > 0 if preset == "static-int4" else launches == 0
     for key in [key for key in results if key[0]]:
         torch.testing.assert_close(results[key], results[False, *key[1:]], rtol=0, atol=0)
+    torch.testing.assert_close(results[True, "lru", 3 * k], results[False, "lru", k], rtol=0, atol=0)
     unchunked = results[False, "static-int4", k]
     torch.testing.assert_close(results[True, "static-int4", 3 * k], unchunked, rtol=0, atol=0)
 
