@@ -85,16 +85,7 @@ def bench(fn) -> float:
 def bench_graph(fn) -> float:
     """Median milliseconds of ``fn`` replayed from a CUDA graph: the GPU time without the Python and
     launch overhead of eager calls (what the step costs once the runtime captures it)."""
-    fn()
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        fn()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    return bench(graph.replay)
+    return bench_steps(fn, steps=1)
 
 
 def launch_floor(device) -> dict:
