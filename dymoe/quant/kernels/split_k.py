@@ -30,8 +30,8 @@ Why and what it is expected to gain: docs/kernels.md, "One token: split-K".
 import triton
 import triton.language as tl
 
-from dymoe.quant.kernels.triton_experts import (_bias, _code_value, _expert_slot, _glu, _live, _row_scales,
-                                                 _sum_experts, _unit_tile)
+from dymoe.quant.kernels.triton_experts import (_bias, _code_value, _expert_slot, _glu, _group_terms, _live,
+                                                 _row_scales, _sum_experts, _unit_tile)
 
 
 @triton.jit
@@ -54,23 +54,6 @@ def _value(units, j: tl.constexpr, BITS: tl.constexpr):
     else:
         v = _code_value(units, j, BITS)
     return v
-
-
-@triton.jit
-def _group_terms(acc, acc_m, part, asum, s_ptr, s_base, m_base, rows, row_ok, k0, GROUPS: tl.constexpr,
-                 BITS: tl.constexpr, SUB_K: tl.constexpr):
-    """``acc += s * part`` and ``acc_m += m * sum(a)`` for one group (a group format's sub-block is
-    one group); formats without groups add ``part`` as is (int8's row scale comes after the loop)."""
-    if BITS >= 8:
-        acc = acc + part
-    else:
-        g = k0 // SUB_K + rows * 0  # as a tensor: the interpreter rejects a scalar mask term
-        smask = row_ok & (g < GROUPS)
-        s = tl.load(s_ptr + s_base + rows * GROUPS + g, mask=smask, other=0).to(tl.float32)
-        m = tl.load(s_ptr + m_base + rows * GROUPS + g, mask=smask, other=0).to(tl.float32)
-        acc = acc + s[:, None] * part
-        acc_m = acc_m + m * tl.sum(asum, axis=0)
-    return acc, acc_m
 
 
 @triton.jit

@@ -117,10 +117,18 @@ def _gemv_step(acc, acc_m, w_ptr, s_ptr, w_base, s_base, m_base, rows, row_ok, k
         a = tl.load(a_ptr + k + j, mask=k + j < a_cols, other=0.0).to(tl.float32)
         part += _code_value(units, j, BITS) * a[None, :]
         asum += a
+    return _group_terms(acc, acc_m, part, asum, s_ptr, s_base, m_base, rows, row_ok, k0, GROUPS, BITS, SUB_K)
+
+
+@triton.jit
+def _group_terms(acc, acc_m, part, asum, s_ptr, s_base, m_base, rows, row_ok, k0, GROUPS: tl.constexpr,
+                 BITS: tl.constexpr, SUB_K: tl.constexpr):
+    """``acc += s * part`` and ``acc_m += m * sum(a)`` for one group (a group format's sub-block is
+    one group); formats without groups add ``part`` as is (int8's row scale comes after the loop)."""
     if BITS >= 8:
         acc = acc + part
     else:
-        g = k0 // SUB_K + rows * 0
+        g = k0 // SUB_K + rows * 0  # as a tensor: the interpreter rejects a scalar mask term
         smask = row_ok & (g < GROUPS)
         s = tl.load(s_ptr + s_base + rows * GROUPS + g, mask=smask, other=0).to(tl.float32)
         m = tl.load(s_ptr + m_base + rows * GROUPS + g, mask=smask, other=0).to(tl.float32)
