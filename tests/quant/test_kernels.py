@@ -180,8 +180,9 @@ def test_triton_kernels_under_the_interpreter():
 
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed (gpu extra)")
 def test_choose_config_splits_k_for_one_token_only():
-    """Packed formats at one token get split-K with enough blocks for every SM; several tokens and
-    bf16 keep the tiled kernels; a split never exceeds K's steps or MAX_SPLIT."""
+    """Packed formats at one token get split-K with enough blocks for every SM; several tokens,
+    bf16 and int3 (split-K measured no faster there) keep the tiled kernels; a split never exceeds
+    K's steps or MAX_SPLIT; int4 caps its registers."""
     from dymoe.quant.kernels.triton_experts import MAX_SPLIT, choose_config
 
     for precision, group in FORMATS:
@@ -190,9 +191,10 @@ def test_choose_config_splits_k_for_one_token_only():
             for kernel, rows, cols in (("gate_up", inter, hidden), ("down", hidden, inter)):
                 one = choose_config(plan, kernel, k, 1, 132)
                 assert choose_config(plan, kernel, k, 4, 132).split_k is None
-                if plan.bits == 16:
+                if plan.bits in (16, 3):
                     assert one.split_k is None
                     continue
+                assert one.max_registers == (128 if plan.bits == 4 else None)
                 steps = -(-cols // one.block_k)
                 assert 1 <= one.split_k <= min(MAX_SPLIT, steps)
                 assert one.block_k % max(plan.group_size, 1) == 0
