@@ -32,18 +32,28 @@ def checkpoints(tmp_path_factory):
 def decode_both(model, experts):
     """Greedy decode with the plain forward and with the segmented path, each on its own cache."""
     model.attach_experts(experts)
-    plain_cache, graph_cache = model.new_cache(1), model.new_cache(1)
-    logits = model(PROMPT, 0, plain_cache, last_only=True)[0]
-    assert torch.equal(logits, model(PROMPT, 0, graph_cache, last_only=True)[0])
-    graphs = DecodeGraphs(model, graph_cache, record=False)
-    plain, segmented = [], []
+    return decode_side_by_side(model, model)
+
+
+def decode_side_by_side(eager_model, segment_model, observe=lambda: None):
+    """PROMPT prefilled on a cache of each model (equal logits asserted), then STEPS greedy steps:
+    the plain forward on ``eager_model``, the segmented path on ``segment_model``, both fed the
+    eager tokens; ``observe`` runs after the prefill and after each step. Returns (eager logits,
+    segmented logits, the DecodeGraphs)."""
+    eager_cache, graph_cache = eager_model.new_cache(1), segment_model.new_cache(1)
+    logits = eager_model(PROMPT, 0, eager_cache, last_only=True)[0]
+    assert torch.equal(segment_model(PROMPT, 0, graph_cache, last_only=True)[0], logits)
+    graphs = DecodeGraphs(segment_model, graph_cache, record=False)
+    eager, segmented = [], []
     token = logits.argmax()
+    observe()
     for i in range(STEPS):
         position = PROMPT.shape[1] + i
-        plain.append(model(token.view(1, 1), position, plain_cache, last_only=True)[0])
+        eager.append(eager_model(token.view(1, 1), position, eager_cache, last_only=True)[0])
         segmented.append(graphs.step(token, position))
-        token = plain[-1].argmax()  # both fed the same tokens
-    return torch.stack(plain), torch.stack(segmented), graphs
+        observe()
+        token = eager[-1].argmax()
+    return torch.stack(eager), torch.stack(segmented), graphs
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -167,20 +177,9 @@ def test_two_class_decode_runs_inside_the_segments(checkpoints, mixed_stores, mo
     eager_model.attach_experts(OffloadedExperts(store, config, k, "cpu", torch.float32))
     experts = OffloadedExperts(store, config, k, "cpu", torch.float32)
     segment_model.attach_experts(experts)
-    eager_cache, graph_cache = eager_model.new_cache(1), segment_model.new_cache(1)
-    logits = eager_model(PROMPT, 0, eager_cache, last_only=True)[0]
-    assert torch.equal(segment_model(PROMPT, 0, graph_cache, last_only=True)[0], logits)
-    graphs = DecodeGraphs(segment_model, graph_cache, record=False)
-    assert experts.deferred_decode and graphs.deferred and not graphs.whole
     log = AdmissionLog(experts)
-    eager, segmented = [], []
-    token = logits.argmax()
-    for i in range(STEPS):
-        position = PROMPT.shape[1] + i
-        eager.append(eager_model(token.view(1, 1), position, eager_cache, last_only=True)[0])
-        segmented.append(graphs.step(token, position))
-        token = eager[-1].argmax()
-    eager, segmented = torch.stack(eager), torch.stack(segmented)
+    eager, segmented, graphs = decode_side_by_side(eager_model, segment_model)
+    assert experts.deferred_decode and graphs.deferred and not graphs.whole
     torch.testing.assert_close(segmented, eager, rtol=1e-5, atol=1e-5)
     assert torch.equal(segmented.argmax(-1), eager.argmax(-1))
     assert len(log.steps) == STEPS * len(c.moe_layers)  # every decode layer step went through decode_prepare
@@ -252,20 +251,13 @@ def test_dynaexq_decode_runs_inside_the_segments(checkpoints, mixed_stores, monk
     prepared = []
     prepare = experts.decode_prepare
     experts.decode_prepare = lambda layer, *args: prepared.append(layer) or prepare(layer, *args)
-    eager_cache, graph_cache = eager_model.new_cache(1), segment_model.new_cache(1)
-    logits = eager_model(PROMPT, 0, eager_cache, last_only=True)[0]
-    assert torch.equal(segment_model(PROMPT, 0, graph_cache, last_only=True)[0], logits)
-    graphs = DecodeGraphs(segment_model, graph_cache, record=False)
-    assert experts.deferred_decode and graphs.deferred and not graphs.whole
-    eager, segmented, high_copies = [], [], [set(experts.cache.resident("bf16"))]
-    token = logits.argmax()
-    for i in range(STEPS):
-        position = PROMPT.shape[1] + i
-        eager.append(eager_model(token.view(1, 1), position, eager_cache, last_only=True)[0])
-        segmented.append(graphs.step(token, position))
+    high_copies = []  # the bf16 copies resident after the prefill and after each step
+
+    def record():
         high_copies.append(set(experts.cache.resident("bf16")))
-        token = eager[-1].argmax()
-    eager, segmented = torch.stack(eager), torch.stack(segmented)
+
+    eager, segmented, graphs = decode_side_by_side(eager_model, segment_model, record)
+    assert experts.deferred_decode and graphs.deferred and not graphs.whole
     torch.testing.assert_close(segmented, eager, rtol=1e-5, atol=1e-5)
     assert torch.equal(segmented.argmax(-1), eager.argmax(-1))
     assert prepared == list(c.moe_layers) * STEPS  # every decode layer step went through decode_prepare
