@@ -91,3 +91,22 @@ def save_checkpoint(model, path: Path, sharded: bool = False, fused: bool = Fals
     else:
         model.save_pretrained(path, max_shard_size="20KB" if sharded else "10GB")
     return path
+
+
+def open_store(checkpoint, path: Path, precisions: tuple[str, ...], group_size: int = 64):
+    """``checkpoint``'s experts converted to ``precisions`` at ``path``, opened."""
+    from dymoe.checkpoint.convert import convert_store
+    from dymoe.checkpoint.store import ExpertStore
+
+    return ExpertStore.open(convert_store(checkpoint, path, precisions=precisions, group_size=group_size,
+                                          progress=False))
+
+
+def tiny_store(root: Path, family: str, seed: int, precisions: tuple[str, ...], **overrides):
+    """(checkpoint, store): a tiny bf16 ``family`` checkpoint written under ``root`` (bf16, so the
+    store's bf16 copies are exact) and its expert store in ``precisions`` at group size 64."""
+    from dymoe.checkpoint.reader import Checkpoint
+
+    checkpoint = Checkpoint.open(save_checkpoint(make_hf_model(family, seed=seed, **overrides).to(torch.bfloat16),
+                                                 root / "m"))
+    return checkpoint, open_store(checkpoint, root / "store", precisions)

@@ -7,9 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dymoe.checkpoint.convert import convert_store
 from dymoe.checkpoint.reader import Checkpoint
-from dymoe.checkpoint.store import ExpertStore
 from dymoe.models import decode_graphs
 from dymoe.models.decode_graphs import DecodeGraphs, span_for, supports_graphs
 from dymoe.models.transformer import load_dense
@@ -17,7 +15,7 @@ from dymoe.runtime.hotness import HotnessConfig, HotnessExperts
 from dymoe.runtime.offload import OffloadConfig, OffloadedExperts
 from dymoe.runtime.presets import PRESETS
 from dymoe.runtime.resident import ResidentExperts
-from tests.tiny_models import FAMILIES, make_hf_model, save_checkpoint
+from tests.tiny_models import FAMILIES, make_hf_model, open_store, save_checkpoint
 
 PROMPT = torch.tensor([[1, 17, 42, 5, 63, 8, 29, 11]])
 STEPS = 14  # positions 8..21: across the spans 8 -> 16 -> 32 with MIN_SPAN patched to 8
@@ -92,8 +90,7 @@ def test_segmented_decode_drives_an_offloading_runtime_once_per_moe_layer(checkp
     decode_compute inside the next one, decode_finish after it."""
     monkeypatch.setattr(decode_graphs, "MIN_SPAN", 8)
     checkpoint = checkpoints["qwen2_moe"]  # shared experts: finish() adds them after the runtime
-    store = ExpertStore.open(convert_store(checkpoint, tmp_path / "store", precisions=("bf16", "int4"),
-                                           group_size=64, progress=False))
+    store = open_store(checkpoint, tmp_path / "store", ("bf16", "int4"))
     model = load_dense(checkpoint, 40, "cpu", torch.float32)
     c = checkpoint.config
     budget = c.num_experts_per_tok * (store.layout("bf16").nbytes + store.layout("int4").nbytes) * 2
@@ -130,8 +127,7 @@ MIXED = {
 @pytest.fixture(scope="module")
 def mixed_stores(checkpoints, tmp_path_factory):
     root = tmp_path_factory.mktemp("mixed-stores")
-    return {(f, p): ExpertStore.open(convert_store(checkpoints[f], root / f / "-".join(p), precisions=p,
-                                                   group_size=64, progress=False))
+    return {(f, p): open_store(checkpoints[f], root / f / "-".join(p), p)
             for f, p in {(family, precisions) for family, precisions, _, _ in MIXED.values()}}
 
 

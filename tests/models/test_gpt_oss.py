@@ -9,7 +9,6 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from dymoe.checkpoint.convert import convert_store
 from dymoe.checkpoint.reader import Checkpoint
 from dymoe.checkpoint.store import ExpertStore
 from dymoe.errors import UnsupportedModelError
@@ -20,7 +19,7 @@ from dymoe.runtime.offload import OffloadConfig, OffloadedExperts
 from dymoe.runtime.presets import PRESETS
 from tests.models.test_decode_graphs import decode_both
 from tests.models.test_parity import assert_logits_match, greedy_ids, hf_greedy_ids, load_ours
-from tests.tiny_models import make_hf_model, save_checkpoint
+from tests.tiny_models import make_hf_model, open_store, save_checkpoint
 
 # Spelled as openai/gpt-oss-20b's config.json (transformers-4 keys), at toy widths.
 HUB = {
@@ -149,8 +148,7 @@ def test_graph_decode_of_offloaded_experts(tiny, tmp_path, monkeypatch, preset):
     the blobs and apply the clamped activation) are both computed inside the graph segments."""
     monkeypatch.setattr(decode_graphs, "MIN_SPAN", 8)
     checkpoint = Checkpoint.open(tiny[0])
-    store = ExpertStore.open(convert_store(checkpoint, tmp_path / "s", precisions=("bf16", "int4"), group_size=64,
-                                           progress=False))
+    store = open_store(checkpoint, tmp_path / "s", ("bf16", "int4"))
     model = load_dense(checkpoint, 40, "cpu", torch.float32)
     c = checkpoint.config
     budget = 2 * c.num_experts_per_tok * store.layout("bf16").nbytes

@@ -56,18 +56,13 @@ def test_offloaded_prefill_in_waves_equals_the_loop(tmp_path, monkeypatch):
     """An lru runtime at one token's top-k of slots runs a prompt's experts in many waves whose slots
     are reused: the bf16 experts gathered per wave from the slot stacks (in batches of 2 with
     3k slots) equal the per-expert loop; the runtime never hands bf16 weights over one by one."""
-    from dymoe.checkpoint.convert import convert_store
-    from dymoe.checkpoint.reader import Checkpoint
-    from dymoe.checkpoint.store import ExpertStore
     from dymoe.models.transformer import load_dense
     from dymoe.runtime.offload import OffloadConfig, OffloadedExperts
     from dymoe.runtime.prefill import PrefillDequantizer
     from dymoe.runtime.presets import PRESETS
-    from tests.tiny_models import make_hf_model, save_checkpoint
+    from tests.tiny_models import tiny_store
 
-    checkpoint = Checkpoint.open(save_checkpoint(make_hf_model("qwen3_moe", seed=4).to(torch.bfloat16), tmp_path / "m"))
-    store = ExpertStore.open(convert_store(checkpoint, tmp_path / "s", precisions=("bf16", "int4"), group_size=64,
-                                           progress=False))
+    checkpoint, store = tiny_store(tmp_path, "qwen3_moe", 4, ("bf16", "int4"))
     model = load_dense(checkpoint, 64, "cpu", torch.bfloat16)
     prompt = torch.tensor([[1, 17, 42, 5, 63, 8, 29, 11, 2, 90, 33, 7]])
     k = checkpoint.config.num_experts_per_tok

@@ -5,9 +5,6 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dymoe.checkpoint.convert import convert_store
-from dymoe.checkpoint.reader import Checkpoint
-from dymoe.checkpoint.store import ExpertStore
 from dymoe.errors import BudgetError
 from dymoe.models.transformer import load_dense
 from dymoe.runtime import offload
@@ -15,7 +12,7 @@ from dymoe.runtime.offload import OffloadConfig, OffloadedExperts
 from dymoe.runtime.precision import important_count
 from dymoe.runtime.presets import PRESETS
 from dymoe.runtime.resident import ResidentExperts
-from tests.tiny_models import make_hf_model, save_checkpoint
+from tests.tiny_models import tiny_store
 
 
 @pytest.mark.parametrize(
@@ -35,12 +32,7 @@ def test_important_count(weights, mass, expected):
 
 @pytest.fixture(scope="module")
 def model_and_store(tmp_path_factory):
-    root = tmp_path_factory.mktemp("mixed")
-    path = save_checkpoint(make_hf_model("qwen3_moe", seed=21, num_hidden_layers=4).to(torch.bfloat16), root / "m")
-    checkpoint = Checkpoint.open(path)
-    store = ExpertStore.open(convert_store(checkpoint, root / "store", precisions=("bf16", "int4"), group_size=64,
-                                           progress=False))
-    return checkpoint, store
+    return tiny_store(tmp_path_factory.mktemp("mixed"), "qwen3_moe", 21, ("bf16", "int4"), num_hidden_layers=4)
 
 
 def runtime(checkpoint, store, slots_each: int, **knobs):

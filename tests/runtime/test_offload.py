@@ -13,9 +13,6 @@ import random
 import pytest
 import torch
 
-from dymoe.checkpoint.convert import convert_store
-from dymoe.checkpoint.reader import Checkpoint
-from dymoe.checkpoint.store import ExpertStore
 from dymoe.errors import BudgetError
 from dymoe.models.transformer import load_dense
 from dymoe.runtime.offload import OffloadConfig, OffloadedExperts
@@ -23,7 +20,7 @@ from dymoe.runtime.expert_compute import dequantized_expert
 from dymoe.runtime.hotness import HotnessConfig, HotnessExperts
 from dymoe.runtime.presets import PRESETS
 from dymoe.runtime.resident import ResidentExperts
-from tests.tiny_models import FAMILIES, make_hf_model, save_checkpoint
+from tests.tiny_models import FAMILIES, open_store, tiny_store
 
 PROMPTS = torch.tensor([[1, 17, 42, 5, 63, 8, 29, 11], [2, 90, 33, 7, 7, 51, 64, 3]])
 
@@ -34,11 +31,7 @@ def bf16_models(tmp_path_factory):
     root = tmp_path_factory.mktemp("offload")
     out = {}
     for family in FAMILIES:
-        path = save_checkpoint(make_hf_model(family, seed=11).to(torch.bfloat16), root / family)
-        checkpoint = Checkpoint.open(path)
-        store = ExpertStore.open(convert_store(checkpoint, root / f"{family}-store", precisions=("bf16", "int4"),
-                                               group_size=64, progress=False))
-        out[family] = (checkpoint, store)
+        out[family] = tiny_store(root / family, family, 11, ("bf16", "int4"))
     return out
 
 
@@ -210,8 +203,7 @@ def test_gpt_oss_low_bit_runs_stay_close_to_bf16(bf16_models, tmp_path):
     logits' RMS relative to the bf16 model's; the tiny model's clamp of 1.0 and large biases make
     it more sensitive than the other families' tiny models: int4 about 0.2 here, 0.07-0.09 there.)"""
     checkpoint, _ = bf16_models["gpt_oss"]
-    store = ExpertStore.open(convert_store(checkpoint, tmp_path / "s", precisions=("bf16", "int8", "int4", "int2"),
-                                           group_size=64, progress=False))
+    store = open_store(checkpoint, tmp_path / "s", ("bf16", "int8", "int4", "int2"))
     c = checkpoint.config
     model = load_dense(checkpoint, 64, "cpu", torch.float32)
     reference = run(model, ResidentExperts.from_checkpoint(checkpoint, "cpu", torch.float32))

@@ -320,16 +320,12 @@ def test_least_stale_offloading_is_exact_and_misses_less_than_lru_in_prefill(tmp
     least-stale eviction gives the resident logits bit for bit, and moves fewer experts than LRU."""
     import torch
 
-    from dymoe.checkpoint.convert import convert_store
-    from dymoe.checkpoint.reader import Checkpoint
-    from dymoe.checkpoint.store import ExpertStore
     from dymoe.models.transformer import load_dense
     from dymoe.runtime.offload import OffloadConfig, OffloadedExperts
     from dymoe.runtime.resident import ResidentExperts
-    from tests.tiny_models import make_hf_model, save_checkpoint
+    from tests.tiny_models import tiny_store
 
-    checkpoint = Checkpoint.open(save_checkpoint(make_hf_model("qwen3_moe", seed=5).to(torch.bfloat16), tmp_path / "m"))
-    store = ExpertStore.open(convert_store(checkpoint, tmp_path / "s", precisions=("bf16",), progress=False))
+    checkpoint, store = tiny_store(tmp_path, "qwen3_moe", 5, ("bf16",))
     c = checkpoint.config
     model = load_dense(checkpoint, 96, "cpu", torch.float32)
     prompts = torch.randint(0, c.vocab_size, (3, 1, 24), generator=torch.Generator().manual_seed(1))

@@ -12,16 +12,13 @@ import random
 import pytest
 import torch
 
-from dymoe.checkpoint.convert import convert_store
-from dymoe.checkpoint.reader import Checkpoint
-from dymoe.checkpoint.store import ExpertStore
 from dymoe.models.transformer import load_dense
 from dymoe.quant.kernels import reference_decode
 from dymoe.runtime.expert_compute import dequantized_expert, run_grouped
 from dymoe.runtime.offload import OffloadConfig, OffloadedExperts
 from dymoe.runtime.precision import ImportanceRule, PopularityRule
 from dymoe.runtime.presets import PRESETS
-from tests.tiny_models import make_hf_model, save_checkpoint
+from tests.tiny_models import tiny_store
 
 PROMPT = torch.tensor([[1, 17, 42, 5, 63, 8, 29, 11, 2, 90, 33, 7, 7, 51, 64, 3]])
 
@@ -42,12 +39,7 @@ def test_popularity_rule_prefill(floor, high):
 
 @pytest.fixture(scope="module")
 def model_and_store(tmp_path_factory):
-    root = tmp_path_factory.mktemp("fate")
-    path = save_checkpoint(make_hf_model("qwen3_moe", seed=5, num_hidden_layers=4).to(torch.bfloat16), root / "m")
-    checkpoint = Checkpoint.open(path)
-    store = ExpertStore.open(convert_store(checkpoint, root / "store", precisions=("int4", "int2"), group_size=64,
-                                           progress=False))
-    return checkpoint, store
+    return tiny_store(tmp_path_factory.mktemp("fate"), "qwen3_moe", 5, ("int4", "int2"), num_hidden_layers=4)
 
 
 class RecordingStore:

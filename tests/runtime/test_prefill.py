@@ -12,16 +12,13 @@ import pytest
 import torch
 
 from dymoe.checkpoint.blob import blob_layout, unpack_expert
-from dymoe.checkpoint.convert import convert_store
-from dymoe.checkpoint.reader import Checkpoint
-from dymoe.checkpoint.store import ExpertStore
 from dymoe.models.transformer import load_dense
 from dymoe.quant.formats import parse_format
 from dymoe.quant.kernels.reference import random_pool
 from dymoe.runtime.offload import OffloadConfig, OffloadedExperts
 from dymoe.runtime.prefill import PrefillDequantizer, prefill_capacity
 from dymoe.runtime.presets import PRESETS
-from tests.tiny_models import make_hf_model, save_checkpoint
+from tests.tiny_models import tiny_store
 
 
 def _dequantizer(capacity: int, experts: int = 6, waits: list | None = None):
@@ -76,11 +73,7 @@ def test_capacity_is_bounded_by_slots_experts_and_bytes():
 
 @pytest.fixture(scope="module")
 def int4_store(tmp_path_factory):
-    root = tmp_path_factory.mktemp("prefill")
-    checkpoint = Checkpoint.open(save_checkpoint(make_hf_model("olmoe", seed=3).to(torch.bfloat16), root / "olmoe"))
-    store = ExpertStore.open(convert_store(checkpoint, root / "store", precisions=("bf16", "int4"), group_size=64,
-                                           progress=False))
-    return checkpoint, store
+    return tiny_store(tmp_path_factory.mktemp("prefill"), "olmoe", 3, ("bf16", "int4"))
 
 
 @pytest.mark.parametrize("preset", ["static-int4", "dymoe"])
