@@ -63,12 +63,11 @@ class PrefillDequantizer:
         self.launches = 0
         self._where: dict[int, tuple[_Batch, int]] = {}  # slot -> (batch, workspace position)
 
-    def plan(self, members: list[tuple[int, object | None]]) -> list[_Batch]:
-        """The wave's experts of this class as (slot, ticket or None), or (key, slot, ticket) with a
-        name for each, in the order they will be asked for; replaces the previous plan. Returns the
-        batches in launch order."""
+    def plan(self, members: list[tuple[object, int, object | None]]) -> list[_Batch]:
+        """The wave's experts of this class as (key: the caller's name for it, slot, ticket or None),
+        in the order they will be asked for; replaces the previous plan. Returns the batches in
+        launch order."""
         self._where.clear()
-        members = [m if len(m) == 3 else (m[0], *m) for m in members]
         capacity = self.workspace.capacity
         batches = []
         for start in range(0, len(members), capacity):
@@ -116,7 +115,7 @@ class PrefillDequantizer:
         after dropping the plan; the plan's other experts are then dequantized one by one as they
         are asked for (slower, still correct)."""
         if slot not in self._where:
-            self.plan([(slot, None)])
+            self.plan([(slot, slot, None)])
         batch, position = self._where.pop(slot)
         return tuple(stack[position - batch.first] for stack in self.launch(batch))
 

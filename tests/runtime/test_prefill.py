@@ -38,9 +38,9 @@ def _expected(pool, table, layout, slot):
 
 def test_chunks_and_batches_equal_the_reference_and_wait_only_for_their_copies():
     dequantizer, pool, table, layout, waits = _dequantizer(capacity=4)
-    plan = [(4, None), (1, "copy-1"), (5, None), (0, "copy-0"), (3, None), (2, None)]
+    plan = [(4, 4, None), (1, 1, "copy-1"), (5, 5, None), (0, 0, "copy-0"), (3, 3, None), (2, 2, None)]
     dequantizer.plan(plan)
-    for i, (slot, _) in enumerate(plan):
+    for i, (_, slot, _) in enumerate(plan):
         gate_up, down = dequantizer.weights(slot)
         expected = _expected(pool, table, layout, slot)
         assert torch.equal(gate_up, expected[0]) and torch.equal(down, expected[1]), slot
@@ -54,7 +54,7 @@ def test_chunks_and_batches_equal_the_reference_and_wait_only_for_their_copies()
 
 def test_a_slot_asked_again_is_dequantized_again():
     dequantizer, pool, table, layout, _ = _dequantizer(capacity=3)
-    dequantizer.plan([(0, None), (1, None)])
+    dequantizer.plan([(0, 0, None), (1, 1, None)])
     dequantizer.weights(0)
     pool[int(table[0]):int(table[0]) + layout.nbytes] = pool[int(table[2]):int(table[2]) + layout.nbytes].clone()
     gate_up, _ = dequantizer.weights(0)  # new contents (another layer's expert in the same slot)
