@@ -8,11 +8,13 @@ the torch reference elsewhere, the same values) and runs the grouped bf16 matmul
 
 The runtime announces a wave's experts in the order it will ask for them (:meth:`plan`), each with
 the copy it must wait for (None when resident). They are dequantized in chunks of the workspace's
-capacity; within a chunk the resident experts form one batch and those still in flight another,
-each launched when the first of its experts is asked for. So resident experts are still computed
-while the misses' copies land (the order the offloading schedule is built for), and a chunk is
-overwritten only once every expert of the previous one was asked for, whose matmuls were queued
-before on the same stream.
+capacity; within a chunk the resident experts form one batch and those still in flight another.
+:meth:`runs` launches each batch when the schedule reaches it and hands it over as an
+:class:`~dymoe.runtime.expert_compute.ExpertRun` (one grouped GEMM over the workspace rows, no
+copy), which ``run_grouped`` computes before asking for the next. So resident experts are still
+computed while the misses' copies land (the order the offloading schedule is built for), and a
+chunk is overwritten only after the previous one's matmuls were queued on the same stream.
+:meth:`weights` serves one expert at a time (DynaExq's fallback).
 """
 
 from __future__ import annotations
