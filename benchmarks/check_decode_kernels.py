@@ -54,7 +54,7 @@ def check(label: str, layout, pool, offsets, combine, x, math=SWIGLU, packed: bo
     ws = DecodeWorkspace.allocate(plan, e, t, "cuda")
     configs = tuple(dataclasses.replace(choose_config(plan, kernel, e, t, SMS), packed=packed)
                     for kernel in ("gate_up", "down"))
-    for scratch in (ws.hidden, ws.partial, ws.gate_up_partial, ws.hidden_transposed):
+    for scratch in ws.scratch():
         scratch.fill_(float("nan"))
     out = launch_decode(pool, offsets, plan, x, combine, ws, *configs, math=math).float()
     rel = ((out - ref).norm() / ref.norm()).item()

@@ -117,7 +117,7 @@ def check_one(model: str, precision: str, group: int, tokens: int, seed: int, de
     x = torch.randn(tokens, hidden, generator=torch.Generator().manual_seed(seed)).to(device, torch.bfloat16)
     plan = kernel_plan(layout)
     workspace = DecodeWorkspace.allocate(plan, offsets.numel(), tokens, device)
-    for scratch in (workspace.hidden, workspace.partial, workspace.gate_up_partial, workspace.hidden_transposed):
+    for scratch in workspace.scratch():
         scratch.fill_(float("nan"))
     out = expert_decode(pool, offsets, layout, x, combine, backend="triton", workspace=workspace)
     torch.cuda.synchronize()
@@ -131,22 +131,33 @@ def check_one(model: str, precision: str, group: int, tokens: int, seed: int, de
 
 def scratch_written(workspace, plan, active: torch.Tensor, tokens: int) -> bool:
     """Whether the step wrote every scratch value it reads (the caller NaN-poisons the scratch
-    first): hidden of the active experts and the down partials, in the tiled or split-K layout."""
-    from dymoe.quant.kernels.triton_experts import choose_config, k_slices, uses_gemv
+    first): hidden of the active experts and the down partials, in the tiled, split-K or packed
+    int4 layout (whose 32-bit words are finite as float32 wherever they hold finite float16 pairs
+    or float32 values)."""
+    from dymoe.quant.kernels.triton_experts import choose_config, k_slices, packed_words, runs_packed, uses_gemv
 
     experts = active.numel()
     if not uses_gemv(plan, tokens):  # the tiled kernels
         h, partial = workspace.views(plan, experts, tokens)
         return bool(partial.isfinite().all()) and bool(h[active].isfinite().all())
-    cpw = {8: 4, 4: 8, 3: 8, 2: 16}[plan.bits]
+    sms = torch.cuda.get_device_properties(active.device).multi_processor_count
+    configs = [choose_config(plan, kernel, experts, 1, sms) for kernel in ("gate_up", "down")]
     kp, i = plan.down.padded_cols, plan.intermediate_size
-    columns = torch.arange(i, device=active.device)
-    transposed = (columns % cpw) * (kp // cpw) + columns // cpw  # split_k._transposed
-    h = workspace.hidden_transposed[:experts * kp].view(experts, kp)[active][:, transposed]
-    slices = k_slices(plan, kp, choose_config(plan, "down", experts, 1, torch.cuda.get_device_properties(
-        active.device).multi_processor_count))[0]
+    if runs_packed(plan, *configs):
+        words = packed_words(i)
+        h = workspace.hidden_transposed.view(torch.int32)[:experts * words].view(experts, words)[active]
+        h = h.view(torch.float32)
+        packed_x = workspace.input_packed[:packed_words(plan.hidden_size)].view(torch.float32)
+        written = bool(packed_x.isfinite().all())
+    else:
+        cpw = {8: 4, 4: 8, 3: 8, 2: 16}[plan.bits]
+        columns = torch.arange(i, device=active.device)
+        transposed = (columns % cpw) * (kp // cpw) + columns // cpw  # split_k._transposed
+        h = workspace.hidden_transposed[:experts * kp].view(experts, kp)[active][:, transposed]
+        written = True
+    slices = k_slices(plan, kp, configs[1])[0]
     partial = workspace.partial[:experts * slices * plan.hidden_size]
-    return bool(h.isfinite().all()) and bool(partial.isfinite().all())
+    return written and bool(h.isfinite().all()) and bool(partial.isfinite().all())
 
 
 def correctness(device, quick: bool, deadline: float) -> list[dict]:
@@ -378,7 +389,11 @@ def variant_candidates(plan, k: int, sms: int) -> tuple[list, list]:
         def uncapped(**knobs):
             return tuple(dataclasses.replace(c, max_registers=None) for c in split(**knobs))
 
-        second = [("split no register cap", uncapped()), ("split 4 blocks/SM", split(blocks_per_sm=4)),
+        def capped(cap: int, **knobs):
+            return tuple(dataclasses.replace(c, max_registers=cap) for c in split(**knobs))
+
+        second = [("split 96 registers", capped(96)), ("split 96 registers, 5 blocks/SM", capped(96, blocks_per_sm=5)),
+                  ("split no register cap", uncapped()), ("split 4 blocks/SM", split(blocks_per_sm=4)),
                   ("split 8 blocks/SM", split(blocks_per_sm=8))] + second
     if gemv:
         best_tile = LaunchConfig(block_n=16, block_k=256, num_warps=2, num_stages=3)  # Qwen3 int4's best
@@ -404,7 +419,7 @@ def check_variant(pool, offsets, plan, x, combine, ws, configs, ref) -> dict:
     counters left at zero."""
     from dymoe.quant.kernels.triton_experts import launch_decode
 
-    for scratch in (ws.hidden, ws.partial, ws.gate_up_partial, ws.hidden_transposed):
+    for scratch in ws.scratch():
         scratch.fill_(float("nan"))
     out = launch_decode(pool, offsets, plan, x, combine, ws, *configs)
     torch.cuda.synchronize()

@@ -109,7 +109,7 @@ from dymoe.models.expert_math import SWIGLU, ExpertMath
 def run(layout, pool, offsets, x, combine, configs, math=SWIGLU):
     plan = kernel_plan(layout)
     ws = DecodeWorkspace.allocate(plan, combine.shape[1], x.shape[0], "cpu")
-    for scratch in (ws.hidden, ws.partial, ws.gate_up_partial, ws.hidden_transposed):
+    for scratch in ws.scratch():
         scratch.fill_(float("nan"))  # a scratch value read before it is written shows in the result
     out = launch_decode(pool, offsets, plan, x, combine, ws, *configs, math=math)
     counters_reset = not (ws.counters.any() or ws.gate_up_counters.any())

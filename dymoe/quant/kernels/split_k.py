@@ -57,96 +57,207 @@ def _value(units, j: tl.constexpr, BITS: tl.constexpr):
 
 
 @triton.jit
-def _half2(lo, hi):
-    """Two float32 vectors rounded to float16 and packed in uint32 words (``lo`` in the low half)."""
-    lo16 = lo.to(tl.float16).to(tl.uint16, bitcast=True).to(tl.uint32)
-    hi16 = hi.to(tl.float16).to(tl.uint16, bitcast=True).to(tl.uint32)
-    return lo16 | (hi16 << 16)
+def _int4_fma8(words, p0, p1, p2, p3, acc):
+    """``acc`` plus, per int4 word (codes c0..c7 in nibbles 0..7), ``sum_j c_j * x_j`` in two
+    float16 halves of a uint32, from the activation pairs of :func:`_pack_chunks`.
 
-
-@triton.jit
-def _int4_dot8(words, p0, p1, p2, p3):
-    """Per int4 word (codes c0..c7 in nibbles 0..7): ``sum_j c_j * x_j`` as two float16 halves of a
-    uint32, from the activation pairs ``p_k = (x_k, x_{k+4})`` packed as float16x2.
-
-    Masking a word with 0x000F000F leaves codes k and k+4 as the raw bits of two float16 subnormals,
-    ``c * 2**-24``, so one AND and one packed FMA (``fma.rn.f16x2``, subnormals kept) handle two
-    codes: 11 instructions for 8 codes against ~24 for the float32 path (LOP3 + FADD + FFMA per
-    code), which is what bounds that path on large shapes. The caller prescales the activations
-    by a power of two so that the products are normal float16 numbers, and accumulates only the 4
-    products per half in float16 before converting."""
+    Masking a word with 0x000F000F leaves codes 0 and 4 as the raw bits of two float16 subnormals
+    (``c * 2**-24``), with 0x00F000F0 codes 1 and 5 as ``16c * 2**-24`` (their pairs carry the 1/16),
+    and the same two masks after one shift by 8 give codes 2, 6 and 3, 7: four ANDs, one shift and
+    four packed FMAs (``fma.rn.f16x2``, subnormals kept) for 8 codes, chained through ``acc`` over
+    a chunk's four words."""
     return tl.inline_asm_elementwise(
         asm="""{
         .reg .b32 t, w, a;
         and.b32 t, $1, 0x000F000F;
-        mul.rn.f16x2 a, t, $2;
-        shr.b32 w, $1, 4;
-        and.b32 t, w, 0x000F000F;
+        fma.rn.f16x2 a, t, $2, $6;
+        and.b32 t, $1, 0x00F000F0;
         fma.rn.f16x2 a, t, $3, a;
         shr.b32 w, $1, 8;
         and.b32 t, w, 0x000F000F;
         fma.rn.f16x2 a, t, $4, a;
-        shr.b32 w, $1, 12;
-        and.b32 t, w, 0x000F000F;
+        and.b32 t, w, 0x00F000F0;
         fma.rn.f16x2 $0, t, $5, a;
         }""",
-        constraints="=r,r,r,r,r,r", args=[words, p0, p1, p2, p3], dtype=tl.uint32, is_pure=True, pack=1)
+        constraints="=r,r,r,r,r,r,r", args=[words, p0, p1, p2, p3, acc], dtype=tl.uint32, is_pure=True, pack=1)
 
 
 @triton.jit
-def _half2_value(acc, back):
-    """Float16x2 sums (uint32) as float32: both halves added, times ``back`` (undoes the prescale)."""
-    lo = (acc & 0xFFFF).to(tl.uint16).to(tl.float16, bitcast=True).to(tl.float32)
-    hi = (acc >> 16).to(tl.uint16).to(tl.float16, bitcast=True).to(tl.float32)
-    return (lo + hi) * back
+def _f16_bits(bits):
+    """The low 16 bits of uint32 ``bits`` as a float16 value, in float32."""
+    return (bits & 0xFFFF).to(tl.uint16).to(tl.float16, bitcast=True).to(tl.float32)
 
 
 @triton.jit
-def _prescale(a0, a1, a2, a3, a4, a5, a6, a7):
-    """The power of two that brings the largest of a step's activations into [2**14, 2**15): float16
-    keeps them with 11 bits, and their products with int4 codes as subnormals (``c * 2**-24``) stay
-    normal numbers, without overflow in a sum of four. Returns (scale, 2**24 / scale)."""
-    amax = tl.maximum(tl.maximum(tl.maximum(tl.abs(a0), tl.abs(a1)), tl.maximum(tl.abs(a2), tl.abs(a3))),
-                      tl.maximum(tl.maximum(tl.abs(a4), tl.abs(a5)), tl.maximum(tl.abs(a6), tl.abs(a7))))
-    amax = tl.max(amax, axis=0)
-    e = tl.floor(tl.log2(tl.maximum(amax, 1e-30)))
-    scale = tl.exp2(14.0 - e)
-    return scale, 16777216.0 / scale
+def _nibble_products(t, p):
+    """Emulation of one ``fma.rn.f16x2`` of :func:`_int4_fma8` in float32 (both halves summed)."""
+    return ((t & 0xFFFF).to(tl.float32) * _f16_bits(p) + (t >> 16).to(tl.float32) * _f16_bits(p >> 16)) * 5.9604644775390625e-08
+
+
+@triton.jit
+def _fma8(words, p0, p1, p2, p3, acc, ASM: tl.constexpr):
+    """:func:`_int4_fma8` on [BLOCK_N, CH] words and [CH] pairs; without ``ASM`` (Triton's
+    interpreter runs no inline assembly) the same products summed in float32, ``acc`` float32."""
+    if ASM:
+        out = _int4_fma8(words, p0[None, :], p1[None, :], p2[None, :], p3[None, :], acc)
+    else:
+        shifted = words >> 8
+        out = (acc + _nibble_products(words & 0x000F000F, p0[None, :])
+               + _nibble_products(words & 0x00F000F0, p1[None, :])
+               + _nibble_products(shifted & 0x000F000F, p2[None, :])
+               + _nibble_products(shifted & 0x00F000F0, p3[None, :]))
+    return out
+
+
+@triton.jit
+def _fma_value(acc, ASM: tl.constexpr):
+    """A chunk's sum from :func:`_fma8` as float32 (ASM: both float16 halves added)."""
+    if ASM:
+        out = _f16_bits(acc) + _f16_bits(acc >> 16)
+    else:
+        out = acc
+    return out
+
+
+@triton.jit
+def _int4_chunks(w_ptr, w_base, rows, row_ok, k0, ROW: tl.constexpr, KP: tl.constexpr, BLOCK_N: tl.constexpr,
+                 SUB_K: tl.constexpr):
+    """The int4 words of rows ``rows``, chunks ``k0 / 32 ..`` (4 words each) as four [BLOCK_N, CH]
+    uint32 tensors, word i of each chunk in the i-th: a thread's 16-byte vector is one chunk of one
+    row, so the split stays in registers (no shared memory in the sm_90 code)."""
+    CH: tl.constexpr = SUB_K // 32
+    units = _units(w_ptr, w_base, rows, row_ok, k0, ROW, KP, 4, 8, SUB_K)
+    a, b = tl.split(tl.reshape(units, (BLOCK_N, CH, 2, 2)))
+    t0, t2 = tl.split(a)
+    t1, t3 = tl.split(b)
+    return t0, t1, t2, t3
+
+
+@triton.jit
+def _chunk_pairs(xq_ptr, c, c_ok, w: tl.constexpr):
+    """The four activation pairs of word ``w`` of chunks ``c``, as [CH] uint32 tensors. Four 4-byte
+    loads, not one 16-byte vector: a 1-D load takes the layout of its use (each thread loads the
+    chunks it multiplies), while splitting a [CH, 4] vector load would move it to that layout
+    through shared memory and a barrier per word."""
+    at = xq_ptr + c * 16 + w * 4
+    p0 = tl.load(at, mask=c_ok, other=0).to(tl.uint32, bitcast=True)
+    p1 = tl.load(at + 1, mask=c_ok, other=0).to(tl.uint32, bitcast=True)
+    p2 = tl.load(at + 2, mask=c_ok, other=0).to(tl.uint32, bitcast=True)
+    p3 = tl.load(at + 3, mask=c_ok, other=0).to(tl.uint32, bitcast=True)
+    return p0, p1, p2, p3
+
+
+@triton.jit
+def _pack_chunks(v, c0, out_ptr, C: tl.constexpr, NCH: tl.constexpr):
+    """Write chunks ``c0 .. c0 + NCH`` of a packed activation vector from ``v`` [NCH * 32] (float32).
+
+    A packed vector of ``C`` chunks of 32 values is ``C * 18`` 32-bit words: per chunk and word w
+    (values 8w .. 8w + 7) four float16x2 pairs ``(x[8w + n], x[8w + n + 4]) * scale`` for nibble
+    n = 0..3 (n odd: also / 16, see :func:`_int4_fma8`) at ``16c + 4w + n``; then per chunk
+    ``2**24 / scale`` (float32) at ``16C + c`` and the sum of its 32 values at ``17C + c``. The
+    scale is the power of two that brings the chunk's largest value into [2**14, 2**15): float16
+    keeps each value with 11 bits and its products with the codes are normal numbers that cannot
+    overflow in a chunk's sum."""
+    chunks = tl.reshape(v, (NCH, 32))
+    amax = tl.max(tl.abs(chunks), axis=1)
+    asum = tl.sum(chunks, axis=1)
+    scale = tl.exp2(14.0 - tl.floor(tl.log2(tl.maximum(amax, 1e-30))))
+    n = tl.arange(0, 4)
+    odd = tl.where(n % 2 == 1, 0.0625, 1.0)
+    scaled = tl.reshape(v, (NCH, 4, 2, 4)) * scale[:, None, None, None] * odd[None, None, None, :]
+    bits = scaled.to(tl.float16).to(tl.uint16, bitcast=True).to(tl.uint32)  # [chunk, word, half, nibble]
+    lo, hi = tl.split(tl.permute(bits, (0, 1, 3, 2)))
+    pairs = (lo | (hi << 16)).to(tl.int32, bitcast=True)  # [chunk, word, nibble]
+    c = c0 + tl.arange(0, NCH)
+    c_ok = c < C
+    w = tl.arange(0, 4)
+    tl.store(out_ptr + c[:, None, None] * 16 + w[None, :, None] * 4 + n[None, None, :], pairs,
+             mask=c_ok[:, None, None])
+    tl.store(out_ptr + 16 * C + c, (16777216.0 / scale).to(tl.int32, bitcast=True), mask=c_ok)
+    tl.store(out_ptr + 17 * C + c, asum.to(tl.int32, bitcast=True), mask=c_ok)
+
+
+@triton.jit
+def _pack_input_kernel(x_ptr, out_ptr, H: tl.constexpr, C: tl.constexpr, BLOCK: tl.constexpr):
+    """The one token's input ``x`` [H] as a packed activation vector (:func:`_pack_chunks`)."""
+    k = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    v = tl.load(x_ptr + k, mask=k < H, other=0.0).to(tl.float32)
+    _pack_chunks(v, tl.program_id(0) * (BLOCK // 32), out_ptr, C, BLOCK // 32)
+
+
+@triton.jit
+def _packed_terms(acc, dot, s_ptr, s_base, m_base, rows, row_ok, k0, c, back, asum, GROUPS: tl.constexpr,
+                  SUB_K: tl.constexpr, ASM: tl.constexpr):
+    """``acc`` [BLOCK_N, CH] plus one group's chunk sums: ``s * back * dot + m * asum``. The group's
+    scale and min are loaded as [BLOCK_N, CH] (the same address across a row's chunks: L1 hits),
+    which is the accumulators' layout; loaded as [BLOCK_N] they went through shared memory."""
+    g = k0 // SUB_K + c[None, :] * 0
+    smask = row_ok[:, None] & (g < GROUPS)
+    s = tl.load(s_ptr + s_base + rows[:, None] * GROUPS + g, mask=smask, other=0).to(tl.float32)
+    m = tl.load(s_ptr + m_base + rows[:, None] * GROUPS + g, mask=smask, other=0).to(tl.float32)
+    return acc + _fma_value(dot, ASM) * (s * back[None, :]) + m * asum[None, :]
+
+
+@triton.jit
+def _packed_step(acc_g, acc_u, w_ptr, s_ptr, gate_w, gate_s, gate_m, up_w, up_s, up_m, rows, row_ok, k0, xq_ptr,
+                 C: tl.constexpr, ROW: tl.constexpr, KP: tl.constexpr, GROUPS: tl.constexpr,
+                 BLOCK_N: tl.constexpr, SUB_K: tl.constexpr, ASM: tl.constexpr, TWO: tl.constexpr):
+    """int4 rows ``rows`` of one weight (``TWO``: gate and up, sharing the activations) times the
+    packed activations of chunks ``k0 / 32 ..``: each thread runs its 4-word chunks through one
+    chain of packed FMAs (:func:`_int4_fma8`) and converts once per chunk; ``acc`` is per chunk."""
+    CH: tl.constexpr = SUB_K // 32
+    c = k0 // 32 + tl.arange(0, CH)
+    c_ok = c < C
+    g0, g1, g2, g3 = _int4_chunks(w_ptr, gate_w, rows, row_ok, k0, ROW, KP, BLOCK_N, SUB_K)
+    if ASM:
+        dot_g = tl.zeros((BLOCK_N, CH), dtype=tl.uint32)
+    else:
+        dot_g = tl.zeros((BLOCK_N, CH), dtype=tl.float32)
+    dot_u = dot_g
+    if TWO:
+        u0, u1, u2, u3 = _int4_chunks(w_ptr, up_w, rows, row_ok, k0, ROW, KP, BLOCK_N, SUB_K)
+    p0, p1, p2, p3 = _chunk_pairs(xq_ptr, c, c_ok, 0)
+    dot_g = _fma8(g0, p0, p1, p2, p3, dot_g, ASM)
+    if TWO:
+        dot_u = _fma8(u0, p0, p1, p2, p3, dot_u, ASM)
+    p0, p1, p2, p3 = _chunk_pairs(xq_ptr, c, c_ok, 1)
+    dot_g = _fma8(g1, p0, p1, p2, p3, dot_g, ASM)
+    if TWO:
+        dot_u = _fma8(u1, p0, p1, p2, p3, dot_u, ASM)
+    p0, p1, p2, p3 = _chunk_pairs(xq_ptr, c, c_ok, 2)
+    dot_g = _fma8(g2, p0, p1, p2, p3, dot_g, ASM)
+    if TWO:
+        dot_u = _fma8(u2, p0, p1, p2, p3, dot_u, ASM)
+    p0, p1, p2, p3 = _chunk_pairs(xq_ptr, c, c_ok, 3)
+    dot_g = _fma8(g3, p0, p1, p2, p3, dot_g, ASM)
+    if TWO:
+        dot_u = _fma8(u3, p0, p1, p2, p3, dot_u, ASM)
+    back = tl.load(xq_ptr + 16 * C + c, mask=c_ok, other=0).to(tl.float32, bitcast=True)
+    asum = tl.load(xq_ptr + 17 * C + c, mask=c_ok, other=0).to(tl.float32, bitcast=True)
+    acc_g = _packed_terms(acc_g, dot_g, s_ptr, gate_s, gate_m, rows, row_ok, k0, c, back, asum, GROUPS, SUB_K, ASM)
+    if TWO:
+        acc_u = _packed_terms(acc_u, dot_u, s_ptr, up_s, up_m, rows, row_ok, k0, c, back, asum, GROUPS, SUB_K,
+                               ASM)
+    return acc_g, acc_u
 
 
 @triton.jit
 def _pair_step(acc_g, m_g, acc_u, m_u, w_ptr, s_ptr, gate_w, gate_s, gate_m, up_w, up_s, up_m, rows, row_ok,
                k0, a_ptr, a_cols, ROW: tl.constexpr, KP: tl.constexpr, GROUPS: tl.constexpr, BITS: tl.constexpr,
-               CPW: tl.constexpr, SUB_K: tl.constexpr, PACKED: tl.constexpr):
+               CPW: tl.constexpr, SUB_K: tl.constexpr):
     """Gate and up rows ``rows`` times ``a[k0 : k0 + SUB_K]``, both tiles loaded before any
     arithmetic (twice the bytes in flight of one) and each activation loaded once for both."""
     units_g = _units(w_ptr, gate_w, rows, row_ok, k0, ROW, KP, BITS, CPW, SUB_K)
     units_u = _units(w_ptr, up_w, rows, row_ok, k0, ROW, KP, BITS, CPW, SUB_K)
     k = k0 + tl.arange(0, SUB_K // CPW) * CPW  # each word's first column
-    if PACKED:  # int4 through packed float16 FMAs (_int4_dot8)
-        a0 = tl.load(a_ptr + k, mask=k < a_cols, other=0.0).to(tl.float32)
-        a1 = tl.load(a_ptr + k + 1, mask=k + 1 < a_cols, other=0.0).to(tl.float32)
-        a2 = tl.load(a_ptr + k + 2, mask=k + 2 < a_cols, other=0.0).to(tl.float32)
-        a3 = tl.load(a_ptr + k + 3, mask=k + 3 < a_cols, other=0.0).to(tl.float32)
-        a4 = tl.load(a_ptr + k + 4, mask=k + 4 < a_cols, other=0.0).to(tl.float32)
-        a5 = tl.load(a_ptr + k + 5, mask=k + 5 < a_cols, other=0.0).to(tl.float32)
-        a6 = tl.load(a_ptr + k + 6, mask=k + 6 < a_cols, other=0.0).to(tl.float32)
-        a7 = tl.load(a_ptr + k + 7, mask=k + 7 < a_cols, other=0.0).to(tl.float32)
-        asum = ((a0 + a1) + (a2 + a3)) + ((a4 + a5) + (a6 + a7))
-        scale, back = _prescale(a0, a1, a2, a3, a4, a5, a6, a7)
-        p0, p1 = _half2(a0 * scale, a4 * scale), _half2(a1 * scale, a5 * scale)
-        p2, p3 = _half2(a2 * scale, a6 * scale), _half2(a3 * scale, a7 * scale)
-        part_g = _half2_value(_int4_dot8(units_g, p0[None, :], p1[None, :], p2[None, :], p3[None, :]), back)
-        part_u = _half2_value(_int4_dot8(units_u, p0[None, :], p1[None, :], p2[None, :], p3[None, :]), back)
-    else:
-        part_g = tl.zeros(units_g.shape, dtype=tl.float32)
-        part_u = tl.zeros(units_u.shape, dtype=tl.float32)
-        asum = tl.zeros(k.shape, dtype=tl.float32)
-        for j in tl.static_range(CPW):
-            a = tl.load(a_ptr + k + j, mask=k + j < a_cols, other=0.0).to(tl.float32)
-            part_g += _value(units_g, j, BITS) * a[None, :]
-            part_u += _value(units_u, j, BITS) * a[None, :]
-            asum += a
+    part_g = tl.zeros(units_g.shape, dtype=tl.float32)
+    part_u = tl.zeros(units_u.shape, dtype=tl.float32)
+    asum = tl.zeros(k.shape, dtype=tl.float32)
+    for j in tl.static_range(CPW):
+        a = tl.load(a_ptr + k + j, mask=k + j < a_cols, other=0.0).to(tl.float32)
+        part_g += _value(units_g, j, BITS) * a[None, :]
+        part_u += _value(units_u, j, BITS) * a[None, :]
+        asum += a
     acc_g, m_g = _group_terms(acc_g, m_g, part_g, asum, s_ptr, gate_s, gate_m, rows, row_ok, k0, GROUPS, BITS,
                               SUB_K)
     acc_u, m_u = _group_terms(acc_u, m_u, part_u, asum, s_ptr, up_s, up_m, rows, row_ok, k0, GROUPS, BITS, SUB_K)
@@ -156,34 +267,19 @@ def _pair_step(acc_g, m_g, acc_u, m_u, w_ptr, s_ptr, gate_w, gate_s, gate_m, up_
 @triton.jit
 def _single_step(acc, acc_m, w_ptr, s_ptr, w_base, s_base, m_base, rows, row_ok, k0, at_ptr,
                  A_COLS: tl.constexpr, ROW: tl.constexpr, KP: tl.constexpr, GROUPS: tl.constexpr,
-                 BITS: tl.constexpr, CPW: tl.constexpr, SUB_K: tl.constexpr, PACKED: tl.constexpr):
+                 BITS: tl.constexpr, CPW: tl.constexpr, SUB_K: tl.constexpr):
     """Rows ``rows`` of one weight times ``a[k0 : k0 + SUB_K]``, where the activations come
     transposed by code position (:func:`_transposed`), so the values a thread needs for code ``j``
     of its consecutive words are consecutive floats: one vector load, no conversion."""
     units = _units(w_ptr, w_base, rows, row_ok, k0, ROW, KP, BITS, CPW, SUB_K)
     words = k0 // CPW + tl.arange(0, SUB_K // CPW)
-    if PACKED:  # int4 through packed float16 FMAs (_int4_dot8); CPW is 8
-        a0 = tl.load(at_ptr + words, mask=words < (A_COLS + 7) // 8, other=0.0)
-        a1 = tl.load(at_ptr + (KP // 8) + words, mask=words < (A_COLS + 6) // 8, other=0.0)
-        a2 = tl.load(at_ptr + 2 * (KP // 8) + words, mask=words < (A_COLS + 5) // 8, other=0.0)
-        a3 = tl.load(at_ptr + 3 * (KP // 8) + words, mask=words < (A_COLS + 4) // 8, other=0.0)
-        a4 = tl.load(at_ptr + 4 * (KP // 8) + words, mask=words < (A_COLS + 3) // 8, other=0.0)
-        a5 = tl.load(at_ptr + 5 * (KP // 8) + words, mask=words < (A_COLS + 2) // 8, other=0.0)
-        a6 = tl.load(at_ptr + 6 * (KP // 8) + words, mask=words < (A_COLS + 1) // 8, other=0.0)
-        a7 = tl.load(at_ptr + 7 * (KP // 8) + words, mask=words < A_COLS // 8, other=0.0)
-        asum = ((a0 + a1) + (a2 + a3)) + ((a4 + a5) + (a6 + a7))
-        scale, back = _prescale(a0, a1, a2, a3, a4, a5, a6, a7)
-        p0, p1 = _half2(a0 * scale, a4 * scale), _half2(a1 * scale, a5 * scale)
-        p2, p3 = _half2(a2 * scale, a6 * scale), _half2(a3 * scale, a7 * scale)
-        part = _half2_value(_int4_dot8(units, p0[None, :], p1[None, :], p2[None, :], p3[None, :]), back)
-    else:
-        part = tl.zeros(units.shape, dtype=tl.float32)
-        asum = tl.zeros(words.shape, dtype=tl.float32)
-        for j in tl.static_range(CPW):
-            # a constexpr bound (words whose code j is a real column), so the mask does not stop vector loads
-            a = tl.load(at_ptr + j * (KP // CPW) + words, mask=words < (A_COLS - j + CPW - 1) // CPW, other=0.0)
-            part += _value(units, j, BITS) * a[None, :]
-            asum += a
+    part = tl.zeros(units.shape, dtype=tl.float32)
+    asum = tl.zeros(words.shape, dtype=tl.float32)
+    for j in tl.static_range(CPW):
+        # a constexpr bound (words whose code j is a real column), so the mask does not stop vector loads
+        a = tl.load(at_ptr + j * (KP // CPW) + words, mask=words < (A_COLS - j + CPW - 1) // CPW, other=0.0)
+        part += _value(units, j, BITS) * a[None, :]
+        asum += a
     return _group_terms(acc, acc_m, part, asum, s_ptr, s_base, m_base, rows, row_ok, k0, GROUPS, BITS, SUB_K)
 
 
@@ -203,6 +299,18 @@ def _k_slice(active, KP: tl.constexpr, K_SLICE: tl.constexpr):
 
 
 @triton.jit
+def _store_hidden(h_ptr, e, block, rows, row_ok, h, KP_DOWN: tl.constexpr, CPW: tl.constexpr,
+                  BLOCK_N: tl.constexpr, PACKED: tl.constexpr, C_H: tl.constexpr):
+    """Write rows ``rows`` of expert ``e``'s ``h`` for the down kernel: float32 transposed by code
+    position, or (PACKED) as chunks of expert e's packed activation vector (:func:`_pack_chunks`;
+    a block's rows are whole chunks, rows past I written as zeros)."""
+    if PACKED:
+        _pack_chunks(tl.where(row_ok, h, 0.0), block * (BLOCK_N // 32), h_ptr + e * (18 * C_H), C_H, BLOCK_N // 32)
+    else:
+        tl.store(h_ptr + e * KP_DOWN + _transposed(rows, KP_DOWN, CPW), h, mask=row_ok)
+
+
+@triton.jit
 def _gate_up_split_kernel(w_ptr, s_ptr, offsets_ptr, combine_ptr, x_ptr, h_ptr, gu_ptr, counters_ptr, E,
                           H: tl.constexpr, I: tl.constexpr, W_BYTES: tl.constexpr,
                           GATE_W: tl.constexpr, GATE_S: tl.constexpr, GATE_M: tl.constexpr,
@@ -210,34 +318,41 @@ def _gate_up_split_kernel(w_ptr, s_ptr, offsets_ptr, combine_ptr, x_ptr, h_ptr, 
                           ROW: tl.constexpr, KP: tl.constexpr, GROUPS: tl.constexpr, BITS: tl.constexpr,
                           CPW: tl.constexpr, BLOCK_N: tl.constexpr, SUB_K: tl.constexpr, SUBS: tl.constexpr,
                           SPLIT: tl.constexpr, K_SLICE: tl.constexpr, KP_DOWN: tl.constexpr,
-                          PACKED: tl.constexpr = False, GU_BIAS: tl.constexpr = -1, ACT: tl.constexpr = 0,
+                          PACKED: tl.constexpr = False, ASM: tl.constexpr = True, C_IN: tl.constexpr = 0,
+                          C_H: tl.constexpr = 0, GU_BIAS: tl.constexpr = -1, ACT: tl.constexpr = 0,
                           LIMIT: tl.constexpr = 7.0, ALPHA: tl.constexpr = 1.702):
     e = tl.program_id(0)
     block = tl.program_id(1)
     rows = block * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < I
-    h_at = h_ptr + e * KP_DOWN + _transposed(rows, KP_DOWN, CPW)  # float32, transposed for the down kernel
     w_slot, s_slot, _, c, active = _expert_slot(offsets_ptr, combine_ptr, e, 1, E, W_BYTES, 2)
     live = _live(rows, row_ok, active)
     gate_w, gate_s, gate_m = w_slot + GATE_W, s_slot + GATE_S, s_slot + GATE_M
     up_w, up_s, up_m = w_slot + UP_W, s_slot + UP_S, s_slot + UP_M
-    acc_g = tl.zeros((BLOCK_N, SUB_K // CPW), dtype=tl.float32)
-    acc_u = tl.zeros((BLOCK_N, SUB_K // CPW), dtype=tl.float32)
+    width: tl.constexpr = SUB_K // 32 if PACKED else SUB_K // CPW  # accumulators per row: chunks or words
+    acc_g = tl.zeros((BLOCK_N, width), dtype=tl.float32)
+    acc_u = tl.zeros((BLOCK_N, width), dtype=tl.float32)
     m_g = tl.zeros((BLOCK_N,), dtype=tl.float32)
     m_u = tl.zeros((BLOCK_N,), dtype=tl.float32)
     start, end = _k_slice(active, KP, K_SLICE)
     for k0 in range(start, end, SUB_K * SUBS):
         for sub in tl.static_range(SUBS):  # several groups per step: more bytes in flight per block
-            acc_g, m_g, acc_u, m_u = _pair_step(acc_g, m_g, acc_u, m_u, w_ptr, s_ptr, gate_w, gate_s, gate_m, up_w,
-                                                up_s, up_m, rows, row_ok, k0 + sub * SUB_K, x_ptr, H, ROW, KP,
-                                                GROUPS, BITS, CPW, SUB_K, PACKED)
+            if PACKED:  # x packed by _pack_input_kernel
+                acc_g, acc_u = _packed_step(acc_g, acc_u, w_ptr, s_ptr, gate_w, gate_s, gate_m, up_w, up_s, up_m,
+                                            rows, row_ok, k0 + sub * SUB_K, x_ptr, C_IN, ROW, KP, GROUPS, BLOCK_N,
+                                            SUB_K, ASM, True)
+            else:
+                acc_g, m_g, acc_u, m_u = _pair_step(acc_g, m_g, acc_u, m_u, w_ptr, s_ptr, gate_w, gate_s, gate_m,
+                                                    up_w, up_s, up_m, rows, row_ok, k0 + sub * SUB_K, x_ptr, H, ROW,
+                                                    KP, GROUPS, BITS, CPW, SUB_K)
     gate = (tl.sum(acc_g, axis=1) + m_g) * _row_scales(s_ptr, gate_s, rows, live, BITS)
     up = (tl.sum(acc_u, axis=1) + m_u) * _row_scales(s_ptr, up_s, rows, live, BITS)
     weight = tl.sum(c, axis=0)  # one token: the routing column's only entry
     if SPLIT == 1:
         gate += _bias(s_ptr, s_slot, GU_BIAS, rows, live)
         up += _bias(s_ptr, s_slot, GU_BIAS, rows + I, live)  # up's biases follow gate's
-        tl.store(h_at, _glu(gate, up, ACT, LIMIT, ALPHA) * weight, mask=row_ok)
+        _store_hidden(h_ptr, e, block, rows, row_ok, _glu(gate, up, ACT, LIMIT, ALPHA) * weight, KP_DOWN, CPW,
+                      BLOCK_N, PACKED, C_H)
     else:
         slices = gu_ptr + e * (SPLIT * 2 * I)
         tl.store(slices + tl.program_id(2) * (2 * I) + rows, gate, mask=row_ok)
@@ -252,7 +367,8 @@ def _gate_up_split_kernel(w_ptr, s_ptr, offsets_ptr, combine_ptr, x_ptr, h_ptr, 
                 up += tl.load(slices + p * (2 * I) + I + rows, mask=row_ok, other=0.0, cache_modifier=".cg")
             gate += _bias(s_ptr, s_slot, GU_BIAS, rows, live)
             up += _bias(s_ptr, s_slot, GU_BIAS, rows + I, live)
-            tl.store(h_at, _glu(gate, up, ACT, LIMIT, ALPHA) * weight, mask=row_ok)
+            _store_hidden(h_ptr, e, block, rows, row_ok, _glu(gate, up, ACT, LIMIT, ALPHA) * weight, KP_DOWN, CPW,
+                          BLOCK_N, PACKED, C_H)
             tl.atomic_xchg(counter, 0)
 
 
@@ -263,21 +379,25 @@ def _down_split_kernel(w_ptr, s_ptr, offsets_ptr, combine_ptr, h_ptr, partial_pt
                        ROW: tl.constexpr, KP: tl.constexpr, GROUPS: tl.constexpr, BITS: tl.constexpr,
                        CPW: tl.constexpr, BLOCK_N: tl.constexpr, SUB_K: tl.constexpr, SUBS: tl.constexpr,
                        SPLIT: tl.constexpr, K_SLICE: tl.constexpr, PACKED: tl.constexpr = False,
-                       D_BIAS: tl.constexpr = -1):
+                       ASM: tl.constexpr = True, C_H: tl.constexpr = 0, D_BIAS: tl.constexpr = -1):
     e = tl.program_id(0)
     rows = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < H
     w_slot, s_slot, t, c, active = _expert_slot(offsets_ptr, combine_ptr, e, 1, E, W_BYTES, 2)
     live = _live(rows, row_ok, active)
     down_w, down_s, down_m = w_slot + DOWN_W, s_slot + DOWN_S, s_slot + DOWN_M
-    acc = tl.zeros((BLOCK_N, SUB_K // CPW), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_N, SUB_K // 32 if PACKED else SUB_K // CPW), dtype=tl.float32)
     acc_m = tl.zeros((BLOCK_N,), dtype=tl.float32)
     start, end = _k_slice(active, KP, K_SLICE)
     for k0 in range(start, end, SUB_K * SUBS):
         for sub in tl.static_range(SUBS):
-            acc, acc_m = _single_step(acc, acc_m, w_ptr, s_ptr, down_w, down_s, down_m, rows, row_ok,
-                                      k0 + sub * SUB_K, h_ptr + e * KP, I, ROW, KP, GROUPS, BITS, CPW, SUB_K,
-                                      PACKED)
+            if PACKED:  # h packed by the gate_up kernel
+                acc, _ = _packed_step(acc, acc, w_ptr, s_ptr, down_w, down_s, down_m, down_w, down_s, down_m, rows,
+                                      row_ok, k0 + sub * SUB_K, h_ptr + e * (18 * C_H), C_H, ROW, KP, GROUPS,
+                                      BLOCK_N, SUB_K, ASM, False)
+            else:
+                acc, acc_m = _single_step(acc, acc_m, w_ptr, s_ptr, down_w, down_s, down_m, rows, row_ok,
+                                          k0 + sub * SUB_K, h_ptr + e * KP, I, ROW, KP, GROUPS, BITS, CPW, SUB_K)
     out = (tl.sum(acc, axis=1) + acc_m) * _row_scales(s_ptr, down_s, rows, live, BITS)
     if D_BIAS >= 0:  # the router weight times the expert's bias, once (in the first slice's partial)
         first = (tl.program_id(2) == 0).to(tl.float32)

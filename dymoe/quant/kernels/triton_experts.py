@@ -21,6 +21,7 @@ and min are applied to its partial dot product (see ``_accumulate``). That is th
 """
 
 
+import dataclasses
 import functools
 import os
 from dataclasses import dataclass
@@ -121,6 +122,16 @@ def _gemv_step(acc, acc_m, w_ptr, s_ptr, w_base, s_base, m_base, rows, row_ok, k
 
 
 @triton.jit
+def _group_scale(s_ptr, s_base, m_base, rows, row_ok, k0, GROUPS: tl.constexpr, SUB_K: tl.constexpr):
+    """The scale and min of rows ``rows`` for the group at column ``k0`` (a step of ``SUB_K`` columns is one group)."""
+    g = k0 // SUB_K + rows * 0  # as a tensor: the interpreter rejects a scalar mask term
+    smask = row_ok & (g < GROUPS)
+    s = tl.load(s_ptr + s_base + rows * GROUPS + g, mask=smask, other=0).to(tl.float32)
+    m = tl.load(s_ptr + m_base + rows * GROUPS + g, mask=smask, other=0).to(tl.float32)
+    return s, m
+
+
+@triton.jit
 def _group_terms(acc, acc_m, part, asum, s_ptr, s_base, m_base, rows, row_ok, k0, GROUPS: tl.constexpr,
                  BITS: tl.constexpr, SUB_K: tl.constexpr):
     """``acc += s * part`` and ``acc_m += m * sum(a)`` for one group (a group format's sub-block is
@@ -128,10 +139,7 @@ def _group_terms(acc, acc_m, part, asum, s_ptr, s_base, m_base, rows, row_ok, k0
     if BITS >= 8:
         acc = acc + part
     else:
-        g = k0 // SUB_K + rows * 0  # as a tensor: the interpreter rejects a scalar mask term
-        smask = row_ok & (g < GROUPS)
-        s = tl.load(s_ptr + s_base + rows * GROUPS + g, mask=smask, other=0).to(tl.float32)
-        m = tl.load(s_ptr + m_base + rows * GROUPS + g, mask=smask, other=0).to(tl.float32)
+        s, m = _group_scale(s_ptr, s_base, m_base, rows, row_ok, k0, GROUPS, SUB_K)
         acc = acc + s[:, None] * part
         acc_m = acc_m + m * tl.sum(asum, axis=0)
     return acc, acc_m
@@ -168,10 +176,7 @@ def _accumulate(acc, w_ptr, s_ptr, w_base, s_base, m_base, rows, row_ok, k0, a_p
     if BITS >= 8:
         acc = tl.dot(_operand(codes, F32_DOT), a, acc)
     else:
-        g = k0 // SUB_K + rows * 0  # as a tensor: the interpreter rejects a scalar mask term
-        smask = row_ok & (g < GROUPS)
-        s = tl.load(s_ptr + s_base + rows * GROUPS + g, mask=smask, other=0).to(tl.float32)
-        m = tl.load(s_ptr + m_base + rows * GROUPS + g, mask=smask, other=0).to(tl.float32)
+        s, m = _group_scale(s_ptr, s_base, m_base, rows, row_ok, k0, GROUPS, SUB_K)
         asum = tl.sum(a.to(tl.float32), axis=0)
         acc = acc + s[:, None] * tl.dot(_operand(codes, F32_DOT), a) + m[:, None] * asum[None, :]
     return acc
@@ -339,6 +344,7 @@ def _sum_experts(partial_ptr, out_ptr, counter_ptr, rows, t, mask, T, E, H: tl.c
 # ---- launching ---------------------------------------------------------------------------------
 
 MAX_SPLIT = 16  # K slices a split-K launch may use (sizes the workspace's split scratch)
+PACK_BLOCK = 1024  # values per program of the int4 path's input packing launch
 
 
 @dataclass(frozen=True)
@@ -347,15 +353,16 @@ class LaunchConfig:
     pipelined step (a group format's step is ``block_k / group_size`` groups, at least one).
     ``split_k``: None runs the tiled kernels (each block reads whole rows); a number runs the
     one-token split-K kernels of :mod:`dymoe.quant.kernels.split_k` with up to that many K slices
-    (fewer when K has fewer ``block_k`` steps). ``packed``: their int4 inner product in packed
-    float16 arithmetic (compiled code only: Triton's interpreter runs no inline assembly)."""
+    (fewer when K has fewer ``block_k`` steps). ``packed``: their int4 inner product on packed
+    activation vectors in float16 arithmetic (:func:`runs_packed`; Triton's interpreter runs no
+    inline assembly, so there the same products are summed in float32)."""
 
     block_n: int = 16
     block_k: int = 256
     num_warps: int = 4
     num_stages: int = 3
     split_k: int | None = None
-    packed: bool = True  # split-K int4: packed float16 FMAs (split_k._int4_dot8); False: the float32 path
+    packed: bool = True  # split-K int4: packed activations and float16 FMAs (split_k._packed_step); False: float32
     max_registers: int | None = None  # a register cap per thread (Triton's maxnreg): more blocks per SM
 
 
@@ -468,9 +475,10 @@ class DecodeWorkspace:
     (expert, K slice) in float32, ``counters`` one int32 per down row block and
     ``gate_up_counters`` one per (expert, gate_up row block) (zero between steps; the last program
     of each block resets its counter), ``hidden_transposed`` the split-K path's ``hidden`` in
-    float32, transposed by code position for the down kernel's vector loads (see
-    :mod:`dymoe.quant.kernels.split_k`). Buffers are flat; a step uses their first rows. One
-    workspace serves one stream at a time."""
+    float32, transposed by code position for the down kernel's vector loads, or (int4) as packed
+    activation vectors in the same bytes, and ``input_packed`` the int4 split-K path's packed
+    input (see :mod:`dymoe.quant.kernels.split_k`). Buffers are flat; a step uses their first
+    rows. One workspace serves one stream at a time."""
 
     hidden: torch.Tensor
     partial: torch.Tensor
@@ -478,6 +486,7 @@ class DecodeWorkspace:
     gate_up_partial: torch.Tensor
     gate_up_counters: torch.Tensor
     hidden_transposed: torch.Tensor
+    input_packed: torch.Tensor
 
     @classmethod
     def allocate(cls, plan: KernelPlan, max_experts: int, max_tokens: int, device) -> "DecodeWorkspace":
@@ -488,7 +497,14 @@ class DecodeWorkspace:
                    torch.zeros(h, dtype=torch.int32, device=device),
                    torch.empty(max_experts * MAX_SPLIT * 2 * i, dtype=torch.float32, device=device),
                    torch.zeros(max_experts * i, dtype=torch.int32, device=device),
-                   torch.empty(max_experts * plan.down.padded_cols, dtype=torch.float32, device=device))
+                   torch.empty(max_experts * max(plan.down.padded_cols, packed_words(i)), dtype=torch.float32,
+                               device=device),
+                   torch.empty(packed_words(h), dtype=torch.int32, device=device))
+
+    def scratch(self) -> tuple[torch.Tensor, ...]:
+        """The buffers a step writes before it reads them (the checks NaN-poison these)."""
+        return (self.hidden, self.partial, self.gate_up_partial, self.hidden_transposed,
+                self.input_packed.view(torch.float32))
 
     def views(self, plan: KernelPlan, experts: int, tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
         h, i, rows = plan.hidden_size, plan.intermediate_size, experts * tokens
@@ -497,14 +513,22 @@ class DecodeWorkspace:
         return self.hidden[:rows * i].view(experts, tokens, i), self.partial[:rows * h].view(experts, tokens, h)
 
 
+def packed_words(values: int) -> int:
+    """32-bit words of a packed activation vector of ``values`` values (split_k._pack_chunks)."""
+    return 18 * triton.cdiv(values, 32)
+
+
 @dataclass(frozen=True)
 class _Launch:
-    """One cached kernel launch: the kernel, its grid and constexpr kwargs, and K slices (0: tiled)."""
+    """One cached kernel launch: the kernel, its grid and constexpr kwargs, K slices (0: tiled),
+    and whether the split-K int4 path runs on packed activations (then ``prep`` packs the input)."""
 
     kernel: object
     grid: tuple
     kwargs: dict
     split: int = 0
+    packed: bool = False
+    prep: "_Launch | None" = None
 
 
 def k_slices(plan: KernelPlan, cols: int, config: LaunchConfig) -> tuple[int, int]:
@@ -517,7 +541,7 @@ def k_slices(plan: KernelPlan, cols: int, config: LaunchConfig) -> tuple[int, in
 
 
 def _split_launch(kernel, plan: KernelPlan, proj: Projection, cfg: LaunchConfig, experts: int, rows: int,
-                  interpreting: bool, **parts) -> _Launch:
+                  interpreting: bool, packed: bool, **parts) -> _Launch:
     """A split-K launch over :func:`k_slices`."""
     tiling = _tiling(plan, cfg)
     split, k_slice = k_slices(plan, proj.padded_cols, cfg)
@@ -525,11 +549,19 @@ def _split_launch(kernel, plan: KernelPlan, proj: Projection, cfg: LaunchConfig,
         raise ValueError(f"split_k {cfg.split_k} gives {split} K slices, more than MAX_SPLIT = {MAX_SPLIT}")
     fmt = {k: v for k, v in _format_args(plan, proj, False).items() if k != "F32_DOT"}
     kwargs = dict(H=plan.hidden_size, I=plan.intermediate_size, **parts, **fmt, BLOCK_N=cfg.block_n, **tiling,
-                  SPLIT=split, K_SLICE=k_slice, PACKED=cfg.packed and plan.bits == 4 and not interpreting,
-                  num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+                  SPLIT=split, K_SLICE=k_slice, PACKED=packed, ASM=not interpreting,
+                  C_H=triton.cdiv(plan.intermediate_size, 32), num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     if cfg.max_registers and not interpreting:
         kwargs["maxnreg"] = cfg.max_registers
-    return _Launch(kernel, (experts, triton.cdiv(rows, cfg.block_n), split), kwargs, split)
+    return _Launch(kernel, (experts, triton.cdiv(rows, cfg.block_n), split), kwargs, split, packed)
+
+
+def runs_packed(plan: KernelPlan, gate_up_config: LaunchConfig, down_config: LaunchConfig) -> bool:
+    """Whether a one-token split-K step runs int4 on packed activations (split_k._packed_step):
+    both configs ask for it, a gate_up row block is whole 32-value chunks of ``h`` and a step whole
+    chunks of K (group formats of 32 columns or more)."""
+    return (plan.bits == 4 and gate_up_config.packed and down_config.packed and gate_up_config.block_n % 32 == 0
+            and plan.group_size % 32 == 0)
 
 
 @functools.lru_cache(maxsize=256)
@@ -550,12 +582,16 @@ def _launches(plan: KernelPlan, experts: int, tokens: int, sms: int, interpretin
     if gu_cfg.split_k is not None:
         if tokens != 1:
             raise ValueError(f"the split-K decode kernels take one token, got {tokens}")
-        from dymoe.quant.kernels.split_k import _down_split_kernel, _gate_up_split_kernel
+        from dymoe.quant.kernels.split_k import _down_split_kernel, _gate_up_split_kernel, _pack_input_kernel
 
-        return (_split_launch(_gate_up_split_kernel, plan, g, gu_cfg, experts, i, interpreting, GATE_W=g.weight,
-                              GATE_S=g.scales, GATE_M=g.mins, UP_W=u.weight, UP_S=u.scales, UP_M=u.mins,
-                              KP_DOWN=d.padded_cols, **act),
-                _split_launch(_down_split_kernel, plan, d, d_cfg, experts, h, interpreting, DOWN_W=d.weight,
+        packed = runs_packed(plan, gu_cfg, d_cfg)
+        prep = _Launch(_pack_input_kernel, (triton.cdiv(h, PACK_BLOCK),),
+                       dict(H=h, C=triton.cdiv(h, 32), BLOCK=PACK_BLOCK, num_warps=4)) if packed else None
+        gate_up = _split_launch(_gate_up_split_kernel, plan, g, gu_cfg, experts, i, interpreting, packed,
+                                GATE_W=g.weight, GATE_S=g.scales, GATE_M=g.mins, UP_W=u.weight, UP_S=u.scales,
+                                UP_M=u.mins, KP_DOWN=d.padded_cols, C_IN=triton.cdiv(h, 32), **act)
+        return (dataclasses.replace(gate_up, prep=prep),
+                _split_launch(_down_split_kernel, plan, d, d_cfg, experts, h, interpreting, packed, DOWN_W=d.weight,
                               DOWN_S=d.scales, DOWN_M=d.mins, D_BIAS=plan.down_bias))
     gemv = uses_gemv(plan, tokens)
     common = dict(H=h, I=i, GEMV=gemv, BLOCK_T=2 if gemv else TOKEN_BLOCK)
@@ -591,14 +627,18 @@ def launch_decode(pool: torch.Tensor, slot_offsets: torch.Tensor, plan: KernelPl
     out = torch.empty_like(x)
     if gate_up.split:
         ws = workspace
+        hidden = ws.hidden_transposed.view(torch.int32) if gate_up.packed else ws.hidden_transposed
         if (e * gate_up.split * 2 * plan.intermediate_size > ws.gate_up_partial.numel()
                 or e * down.split * plan.hidden_size > ws.partial.numel()
-                or e * plan.down.padded_cols > ws.hidden_transposed.numel()):
+                or e * max(plan.down.padded_cols, packed_words(plan.intermediate_size)) > hidden.numel()):
             raise ValueError(f"workspace too small for {e} experts at split-K {gate_up.split}/{down.split}")
-        gate_up.kernel[gate_up.grid](payload, scales, slot_offsets, combine, x, ws.hidden_transposed,
-                                     ws.gate_up_partial, ws.gate_up_counters, e, **gate_up.kwargs)
-        down.kernel[down.grid](payload, scales, slot_offsets, combine, ws.hidden_transposed, ws.partial, out,
-                               ws.counters, e, **down.kwargs)
+        if gate_up.prep is not None:  # int4: the input as a packed activation vector
+            gate_up.prep.kernel[gate_up.prep.grid](x, ws.input_packed, **gate_up.prep.kwargs)
+            x = ws.input_packed
+        gate_up.kernel[gate_up.grid](payload, scales, slot_offsets, combine, x, hidden, ws.gate_up_partial,
+                                     ws.gate_up_counters, e, **gate_up.kwargs)
+        down.kernel[down.grid](payload, scales, slot_offsets, combine, hidden, ws.partial, out, ws.counters, e,
+                               **down.kwargs)
         return out
     hidden, partial = workspace.views(plan, e, t)
     gate_up.kernel[gate_up.grid](payload, scales, slot_offsets, combine, x, hidden, t, e, **gate_up.kwargs)
