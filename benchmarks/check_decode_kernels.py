@@ -4,11 +4,12 @@ no inline assembly and is too slow for real shapes).
 ``python benchmarks/check_decode_kernels.py`` (CUDA + Triton), every run with NaN-poisoned scratch
 against the float32 ``reference_decode``:
 
-1. the split-K int4 path in packed float16 arithmetic and in float32, on the Qwen3-30B-A3B,
-   Mixtral-8x7B and GPT-OSS-20B expert shapes at g64 and g128, with activations drawn three ways
-   (standard normal; a few outliers of up to 800 among values of 0.01, like a model's massive
-   activations; all near 1e-4): the packed path prescales each step's activations by a power of
-   two, so its error should not depend on their magnitude;
+1. the split-K int4 and int2 paths on packed activation vectors (float16 arithmetic) and in
+   float32, on the Qwen3-30B-A3B, Mixtral-8x7B and GPT-OSS-20B expert shapes at g64 and g128,
+   with activations drawn three ways (standard normal; a few outliers of up to 800 among values
+   of 0.01, like a model's massive activations; all near 1e-4): the packed path prescales each
+   chunk of 32 (int2: 64) activations by a power of two, so its error should not depend on their
+   magnitude;
 2. GPT-OSS-20B's experts (biases read from the blob, the clamped activation) in every format, one
    token (split-K, or tiled for bf16 and int3) and three tokens (tensor cores).
 
@@ -63,16 +64,17 @@ def check(label: str, layout, pool, offsets, combine, x, math=SWIGLU, packed: bo
     print(f"{label:52s} rel {rel:.2e} finite {finite}", flush=True)
 
 
-for h, i, k in ((2048, 768, 8), (4096, 14336, 2), (2880, 2880, 4)):  # Qwen3-30B-A3B, Mixtral, GPT-OSS-20B
-    for group in (64, 128):
-        layout, pool, offsets, combine, g = case(h, i, k, "int4", group)
-        for name in ("randn", "outliers", "tiny"):
-            x = torch.randn(1, h, generator=g) * {"randn": 1.0, "outliers": 0.01, "tiny": 1e-4}[name]
-            if name == "outliers":
-                x[0, :4] = torch.tensor([800.0, -300.0, 120.0, 60.0])
-            for packed in (True, False):
-                check(f"int4 H{h} I{i} g{group} {name} packed={packed}", layout, pool, offsets, combine,
-                      x.bfloat16().cuda(), packed=packed)
+for precision in ("int4", "int2"):
+    for h, i, k in ((2048, 768, 8), (4096, 14336, 2), (2880, 2880, 4)):  # Qwen3-30B-A3B, Mixtral, GPT-OSS-20B
+        for group in (64, 128):
+            layout, pool, offsets, combine, g = case(h, i, k, precision, group)
+            for name in ("randn", "outliers", "tiny"):
+                x = torch.randn(1, h, generator=g) * {"randn": 1.0, "outliers": 0.01, "tiny": 1e-4}[name]
+                if name == "outliers":
+                    x[0, :4] = torch.tensor([800.0, -300.0, 120.0, 60.0])
+                for packed in (True, False):
+                    check(f"{precision} H{h} I{i} g{group} {name} packed={packed}", layout, pool, offsets, combine,
+                          x.bfloat16().cuda(), packed=packed)
 
 for precision, group in (("bf16", 128), ("int8", 128), ("int4", 64), ("int4", 128), ("int3", 128), ("int2", 64)):
     for tokens in (1, 3):

@@ -144,10 +144,10 @@ def scratch_written(workspace, plan, active: torch.Tensor, tokens: int) -> bool:
     configs = [choose_config(plan, kernel, experts, 1, sms) for kernel in ("gate_up", "down")]
     kp, i = plan.down.padded_cols, plan.intermediate_size
     if runs_packed(plan, *configs):
-        words = packed_words(i)
+        words = packed_words(i, plan.bits)
         h = workspace.hidden_transposed.view(torch.int32)[:experts * words].view(experts, words)[active]
         h = h.view(torch.float32)
-        packed_x = workspace.input_packed[:packed_words(plan.hidden_size)].view(torch.float32)
+        packed_x = workspace.input_packed[:packed_words(plan.hidden_size, plan.bits)].view(torch.float32)
         written = bool(packed_x.isfinite().all())
     else:
         cpw = {8: 4, 4: 8, 3: 8, 2: 16}[plan.bits]
@@ -379,12 +379,15 @@ def variant_candidates(plan, k: int, sms: int) -> tuple[list, list]:
     first = [("tiled (old default)", tiled), ("choose_config", chosen)]
     if chosen[0].split_k is None:
         first.append(("split default", split()))
-    elif plan.bits == 4:  # the pick runs int4 in packed float16 arithmetic; the float32 path it replaced
+    elif plan.bits in (4, 2):  # the pick runs packed float16 arithmetic; the float32 path it replaced
         first.append(("split float32", tuple(dataclasses.replace(c, packed=False) for c in chosen)))
     second = [("split n32", split(block_n=32)), ("split n128", split(block_n=128)),
               ("split w8", split(num_warps=8)), ("split 3 blocks/SM", split(blocks_per_sm=3)),
               ("split 12 blocks/SM", split(blocks_per_sm=12)), ("split stages 1", split(num_stages=1)),
               ("split k x2", split(k_scale=2)), ("split k /2", split(k_scale=0.5))]
+    if plan.bits in (4, 2):  # packed: more rows per thread share each activation pair load
+        second = [("split n256", split(block_n=256)), ("split n512", split(block_n=512)),
+                  ("split w2", split(num_warps=2))] + second
     if plan.bits == 4:  # int4's default caps registers at 128 (4 blocks per SM instead of 3): the uncapped one
         def uncapped(**knobs):
             return tuple(dataclasses.replace(c, max_registers=None) for c in split(**knobs))

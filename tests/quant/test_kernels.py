@@ -102,7 +102,7 @@ from dymoe.checkpoint.blob import blob_layout
 from dymoe.quant.formats import parse_format
 from dymoe.quant.kernels import decode_routing, expert_decode, kernel_plan
 from dymoe.quant.kernels.reference import random_pool
-from dymoe.quant.kernels.triton_experts import DecodeWorkspace, LaunchConfig, launch_decode, tiled_config
+from dymoe.quant.kernels.triton_experts import DecodeWorkspace, LaunchConfig, launch_decode, runs_packed, tiled_config
 
 from dymoe.models.expert_math import SWIGLU, ExpertMath
 
@@ -121,7 +121,7 @@ results = {}
 GPT_OSS = ExpertMath("gpt_oss", bias=True, limit=0.1, alpha=1.702)
 for precision, group, math in [(p, g, SWIGLU) for p, g in FORMATS] + [(p, g, GPT_OSS) for p, g in BIASED]:
   # 160 and 96 features: padded last groups at 64 and 128; both kernels cut K in 2 slices at block_k 64
-  # (32 for the formats without groups) and leave a tail row block at block_n 32
+  # (32 for the formats without groups) and leave a tail row block at block_n 64
   layout = blob_layout(parse_format(precision, group), 160, 96, bias=math.bias)
   plan = kernel_plan(layout)
   pool, table = random_pool(layout, 6, seed=3, spare_bytes=256)  # the 6th blob: for the unused column
@@ -135,7 +135,8 @@ for precision, group, math in [(p, g, SWIGLU) for p, g in FORMATS] + [(p, g, GPT
       "T3": (3, (None, None)),  # several tokens: tensor cores
       "T1-tiled": (1, (tiled_config(plan, 96, 2, 132, gemv=plan.bits < 16),
                        tiled_config(plan, 160, 2, 132, gemv=plan.bits < 16))),  # the first one-token kernels
-      "T1-split": (1, (LaunchConfig(32, small_k, 1, 1, split_k=2),) * 2),
+      # int4 and int2 run on packed activation vectors (64 rows: whole chunks of h), emulated in float32
+      "T1-split": (1, (LaunchConfig(64, small_k, 1, 1, split_k=2),) * 2),
   }
   for name, (tokens, configs) in cases.items():
     g = torch.Generator().manual_seed(4)
@@ -152,7 +153,9 @@ for precision, group, math in [(p, g, SWIGLU) for p, g in FORMATS] + [(p, g, GPT
     poisoned[start:start + layout.nbytes] = 0xFF
     out, counters_reset = run(layout, poisoned, offsets, x, combine, configs, math)
     key = f"{precision}/{group}/{name}" + ("/gpt_oss" if math.bias else "")
-    results[key] = [((out.float() - ref).norm() / ref.norm()).item(), bool(out.isfinite().all()), counters_reset]
+    packed = name == "T1-split" and runs_packed(plan, *configs)
+    results[key] = [((out.float() - ref).norm() / ref.norm()).item(), bool(out.isfinite().all()), counters_reset,
+                    packed]
 print(json.dumps(results))
 """
 
@@ -163,7 +166,8 @@ BIASED = [("bf16", 128), ("int8", 128), ("int4", 64), ("int3", 128), ("int2", 64
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed (gpu extra)")
 def test_triton_kernels_under_the_interpreter():
     """Every format through the tensor-core path (3 tokens), the tiled one-token GEMV and the
-    split-K one-token GEMV (2 K slices in both kernels, reduced by the last program of each block),
+    split-K one-token GEMV (2 K slices in both kernels, reduced by the last program of each block;
+    int4 and int2 on packed activation vectors, their float16 arithmetic emulated in float32),
     plain SwiGLU and GPT-OSS's biased, clamped experts: within 1e-2 of the float32 reference, no
     NaN from the poisoned scratch or from the unused expert's NaN-filled blob, every counter reset."""
     env = dict(os.environ, TRITON_INTERPRET="1", TRITON_DEFAULT_FP_FUSION="1")
@@ -173,9 +177,10 @@ def test_triton_kernels_under_the_interpreter():
     results = json.loads(done.stdout.strip().splitlines()[-1])
     assert set(results) == ({f"{p}/{g}/{c}" for p, g in FORMATS for c in CASES}
                             | {f"{p}/{g}/{c}/gpt_oss" for p, g in BIASED for c in CASES})
-    for name, (rel_err, finite, counters_reset) in results.items():
+    for name, (rel_err, finite, counters_reset, packed) in results.items():
         assert finite and rel_err < 1e-2, (name, rel_err)
         assert counters_reset, name
+        assert packed == (name.split("/")[0] in ("int4", "int2") and "/T1-split" in name), name
 
 
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed (gpu extra)")

@@ -83,35 +83,101 @@ def _int4_fma8(words, p0, p1, p2, p3, acc):
 
 
 @triton.jit
+def _int2_fma16(words, p0, p1, p2, p3, p4, p5, p6, p7, acc):
+    """:func:`_int4_fma8` for int2 words (codes c0..c15 at bits 2j): masks 0x00030003 << 2n leave
+    codes n and n + 8 as ``4**n c * 2**-24`` for n = 0..4 (bits 0..9, the float16 mantissa), one
+    shift by 10 brings codes 5..7 and 13..15 down: 8 ANDs, one shift, 8 packed FMAs for 16 codes."""
+    return tl.inline_asm_elementwise(
+        asm="""{
+        .reg .b32 t, w, a;
+        and.b32 t, $1, 0x00030003;
+        fma.rn.f16x2 a, t, $2, $10;
+        and.b32 t, $1, 0x000C000C;
+        fma.rn.f16x2 a, t, $3, a;
+        and.b32 t, $1, 0x00300030;
+        fma.rn.f16x2 a, t, $4, a;
+        and.b32 t, $1, 0x00C000C0;
+        fma.rn.f16x2 a, t, $5, a;
+        and.b32 t, $1, 0x03000300;
+        fma.rn.f16x2 a, t, $6, a;
+        shr.b32 w, $1, 10;
+        and.b32 t, w, 0x00030003;
+        fma.rn.f16x2 a, t, $7, a;
+        and.b32 t, w, 0x000C000C;
+        fma.rn.f16x2 a, t, $8, a;
+        and.b32 t, w, 0x00300030;
+        fma.rn.f16x2 $0, t, $9, a;
+        }""",
+        constraints="=r,r,r,r,r,r,r,r,r,r,r", args=[words, p0, p1, p2, p3, p4, p5, p6, p7, acc], dtype=tl.uint32,
+        is_pure=True, pack=1)
+
+
+@triton.jit
 def _f16_bits(bits):
     """The low 16 bits of uint32 ``bits`` as a float16 value, in float32."""
     return (bits & 0xFFFF).to(tl.uint16).to(tl.float16, bitcast=True).to(tl.float32)
 
 
 @triton.jit
-def _nibble_products(t, p):
+def _products(t, p):
     """Emulation of one ``fma.rn.f16x2`` of :func:`_int4_fma8` in float32 (both halves summed)."""
     return ((t & 0xFFFF).to(tl.float32) * _f16_bits(p) + (t >> 16).to(tl.float32) * _f16_bits(p >> 16)) * 5.9604644775390625e-08
 
 
 @triton.jit
-def _fma8(words, p0, p1, p2, p3, acc, ASM: tl.constexpr):
-    """:func:`_int4_fma8` on [BLOCK_N, CH] words and [CH] pairs; without ``ASM`` (Triton's
-    interpreter runs no inline assembly) the same products summed in float32, ``acc`` float32."""
-    if ASM:
-        out = _int4_fma8(words, p0[None, :], p1[None, :], p2[None, :], p3[None, :], acc)
+def _pair(at, n: tl.constexpr, c_ok):
+    """Activation pair ``n`` of a word (``at``: the word's pairs, [CH] pointers), as a [1, CH] uint32."""
+    return tl.load(at + n, mask=c_ok, other=0).to(tl.uint32, bitcast=True)[None, :]
+
+
+@triton.jit
+def _word_dot(wg, wu, dot_g, dot_u, xq_ptr, c, c_ok, w: tl.constexpr, BITS: tl.constexpr, ASM: tl.constexpr,
+              TWO: tl.constexpr):
+    """Word ``w`` of chunks ``c`` ([BLOCK_N, CH] words of gate and, with ``TWO``, up) times its
+    activation pairs, added to the chunk sums ``dot_g``, ``dot_u``: float16x2 (:func:`_int4_fma8`,
+    :func:`_int2_fma16`), or without ``ASM`` (Triton's interpreter runs no inline assembly) the
+    same products summed in float32. The pairs are 4-byte loads of [CH] tensors, not one vector:
+    a 1-D load takes the layout of its use, while splitting a vector load would move the pairs
+    to that layout through shared memory and a barrier per word."""
+    P: tl.constexpr = 16 // BITS  # pairs per word
+    at = xq_ptr + c * (4 * P) + w * P
+    p0, p1, p2, p3 = _pair(at, 0, c_ok), _pair(at, 1, c_ok), _pair(at, 2, c_ok), _pair(at, 3, c_ok)
+    if BITS == 4:
+        if ASM:
+            dot_g = _int4_fma8(wg, p0, p1, p2, p3, dot_g)
+            if TWO:
+                dot_u = _int4_fma8(wu, p0, p1, p2, p3, dot_u)
+        else:
+            dot_g += (_products(wg & 0x000F000F, p0) + _products(wg & 0x00F000F0, p1)
+                      + _products((wg >> 8) & 0x000F000F, p2) + _products((wg >> 8) & 0x00F000F0, p3))
+            if TWO:
+                dot_u += (_products(wu & 0x000F000F, p0) + _products(wu & 0x00F000F0, p1)
+                          + _products((wu >> 8) & 0x000F000F, p2) + _products((wu >> 8) & 0x00F000F0, p3))
     else:
-        shifted = words >> 8
-        out = (acc + _nibble_products(words & 0x000F000F, p0[None, :])
-               + _nibble_products(words & 0x00F000F0, p1[None, :])
-               + _nibble_products(shifted & 0x000F000F, p2[None, :])
-               + _nibble_products(shifted & 0x00F000F0, p3[None, :]))
-    return out
+        p4, p5, p6, p7 = _pair(at, 4, c_ok), _pair(at, 5, c_ok), _pair(at, 6, c_ok), _pair(at, 7, c_ok)
+        if ASM:
+            dot_g = _int2_fma16(wg, p0, p1, p2, p3, p4, p5, p6, p7, dot_g)
+            if TWO:
+                dot_u = _int2_fma16(wu, p0, p1, p2, p3, p4, p5, p6, p7, dot_u)
+        else:
+            dot_g += _int2_emulated(wg, p0, p1, p2, p3, p4, p5, p6, p7)
+            if TWO:
+                dot_u += _int2_emulated(wu, p0, p1, p2, p3, p4, p5, p6, p7)
+    return dot_g, dot_u
+
+
+@triton.jit
+def _int2_emulated(words, p0, p1, p2, p3, p4, p5, p6, p7):
+    high = words >> 10
+    return (_products(words & 0x00030003, p0) + _products(words & 0x000C000C, p1)
+            + _products(words & 0x00300030, p2) + _products(words & 0x00C000C0, p3)
+            + _products(words & 0x03000300, p4) + _products(high & 0x00030003, p5)
+            + _products(high & 0x000C000C, p6) + _products(high & 0x00300030, p7))
 
 
 @triton.jit
 def _fma_value(acc, ASM: tl.constexpr):
-    """A chunk's sum from :func:`_fma8` as float32 (ASM: both float16 halves added)."""
+    """A chunk's sum from :func:`_word_dot` as float32 (ASM: both float16 halves added)."""
     if ASM:
         out = _f16_bits(acc) + _f16_bits(acc >> 16)
     else:
@@ -120,13 +186,14 @@ def _fma_value(acc, ASM: tl.constexpr):
 
 
 @triton.jit
-def _int4_chunks(w_ptr, w_base, rows, row_ok, k0, ROW: tl.constexpr, KP: tl.constexpr, BLOCK_N: tl.constexpr,
-                 SUB_K: tl.constexpr):
-    """The int4 words of rows ``rows``, chunks ``k0 / 32 ..`` (4 words each) as four [BLOCK_N, CH]
-    uint32 tensors, word i of each chunk in the i-th: a thread's 16-byte vector is one chunk of one
-    row, so the split stays in registers (no shared memory in the sm_90 code)."""
-    CH: tl.constexpr = SUB_K // 32
-    units = _units(w_ptr, w_base, rows, row_ok, k0, ROW, KP, 4, 8, SUB_K)
+def _chunk_words(w_ptr, w_base, rows, row_ok, k0, ROW: tl.constexpr, KP: tl.constexpr, BITS: tl.constexpr,
+                 BLOCK_N: tl.constexpr, SUB_K: tl.constexpr):
+    """The packing words of rows ``rows`` from column ``k0``, as chunks of 4 words (32 int4 or
+    64 int2 codes): four [BLOCK_N, CH] uint32 tensors, word i of each chunk in the i-th. A thread's
+    16-byte vector is one chunk of one row, so the split stays in registers (no shared memory in
+    the sm_90 code)."""
+    CH: tl.constexpr = SUB_K * BITS // 128
+    units = _units(w_ptr, w_base, rows, row_ok, k0, ROW, KP, BITS, 32 // BITS, SUB_K)
     a, b = tl.split(tl.reshape(units, (BLOCK_N, CH, 2, 2)))
     t0, t2 = tl.split(a)
     t1, t3 = tl.split(b)
@@ -134,63 +201,57 @@ def _int4_chunks(w_ptr, w_base, rows, row_ok, k0, ROW: tl.constexpr, KP: tl.cons
 
 
 @triton.jit
-def _chunk_pairs(xq_ptr, c, c_ok, w: tl.constexpr):
-    """The four activation pairs of word ``w`` of chunks ``c``, as [CH] uint32 tensors. Four 4-byte
-    loads, not one 16-byte vector: a 1-D load takes the layout of its use (each thread loads the
-    chunks it multiplies), while splitting a [CH, 4] vector load would move it to that layout
-    through shared memory and a barrier per word."""
-    at = xq_ptr + c * 16 + w * 4
-    p0 = tl.load(at, mask=c_ok, other=0).to(tl.uint32, bitcast=True)
-    p1 = tl.load(at + 1, mask=c_ok, other=0).to(tl.uint32, bitcast=True)
-    p2 = tl.load(at + 2, mask=c_ok, other=0).to(tl.uint32, bitcast=True)
-    p3 = tl.load(at + 3, mask=c_ok, other=0).to(tl.uint32, bitcast=True)
-    return p0, p1, p2, p3
+def _pack_chunks(v, c0, out_ptr, C: tl.constexpr, NCH: tl.constexpr, BITS: tl.constexpr):
+    """Write chunks ``c0 .. c0 + NCH`` of a packed activation vector from ``v`` [NCH * V] (float32).
 
-
-@triton.jit
-def _pack_chunks(v, c0, out_ptr, C: tl.constexpr, NCH: tl.constexpr):
-    """Write chunks ``c0 .. c0 + NCH`` of a packed activation vector from ``v`` [NCH * 32] (float32).
-
-    A packed vector of ``C`` chunks of 32 values is ``C * 18`` 32-bit words: per chunk and word w
-    (values 8w .. 8w + 7) four float16x2 pairs ``(x[8w + n], x[8w + n + 4]) * scale`` for nibble
-    n = 0..3 (n odd: also / 16, see :func:`_int4_fma8`) at ``16c + 4w + n``; then per chunk
-    ``2**24 / scale`` (float32) at ``16C + c`` and the sum of its 32 values at ``17C + c``. The
-    scale is the power of two that brings the chunk's largest value into [2**14, 2**15): float16
-    keeps each value with 11 bits and its products with the codes are normal numbers that cannot
-    overflow in a chunk's sum."""
-    chunks = tl.reshape(v, (NCH, 32))
+    A chunk is the V values of 4 packing words (int4: 32, int2: 64); word w holds 2P of them
+    (P = 16 / BITS codes in each 16-bit half). A packed vector of ``C`` chunks is
+    ``C * (4P + 2)`` 32-bit words: per chunk and word w the P float16x2 pairs
+    ``(x[2Pw + n], x[2Pw + P + n])`` (values of chunk c), times the chunk's scale and the pair's
+    mask factor (:func:`_int4_fma8`: 16**-(n % 2); :func:`_int2_fma16`: 4**-n, then 4**-(n - 5)),
+    at ``4Pc + Pw + n``; then per chunk ``2**24 / scale`` (float32) at ``4PC + c`` and the sum of its
+    values at ``(4P + 1)C + c``. The scale is the power of two that brings the chunk's largest
+    value into [2**14, 2**15): float16 keeps each value with 11 bits and its products with the
+    codes are normal numbers that cannot overflow in a chunk's sum."""
+    P: tl.constexpr = 16 // BITS
+    chunks = tl.reshape(v, (NCH, 8 * P))
     amax = tl.max(tl.abs(chunks), axis=1)
     asum = tl.sum(chunks, axis=1)
     scale = tl.exp2(14.0 - tl.floor(tl.log2(tl.maximum(amax, 1e-30))))
-    n = tl.arange(0, 4)
-    odd = tl.where(n % 2 == 1, 0.0625, 1.0)
-    scaled = tl.reshape(v, (NCH, 4, 2, 4)) * scale[:, None, None, None] * odd[None, None, None, :]
-    bits = scaled.to(tl.float16).to(tl.uint16, bitcast=True).to(tl.uint32)  # [chunk, word, half, nibble]
+    n = tl.arange(0, P)
+    if BITS == 4:
+        shift = (n % 2) * 4
+    else:
+        shift = tl.where(n < 5, n, n - 5) * 2
+    factor = 1.0 / (1 << shift).to(tl.float32)
+    scaled = tl.reshape(v, (NCH, 4, 2, P)) * scale[:, None, None, None] * factor[None, None, None, :]
+    bits = scaled.to(tl.float16).to(tl.uint16, bitcast=True).to(tl.uint32)  # [chunk, word, half, pair]
     lo, hi = tl.split(tl.permute(bits, (0, 1, 3, 2)))
-    pairs = (lo | (hi << 16)).to(tl.int32, bitcast=True)  # [chunk, word, nibble]
+    pairs = (lo | (hi << 16)).to(tl.int32, bitcast=True)  # [chunk, word, pair]
     c = c0 + tl.arange(0, NCH)
     c_ok = c < C
     w = tl.arange(0, 4)
-    tl.store(out_ptr + c[:, None, None] * 16 + w[None, :, None] * 4 + n[None, None, :], pairs,
+    tl.store(out_ptr + c[:, None, None] * (4 * P) + w[None, :, None] * P + n[None, None, :], pairs,
              mask=c_ok[:, None, None])
-    tl.store(out_ptr + 16 * C + c, (16777216.0 / scale).to(tl.int32, bitcast=True), mask=c_ok)
-    tl.store(out_ptr + 17 * C + c, asum.to(tl.int32, bitcast=True), mask=c_ok)
+    tl.store(out_ptr + 4 * P * C + c, (16777216.0 / scale).to(tl.int32, bitcast=True), mask=c_ok)
+    tl.store(out_ptr + (4 * P + 1) * C + c, asum.to(tl.int32, bitcast=True), mask=c_ok)
 
 
 @triton.jit
-def _pack_input_kernel(x_ptr, out_ptr, H: tl.constexpr, C: tl.constexpr, BLOCK: tl.constexpr):
+def _pack_input_kernel(x_ptr, out_ptr, H: tl.constexpr, C: tl.constexpr, BITS: tl.constexpr, BLOCK: tl.constexpr):
     """The one token's input ``x`` [H] as a packed activation vector (:func:`_pack_chunks`)."""
     k = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     v = tl.load(x_ptr + k, mask=k < H, other=0.0).to(tl.float32)
-    _pack_chunks(v, tl.program_id(0) * (BLOCK // 32), out_ptr, C, BLOCK // 32)
+    _pack_chunks(v, tl.program_id(0) * (BLOCK * BITS // 128), out_ptr, C, BLOCK * BITS // 128, BITS)
 
 
 @triton.jit
 def _packed_terms(acc, dot, s_ptr, s_base, m_base, rows, row_ok, k0, c, back, asum, GROUPS: tl.constexpr,
                   SUB_K: tl.constexpr, ASM: tl.constexpr):
     """``acc`` [BLOCK_N, CH] plus one group's chunk sums: ``s * back * dot + m * asum``. The group's
-    scale and min are loaded as [BLOCK_N, CH] (the same address across a row's chunks: L1 hits),
-    which is the accumulators' layout; loaded as [BLOCK_N] they went through shared memory."""
+    scale and min are loaded as [BLOCK_N, CH] (the same address across a row's chunks: L1 hits);
+    the compiler then keeps ``acc`` in their layout and moves the sums there (one shared-memory
+    round trip per step), where [BLOCK_N] loads went through shared memory twice."""
     g = k0 // SUB_K + c[None, :] * 0
     smask = row_ok[:, None] & (g < GROUPS)
     s = tl.load(s_ptr + s_base + rows[:, None] * GROUPS + g, mask=smask, other=0).to(tl.float32)
@@ -200,40 +261,33 @@ def _packed_terms(acc, dot, s_ptr, s_base, m_base, rows, row_ok, k0, c, back, as
 
 @triton.jit
 def _packed_step(acc_g, acc_u, w_ptr, s_ptr, gate_w, gate_s, gate_m, up_w, up_s, up_m, rows, row_ok, k0, xq_ptr,
-                 C: tl.constexpr, ROW: tl.constexpr, KP: tl.constexpr, GROUPS: tl.constexpr,
+                 C: tl.constexpr, ROW: tl.constexpr, KP: tl.constexpr, GROUPS: tl.constexpr, BITS: tl.constexpr,
                  BLOCK_N: tl.constexpr, SUB_K: tl.constexpr, ASM: tl.constexpr, TWO: tl.constexpr):
-    """int4 rows ``rows`` of one weight (``TWO``: gate and up, sharing the activations) times the
-    packed activations of chunks ``k0 / 32 ..``: each thread runs its 4-word chunks through one
-    chain of packed FMAs (:func:`_int4_fma8`) and converts once per chunk; ``acc`` is per chunk."""
-    CH: tl.constexpr = SUB_K // 32
-    c = k0 // 32 + tl.arange(0, CH)
+    """int4 or int2 rows ``rows`` of one weight (``TWO``: gate and up, sharing the activations)
+    times the packed activations of the chunks from column ``k0``: each thread runs each of its
+    chunks (one row's 16-byte vector) through one chain of packed FMAs and converts once per
+    chunk; ``acc`` is per chunk."""
+    V: tl.constexpr = 128 // BITS  # values per chunk
+    CH: tl.constexpr = SUB_K // V
+    c = k0 // V + tl.arange(0, CH)
     c_ok = c < C
-    g0, g1, g2, g3 = _int4_chunks(w_ptr, gate_w, rows, row_ok, k0, ROW, KP, BLOCK_N, SUB_K)
+    g0, g1, g2, g3 = _chunk_words(w_ptr, gate_w, rows, row_ok, k0, ROW, KP, BITS, BLOCK_N, SUB_K)
+    if TWO:
+        u0, u1, u2, u3 = _chunk_words(w_ptr, up_w, rows, row_ok, k0, ROW, KP, BITS, BLOCK_N, SUB_K)
+    else:
+        u0, u1, u2, u3 = g0, g1, g2, g3
     if ASM:
         dot_g = tl.zeros((BLOCK_N, CH), dtype=tl.uint32)
     else:
         dot_g = tl.zeros((BLOCK_N, CH), dtype=tl.float32)
     dot_u = dot_g
-    if TWO:
-        u0, u1, u2, u3 = _int4_chunks(w_ptr, up_w, rows, row_ok, k0, ROW, KP, BLOCK_N, SUB_K)
-    p0, p1, p2, p3 = _chunk_pairs(xq_ptr, c, c_ok, 0)
-    dot_g = _fma8(g0, p0, p1, p2, p3, dot_g, ASM)
-    if TWO:
-        dot_u = _fma8(u0, p0, p1, p2, p3, dot_u, ASM)
-    p0, p1, p2, p3 = _chunk_pairs(xq_ptr, c, c_ok, 1)
-    dot_g = _fma8(g1, p0, p1, p2, p3, dot_g, ASM)
-    if TWO:
-        dot_u = _fma8(u1, p0, p1, p2, p3, dot_u, ASM)
-    p0, p1, p2, p3 = _chunk_pairs(xq_ptr, c, c_ok, 2)
-    dot_g = _fma8(g2, p0, p1, p2, p3, dot_g, ASM)
-    if TWO:
-        dot_u = _fma8(u2, p0, p1, p2, p3, dot_u, ASM)
-    p0, p1, p2, p3 = _chunk_pairs(xq_ptr, c, c_ok, 3)
-    dot_g = _fma8(g3, p0, p1, p2, p3, dot_g, ASM)
-    if TWO:
-        dot_u = _fma8(u3, p0, p1, p2, p3, dot_u, ASM)
-    back = tl.load(xq_ptr + 16 * C + c, mask=c_ok, other=0).to(tl.float32, bitcast=True)
-    asum = tl.load(xq_ptr + 17 * C + c, mask=c_ok, other=0).to(tl.float32, bitcast=True)
+    dot_g, dot_u = _word_dot(g0, u0, dot_g, dot_u, xq_ptr, c, c_ok, 0, BITS, ASM, TWO)
+    dot_g, dot_u = _word_dot(g1, u1, dot_g, dot_u, xq_ptr, c, c_ok, 1, BITS, ASM, TWO)
+    dot_g, dot_u = _word_dot(g2, u2, dot_g, dot_u, xq_ptr, c, c_ok, 2, BITS, ASM, TWO)
+    dot_g, dot_u = _word_dot(g3, u3, dot_g, dot_u, xq_ptr, c, c_ok, 3, BITS, ASM, TWO)
+    P: tl.constexpr = 16 // BITS
+    back = tl.load(xq_ptr + 4 * P * C + c, mask=c_ok, other=0).to(tl.float32, bitcast=True)
+    asum = tl.load(xq_ptr + (4 * P + 1) * C + c, mask=c_ok, other=0).to(tl.float32, bitcast=True)
     acc_g = _packed_terms(acc_g, dot_g, s_ptr, gate_s, gate_m, rows, row_ok, k0, c, back, asum, GROUPS, SUB_K, ASM)
     if TWO:
         acc_u = _packed_terms(acc_u, dot_u, s_ptr, up_s, up_m, rows, row_ok, k0, c, back, asum, GROUPS, SUB_K,
@@ -299,13 +353,15 @@ def _k_slice(active, KP: tl.constexpr, K_SLICE: tl.constexpr):
 
 
 @triton.jit
-def _store_hidden(h_ptr, e, block, rows, row_ok, h, KP_DOWN: tl.constexpr, CPW: tl.constexpr,
+def _store_hidden(h_ptr, e, block, rows, row_ok, h, KP_DOWN: tl.constexpr, CPW: tl.constexpr, BITS: tl.constexpr,
                   BLOCK_N: tl.constexpr, PACKED: tl.constexpr, C_H: tl.constexpr):
     """Write rows ``rows`` of expert ``e``'s ``h`` for the down kernel: float32 transposed by code
     position, or (PACKED) as chunks of expert e's packed activation vector (:func:`_pack_chunks`;
     a block's rows are whole chunks, rows past I written as zeros)."""
     if PACKED:
-        _pack_chunks(tl.where(row_ok, h, 0.0), block * (BLOCK_N // 32), h_ptr + e * (18 * C_H), C_H, BLOCK_N // 32)
+        V: tl.constexpr = 128 // BITS
+        _pack_chunks(tl.where(row_ok, h, 0.0), block * (BLOCK_N // V), h_ptr + e * ((4 * 16 // BITS + 2) * C_H), C_H,
+                     BLOCK_N // V, BITS)
     else:
         tl.store(h_ptr + e * KP_DOWN + _transposed(rows, KP_DOWN, CPW), h, mask=row_ok)
 
@@ -329,7 +385,7 @@ def _gate_up_split_kernel(w_ptr, s_ptr, offsets_ptr, combine_ptr, x_ptr, h_ptr, 
     live = _live(rows, row_ok, active)
     gate_w, gate_s, gate_m = w_slot + GATE_W, s_slot + GATE_S, s_slot + GATE_M
     up_w, up_s, up_m = w_slot + UP_W, s_slot + UP_S, s_slot + UP_M
-    width: tl.constexpr = SUB_K // 32 if PACKED else SUB_K // CPW  # accumulators per row: chunks or words
+    width: tl.constexpr = SUB_K * BITS // 128 if PACKED else SUB_K // CPW  # accumulators per row: chunks or words
     acc_g = tl.zeros((BLOCK_N, width), dtype=tl.float32)
     acc_u = tl.zeros((BLOCK_N, width), dtype=tl.float32)
     m_g = tl.zeros((BLOCK_N,), dtype=tl.float32)
@@ -339,8 +395,8 @@ def _gate_up_split_kernel(w_ptr, s_ptr, offsets_ptr, combine_ptr, x_ptr, h_ptr, 
         for sub in tl.static_range(SUBS):  # several groups per step: more bytes in flight per block
             if PACKED:  # x packed by _pack_input_kernel
                 acc_g, acc_u = _packed_step(acc_g, acc_u, w_ptr, s_ptr, gate_w, gate_s, gate_m, up_w, up_s, up_m,
-                                            rows, row_ok, k0 + sub * SUB_K, x_ptr, C_IN, ROW, KP, GROUPS, BLOCK_N,
-                                            SUB_K, ASM, True)
+                                            rows, row_ok, k0 + sub * SUB_K, x_ptr, C_IN, ROW, KP, GROUPS, BITS,
+                                            BLOCK_N, SUB_K, ASM, True)
             else:
                 acc_g, m_g, acc_u, m_u = _pair_step(acc_g, m_g, acc_u, m_u, w_ptr, s_ptr, gate_w, gate_s, gate_m,
                                                     up_w, up_s, up_m, rows, row_ok, k0 + sub * SUB_K, x_ptr, H, ROW,
@@ -352,7 +408,7 @@ def _gate_up_split_kernel(w_ptr, s_ptr, offsets_ptr, combine_ptr, x_ptr, h_ptr, 
         gate += _bias(s_ptr, s_slot, GU_BIAS, rows, live)
         up += _bias(s_ptr, s_slot, GU_BIAS, rows + I, live)  # up's biases follow gate's
         _store_hidden(h_ptr, e, block, rows, row_ok, _glu(gate, up, ACT, LIMIT, ALPHA) * weight, KP_DOWN, CPW,
-                      BLOCK_N, PACKED, C_H)
+                      BITS, BLOCK_N, PACKED, C_H)
     else:
         slices = gu_ptr + e * (SPLIT * 2 * I)
         tl.store(slices + tl.program_id(2) * (2 * I) + rows, gate, mask=row_ok)
@@ -368,7 +424,7 @@ def _gate_up_split_kernel(w_ptr, s_ptr, offsets_ptr, combine_ptr, x_ptr, h_ptr, 
             gate += _bias(s_ptr, s_slot, GU_BIAS, rows, live)
             up += _bias(s_ptr, s_slot, GU_BIAS, rows + I, live)
             _store_hidden(h_ptr, e, block, rows, row_ok, _glu(gate, up, ACT, LIMIT, ALPHA) * weight, KP_DOWN, CPW,
-                          BLOCK_N, PACKED, C_H)
+                          BITS, BLOCK_N, PACKED, C_H)
             tl.atomic_xchg(counter, 0)
 
 
@@ -386,15 +442,15 @@ def _down_split_kernel(w_ptr, s_ptr, offsets_ptr, combine_ptr, h_ptr, partial_pt
     w_slot, s_slot, t, c, active = _expert_slot(offsets_ptr, combine_ptr, e, 1, E, W_BYTES, 2)
     live = _live(rows, row_ok, active)
     down_w, down_s, down_m = w_slot + DOWN_W, s_slot + DOWN_S, s_slot + DOWN_M
-    acc = tl.zeros((BLOCK_N, SUB_K // 32 if PACKED else SUB_K // CPW), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_N, SUB_K * BITS // 128 if PACKED else SUB_K // CPW), dtype=tl.float32)
     acc_m = tl.zeros((BLOCK_N,), dtype=tl.float32)
     start, end = _k_slice(active, KP, K_SLICE)
     for k0 in range(start, end, SUB_K * SUBS):
         for sub in tl.static_range(SUBS):
             if PACKED:  # h packed by the gate_up kernel
                 acc, _ = _packed_step(acc, acc, w_ptr, s_ptr, down_w, down_s, down_m, down_w, down_s, down_m, rows,
-                                      row_ok, k0 + sub * SUB_K, h_ptr + e * (18 * C_H), C_H, ROW, KP, GROUPS,
-                                      BLOCK_N, SUB_K, ASM, False)
+                                      row_ok, k0 + sub * SUB_K, h_ptr + e * ((4 * 16 // BITS + 2) * C_H), C_H, ROW,
+                                      KP, GROUPS, BITS, BLOCK_N, SUB_K, ASM, False)
             else:
                 acc, acc_m = _single_step(acc, acc_m, w_ptr, s_ptr, down_w, down_s, down_m, rows, row_ok,
                                           k0 + sub * SUB_K, h_ptr + e * KP, I, ROW, KP, GROUPS, BITS, CPW, SUB_K)

@@ -344,7 +344,7 @@ def _sum_experts(partial_ptr, out_ptr, counter_ptr, rows, t, mask, T, E, H: tl.c
 # ---- launching ---------------------------------------------------------------------------------
 
 MAX_SPLIT = 16  # K slices a split-K launch may use (sizes the workspace's split scratch)
-PACK_BLOCK = 1024  # values per program of the int4 path's input packing launch
+PACK_BLOCK = 1024  # values per program of the int4/int2 path's input packing launch
 
 
 @dataclass(frozen=True)
@@ -353,7 +353,7 @@ class LaunchConfig:
     pipelined step (a group format's step is ``block_k / group_size`` groups, at least one).
     ``split_k``: None runs the tiled kernels (each block reads whole rows); a number runs the
     one-token split-K kernels of :mod:`dymoe.quant.kernels.split_k` with up to that many K slices
-    (fewer when K has fewer ``block_k`` steps). ``packed``: their int4 inner product on packed
+    (fewer when K has fewer ``block_k`` steps). ``packed``: their int4 and int2 inner product on packed
     activation vectors in float16 arithmetic (:func:`runs_packed`; Triton's interpreter runs no
     inline assembly, so there the same products are summed in float32)."""
 
@@ -362,7 +362,7 @@ class LaunchConfig:
     num_warps: int = 4
     num_stages: int = 3
     split_k: int | None = None
-    packed: bool = True  # split-K int4: packed activations and float16 FMAs (split_k._packed_step); False: float32
+    packed: bool = True  # split-K int4/int2: packed activations, float16 FMAs (split_k._packed_step); False: float32
     max_registers: int | None = None  # a register cap per thread (Triton's maxnreg): more blocks per SM
 
 
@@ -475,8 +475,8 @@ class DecodeWorkspace:
     (expert, K slice) in float32, ``counters`` one int32 per down row block and
     ``gate_up_counters`` one per (expert, gate_up row block) (zero between steps; the last program
     of each block resets its counter), ``hidden_transposed`` the split-K path's ``hidden`` in
-    float32, transposed by code position for the down kernel's vector loads, or (int4) as packed
-    activation vectors in the same bytes, and ``input_packed`` the int4 split-K path's packed
+    float32, transposed by code position for the down kernel's vector loads, or (int4, int2) as packed
+    activation vectors in the same bytes, and ``input_packed`` the int4/int2 split-K path's packed
     input (see :mod:`dymoe.quant.kernels.split_k`). Buffers are flat; a step uses their first
     rows. One workspace serves one stream at a time."""
 
@@ -497,9 +497,9 @@ class DecodeWorkspace:
                    torch.zeros(h, dtype=torch.int32, device=device),
                    torch.empty(max_experts * MAX_SPLIT * 2 * i, dtype=torch.float32, device=device),
                    torch.zeros(max_experts * i, dtype=torch.int32, device=device),
-                   torch.empty(max_experts * max(plan.down.padded_cols, packed_words(i)), dtype=torch.float32,
-                               device=device),
-                   torch.empty(packed_words(h), dtype=torch.int32, device=device))
+                   torch.empty(max_experts * max(plan.down.padded_cols, packed_words(i, 2), packed_words(i, 4)),
+                               dtype=torch.float32, device=device),
+                   torch.empty(max(packed_words(h, 2), packed_words(h, 4)), dtype=torch.int32, device=device))
 
     def scratch(self) -> tuple[torch.Tensor, ...]:
         """The buffers a step writes before it reads them (the checks NaN-poison these)."""
@@ -513,9 +513,10 @@ class DecodeWorkspace:
         return self.hidden[:rows * i].view(experts, tokens, i), self.partial[:rows * h].view(experts, tokens, h)
 
 
-def packed_words(values: int) -> int:
-    """32-bit words of a packed activation vector of ``values`` values (split_k._pack_chunks)."""
-    return 18 * triton.cdiv(values, 32)
+def packed_words(values: int, bits: int) -> int:
+    """32-bit words of a packed activation vector of ``values`` values for int4 or int2 codes
+    (split_k._pack_chunks: chunks of 128 / bits values, 4 * 16 / bits + 2 words each)."""
+    return (64 // bits + 2) * triton.cdiv(values, 128 // bits)
 
 
 @dataclass(frozen=True)
@@ -550,18 +551,20 @@ def _split_launch(kernel, plan: KernelPlan, proj: Projection, cfg: LaunchConfig,
     fmt = {k: v for k, v in _format_args(plan, proj, False).items() if k != "F32_DOT"}
     kwargs = dict(H=plan.hidden_size, I=plan.intermediate_size, **parts, **fmt, BLOCK_N=cfg.block_n, **tiling,
                   SPLIT=split, K_SLICE=k_slice, PACKED=packed, ASM=not interpreting,
-                  C_H=triton.cdiv(plan.intermediate_size, 32), num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+                  C_H=triton.cdiv(plan.intermediate_size, 128 // plan.bits), num_warps=cfg.num_warps,
+                  num_stages=cfg.num_stages)
     if cfg.max_registers and not interpreting:
         kwargs["maxnreg"] = cfg.max_registers
     return _Launch(kernel, (experts, triton.cdiv(rows, cfg.block_n), split), kwargs, split, packed)
 
 
 def runs_packed(plan: KernelPlan, gate_up_config: LaunchConfig, down_config: LaunchConfig) -> bool:
-    """Whether a one-token split-K step runs int4 on packed activations (split_k._packed_step):
-    both configs ask for it, a gate_up row block is whole 32-value chunks of ``h`` and a step whole
-    chunks of K (group formats of 32 columns or more)."""
-    return (plan.bits == 4 and gate_up_config.packed and down_config.packed and gate_up_config.block_n % 32 == 0
-            and plan.group_size % 32 == 0)
+    """Whether a one-token split-K step runs int4 or int2 on packed activations
+    (split_k._packed_step): both configs ask for it, a gate_up row block is whole chunks of ``h``
+    (128 / bits values) and a step whole chunks of K (groups of at least a chunk)."""
+    chunk = 128 // plan.bits
+    return (plan.bits in (4, 2) and gate_up_config.packed and down_config.packed
+            and gate_up_config.block_n % chunk == 0 and plan.group_size % chunk == 0)
 
 
 @functools.lru_cache(maxsize=256)
@@ -585,11 +588,12 @@ def _launches(plan: KernelPlan, experts: int, tokens: int, sms: int, interpretin
         from dymoe.quant.kernels.split_k import _down_split_kernel, _gate_up_split_kernel, _pack_input_kernel
 
         packed = runs_packed(plan, gu_cfg, d_cfg)
+        chunks_in = triton.cdiv(h, 128 // plan.bits)
         prep = _Launch(_pack_input_kernel, (triton.cdiv(h, PACK_BLOCK),),
-                       dict(H=h, C=triton.cdiv(h, 32), BLOCK=PACK_BLOCK, num_warps=4)) if packed else None
+                       dict(H=h, C=chunks_in, BITS=plan.bits, BLOCK=PACK_BLOCK, num_warps=4)) if packed else None
         gate_up = _split_launch(_gate_up_split_kernel, plan, g, gu_cfg, experts, i, interpreting, packed,
                                 GATE_W=g.weight, GATE_S=g.scales, GATE_M=g.mins, UP_W=u.weight, UP_S=u.scales,
-                                UP_M=u.mins, KP_DOWN=d.padded_cols, C_IN=triton.cdiv(h, 32), **act)
+                                UP_M=u.mins, KP_DOWN=d.padded_cols, C_IN=chunks_in, **act)
         return (dataclasses.replace(gate_up, prep=prep),
                 _split_launch(_down_split_kernel, plan, d, d_cfg, experts, h, interpreting, packed, DOWN_W=d.weight,
                               DOWN_S=d.scales, DOWN_M=d.mins, D_BIAS=plan.down_bias))
@@ -630,7 +634,8 @@ def launch_decode(pool: torch.Tensor, slot_offsets: torch.Tensor, plan: KernelPl
         hidden = ws.hidden_transposed.view(torch.int32) if gate_up.packed else ws.hidden_transposed
         if (e * gate_up.split * 2 * plan.intermediate_size > ws.gate_up_partial.numel()
                 or e * down.split * plan.hidden_size > ws.partial.numel()
-                or e * max(plan.down.padded_cols, packed_words(plan.intermediate_size)) > hidden.numel()):
+                or e * plan.down.padded_cols > hidden.numel()
+                or gate_up.packed and e * packed_words(plan.intermediate_size, plan.bits) > hidden.numel()):
             raise ValueError(f"workspace too small for {e} experts at split-K {gate_up.split}/{down.split}")
         if gate_up.prep is not None:  # int4: the input as a packed activation vector
             gate_up.prep.kernel[gate_up.prep.grid](x, ws.input_packed, **gate_up.prep.kwargs)
