@@ -373,14 +373,18 @@ def variant_candidates(plan, k: int, sms: int) -> tuple[list, list]:
         configs = []
         for kernel in ("gate_up", "down"):
             block_k = int(split_config(plan, kernel, k, sms).block_k * k_scale)
-            configs.append(split_config(plan, kernel, k, sms, block_k=max(block_k, plan.group_size, 16), **knobs))
+            config = split_config(plan, kernel, k, sms, block_k=max(block_k, plan.group_size, 16), **knobs)
+            # int4/int2: the variations are of the packed path (the float32 one is in the first pass)
+            configs.append(dataclasses.replace(config, packed=plan.bits in (4, 2)))
         return tuple(configs)
 
     first = [("tiled (old default)", tiled), ("choose_config", chosen)]
     if chosen[0].split_k is None:
         first.append(("split default", split()))
-    elif plan.bits in (4, 2):  # the pick runs packed float16 arithmetic; the float32 path it replaced
-        first.append(("split float32", tuple(dataclasses.replace(c, packed=False) for c in chosen)))
+    elif plan.bits in (4, 2):  # packed activation vectors in float16 arithmetic against the float32 path
+        other = not chosen[0].packed
+        first.append(("split packed" if other else "split float32",
+                      tuple(dataclasses.replace(c, packed=other) for c in chosen)))
     second = [("split n32", split(block_n=32)), ("split n128", split(block_n=128)),
               ("split w8", split(num_warps=8)), ("split 3 blocks/SM", split(blocks_per_sm=3)),
               ("split 12 blocks/SM", split(blocks_per_sm=12)), ("split stages 1", split(num_stages=1)),

@@ -136,7 +136,7 @@ for precision, group, math in [(p, g, SWIGLU) for p, g in FORMATS] + [(p, g, GPT
       "T1-tiled": (1, (tiled_config(plan, 96, 2, 132, gemv=plan.bits < 16),
                        tiled_config(plan, 160, 2, 132, gemv=plan.bits < 16))),  # the first one-token kernels
       # int4 and int2 run on packed activation vectors (64 rows: whole chunks of h), emulated in float32
-      "T1-split": (1, (LaunchConfig(64, small_k, 1, 1, split_k=2),) * 2),
+      "T1-split": (1, (LaunchConfig(64, small_k, 1, 1, split_k=2, packed=True),) * 2),
   }
   for name, (tokens, configs) in cases.items():
     g = torch.Generator().manual_seed(4)

@@ -362,7 +362,10 @@ class LaunchConfig:
     num_warps: int = 4
     num_stages: int = 3
     split_k: int | None = None
-    packed: bool = True  # split-K int4/int2: packed activations, float16 FMAs (split_k._packed_step); False: float32
+    # split-K int4/int2 on packed activation vectors in float16 arithmetic (split_k._packed_step). Off by
+    # default until benchmarks/check_decode_kernels.py has passed on a GPU: its inline assembly was
+    # compiled for sm_90 and its arithmetic emulated under the interpreter, but not yet run (2026-12-05)
+    packed: bool = False
     max_registers: int | None = None  # a register cap per thread (Triton's maxnreg): more blocks per SM
 
 
