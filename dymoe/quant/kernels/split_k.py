@@ -25,6 +25,12 @@ turned into floats by the mantissa trick of
 :func:`~dymoe.quant.kernels.triton_experts._code_value`, group scale and min applied once per
 group); gate and up share each activation load. bf16 runs the same loop with one weight per word.
 Why and what it is expected to gain: docs/kernels.md, "One token: split-K".
+
+With ``PACKED`` (int4 and int2, ``LaunchConfig.packed``) the activations come instead as packed
+activation vectors (:func:`_pack_chunks`): float16x2 pairs prescaled per chunk of one 16-byte
+weight vector, written once per step by :func:`_pack_input_kernel` (the input) and by gate_up's
+finisher (``h``), and each chunk runs through one chain of packed float16 FMAs
+(:func:`_packed_step`); docs/kernels.md, "Packed activation vectors".
 """
 
 import triton
