@@ -137,48 +137,52 @@ def _pair(at, n: tl.constexpr, c_ok):
 
 
 @triton.jit
+def _int4_word(words, p0, p1, p2, p3, acc, ASM: tl.constexpr):
+    """:func:`_int4_fma8`, or without ``ASM`` (Triton's interpreter runs no inline assembly) the same
+    products summed in float32 into a float32 ``acc``."""
+    if ASM:
+        acc = _int4_fma8(words, p0, p1, p2, p3, acc)
+    else:
+        high = words >> 8
+        acc += (_products(words & 0x000F000F, p0) + _products(words & 0x00F000F0, p1)
+                + _products(high & 0x000F000F, p2) + _products(high & 0x00F000F0, p3))
+    return acc
+
+
+@triton.jit
+def _int2_word(words, p0, p1, p2, p3, p4, p5, p6, p7, acc, ASM: tl.constexpr):
+    """:func:`_int2_fma16`, or its float32 emulation (see :func:`_int4_word`)."""
+    if ASM:
+        acc = _int2_fma16(words, p0, p1, p2, p3, p4, p5, p6, p7, acc)
+    else:
+        high = words >> 10
+        acc += (_products(words & 0x00030003, p0) + _products(words & 0x000C000C, p1)
+                + _products(words & 0x00300030, p2) + _products(words & 0x00C000C0, p3)
+                + _products(words & 0x03000300, p4) + _products(high & 0x00030003, p5)
+                + _products(high & 0x000C000C, p6) + _products(high & 0x00300030, p7))
+    return acc
+
+
+@triton.jit
 def _word_dot(wg, wu, dot_g, dot_u, xq_ptr, c, c_ok, w: tl.constexpr, BITS: tl.constexpr, ASM: tl.constexpr,
               TWO: tl.constexpr):
     """Word ``w`` of chunks ``c`` ([BLOCK_N, CH] words of gate and, with ``TWO``, up) times its
-    activation pairs, added to the chunk sums ``dot_g``, ``dot_u``: float16x2 (:func:`_int4_fma8`,
-    :func:`_int2_fma16`), or without ``ASM`` (Triton's interpreter runs no inline assembly) the
-    same products summed in float32. The pairs are 4-byte loads of [CH] tensors, not one vector:
-    a 1-D load takes the layout of its use, while splitting a vector load would move the pairs
-    to that layout through shared memory and a barrier per word."""
+    activation pairs, added to the chunk sums ``dot_g``, ``dot_u``. The pairs are 4-byte loads of
+    [CH] tensors, not one vector: a 1-D load takes the layout of its use, while splitting a vector
+    load would move the pairs to that layout through shared memory and a barrier per word."""
     P: tl.constexpr = 16 // BITS  # pairs per word
     at = xq_ptr + c * (4 * P) + w * P
     p0, p1, p2, p3 = _pair(at, 0, c_ok), _pair(at, 1, c_ok), _pair(at, 2, c_ok), _pair(at, 3, c_ok)
     if BITS == 4:
-        if ASM:
-            dot_g = _int4_fma8(wg, p0, p1, p2, p3, dot_g)
-            if TWO:
-                dot_u = _int4_fma8(wu, p0, p1, p2, p3, dot_u)
-        else:
-            dot_g += (_products(wg & 0x000F000F, p0) + _products(wg & 0x00F000F0, p1)
-                      + _products((wg >> 8) & 0x000F000F, p2) + _products((wg >> 8) & 0x00F000F0, p3))
-            if TWO:
-                dot_u += (_products(wu & 0x000F000F, p0) + _products(wu & 0x00F000F0, p1)
-                          + _products((wu >> 8) & 0x000F000F, p2) + _products((wu >> 8) & 0x00F000F0, p3))
+        dot_g = _int4_word(wg, p0, p1, p2, p3, dot_g, ASM)
+        if TWO:
+            dot_u = _int4_word(wu, p0, p1, p2, p3, dot_u, ASM)
     else:
         p4, p5, p6, p7 = _pair(at, 4, c_ok), _pair(at, 5, c_ok), _pair(at, 6, c_ok), _pair(at, 7, c_ok)
-        if ASM:
-            dot_g = _int2_fma16(wg, p0, p1, p2, p3, p4, p5, p6, p7, dot_g)
-            if TWO:
-                dot_u = _int2_fma16(wu, p0, p1, p2, p3, p4, p5, p6, p7, dot_u)
-        else:
-            dot_g += _int2_emulated(wg, p0, p1, p2, p3, p4, p5, p6, p7)
-            if TWO:
-                dot_u += _int2_emulated(wu, p0, p1, p2, p3, p4, p5, p6, p7)
+        dot_g = _int2_word(wg, p0, p1, p2, p3, p4, p5, p6, p7, dot_g, ASM)
+        if TWO:
+            dot_u = _int2_word(wu, p0, p1, p2, p3, p4, p5, p6, p7, dot_u, ASM)
     return dot_g, dot_u
-
-
-@triton.jit
-def _int2_emulated(words, p0, p1, p2, p3, p4, p5, p6, p7):
-    high = words >> 10
-    return (_products(words & 0x00030003, p0) + _products(words & 0x000C000C, p1)
-            + _products(words & 0x00300030, p2) + _products(words & 0x00C000C0, p3)
-            + _products(words & 0x03000300, p4) + _products(high & 0x00030003, p5)
-            + _products(high & 0x000C000C, p6) + _products(high & 0x00300030, p7))
 
 
 @triton.jit

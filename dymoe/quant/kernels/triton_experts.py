@@ -500,9 +500,9 @@ class DecodeWorkspace:
                    torch.zeros(h, dtype=torch.int32, device=device),
                    torch.empty(max_experts * MAX_SPLIT * 2 * i, dtype=torch.float32, device=device),
                    torch.zeros(max_experts * i, dtype=torch.int32, device=device),
-                   torch.empty(max_experts * max(plan.down.padded_cols, packed_words(i, 2), packed_words(i, 4)),
+                   torch.empty(max_experts * max(plan.down.padded_cols, packed_words(i, plan.bits)),
                                dtype=torch.float32, device=device),
-                   torch.empty(max(packed_words(h, 2), packed_words(h, 4)), dtype=torch.int32, device=device))
+                   torch.empty(packed_words(h, plan.bits), dtype=torch.int32, device=device))
 
     def scratch(self) -> tuple[torch.Tensor, ...]:
         """The buffers a step writes before it reads them (the checks NaN-poison these)."""
@@ -518,21 +518,28 @@ class DecodeWorkspace:
 
 def packed_words(values: int, bits: int) -> int:
     """32-bit words of a packed activation vector of ``values`` values for int4 or int2 codes
-    (split_k._pack_chunks: chunks of 128 / bits values, 4 * 16 / bits + 2 words each)."""
+    (split_k._pack_chunks: chunks of 128 / bits values, 4 * 16 / bits + 2 words each); 0 for the
+    formats that have no packed path."""
+    if bits not in (4, 2):
+        return 0
     return (64 // bits + 2) * triton.cdiv(values, 128 // bits)
 
 
 @dataclass(frozen=True)
 class _Launch:
     """One cached kernel launch: the kernel, its grid and constexpr kwargs, K slices (0: tiled),
-    and whether the split-K int4 path runs on packed activations (then ``prep`` packs the input)."""
+    and (gate_up of a packed int4/int2 step) the launch that packs the input first."""
 
     kernel: object
     grid: tuple
     kwargs: dict
     split: int = 0
-    packed: bool = False
     prep: "_Launch | None" = None
+
+    @property
+    def packed(self) -> bool:
+        """Whether this gate_up launch runs on packed activation vectors (split_k._packed_step)."""
+        return self.prep is not None
 
 
 def k_slices(plan: KernelPlan, cols: int, config: LaunchConfig) -> tuple[int, int]:
@@ -554,11 +561,11 @@ def _split_launch(kernel, plan: KernelPlan, proj: Projection, cfg: LaunchConfig,
     fmt = {k: v for k, v in _format_args(plan, proj, False).items() if k != "F32_DOT"}
     kwargs = dict(H=plan.hidden_size, I=plan.intermediate_size, **parts, **fmt, BLOCK_N=cfg.block_n, **tiling,
                   SPLIT=split, K_SLICE=k_slice, PACKED=packed, ASM=not interpreting,
-                  C_H=triton.cdiv(plan.intermediate_size, 128 // plan.bits), num_warps=cfg.num_warps,
-                  num_stages=cfg.num_stages)
+                  C_H=triton.cdiv(plan.intermediate_size, 128 // plan.bits) if packed else 0,
+                  num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     if cfg.max_registers and not interpreting:
         kwargs["maxnreg"] = cfg.max_registers
-    return _Launch(kernel, (experts, triton.cdiv(rows, cfg.block_n), split), kwargs, split, packed)
+    return _Launch(kernel, (experts, triton.cdiv(rows, cfg.block_n), split), kwargs, split)
 
 
 def runs_packed(plan: KernelPlan, gate_up_config: LaunchConfig, down_config: LaunchConfig) -> bool:
@@ -596,7 +603,7 @@ def _launches(plan: KernelPlan, experts: int, tokens: int, sms: int, interpretin
                        dict(H=h, C=chunks_in, BITS=plan.bits, BLOCK=PACK_BLOCK, num_warps=4)) if packed else None
         gate_up = _split_launch(_gate_up_split_kernel, plan, g, gu_cfg, experts, i, interpreting, packed,
                                 GATE_W=g.weight, GATE_S=g.scales, GATE_M=g.mins, UP_W=u.weight, UP_S=u.scales,
-                                UP_M=u.mins, KP_DOWN=d.padded_cols, C_IN=chunks_in, **act)
+                                UP_M=u.mins, KP_DOWN=d.padded_cols, C_IN=chunks_in if packed else 0, **act)
         return (dataclasses.replace(gate_up, prep=prep),
                 _split_launch(_down_split_kernel, plan, d, d_cfg, experts, h, interpreting, packed, DOWN_W=d.weight,
                               DOWN_S=d.scales, DOWN_M=d.mins, D_BIAS=plan.down_bias))
