@@ -138,6 +138,8 @@ for precision, group, math in [(p, g, SWIGLU) for p, g in FORMATS] + [(p, g, GPT
       # int4 and int2 run on packed activation vectors (64 rows: whole chunks of h), emulated in float32
       "T1-split": (1, (LaunchConfig(64, small_k, 1, 1, split_k=2, packed=True),) * 2),
   }
+  if plan.bits in (4, 2):  # their float32 split-K path too (the default while the packed one awaits its GPU check)
+      cases["T1-split-float32"] = (1, (LaunchConfig(64, small_k, 1, 1, split_k=2),) * 2)
   for name, (tokens, configs) in cases.items():
     g = torch.Generator().manual_seed(4)
     ids = torch.stack([torch.randperm(5, generator=g)[:3] for _ in range(tokens)])  # slots in any order
@@ -175,12 +177,15 @@ def test_triton_kernels_under_the_interpreter():
     done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     results = json.loads(done.stdout.strip().splitlines()[-1])
+    float32 = {"int4", "int2"}  # formats with a packed path also run the float32 one
     assert set(results) == ({f"{p}/{g}/{c}" for p, g in FORMATS for c in CASES}
-                            | {f"{p}/{g}/{c}/gpt_oss" for p, g in BIASED for c in CASES})
+                            | {f"{p}/{g}/{c}/gpt_oss" for p, g in BIASED for c in CASES}
+                            | {f"{p}/{g}/T1-split-float32" for p, g in FORMATS if p in float32}
+                            | {f"{p}/{g}/T1-split-float32/gpt_oss" for p, g in BIASED if p in float32})
     for name, (rel_err, finite, counters_reset, packed) in results.items():
         assert finite and rel_err < 1e-2, (name, rel_err)
         assert counters_reset, name
-        assert packed == (name.split("/")[0] in ("int4", "int2") and "/T1-split" in name), name
+        assert packed == (name.split("/")[0] in float32 and name.split("/")[2] == "T1-split"), name
 
 
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed (gpu extra)")
