@@ -17,6 +17,7 @@ Prints the relative error of each; exits 1 if any is above 1e-2 or not finite. `
 the packed path with outlier activations on the Qwen3 and Mixtral shapes (8 checks).
 """
 
+import argparse
 import dataclasses
 import sys
 
@@ -29,6 +30,10 @@ from dymoe.quant.kernels import decode_routing, kernel_plan
 from dymoe.quant.kernels.reference import random_pool, reference_decode
 from dymoe.quant.kernels.triton_experts import DecodeWorkspace, choose_config, launch_decode
 
+parser = argparse.ArgumentParser(description="GPU checks of the fused decode kernels against reference_decode")
+parser.add_argument("--quick", action="store_true",
+                    help="the packed path only, outlier activations, Qwen3-30B-A3B and Mixtral shapes (8 checks)")
+QUICK = parser.parse_args().quick
 SMS = torch.cuda.get_device_properties(0).multi_processor_count
 GPT_OSS = ExpertMath("gpt_oss", bias=True, limit=7.0, alpha=1.702)
 worst = 0.0
@@ -65,8 +70,6 @@ def check(label: str, layout, pool, offsets, combine, x, math=SWIGLU, packed: bo
     print(f"{label:52s} rel {rel:.2e} finite {finite}", flush=True)
 
 
-# --quick: the packed path only, outlier activations, Qwen3-30B-A3B and Mixtral shapes (a short device call)
-QUICK = "--quick" in sys.argv[1:]
 for precision in ("int4", "int2"):
     for h, i, k in ((2048, 768, 8), (4096, 14336, 2), (2880, 2880, 4))[:2 if QUICK else 3]:  # Qwen3, Mixtral, GPT-OSS-20B
         for group in (64, 128):

@@ -393,14 +393,11 @@ def variant_candidates(plan, k: int, sms: int) -> tuple[list, list]:
         second = [("split n256", split(block_n=256)), ("split n512", split(block_n=512)),
                   ("split w2", split(num_warps=2))] + second
     if plan.bits == 4:  # int4's default caps registers at 128 (4 blocks per SM instead of 3): the uncapped one
-        def uncapped(**knobs):
-            return tuple(dataclasses.replace(c, max_registers=None) for c in split(**knobs))
-
-        def capped(cap: int, **knobs):
+        def capped(cap: int | None, **knobs):
             return tuple(dataclasses.replace(c, max_registers=cap) for c in split(**knobs))
 
         second = [("split 96 registers", capped(96)), ("split 96 registers, 5 blocks/SM", capped(96, blocks_per_sm=5)),
-                  ("split no register cap", uncapped()), ("split 4 blocks/SM", split(blocks_per_sm=4)),
+                  ("split no register cap", capped(None)), ("split 4 blocks/SM", split(blocks_per_sm=4)),
                   ("split 8 blocks/SM", split(blocks_per_sm=8))] + second
     if gemv:
         best_tile = LaunchConfig(block_n=16, block_k=256, num_warps=2, num_stages=3)  # Qwen3 int4's best

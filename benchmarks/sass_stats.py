@@ -72,12 +72,18 @@ def main(argv=None) -> int:
 
     h, i, k = SHAPES[args.model]
     plan = kernel_plan(blob_layout(parse_format(args.format, args.group), h, i))
+    from dymoe.quant.kernels.triton_experts import LaunchConfig
+
+    fields = {f.name for f in dataclasses.fields(LaunchConfig)}
     overrides = {}
     for item in args.set:
         field, _, value = item.partition("=")
-        overrides[field] = {"True": True, "False": False, "None": None}.get(value, value)
-        if isinstance(overrides[field], str):
-            overrides[field] = int(value)
+        if field not in fields:
+            parser.error(f"--set {item}: LaunchConfig has no field {field!r} (fields: {', '.join(sorted(fields))})")
+        constants = {"True": True, "False": False, "None": None}
+        if value not in constants and not value.isdigit():
+            parser.error(f"--set {item}: the value must be an integer, True, False or None")
+        overrides[field] = constants.get(value, int(value) if value.isdigit() else None)
     configs = [dataclasses.replace(choose_config(plan, kernel, k, 1, 132), **overrides) for kernel in ("gate_up", "down")]
     if configs[0].split_k is None:
         parser.error(f"{args.format} runs the tiled kernels at one token; this script reads the split-K ones")
