@@ -4,17 +4,17 @@ no inline assembly and is too slow for real shapes).
 ``python benchmarks/check_decode_kernels.py`` (CUDA + Triton), every run with NaN-poisoned scratch
 against the float32 ``reference_decode``:
 
-1. the split-K int4 and int2 paths on packed activation vectors (float16 arithmetic) and in
+1. the split-K int4, int3 and int2 paths on packed activation vectors (float16 arithmetic) and in
    float32, on the Qwen3-30B-A3B, Mixtral-8x7B and GPT-OSS-20B expert shapes at g64 and g128,
    with activations drawn three ways (standard normal; a few outliers of up to 800 among values
    of 0.01, like a model's massive activations; all near 1e-4): the packed path prescales each
-   chunk of 32 (int2: 64) activations by a power of two, so its error should not depend on their
+   chunk of 32 (int3, int2: 64) activations by a power of two, so its error should not depend on their
    magnitude;
 2. GPT-OSS-20B's experts (biases read from the blob, the clamped activation) in every format, one
    token (split-K, or tiled for bf16 and int3) and three tokens (tensor cores).
 
 Prints the relative error of each; exits 1 if any is above 1e-2 or not finite. ``--quick``: only
-the packed path with outlier activations on the Qwen3 and Mixtral shapes (8 checks).
+the packed path with outlier activations on the Qwen3 and Mixtral shapes (12 checks).
 """
 
 import argparse
@@ -28,11 +28,11 @@ from dymoe.models.expert_math import SWIGLU, ExpertMath
 from dymoe.quant.formats import parse_format
 from dymoe.quant.kernels import decode_routing, kernel_plan
 from dymoe.quant.kernels.reference import random_pool, reference_decode
-from dymoe.quant.kernels.triton_experts import DecodeWorkspace, choose_config, launch_decode
+from dymoe.quant.kernels.triton_experts import PACKED_BITS, DecodeWorkspace, choose_config, launch_decode, split_config
 
 parser = argparse.ArgumentParser(description="GPU checks of the fused decode kernels against reference_decode")
 parser.add_argument("--quick", action="store_true",
-                    help="the packed path only, outlier activations, Qwen3-30B-A3B and Mixtral shapes (8 checks)")
+                    help="the packed path only, outlier activations, Qwen3-30B-A3B and Mixtral shapes (12 checks)")
 QUICK = parser.parse_args().quick
 SMS = torch.cuda.get_device_properties(0).multi_processor_count
 GPT_OSS = ExpertMath("gpt_oss", bias=True, limit=7.0, alpha=1.702)
@@ -59,8 +59,11 @@ def check(label: str, layout, pool, offsets, combine, x, math=SWIGLU, packed: bo
     e, t = combine.shape[1], x.shape[0]
     ref = reference_decode(pool, offsets, layout, x.float(), combine, math)
     ws = DecodeWorkspace.allocate(plan, e, t, "cuda")
-    configs = tuple(dataclasses.replace(choose_config(plan, kernel, e, t, SMS), packed=packed)
-                    for kernel in ("gate_up", "down"))
+    if t == 1 and plan.bits in PACKED_BITS:  # split-K, packed or float32 (int3's default may be tiled)
+        configs = tuple(dataclasses.replace(split_config(plan, kernel, e, SMS), packed=packed)
+                        for kernel in ("gate_up", "down"))
+    else:
+        configs = tuple(choose_config(plan, kernel, e, t, SMS) for kernel in ("gate_up", "down"))
     for scratch in ws.scratch():
         scratch.fill_(float("nan"))
     out = launch_decode(pool, offsets, plan, x, combine, ws, *configs, math=math).float()
@@ -70,7 +73,7 @@ def check(label: str, layout, pool, offsets, combine, x, math=SWIGLU, packed: bo
     print(f"{label:52s} rel {rel:.2e} finite {finite}", flush=True)
 
 
-for precision in ("int4", "int2"):
+for precision in ("int4", "int3", "int2"):
     for h, i, k in ((2048, 768, 8), (4096, 14336, 2), (2880, 2880, 4))[:2 if QUICK else 3]:  # Qwen3, Mixtral, GPT-OSS-20B
         for group in (64, 128):
             layout, pool, offsets, combine, g = case(h, i, k, precision, group)

@@ -362,9 +362,10 @@ def variant_candidates(plan, k: int, sms: int) -> tuple[list, list]:
     """(first pass, second pass) of (name, (gate_up config, down config)): first the old tiled
     path and choose_config's pick (and split-K's defaults where the pick is tiled), then split-K
     variations around the defaults and the best tile of the 2026-11-22 sweep."""
-    from dymoe.quant.kernels.triton_experts import LaunchConfig, choose_config, split_config, tiled_config
+    from dymoe.quant.kernels.triton_experts import PACKED_BITS, LaunchConfig, choose_config, split_config, tiled_config
 
     gemv = plan.bits < 16
+    packable = plan.bits in PACKED_BITS
     h, i = plan.hidden_size, plan.intermediate_size
     tiled = (tiled_config(plan, i, k, sms, gemv), tiled_config(plan, h, k, sms, gemv))
     chosen = (choose_config(plan, "gate_up", k, 1, sms), choose_config(plan, "down", k, 1, sms))
@@ -374,14 +375,16 @@ def variant_candidates(plan, k: int, sms: int) -> tuple[list, list]:
         for kernel in ("gate_up", "down"):
             block_k = int(split_config(plan, kernel, k, sms).block_k * k_scale)
             config = split_config(plan, kernel, k, sms, block_k=max(block_k, plan.group_size, 16), **knobs)
-            # int4/int2: the variations are of the packed path (the float32 one is in the first pass)
-            configs.append(dataclasses.replace(config, packed=plan.bits in (4, 2)))
+            # int4/int3/int2: the variations are of the packed path (the float32 one is in the first pass)
+            configs.append(dataclasses.replace(config, packed=packable))
         return tuple(configs)
 
     first = [("tiled (old default)", tiled), ("choose_config", chosen)]
     if chosen[0].split_k is None:
-        first.append(("split default", split()))
-    elif plan.bits in (4, 2):  # packed activation vectors in float16 arithmetic against the float32 path
+        first.append(("split default", split()))  # packed where the format has that path
+        if packable:  # int3 while its default is tiled: also the float32 split-K path
+            first.append(("split float32", tuple(dataclasses.replace(c, packed=False) for c in split())))
+    elif packable:  # packed activation vectors in float16 arithmetic against the float32 path
         other = not chosen[0].packed
         first.append(("split packed" if other else "split float32",
                       tuple(dataclasses.replace(c, packed=other) for c in chosen)))
@@ -389,7 +392,7 @@ def variant_candidates(plan, k: int, sms: int) -> tuple[list, list]:
               ("split w8", split(num_warps=8)), ("split 3 blocks/SM", split(blocks_per_sm=3)),
               ("split 12 blocks/SM", split(blocks_per_sm=12)), ("split stages 1", split(num_stages=1)),
               ("split k x2", split(k_scale=2)), ("split k /2", split(k_scale=0.5))]
-    if plan.bits in (4, 2):  # packed: more rows per thread share each activation pair load
+    if packable:  # packed: more rows per thread share each activation pair load
         second = [("split n256", split(block_n=256)), ("split n512", split(block_n=512)),
                   ("split w2", split(num_warps=2))] + second
     if plan.bits == 4:  # int4's default caps registers at 128 (4 blocks per SM instead of 3): the uncapped one

@@ -68,7 +68,7 @@ def main(argv=None) -> int:
         from triton.compiler import ASTSource
     except ImportError:
         parser.error("needs Triton: pip install triton (no GPU needed)")
-    from dymoe.quant.kernels.triton_experts import _launches, choose_config
+    from dymoe.quant.kernels.triton_experts import _launches, split_config
 
     h, i, k = SHAPES[args.model]
     plan = kernel_plan(blob_layout(parse_format(args.format, args.group), h, i))
@@ -84,11 +84,11 @@ def main(argv=None) -> int:
         if value not in constants and not value.isdigit():
             parser.error(f"--set {item}: the value must be an integer, True, False or None")
         overrides[field] = constants.get(value, int(value) if value.isdigit() else None)
-    configs = [dataclasses.replace(choose_config(plan, kernel, k, 1, 132), **overrides) for kernel in ("gate_up", "down")]
+    configs = [dataclasses.replace(split_config(plan, kernel, k, 132), **overrides) for kernel in ("gate_up", "down")]
     if configs[0].split_k is None:
-        parser.error(f"{args.format} runs the tiled kernels at one token; this script reads the split-K ones")
+        parser.error("--set split_k=None: this script reads the split-K kernels")
     gate_up, down = _launches(plan, k, 1, 132, False, *configs)
-    payload = PAYLOAD[plan.payload_dtype]
+    payload = PAYLOAD[getattr(gate_up, "payload", None) or plan.payload_dtype]
     packed = getattr(gate_up, "packed", False)  # (older kernels: no packed activation vectors)
     hidden = "*i32" if packed else "*fp32"
     launches = [("gate_up", gate_up, dict(w_ptr=payload, s_ptr="*fp16", offsets_ptr="*i64", combine_ptr="*fp32",

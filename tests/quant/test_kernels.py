@@ -135,10 +135,10 @@ for precision, group, math in [(p, g, SWIGLU) for p, g in FORMATS] + [(p, g, GPT
       "T3": (3, (None, None)),  # several tokens: tensor cores
       "T1-tiled": (1, (tiled_config(plan, 96, 2, 132, gemv=plan.bits < 16),
                        tiled_config(plan, 160, 2, 132, gemv=plan.bits < 16))),  # the first one-token kernels
-      # int4 and int2 run on packed activation vectors (64 rows: whole chunks of h), emulated in float32
+      # int4, int3 and int2 run on packed activation vectors (64 rows: whole chunks of h), emulated in float32
       "T1-split": (1, (LaunchConfig(64, small_k, 1, 1, split_k=2, packed=True),) * 2),
   }
-  if plan.bits in (4, 2):  # their float32 split-K path too (the default while the packed one awaits its GPU check)
+  if plan.bits in (4, 3, 2):  # their float32 split-K path too (the default while the packed one awaits its GPU check)
       cases["T1-split-float32"] = (1, (LaunchConfig(64, small_k, 1, 1, split_k=2),) * 2)
   for name, (tokens, configs) in cases.items():
     g = torch.Generator().manual_seed(4)
@@ -169,7 +169,7 @@ BIASED = [("bf16", 128), ("int8", 128), ("int4", 64), ("int3", 128), ("int2", 64
 def test_triton_kernels_under_the_interpreter():
     """Every format through the tensor-core path (3 tokens), the tiled one-token GEMV and the
     split-K one-token GEMV (2 K slices in both kernels, reduced by the last program of each block;
-    int4 and int2 on packed activation vectors, their float16 arithmetic emulated in float32),
+    int4, int3 and int2 on packed activation vectors, their float16 arithmetic emulated in float32),
     plain SwiGLU and GPT-OSS's biased, clamped experts: within 1e-2 of the float32 reference, no
     NaN from the poisoned scratch or from the unused expert's NaN-filled blob, every counter reset."""
     env = dict(os.environ, TRITON_INTERPRET="1", TRITON_DEFAULT_FP_FUSION="1")
@@ -177,7 +177,7 @@ def test_triton_kernels_under_the_interpreter():
     done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     results = json.loads(done.stdout.strip().splitlines()[-1])
-    float32 = {"int4", "int2"}  # formats with a packed path also run the float32 one
+    float32 = {"int4", "int3", "int2"}  # formats with a packed path also run the float32 one
     assert set(results) == ({f"{p}/{g}/{c}" for p, g in FORMATS for c in CASES}
                             | {f"{p}/{g}/{c}/gpt_oss" for p, g in BIASED for c in CASES}
                             | {f"{p}/{g}/T1-split-float32" for p, g in FORMATS if p in float32}

@@ -118,6 +118,70 @@ def _int2_fma16(words, p0, p1, p2, p3, p4, p5, p6, p7, acc):
         is_pure=True, pack=1)
 
 
+_INT3_ASM = """{
+        .reg .b32 t, x, a;
+        prmt.b32 x, $1, $2, %s;
+        and.b32 t, x, 0x00070007;
+        fma.rn.f16x2 a, t, $3, $11;
+        and.b32 t, x, 0x00380038;
+        fma.rn.f16x2 a, t, $4, a;
+        and.b32 t, x, 0x01C001C0;
+        fma.rn.f16x2 a, t, $5, a;
+        prmt.b32 x, $1, $2, %s;
+        and.b32 t, x, 0x000E000E;
+        fma.rn.f16x2 a, t, $6, a;
+        and.b32 t, x, 0x00700070;
+        fma.rn.f16x2 a, t, $7, a;
+        and.b32 t, x, 0x03800380;
+        fma.rn.f16x2 a, t, $8, a;
+        prmt.b32 x, $1, $2, %s;
+        and.b32 t, x, 0x001C001C;
+        fma.rn.f16x2 a, t, $9, a;
+        and.b32 t, x, 0x00E000E0;
+        fma.rn.f16x2 $0, t, $10, a;
+        }"""
+# byte selectors (prmt: nibble k picks byte k of the result among bytes 0-3 of the first word and 4-7 of
+# the second) of the three float16x2 views of two 3-byte groups A, B: [A0 A1 B0 B1], [A1 A2 B1 B2],
+# [A2 A2 B2 B2]; the groups start at byte 0 of (w0, w1) and at byte 2 of (w1, w2)
+_INT3_SELECTORS = {0: (0x4310, 0x5421, 0x5522), 2: (0x6532, 0x7643, 0x7744)}
+_INT3_FIRST: tl.constexpr = tl.constexpr(_INT3_ASM % tuple(map(hex, _INT3_SELECTORS[0])))
+_INT3_SECOND: tl.constexpr = tl.constexpr(_INT3_ASM % tuple(map(hex, _INT3_SELECTORS[2])))
+
+
+@triton.jit
+def _int3_fma16(wa, wb, p0, p1, p2, p3, p4, p5, p6, p7, acc, SECOND: tl.constexpr):
+    """:func:`_int4_fma8` for 16 int3 codes: two 3-byte groups A and B (8 codes each, code j at bits
+    3j) of the words ``wa``, ``wb`` (at byte 0 of the pair, or with ``SECOND`` at byte 2). Three byte
+    permutes give float16x2 views [A0 A1 | B0 B1], [A1 A2 | B1 B2], [A2 | B2] in which codes j of A
+    and B sit at the same bits 3j mod 8 (codes 0-2, 3-5, 6-7), so one AND each leaves them as
+    ``2**(3j mod 8) c * 2**-24`` (below 2**10: exact subnormals): 3 PRMT, 8 ANDs and 8 packed FMAs for
+    16 codes, pair n carrying 2**-(3n mod 8)."""
+    if SECOND:
+        out = tl.inline_asm_elementwise(
+            asm=_INT3_SECOND, constraints="=r,r,r,r,r,r,r,r,r,r,r,r",
+            args=[wa, wb, p0, p1, p2, p3, p4, p5, p6, p7, acc], dtype=tl.uint32, is_pure=True, pack=1)
+    else:
+        out = tl.inline_asm_elementwise(
+            asm=_INT3_FIRST, constraints="=r,r,r,r,r,r,r,r,r,r,r,r",
+            args=[wa, wb, p0, p1, p2, p3, p4, p5, p6, p7, acc], dtype=tl.uint32, is_pure=True, pack=1)
+    return out
+
+
+@triton.jit
+def _prmt(a, b, SEL: tl.constexpr):
+    """``prmt.b32 d, a, b, SEL`` in Triton (for the interpreter): byte k of d is byte ``SEL >> 4k & 7``
+    of the 8 bytes of (a, b)."""
+    out = a * 0
+    for k in tl.static_range(4):
+        i: tl.constexpr = (SEL >> (4 * k)) & 7
+        if i < 4:
+            byte = (a >> (8 * i)) & 0xFF
+        else:
+            byte = (b >> (8 * (i - 4))) & 0xFF
+        out = out | (byte << (8 * k))
+    return out
+
+
 @triton.jit
 def _f16_bits(bits):
     """The low 16 bits of uint32 ``bits`` as a float16 value, in float32."""
@@ -164,19 +228,42 @@ def _int2_word(words, p0, p1, p2, p3, p4, p5, p6, p7, acc, ASM: tl.constexpr):
 
 
 @triton.jit
+def _int3_word(wa, wb, p0, p1, p2, p3, p4, p5, p6, p7, acc, SECOND: tl.constexpr, ASM: tl.constexpr):
+    """:func:`_int3_fma16`, or its float32 emulation (see :func:`_int4_word`)."""
+    if ASM:
+        acc = _int3_fma16(wa, wb, p0, p1, p2, p3, p4, p5, p6, p7, acc, SECOND)
+    else:
+        if SECOND:
+            x, y, z = _prmt(wa, wb, 0x6532), _prmt(wa, wb, 0x7643), _prmt(wa, wb, 0x7744)
+        else:
+            x, y, z = _prmt(wa, wb, 0x4310), _prmt(wa, wb, 0x5421), _prmt(wa, wb, 0x5522)
+        acc += (_products(x & 0x00070007, p0) + _products(x & 0x00380038, p1) + _products(x & 0x01C001C0, p2)
+                + _products(y & 0x000E000E, p3) + _products(y & 0x00700070, p4) + _products(y & 0x03800380, p5)
+                + _products(z & 0x001C001C, p6) + _products(z & 0x00E000E0, p7))
+    return acc
+
+
+@triton.jit
 def _word_dot(wg, wu, dot_g, dot_u, xq_ptr, c, c_ok, w: tl.constexpr, BITS: tl.constexpr, ASM: tl.constexpr,
-              TWO: tl.constexpr):
+              TWO: tl.constexpr, wg_next=None, wu_next=None):
     """Word ``w`` of chunks ``c`` ([BLOCK_N, CH] words of gate and, with ``TWO``, up) times its
     activation pairs, added to the chunk sums ``dot_g``, ``dot_u``. The pairs are 4-byte loads of
     [CH] tensors, not one vector: a 1-D load takes the layout of its use, while splitting a vector
-    load would move the pairs to that layout through shared memory and a barrier per word."""
-    P: tl.constexpr = 16 // BITS  # pairs per word
+    load would move the pairs to that layout through shared memory and a barrier per word.
+    int3's "word" ``w`` is 16 codes in two 32-bit words (``wg``, ``wg_next``: words 3w/2 and the
+    next of the chunk's 6)."""
+    P: tl.constexpr = 8 if BITS == 3 else 16 // BITS  # pairs per word (int3: per 16 codes)
     at = xq_ptr + c * (4 * P) + w * P
     p0, p1, p2, p3 = _pair(at, 0, c_ok), _pair(at, 1, c_ok), _pair(at, 2, c_ok), _pair(at, 3, c_ok)
     if BITS == 4:
         dot_g = _int4_word(wg, p0, p1, p2, p3, dot_g, ASM)
         if TWO:
             dot_u = _int4_word(wu, p0, p1, p2, p3, dot_u, ASM)
+    elif BITS == 3:
+        p4, p5, p6, p7 = _pair(at, 4, c_ok), _pair(at, 5, c_ok), _pair(at, 6, c_ok), _pair(at, 7, c_ok)
+        dot_g = _int3_word(wg, wg_next, p0, p1, p2, p3, p4, p5, p6, p7, dot_g, w % 2 == 1, ASM)
+        if TWO:
+            dot_u = _int3_word(wu, wu_next, p0, p1, p2, p3, p4, p5, p6, p7, dot_u, w % 2 == 1, ASM)
     else:
         p4, p5, p6, p7 = _pair(at, 4, c_ok), _pair(at, 5, c_ok), _pair(at, 6, c_ok), _pair(at, 7, c_ok)
         dot_g = _int2_word(wg, p0, p1, p2, p3, p4, p5, p6, p7, dot_g, ASM)
@@ -211,19 +298,34 @@ def _chunk_words(w_ptr, w_base, rows, row_ok, k0, ROW: tl.constexpr, KP: tl.cons
 
 
 @triton.jit
+def _int3_words(w_ptr, w_base, rows, row_ok, c, ROW: tl.constexpr, KP: tl.constexpr):
+    """int3 rows ``rows`` (``ROW`` 32-bit words each), chunks ``c`` of 64 codes (6 words, 8 of
+    their 3-byte groups): six [BLOCK_N, CH] uint32 tensors, word i of each chunk in the i-th, loaded
+    as three 8-byte vectors per chunk (a chunk is 24 bytes: 8-byte aligned, not 16)."""
+    mask = (row_ok[:, None] & (c[None, :] < KP // 64))[:, :, None]
+    at = w_ptr + w_base + rows[:, None, None] * ROW + 6 * c[None, :, None] + tl.arange(0, 2)[None, None, :]
+    t0, t1 = tl.split(tl.load(at, mask=mask, other=0).to(tl.uint32, bitcast=True))
+    t2, t3 = tl.split(tl.load(at + 2, mask=mask, other=0).to(tl.uint32, bitcast=True))
+    t4, t5 = tl.split(tl.load(at + 4, mask=mask, other=0).to(tl.uint32, bitcast=True))
+    return t0, t1, t2, t3, t4, t5
+
+
+@triton.jit
 def _pack_chunks(v, c0, out_ptr, C: tl.constexpr, NCH: tl.constexpr, BITS: tl.constexpr):
     """Write chunks ``c0 .. c0 + NCH`` of a packed activation vector from ``v`` [NCH * V] (float32).
 
-    A chunk is the V values of 4 packing words (int4: 32, int2: 64); word w holds 2P of them
-    (P = 16 / BITS codes in each 16-bit half). A packed vector of ``C`` chunks is
+    A chunk is the V values of 4 packing words (int4: 32, int2: 64; int3: 64, its "words" being
+    16 codes in two 3-byte groups); word w holds 2P of them (P = 16 / BITS codes in each 16-bit
+    half; int3: P = 8, the two groups). A packed vector of ``C`` chunks is
     ``C * (4P + 2)`` 32-bit words: per chunk and word w the P float16x2 pairs
     ``(x[2Pw + n], x[2Pw + P + n])`` (values of chunk c), times the chunk's scale and the pair's
-    mask factor (:func:`_int4_fma8`: 16**-(n % 2); :func:`_int2_fma16`: 4**-n, then 4**-(n - 5)),
+    mask factor (:func:`_int4_fma8`: 16**-(n % 2); :func:`_int2_fma16`: 4**-n, then 4**-(n - 5);
+    :func:`_int3_fma16`: 2**-(3n % 8)),
     at ``4Pc + Pw + n``; then per chunk ``2**24 / scale`` (float32) at ``4PC + c`` and the sum of its
     values at ``(4P + 1)C + c``. The scale is the power of two that brings the chunk's largest
     value into [2**14, 2**15): float16 keeps each value with 11 bits and its products with the
     codes are normal numbers that cannot overflow in a chunk's sum."""
-    P: tl.constexpr = 16 // BITS
+    P: tl.constexpr = 8 if BITS == 3 else 16 // BITS
     chunks = tl.reshape(v, (NCH, 8 * P))
     amax = tl.max(tl.abs(chunks), axis=1)
     asum = tl.sum(chunks, axis=1)
@@ -231,6 +333,8 @@ def _pack_chunks(v, c0, out_ptr, C: tl.constexpr, NCH: tl.constexpr, BITS: tl.co
     n = tl.arange(0, P)
     if BITS == 4:
         shift = (n % 2) * 4
+    elif BITS == 3:
+        shift = (3 * n) % 8
     else:
         shift = tl.where(n < 5, n, n - 5) * 2
     factor = 1.0 / (1 << shift).to(tl.float32)
@@ -252,7 +356,8 @@ def _pack_input_kernel(x_ptr, out_ptr, H: tl.constexpr, C: tl.constexpr, BITS: t
     """The one token's input ``x`` [H] as a packed activation vector (:func:`_pack_chunks`)."""
     k = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     v = tl.load(x_ptr + k, mask=k < H, other=0.0).to(tl.float32)
-    _pack_chunks(v, tl.program_id(0) * (BLOCK * BITS // 128), out_ptr, C, BLOCK * BITS // 128, BITS)
+    V: tl.constexpr = 64 if BITS == 3 else 128 // BITS
+    _pack_chunks(v, tl.program_id(0) * (BLOCK // V), out_ptr, C, BLOCK // V, BITS)
 
 
 @triton.jit
@@ -277,25 +382,36 @@ def _packed_step(acc_g, acc_u, w_ptr, s_ptr, gate_w, gate_s, gate_m, up_w, up_s,
     times the packed activations of the chunks from column ``k0``: each thread runs each of its
     chunks (one row's 16-byte vector) through one chain of packed FMAs and converts once per
     chunk; ``acc`` is per chunk."""
-    V: tl.constexpr = 128 // BITS  # values per chunk
+    V: tl.constexpr = 64 if BITS == 3 else 128 // BITS  # values per chunk
     CH: tl.constexpr = SUB_K // V
     c = k0 // V + tl.arange(0, CH)
     c_ok = c < C
-    g0, g1, g2, g3 = _chunk_words(w_ptr, gate_w, rows, row_ok, k0, ROW, KP, BITS, BLOCK_N, SUB_K)
-    if TWO:
-        u0, u1, u2, u3 = _chunk_words(w_ptr, up_w, rows, row_ok, k0, ROW, KP, BITS, BLOCK_N, SUB_K)
-    else:
-        u0, u1, u2, u3 = g0, g1, g2, g3
     if ASM:
         dot_g = tl.zeros((BLOCK_N, CH), dtype=tl.uint32)
     else:
         dot_g = tl.zeros((BLOCK_N, CH), dtype=tl.float32)
     dot_u = dot_g
-    dot_g, dot_u = _word_dot(g0, u0, dot_g, dot_u, xq_ptr, c, c_ok, 0, BITS, ASM, TWO)
-    dot_g, dot_u = _word_dot(g1, u1, dot_g, dot_u, xq_ptr, c, c_ok, 1, BITS, ASM, TWO)
-    dot_g, dot_u = _word_dot(g2, u2, dot_g, dot_u, xq_ptr, c, c_ok, 2, BITS, ASM, TWO)
-    dot_g, dot_u = _word_dot(g3, u3, dot_g, dot_u, xq_ptr, c, c_ok, 3, BITS, ASM, TWO)
-    P: tl.constexpr = 16 // BITS
+    if BITS == 3:  # 4 "words" of 16 codes: word pairs (0, 1), (1, 2), (3, 4), (4, 5) of the chunk's 6
+        g0, g1, g2, g3, g4, g5 = _int3_words(w_ptr, gate_w, rows, row_ok, c, ROW, KP)
+        if TWO:
+            u0, u1, u2, u3, u4, u5 = _int3_words(w_ptr, up_w, rows, row_ok, c, ROW, KP)
+        else:
+            u0, u1, u2, u3, u4, u5 = g0, g1, g2, g3, g4, g5
+        dot_g, dot_u = _word_dot(g0, u0, dot_g, dot_u, xq_ptr, c, c_ok, 0, BITS, ASM, TWO, g1, u1)
+        dot_g, dot_u = _word_dot(g1, u1, dot_g, dot_u, xq_ptr, c, c_ok, 1, BITS, ASM, TWO, g2, u2)
+        dot_g, dot_u = _word_dot(g3, u3, dot_g, dot_u, xq_ptr, c, c_ok, 2, BITS, ASM, TWO, g4, u4)
+        dot_g, dot_u = _word_dot(g4, u4, dot_g, dot_u, xq_ptr, c, c_ok, 3, BITS, ASM, TWO, g5, u5)
+    else:
+        g0, g1, g2, g3 = _chunk_words(w_ptr, gate_w, rows, row_ok, k0, ROW, KP, BITS, BLOCK_N, SUB_K)
+        if TWO:
+            u0, u1, u2, u3 = _chunk_words(w_ptr, up_w, rows, row_ok, k0, ROW, KP, BITS, BLOCK_N, SUB_K)
+        else:
+            u0, u1, u2, u3 = g0, g1, g2, g3
+        dot_g, dot_u = _word_dot(g0, u0, dot_g, dot_u, xq_ptr, c, c_ok, 0, BITS, ASM, TWO)
+        dot_g, dot_u = _word_dot(g1, u1, dot_g, dot_u, xq_ptr, c, c_ok, 1, BITS, ASM, TWO)
+        dot_g, dot_u = _word_dot(g2, u2, dot_g, dot_u, xq_ptr, c, c_ok, 2, BITS, ASM, TWO)
+        dot_g, dot_u = _word_dot(g3, u3, dot_g, dot_u, xq_ptr, c, c_ok, 3, BITS, ASM, TWO)
+    P: tl.constexpr = 8 if BITS == 3 else 16 // BITS
     back = tl.load(xq_ptr + 4 * P * C + c, mask=c_ok, other=0).to(tl.float32, bitcast=True)
     asum = tl.load(xq_ptr + (4 * P + 1) * C + c, mask=c_ok, other=0).to(tl.float32, bitcast=True)
     acc_g = _packed_terms(acc_g, dot_g, s_ptr, gate_s, gate_m, rows, row_ok, k0, c, back, asum, GROUPS, SUB_K, ASM)
@@ -369,8 +485,8 @@ def _store_hidden(h_ptr, e, block, rows, row_ok, h, KP_DOWN: tl.constexpr, CPW: 
     position, or (PACKED) as chunks of expert e's packed activation vector (:func:`_pack_chunks`;
     a block's rows are whole chunks, rows past I written as zeros)."""
     if PACKED:
-        V: tl.constexpr = 128 // BITS
-        _pack_chunks(tl.where(row_ok, h, 0.0), block * (BLOCK_N // V), h_ptr + e * ((4 * 16 // BITS + 2) * C_H), C_H,
+        V: tl.constexpr = 64 if BITS == 3 else 128 // BITS
+        _pack_chunks(tl.where(row_ok, h, 0.0), block * (BLOCK_N // V), h_ptr + e * ((V // 2 + 2) * C_H), C_H,
                      BLOCK_N // V, BITS)
     else:
         tl.store(h_ptr + e * KP_DOWN + _transposed(rows, KP_DOWN, CPW), h, mask=row_ok)
@@ -395,7 +511,8 @@ def _gate_up_split_kernel(w_ptr, s_ptr, offsets_ptr, combine_ptr, x_ptr, h_ptr, 
     live = _live(rows, row_ok, active)
     gate_w, gate_s, gate_m = w_slot + GATE_W, s_slot + GATE_S, s_slot + GATE_M
     up_w, up_s, up_m = w_slot + UP_W, s_slot + UP_S, s_slot + UP_M
-    width: tl.constexpr = SUB_K * BITS // 128 if PACKED else SUB_K // CPW  # accumulators per row: chunks or words
+    V: tl.constexpr = 64 if BITS == 3 else 128 // BITS  # packed: values per chunk
+    width: tl.constexpr = SUB_K // V if PACKED else SUB_K // CPW  # accumulators per row: chunks or words
     acc_g = tl.zeros((BLOCK_N, width), dtype=tl.float32)
     acc_u = tl.zeros((BLOCK_N, width), dtype=tl.float32)
     m_g = tl.zeros((BLOCK_N,), dtype=tl.float32)
@@ -452,14 +569,15 @@ def _down_split_kernel(w_ptr, s_ptr, offsets_ptr, combine_ptr, h_ptr, partial_pt
     w_slot, s_slot, t, c, active = _expert_slot(offsets_ptr, combine_ptr, e, 1, E, W_BYTES, 2)
     live = _live(rows, row_ok, active)
     down_w, down_s, down_m = w_slot + DOWN_W, s_slot + DOWN_S, s_slot + DOWN_M
-    acc = tl.zeros((BLOCK_N, SUB_K * BITS // 128 if PACKED else SUB_K // CPW), dtype=tl.float32)
+    V: tl.constexpr = 64 if BITS == 3 else 128 // BITS  # packed: values per chunk
+    acc = tl.zeros((BLOCK_N, SUB_K // V if PACKED else SUB_K // CPW), dtype=tl.float32)
     acc_m = tl.zeros((BLOCK_N,), dtype=tl.float32)
     start, end = _k_slice(active, KP, K_SLICE)
     for k0 in range(start, end, SUB_K * SUBS):
         for sub in tl.static_range(SUBS):
             if PACKED:  # h packed by the gate_up kernel
                 acc, _ = _packed_step(acc, acc, w_ptr, s_ptr, down_w, down_s, down_m, down_w, down_s, down_m, rows,
-                                      row_ok, k0 + sub * SUB_K, h_ptr + e * ((4 * 16 // BITS + 2) * C_H), C_H, ROW,
+                                      row_ok, k0 + sub * SUB_K, h_ptr + e * ((V // 2 + 2) * C_H), C_H, ROW,
                                       KP, GROUPS, BITS, BLOCK_N, SUB_K, ASM, False)
             else:
                 acc, acc_m = _single_step(acc, acc_m, w_ptr, s_ptr, down_w, down_s, down_m, rows, row_ok,

@@ -344,7 +344,12 @@ def _sum_experts(partial_ptr, out_ptr, counter_ptr, rows, t, mask, T, E, H: tl.c
 # ---- launching ---------------------------------------------------------------------------------
 
 MAX_SPLIT = 16  # K slices a split-K launch may use (sizes the workspace's split scratch)
-PACK_BLOCK = 1024  # values per program of the int4/int2 path's input packing launch
+PACK_BLOCK = 1024  # values per program of the packed (int4/int3/int2) path's input packing launch
+PACKED_BITS = (4, 3, 2)
+# split-K on packed activation vectors in float16 arithmetic (split_k._packed_step) by default; off
+# until benchmarks/check_decode_kernels.py has passed on a GPU: its inline assembly was compiled for
+# sm_90 and its arithmetic emulated under the interpreter, but not yet run (2026-12-05)
+PACKED_DEFAULT = False  # formats with a packed split-K path (split_k._packed_step)
 
 
 @dataclass(frozen=True)
@@ -362,10 +367,7 @@ class LaunchConfig:
     num_warps: int = 4
     num_stages: int = 3
     split_k: int | None = None
-    # split-K int4/int2 on packed activation vectors in float16 arithmetic (split_k._packed_step). Off by
-    # default until benchmarks/check_decode_kernels.py has passed on a GPU: its inline assembly was
-    # compiled for sm_90 and its arithmetic emulated under the interpreter, but not yet run (2026-12-05)
-    packed: bool = False
+    packed: bool = PACKED_DEFAULT
     max_registers: int | None = None  # a register cap per thread (Triton's maxnreg): more blocks per SM
 
 
@@ -389,7 +391,7 @@ def choose_config(plan: KernelPlan, kernel: str, experts: int, tokens: int, sms:
     bytes in flight, docs/kernels.md); bf16 and several tokens run the tiled kernels
     (:func:`tiled_config`). TO BE CONFIRMED on the H100 (`benchmarks/kernels.py --variants`)."""
     rows, _ = _rows_cols(plan, kernel)
-    if uses_gemv(plan, tokens) and plan.bits == 3:
+    if uses_gemv(plan, tokens) and plan.bits == 3 and not PACKED_DEFAULT:
         # int3 assembles each word from three byte loads; split-K measured no faster (5-6% of copy
         # against the tiled path's 5-8%, docs/results/kernel_variants_h200.json)
         return tiled_config(plan, rows, experts, sms, gemv=True)
@@ -437,7 +439,7 @@ def split_config(plan: KernelPlan, kernel: str, experts: int, sms: int, block_n:
         words_per_group = (plan.group_size or block_k) // _CODES_PER_WORD.get(plan.bits, 1)
         # int4: 128 rows measured faster on 7 of 8 shapes (Mixtral g64 184 -> 150 us; H200,
         # docs/results/kernel_variants_int4_packed_h200.json), no spills at sm_90
-        block_n = max(128 if plan.bits == 4 else 64, 4 * 32 * num_warps // words_per_group)
+        block_n = max(128 if plan.bits in (4, 3) else 64, 4 * 32 * num_warps // words_per_group)
     blocks = experts * triton.cdiv(rows, block_n)
     steps = triton.cdiv(cols, block_k)
     split = max(1, min(MAX_SPLIT, steps, triton.cdiv(blocks_per_sm * sms, blocks)))
@@ -516,25 +518,33 @@ class DecodeWorkspace:
         return self.hidden[:rows * i].view(experts, tokens, i), self.partial[:rows * h].view(experts, tokens, h)
 
 
+def chunk_values(bits: int) -> int:
+    """Values per chunk of a packed activation vector: one 16-byte weight vector of int4 (32) or
+    int2 (64) codes, 64 int3 codes (24 bytes)."""
+    return 64 if bits == 3 else 128 // bits
+
+
 def packed_words(values: int, bits: int) -> int:
-    """32-bit words of a packed activation vector of ``values`` values for int4 or int2 codes
-    (split_k._pack_chunks: chunks of 128 / bits values, 4 * 16 / bits + 2 words each); 0 for the
-    formats that have no packed path."""
-    if bits not in (4, 2):
+    """32-bit words of a packed activation vector of ``values`` values for int4, int3 or int2 codes
+    (split_k._pack_chunks: chunks of :func:`chunk_values` values, half as many float16x2 pairs plus
+    2 words each); 0 for the formats that have no packed path."""
+    if bits not in PACKED_BITS:
         return 0
-    return (64 // bits + 2) * triton.cdiv(values, 128 // bits)
+    return (chunk_values(bits) // 2 + 2) * triton.cdiv(values, chunk_values(bits))
 
 
 @dataclass(frozen=True)
 class _Launch:
     """One cached kernel launch: the kernel, its grid and constexpr kwargs, K slices (0: tiled),
-    and (gate_up of a packed int4/int2 step) the launch that packs the input first."""
+    (gate_up of a packed step) the launch that packs the input first, and the view of the pool
+    its payload offsets count in (packed int3 reads 32-bit words, not bytes)."""
 
     kernel: object
     grid: tuple
     kwargs: dict
     split: int = 0
     prep: "_Launch | None" = None
+    payload: torch.dtype | None = None
 
     @property
     def packed(self) -> bool:
@@ -559,21 +569,26 @@ def _split_launch(kernel, plan: KernelPlan, proj: Projection, cfg: LaunchConfig,
     if split > MAX_SPLIT:
         raise ValueError(f"split_k {cfg.split_k} gives {split} K slices, more than MAX_SPLIT = {MAX_SPLIT}")
     fmt = {k: v for k, v in _format_args(plan, proj, False).items() if k != "F32_DOT"}
+    payload = plan.payload_dtype
+    if packed and plan.bits == 3:  # whole 24-byte chunks per row: read as 32-bit words
+        payload = torch.int32
+        fmt.update(ROW=proj.row_elems // 4, W_BYTES=4)
+        parts = {k: v // 4 if k.endswith("_W") else v for k, v in parts.items()}
     kwargs = dict(H=plan.hidden_size, I=plan.intermediate_size, **parts, **fmt, BLOCK_N=cfg.block_n, **tiling,
                   SPLIT=split, K_SLICE=k_slice, PACKED=packed, ASM=not interpreting,
-                  C_H=triton.cdiv(plan.intermediate_size, 128 // plan.bits) if packed else 0,
+                  C_H=triton.cdiv(plan.intermediate_size, chunk_values(plan.bits)) if packed else 0,
                   num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     if cfg.max_registers and not interpreting:
         kwargs["maxnreg"] = cfg.max_registers
-    return _Launch(kernel, (experts, triton.cdiv(rows, cfg.block_n), split), kwargs, split)
+    return _Launch(kernel, (experts, triton.cdiv(rows, cfg.block_n), split), kwargs, split, payload=payload)
 
 
 def runs_packed(plan: KernelPlan, gate_up_config: LaunchConfig, down_config: LaunchConfig) -> bool:
-    """Whether a one-token split-K step runs int4 or int2 on packed activations
+    """Whether a one-token split-K step runs int4, int3 or int2 on packed activations
     (split_k._packed_step): both configs ask for it, a gate_up row block is whole chunks of ``h``
-    (128 / bits values) and a step whole chunks of K (groups of at least a chunk)."""
-    chunk = 128 // plan.bits
-    return (plan.bits in (4, 2) and gate_up_config.packed and down_config.packed
+    (:func:`chunk_values`) and a step whole chunks of K (groups of at least a chunk)."""
+    chunk = chunk_values(plan.bits)
+    return (plan.bits in PACKED_BITS and gate_up_config.packed and down_config.packed
             and gate_up_config.block_n % chunk == 0 and plan.group_size % chunk == 0)
 
 
@@ -598,7 +613,7 @@ def _launches(plan: KernelPlan, experts: int, tokens: int, sms: int, interpretin
         from dymoe.quant.kernels.split_k import _down_split_kernel, _gate_up_split_kernel, _pack_input_kernel
 
         packed = runs_packed(plan, gu_cfg, d_cfg)
-        chunks_in = triton.cdiv(h, 128 // plan.bits)
+        chunks_in = triton.cdiv(h, chunk_values(plan.bits))
         prep = _Launch(_pack_input_kernel, (triton.cdiv(h, PACK_BLOCK),),
                        dict(H=h, C=chunks_in, BITS=plan.bits, BLOCK=PACK_BLOCK, num_warps=4)) if packed else None
         gate_up = _split_launch(_gate_up_split_kernel, plan, g, gu_cfg, experts, i, interpreting, packed,
@@ -637,7 +652,7 @@ def launch_decode(pool: torch.Tensor, slot_offsets: torch.Tensor, plan: KernelPl
     workspace = workspace or DecodeWorkspace.allocate(plan, e, t, x.device)
     gate_up, down = _launches(plan, e, t, _sm_count(pool.device), os.environ.get("TRITON_INTERPRET") == "1",
                               gate_up_config, down_config, math)
-    payload, scales = pool.view(plan.payload_dtype), pool.view(torch.float16)
+    payload, scales = pool.view(gate_up.payload or plan.payload_dtype), pool.view(torch.float16)
     out = torch.empty_like(x)
     if gate_up.split:
         ws = workspace
@@ -647,7 +662,7 @@ def launch_decode(pool: torch.Tensor, slot_offsets: torch.Tensor, plan: KernelPl
                 or e * plan.down.padded_cols > hidden.numel()
                 or gate_up.packed and e * packed_words(plan.intermediate_size, plan.bits) > hidden.numel()):
             raise ValueError(f"workspace too small for {e} experts at split-K {gate_up.split}/{down.split}")
-        if gate_up.prep is not None:  # int4: the input as a packed activation vector
+        if gate_up.prep is not None:  # the input as a packed activation vector
             gate_up.prep.kernel[gate_up.prep.grid](x, ws.input_packed, **gate_up.prep.kwargs)
             x = ws.input_packed
         gate_up.kernel[gate_up.grid](payload, scales, slot_offsets, combine, x, hidden, ws.gate_up_partial,
