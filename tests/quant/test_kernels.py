@@ -135,18 +135,25 @@ for precision, group, math in [(p, g, SWIGLU) for p, g in FORMATS] + [(p, g, GPT
       "T3": (3, (None, None)),  # several tokens: tensor cores
       "T1-tiled": (1, (tiled_config(plan, 96, 2, 132, gemv=plan.bits < 16),
                        tiled_config(plan, 160, 2, 132, gemv=plan.bits < 16))),  # the first one-token kernels
-      # int4, int3 and int2 run on packed activation vectors (64 rows: whole chunks of h), emulated in float32
+      # int4, int3 and int2 run on packed activation vectors (64 rows: whole chunks of h), their float16 FMAs emulated
       "T1-split": (1, (LaunchConfig(64, small_k, 1, 1, split_k=2, packed=True),) * 2),
   }
   if plan.bits in (4, 3, 2):  # their float32 split-K path too (the default while the packed one awaits its GPU check)
       cases["T1-split-float32"] = (1, (LaunchConfig(64, small_k, 1, 1, split_k=2),) * 2)
+      # and the packed path with a model's massive activations (a few of up to 800 among values of
+      # 0.01): each chunk's prescale keeps its float16 products in range
+      cases["T1-split-outliers"] = cases["T1-split"]
   for name, (tokens, configs) in cases.items():
     g = torch.Generator().manual_seed(4)
     ids = torch.stack([torch.randperm(5, generator=g)[:3] for _ in range(tokens)])  # slots in any order
     offsets, combine = decode_routing(table, ids, torch.rand(tokens, 3, generator=g))
     combine[:, 1] = 0.0  # an expert no token uses: never read, still counted by the reductions
     offsets[1] = table[5]  # ... in a slot no other column uses (a padded column's filler)
-    x = torch.randn(tokens, 160, generator=g).bfloat16()
+    x = torch.randn(tokens, 160, generator=g)
+    if name.endswith("outliers"):
+        x = x * 0.01
+        x[0, [3, 40, 77, 150]] = torch.tensor([800.0, -300.0, 120.0, 60.0])
+    x = x.bfloat16()
     ref = expert_decode(pool, offsets, layout, x.float(), combine, backend="torch", math=math)
     # the unused expert's blob as NaN bytes (a padded column's filler slot may hold anything): a
     # kernel that reads any of it (weights, int8 row scales, biases) and multiplies by zero shows NaN
@@ -155,13 +162,14 @@ for precision, group, math in [(p, g, SWIGLU) for p, g in FORMATS] + [(p, g, GPT
     poisoned[start:start + layout.nbytes] = 0xFF
     out, counters_reset = run(layout, poisoned, offsets, x, combine, configs, math)
     key = f"{precision}/{group}/{name}" + ("/gpt_oss" if math.bias else "")
-    packed = name == "T1-split" and runs_packed(plan, *configs)
+    packed = name.startswith("T1-split") and runs_packed(plan, *configs)
     results[key] = [((out.float() - ref).norm() / ref.norm()).item(), bool(out.isfinite().all()), counters_reset,
                     packed]
 print(json.dumps(results))
 """
 
 CASES = ("T3", "T1-tiled", "T1-split")
+VARIANTS = ("float32", "outliers")  # more one-token split-K cases of the formats with a packed path
 BIASED = [("bf16", 128), ("int8", 128), ("int4", 64), ("int3", 128), ("int2", 64)]  # GPT-OSS experts
 
 
@@ -169,7 +177,8 @@ BIASED = [("bf16", 128), ("int8", 128), ("int4", 64), ("int3", 128), ("int2", 64
 def test_triton_kernels_under_the_interpreter():
     """Every format through the tensor-core path (3 tokens), the tiled one-token GEMV and the
     split-K one-token GEMV (2 K slices in both kernels, reduced by the last program of each block;
-    int4, int3 and int2 on packed activation vectors, their float16 arithmetic emulated in float32),
+    int4, int3 and int2 also on packed activation vectors, their float16 FMAs emulated with float16
+    rounding, with normal and with outlier activations),
     plain SwiGLU and GPT-OSS's biased, clamped experts: within 1e-2 of the float32 reference, no
     NaN from the poisoned scratch or from the unused expert's NaN-filled blob, every counter reset."""
     env = dict(os.environ, TRITON_INTERPRET="1", TRITON_DEFAULT_FP_FUSION="1")
@@ -177,15 +186,33 @@ def test_triton_kernels_under_the_interpreter():
     done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     results = json.loads(done.stdout.strip().splitlines()[-1])
-    float32 = {"int4", "int3", "int2"}  # formats with a packed path also run the float32 one
+    packable = {"int4", "int3", "int2"}  # formats with a packed path (they also run the float32 one)
     assert set(results) == ({f"{p}/{g}/{c}" for p, g in FORMATS for c in CASES}
                             | {f"{p}/{g}/{c}/gpt_oss" for p, g in BIASED for c in CASES}
-                            | {f"{p}/{g}/T1-split-float32" for p, g in FORMATS if p in float32}
-                            | {f"{p}/{g}/T1-split-float32/gpt_oss" for p, g in BIASED if p in float32})
+                            | {f"{p}/{g}/T1-split-{v}" for p, g in FORMATS if p in packable for v in VARIANTS}
+                            | {f"{p}/{g}/T1-split-{v}/gpt_oss" for p, g in BIASED if p in packable for v in VARIANTS})
     for name, (rel_err, finite, counters_reset, packed) in results.items():
         assert finite and rel_err < 1e-2, (name, rel_err)
         assert counters_reset, name
-        assert packed == (name.split("/")[0] in float32 and name.split("/")[2] == "T1-split"), name
+        precision, _, case = name.split("/")[:3]
+        assert packed == (precision in packable and case in ("T1-split", "T1-split-outliers")), name
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed (gpu extra)")
+def test_packed_default_follows_the_environment(monkeypatch):
+    """DYMOE_PACKED_DECODE turns the packed float16 path on (1) or off (0) whatever the built-in
+    default; any other value is one clear error."""
+    from dymoe.quant.kernels.triton_experts import _packed_default
+
+    monkeypatch.delenv("DYMOE_PACKED_DECODE", raising=False)
+    assert _packed_default(True) is True and _packed_default(False) is False
+    monkeypatch.setenv("DYMOE_PACKED_DECODE", "1")
+    assert _packed_default(False) is True
+    monkeypatch.setenv("DYMOE_PACKED_DECODE", "0")
+    assert _packed_default(True) is False
+    monkeypatch.setenv("DYMOE_PACKED_DECODE", "yes")
+    with pytest.raises(ValueError, match="DYMOE_PACKED_DECODE='yes': use 1"):
+        _packed_default(True)
 
 
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed (gpu extra)")

@@ -26,11 +26,11 @@ turned into floats by the mantissa trick of
 group); gate and up share each activation load. bf16 runs the same loop with one weight per word.
 Why and what it is expected to gain: docs/kernels.md, "One token: split-K".
 
-With ``PACKED`` (int4 and int2, ``LaunchConfig.packed``) the activations come instead as packed
-activation vectors (:func:`_pack_chunks`): float16x2 pairs prescaled per chunk of one 16-byte
-weight vector, written once per step by :func:`_pack_input_kernel` (the input) and by gate_up's
-finisher (``h``), and each chunk runs through one chain of packed float16 FMAs
-(:func:`_packed_step`); docs/kernels.md, "Packed activation vectors".
+With ``PACKED`` (int4, int3 and int2, ``LaunchConfig.packed``) the activations come instead as
+packed activation vectors (:func:`_pack_chunks`): float16x2 pairs prescaled per chunk of one
+16-byte weight vector (int3: 24 bytes), written once per step by :func:`_pack_input_kernel` (the
+input) and by gate_up's finisher (``h``), and each chunk runs through one chain of packed float16
+FMAs (:func:`_packed_step`); docs/kernels.md, "Packed activation vectors".
 """
 
 import triton
@@ -189,9 +189,20 @@ def _f16_bits(bits):
 
 
 @triton.jit
-def _products(t, p):
-    """Emulation of one ``fma.rn.f16x2`` of :func:`_int4_fma8` in float32 (both halves summed)."""
-    return ((t & 0xFFFF).to(tl.float32) * _f16_bits(p) + (t >> 16).to(tl.float32) * _f16_bits(p >> 16)) * 5.9604644775390625e-08
+def _half_fma(t, p, acc):
+    """One half of ``fma.rn.f16x2``: float16 ``t * p + acc`` of the low 16 bits of each, as uint32
+    bits. The product of a masked code (a subnormal, ``t * 2**-24``) and an activation is exact in
+    float32, so the sum rounds there and then once more to float16 (the hardware rounds once; the
+    two differ only on rare ties)."""
+    out = (t & 0xFFFF).to(tl.float32) * 5.9604644775390625e-08 * _f16_bits(p) + _f16_bits(acc)
+    return out.to(tl.float16).to(tl.uint16, bitcast=True).to(tl.uint32)
+
+
+@triton.jit
+def _hfma2(t, p, acc):
+    """``fma.rn.f16x2 d, t, p, acc`` for Triton's interpreter, which runs no inline assembly: both
+    float16 halves rounded as the GPU rounds them, so the CPU tests see the packed path's error."""
+    return _half_fma(t, p, acc) | (_half_fma(t >> 16, p >> 16, acc >> 16) << 16)
 
 
 @triton.jit
@@ -202,14 +213,15 @@ def _pair(at, n: tl.constexpr, c_ok):
 
 @triton.jit
 def _int4_word(words, p0, p1, p2, p3, acc, ASM: tl.constexpr):
-    """:func:`_int4_fma8`, or without ``ASM`` (Triton's interpreter runs no inline assembly) the same
-    products summed in float32 into a float32 ``acc``."""
+    """:func:`_int4_fma8`, or without ``ASM`` (Triton's interpreter) the same chain of FMAs emulated."""
     if ASM:
         acc = _int4_fma8(words, p0, p1, p2, p3, acc)
     else:
         high = words >> 8
-        acc += (_products(words & 0x000F000F, p0) + _products(words & 0x00F000F0, p1)
-                + _products(high & 0x000F000F, p2) + _products(high & 0x00F000F0, p3))
+        acc = _hfma2(words & 0x000F000F, p0, acc)
+        acc = _hfma2(words & 0x00F000F0, p1, acc)
+        acc = _hfma2(high & 0x000F000F, p2, acc)
+        acc = _hfma2(high & 0x00F000F0, p3, acc)
     return acc
 
 
@@ -220,10 +232,14 @@ def _int2_word(words, p0, p1, p2, p3, p4, p5, p6, p7, acc, ASM: tl.constexpr):
         acc = _int2_fma16(words, p0, p1, p2, p3, p4, p5, p6, p7, acc)
     else:
         high = words >> 10
-        acc += (_products(words & 0x00030003, p0) + _products(words & 0x000C000C, p1)
-                + _products(words & 0x00300030, p2) + _products(words & 0x00C000C0, p3)
-                + _products(words & 0x03000300, p4) + _products(high & 0x00030003, p5)
-                + _products(high & 0x000C000C, p6) + _products(high & 0x00300030, p7))
+        acc = _hfma2(words & 0x00030003, p0, acc)
+        acc = _hfma2(words & 0x000C000C, p1, acc)
+        acc = _hfma2(words & 0x00300030, p2, acc)
+        acc = _hfma2(words & 0x00C000C0, p3, acc)
+        acc = _hfma2(words & 0x03000300, p4, acc)
+        acc = _hfma2(high & 0x00030003, p5, acc)
+        acc = _hfma2(high & 0x000C000C, p6, acc)
+        acc = _hfma2(high & 0x00300030, p7, acc)
     return acc
 
 
@@ -237,9 +253,14 @@ def _int3_word(wa, wb, p0, p1, p2, p3, p4, p5, p6, p7, acc, SECOND: tl.constexpr
             x, y, z = _prmt(wa, wb, 0x6532), _prmt(wa, wb, 0x7643), _prmt(wa, wb, 0x7744)
         else:
             x, y, z = _prmt(wa, wb, 0x4310), _prmt(wa, wb, 0x5421), _prmt(wa, wb, 0x5522)
-        acc += (_products(x & 0x00070007, p0) + _products(x & 0x00380038, p1) + _products(x & 0x01C001C0, p2)
-                + _products(y & 0x000E000E, p3) + _products(y & 0x00700070, p4) + _products(y & 0x03800380, p5)
-                + _products(z & 0x001C001C, p6) + _products(z & 0x00E000E0, p7))
+        acc = _hfma2(x & 0x00070007, p0, acc)
+        acc = _hfma2(x & 0x00380038, p1, acc)
+        acc = _hfma2(x & 0x01C001C0, p2, acc)
+        acc = _hfma2(y & 0x000E000E, p3, acc)
+        acc = _hfma2(y & 0x00700070, p4, acc)
+        acc = _hfma2(y & 0x03800380, p5, acc)
+        acc = _hfma2(z & 0x001C001C, p6, acc)
+        acc = _hfma2(z & 0x00E000E0, p7, acc)
     return acc
 
 
@@ -273,13 +294,9 @@ def _word_dot(wg, wu, dot_g, dot_u, xq_ptr, c, c_ok, w: tl.constexpr, BITS: tl.c
 
 
 @triton.jit
-def _fma_value(acc, ASM: tl.constexpr):
-    """A chunk's sum from :func:`_word_dot` as float32 (ASM: both float16 halves added)."""
-    if ASM:
-        out = _f16_bits(acc) + _f16_bits(acc >> 16)
-    else:
-        out = acc
-    return out
+def _fma_value(acc):
+    """A chunk's sum from :func:`_word_dot` as float32: both float16 halves added."""
+    return _f16_bits(acc) + _f16_bits(acc >> 16)
 
 
 @triton.jit
@@ -362,7 +379,7 @@ def _pack_input_kernel(x_ptr, out_ptr, H: tl.constexpr, C: tl.constexpr, BITS: t
 
 @triton.jit
 def _packed_terms(acc, dot, s_ptr, s_base, m_base, rows, row_ok, k0, c, back, asum, GROUPS: tl.constexpr,
-                  SUB_K: tl.constexpr, ASM: tl.constexpr):
+                  SUB_K: tl.constexpr):
     """``acc`` [BLOCK_N, CH] plus one group's chunk sums: ``s * back * dot + m * asum``. The group's
     scale and min are loaded as [BLOCK_N, CH] (the same address across a row's chunks: L1 hits);
     the compiler then keeps ``acc`` in their layout and moves the sums there (one shared-memory
@@ -371,14 +388,14 @@ def _packed_terms(acc, dot, s_ptr, s_base, m_base, rows, row_ok, k0, c, back, as
     smask = row_ok[:, None] & (g < GROUPS)
     s = tl.load(s_ptr + s_base + rows[:, None] * GROUPS + g, mask=smask, other=0).to(tl.float32)
     m = tl.load(s_ptr + m_base + rows[:, None] * GROUPS + g, mask=smask, other=0).to(tl.float32)
-    return acc + _fma_value(dot, ASM) * (s * back[None, :]) + m * asum[None, :]
+    return acc + _fma_value(dot) * (s * back[None, :]) + m * asum[None, :]
 
 
 @triton.jit
 def _packed_step(acc_g, acc_u, w_ptr, s_ptr, gate_w, gate_s, gate_m, up_w, up_s, up_m, rows, row_ok, k0, xq_ptr,
                  C: tl.constexpr, ROW: tl.constexpr, KP: tl.constexpr, GROUPS: tl.constexpr, BITS: tl.constexpr,
                  BLOCK_N: tl.constexpr, SUB_K: tl.constexpr, ASM: tl.constexpr, TWO: tl.constexpr):
-    """int4 or int2 rows ``rows`` of one weight (``TWO``: gate and up, sharing the activations)
+    """int4, int3 or int2 rows ``rows`` of one weight (``TWO``: gate and up, sharing the activations)
     times the packed activations of the chunks from column ``k0``: each thread runs each of its
     chunks (one row's 16-byte vector) through one chain of packed FMAs and converts once per
     chunk; ``acc`` is per chunk."""
@@ -386,10 +403,7 @@ def _packed_step(acc_g, acc_u, w_ptr, s_ptr, gate_w, gate_s, gate_m, up_w, up_s,
     CH: tl.constexpr = SUB_K // V
     c = k0 // V + tl.arange(0, CH)
     c_ok = c < C
-    if ASM:
-        dot_g = tl.zeros((BLOCK_N, CH), dtype=tl.uint32)
-    else:
-        dot_g = tl.zeros((BLOCK_N, CH), dtype=tl.float32)
+    dot_g = tl.zeros((BLOCK_N, CH), dtype=tl.uint32)  # two float16 halves
     dot_u = dot_g
     if BITS == 3:  # 4 "words" of 16 codes: word pairs (0, 1), (1, 2), (3, 4), (4, 5) of the chunk's 6
         g0, g1, g2, g3, g4, g5 = _int3_words(w_ptr, gate_w, rows, row_ok, c, ROW, KP)
@@ -414,10 +428,9 @@ def _packed_step(acc_g, acc_u, w_ptr, s_ptr, gate_w, gate_s, gate_m, up_w, up_s,
     P: tl.constexpr = 8 if BITS == 3 else 16 // BITS
     back = tl.load(xq_ptr + 4 * P * C + c, mask=c_ok, other=0).to(tl.float32, bitcast=True)
     asum = tl.load(xq_ptr + (4 * P + 1) * C + c, mask=c_ok, other=0).to(tl.float32, bitcast=True)
-    acc_g = _packed_terms(acc_g, dot_g, s_ptr, gate_s, gate_m, rows, row_ok, k0, c, back, asum, GROUPS, SUB_K, ASM)
+    acc_g = _packed_terms(acc_g, dot_g, s_ptr, gate_s, gate_m, rows, row_ok, k0, c, back, asum, GROUPS, SUB_K)
     if TWO:
-        acc_u = _packed_terms(acc_u, dot_u, s_ptr, up_s, up_m, rows, row_ok, k0, c, back, asum, GROUPS, SUB_K,
-                               ASM)
+        acc_u = _packed_terms(acc_u, dot_u, s_ptr, up_s, up_m, rows, row_ok, k0, c, back, asum, GROUPS, SUB_K)
     return acc_g, acc_u
 
 

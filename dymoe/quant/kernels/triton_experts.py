@@ -346,10 +346,21 @@ def _sum_experts(partial_ptr, out_ptr, counter_ptr, rows, t, mask, T, E, H: tl.c
 MAX_SPLIT = 16  # K slices a split-K launch may use (sizes the workspace's split scratch)
 PACK_BLOCK = 1024  # values per program of the packed (int4/int3/int2) path's input packing launch
 PACKED_BITS = (4, 3, 2)
+
+
+def _packed_default(builtin: bool) -> bool:
+    """Whether one-token int4/int3/int2 steps run on packed activation vectors by default:
+    ``builtin``, unless the environment says DYMOE_PACKED_DECODE=1 (on) or 0 (off)."""
+    value = os.environ.get("DYMOE_PACKED_DECODE", "")
+    if value not in ("", "0", "1"):
+        raise ValueError(f"DYMOE_PACKED_DECODE={value!r}: use 1 (packed float16 path on) or 0 (off)")
+    return builtin if value == "" else value == "1"
+
+
 # split-K on packed activation vectors in float16 arithmetic (split_k._packed_step) by default; off
 # until benchmarks/check_decode_kernels.py has passed on a GPU: its inline assembly was compiled for
 # sm_90 and its arithmetic emulated under the interpreter, but not yet run (2026-12-05)
-PACKED_DEFAULT = False  # formats with a packed split-K path (split_k._packed_step)
+PACKED_DEFAULT = _packed_default(False)  # formats with a packed split-K path (split_k._packed_step)
 
 
 @dataclass(frozen=True)
@@ -358,9 +369,9 @@ class LaunchConfig:
     pipelined step (a group format's step is ``block_k / group_size`` groups, at least one).
     ``split_k``: None runs the tiled kernels (each block reads whole rows); a number runs the
     one-token split-K kernels of :mod:`dymoe.quant.kernels.split_k` with up to that many K slices
-    (fewer when K has fewer ``block_k`` steps). ``packed``: their int4 and int2 inner product on packed
-    activation vectors in float16 arithmetic (:func:`runs_packed`; Triton's interpreter runs no
-    inline assembly, so there the same products are summed in float32)."""
+    (fewer when K has fewer ``block_k`` steps). ``packed``: their int4, int3 and int2 inner product on
+    packed activation vectors in float16 arithmetic (:func:`runs_packed`; Triton's interpreter runs
+    no inline assembly, so there the same float16 FMAs are emulated)."""
 
     block_n: int = 16
     block_k: int = 256
@@ -480,8 +491,8 @@ class DecodeWorkspace:
     (expert, K slice) in float32, ``counters`` one int32 per down row block and
     ``gate_up_counters`` one per (expert, gate_up row block) (zero between steps; the last program
     of each block resets its counter), ``hidden_transposed`` the split-K path's ``hidden`` in
-    float32, transposed by code position for the down kernel's vector loads, or (int4, int2) as packed
-    activation vectors in the same bytes, and ``input_packed`` the int4/int2 split-K path's packed
+    float32, transposed by code position for the down kernel's vector loads, or (int4, int3, int2) as
+    packed activation vectors in the same bytes, and ``input_packed`` the packed split-K path's
     input (see :mod:`dymoe.quant.kernels.split_k`). Buffers are flat; a step uses their first
     rows. One workspace serves one stream at a time."""
 
