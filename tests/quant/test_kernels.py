@@ -218,9 +218,9 @@ def test_packed_default_follows_the_environment(monkeypatch):
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed (gpu extra)")
 def test_choose_config_splits_k_for_one_token_only():
     """Packed formats at one token get split-K with enough blocks for every SM; several tokens,
-    bf16 and int3 (split-K measured no faster there) keep the tiled kernels; a split never exceeds
-    K's steps or MAX_SPLIT; int4 caps its registers."""
-    from dymoe.quant.kernels.triton_experts import MAX_SPLIT, choose_config
+    bf16 and int3 without its packed path (float32 split-K measured no faster there) keep the
+    tiled kernels; a split never exceeds K's steps or MAX_SPLIT; int4 caps its registers."""
+    from dymoe.quant.kernels.triton_experts import MAX_SPLIT, PACKED_DEFAULT, choose_config
 
     for precision, group in FORMATS:
         for hidden, inter, k in ((2048, 768, 8), (4096, 14336, 2)):
@@ -228,9 +228,10 @@ def test_choose_config_splits_k_for_one_token_only():
             for kernel, rows, cols in (("gate_up", inter, hidden), ("down", hidden, inter)):
                 one = choose_config(plan, kernel, k, 1, 132)
                 assert choose_config(plan, kernel, k, 4, 132).split_k is None
-                if plan.bits in (16, 3):
+                if plan.bits == 16 or plan.bits == 3 and not PACKED_DEFAULT:
                     assert one.split_k is None
                     continue
+                assert one.packed == PACKED_DEFAULT
                 assert one.max_registers == (128 if plan.bits == 4 else None)
                 steps = -(-cols // one.block_k)
                 assert 1 <= one.split_k <= min(MAX_SPLIT, steps)
