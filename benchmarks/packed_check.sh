@@ -25,13 +25,13 @@ stage() {  # name, limit in seconds, command...
   timeout "$limit" "$@" > "$OUT/$name.txt" 2>&1
   echo "-- $name rc=$? (+$((SECONDS - started)) s)"
 }
-stage check 100 "$PYTHON" benchmarks/check_decode_kernels.py --quick
+stage check 90 "$PYTHON" benchmarks/check_decode_kernels.py --quick
 tail -3 "$OUT/check.txt"
-stage kernels 200 "$PYTHON" benchmarks/kernels.py --out "$OUT/kernels" --variants --budget-s 120 \
+stage kernels 170 "$PYTHON" benchmarks/kernels.py --out "$OUT/kernels" --variants --budget-s 100 \
   --models qwen3-30b-a3b mixtral-8x7b --formats int4/g128 int4/g64 int3/g128 int3/g64 int2/g64 int2/g128
 for packed in 0 1; do
   export DYMOE_PACKED_DECODE=$packed
-  stage "e2e-packed$packed" 90 "$PYTHON" -m dymoe bench \
+  stage "e2e-packed$packed" 75 "$PYTHON" -m dymoe bench \
     --model synthetic:qwen3-30b-a3b --layers 8 --policies resident,static-int4,static-int2 \
     --device-memory 100% --prompt-len 32 --gen-len 32 --routing skewed --no-progress \
     --json "$OUT/e2e-packed$packed.json"
