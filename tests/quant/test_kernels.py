@@ -138,7 +138,7 @@ for precision, group, math in [(p, g, SWIGLU) for p, g in FORMATS] + [(p, g, GPT
       # int4, int3 and int2 run on packed activation vectors (64 rows: whole chunks of h), their float16 FMAs emulated
       "T1-split": (1, (LaunchConfig(64, small_k, 1, 1, split_k=2, packed=True),) * 2),
   }
-  if plan.bits in (4, 3, 2):  # their float32 split-K path too (the default while the packed one awaits its GPU check)
+  if plan.bits in (4, 3, 2):  # their float32 split-K path too (int4/int2 at g64 run it by default)
       cases["T1-split-float32"] = (1, (LaunchConfig(64, small_k, 1, 1, split_k=2),) * 2)
       # and the packed path with a model's massive activations (a few of up to 800 among values of
       # 0.01): each chunk's prescale keeps its float16 products in range
@@ -199,20 +199,29 @@ def test_triton_kernels_under_the_interpreter():
 
 
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed (gpu extra)")
-def test_packed_default_follows_the_environment(monkeypatch):
-    """DYMOE_PACKED_DECODE turns the packed float16 path on (1) or off (0) whatever the built-in
-    default; any other value is one clear error."""
-    from dymoe.quant.kernels.triton_experts import _packed_default
+def test_packed_default_per_format_and_environment(monkeypatch):
+    """One-token int3 runs on packed activation vectors, int4 and int2 with groups of 128 (at 64
+    their float32 path measured faster), never bf16 or int8; DYMOE_PACKED_DECODE turns the packed
+    path on (1) or off (0) for all three formats; any other value is one clear error."""
+    from dymoe.quant.kernels import triton_experts as te
 
-    monkeypatch.delenv("DYMOE_PACKED_DECODE", raising=False)
-    assert _packed_default(True) is True and _packed_default(False) is False
-    monkeypatch.setenv("DYMOE_PACKED_DECODE", "1")
-    assert _packed_default(False) is True
-    monkeypatch.setenv("DYMOE_PACKED_DECODE", "0")
-    assert _packed_default(True) is False
+    def packs(precision, group):
+        return te.packs_by_default(kernel_plan(blob_layout(parse_format(precision, group), 256, 128)))
+
+    cases = [("bf16", 128), ("int8", 128), ("int4", 64), ("int4", 128), ("int3", 64), ("int3", 128),
+             ("int2", 64), ("int2", 128)]
+    monkeypatch.setattr(te, "PACKED_OVERRIDE", None)
+    assert [packs(p, g) for p, g in cases] == [False, False, False, True, True, True, False, True]
+    monkeypatch.setattr(te, "PACKED_OVERRIDE", True)
+    assert [packs(p, g) for p, g in cases] == [False, False, True, True, True, True, True, True]
+    monkeypatch.setattr(te, "PACKED_OVERRIDE", False)
+    assert not any(packs(p, g) for p, g in cases)
+    for value, expected in (("", None), ("1", True), ("0", False)):
+        monkeypatch.setenv("DYMOE_PACKED_DECODE", value)
+        assert te._packed_override() is expected
     monkeypatch.setenv("DYMOE_PACKED_DECODE", "yes")
     with pytest.raises(ValueError, match="DYMOE_PACKED_DECODE='yes': use 1"):
-        _packed_default(True)
+        te._packed_override()
 
 
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed (gpu extra)")
@@ -220,7 +229,7 @@ def test_choose_config_splits_k_for_one_token_only():
     """Packed formats at one token get split-K with enough blocks for every SM; several tokens,
     bf16 and int3 without its packed path (float32 split-K measured no faster there) keep the
     tiled kernels; a split never exceeds K's steps or MAX_SPLIT; int4 caps its registers."""
-    from dymoe.quant.kernels.triton_experts import MAX_SPLIT, PACKED_DEFAULT, choose_config
+    from dymoe.quant.kernels.triton_experts import MAX_SPLIT, choose_config, packs_by_default
 
     for precision, group in FORMATS:
         for hidden, inter, k in ((2048, 768, 8), (4096, 14336, 2)):
@@ -228,10 +237,10 @@ def test_choose_config_splits_k_for_one_token_only():
             for kernel, rows, cols in (("gate_up", inter, hidden), ("down", hidden, inter)):
                 one = choose_config(plan, kernel, k, 1, 132)
                 assert choose_config(plan, kernel, k, 4, 132).split_k is None
-                if plan.bits == 16 or plan.bits == 3 and not PACKED_DEFAULT:
+                if plan.bits == 16 or plan.bits == 3 and not packs_by_default(plan):
                     assert one.split_k is None
                     continue
-                assert one.packed == PACKED_DEFAULT
+                assert one.packed == packs_by_default(plan)
                 assert one.max_registers == (128 if plan.bits == 4 else None)
                 steps = -(-cols // one.block_k)
                 assert 1 <= one.split_k <= min(MAX_SPLIT, steps)

@@ -348,19 +348,28 @@ PACK_BLOCK = 1024  # values per program of the packed (int4/int3/int2) path's in
 PACKED_BITS = (4, 3, 2)
 
 
-def _packed_default(builtin: bool) -> bool:
-    """Whether one-token int4/int3/int2 steps run on packed activation vectors by default:
-    ``builtin``, unless the environment says DYMOE_PACKED_DECODE=1 (on) or 0 (off)."""
+def _packed_override() -> bool | None:
+    """DYMOE_PACKED_DECODE from the environment: 1 runs every one-token int4/int3/int2 step on
+    packed activation vectors, 0 none, unset leaves it to :func:`packs_by_default`."""
     value = os.environ.get("DYMOE_PACKED_DECODE", "")
     if value not in ("", "0", "1"):
         raise ValueError(f"DYMOE_PACKED_DECODE={value!r}: use 1 (packed float16 path on) or 0 (off)")
-    return builtin if value == "" else value == "1"
+    return None if value == "" else value == "1"
 
 
-# split-K on packed activation vectors in float16 arithmetic (split_k._packed_step) by default; off
-# until benchmarks/check_decode_kernels.py has passed on a GPU: its inline assembly was compiled for
-# sm_90 and its arithmetic emulated under the interpreter, but not yet run (2026-12-05)
-PACKED_DEFAULT = _packed_default(False)  # formats with a packed split-K path (split_k._packed_step)
+PACKED_OVERRIDE = _packed_override()
+
+
+def packs_by_default(plan: KernelPlan) -> bool:
+    """Whether a one-token step of ``plan`` runs on packed activation vectors (split_k._packed_step)
+    unless DYMOE_PACKED_DECODE says otherwise: int3 always, int4 and int2 with groups of 128 or more.
+    Measured on an H100 (2026-12-06, docs/results/kernel_variants_packed_h100.json, % of copy,
+    float32 split-K -> packed): int3 8-11% (tiled) -> 19-28%; int4/g128 35-49% -> 37-53%;
+    int2/g128 14-23% -> 19-36%; but int4/g64 35-41% -> 29-32% and int2/g64 18-22% -> 19-20%: a
+    64-value group is 1-2 chunks, and the per-group scale work of the packed loop weighs more there."""
+    if PACKED_OVERRIDE is not None:
+        return PACKED_OVERRIDE and plan.bits in PACKED_BITS
+    return plan.bits == 3 or plan.bits in PACKED_BITS and plan.group_size >= 128
 
 
 @dataclass(frozen=True)
@@ -378,7 +387,7 @@ class LaunchConfig:
     num_warps: int = 4
     num_stages: int = 3
     split_k: int | None = None
-    packed: bool = PACKED_DEFAULT
+    packed: bool = False  # split_config sets it per format (packs_by_default)
     max_registers: int | None = None  # a register cap per thread (Triton's maxnreg): more blocks per SM
 
 
@@ -399,12 +408,12 @@ def choose_config(plan: KernelPlan, kernel: str, experts: int, tokens: int, sms:
     """Tiles of the ``kernel`` ("gate_up" or "down") launch of a step of ``tokens`` tokens through
     ``experts`` experts. One token of a packed format runs split-K (:func:`split_config`: the
     tiled one-token kernels kept 10-30% of the copy bandwidth on an H100 for lack of blocks and
-    bytes in flight, docs/kernels.md); bf16 and several tokens run the tiled kernels
-    (:func:`tiled_config`). TO BE CONFIRMED on the H100 (`benchmarks/kernels.py --variants`)."""
+    bytes in flight, docs/kernels.md), on packed activation vectors where :func:`packs_by_default`
+    says so; bf16 and several tokens run the tiled kernels (:func:`tiled_config`)."""
     rows, _ = _rows_cols(plan, kernel)
-    if uses_gemv(plan, tokens) and plan.bits == 3 and not PACKED_DEFAULT:
-        # int3 assembles each word from three byte loads; split-K measured no faster (5-6% of copy
-        # against the tiled path's 5-8%, docs/results/kernel_variants_h200.json)
+    if uses_gemv(plan, tokens) and plan.bits == 3 and not packs_by_default(plan):
+        # int3's float32 split-K path measured no faster than the tiled one (5-6% of copy against
+        # 5-8%, docs/results/kernel_variants_h200.json); its packed path is 2-3x faster than either
         return tiled_config(plan, rows, experts, sms, gemv=True)
     if uses_gemv(plan, tokens):
         return split_config(plan, kernel, experts, sms)
@@ -458,7 +467,7 @@ def split_config(plan: KernelPlan, kernel: str, experts: int, sms: int, block_n:
     # measured 5-9% faster on Mixtral and Qwen3 shapes (docs/results/kernel_variants_int4_maxnreg_h200.json)
     cap = 128 if plan.bits == 4 else None
     return LaunchConfig(block_n=block_n, block_k=block_k, num_warps=num_warps, num_stages=num_stages, split_k=split,
-                        max_registers=cap)
+                        packed=packs_by_default(plan), max_registers=cap)
 
 
 def _tiling(plan: KernelPlan, config: LaunchConfig) -> dict:
