@@ -388,6 +388,10 @@ def variant_candidates(plan, k: int, sms: int) -> tuple[list, list]:
         other = not chosen[0].packed
         first.append(("split packed" if other else "split float32",
                       tuple(dataclasses.replace(c, packed=other) for c in chosen)))
+    if packable:  # the packed path in one call per block_k step (block_steps) against one per group
+        base = chosen if chosen[0].split_k is not None else split()
+        first.append(("split packed block steps",
+                      tuple(dataclasses.replace(c, packed=True, block_steps=True) for c in base)))
     second = [("split n32", split(block_n=32)), ("split n128", split(block_n=128)),
               ("split w8", split(num_warps=8)), ("split 3 blocks/SM", split(blocks_per_sm=3)),
               ("split 12 blocks/SM", split(blocks_per_sm=12)), ("split stages 1", split(num_stages=1)),

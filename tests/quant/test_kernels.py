@@ -135,15 +135,17 @@ for precision, group, math in [(p, g, SWIGLU) for p, g in FORMATS] + [(p, g, GPT
       "T3": (3, (None, None)),  # several tokens: tensor cores
       "T1-tiled": (1, (tiled_config(plan, 96, 2, 132, gemv=plan.bits < 16),
                        tiled_config(plan, 160, 2, 132, gemv=plan.bits < 16))),  # the first one-token kernels
-      # int4, int3 and int2 run on packed activation vectors (64 rows: whole chunks of h), their float16 FMAs emulated
-      "T1-split": (1, (LaunchConfig(64, small_k, 1, 1, split_k=2, packed=True),) * 2),
+      # int4, int3 and int2 run on packed activation vectors (64 rows: whole chunks of h), their float16
+      # FMAs emulated; steps of two groups, one call per group
+      "T1-split": (1, (LaunchConfig(64, 2 * small_k, 1, 1, split_k=2, packed=True),) * 2),
   }
   if plan.bits in (4, 3, 2):  # their float32 split-K path too (int4/int2 at g64 run it by default)
       cases["T1-split-float32"] = (1, (LaunchConfig(64, small_k, 1, 1, split_k=2),) * 2)
       # and the packed path with a model's massive activations (a few of up to 800 among values of
-      # 0.01): each chunk's prescale keeps its float16 products in range; steps of two groups (at g64:
-      # a gate_up slice ends inside a step, so its second group is masked)
-      cases["T1-split-outliers"] = (1, (LaunchConfig(64, 2 * small_k, 1, 1, split_k=2, packed=True),) * 2)
+      # 0.01): each chunk's prescale keeps its float16 products in range; block steps of two groups
+      # (at g64 a gate_up slice ends inside a step, so its second group is masked)
+      cases["T1-split-outliers"] = (1, (LaunchConfig(64, 2 * small_k, 1, 1, split_k=2, packed=True,
+                                                     block_steps=True),) * 2)
   for name, (tokens, configs) in cases.items():
     g = torch.Generator().manual_seed(4)
     ids = torch.stack([torch.randperm(5, generator=g)[:3] for _ in range(tokens)])  # slots in any order

@@ -401,8 +401,9 @@ def _packed_step(acc_g, acc_u, w_ptr, s_ptr, gate_w, gate_s, gate_m, up_w, up_s,
     times the packed activations of the ``SUB_K`` columns from ``k0`` (whole groups of ``GROUP``):
     each thread runs each of its chunks (one row's 16-byte vector) through one chain of packed FMAs
     and converts once per chunk; ``acc`` is per chunk. A step is all of a block's groups at once
-    (not one call per group as in the float32 path): at 64-value groups one call per group read
-    each row in 32-byte pieces and measured 20-30% slower than 128-value groups."""
+    with ``BLOCK_STEPS`` (``LaunchConfig.block_steps``; else one call per group as in the float32
+    path, where 64-value groups read each row in 32-byte pieces and measured 20-30% slower than
+    128-value groups on an H100)."""
     V: tl.constexpr = 64 if BITS == 3 else 128 // BITS  # values per chunk
     CH: tl.constexpr = SUB_K // V
     c = k0 // V + tl.arange(0, CH)
@@ -517,7 +518,8 @@ def _gate_up_split_kernel(w_ptr, s_ptr, offsets_ptr, combine_ptr, x_ptr, h_ptr, 
                           ROW: tl.constexpr, KP: tl.constexpr, GROUPS: tl.constexpr, BITS: tl.constexpr,
                           CPW: tl.constexpr, BLOCK_N: tl.constexpr, SUB_K: tl.constexpr, SUBS: tl.constexpr,
                           SPLIT: tl.constexpr, K_SLICE: tl.constexpr, KP_DOWN: tl.constexpr,
-                          PACKED: tl.constexpr = False, ASM: tl.constexpr = True, C_IN: tl.constexpr = 0,
+                          PACKED: tl.constexpr = False, BLOCK_STEPS: tl.constexpr = False, ASM: tl.constexpr = True,
+                          C_IN: tl.constexpr = 0,
                           C_H: tl.constexpr = 0, GU_BIAS: tl.constexpr = -1, ACT: tl.constexpr = 0,
                           LIMIT: tl.constexpr = 7.0, ALPHA: tl.constexpr = 1.702):
     e = tl.program_id(0)
@@ -529,22 +531,28 @@ def _gate_up_split_kernel(w_ptr, s_ptr, offsets_ptr, combine_ptr, x_ptr, h_ptr, 
     gate_w, gate_s, gate_m = w_slot + GATE_W, s_slot + GATE_S, s_slot + GATE_M
     up_w, up_s, up_m = w_slot + UP_W, s_slot + UP_S, s_slot + UP_M
     V: tl.constexpr = 64 if BITS == 3 else 128 // BITS  # packed: values per chunk
-    width: tl.constexpr = SUB_K * SUBS // V if PACKED else SUB_K // CPW  # accumulators per row: chunks or words
+    # accumulators per row: chunks (of a step or of a group) or words
+    width: tl.constexpr = (SUB_K * SUBS if BLOCK_STEPS else SUB_K) // V if PACKED else SUB_K // CPW
     acc_g = tl.zeros((BLOCK_N, width), dtype=tl.float32)
     acc_u = tl.zeros((BLOCK_N, width), dtype=tl.float32)
     m_g = tl.zeros((BLOCK_N,), dtype=tl.float32)
     m_u = tl.zeros((BLOCK_N,), dtype=tl.float32)
     start, end = _k_slice(active, KP, K_SLICE)
     for k0 in range(start, end, SUB_K * SUBS):
-        if PACKED:  # x packed by _pack_input_kernel; all the step's groups at once
+        if PACKED and BLOCK_STEPS:  # x packed by _pack_input_kernel; all the step's groups at once
             acc_g, acc_u = _packed_step(acc_g, acc_u, w_ptr, s_ptr, gate_w, gate_s, gate_m, up_w, up_s, up_m, rows,
                                         row_ok, k0, x_ptr, C_IN, ROW, KP, GROUPS, BITS, BLOCK_N, SUB_K * SUBS, SUB_K,
                                         ASM, True)
         else:
             for sub in tl.static_range(SUBS):  # several groups per step: more bytes in flight per block
-                acc_g, m_g, acc_u, m_u = _pair_step(acc_g, m_g, acc_u, m_u, w_ptr, s_ptr, gate_w, gate_s, gate_m,
-                                                    up_w, up_s, up_m, rows, row_ok, k0 + sub * SUB_K, x_ptr, H, ROW,
-                                                    KP, GROUPS, BITS, CPW, SUB_K)
+                if PACKED:  # one group per call
+                    acc_g, acc_u = _packed_step(acc_g, acc_u, w_ptr, s_ptr, gate_w, gate_s, gate_m, up_w, up_s, up_m,
+                                                rows, row_ok, k0 + sub * SUB_K, x_ptr, C_IN, ROW, KP, GROUPS, BITS,
+                                                BLOCK_N, SUB_K, SUB_K, ASM, True)
+                else:
+                    acc_g, m_g, acc_u, m_u = _pair_step(acc_g, m_g, acc_u, m_u, w_ptr, s_ptr, gate_w, gate_s, gate_m,
+                                                        up_w, up_s, up_m, rows, row_ok, k0 + sub * SUB_K, x_ptr, H,
+                                                        ROW, KP, GROUPS, BITS, CPW, SUB_K)
     gate = (tl.sum(acc_g, axis=1) + m_g) * _row_scales(s_ptr, gate_s, rows, live, BITS)
     up = (tl.sum(acc_u, axis=1) + m_u) * _row_scales(s_ptr, up_s, rows, live, BITS)
     weight = tl.sum(c, axis=0)  # one token: the routing column's only entry
@@ -579,7 +587,7 @@ def _down_split_kernel(w_ptr, s_ptr, offsets_ptr, combine_ptr, h_ptr, partial_pt
                        ROW: tl.constexpr, KP: tl.constexpr, GROUPS: tl.constexpr, BITS: tl.constexpr,
                        CPW: tl.constexpr, BLOCK_N: tl.constexpr, SUB_K: tl.constexpr, SUBS: tl.constexpr,
                        SPLIT: tl.constexpr, K_SLICE: tl.constexpr, PACKED: tl.constexpr = False,
-                       ASM: tl.constexpr = True, C_H: tl.constexpr = 0, D_BIAS: tl.constexpr = -1):
+                       BLOCK_STEPS: tl.constexpr = False, ASM: tl.constexpr = True, C_H: tl.constexpr = 0, D_BIAS: tl.constexpr = -1):
     e = tl.program_id(0)
     rows = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < H
@@ -587,18 +595,24 @@ def _down_split_kernel(w_ptr, s_ptr, offsets_ptr, combine_ptr, h_ptr, partial_pt
     live = _live(rows, row_ok, active)
     down_w, down_s, down_m = w_slot + DOWN_W, s_slot + DOWN_S, s_slot + DOWN_M
     V: tl.constexpr = 64 if BITS == 3 else 128 // BITS  # packed: values per chunk
-    acc = tl.zeros((BLOCK_N, SUB_K * SUBS // V if PACKED else SUB_K // CPW), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_N, (SUB_K * SUBS if BLOCK_STEPS else SUB_K) // V if PACKED else SUB_K // CPW),
+                   dtype=tl.float32)
     acc_m = tl.zeros((BLOCK_N,), dtype=tl.float32)
     start, end = _k_slice(active, KP, K_SLICE)
     for k0 in range(start, end, SUB_K * SUBS):
-        if PACKED:  # h packed by the gate_up kernel
+        if PACKED and BLOCK_STEPS:  # h packed by the gate_up kernel
             acc, _ = _packed_step(acc, acc, w_ptr, s_ptr, down_w, down_s, down_m, down_w, down_s, down_m, rows, row_ok,
                                   k0, h_ptr + e * ((V // 2 + 2) * C_H), C_H, ROW, KP, GROUPS, BITS, BLOCK_N,
                                   SUB_K * SUBS, SUB_K, ASM, False)
         else:
             for sub in tl.static_range(SUBS):
-                acc, acc_m = _single_step(acc, acc_m, w_ptr, s_ptr, down_w, down_s, down_m, rows, row_ok,
-                                          k0 + sub * SUB_K, h_ptr + e * KP, I, ROW, KP, GROUPS, BITS, CPW, SUB_K)
+                if PACKED:
+                    acc, _ = _packed_step(acc, acc, w_ptr, s_ptr, down_w, down_s, down_m, down_w, down_s, down_m, rows,
+                                          row_ok, k0 + sub * SUB_K, h_ptr + e * ((V // 2 + 2) * C_H), C_H, ROW, KP,
+                                          GROUPS, BITS, BLOCK_N, SUB_K, SUB_K, ASM, False)
+                else:
+                    acc, acc_m = _single_step(acc, acc_m, w_ptr, s_ptr, down_w, down_s, down_m, rows, row_ok,
+                                              k0 + sub * SUB_K, h_ptr + e * KP, I, ROW, KP, GROUPS, BITS, CPW, SUB_K)
     out = (tl.sum(acc, axis=1) + acc_m) * _row_scales(s_ptr, down_s, rows, live, BITS)
     if D_BIAS >= 0:  # the router weight times the expert's bias, once (in the first slice's partial)
         first = (tl.program_id(2) == 0).to(tl.float32)

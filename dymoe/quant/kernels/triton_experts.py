@@ -388,6 +388,9 @@ class LaunchConfig:
     num_stages: int = 3
     split_k: int | None = None
     packed: bool = False  # split_config sets it per format (packs_by_default)
+    # packed: one call per block_k step (all its groups, each chunk's scale by index) instead of one
+    # per group; fewer instructions in the sm_90 SASS (int4/g64 as g128), not yet timed on a GPU
+    block_steps: bool = False
     max_registers: int | None = None  # a register cap per thread (Triton's maxnreg): more blocks per SM
 
 
@@ -595,7 +598,8 @@ def _split_launch(kernel, plan: KernelPlan, proj: Projection, cfg: LaunchConfig,
         fmt.update(ROW=proj.row_elems // 4, W_BYTES=4)
         parts = {k: v // 4 if k.endswith("_W") else v for k, v in parts.items()}
     kwargs = dict(H=plan.hidden_size, I=plan.intermediate_size, **parts, **fmt, BLOCK_N=cfg.block_n, **tiling,
-                  SPLIT=split, K_SLICE=k_slice, PACKED=packed, ASM=not interpreting,
+                  SPLIT=split, K_SLICE=k_slice, PACKED=packed, BLOCK_STEPS=packed and cfg.block_steps,
+                  ASM=not interpreting,
                   C_H=triton.cdiv(plan.intermediate_size, chunk_values(plan.bits)) if packed else 0,
                   num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     if cfg.max_registers and not interpreting:
