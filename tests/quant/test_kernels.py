@@ -9,6 +9,7 @@ and ``benchmarks/prefill_kernels.py``.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import json
 import os
@@ -209,14 +210,17 @@ def test_packed_default_per_format_and_environment(monkeypatch):
     from dymoe.quant.kernels import triton_experts as te
 
     def packs(precision, group):
-        return te.packs_by_default(kernel_plan(blob_layout(parse_format(precision, group), 256, 128)))
+        fmt = parse_format(precision, 128)
+        if group != 128 and fmt.is_grouped:  # (g32: not offered to users; a group under one chunk)
+            fmt = dataclasses.replace(fmt, group_size=group)
+        return te.packs_by_default(kernel_plan(blob_layout(fmt, 256, 128)))
 
     cases = [("bf16", 128), ("int8", 128), ("int4", 64), ("int4", 128), ("int3", 64), ("int3", 128),
-             ("int2", 64), ("int2", 128)]
+             ("int2", 64), ("int2", 128), ("int3", 32), ("int2", 32)]  # g32: under a chunk, no packed path
     monkeypatch.setattr(te, "PACKED_OVERRIDE", None)
-    assert [packs(p, g) for p, g in cases] == [False, False, False, True, True, True, False, True]
+    assert [packs(p, g) for p, g in cases] == [False, False, False, True, True, True, False, True, False, False]
     monkeypatch.setattr(te, "PACKED_OVERRIDE", True)
-    assert [packs(p, g) for p, g in cases] == [False, False, True, True, True, True, True, True]
+    assert [packs(p, g) for p, g in cases] == [False, False, True, True, True, True, True, True, False, False]
     monkeypatch.setattr(te, "PACKED_OVERRIDE", False)
     assert not any(packs(p, g) for p, g in cases)
     for value, expected in (("", None), ("1", True), ("0", False)):

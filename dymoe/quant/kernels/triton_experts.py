@@ -367,9 +367,11 @@ def packs_by_default(plan: KernelPlan) -> bool:
     float32 split-K -> packed): int3 8-11% (tiled) -> 19-28%; int4/g128 35-49% -> 37-53%;
     int2/g128 14-23% -> 19-36%; but int4/g64 35-41% -> 29-32% and int2/g64 18-22% -> 19-20%: a
     64-value group is 1-2 chunks, and the per-group scale work of the packed loop weighs more there."""
+    if plan.bits not in PACKED_BITS or plan.group_size % chunk_values(plan.bits):
+        return False  # (a group of fewer values than a chunk: no packed path, see runs_packed)
     if PACKED_OVERRIDE is not None:
-        return PACKED_OVERRIDE and plan.bits in PACKED_BITS
-    return plan.bits == 3 or plan.bits in PACKED_BITS and plan.group_size >= 128
+        return PACKED_OVERRIDE
+    return plan.bits == 3 or plan.group_size >= 128
 
 
 @dataclass(frozen=True)
@@ -416,7 +418,7 @@ def choose_config(plan: KernelPlan, kernel: str, experts: int, tokens: int, sms:
     rows, _ = _rows_cols(plan, kernel)
     if uses_gemv(plan, tokens) and plan.bits == 3 and not packs_by_default(plan):
         # int3's float32 split-K path measured no faster than the tiled one (5-6% of copy against
-        # 5-8%, docs/results/kernel_variants_h200.json); its packed path is 2-3x faster than either
+        # 5-8%, docs/results/kernel_variants_h200.json); its packed path is 2-3.7x faster than either
         return tiled_config(plan, rows, experts, sms, gemv=True)
     if uses_gemv(plan, tokens):
         return split_config(plan, kernel, experts, sms)
