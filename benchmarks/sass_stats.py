@@ -5,10 +5,11 @@ of their inner loop: what the kernels cost per packing word, checkable on any ma
     python benchmarks/sass_stats.py --format int4 --group 128 --model mixtral-8x7b
     python benchmarks/sass_stats.py --format int2 --group 64 --model qwen3-30b-a3b --set block_n=256
 
-For each launch of the step (gate_up, down, and the input packing of int4/int2) it prints the grid,
-registers per thread, local memory (spills), shared memory, and the histogram of the SASS
-instructions inside the kernel's largest loop with the instructions per packing word of one loop
-iteration. ``--keep DIR`` writes the TTGIR, PTX and SASS there. Uses Triton's own ptxas and
+For each launch of the step (gate_up, down, and the input packing of the packed path) it prints the
+grid, registers per thread, local memory (spills), shared memory, and the histogram of the SASS
+instructions inside the kernel's largest loop with the instructions per packing word (int3: per 8
+codes) of one loop iteration. The configs are ``split_config``'s (every format, int3 included);
+``--set FIELD=VALUE`` changes a ``LaunchConfig`` field. ``--keep DIR`` writes the TTGIR, PTX and SASS there. Uses Triton's own ptxas and
 nvdisasm, as the GPU machine's Triton would compile (pointer arguments 16-byte aligned).
 """
 

@@ -17,7 +17,8 @@ from dymoe.checkpoint.blob import BlobLayout
 from dymoe.quant.formats import num_groups, packed_row_bytes
 
 # Payload view per storage width: int8, int4 and int2 rows are read as 32-bit words (4, 8 or 16 codes
-# each), int3 rows as bytes (one 24-bit word of 8 codes is assembled from 3 of them), bf16 as is.
+# each), int3 rows as bytes (one 24-bit word of 8 codes is assembled from 3 of them; the packed split-K
+# path reads them as 32-bit words instead, see triton_experts._split_launch), bf16 as is.
 PAYLOAD_DTYPE = {16: torch.bfloat16, 8: torch.int32, 4: torch.int32, 3: torch.uint8, 2: torch.int32}
 
 
