@@ -140,12 +140,21 @@ _INT3_ASM = """{
         and.b32 t, x, 0x00E000E0;
         fma.rn.f16x2 $0, t, $10, a;
         }"""
-# byte selectors (prmt: nibble k picks byte k of the result among bytes 0-3 of the first word and 4-7 of
-# the second) of the three float16x2 views of two 3-byte groups A, B: [A0 A1 B0 B1], [A1 A2 B1 B2],
-# [A2 A2 B2 B2]; the groups start at byte 0 of (w0, w1) and at byte 2 of (w1, w2)
-_INT3_SELECTORS = {0: (0x4310, 0x5421, 0x5522), 2: (0x6532, 0x7643, 0x7744)}
-_INT3_FIRST: tl.constexpr = tl.constexpr(_INT3_ASM % tuple(map(hex, _INT3_SELECTORS[0])))
-_INT3_SECOND: tl.constexpr = tl.constexpr(_INT3_ASM % tuple(map(hex, _INT3_SELECTORS[2])))
+
+
+def _int3_selectors(base: int) -> tuple[int, int, int]:
+    """``prmt`` selectors (nibble k picks byte k of the result among bytes 0-3 of the first word and
+    4-7 of the second) of the three float16x2 views [A0 A1 B0 B1], [A1 A2 B1 B2], [A2 A2 B2 B2] of
+    two 3-byte groups A (from byte ``base``) and B (the 3 bytes after it). A chunk's word pairs
+    (w0, w1) and (w3, w4) hold their groups from byte 0, (w1, w2) and (w4, w5) from byte 2."""
+    views = ((0, 1, 3, 4), (1, 2, 4, 5), (2, 2, 5, 5))
+    return tuple(sum((base + i) << (4 * k) for k, i in enumerate(view)) for view in views)
+
+
+_INT3_FIRST: tl.constexpr = tl.constexpr(_INT3_ASM % tuple(map(hex, _int3_selectors(0))))
+_INT3_SECOND: tl.constexpr = tl.constexpr(_INT3_ASM % tuple(map(hex, _int3_selectors(2))))
+_X0, _Y0, _Z0 = (tl.constexpr(sel) for sel in _int3_selectors(0))  # for the interpreter's emulation
+_X2, _Y2, _Z2 = (tl.constexpr(sel) for sel in _int3_selectors(2))
 
 
 @triton.jit
@@ -250,9 +259,9 @@ def _int3_word(wa, wb, p0, p1, p2, p3, p4, p5, p6, p7, acc, SECOND: tl.constexpr
         acc = _int3_fma16(wa, wb, p0, p1, p2, p3, p4, p5, p6, p7, acc, SECOND)
     else:
         if SECOND:
-            x, y, z = _prmt(wa, wb, 0x6532), _prmt(wa, wb, 0x7643), _prmt(wa, wb, 0x7744)
+            x, y, z = _prmt(wa, wb, _X2), _prmt(wa, wb, _Y2), _prmt(wa, wb, _Z2)
         else:
-            x, y, z = _prmt(wa, wb, 0x4310), _prmt(wa, wb, 0x5421), _prmt(wa, wb, 0x5522)
+            x, y, z = _prmt(wa, wb, _X0), _prmt(wa, wb, _Y0), _prmt(wa, wb, _Z0)
         acc = _hfma2(x & 0x00070007, p0, acc)
         acc = _hfma2(x & 0x00380038, p1, acc)
         acc = _hfma2(x & 0x01C001C0, p2, acc)
@@ -378,14 +387,17 @@ def _pack_input_kernel(x_ptr, out_ptr, H: tl.constexpr, C: tl.constexpr, BITS: t
 
 
 @triton.jit
-def _packed_terms(acc, dot, s_ptr, s_base, m_base, rows, row_ok, c, back, asum, GROUPS: tl.constexpr,
-                  CPG: tl.constexpr):
+def _packed_terms(acc, dot, s_ptr, s_base, m_base, rows, row_ok, k0, c, back, asum, GROUPS: tl.constexpr,
+                  GROUP: tl.constexpr, CPG: tl.constexpr, ONE: tl.constexpr):
     """``acc`` [BLOCK_N, CH] plus the chunk sums: ``s * back * dot + m * asum`` with each chunk's
-    group scale and min (``CPG`` chunks per group). They are loaded as [BLOCK_N, CH] (the same
-    address across a group's chunks: L1 hits); the compiler then keeps ``acc`` in their layout and
-    moves the sums there (one shared-memory round trip per step), where [BLOCK_N] loads went
-    through shared memory twice."""
-    g = c[None, :] // CPG
+    group scale and min (``CPG`` chunks per group; ``ONE``: all of them in the group at ``k0``).
+    They are loaded as [BLOCK_N, CH] (the same address across a group's chunks: L1 hits); the
+    compiler then keeps ``acc`` in their layout and moves the sums there (one shared-memory round
+    trip per step), where [BLOCK_N] loads went through shared memory twice."""
+    if ONE:
+        g = k0 // GROUP + c[None, :] * 0
+    else:
+        g = c[None, :] // CPG
     smask = row_ok[:, None] & (g < GROUPS)
     s = tl.load(s_ptr + s_base + rows[:, None] * GROUPS + g, mask=smask, other=0).to(tl.float32)
     m = tl.load(s_ptr + m_base + rows[:, None] * GROUPS + g, mask=smask, other=0).to(tl.float32)
@@ -433,9 +445,11 @@ def _packed_step(acc_g, acc_u, w_ptr, s_ptr, gate_w, gate_s, gate_m, up_w, up_s,
     P: tl.constexpr = 8 if BITS == 3 else 16 // BITS
     back = tl.load(xq_ptr + 4 * P * C + c, mask=c_ok, other=0).to(tl.float32, bitcast=True)
     asum = tl.load(xq_ptr + (4 * P + 1) * C + c, mask=c_ok, other=0).to(tl.float32, bitcast=True)
-    acc_g = _packed_terms(acc_g, dot_g, s_ptr, gate_s, gate_m, rows, row_ok, c, back, asum, GROUPS, GROUP // V)
+    acc_g = _packed_terms(acc_g, dot_g, s_ptr, gate_s, gate_m, rows, row_ok, k0, c, back, asum, GROUPS, GROUP,
+                          GROUP // V, SUB_K == GROUP)
     if TWO:
-        acc_u = _packed_terms(acc_u, dot_u, s_ptr, up_s, up_m, rows, row_ok, c, back, asum, GROUPS, GROUP // V)
+        acc_u = _packed_terms(acc_u, dot_u, s_ptr, up_s, up_m, rows, row_ok, k0, c, back, asum, GROUPS, GROUP,
+                              GROUP // V, SUB_K == GROUP)
     return acc_g, acc_u
 
 
