@@ -6,8 +6,9 @@
 # 1. correctness: benchmarks/check_decode_kernels.py --quick (the packed path against the float32
 #    reference, massive-activation inputs, Qwen3-30B-A3B and Mixtral-8x7B shapes, g64 and g128);
 # 2. kernel timings: benchmarks/kernels.py --variants for the three formats on the same two shapes
-#    (MODELS=... for others): tiled, choose_config, packed and float32 split-K and the packed path in
-#    block steps side by side, then packed variations;
+#    (MODELS=... for others; int8 too, whose default is unmeasured outside Mixtral): tiled,
+#    choose_config, packed and float32 split-K and the packed path in block steps side by side,
+#    then packed variations;
 # 3. end to end: `dymoe bench` on the synthetic Qwen3-30B-A3B shape (8 layers), resident and the
 #    static int4/int2 presets with room for every expert (the step is the kernels, not transfers),
 #    once with DYMOE_PACKED_DECODE=0 and once with =1.
@@ -30,7 +31,7 @@ stage() {  # name, limit in seconds, command...
 stage check 90 "$PYTHON" benchmarks/check_decode_kernels.py --quick
 tail -3 "$OUT/check.txt"
 stage kernels 170 "$PYTHON" benchmarks/kernels.py --out "$OUT/kernels" --variants --budget-s 100 \
-  --models $MODELS --formats int4/g128 int4/g64 int3/g128 int3/g64 int2/g64 int2/g128
+  --models $MODELS --formats int4/g128 int4/g64 int3/g128 int3/g64 int2/g64 int2/g128 int8
 for packed in 0 1; do
   export DYMOE_PACKED_DECODE=$packed
   stage "e2e-packed$packed" 75 "$PYTHON" -m dymoe bench \
