@@ -236,7 +236,7 @@ def _int4_word(words, p0, p1, p2, p3, acc, ASM: tl.constexpr):
 
 @triton.jit
 def _int2_word(words, p0, p1, p2, p3, p4, p5, p6, p7, acc, ASM: tl.constexpr):
-    """:func:`_int2_fma16`, or its float32 emulation (see :func:`_int4_word`)."""
+    """:func:`_int2_fma16`, or its emulation (see :func:`_int4_word`)."""
     if ASM:
         acc = _int2_fma16(words, p0, p1, p2, p3, p4, p5, p6, p7, acc)
     else:
@@ -254,7 +254,7 @@ def _int2_word(words, p0, p1, p2, p3, p4, p5, p6, p7, acc, ASM: tl.constexpr):
 
 @triton.jit
 def _int3_word(wa, wb, p0, p1, p2, p3, p4, p5, p6, p7, acc, SECOND: tl.constexpr, ASM: tl.constexpr):
-    """:func:`_int3_fma16`, or its float32 emulation (see :func:`_int4_word`)."""
+    """:func:`_int3_fma16`, or its emulation (see :func:`_int4_word`)."""
     if ASM:
         acc = _int3_fma16(wa, wb, p0, p1, p2, p3, p4, p5, p6, p7, acc, SECOND)
     else:
@@ -342,13 +342,12 @@ def _pack_chunks(v, c0, out_ptr, C: tl.constexpr, NCH: tl.constexpr, BITS: tl.co
 
     A chunk is the V values of 4 packing words (int4: 32, int2: 64; int3: 64, its "words" being
     16 codes in two 3-byte groups); word w holds 2P of them (P = 16 / BITS codes in each 16-bit
-    half; int3: P = 8, the two groups). A packed vector of ``C`` chunks is
-    ``C * (4P + 2)`` 32-bit words: per chunk and word w the P float16x2 pairs
-    ``(x[2Pw + n], x[2Pw + P + n])`` (values of chunk c), times the chunk's scale and the pair's
-    mask factor (:func:`_int4_fma8`: 16**-(n % 2); :func:`_int2_fma16`: 4**-n, then 4**-(n - 5);
-    :func:`_int3_fma16`: 2**-(3n % 8)),
-    at ``4Pc + Pw + n``; then per chunk ``2**24 / scale`` (float32) at ``4PC + c`` and the sum of its
-    values at ``(4P + 1)C + c``. The scale is the power of two that brings the chunk's largest
+    half; int3: P = 8, the two groups). A packed vector of ``C`` chunks is ``C * (4P + 2)`` 32-bit
+    words: per chunk and word w the P float16x2 pairs ``(x[2Pw + n], x[2Pw + P + n])`` (values of
+    chunk c), times the chunk's scale and the pair's mask factor (:func:`_int4_fma8`:
+    16**-(n % 2); :func:`_int2_fma16`: 4**-n, then 4**-(n - 5); :func:`_int3_fma16`:
+    2**-(3n % 8)), at ``4Pc + Pw + n``; then per chunk ``2**24 / scale`` (float32) at ``4PC + c``
+    and the sum of its values at ``(4P + 1)C + c``. The scale is the power of two that brings the chunk's largest
     value into [2**14, 2**15): float16 keeps each value with 11 bits and its products with the
     codes are normal numbers that cannot overflow in a chunk's sum."""
     P: tl.constexpr = 8 if BITS == 3 else 16 // BITS
@@ -545,28 +544,24 @@ def _gate_up_split_kernel(w_ptr, s_ptr, offsets_ptr, combine_ptr, x_ptr, h_ptr, 
     gate_w, gate_s, gate_m = w_slot + GATE_W, s_slot + GATE_S, s_slot + GATE_M
     up_w, up_s, up_m = w_slot + UP_W, s_slot + UP_S, s_slot + UP_M
     V: tl.constexpr = 64 if BITS == 3 else 128 // BITS  # packed: values per chunk
-    # accumulators per row: chunks (of a step or of a group) or words
-    width: tl.constexpr = (SUB_K * SUBS if BLOCK_STEPS else SUB_K) // V if PACKED else SUB_K // CPW
+    STEP: tl.constexpr = SUB_K * SUBS if BLOCK_STEPS else SUB_K  # packed: columns per _packed_step call
+    width: tl.constexpr = STEP // V if PACKED else SUB_K // CPW  # accumulators per row: chunks or words
     acc_g = tl.zeros((BLOCK_N, width), dtype=tl.float32)
     acc_u = tl.zeros((BLOCK_N, width), dtype=tl.float32)
     m_g = tl.zeros((BLOCK_N,), dtype=tl.float32)
     m_u = tl.zeros((BLOCK_N,), dtype=tl.float32)
     start, end = _k_slice(active, KP, K_SLICE)
     for k0 in range(start, end, SUB_K * SUBS):
-        if PACKED and BLOCK_STEPS:  # x packed by _pack_input_kernel; all the step's groups at once
-            acc_g, acc_u = _packed_step(acc_g, acc_u, w_ptr, s_ptr, gate_w, gate_s, gate_m, up_w, up_s, up_m, rows,
-                                        row_ok, k0, x_ptr, C_IN, ROW, KP, GROUPS, BITS, BLOCK_N, SUB_K * SUBS, SUB_K,
-                                        ASM, True)
+        if PACKED:  # x packed by _pack_input_kernel; one call per group, or (BLOCK_STEPS) per step
+            for sub in tl.static_range(SUB_K * SUBS // STEP):
+                acc_g, acc_u = _packed_step(acc_g, acc_u, w_ptr, s_ptr, gate_w, gate_s, gate_m, up_w, up_s, up_m, rows,
+                                            row_ok, k0 + sub * STEP, x_ptr, C_IN, ROW, KP, GROUPS, BITS, BLOCK_N, STEP,
+                                            SUB_K, ASM, True)
         else:
             for sub in tl.static_range(SUBS):  # several groups per step: more bytes in flight per block
-                if PACKED:  # one group per call
-                    acc_g, acc_u = _packed_step(acc_g, acc_u, w_ptr, s_ptr, gate_w, gate_s, gate_m, up_w, up_s, up_m,
-                                                rows, row_ok, k0 + sub * SUB_K, x_ptr, C_IN, ROW, KP, GROUPS, BITS,
-                                                BLOCK_N, SUB_K, SUB_K, ASM, True)
-                else:
-                    acc_g, m_g, acc_u, m_u = _pair_step(acc_g, m_g, acc_u, m_u, w_ptr, s_ptr, gate_w, gate_s, gate_m,
-                                                        up_w, up_s, up_m, rows, row_ok, k0 + sub * SUB_K, x_ptr, H,
-                                                        ROW, KP, GROUPS, BITS, CPW, SUB_K)
+                acc_g, m_g, acc_u, m_u = _pair_step(acc_g, m_g, acc_u, m_u, w_ptr, s_ptr, gate_w, gate_s, gate_m, up_w,
+                                                    up_s, up_m, rows, row_ok, k0 + sub * SUB_K, x_ptr, H, ROW, KP,
+                                                    GROUPS, BITS, CPW, SUB_K)
     gate = (tl.sum(acc_g, axis=1) + m_g) * _row_scales(s_ptr, gate_s, rows, live, BITS)
     up = (tl.sum(acc_u, axis=1) + m_u) * _row_scales(s_ptr, up_s, rows, live, BITS)
     weight = tl.sum(c, axis=0)  # one token: the routing column's only entry
@@ -601,7 +596,8 @@ def _down_split_kernel(w_ptr, s_ptr, offsets_ptr, combine_ptr, h_ptr, partial_pt
                        ROW: tl.constexpr, KP: tl.constexpr, GROUPS: tl.constexpr, BITS: tl.constexpr,
                        CPW: tl.constexpr, BLOCK_N: tl.constexpr, SUB_K: tl.constexpr, SUBS: tl.constexpr,
                        SPLIT: tl.constexpr, K_SLICE: tl.constexpr, PACKED: tl.constexpr = False,
-                       BLOCK_STEPS: tl.constexpr = False, ASM: tl.constexpr = True, C_H: tl.constexpr = 0, D_BIAS: tl.constexpr = -1):
+                       BLOCK_STEPS: tl.constexpr = False, ASM: tl.constexpr = True, C_H: tl.constexpr = 0,
+                       D_BIAS: tl.constexpr = -1):
     e = tl.program_id(0)
     rows = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < H
@@ -609,24 +605,20 @@ def _down_split_kernel(w_ptr, s_ptr, offsets_ptr, combine_ptr, h_ptr, partial_pt
     live = _live(rows, row_ok, active)
     down_w, down_s, down_m = w_slot + DOWN_W, s_slot + DOWN_S, s_slot + DOWN_M
     V: tl.constexpr = 64 if BITS == 3 else 128 // BITS  # packed: values per chunk
-    acc = tl.zeros((BLOCK_N, (SUB_K * SUBS if BLOCK_STEPS else SUB_K) // V if PACKED else SUB_K // CPW),
-                   dtype=tl.float32)
+    STEP: tl.constexpr = SUB_K * SUBS if BLOCK_STEPS else SUB_K  # packed: columns per _packed_step call
+    acc = tl.zeros((BLOCK_N, STEP // V if PACKED else SUB_K // CPW), dtype=tl.float32)
     acc_m = tl.zeros((BLOCK_N,), dtype=tl.float32)
     start, end = _k_slice(active, KP, K_SLICE)
     for k0 in range(start, end, SUB_K * SUBS):
-        if PACKED and BLOCK_STEPS:  # h packed by the gate_up kernel
-            acc, _ = _packed_step(acc, acc, w_ptr, s_ptr, down_w, down_s, down_m, down_w, down_s, down_m, rows, row_ok,
-                                  k0, h_ptr + e * ((V // 2 + 2) * C_H), C_H, ROW, KP, GROUPS, BITS, BLOCK_N,
-                                  SUB_K * SUBS, SUB_K, ASM, False)
+        if PACKED:  # h packed by the gate_up kernel; one call per group, or (BLOCK_STEPS) per step
+            for sub in tl.static_range(SUB_K * SUBS // STEP):
+                acc, _ = _packed_step(acc, acc, w_ptr, s_ptr, down_w, down_s, down_m, down_w, down_s, down_m, rows,
+                                      row_ok, k0 + sub * STEP, h_ptr + e * ((V // 2 + 2) * C_H), C_H, ROW, KP, GROUPS,
+                                      BITS, BLOCK_N, STEP, SUB_K, ASM, False)
         else:
             for sub in tl.static_range(SUBS):
-                if PACKED:
-                    acc, _ = _packed_step(acc, acc, w_ptr, s_ptr, down_w, down_s, down_m, down_w, down_s, down_m, rows,
-                                          row_ok, k0 + sub * SUB_K, h_ptr + e * ((V // 2 + 2) * C_H), C_H, ROW, KP,
-                                          GROUPS, BITS, BLOCK_N, SUB_K, SUB_K, ASM, False)
-                else:
-                    acc, acc_m = _single_step(acc, acc_m, w_ptr, s_ptr, down_w, down_s, down_m, rows, row_ok,
-                                              k0 + sub * SUB_K, h_ptr + e * KP, I, ROW, KP, GROUPS, BITS, CPW, SUB_K)
+                acc, acc_m = _single_step(acc, acc_m, w_ptr, s_ptr, down_w, down_s, down_m, rows, row_ok,
+                                          k0 + sub * SUB_K, h_ptr + e * KP, I, ROW, KP, GROUPS, BITS, CPW, SUB_K)
     out = (tl.sum(acc, axis=1) + acc_m) * _row_scales(s_ptr, down_s, rows, live, BITS)
     if D_BIAS >= 0:  # the router weight times the expert's bias, once (in the first slice's partial)
         first = (tl.program_id(2) == 0).to(tl.float32)
