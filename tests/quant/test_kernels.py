@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from dymoe.checkpoint.blob import blob_layout, encode_expert, unpack_expert
+from dymoe.errors import InputError
 from dymoe.quant.formats import parse_format
 from dymoe.quant.kernels import DequantWorkspace, decode_routing, dequantize_experts, expert_decode, kernel_plan
 from dymoe.quant.kernels.reference import random_pool
@@ -206,7 +207,8 @@ def test_triton_kernels_under_the_interpreter():
 def test_packed_default_per_format_and_environment(monkeypatch):
     """One-token int3 runs on packed activation vectors, int4 and int2 with groups of 128 (at 64
     their float32 path measured faster), never bf16 or int8; DYMOE_PACKED_DECODE turns the packed
-    path on (1) or off (0) for all three formats; any other value is one clear error."""
+    path on (1) or off (0) for all three formats; any other value is one clear error (a user error:
+    the CLI prints it on one line)."""
     from dymoe.quant.kernels import triton_experts as te
 
     def packs(precision, group):
@@ -227,7 +229,7 @@ def test_packed_default_per_format_and_environment(monkeypatch):
         monkeypatch.setenv("DYMOE_PACKED_DECODE", value)
         assert te._packed_override() is expected
     monkeypatch.setenv("DYMOE_PACKED_DECODE", "yes")
-    with pytest.raises(ValueError, match="DYMOE_PACKED_DECODE='yes': use 1"):
+    with pytest.raises(InputError, match="DYMOE_PACKED_DECODE='yes': use 1"):
         te._packed_override()
 
 

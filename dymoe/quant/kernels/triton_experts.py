@@ -30,6 +30,7 @@ import torch
 import triton
 import triton.language as tl
 
+from dymoe.errors import InputError
 from dymoe.models.expert_math import SWIGLU, ExpertMath
 from dymoe.quant.kernels.plan import KernelPlan, Projection
 
@@ -353,7 +354,7 @@ def _packed_override() -> bool | None:
     packed activation vectors, 0 none, unset leaves it to :func:`packs_by_default`."""
     value = os.environ.get("DYMOE_PACKED_DECODE", "")
     if value not in ("", "0", "1"):
-        raise ValueError(f"DYMOE_PACKED_DECODE={value!r}: use 1 (packed float16 path on) or 0 (off)")
+        raise InputError(f"DYMOE_PACKED_DECODE={value!r}: use 1 (packed float16 path on) or 0 (off)")
     return None if value == "" else value == "1"
 
 
