@@ -8,10 +8,10 @@ against the float32 ``reference_decode``:
    float32, on the Qwen3-30B-A3B, Mixtral-8x7B and GPT-OSS-20B expert shapes at g64 and g128,
    with activations drawn three ways (standard normal; a few outliers of up to 800 among values
    of 0.01, like a model's massive activations; all near 1e-4): the packed path prescales each
-   chunk of 32 (int3, int2: 64) activations by a power of two, so its error should not depend on their
-   magnitude;
+   chunk of 32 (int3, int2: 64) activations by a power of two, so its error should not depend on
+   their magnitude;
 2. GPT-OSS-20B's experts (biases read from the blob, the clamped activation) in every format, one
-   token (split-K, or tiled for bf16 and int3) and three tokens (tensor cores).
+   token (split-K, packed for int4/int3/int2; tiled for bf16) and three tokens (tensor cores).
 
 Prints the relative error of each; exits 1 if any is above 1e-2 or not finite. ``--quick``: only
 the packed path with outlier activations on the Qwen3 and Mixtral shapes (12 checks).
@@ -74,7 +74,8 @@ def check(label: str, layout, pool, offsets, combine, x, math=SWIGLU, packed: bo
 
 
 for precision in ("int4", "int3", "int2"):
-    for h, i, k in ((2048, 768, 8), (4096, 14336, 2), (2880, 2880, 4))[:2 if QUICK else 3]:  # Qwen3, Mixtral, GPT-OSS-20B
+    # Qwen3-30B-A3B, Mixtral-8x7B, GPT-OSS-20B
+    for h, i, k in ((2048, 768, 8), (4096, 14336, 2), (2880, 2880, 4))[:2 if QUICK else 3]:
         for group in (64, 128):
             layout, pool, offsets, combine, g = case(h, i, k, precision, group)
             for name in ("outliers",) if QUICK else ("randn", "outliers", "tiny"):

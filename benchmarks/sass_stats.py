@@ -9,8 +9,9 @@ For each launch of the step (gate_up, down, and the input packing of the packed 
 grid, registers per thread, local memory (spills), shared memory, and the histogram of the SASS
 instructions inside the kernel's largest loop with the instructions per packing word (int3: per 8
 codes) of one loop iteration. The configs are ``split_config``'s (every format, int3 included);
-``--set FIELD=VALUE`` changes a ``LaunchConfig`` field. ``--keep DIR`` writes the TTGIR, PTX and SASS there. Uses Triton's own ptxas and
-nvdisasm, as the GPU machine's Triton would compile (pointer arguments 16-byte aligned).
+``--set FIELD=VALUE`` changes a ``LaunchConfig`` field. ``--keep DIR`` writes the TTGIR, PTX and SASS
+there. Uses Triton's own ptxas and nvdisasm, as the GPU machine's Triton would compile (pointer
+arguments 16-byte aligned).
 """
 
 import argparse
@@ -56,7 +57,7 @@ def loop_histogram(sass: str) -> collections.Counter:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--format", default="int4", help="int8, int4 or int2 (default int4)")
+    parser.add_argument("--format", default="int4", help="bf16, int8, int4, int3 or int2 (default int4)")
     parser.add_argument("--group", type=int, default=128, help="group size (default 128)")
     parser.add_argument("--model", default="mixtral-8x7b", choices=sorted(SHAPES))
     parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
@@ -69,11 +70,10 @@ def main(argv=None) -> int:
         from triton.compiler import ASTSource
     except ImportError:
         parser.error("needs Triton: pip install triton (no GPU needed)")
-    from dymoe.quant.kernels.triton_experts import _launches, split_config
+    from dymoe.quant.kernels.triton_experts import LaunchConfig, _launches, split_config
 
     h, i, k = SHAPES[args.model]
     plan = kernel_plan(blob_layout(parse_format(args.format, args.group), h, i))
-    from dymoe.quant.kernels.triton_experts import LaunchConfig
 
     fields = {f.name for f in dataclasses.fields(LaunchConfig)}
     overrides = {}
@@ -111,7 +111,8 @@ def main(argv=None) -> int:
             if arg not in signature:
                 signature[arg] = "constexpr"
                 constants[(fn.arg_names.index(arg),)] = kwargs.get(arg, fn.params[fn.arg_names.index(arg)].default)
-        aligned = {(fn.arg_names.index(a),): [["tt.divisibility", 16]] for a, t in signature.items() if t.startswith("*")}
+        aligned = {(fn.arg_names.index(a),): [["tt.divisibility", 16]]
+                   for a, t in signature.items() if t.startswith("*")}
         compiled = triton.compile(ASTSource(fn, signature, constexprs=constants, attrs=aligned),
                                   target=GPUTarget("cuda", 90, 32), options=options)
         stem = os.path.join(keep, name.replace(" ", "_"))
