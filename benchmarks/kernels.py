@@ -132,9 +132,10 @@ def check_one(model: str, precision: str, group: int, tokens: int, seed: int, de
 def scratch_written(workspace, plan, active: torch.Tensor, tokens: int) -> bool:
     """Whether the step wrote every scratch value it reads (the caller NaN-poisons the scratch
     first): hidden of the active experts and the down partials, in the tiled, split-K or packed
-    int4 layout (whose 32-bit words are finite as float32 wherever they hold finite float16 pairs
+    (int4/int3/int2) layout (whose 32-bit words are finite as float32 wherever they hold finite float16 pairs
     or float32 values)."""
-    from dymoe.quant.kernels.triton_experts import choose_config, k_slices, packed_words, runs_packed, uses_gemv
+    from dymoe.quant.kernels.triton_experts import (_CODES_PER_WORD, choose_config, k_slices, packed_words,
+                                                     runs_packed, uses_gemv)
 
     experts = active.numel()
     if not uses_gemv(plan, tokens):  # the tiled kernels
@@ -150,7 +151,7 @@ def scratch_written(workspace, plan, active: torch.Tensor, tokens: int) -> bool:
         packed_x = workspace.input_packed[:packed_words(plan.hidden_size, plan.bits)].view(torch.float32)
         written = bool(packed_x.isfinite().all())
     else:
-        cpw = {8: 4, 4: 8, 3: 8, 2: 16}[plan.bits]
+        cpw = _CODES_PER_WORD[plan.bits]
         columns = torch.arange(i, device=active.device)
         transposed = (columns % cpw) * (kp // cpw) + columns // cpw  # split_k._transposed
         h = workspace.hidden_transposed[:experts * kp].view(experts, kp)[active][:, transposed]
@@ -382,7 +383,7 @@ def variant_candidates(plan, k: int, sms: int) -> tuple[list, list]:
     first = [("tiled (old default)", tiled), ("choose_config", chosen)]
     if chosen[0].split_k is None:
         first.append(("split default", split()))  # packed where the format has that path
-        if packable:  # int3 while its default is tiled: also the float32 split-K path
+        if packable:  # int3 on its tiled path (DYMOE_PACKED_DECODE=0): also the float32 split-K path
             first.append(("split float32", tuple(dataclasses.replace(c, packed=False) for c in split())))
     elif packable:  # packed activation vectors in float16 arithmetic against the float32 path
         other = not chosen[0].packed
