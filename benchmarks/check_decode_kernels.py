@@ -10,11 +10,16 @@ against the float32 ``reference_decode``:
    of 0.01, like a model's massive activations; all near 1e-4): the packed path prescales each
    chunk of 32 (int3, int2: 64) activations by a power of two, so its error should not depend on
    their magnitude;
-2. GPT-OSS-20B's experts (biases read from the blob, the clamped activation) in every format, one
+2. programmatic dependent launch (``LaunchConfig.pdl`` with L2 prefetch; Hopper and newer): four
+   one-token steps back to back on one workspace, each with a new input, int8/int4/int3/int2 at
+   g128 on the Qwen3 and Mixtral shapes: each launch of a step overlaps the end of the one before,
+   so a read before its wait, or a scratch reused too early, shows as a wrong step;
+3. GPT-OSS-20B's experts (biases read from the blob, the clamped activation) in every format, one
    token (split-K, packed for int4/int3/int2; tiled for bf16) and three tokens (tensor cores).
 
 Prints the relative error of each; exits 1 if any is above 1e-2 or not finite. ``--quick``: only
-the packed path with outlier activations on the Qwen3 and Mixtral shapes (12 checks).
+the packed path with outlier activations on the Qwen3 and Mixtral shapes (12 checks) and 2. with
+the packed path only (8 checks).
 """
 
 import argparse
@@ -28,11 +33,13 @@ from dymoe.models.expert_math import SWIGLU, ExpertMath
 from dymoe.quant.formats import parse_format
 from dymoe.quant.kernels import decode_routing, kernel_plan
 from dymoe.quant.kernels.reference import random_pool, reference_decode
-from dymoe.quant.kernels.triton_experts import PACKED_BITS, DecodeWorkspace, choose_config, launch_decode, split_config
+from dymoe.quant.kernels.triton_experts import (PACKED_BITS, PREFETCH_SLICE, DecodeWorkspace, choose_config,
+                                                launch_decode, pdl_supported, split_config)
 
 parser = argparse.ArgumentParser(description="GPU checks of the fused decode kernels against reference_decode")
 parser.add_argument("--quick", action="store_true",
-                    help="the packed path only, outlier activations, Qwen3-30B-A3B and Mixtral shapes (12 checks)")
+                    help="the packed path only, outlier activations, Qwen3-30B-A3B and Mixtral shapes (12 checks), "
+                         "and the back-to-back pdl steps (8 checks)")
 QUICK = parser.parse_args().quick
 SMS = torch.cuda.get_device_properties(0).multi_processor_count
 GPT_OSS = ExpertMath("gpt_oss", bias=True, limit=7.0, alpha=1.702)
@@ -53,24 +60,32 @@ def case(h: int, i: int, k: int, precision: str, group: int, math=SWIGLU, tokens
     return layout, pool.cuda(), offsets, combine, g
 
 
-def check(label: str, layout, pool, offsets, combine, x, math=SWIGLU, packed: bool = True) -> None:
+def check(label: str, layout, pool, offsets, combine, x, math=SWIGLU, packed: bool = True, pdl: bool = False) -> None:
+    """One step (``x`` [T, H]), or with ``x`` [S, 1, H] S one-token steps back to back on one
+    workspace with no sync between (as a model's layers run them: with ``pdl`` each launch starts
+    while the one before finishes, so a missing wait shows as a wrong step), against the reference."""
     global worst
     plan = kernel_plan(layout)
-    e, t = combine.shape[1], x.shape[0]
-    ref = reference_decode(pool, offsets, layout, x.float(), combine, math)
+    steps = x if x.dim() == 3 else x[None]
+    e, t = combine.shape[1], steps.shape[1]
     ws = DecodeWorkspace.allocate(plan, e, t, "cuda")
-    if t == 1 and plan.bits in PACKED_BITS:  # split-K, packed or float32 (int3's default may be tiled)
-        configs = tuple(dataclasses.replace(split_config(plan, kernel, e, SMS), packed=packed)
+    if t == 1 and (plan.bits in PACKED_BITS or pdl):  # split-K, packed or float32 (int3's default may be tiled)
+        configs = tuple(dataclasses.replace(split_config(plan, kernel, e, SMS), packed=packed and plan.bits in PACKED_BITS,
+                                            pdl=pdl, prefetch=PREFETCH_SLICE if pdl else 0)
                         for kernel in ("gate_up", "down"))
     else:
         configs = tuple(choose_config(plan, kernel, e, t, SMS) for kernel in ("gate_up", "down"))
     for scratch in ws.scratch():
         scratch.fill_(float("nan"))
-    out = launch_decode(pool, offsets, plan, x, combine, ws, *configs, math=math).float()
-    rel = ((out - ref).norm() / ref.norm()).item()
-    finite = bool(out.isfinite().all())
+    outs = [launch_decode(pool, offsets, plan, step, combine, ws, *configs, math=math) for step in steps]
+    rel, finite = 0.0, True
+    for step, out in zip(steps, outs):
+        ref = reference_decode(pool, offsets, layout, step.float(), combine, math)
+        rel = max(rel, ((out.float() - ref).norm() / ref.norm()).item())
+        finite = finite and bool(out.isfinite().all())
     worst = max(worst, rel if finite else float("inf"))
-    print(f"{label:52s} rel {rel:.2e} finite {finite}", flush=True)
+    print(f"{label:52s} rel {rel:.2e} finite {finite}" + (f" (worst of {len(steps)} steps)" if len(steps) > 1 else ""),
+          flush=True)
 
 
 for precision in ("int4", "int3", "int2"):
@@ -85,6 +100,17 @@ for precision in ("int4", "int3", "int2"):
                 for packed in (True,) if QUICK else (True, False):
                     check(f"{precision} H{h} I{i} g{group} {name} packed={packed}", layout, pool, offsets, combine,
                           x.bfloat16().cuda(), packed=packed)
+
+if pdl_supported(torch.device("cuda")):  # programmatic dependent launch: 4 steps back to back, new input each
+    for precision in ("int8", "int4", "int3", "int2"):
+        for h, i, k in ((2048, 768, 8), (4096, 14336, 2)):
+            layout, pool, offsets, combine, g = case(h, i, k, precision, 128)
+            for packed in (True,) if QUICK or precision == "int8" else (True, False):
+                x = (torch.randn(4, 1, h, generator=g) * 0.1).bfloat16().cuda()
+                check(f"{precision} H{h} I{i} g128 pdl prefetch packed={packed}", layout, pool, offsets, combine, x,
+                      packed=packed, pdl=True)
+else:
+    print("no programmatic dependent launch on this GPU/Triton: pdl not checked")
 
 for precision, group in () if QUICK else (("bf16", 128), ("int8", 128), ("int4", 64), ("int4", 128), ("int3", 128),
                                           ("int2", 64)):

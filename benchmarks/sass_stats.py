@@ -88,7 +88,7 @@ def main(argv=None) -> int:
     configs = [dataclasses.replace(split_config(plan, kernel, k, 132), **overrides) for kernel in ("gate_up", "down")]
     if configs[0].split_k is None:
         parser.error("--set split_k=None: this script reads the split-K kernels")
-    gate_up, down = _launches(plan, k, 1, 132, False, *configs)
+    gate_up, down = _launches(plan, k, 1, 132, False, *configs, pdl=True)  # sm_90: pdl/prefetch as set
     payload = PAYLOAD[getattr(gate_up, "payload", None) or plan.payload_dtype]
     packed = getattr(gate_up, "packed", False)  # (older kernels: no packed activation vectors)
     hidden = "*i32" if packed else "*fp32"
@@ -104,7 +104,7 @@ def main(argv=None) -> int:
     print(f"{args.model} {args.format}/g{args.group}, one token, {k} experts, sm_90 (Triton {triton.__version__})")
     for name, launch, signature in launches:
         kwargs = dict(launch.kwargs)
-        options = {o: kwargs.pop(o) for o in ("num_warps", "num_stages", "maxnreg") if o in kwargs}
+        options = {o: kwargs.pop(o) for o in ("num_warps", "num_stages", "maxnreg", "launch_pdl") if o in kwargs}
         fn = launch.kernel
         constants = {}
         for arg in fn.arg_names:

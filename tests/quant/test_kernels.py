@@ -234,6 +234,44 @@ def test_packed_default_per_format_and_environment(monkeypatch):
 
 
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed (gpu extra)")
+def test_pdl_launches_only_after_the_first_and_only_where_supported(monkeypatch):
+    """Programmatic dependent launch: the step's first launch (pack input, else gate_up) is never
+    launched early (it may follow anything); gate_up (after pack input) and down are, and every
+    launch gets its griddepcontrol and prefetch flags; a device without it (or the interpreter)
+    gets none of them whatever the config; DYMOE_PDL sets split_config's fields, and a bad value
+    is one clear error."""
+    from dymoe.quant.kernels import triton_experts as te
+
+    for precision, packed in (("int4", True), ("int4", False), ("int8", False)):
+        plan = kernel_plan(blob_layout(parse_format(precision, 128), 2048, 768))
+        cfgs = [dataclasses.replace(te.split_config(plan, k, 8, 132), packed=packed, pdl=True, prefetch=256)
+                for k in ("gate_up", "down")]
+        gate_up, down = te._launches(plan, 8, 1, 132, False, *cfgs, pdl=True)
+        assert gate_up.packed is packed
+        assert gate_up.kwargs.get("launch_pdl", False) is packed  # after pack input only
+        assert down.kwargs["launch_pdl"] is True
+        assert (gate_up.kwargs["PDL"], gate_up.kwargs["PREFETCH"], down.kwargs["PDL"], down.kwargs["PREFETCH"]) == \
+            (True, 256, True, 256)
+        assert "launch_pdl" not in (gate_up.prep.kwargs if packed else {}) and (not packed or gate_up.prep.kwargs["PDL"])
+        for supported, interpreting in ((False, False), (True, True)):
+            gate_up, down = te._launches(plan, 8, 1, 132, interpreting, *cfgs, pdl=supported)
+            assert "launch_pdl" not in gate_up.kwargs and "launch_pdl" not in down.kwargs
+            assert (gate_up.kwargs["PDL"], gate_up.kwargs["PREFETCH"], down.kwargs["PDL"], down.kwargs["PREFETCH"]) == \
+                (False, 0, False, 0)
+    assert not te.pdl_supported(torch.device("cpu"))
+    for value, expected in (("", (False, 0)), ("0", (False, 0)), ("1", (True, 0)), ("prefetch", (True, te.PREFETCH_SLICE))):
+        monkeypatch.setenv("DYMOE_PDL", value)
+        override = te._pdl_override()
+        assert (override["pdl"], override["prefetch"]) == expected
+        monkeypatch.setattr(te, "PDL_OVERRIDE", override)
+        cfg = te.split_config(kernel_plan(blob_layout(parse_format("int4", 128), 2048, 768)), "down", 8, 132)
+        assert (cfg.pdl, cfg.prefetch) == expected
+    monkeypatch.setenv("DYMOE_PDL", "yes")
+    with pytest.raises(InputError, match="DYMOE_PDL='yes': use 1"):
+        te._pdl_override()
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed (gpu extra)")
 def test_choose_config_splits_k_for_one_token_only():
     """Packed formats at one token get split-K with enough blocks for every SM; several tokens,
     bf16 and int3 without its packed path (float32 split-K measured no faster there) keep the

@@ -36,6 +36,11 @@ FMAs (:func:`_packed_step`); docs/kernels.md, "Packed activation vectors".
 import triton
 import triton.language as tl
 
+try:  # Triton >= 3.4: programmatic dependent launch (LaunchConfig.pdl)
+    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+except ImportError:  # older Triton: LaunchConfig.pdl is ignored (triton_experts.pdl_supported)
+    gdc_launch_dependents = gdc_wait = None
+
 from dymoe.quant.kernels.triton_experts import (_bias, _code_value, _expert_slot, _glu, _group_terms, _live,
                                                  _row_scales, _sum_experts, _unit_tile)
 
@@ -377,8 +382,27 @@ def _pack_chunks(v, c0, out_ptr, C: tl.constexpr, NCH: tl.constexpr, BITS: tl.co
 
 
 @triton.jit
-def _pack_input_kernel(x_ptr, out_ptr, H: tl.constexpr, C: tl.constexpr, BITS: tl.constexpr, BLOCK: tl.constexpr):
-    """The one token's input ``x`` [H] as a packed activation vector (:func:`_pack_chunks`)."""
+def _prefetch_rows(w_ptr, w_base, rows, row_ok, start, end, ROW: tl.constexpr, W_BYTES: tl.constexpr,
+                   BITS: tl.constexpr, MAX_BYTES: tl.constexpr):
+    """Ask L2 for this program's part of weight rows ``rows`` (input columns [start, end), at most
+    ``MAX_BYTES`` of each row): one sm_90 bulk prefetch per row, widened to 16-byte bounds (slots
+    are 256-byte aligned, so the widened range stays in the pool). A hint: nothing waits for it."""
+    row_at = (w_base + rows * ROW) * W_BYTES  # bytes from the pool's start
+    lo = (row_at + start * BITS // 8) // 16 * 16
+    hi = tl.minimum((row_at + (end * BITS + 7) // 8 + 15) // 16 * 16, lo + MAX_BYTES)
+    size = tl.where(row_ok & (hi > lo), hi - lo, 0).to(tl.int32)
+    at = w_ptr.to(tl.pointer_type(tl.uint8), bitcast=True) + lo
+    tl.inline_asm_elementwise("{ .reg .pred p; setp.ne.s32 p, $2, 0; @p cp.async.bulk.prefetch.L2.global [$1], $2; }"
+                              " // $0", "=r,l,r", [at, size], dtype=tl.int32, is_pure=False, pack=1)
+
+
+@triton.jit
+def _pack_input_kernel(x_ptr, out_ptr, H: tl.constexpr, C: tl.constexpr, BITS: tl.constexpr, BLOCK: tl.constexpr,
+                       PDL: tl.constexpr = False):
+    """The one token's input ``x`` [H] as a packed activation vector (:func:`_pack_chunks`).
+    ``PDL``: let the gate_up launch start at once (it waits for this one before reading ``out``)."""
+    if PDL:
+        gdc_launch_dependents()
     k = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     v = tl.load(x_ptr + k, mask=k < H, other=0.0).to(tl.float32)
     V: tl.constexpr = 64 if BITS == 3 else 128 // BITS
@@ -532,7 +556,7 @@ def _gate_up_split_kernel(w_ptr, s_ptr, offsets_ptr, combine_ptr, x_ptr, h_ptr, 
                           CPW: tl.constexpr, BLOCK_N: tl.constexpr, SUB_K: tl.constexpr, SUBS: tl.constexpr,
                           SPLIT: tl.constexpr, K_SLICE: tl.constexpr, KP_DOWN: tl.constexpr,
                           PACKED: tl.constexpr = False, BLOCK_STEPS: tl.constexpr = False, ASM: tl.constexpr = True,
-                          C_IN: tl.constexpr = 0,
+                          PDL: tl.constexpr = False, PREFETCH: tl.constexpr = 0, C_IN: tl.constexpr = 0,
                           C_H: tl.constexpr = 0, GU_BIAS: tl.constexpr = -1, ACT: tl.constexpr = 0,
                           LIMIT: tl.constexpr = 7.0, ALPHA: tl.constexpr = 1.702):
     e = tl.program_id(0)
@@ -551,6 +575,12 @@ def _gate_up_split_kernel(w_ptr, s_ptr, offsets_ptr, combine_ptr, x_ptr, h_ptr, 
     m_g = tl.zeros((BLOCK_N,), dtype=tl.float32)
     m_u = tl.zeros((BLOCK_N,), dtype=tl.float32)
     start, end = _k_slice(active, KP, K_SLICE)
+    if PREFETCH:  # before waiting: the weights and slot table were written before the previous launch
+        _prefetch_rows(w_ptr, gate_w, rows, row_ok, start, end, ROW, W_BYTES, BITS, PREFETCH)
+        _prefetch_rows(w_ptr, up_w, rows, row_ok, start, end, ROW, W_BYTES, BITS, PREFETCH)
+    if PDL:  # x, h, the scratch and counters only after the previous launch is done
+        gdc_wait()
+        gdc_launch_dependents()
     for k0 in range(start, end, SUB_K * SUBS):
         if PACKED:  # x packed by _pack_input_kernel; one call per group, or (BLOCK_STEPS) per step
             for sub in tl.static_range(SUB_K * SUBS // STEP):
@@ -596,8 +626,8 @@ def _down_split_kernel(w_ptr, s_ptr, offsets_ptr, combine_ptr, h_ptr, partial_pt
                        ROW: tl.constexpr, KP: tl.constexpr, GROUPS: tl.constexpr, BITS: tl.constexpr,
                        CPW: tl.constexpr, BLOCK_N: tl.constexpr, SUB_K: tl.constexpr, SUBS: tl.constexpr,
                        SPLIT: tl.constexpr, K_SLICE: tl.constexpr, PACKED: tl.constexpr = False,
-                       BLOCK_STEPS: tl.constexpr = False, ASM: tl.constexpr = True, C_H: tl.constexpr = 0,
-                       D_BIAS: tl.constexpr = -1):
+                       BLOCK_STEPS: tl.constexpr = False, ASM: tl.constexpr = True, PDL: tl.constexpr = False,
+                       PREFETCH: tl.constexpr = 0, C_H: tl.constexpr = 0, D_BIAS: tl.constexpr = -1):
     e = tl.program_id(0)
     rows = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < H
@@ -609,6 +639,10 @@ def _down_split_kernel(w_ptr, s_ptr, offsets_ptr, combine_ptr, h_ptr, partial_pt
     acc = tl.zeros((BLOCK_N, STEP // V if PACKED else SUB_K // CPW), dtype=tl.float32)
     acc_m = tl.zeros((BLOCK_N,), dtype=tl.float32)
     start, end = _k_slice(active, KP, K_SLICE)
+    if PREFETCH:
+        _prefetch_rows(w_ptr, down_w, rows, row_ok, start, end, ROW, W_BYTES, BITS, PREFETCH)
+    if PDL:  # h, the partials, the counters and out only after gate_up is done
+        gdc_wait()
     for k0 in range(start, end, SUB_K * SUBS):
         if PACKED:  # h packed by the gate_up kernel; one call per group, or (BLOCK_STEPS) per step
             for sub in tl.static_range(SUB_K * SUBS // STEP):

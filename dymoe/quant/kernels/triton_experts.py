@@ -361,6 +361,23 @@ def _packed_override() -> bool | None:
 PACKED_OVERRIDE = _packed_override()
 
 
+PREFETCH_SLICE = 1 << 16  # LaunchConfig.prefetch: a program's whole K slice of each row (up to 64 KB)
+
+
+def _pdl_override() -> dict:
+    """DYMOE_PDL from the environment, for split_config: 1 turns on programmatic dependent launch
+    (``LaunchConfig.pdl``), ``prefetch`` that and L2 prefetch of each program's K slice, 0 or
+    unset neither (not yet the default: see docs/kernels.md)."""
+    value = os.environ.get("DYMOE_PDL", "")
+    if value not in ("", "0", "1", "prefetch"):
+        raise InputError(f"DYMOE_PDL={value!r}: use 1 (programmatic dependent launch), prefetch (that and "
+                         "L2 prefetch of the weights) or 0 (off)")
+    return dict(pdl=value in ("1", "prefetch"), prefetch=PREFETCH_SLICE if value == "prefetch" else 0)
+
+
+PDL_OVERRIDE = _pdl_override()
+
+
 def packs_by_default(plan: KernelPlan) -> bool:
     """Whether a one-token step of ``plan`` runs on packed activation vectors (split_k._packed_step)
     unless DYMOE_PACKED_DECODE says otherwise: int3 always, int4 and int2 with groups of 128 or more.
@@ -395,6 +412,12 @@ class LaunchConfig:
     # per group; fewer instructions in the sm_90 SASS (int4/g64 as g128), not yet timed on a GPU
     block_steps: bool = False
     max_registers: int | None = None  # a register cap per thread (Triton's maxnreg): more blocks per SM
+    # split-K: programmatic dependent launch (sm_90+, :func:`pdl_supported`, else ignored): each
+    # launch of the step starts while the one before finishes and waits (griddepcontrol) only
+    # before reading what that one writes; with ``prefetch`` > 0 it first asks L2 for up to that
+    # many bytes of each of its weight rows
+    pdl: bool = False
+    prefetch: int = 0
 
 
 def uses_gemv(plan: KernelPlan, tokens: int) -> bool:
@@ -473,7 +496,7 @@ def split_config(plan: KernelPlan, kernel: str, experts: int, sms: int, block_n:
     # measured 5-9% faster on Mixtral and Qwen3 shapes (docs/results/kernel_variants_int4_maxnreg_h200.json)
     cap = 128 if plan.bits == 4 else None
     return LaunchConfig(block_n=block_n, block_k=block_k, num_warps=num_warps, num_stages=num_stages, split_k=split,
-                        packed=packs_by_default(plan), max_registers=cap)
+                        packed=packs_by_default(plan), max_registers=cap, **PDL_OVERRIDE)
 
 
 def _tiling(plan: KernelPlan, config: LaunchConfig) -> dict:
@@ -496,6 +519,22 @@ def _sm_count(device: torch.device) -> int:
     if device.type != "cuda":
         return 132  # the interpreter: any count gives the same result
     return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+@functools.lru_cache(maxsize=16)
+def pdl_supported(device: torch.device) -> bool:
+    """Whether split-K launches on ``device`` can use programmatic dependent launch and the sm_90
+    L2 bulk prefetch (``LaunchConfig.pdl``/``prefetch``): a Hopper or newer GPU and a Triton with
+    ``launch_pdl`` (3.4 and later)."""
+    if device.type != "cuda" or torch.cuda.get_device_capability(device) < (9, 0):
+        return False
+    try:
+        from triton.backends.nvidia.compiler import CUDAOptions
+
+        from dymoe.quant.kernels import split_k
+    except ImportError:
+        return False
+    return "launch_pdl" in CUDAOptions.__dataclass_fields__ and split_k.gdc_wait is not None
 
 
 @dataclass
@@ -588,8 +627,11 @@ def k_slices(plan: KernelPlan, cols: int, config: LaunchConfig) -> tuple[int, in
 
 
 def _split_launch(kernel, plan: KernelPlan, proj: Projection, cfg: LaunchConfig, experts: int, rows: int,
-                  interpreting: bool, packed: bool, **parts) -> _Launch:
-    """A split-K launch over :func:`k_slices`."""
+                  interpreting: bool, packed: bool, pdl: bool, dependent: bool, **parts) -> _Launch:
+    """A split-K launch over :func:`k_slices`. ``pdl``: the kernel's griddepcontrol and prefetch
+    (``cfg.pdl``/``cfg.prefetch`` where the device has them); ``dependent``: launched to start
+    before the previous launch ends (never the step's first launch: that one may be preceded by
+    anything, and only its successors know what it writes)."""
     tiling = _tiling(plan, cfg)
     split, k_slice = k_slices(plan, proj.padded_cols, cfg)
     if split > MAX_SPLIT:
@@ -602,9 +644,11 @@ def _split_launch(kernel, plan: KernelPlan, proj: Projection, cfg: LaunchConfig,
         parts = {k: v // 4 if k.endswith("_W") else v for k, v in parts.items()}
     kwargs = dict(H=plan.hidden_size, I=plan.intermediate_size, **parts, **fmt, BLOCK_N=cfg.block_n, **tiling,
                   SPLIT=split, K_SLICE=k_slice, PACKED=packed, BLOCK_STEPS=packed and cfg.block_steps,
-                  ASM=not interpreting,
+                  ASM=not interpreting, PDL=pdl and cfg.pdl, PREFETCH=cfg.prefetch if pdl else 0,
                   C_H=triton.cdiv(plan.intermediate_size, chunk_values(plan.bits)) if packed else 0,
                   num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    if pdl and cfg.pdl and dependent:
+        kwargs["launch_pdl"] = True
     if cfg.max_registers and not interpreting:
         kwargs["maxnreg"] = cfg.max_registers
     return _Launch(kernel, (experts, triton.cdiv(rows, cfg.block_n), split), kwargs, split, payload=payload)
@@ -622,10 +666,11 @@ def runs_packed(plan: KernelPlan, gate_up_config: LaunchConfig, down_config: Lau
 @functools.lru_cache(maxsize=256)
 def _launches(plan: KernelPlan, experts: int, tokens: int, sms: int, interpreting: bool,
               gate_up_config: LaunchConfig | None, down_config: LaunchConfig | None,
-              math: ExpertMath = SWIGLU) -> tuple[_Launch, _Launch]:
+              math: ExpertMath = SWIGLU, pdl: bool = False) -> tuple[_Launch, _Launch]:
     """Both kernels' launches, computed once per step shape: the per-step host work is then two
     dictionary merges, since at ~10 us of weights per step the Python around the launches is a
-    large part of a decode step. ``math`` and the plan's bias offsets specialise the activation."""
+    large part of a decode step. ``math`` and the plan's bias offsets specialise the activation;
+    ``pdl``: the device runs programmatic dependent launches (:func:`pdl_supported`)."""
     g, u, d = plan.gate, plan.up, plan.down
     h, i = plan.hidden_size, plan.intermediate_size
     act = dict(GU_BIAS=plan.gate_up_bias, ACT=ACTIVATION_CODES[math.activation], LIMIT=float(math.limit),
@@ -640,14 +685,17 @@ def _launches(plan: KernelPlan, experts: int, tokens: int, sms: int, interpretin
         from dymoe.quant.kernels.split_k import _down_split_kernel, _gate_up_split_kernel, _pack_input_kernel
 
         packed = runs_packed(plan, gu_cfg, d_cfg)
+        pdl = pdl and not interpreting
         chunks_in = triton.cdiv(h, chunk_values(plan.bits))
         prep = _Launch(_pack_input_kernel, (triton.cdiv(h, PACK_BLOCK),),
-                       dict(H=h, C=chunks_in, BITS=plan.bits, BLOCK=PACK_BLOCK, num_warps=4)) if packed else None
-        gate_up = _split_launch(_gate_up_split_kernel, plan, g, gu_cfg, experts, i, interpreting, packed,
-                                GATE_W=g.weight, GATE_S=g.scales, GATE_M=g.mins, UP_W=u.weight, UP_S=u.scales,
+                       dict(H=h, C=chunks_in, BITS=plan.bits, BLOCK=PACK_BLOCK, PDL=pdl and gu_cfg.pdl,
+                            num_warps=4)) if packed else None
+        gate_up = _split_launch(_gate_up_split_kernel, plan, g, gu_cfg, experts, i, interpreting, packed, pdl,
+                                packed, GATE_W=g.weight, GATE_S=g.scales, GATE_M=g.mins, UP_W=u.weight, UP_S=u.scales,
                                 UP_M=u.mins, KP_DOWN=d.padded_cols, C_IN=chunks_in if packed else 0, **act)
         return (dataclasses.replace(gate_up, prep=prep),
-                _split_launch(_down_split_kernel, plan, d, d_cfg, experts, h, interpreting, packed, DOWN_W=d.weight,
+                _split_launch(_down_split_kernel, plan, d, d_cfg, experts, h, interpreting, packed, pdl, True,
+                              DOWN_W=d.weight,
                               DOWN_S=d.scales, DOWN_M=d.mins, D_BIAS=plan.down_bias))
     gemv = uses_gemv(plan, tokens)
     common = dict(H=h, I=i, GEMV=gemv, BLOCK_T=2 if gemv else TOKEN_BLOCK)
@@ -678,7 +726,7 @@ def launch_decode(pool: torch.Tensor, slot_offsets: torch.Tensor, plan: KernelPl
     combine = combine.contiguous()
     workspace = workspace or DecodeWorkspace.allocate(plan, e, t, x.device)
     gate_up, down = _launches(plan, e, t, _sm_count(pool.device), os.environ.get("TRITON_INTERPRET") == "1",
-                              gate_up_config, down_config, math)
+                              gate_up_config, down_config, math, pdl_supported(pool.device))
     payload, scales = pool.view(gate_up.payload or plan.payload_dtype), pool.view(torch.float16)
     out = torch.empty_like(x)
     if gate_up.split:
