@@ -5,14 +5,15 @@
 #
 # 1. correctness: benchmarks/check_decode_kernels.py --quick (the packed path against the float32
 #    reference, massive-activation inputs, Qwen3-30B-A3B and Mixtral-8x7B shapes, g64 and g128;
-#    four steps back to back with programmatic dependent launch);
+#    four steps back to back with programmatic dependent launch) and check_dense_kernels.py;
 # 2. kernel timings: benchmarks/kernels.py --variants for the three formats on the same two shapes
 #    (MODELS=... for others; int8 too, whose default is unmeasured outside Mixtral): tiled,
 #    choose_config, packed and float32 split-K, the packed path in block steps and programmatic
 #    dependent launch (with and without L2 prefetch) side by side, then packed variations;
 # 3. end to end: `dymoe bench` on the synthetic Qwen3-30B-A3B shape (8 layers), resident and the
 #    static int4/int2 presets with room for every expert (the step is the kernels, not transfers),
-#    once with DYMOE_PACKED_DECODE=0, once with =1 and once with =1 and DYMOE_PDL=prefetch.
+#    once as before (DYMOE_FUSED_DENSE=0 DYMOE_PACKED_DECODE=0), once with the defaults (fused
+#    dense kernels, packed) and once with DYMOE_PDL=prefetch too.
 # Each stage has its own time limit, so a slow one cannot take the others' time. Logs: $OUT/*.txt
 # (check, kernels, e2e), $OUT/kernels/variants.json, $OUT/e2e-*.json (7 files).
 set -uo pipefail
@@ -31,15 +32,17 @@ stage() {  # log name, limit in seconds, command...
   echo "-- $name rc=$? (+$((SECONDS - started)) s)"
 }
 stage check 120 "$PYTHON" benchmarks/check_decode_kernels.py --quick
-tail -12 "$OUT/check.txt"
+stage check 60 "$PYTHON" benchmarks/check_dense_kernels.py
+tail -24 "$OUT/check.txt"
 stage kernels 260 "$PYTHON" benchmarks/kernels.py --out "$OUT/kernels" --variants --budget-s 150 \
   --models $MODELS --formats int4/g128 int4/g64 int3/g128 int3/g64 int2/g64 int2/g128 int8
-# end to end: packed off, packed on (the default), packed with programmatic dependent launch + prefetch
-for run in "0 0" "1 0" "1 prefetch"; do
+# end to end: the old path (no fused dense kernels, packed off), fused dense + packed (the defaults),
+# and that with programmatic dependent launch + prefetch
+for run in "0 0 0" "1 1 0" "1 1 prefetch"; do
   set -- $run
-  name=e2e-packed$1-pdl$2
-  echo "### DYMOE_PACKED_DECODE=$1 DYMOE_PDL=$2" >> "$OUT/e2e.txt"
-  DYMOE_PACKED_DECODE=$1 DYMOE_PDL=$2 stage e2e 75 "$PYTHON" -m dymoe bench \
+  name=e2e-fused$1-packed$2-pdl$3
+  echo "### DYMOE_FUSED_DENSE=$1 DYMOE_PACKED_DECODE=$2 DYMOE_PDL=$3" >> "$OUT/e2e.txt"
+  DYMOE_FUSED_DENSE=$1 DYMOE_PACKED_DECODE=$2 DYMOE_PDL=$3 stage e2e 75 "$PYTHON" -m dymoe bench \
     --model synthetic:qwen3-30b-a3b --layers 8 --policies resident,static-int4,static-int2 \
     --device-memory 100% --prompt-len 32 --gen-len 32 --routing skewed --no-progress --json "$OUT/$name.json"
 done

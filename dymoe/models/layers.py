@@ -16,6 +16,7 @@ from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from dymoe.models.config import ModelConfig, RopeConfig
+from dymoe.models.fused import fused_applies, rms_norm, rotary, rotary_applies
 
 
 class RMSNorm(nn.Module):
@@ -25,6 +26,8 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if fused_applies(x):  # one kernel instead of eight (dymoe/models/fused.py)
+            return rms_norm(x, self.weight, self.eps)
         dtype = x.dtype
         x32 = x.float()
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
@@ -186,7 +189,15 @@ class RotaryEmbedding(nn.Module):
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, start: Position) -> tuple[torch.Tensor, torch.Tensor]:
         """Rotate q, k of shape [B, heads, T, D] for positions start..start+T-1."""
-        if isinstance(start, StaticPosition):
+        static = isinstance(start, StaticPosition)
+        if rotary_applies(q, self.cos) and rotary_applies(k, self.cos):  # two kernels instead of ten
+            if static:
+                return rotary(q, self.cos, self.sin, positions=start.index), rotary(k, self.cos, self.sin,
+                                                                                   positions=start.index)
+            t = q.shape[2]
+            cos, sin = (self.cos_long, self.sin_long) if self.crosses_switch(start, start + t) else (self.cos, self.sin)
+            return rotary(q, cos, sin, start), rotary(k, cos, sin, start)
+        if static:
             cos, sin = self.cos.index_select(0, start.index), self.sin.index_select(0, start.index)
         else:
             t = q.shape[2]

@@ -1,0 +1,67 @@
+"""GPU check of the fused dense kernels (dymoe/models/fused.py) against the torch code, in bf16:
+RMSNorm rows of the block norms (Qwen3 2048, Mixtral 4096, DeepSeek-V3 7168, a 2880 tail) and
+of the per-head q/k norms (128), at 1 and 512 tokens; the rotary embedding of Qwen3's q and k
+at an integer start (prefill) and at a position read from the device (decode), on the strided
+[B, heads, T, D] views the attention passes.
+
+    python benchmarks/check_dense_kernels.py
+
+Prints, per case, the largest difference in bf16 units in the last place and the share of equal
+outputs; exits 1 if any output is off by more than one unit (RMSNorm: only the float32 sum's order
+differs) or the rotary embedding differs at all (its roundings are the torch code's).
+"""
+
+import sys
+
+import torch
+
+import dymoe.models.fused as fused
+from dymoe.models.config import RopeConfig
+from dymoe.models.layers import RMSNorm, RotaryEmbedding, StaticPosition
+
+
+def ulps(got: torch.Tensor, ref: torch.Tensor) -> int:
+    """Largest distance in bf16 units in the last place (same-sign values: their bit patterns)."""
+    a, b = got.view(torch.int16).int(), ref.view(torch.int16).int()
+    return int((a - b).abs().max())
+
+
+def both(fn):
+    fused.ENABLED = False
+    ref = fn()
+    fused.ENABLED = True
+    return ref, fn()
+
+
+def main() -> int:
+    torch.manual_seed(0)
+    failures = 0
+    for n, shape in ((2048, (1, 1)), (4096, (1, 1)), (7168, (1, 1)), (2880, (1, 1)), (2048, (1, 512)),
+                     (128, (1, 1, 32)), (128, (1, 512, 4))):
+        norm = RMSNorm(n, 1e-6).cuda().bfloat16()
+        norm.weight.data = torch.randn(n, device="cuda").bfloat16()
+        x = (torch.randn(*shape, n, device="cuda") * 2).bfloat16()
+        ref, got = both(lambda: norm(x))
+        off = ulps(got, ref)
+        equal = float((got == ref).float().mean())
+        failures += off > 1 or got.dtype != ref.dtype
+        print(f"rms_norm  n {n:5d} rows {x.numel() // n:6d}: max {off} ulp, {equal:.4%} equal", flush=True)
+    rotary = RotaryEmbedding(RopeConfig(theta=1e6), 128, 4096)
+    rotary.build("cuda", torch.bfloat16)
+    for t in (1, 512):
+        q = torch.randn(1, t, 32, 128, device="cuda").bfloat16().transpose(1, 2)
+        k = torch.randn(1, t, 4, 128, device="cuda").bfloat16().transpose(1, 2)
+        starts = [("int", 100)]
+        if t == 1:
+            starts.append(("device", StaticPosition(torch.tensor([3000], device="cuda"), 4096, None)))
+        for label, start in starts:
+            (rq, rk), (gq, gk) = both(lambda: rotary(q, k, start))
+            off = max(ulps(gq, rq), ulps(gk, rk))
+            failures += off > 0
+            print(f"rotary    T {t:4d} position {label:6s}: max {off} ulp", flush=True)
+    print("dense kernels: " + ("ok" if not failures else f"{failures} FAILED"))
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

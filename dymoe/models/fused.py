@@ -1,0 +1,118 @@
+"""Fused Triton kernels for the dense parts of a layer (CUDA only; the torch code in
+:mod:`dymoe.models.layers` is the reference and the CPU path).
+
+A decode step of one token is a chain of small kernels, and inside a CUDA graph each costs a few
+microseconds whatever its size: the plain RMSNorm is eight (cast, square, mean, add, rsqrt,
+multiply, cast, weight), and a Qwen3 layer runs four of them (block, q per head, k per head,
+post-attention). :func:`rms_norm` is one kernel with the same roundings: normalise in float32,
+round to the input dtype, then multiply by the weight in float32 and round to the promoted dtype
+(as ``weight * x.to(dtype)`` does). Only the order of the float32 sum of squares differs, so an
+output may differ from the torch one by one unit in the last place, rarely. :func:`rotary` is the
+rotary embedding of q or k in one kernel instead of five (with the decode position read from the
+device), rounding its two products and their sum as the torch code does.
+
+``DYMOE_FUSED_DENSE=0`` turns the kernels off (for comparison, or if one misbehaves); a bad value
+is one clear error.
+"""
+
+import functools
+import importlib.util
+import os
+
+import torch
+
+from dymoe.errors import InputError
+
+
+def _setting() -> bool:
+    value = os.environ.get("DYMOE_FUSED_DENSE", "")
+    if value not in ("", "0", "1"):
+        raise InputError(f"DYMOE_FUSED_DENSE={value!r}: use 1 (fused dense kernels on CUDA, the default) or 0 (off)")
+    return value != "0"
+
+
+ENABLED = _setting()
+
+
+@functools.lru_cache(maxsize=1)
+def _triton_ok() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+def fused_applies(x: torch.Tensor) -> bool:
+    """Whether the fused kernels run for ``x``: on by default for CUDA tensors when Triton is
+    installed (the ``gpu`` extra), or for any tensor under ``TRITON_INTERPRET=1`` (the tests)."""
+    if not ENABLED or not _triton_ok():
+        return False
+    return x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"
+
+
+@functools.lru_cache(maxsize=1)
+def _kernels():
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def rms_norm_kernel(x_ptr, w_ptr, out_ptr, eps, N: tl.constexpr, BLOCK: tl.constexpr):
+        row = tl.program_id(0).to(tl.int64)
+        cols = tl.arange(0, BLOCK)
+        mask = cols < N
+        x = tl.load(x_ptr + row * N + cols, mask=mask, other=0.0).to(tl.float32)
+        var = tl.sum(x * x, axis=0) / N
+        y = (x * tl.math.rsqrt(var + eps)).to(x_ptr.dtype.element_ty).to(tl.float32)
+        w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+        tl.store(out_ptr + row * N + cols, (w * y).to(out_ptr.dtype.element_ty), mask=mask)
+
+    @triton.jit
+    def rotary_kernel(x_ptr, out_ptr, cos_ptr, sin_ptr, pos_ptr, start, H, T, sxb, sxh, sxt, sob, soh, sot,
+                      D: tl.constexpr, BLOCK: tl.constexpr, FROM_DEVICE: tl.constexpr):
+        pid = tl.program_id(0)
+        b, h, t = pid // (H * T), (pid // T) % H, pid % T
+        pos = tl.load(pos_ptr + t) if FROM_DEVICE else start + t
+        cols = tl.arange(0, BLOCK)
+        mask = cols < D
+        half = D // 2
+        at = x_ptr + b.to(tl.int64) * sxb + h * sxh + t * sxt
+        x = tl.load(at + cols, mask=mask, other=0.0).to(tl.float32)
+        partner = tl.load(at + (cols + half) % D, mask=mask, other=0.0).to(tl.float32)
+        rotated = tl.where(cols < half, -partner, partner)  # rotate_half: (-x2, x1)
+        c = tl.load(cos_ptr + pos.to(tl.int64) * D + cols, mask=mask, other=0.0).to(tl.float32)
+        s = tl.load(sin_ptr + pos.to(tl.int64) * D + cols, mask=mask, other=0.0).to(tl.float32)
+        ty = out_ptr.dtype.element_ty
+        out = (x * c).to(ty).to(tl.float32) + (rotated * s).to(ty).to(tl.float32)
+        tl.store(out_ptr + b.to(tl.int64) * sob + h * soh + t * sot + cols, out.to(ty), mask=mask)
+
+    return triton, rms_norm_kernel, rotary_kernel
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """``weight * (x * rsqrt(mean(x^2) + eps)).to(x.dtype)`` over the last dimension, one launch."""
+    triton, kernel, _ = _kernels()
+    n = x.shape[-1]
+    rows = x.reshape(-1, n)
+    if not rows.is_contiguous():
+        rows = rows.contiguous()
+    out = torch.empty(rows.shape, dtype=torch.result_type(weight, x), device=x.device)
+    block = triton.next_power_of_2(n)
+    kernel[(rows.shape[0],)](rows, weight, out, eps, N=n, BLOCK=block, num_warps=4 if block <= 4096 else 8)
+    return out.view(*x.shape[:-1], n)
+
+
+def rotary_applies(x: torch.Tensor, table: torch.Tensor) -> bool:
+    """Whether :func:`rotary` takes ``x`` [B, heads, T, D]: :func:`fused_applies`, unit stride
+    over D and an even D (else the torch code runs)."""
+    return fused_applies(x) and x.stride(-1) == 1 and x.shape[-1] % 2 == 0 and table.is_contiguous()
+
+
+def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, start: int = 0,
+           positions: torch.Tensor | None = None) -> torch.Tensor:
+    """``x * cos[p] + rotate_half(x) * sin[p]`` for ``x`` [B, heads, T, D] at positions
+    ``p = start + t``, or ``positions[t]`` read on the device (a decode step in a CUDA graph);
+    ``cos``/``sin`` are whole [positions, D] tables."""
+    triton, _, kernel = _kernels()
+    b, h, t, d = x.shape
+    out = torch.empty_like(x, dtype=torch.result_type(x, cos))
+    kernel[(b * h * t,)](x, out, cos, sin, positions if positions is not None else cos, start, h, t, x.stride(0),
+                         x.stride(1), x.stride(2), out.stride(0), out.stride(1), out.stride(2), D=d,
+                         BLOCK=triton.next_power_of_2(d), FROM_DEVICE=positions is not None, num_warps=1)
+    return out
