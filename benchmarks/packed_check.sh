@@ -13,9 +13,10 @@
 # 3. end to end: `dymoe bench` on the synthetic Qwen3-30B-A3B shape (8 layers), resident and the
 #    static int4/int2 presets with room for every expert (the step is the kernels, not transfers),
 #    once as before (DYMOE_FUSED_DENSE=0 DYMOE_PACKED_DECODE=0), once with the defaults (fused
-#    dense kernels, packed) and once with DYMOE_PDL=prefetch too.
+#    dense kernels, packed), once with DYMOE_PDL=prefetch too and once more (resident only) with
+#    DYMOE_RESIDENT_DECODE=grouped.
 # Each stage has its own time limit, so a slow one cannot take the others' time. Logs: $OUT/*.txt
-# (check, kernels, e2e), $OUT/kernels/variants.json, $OUT/e2e-*.json (7 files).
+# (check, kernels, e2e), $OUT/kernels/variants.json, $OUT/e2e-*.json (8 files).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-bench-out}
@@ -34,20 +35,22 @@ stage() {  # log name, limit in seconds, command...
 stage check 120 "$PYTHON" benchmarks/check_decode_kernels.py --quick
 stage check 60 "$PYTHON" benchmarks/check_dense_kernels.py
 tail -24 "$OUT/check.txt"
-stage kernels 260 "$PYTHON" benchmarks/kernels.py --out "$OUT/kernels" --variants --budget-s 150 \
+stage kernels 230 "$PYTHON" benchmarks/kernels.py --out "$OUT/kernels" --variants --budget-s 130 \
   --models $MODELS --formats int4/g128 int4/g64 int3/g128 int3/g64 int2/g64 int2/g128 int8
 # end to end: the old path (no fused dense kernels, packed off), fused dense + packed (the defaults),
-# and that with programmatic dependent launch + prefetch
-for run in "0 0 0" "1 1 0" "1 1 prefetch"; do
+# that with programmatic dependent launch + prefetch, and resident decode through grouped GEMMs
+for run in "0 0 0 gather" "1 1 0 gather" "1 1 prefetch gather" "1 1 prefetch grouped"; do
   set -- $run
-  name=e2e-fused$1-packed$2-pdl$3
-  echo "### DYMOE_FUSED_DENSE=$1 DYMOE_PACKED_DECODE=$2 DYMOE_PDL=$3" >> "$OUT/e2e.txt"
-  DYMOE_FUSED_DENSE=$1 DYMOE_PACKED_DECODE=$2 DYMOE_PDL=$3 stage e2e 75 "$PYTHON" -m dymoe bench \
-    --model synthetic:qwen3-30b-a3b --layers 8 --policies resident,static-int4,static-int2 \
+  name=e2e-fused$1-packed$2-pdl$3-$4
+  policies=resident,static-int4,static-int2
+  [ "$4" = grouped ] && policies=resident
+  echo "### DYMOE_FUSED_DENSE=$1 DYMOE_PACKED_DECODE=$2 DYMOE_PDL=$3 DYMOE_RESIDENT_DECODE=$4" >> "$OUT/e2e.txt"
+  DYMOE_FUSED_DENSE=$1 DYMOE_PACKED_DECODE=$2 DYMOE_PDL=$3 DYMOE_RESIDENT_DECODE=$4 stage e2e 70 "$PYTHON" -m dymoe \
+    bench --model synthetic:qwen3-30b-a3b --layers 8 --policies $policies \
     --device-memory 100% --prompt-len 32 --gen-len 32 --routing skewed --no-progress --json "$OUT/$name.json"
 done
 echo "== kernels: choose_config, packed/float32 split-K and pdl per shape, then the summary"
 grep -E "split packed|split float32|split default|choose_config|split pdl" "$OUT/kernels.txt" | cut -c1-150
 tail -18 "$OUT/kernels.txt"
 echo "== end to end"
-grep -v "^\s*$" "$OUT/e2e.txt" | tail -45 | cut -c1-160
+grep -v "^\s*$" "$OUT/e2e.txt" | tail -60 | cut -c1-160

@@ -6,18 +6,36 @@ offloading runtimes are checked against (invariant 2 of DESIGN.md).
 Two paths compute the same function. Prefill groups tokens by expert (one matmul pair per expert
 used). Decode (one token) gathers the k chosen experts' weights by index and runs two batched
 matmuls: no device-to-host synchronisation, so the host can queue the next layers while the GPU
-works (measured on an H100: see docs/benchmarks-resident.md). The decode path sums the k expert
-outputs in another order than the grouped path, so the two agree to float rounding, not bit for
-bit; ``gather_decode=False`` keeps the grouped path everywhere (the bit-exact reference the
-offloading runtimes are compared with).
+works, and CUDA graphs record it (docs/decode.md). The gather copies the k experts' weights before
+the matmuls read them, three times the bytes of reading them in place; ``DYMOE_RESIDENT_DECODE=
+grouped`` runs the token instead through two grouped GEMMs over the whole stacks, each expert a
+group of one row or none (:func:`grouped_decode`: bf16 on sm_90+, the same function, still no
+synchronisation; not yet the default: measured in benchmarks/packed_check.sh). The decode paths
+sum the k expert outputs in another order than the grouped prefill path, so they agree to float
+rounding, not bit for bit; ``gather_decode=False`` keeps the grouped path everywhere (the
+bit-exact reference the offloading runtimes are compared with).
 """
 
 from __future__ import annotations
 
 import torch
 
+import os
+
+from dymoe.errors import InputError
 from dymoe.models.expert_math import SWIGLU, ExpertMath
 from dymoe.runtime.expert_compute import grouped_mm_usable, grouped_experts, run_grouped
+
+
+def _decode_setting() -> str:
+    value = os.environ.get("DYMOE_RESIDENT_DECODE", "gather") or "gather"
+    if value not in ("gather", "grouped"):
+        raise InputError(f"DYMOE_RESIDENT_DECODE={value!r}: use gather (the default: gather the k experts' "
+                         "weights, two batched matmuls) or grouped (two grouped GEMMs over the whole stacks)")
+    return value
+
+
+DECODE = _decode_setting()
 
 
 class ResidentExperts:
@@ -58,6 +76,9 @@ class ResidentExperts:
         stacks = self.layers[layer]
         gate_up, down = stacks[:2]
         if self.gather_decode and hidden.shape[0] == 1:
+            if DECODE == "grouped" and grouped_mm_usable(hidden):
+                return grouped_decode(hidden, expert_ids[0], expert_weights[0], gate_up, down, stacks[2:] or None,
+                                      self.math)
             return gathered_decode(hidden, expert_ids[0], expert_weights[0], gate_up, down, biases=stacks[2:] or None,
                                    math=self.math)
         if grouped_mm_usable(hidden):
@@ -83,6 +104,20 @@ def gathered_decode(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, g
     if biases is not None:
         y = y + biases[1][ids].to(y.dtype)
     return (weights.unsqueeze(-1) * y).sum(0, keepdim=True)
+
+
+def grouped_decode(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, gate_up: torch.Tensor,
+                   down: torch.Tensor, biases: tuple[torch.Tensor, torch.Tensor] | None = None,
+                   math: ExpertMath = SWIGLU) -> torch.Tensor:
+    """:func:`gathered_decode`'s function with the weights read in place: the token x [1, H] as k
+    rows sorted by expert through :func:`grouped_experts` (experts not in ``ids`` are empty groups),
+    then the rows weighted and summed in that order. No host synchronisation (the group ends come
+    from a search of the sorted ids, not a count read back)."""
+    k = ids.shape[0]
+    sorted_ids, order = torch.sort(ids)
+    ends = torch.searchsorted(sorted_ids, torch.arange(gate_up.shape[0], device=ids.device), right=True)
+    rows = grouped_experts(x.expand(k, -1).contiguous(), ends.to(torch.int32), gate_up, down, biases, math)
+    return (weights[order].unsqueeze(-1) * rows).sum(0, keepdim=True)
 
 
 def grouped_prefill(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, gate_up: torch.Tensor,

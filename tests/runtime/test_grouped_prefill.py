@@ -116,3 +116,38 @@ def test_grouped_gemms_compute_gpt_oss_experts(experts, monkeypatch):
     whole = grouped_prefill(x, ids, weights, gate_up, down, (gate_up_bias, down_bias), math)
     for got in (batched, whole):  # bf16: the loop adds each bias inside its matmul, these after it
         torch.testing.assert_close(got.float(), loop.float(), rtol=2e-2, atol=2e-2)
+
+
+def test_grouped_decode_equals_the_gathered_decode(experts, monkeypatch):
+    """One token through the whole stacks as k one-row groups (DYMOE_RESIDENT_DECODE=grouped)
+    gives the gathered decode's result, plain and with GPT-OSS's biases and activation, for
+    unsorted expert ids (the rows are summed in expert order, so to bf16 rounding); ResidentExperts
+    takes that path only when asked; a bad setting is one clear error."""
+    from dymoe.errors import InputError
+    from dymoe.models.expert_math import ExpertMath
+    from dymoe.runtime import resident
+    from dymoe.runtime.resident import ResidentExperts, gathered_decode, grouped_decode
+
+    gate_up, down, x, _, _ = experts
+    ids = torch.tensor([4, 0, 3])  # not sorted; experts 1, 2, 5: empty groups
+    weights = torch.tensor([0.5, 0.3, 0.2]).to(torch.bfloat16)
+    g = torch.Generator().manual_seed(6)
+    biases = (torch.randn(E, 2 * I, generator=g).to(torch.bfloat16), torch.randn(E, H, generator=g).to(torch.bfloat16))
+    for math, bias in ((resident.SWIGLU, None), (ExpertMath("gpt_oss", bias=True, limit=0.5, alpha=1.702), biases)):
+        gathered = gathered_decode(x[:1], ids, weights, gate_up, down, biases=bias, math=math)
+        grouped = grouped_decode(x[:1], ids, weights, gate_up, down, bias, math)
+        assert grouped.shape == gathered.shape == (1, H)
+        torch.testing.assert_close(grouped.float(), gathered.float(), rtol=2e-2, atol=2e-2)
+        assert gathered.float().abs().max() > 0.1
+    calls = []
+    monkeypatch.setattr(resident, "grouped_mm_usable", lambda t: True)
+    monkeypatch.setattr(resident, "grouped_decode", lambda *a: calls.append("grouped") or a[0])
+    runtime = ResidentExperts({0: (gate_up, down)})
+    for setting, expected in (("gather", []), ("grouped", ["grouped"])):
+        monkeypatch.setattr(resident, "DECODE", setting)
+        calls.clear()
+        runtime.run_experts(0, x[:1], ids[None], weights[None])
+        assert calls == expected
+    monkeypatch.setenv("DYMOE_RESIDENT_DECODE", "fast")
+    with pytest.raises(InputError, match="DYMOE_RESIDENT_DECODE='fast': use gather"):
+        resident._decode_setting()
