@@ -32,10 +32,10 @@ stage() {  # log name, limit in seconds, command...
   timeout "$limit" "$@" >> "$OUT/$name.txt" 2>&1
   echo "-- $name rc=$? (+$((SECONDS - started)) s)"
 }
-stage check 120 "$PYTHON" benchmarks/check_decode_kernels.py --quick
-stage check 60 "$PYTHON" benchmarks/check_dense_kernels.py
+stage check 90 "$PYTHON" benchmarks/check_decode_kernels.py --quick
+stage check 45 "$PYTHON" benchmarks/check_dense_kernels.py
 tail -24 "$OUT/check.txt"
-stage kernels 230 "$PYTHON" benchmarks/kernels.py --out "$OUT/kernels" --variants --budget-s 130 \
+stage kernels 200 "$PYTHON" benchmarks/kernels.py --out "$OUT/kernels" --variants --budget-s 110 \
   --models $MODELS --formats int4/g128 int4/g64 int3/g128 int3/g64 int2/g64 int2/g128 int8
 # end to end: the old path (no fused dense kernels, packed off), fused dense + packed (the defaults),
 # that with programmatic dependent launch + prefetch, and resident decode through grouped GEMMs
@@ -45,7 +45,7 @@ for run in "0 0 0 gather" "1 1 0 gather" "1 1 prefetch gather" "1 1 prefetch gro
   policies=resident,static-int4,static-int2
   [ "$4" = grouped ] && policies=resident
   echo "### DYMOE_FUSED_DENSE=$1 DYMOE_PACKED_DECODE=$2 DYMOE_PDL=$3 DYMOE_RESIDENT_DECODE=$4" >> "$OUT/e2e.txt"
-  DYMOE_FUSED_DENSE=$1 DYMOE_PACKED_DECODE=$2 DYMOE_PDL=$3 DYMOE_RESIDENT_DECODE=$4 stage e2e 70 "$PYTHON" -m dymoe \
+  DYMOE_FUSED_DENSE=$1 DYMOE_PACKED_DECODE=$2 DYMOE_PDL=$3 DYMOE_RESIDENT_DECODE=$4 stage e2e 60 "$PYTHON" -m dymoe \
     bench --model synthetic:qwen3-30b-a3b --layers 8 --policies $policies \
     --device-memory 100% --prompt-len 32 --gen-len 32 --routing skewed --no-progress --json "$OUT/$name.json"
 done
