@@ -22,6 +22,8 @@ cd "$(dirname "$0")/.."
 OUT=${OUT:-bench-out}
 PYTHON=${PYTHON:-python}
 MODELS=${MODELS:-qwen3-30b-a3b mixtral-8x7b}  # kernel stage: olmoe and deepseek-v2-lite too
+FORMATS=${FORMATS:-int4/g128 int4/g64 int3/g128 int3/g64 int2/g64 int2/g128 int8}
+KERNEL_BUDGET=${KERNEL_BUDGET:-110}  # seconds of kernel variants (the first pass may take 1.5x)
 mkdir -p "$OUT"
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/check.txt"
@@ -35,8 +37,8 @@ stage() {  # log name, limit in seconds, command...
 stage check 90 "$PYTHON" benchmarks/check_decode_kernels.py --quick
 stage check 45 "$PYTHON" benchmarks/check_dense_kernels.py
 tail -24 "$OUT/check.txt"
-stage kernels 200 "$PYTHON" benchmarks/kernels.py --out "$OUT/kernels" --variants --budget-s 110 \
-  --models $MODELS --formats int4/g128 int4/g64 int3/g128 int3/g64 int2/g64 int2/g128 int8
+stage kernels $((KERNEL_BUDGET * 2 - 20)) "$PYTHON" benchmarks/kernels.py --out "$OUT/kernels" --variants \
+  --budget-s "$KERNEL_BUDGET" --models $MODELS --formats $FORMATS
 # end to end: the old path (no fused dense kernels, packed off), fused dense + packed (the defaults),
 # that with programmatic dependent launch + prefetch, and resident decode through grouped GEMMs
 for run in "0 0 0 gather" "1 1 0 gather" "1 1 prefetch gather" "1 1 prefetch grouped"; do
