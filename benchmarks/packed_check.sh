@@ -37,8 +37,6 @@ stage() {  # log name, limit in seconds, command...
 stage check 90 "$PYTHON" benchmarks/check_decode_kernels.py --quick
 stage check 45 "$PYTHON" benchmarks/check_dense_kernels.py
 tail -24 "$OUT/check.txt"
-stage kernels $((KERNEL_BUDGET * 2 - 20)) "$PYTHON" benchmarks/kernels.py --out "$OUT/kernels" --variants \
-  --budget-s "$KERNEL_BUDGET" --models $MODELS --formats $FORMATS
 # end to end: the old path (no fused dense kernels, packed off), fused dense + packed (the defaults),
 # that with programmatic dependent launch + prefetch, and resident decode through grouped GEMMs
 for run in "0 0 0 gather" "1 1 0 gather" "1 1 prefetch gather" "1 1 prefetch grouped"; do
@@ -51,6 +49,8 @@ for run in "0 0 0 gather" "1 1 0 gather" "1 1 prefetch gather" "1 1 prefetch gro
     bench --model synthetic:qwen3-30b-a3b --layers 8 --policies $policies \
     --device-memory 100% --prompt-len 32 --gen-len 32 --routing skewed --no-progress --json "$OUT/$name.json"
 done
+stage kernels $((KERNEL_BUDGET * 2 - 20)) "$PYTHON" benchmarks/kernels.py --out "$OUT/kernels" --variants \
+  --budget-s "$KERNEL_BUDGET" --models $MODELS --formats $FORMATS
 echo "== kernels: choose_config, packed/float32 split-K and pdl per shape, then the summary"
 grep -E "split packed|split float32|split default|choose_config|split pdl" "$OUT/kernels.txt" | cut -c1-150
 tail -18 "$OUT/kernels.txt"
