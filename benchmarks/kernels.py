@@ -395,6 +395,9 @@ def variant_candidates(plan, k: int, sms: int) -> tuple[list, list]:
         first.append(("split packed block steps",
                       tuple(dataclasses.replace(c, packed=True, block_steps=True) for c in base)))
     if pdl_supported(torch.device("cuda")):  # programmatic dependent launch, then with L2 prefetch
+        if packable:
+            first.append(("split block steps pdl",
+                          tuple(dataclasses.replace(c, packed=True, block_steps=True, pdl=True) for c in base)))
         first += [("split pdl", tuple(dataclasses.replace(c, pdl=True) for c in base)),
                   ("split pdl prefetch 256", tuple(dataclasses.replace(c, pdl=True, prefetch=256) for c in base)),
                   ("split pdl prefetch slice",
