@@ -10,7 +10,7 @@ against the float32 ``reference_decode``:
    of 0.01, like a model's massive activations; all near 1e-4): the packed path prescales each
    chunk of 32 (int3, int2: 64) activations by a power of two, so its error should not depend on
    their magnitude;
-2. programmatic dependent launch (``LaunchConfig.pdl`` with L2 prefetch; Hopper and newer): four
+2. programmatic dependent launch (``LaunchConfig.pdl``; Hopper and newer): four
    one-token steps back to back on one workspace, each with a new input, int8/int4/int3/int2 at
    g128 on the Qwen3 and Mixtral shapes: each launch of a step overlaps the end of the one before,
    so a read before its wait, or a scratch reused too early, shows as a wrong step;
@@ -33,8 +33,8 @@ from dymoe.models.expert_math import SWIGLU, ExpertMath
 from dymoe.quant.formats import parse_format
 from dymoe.quant.kernels import decode_routing, kernel_plan
 from dymoe.quant.kernels.reference import random_pool, reference_decode
-from dymoe.quant.kernels.triton_experts import (PACKED_BITS, PREFETCH_SLICE, DecodeWorkspace, choose_config,
-                                                launch_decode, pdl_supported, split_config)
+from dymoe.quant.kernels.triton_experts import (PACKED_BITS, DecodeWorkspace, choose_config, launch_decode,
+                                                pdl_supported, split_config)
 
 parser = argparse.ArgumentParser(description="GPU checks of the fused decode kernels against reference_decode")
 parser.add_argument("--quick", action="store_true",
@@ -71,7 +71,7 @@ def check(label: str, layout, pool, offsets, combine, x, math=SWIGLU, packed: bo
     ws = DecodeWorkspace.allocate(plan, e, t, "cuda")
     if t == 1 and (plan.bits in PACKED_BITS or pdl):  # split-K, packed or float32 (int3's default may be tiled)
         configs = tuple(dataclasses.replace(split_config(plan, kernel, e, SMS), packed=packed and plan.bits in PACKED_BITS,
-                                            pdl=pdl, prefetch=PREFETCH_SLICE if pdl else 0)
+                                            pdl=pdl)
                         for kernel in ("gate_up", "down"))
     else:
         configs = tuple(choose_config(plan, kernel, e, t, SMS) for kernel in ("gate_up", "down"))
@@ -107,7 +107,7 @@ if pdl_supported(torch.device("cuda")):  # programmatic dependent launch: 4 step
             layout, pool, offsets, combine, g = case(h, i, k, precision, 128)
             for packed in (True,) if QUICK or precision == "int8" else (True, False):
                 x = (torch.randn(4, 1, h, generator=g) * 0.1).bfloat16().cuda()
-                check(f"{precision} H{h} I{i} g128 pdl prefetch packed={packed}", layout, pool, offsets, combine, x,
+                check(f"{precision} H{h} I{i} g128 pdl packed={packed}", layout, pool, offsets, combine, x,
                       packed=packed, pdl=True)
 else:
     print("no programmatic dependent launch on this GPU/Triton: pdl not checked")

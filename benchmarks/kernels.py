@@ -363,8 +363,8 @@ def variant_candidates(plan, k: int, sms: int) -> tuple[list, list]:
     """(first pass, second pass) of (name, (gate_up config, down config)): first the old tiled
     path and choose_config's pick (and split-K's defaults where the pick is tiled), then split-K
     variations around the defaults and the best tile of the 2026-11-22 sweep."""
-    from dymoe.quant.kernels.triton_experts import (PACKED_BITS, PREFETCH_SLICE, LaunchConfig, choose_config,
-                                                    pdl_supported, split_config, tiled_config)
+    from dymoe.quant.kernels.triton_experts import (PACKED_BITS, LaunchConfig, choose_config, pdl_supported,
+                                                    split_config, tiled_config)
 
     gemv = plan.bits < 16
     packable = plan.bits in PACKED_BITS
@@ -391,17 +391,11 @@ def variant_candidates(plan, k: int, sms: int) -> tuple[list, list]:
         first.append(("split packed" if other else "split float32",
                       tuple(dataclasses.replace(c, packed=other) for c in chosen)))
     base = chosen if chosen[0].split_k is not None else split()
-    if packable:  # the packed path in one call per block_k step (block_steps) against one per group
-        first.append(("split packed block steps",
-                      tuple(dataclasses.replace(c, packed=True, block_steps=True) for c in base)))
-    if pdl_supported(torch.device("cuda")):  # programmatic dependent launch, then with L2 prefetch
-        if packable:
-            first.append(("split block steps pdl",
-                          tuple(dataclasses.replace(c, packed=True, block_steps=True, pdl=True) for c in base)))
-        first += [("split pdl", tuple(dataclasses.replace(c, pdl=True) for c in base)),
-                  ("split pdl prefetch 256", tuple(dataclasses.replace(c, pdl=True, prefetch=256) for c in base)),
-                  ("split pdl prefetch slice",
-                   tuple(dataclasses.replace(c, pdl=True, prefetch=PREFETCH_SLICE) for c in base))]
+    if packable:  # the packed path in one call per group against one per block_k step (the default)
+        first.append(("split packed per group",
+                      tuple(dataclasses.replace(c, packed=True, block_steps=False) for c in base)))
+    if pdl_supported(torch.device("cuda")):  # programmatic dependent launch
+        first.append(("split pdl", tuple(dataclasses.replace(c, pdl=True) for c in base)))
     second = [("split n32", split(block_n=32)), ("split n128", split(block_n=128)),
               ("split w8", split(num_warps=8)), ("split 3 blocks/SM", split(blocks_per_sm=3)),
               ("split 12 blocks/SM", split(blocks_per_sm=12)), ("split stages 1", split(num_stages=1)),

@@ -6,15 +6,15 @@
 # 1. correctness: benchmarks/check_decode_kernels.py --quick (the packed path against the float32
 #    reference, massive-activation inputs, Qwen3-30B-A3B and Mixtral-8x7B shapes, g64 and g128;
 #    four steps back to back with programmatic dependent launch) and check_dense_kernels.py;
-# 2. kernel timings: benchmarks/kernels.py --variants for the three formats on the same two shapes
-#    (MODELS=... for others; int8 too, whose default is unmeasured outside Mixtral): tiled,
-#    choose_config, packed and float32 split-K, the packed path in block steps and programmatic
-#    dependent launch (with and without L2 prefetch) side by side, then packed variations;
-# 3. end to end: `dymoe bench` on the synthetic Qwen3-30B-A3B shape (8 layers), resident and the
+# 2. end to end: `dymoe bench` on the synthetic Qwen3-30B-A3B shape (8 layers), resident and the
 #    static int4/int2 presets with room for every expert (the step is the kernels, not transfers),
 #    once as before (DYMOE_FUSED_DENSE=0 DYMOE_PACKED_DECODE=0), once with the defaults (fused
-#    dense kernels, packed), once with DYMOE_PDL=prefetch too and once more (resident only) with
-#    DYMOE_RESIDENT_DECODE=grouped.
+#    dense kernels, packed), once with DYMOE_PDL=1 too and once more (resident only) with
+#    DYMOE_RESIDENT_DECODE=grouped;
+# 3. kernel timings, in the time left: benchmarks/kernels.py --variants (FORMATS=..., MODELS=...
+#    for others, e.g. olmoe and deepseek-v2-lite; KERNEL_BUDGET seconds): tiled, choose_config,
+#    packed and float32 split-K, the packed path per group (block steps are the default) and
+#    programmatic dependent launch side by side, then packed variations.
 # Each stage has its own time limit, so a slow one cannot take the others' time. Logs: $OUT/*.txt
 # (check, kernels, e2e), $OUT/kernels/variants.json, $OUT/e2e-*.json (8 files).
 set -uo pipefail
@@ -38,8 +38,8 @@ stage check 90 "$PYTHON" benchmarks/check_decode_kernels.py --quick
 stage check 45 "$PYTHON" benchmarks/check_dense_kernels.py
 tail -24 "$OUT/check.txt"
 # end to end: the old path (no fused dense kernels, packed off), fused dense + packed (the defaults),
-# that with programmatic dependent launch + prefetch, and resident decode through grouped GEMMs
-for run in "0 0 0 gather" "1 1 0 gather" "1 1 prefetch gather" "1 1 prefetch grouped"; do
+# that with programmatic dependent launch, and resident decode through grouped GEMMs
+for run in "0 0 0 gather" "1 1 0 gather" "1 1 1 gather" "1 1 1 grouped"; do
   set -- $run
   name=e2e-fused$1-packed$2-pdl$3-$4
   policies=resident,static-int4,static-int2

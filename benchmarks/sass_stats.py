@@ -88,7 +88,7 @@ def main(argv=None) -> int:
     configs = [dataclasses.replace(split_config(plan, kernel, k, 132), **overrides) for kernel in ("gate_up", "down")]
     if configs[0].split_k is None:
         parser.error("--set split_k=None: this script reads the split-K kernels")
-    gate_up, down = _launches(plan, k, 1, 132, False, *configs, pdl=True)  # sm_90: pdl/prefetch as set
+    gate_up, down = _launches(plan, k, 1, 132, False, *configs, pdl=True)  # sm_90: pdl as set
     payload = PAYLOAD[getattr(gate_up, "payload", None) or plan.payload_dtype]
     packed = getattr(gate_up, "packed", False)  # (older kernels: no packed activation vectors)
     hidden = "*i32" if packed else "*fp32"

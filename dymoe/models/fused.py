@@ -71,8 +71,9 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 
 def rotary_applies(x: torch.Tensor, table: torch.Tensor) -> bool:
     """Whether :func:`rotary` takes ``x`` [B, heads, T, D]: :func:`fused_applies`, unit stride
-    over D and an even D (else the torch code runs)."""
-    return fused_applies(x) and x.stride(-1) == 1 and x.shape[-1] % 2 == 0 and table.is_contiguous()
+    over D, an even D and a table as wide (else the torch code runs)."""
+    return (fused_applies(x) and x.stride(-1) == 1 and x.shape[-1] % 2 == 0 and table.is_contiguous()
+            and table.shape[-1] == x.shape[-1])
 
 
 def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, start: int = 0,

@@ -44,7 +44,7 @@ from dymoe.runtime.expert_compute import ExpertRun, group_by_expert, run_grouped
 from dymoe.runtime.metrics import RuntimeMetrics
 from dymoe.runtime.precision import make_precision_rule
 from dymoe.runtime.prefill import PrefillDequantizer, device_indices, prefill_capacity
-from dymoe.runtime.resident import gathered_decode
+from dymoe.runtime.resident import decode_experts
 from dymoe.runtime.slot_pool import SlotPool
 from dymoe.runtime.transfer import IndexUpload, TransferEngine
 
@@ -200,7 +200,7 @@ class OffloadedExperts(RuntimeReporting):
 
     def _decode_one(self, layer, hidden, ids, weights):
         """One token: make its k experts resident, then run them from their slots — bf16 ones with
-        the arithmetic of :func:`~dymoe.runtime.resident.gathered_decode` (bit-identical to the
+        the arithmetic of :func:`~dymoe.runtime.resident.decode_experts` (bit-identical to the
         resident model's decode), low-bit ones through the fused kernels."""
         experts, used = self._admit(layer, hidden, ids, weights)
         out = None
@@ -260,7 +260,7 @@ class OffloadedExperts(RuntimeReporting):
         """One token through the experts in ``slots`` (device int64) of one class: device work only."""
         if precision == "bf16" and self._stacks is not None:
             gate_up, down = self._stacks
-            return gathered_decode(hidden, slots, weights, gate_up, down, self.dtype, self._bias_stacks, self.math)
+            return decode_experts(hidden, slots, weights, gate_up, down, self.dtype, self._bias_stacks, self.math)
         return self._run_fused(hidden, slots, weights, precision)
 
     def _run_fused(self, hidden, slots, weights, precision):
@@ -283,7 +283,7 @@ class OffloadedExperts(RuntimeReporting):
         Not on a GPU without Triton (:func:`expert_decode_capturable`): the torch reference reads
         the slot offsets on the host, so there the experts run between the segments."""
         if self.low is None and self.precision == "bf16" and self._stacks is not None:
-            return True  # read in place by gathered_decode (the resident model's arithmetic)
+            return True  # read in place by decode_experts (the resident model's arithmetic)
         return expert_decode_capturable(self.device)
 
     def decode_prepare(self, layer, hidden, ids, weights) -> None:

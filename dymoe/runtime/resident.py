@@ -76,11 +76,8 @@ class ResidentExperts:
         stacks = self.layers[layer]
         gate_up, down = stacks[:2]
         if self.gather_decode and hidden.shape[0] == 1:
-            if DECODE == "grouped" and grouped_mm_usable(hidden):
-                return grouped_decode(hidden, expert_ids[0], expert_weights[0], gate_up, down, stacks[2:] or None,
-                                      self.math)
-            return gathered_decode(hidden, expert_ids[0], expert_weights[0], gate_up, down, biases=stacks[2:] or None,
-                                   math=self.math)
+            return decode_experts(hidden, expert_ids[0], expert_weights[0], gate_up, down, biases=stacks[2:] or None,
+                                  math=self.math)
         if grouped_mm_usable(hidden):
             return grouped_prefill(hidden, expert_ids, expert_weights, gate_up, down, stacks[2:] or None, self.math)
         return run_grouped(hidden, expert_ids, expert_weights, lambda e: tuple(t[e] for t in stacks), math=self.math)
@@ -106,18 +103,33 @@ def gathered_decode(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, g
     return (weights.unsqueeze(-1) * y).sum(0, keepdim=True)
 
 
+def decode_experts(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, gate_up: torch.Tensor,
+                   down: torch.Tensor, dtype: torch.dtype | None = None,
+                   biases: tuple[torch.Tensor, torch.Tensor] | None = None, math: ExpertMath = SWIGLU) -> torch.Tensor:
+    """One token through stacked experts (the resident stacks, or a runtime's bf16 slot stacks
+    with slot ids: both go through here, so offloading stays invisible, invariant 2):
+    :func:`grouped_decode` under ``DYMOE_RESIDENT_DECODE=grouped`` where grouped GEMMs run and no
+    cast is needed, else :func:`gathered_decode`."""
+    if DECODE == "grouped" and grouped_mm_usable(x) and (dtype is None or gate_up.dtype == dtype):
+        return grouped_decode(x, ids, weights, gate_up, down, biases, math)
+    return gathered_decode(x, ids, weights, gate_up, down, dtype, biases, math)
+
+
 def grouped_decode(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, gate_up: torch.Tensor,
                    down: torch.Tensor, biases: tuple[torch.Tensor, torch.Tensor] | None = None,
                    math: ExpertMath = SWIGLU) -> torch.Tensor:
     """:func:`gathered_decode`'s function with the weights read in place: the token x [1, H] as k
     rows sorted by expert through :func:`grouped_experts` (experts not in ``ids`` are empty groups),
-    then the rows weighted and summed in that order. No host synchronisation (the group ends come
-    from a search of the sorted ids, not a count read back)."""
+    then the rows put back in the order of ``ids``, weighted and summed as the gathered decode sums
+    them. No host synchronisation (the group ends come from a search of the sorted ids, not a
+    count read back)."""
     k = ids.shape[0]
     sorted_ids, order = torch.sort(ids)
     ends = torch.searchsorted(sorted_ids, torch.arange(gate_up.shape[0], device=ids.device), right=True)
     rows = grouped_experts(x.expand(k, -1).contiguous(), ends.to(torch.int32), gate_up, down, biases, math)
-    return (weights[order].unsqueeze(-1) * rows).sum(0, keepdim=True)
+    y = torch.empty_like(rows)
+    y[order] = rows
+    return (weights.unsqueeze(-1) * y).sum(0, keepdim=True)
 
 
 def grouped_prefill(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, gate_up: torch.Tensor,

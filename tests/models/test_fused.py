@@ -1,8 +1,8 @@
 """The fused dense kernels (dymoe/models/fused.py) against the torch code they replace.
 
-Under Triton's interpreter in float32 (its float32 -> bf16 casts truncate where a GPU rounds to
-nearest, so bf16 equality is checked on the GPU: benchmarks/check_dense_kernels.py); on a CPU
-without the interpreter the torch code runs, which every other test covers.
+Under Triton's interpreter, in float32 and bit for bit in bf16 (the kernels round to bf16 by bit
+arithmetic, as a GPU must not fold it away; the GPU side is benchmarks/check_dense_kernels.py); on
+a CPU without the interpreter the torch code runs, which every other test covers.
 """
 
 from __future__ import annotations
@@ -76,3 +76,25 @@ def test_fused_kernels_only_where_they_apply(monkeypatch):
     monkeypatch.setenv("DYMOE_FUSED_DENSE", "off")
     with pytest.raises(InputError, match="DYMOE_FUSED_DENSE='off': use 1"):
         fused._setting()
+
+
+@needs_triton
+def test_bf16_outputs_equal_the_torch_ones_bit_for_bit(monkeypatch):
+    """In bf16 the two products and the sum of the rotary embedding, and the normalised value and
+    the weighted one of RMSNorm, round as the torch ops round (round to nearest even): the rotary
+    outputs are identical, the norms identical but for the float32 sum's order (at most one unit
+    in the last place, in a few values)."""
+    torch.manual_seed(1)
+    rotary = RotaryEmbedding(RopeConfig(theta=1e6), 128, 64)
+    rotary.build("cpu", torch.bfloat16)
+    q = torch.randn(1, 5, 8, 128).bfloat16().transpose(1, 2)
+    k = torch.randn(1, 5, 2, 128).bfloat16().transpose(1, 2)
+    (rq, rk), (gq, gk) = _both(monkeypatch, lambda: rotary(q, k, 11))
+    assert torch.equal(gq, rq) and torch.equal(gk, rk)
+    norm = RMSNorm(2048, 1e-6).bfloat16()
+    norm.weight.data = torch.randn(2048).bfloat16()
+    x = (torch.randn(4, 2048) * 3).bfloat16()
+    ref, got = _both(monkeypatch, lambda: norm(x))
+    assert got.dtype == torch.bfloat16
+    ulps = (got.view(torch.int16).int() - ref.view(torch.int16).int()).abs()
+    assert int(ulps.max()) <= 1 and float((ulps == 0).float().mean()) > 0.99

@@ -205,8 +205,8 @@ def test_triton_kernels_under_the_interpreter():
 
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed (gpu extra)")
 def test_packed_default_per_format_and_environment(monkeypatch):
-    """One-token int3 runs on packed activation vectors, int4 and int2 with groups of 128 (at 64
-    their float32 path measured faster), never bf16 or int8; DYMOE_PACKED_DECODE turns the packed
+    """One-token int3 and int4 run on packed activation vectors, int2 with groups of 128 (at 64
+    its float32 path measured as fast), never bf16 or int8; DYMOE_PACKED_DECODE turns the packed
     path on (1) or off (0) for all three formats; any other value is one clear error (a user error:
     the CLI prints it on one line)."""
     from dymoe.quant.kernels import triton_experts as te
@@ -220,7 +220,7 @@ def test_packed_default_per_format_and_environment(monkeypatch):
     cases = [("bf16", 128), ("int8", 128), ("int4", 64), ("int4", 128), ("int3", 64), ("int3", 128),
              ("int2", 64), ("int2", 128), ("int3", 32), ("int2", 32)]  # g32: under a chunk, no packed path
     monkeypatch.setattr(te, "PACKED_OVERRIDE", None)
-    assert [packs(p, g) for p, g in cases] == [False, False, False, True, True, True, False, True, False, False]
+    assert [packs(p, g) for p, g in cases] == [False, False, True, True, True, True, False, True, False, False]
     monkeypatch.setattr(te, "PACKED_OVERRIDE", True)
     assert [packs(p, g) for p, g in cases] == [False, False, True, True, True, True, True, True, False, False]
     monkeypatch.setattr(te, "PACKED_OVERRIDE", False)
@@ -237,35 +237,33 @@ def test_packed_default_per_format_and_environment(monkeypatch):
 def test_pdl_launches_only_after_the_first_and_only_where_supported(monkeypatch):
     """Programmatic dependent launch: the step's first launch (pack input, else gate_up) is never
     launched early (it may follow anything); gate_up (after pack input) and down are, and every
-    launch gets its griddepcontrol and prefetch flags; a device without it (or the interpreter)
-    gets none of them whatever the config; DYMOE_PDL sets split_config's fields, and a bad value
-    is one clear error."""
+    launch gets its griddepcontrol; a device without it (or the interpreter) gets none of that
+    whatever the config; DYMOE_PDL sets split_config's field, and a bad value is one clear error."""
     from dymoe.quant.kernels import triton_experts as te
 
     for precision, packed in (("int4", True), ("int4", False), ("int8", False)):
         plan = kernel_plan(blob_layout(parse_format(precision, 128), 2048, 768))
-        cfgs = [dataclasses.replace(te.split_config(plan, k, 8, 132), packed=packed, pdl=True, prefetch=256)
+        cfgs = [dataclasses.replace(te.split_config(plan, k, 8, 132), packed=packed, pdl=True)
                 for k in ("gate_up", "down")]
         gate_up, down = te._launches(plan, 8, 1, 132, False, *cfgs, pdl=True)
         assert gate_up.packed is packed
         assert gate_up.kwargs.get("launch_pdl", False) is packed  # after pack input only
         assert down.kwargs["launch_pdl"] is True
-        assert (gate_up.kwargs["PDL"], gate_up.kwargs["PREFETCH"], down.kwargs["PDL"], down.kwargs["PREFETCH"]) == \
-            (True, 256, True, 256)
+        assert gate_up.kwargs["PDL"] and down.kwargs["PDL"]
         assert "launch_pdl" not in (gate_up.prep.kwargs if packed else {}) and (not packed or gate_up.prep.kwargs["PDL"])
         for supported, interpreting in ((False, False), (True, True)):
             gate_up, down = te._launches(plan, 8, 1, 132, interpreting, *cfgs, pdl=supported)
             assert "launch_pdl" not in gate_up.kwargs and "launch_pdl" not in down.kwargs
-            assert (gate_up.kwargs["PDL"], gate_up.kwargs["PREFETCH"], down.kwargs["PDL"], down.kwargs["PREFETCH"]) == \
-                (False, 0, False, 0)
+            assert not (gate_up.kwargs["PDL"] or down.kwargs["PDL"])
+            assert not (packed and gate_up.prep.kwargs["PDL"])
     assert not te.pdl_supported(torch.device("cpu"))
-    for value, expected in (("", (False, 0)), ("0", (False, 0)), ("1", (True, 0)), ("prefetch", (True, te.PREFETCH_SLICE))):
+    for value, expected in (("", False), ("0", False), ("1", True)):
         monkeypatch.setenv("DYMOE_PDL", value)
         override = te._pdl_override()
-        assert (override["pdl"], override["prefetch"]) == expected
+        assert override == {"pdl": expected}
         monkeypatch.setattr(te, "PDL_OVERRIDE", override)
         cfg = te.split_config(kernel_plan(blob_layout(parse_format("int4", 128), 2048, 768)), "down", 8, 132)
-        assert (cfg.pdl, cfg.prefetch) == expected
+        assert cfg.pdl is expected and cfg.block_steps  # block steps: the packed default
     monkeypatch.setenv("DYMOE_PDL", "yes")
     with pytest.raises(InputError, match="DYMOE_PDL='yes': use 1"):
         te._pdl_override()

@@ -121,12 +121,13 @@ def test_grouped_gemms_compute_gpt_oss_experts(experts, monkeypatch):
 def test_grouped_decode_equals_the_gathered_decode(experts, monkeypatch):
     """One token through the whole stacks as k one-row groups (DYMOE_RESIDENT_DECODE=grouped)
     gives the gathered decode's result, plain and with GPT-OSS's biases and activation, for
-    unsorted expert ids (the rows are summed in expert order, so to bf16 rounding); ResidentExperts
-    takes that path only when asked; a bad setting is one clear error."""
+    unsorted expert ids (summed in the same order; the grouped GEMMs may round differently);
+    ResidentExperts and an offloading runtime's bf16 slots (decode_experts) take that path only
+    when asked; a bad setting is one clear error."""
     from dymoe.errors import InputError
     from dymoe.models.expert_math import ExpertMath
     from dymoe.runtime import resident
-    from dymoe.runtime.resident import ResidentExperts, gathered_decode, grouped_decode
+    from dymoe.runtime.resident import ResidentExperts, decode_experts, gathered_decode, grouped_decode
 
     gate_up, down, x, _, _ = experts
     ids = torch.tensor([4, 0, 3])  # not sorted; experts 1, 2, 5: empty groups
@@ -147,6 +148,10 @@ def test_grouped_decode_equals_the_gathered_decode(experts, monkeypatch):
         monkeypatch.setattr(resident, "DECODE", setting)
         calls.clear()
         runtime.run_experts(0, x[:1], ids[None], weights[None])
+        assert calls == expected
+        calls.clear()
+        decode_experts(x[:1], ids, weights, gate_up, down, torch.bfloat16)  # a runtime's bf16 slot stacks
+        decode_experts(x[:1].float(), ids, weights.float(), gate_up, down, torch.float32)  # a cast: gathered
         assert calls == expected
     monkeypatch.setenv("DYMOE_RESIDENT_DECODE", "fast")
     with pytest.raises(InputError, match="DYMOE_RESIDENT_DECODE='fast': use gather"):

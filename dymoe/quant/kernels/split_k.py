@@ -382,21 +382,6 @@ def _pack_chunks(v, c0, out_ptr, C: tl.constexpr, NCH: tl.constexpr, BITS: tl.co
 
 
 @triton.jit
-def _prefetch_rows(w_ptr, w_base, rows, row_ok, start, end, ROW: tl.constexpr, W_BYTES: tl.constexpr,
-                   BITS: tl.constexpr, MAX_BYTES: tl.constexpr):
-    """Ask L2 for this program's part of weight rows ``rows`` (input columns [start, end), at most
-    ``MAX_BYTES`` of each row): one sm_90 bulk prefetch per row, widened to 16-byte bounds (slots
-    are 256-byte aligned, so the widened range stays in the pool). A hint: nothing waits for it."""
-    row_at = (w_base + rows * ROW) * W_BYTES  # bytes from the pool's start
-    lo = (row_at + start * BITS // 8) // 16 * 16
-    hi = tl.minimum((row_at + (end * BITS + 7) // 8 + 15) // 16 * 16, lo + MAX_BYTES)
-    size = tl.where(row_ok & (hi > lo), hi - lo, 0).to(tl.int32)
-    at = w_ptr.to(tl.pointer_type(tl.uint8), bitcast=True) + lo
-    tl.inline_asm_elementwise("{ .reg .pred p; setp.ne.s32 p, $2, 0; @p cp.async.bulk.prefetch.L2.global [$1], $2; }"
-                              " // $0", "=r,l,r", [at, size], dtype=tl.int32, is_pure=False, pack=1)
-
-
-@triton.jit
 def _pack_input_kernel(x_ptr, out_ptr, H: tl.constexpr, C: tl.constexpr, BITS: tl.constexpr, BLOCK: tl.constexpr,
                        PDL: tl.constexpr = False):
     """The one token's input ``x`` [H] as a packed activation vector (:func:`_pack_chunks`).
@@ -556,7 +541,7 @@ def _gate_up_split_kernel(w_ptr, s_ptr, offsets_ptr, combine_ptr, x_ptr, h_ptr, 
                           CPW: tl.constexpr, BLOCK_N: tl.constexpr, SUB_K: tl.constexpr, SUBS: tl.constexpr,
                           SPLIT: tl.constexpr, K_SLICE: tl.constexpr, KP_DOWN: tl.constexpr,
                           PACKED: tl.constexpr = False, BLOCK_STEPS: tl.constexpr = False, ASM: tl.constexpr = True,
-                          PDL: tl.constexpr = False, PREFETCH: tl.constexpr = 0, C_IN: tl.constexpr = 0,
+                          PDL: tl.constexpr = False, C_IN: tl.constexpr = 0,
                           C_H: tl.constexpr = 0, GU_BIAS: tl.constexpr = -1, ACT: tl.constexpr = 0,
                           LIMIT: tl.constexpr = 7.0, ALPHA: tl.constexpr = 1.702):
     e = tl.program_id(0)
@@ -575,9 +560,6 @@ def _gate_up_split_kernel(w_ptr, s_ptr, offsets_ptr, combine_ptr, x_ptr, h_ptr, 
     m_g = tl.zeros((BLOCK_N,), dtype=tl.float32)
     m_u = tl.zeros((BLOCK_N,), dtype=tl.float32)
     start, end = _k_slice(active, KP, K_SLICE)
-    if PREFETCH:  # before waiting: the weights and slot table were written before the previous launch
-        _prefetch_rows(w_ptr, gate_w, rows, row_ok, start, end, ROW, W_BYTES, BITS, PREFETCH)
-        _prefetch_rows(w_ptr, up_w, rows, row_ok, start, end, ROW, W_BYTES, BITS, PREFETCH)
     if PDL:  # x, h, the scratch and counters only after the previous launch is done
         gdc_wait()
         gdc_launch_dependents()
@@ -627,7 +609,7 @@ def _down_split_kernel(w_ptr, s_ptr, offsets_ptr, combine_ptr, h_ptr, partial_pt
                        CPW: tl.constexpr, BLOCK_N: tl.constexpr, SUB_K: tl.constexpr, SUBS: tl.constexpr,
                        SPLIT: tl.constexpr, K_SLICE: tl.constexpr, PACKED: tl.constexpr = False,
                        BLOCK_STEPS: tl.constexpr = False, ASM: tl.constexpr = True, PDL: tl.constexpr = False,
-                       PREFETCH: tl.constexpr = 0, C_H: tl.constexpr = 0, D_BIAS: tl.constexpr = -1):
+                       C_H: tl.constexpr = 0, D_BIAS: tl.constexpr = -1):
     e = tl.program_id(0)
     rows = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < H
@@ -639,8 +621,6 @@ def _down_split_kernel(w_ptr, s_ptr, offsets_ptr, combine_ptr, h_ptr, partial_pt
     acc = tl.zeros((BLOCK_N, STEP // V if PACKED else SUB_K // CPW), dtype=tl.float32)
     acc_m = tl.zeros((BLOCK_N,), dtype=tl.float32)
     start, end = _k_slice(active, KP, K_SLICE)
-    if PREFETCH:
-        _prefetch_rows(w_ptr, down_w, rows, row_ok, start, end, ROW, W_BYTES, BITS, PREFETCH)
     if PDL:  # h, the partials, the counters and out only after gate_up is done
         gdc_wait()
     for k0 in range(start, end, SUB_K * SUBS):

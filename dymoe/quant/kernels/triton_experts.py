@@ -361,18 +361,14 @@ def _packed_override() -> bool | None:
 PACKED_OVERRIDE = _packed_override()
 
 
-PREFETCH_SLICE = 1 << 16  # LaunchConfig.prefetch: a program's whole K slice of each row (up to 64 KB)
-
-
 def _pdl_override() -> dict:
     """DYMOE_PDL from the environment, for split_config: 1 turns on programmatic dependent launch
-    (``LaunchConfig.pdl``), ``prefetch`` that and L2 prefetch of each program's K slice, 0 or
-    unset neither (not yet the default: see docs/kernels.md)."""
+    (``LaunchConfig.pdl``), 0 or unset leaves it off (the default: it measured faster on the
+    Qwen3-30B-A3B shape and slower on Mixtral's int3 and int2, docs/kernels.md)."""
     value = os.environ.get("DYMOE_PDL", "")
-    if value not in ("", "0", "1", "prefetch"):
-        raise InputError(f"DYMOE_PDL={value!r}: use 1 (programmatic dependent launch), prefetch (that and "
-                         "L2 prefetch of the weights) or 0 (off)")
-    return dict(pdl=value in ("1", "prefetch"), prefetch=PREFETCH_SLICE if value == "prefetch" else 0)
+    if value not in ("", "0", "1"):
+        raise InputError(f"DYMOE_PDL={value!r}: use 1 (programmatic dependent launch) or 0 (off)")
+    return dict(pdl=value == "1")
 
 
 PDL_OVERRIDE = _pdl_override()
@@ -380,16 +376,18 @@ PDL_OVERRIDE = _pdl_override()
 
 def packs_by_default(plan: KernelPlan) -> bool:
     """Whether a one-token step of ``plan`` runs on packed activation vectors (split_k._packed_step)
-    unless DYMOE_PACKED_DECODE says otherwise: int3 always, int4 and int2 with groups of 128 or more.
-    Measured on an H100 (2026-12-06, docs/results/kernel_variants_packed_h100.json, % of copy,
-    float32 split-K -> packed): int3 8-11% (tiled) -> 19-28%; int4/g128 35-49% -> 37-53%;
-    int2/g128 14-23% -> 19-36%; but int4/g64 35-41% -> 29-32% and int2/g64 18-22% -> 19-20%: a
-    64-value group is 1-2 chunks, and the per-group scale work of the packed loop weighs more there."""
+    unless DYMOE_PACKED_DECODE says otherwise: int3 and int4 always, int2 with groups of 128 or more.
+    Measured on an H100 (2026-12-06, % of copy, float32 split-K -> packed in block steps;
+    docs/results/kernel_variants_packed_h100.json and kernel_variants_pdl_h100.json): int3
+    7-11% (tiled) -> 24-28%; int4/g128 35-50% -> 37-54%; int4/g64 35-42% -> 37-45%; int2/g128
+    14-24% -> 20-42%. int2/g64 keeps the float32 path: 18-22% against 19-20% for the packed one
+    per group, and its block steps (23/28 instead of 30/39 sm_90 instructions per word) are not
+    timed yet."""
     if plan.bits not in PACKED_BITS or plan.group_size % chunk_values(plan.bits):
         return False  # (a group of fewer values than a chunk: no packed path, see runs_packed)
     if PACKED_OVERRIDE is not None:
         return PACKED_OVERRIDE
-    return plan.bits == 3 or plan.group_size >= 128
+    return plan.bits in (3, 4) or plan.group_size >= 128
 
 
 @dataclass(frozen=True)
@@ -409,15 +407,14 @@ class LaunchConfig:
     split_k: int | None = None
     packed: bool = False  # split_config sets it per format (packs_by_default)
     # packed: one call per block_k step (all its groups, each chunk's scale by index) instead of one
-    # per group; fewer instructions in the sm_90 SASS (int4/g64 as g128), not yet timed on a GPU
+    # per group (split_config's default: as fast or faster on every shape and format timed on an
+    # H100, int4/g64 32% -> 45% and int2/g128 36% -> 42% of copy on Mixtral's shape)
     block_steps: bool = False
     max_registers: int | None = None  # a register cap per thread (Triton's maxnreg): more blocks per SM
     # split-K: programmatic dependent launch (sm_90+, :func:`pdl_supported`, else ignored): each
-    # launch of the step starts while the one before finishes and waits (griddepcontrol) only
-    # before reading what that one writes; with ``prefetch`` > 0 it first asks L2 for up to that
-    # many bytes of each of its weight rows
+    # launch of the step after the first starts while the one before finishes and waits
+    # (griddepcontrol) only before reading what that one writes
     pdl: bool = False
-    prefetch: int = 0
 
 
 def uses_gemv(plan: KernelPlan, tokens: int) -> bool:
@@ -496,7 +493,7 @@ def split_config(plan: KernelPlan, kernel: str, experts: int, sms: int, block_n:
     # measured 5-9% faster on Mixtral and Qwen3 shapes (docs/results/kernel_variants_int4_maxnreg_h200.json)
     cap = 128 if plan.bits == 4 else None
     return LaunchConfig(block_n=block_n, block_k=block_k, num_warps=num_warps, num_stages=num_stages, split_k=split,
-                        packed=packs_by_default(plan), max_registers=cap, **PDL_OVERRIDE)
+                        packed=packs_by_default(plan), block_steps=True, max_registers=cap, **PDL_OVERRIDE)
 
 
 def _tiling(plan: KernelPlan, config: LaunchConfig) -> dict:
@@ -523,9 +520,8 @@ def _sm_count(device: torch.device) -> int:
 
 @functools.lru_cache(maxsize=16)
 def pdl_supported(device: torch.device) -> bool:
-    """Whether split-K launches on ``device`` can use programmatic dependent launch and the sm_90
-    L2 bulk prefetch (``LaunchConfig.pdl``/``prefetch``): a Hopper or newer GPU and a Triton with
-    ``launch_pdl`` (3.4 and later)."""
+    """Whether split-K launches on ``device`` can use programmatic dependent launch
+    (``LaunchConfig.pdl``): a Hopper or newer GPU and a Triton with ``launch_pdl`` (3.4 and later)."""
     if device.type != "cuda" or torch.cuda.get_device_capability(device) < (9, 0):
         return False
     try:
@@ -628,8 +624,8 @@ def k_slices(plan: KernelPlan, cols: int, config: LaunchConfig) -> tuple[int, in
 
 def _split_launch(kernel, plan: KernelPlan, proj: Projection, cfg: LaunchConfig, experts: int, rows: int,
                   interpreting: bool, packed: bool, pdl: bool, dependent: bool, **parts) -> _Launch:
-    """A split-K launch over :func:`k_slices`. ``pdl``: the kernel's griddepcontrol and prefetch
-    (``cfg.pdl``/``cfg.prefetch`` where the device has them); ``dependent``: launched to start
+    """A split-K launch over :func:`k_slices`. ``pdl``: the device has programmatic dependent
+    launch, so ``cfg.pdl`` gives the kernel its griddepcontrol; ``dependent``: launched to start
     before the previous launch ends (never the step's first launch: that one may be preceded by
     anything, and only its successors know what it writes)."""
     tiling = _tiling(plan, cfg)
@@ -644,7 +640,7 @@ def _split_launch(kernel, plan: KernelPlan, proj: Projection, cfg: LaunchConfig,
         parts = {k: v // 4 if k.endswith("_W") else v for k, v in parts.items()}
     kwargs = dict(H=plan.hidden_size, I=plan.intermediate_size, **parts, **fmt, BLOCK_N=cfg.block_n, **tiling,
                   SPLIT=split, K_SLICE=k_slice, PACKED=packed, BLOCK_STEPS=packed and cfg.block_steps,
-                  ASM=not interpreting, PDL=pdl and cfg.pdl, PREFETCH=cfg.prefetch if pdl else 0,
+                  ASM=not interpreting, PDL=pdl and cfg.pdl,
                   C_H=triton.cdiv(plan.intermediate_size, chunk_values(plan.bits)) if packed else 0,
                   num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     if pdl and cfg.pdl and dependent:
