@@ -10,7 +10,8 @@ works, and CUDA graphs record it (docs/decode.md). The gather copies the k exper
 the matmuls read them, three times the bytes of reading them in place; ``DYMOE_RESIDENT_DECODE=
 grouped`` runs the token instead through two grouped GEMMs over the whole stacks, each expert a
 group of one row or none (:func:`grouped_decode`: bf16 on sm_90+, the same function, still no
-synchronisation; not yet the default: measured in benchmarks/packed_check.sh). The decode paths
+synchronisation; 8-layer resident TPOT 1.74 -> 1.54 ms on an H100, docs/decode.md; not yet the
+default, since invariant 2 with grouped GEMMs has not been checked on a GPU). The decode paths
 sum the k expert outputs in another order than the grouped prefill path, so they agree to float
 rounding, not bit for bit; ``gather_decode=False`` keeps the grouped path everywhere (the
 bit-exact reference the offloading runtimes are compared with).
@@ -18,9 +19,9 @@ bit-exact reference the offloading runtimes are compared with).
 
 from __future__ import annotations
 
-import torch
-
 import os
+
+import torch
 
 from dymoe.errors import InputError
 from dymoe.models.expert_math import SWIGLU, ExpertMath

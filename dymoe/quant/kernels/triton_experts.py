@@ -687,11 +687,11 @@ def _launches(plan: KernelPlan, experts: int, tokens: int, sms: int, interpretin
                        dict(H=h, C=chunks_in, BITS=plan.bits, BLOCK=PACK_BLOCK, PDL=pdl and gu_cfg.pdl,
                             num_warps=4)) if packed else None
         gate_up = _split_launch(_gate_up_split_kernel, plan, g, gu_cfg, experts, i, interpreting, packed, pdl,
-                                packed, GATE_W=g.weight, GATE_S=g.scales, GATE_M=g.mins, UP_W=u.weight, UP_S=u.scales,
+                                dependent=packed, GATE_W=g.weight, GATE_S=g.scales, GATE_M=g.mins, UP_W=u.weight, UP_S=u.scales,
                                 UP_M=u.mins, KP_DOWN=d.padded_cols, C_IN=chunks_in if packed else 0, **act)
         return (dataclasses.replace(gate_up, prep=prep),
-                _split_launch(_down_split_kernel, plan, d, d_cfg, experts, h, interpreting, packed, pdl, True,
-                              DOWN_W=d.weight,
+                _split_launch(_down_split_kernel, plan, d, d_cfg, experts, h, interpreting, packed, pdl,
+                              dependent=True, DOWN_W=d.weight,
                               DOWN_S=d.scales, DOWN_M=d.mins, D_BIAS=plan.down_bias))
     gemv = uses_gemv(plan, tokens)
     common = dict(H=h, I=i, GEMV=gemv, BLOCK_T=2 if gemv else TOKEN_BLOCK)
