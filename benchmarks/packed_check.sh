@@ -9,8 +9,9 @@
 # 2. end to end: `dymoe bench` on the synthetic Qwen3-30B-A3B shape (8 layers), resident and the
 #    static int4/int2 presets with room for every expert (the step is the kernels, not transfers),
 #    once as before (DYMOE_FUSED_DENSE=0 DYMOE_PACKED_DECODE=0), once with the defaults (fused
-#    dense kernels, packed), once with DYMOE_PDL=1 too and once more (resident only) with
-#    DYMOE_RESIDENT_DECODE=grouped;
+#    dense kernels, packed), once with DYMOE_PDL=1 too and once more (resident and lru only) with
+#    DYMOE_RESIDENT_DECODE=grouped (lru's bf16 slots at 100%: its KL against resident shows
+#    whether offloading stays invisible with grouped GEMMs, invariant 2);
 # 3. kernel timings, in the time left: benchmarks/kernels.py --variants (FORMATS=..., MODELS=...
 #    for others, e.g. olmoe and deepseek-v2-lite; KERNEL_BUDGET seconds): tiled, choose_config,
 #    packed and float32 split-K, the packed path per group (block steps are the default) and
@@ -42,8 +43,8 @@ tail -24 "$OUT/check.txt"
 for run in "0 0 0 gather" "1 1 0 gather" "1 1 1 gather" "1 1 1 grouped"; do
   set -- $run
   name=e2e-fused$1-packed$2-pdl$3-$4
-  policies=resident,static-int4,static-int2
-  [ "$4" = grouped ] && policies=resident
+  policies=resident,lru,static-int4,static-int2  # lru at 100%: bf16 slots, KL vs resident = invariant 2
+  [ "$4" = grouped ] && policies=resident,lru
   echo "### DYMOE_FUSED_DENSE=$1 DYMOE_PACKED_DECODE=$2 DYMOE_PDL=$3 DYMOE_RESIDENT_DECODE=$4" >> "$OUT/e2e.txt"
   DYMOE_FUSED_DENSE=$1 DYMOE_PACKED_DECODE=$2 DYMOE_PDL=$3 DYMOE_RESIDENT_DECODE=$4 stage e2e 60 "$PYTHON" -m dymoe \
     bench --model synthetic:qwen3-30b-a3b --layers 8 --policies $policies \
