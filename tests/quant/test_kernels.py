@@ -141,7 +141,7 @@ for precision, group, math in [(p, g, SWIGLU) for p, g in FORMATS] + [(p, g, GPT
       # FMAs emulated; steps of two groups, one call per group
       "T1-split": (1, (LaunchConfig(64, 2 * small_k, 1, 1, split_k=2, packed=True),) * 2),
   }
-  if plan.bits in (4, 3, 2):  # their float32 split-K path too (int4/int2 at g64 run it by default)
+  if plan.bits in (4, 3, 2):  # their float32 split-K path too (int2/g64 runs it by default)
       cases["T1-split-float32"] = (1, (LaunchConfig(64, small_k, 1, 1, split_k=2),) * 2)
       # and the packed path with a model's massive activations (a few of up to 800 among values of
       # 0.01): each chunk's prescale keeps its float16 products in range; block steps of two groups
