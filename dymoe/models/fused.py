@@ -16,33 +16,25 @@ is one clear error.
 """
 
 import functools
-import importlib.util
 import os
 
 import torch
 
-from dymoe.errors import InputError
+from dymoe.env import env_choice
+from dymoe.quant.kernels import triton_available
 
 
 def _setting() -> bool:
-    value = os.environ.get("DYMOE_FUSED_DENSE", "")
-    if value not in ("", "0", "1"):
-        raise InputError(f"DYMOE_FUSED_DENSE={value!r}: use 1 (fused dense kernels on CUDA, the default) or 0 (off)")
-    return value != "0"
+    return env_choice("DYMOE_FUSED_DENSE", {"1": "fused dense kernels on CUDA, the default", "0": "off"}, "1") == "1"
 
 
 ENABLED = _setting()
 
 
-@functools.lru_cache(maxsize=1)
-def _triton_ok() -> bool:
-    return importlib.util.find_spec("triton") is not None
-
-
 def fused_applies(x: torch.Tensor) -> bool:
     """Whether the fused kernels run for ``x``: on by default for CUDA tensors when Triton is
     installed (the ``gpu`` extra), or for any tensor under ``TRITON_INTERPRET=1`` (the tests)."""
-    if not ENABLED or not _triton_ok():
+    if not ENABLED or not triton_available():
         return False
     return x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"
 

@@ -19,21 +19,17 @@ bit-exact reference the offloading runtimes are compared with).
 
 from __future__ import annotations
 
-import os
-
 import torch
 
-from dymoe.errors import InputError
+from dymoe.env import env_choice
 from dymoe.models.expert_math import SWIGLU, ExpertMath
 from dymoe.runtime.expert_compute import grouped_mm_usable, grouped_experts, run_grouped
 
 
 def _decode_setting() -> str:
-    value = os.environ.get("DYMOE_RESIDENT_DECODE", "gather") or "gather"
-    if value not in ("gather", "grouped"):
-        raise InputError(f"DYMOE_RESIDENT_DECODE={value!r}: use gather (the default: gather the k experts' "
-                         "weights, two batched matmuls) or grouped (two grouped GEMMs over the whole stacks)")
-    return value
+    return env_choice("DYMOE_RESIDENT_DECODE", {
+        "gather": "the default: gather the k experts' weights, two batched matmuls",
+        "grouped": "two grouped GEMMs over the whole stacks"}, "gather")
 
 
 DECODE = _decode_setting()

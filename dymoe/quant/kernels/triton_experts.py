@@ -30,7 +30,7 @@ import torch
 import triton
 import triton.language as tl
 
-from dymoe.errors import InputError
+from dymoe.env import env_choice
 from dymoe.models.expert_math import SWIGLU, ExpertMath
 from dymoe.quant.kernels.plan import KernelPlan, Projection
 
@@ -352,10 +352,8 @@ PACKED_BITS = (4, 3, 2)
 def _packed_override() -> bool | None:
     """DYMOE_PACKED_DECODE from the environment: 1 runs every one-token int4/int3/int2 step on
     packed activation vectors, 0 none, unset leaves it to :func:`packs_by_default`."""
-    value = os.environ.get("DYMOE_PACKED_DECODE", "")
-    if value not in ("", "0", "1"):
-        raise InputError(f"DYMOE_PACKED_DECODE={value!r}: use 1 (packed float16 path on) or 0 (off)")
-    return None if value == "" else value == "1"
+    value = env_choice("DYMOE_PACKED_DECODE", {"1": "packed float16 path on", "0": "off"})
+    return None if value is None else value == "1"
 
 
 PACKED_OVERRIDE = _packed_override()
@@ -365,10 +363,7 @@ def _pdl_override() -> dict:
     """DYMOE_PDL from the environment, for split_config: 1 turns on programmatic dependent launch
     (``LaunchConfig.pdl``), 0 or unset leaves it off (the default: it measured faster on the
     Qwen3-30B-A3B shape and slower on Mixtral's int3 and int2, docs/kernels.md)."""
-    value = os.environ.get("DYMOE_PDL", "")
-    if value not in ("", "0", "1"):
-        raise InputError(f"DYMOE_PDL={value!r}: use 1 (programmatic dependent launch) or 0 (off)")
-    return dict(pdl=value == "1")
+    return dict(pdl=env_choice("DYMOE_PDL", {"1": "programmatic dependent launch", "0": "off"}, "0") == "1")
 
 
 PDL_OVERRIDE = _pdl_override()
