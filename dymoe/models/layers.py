@@ -190,18 +190,15 @@ class RotaryEmbedding(nn.Module):
     def forward(self, q: torch.Tensor, k: torch.Tensor, start: Position) -> tuple[torch.Tensor, torch.Tensor]:
         """Rotate q, k of shape [B, heads, T, D] for positions start..start+T-1."""
         static = isinstance(start, StaticPosition)
-        if rotary_applies(q, self.cos) and rotary_applies(k, self.cos):  # two kernels instead of ten
-            if static:
-                return rotary(q, self.cos, self.sin, positions=start.index), rotary(k, self.cos, self.sin,
-                                                                                   positions=start.index)
-            t = q.shape[2]
-            cos, sin = (self.cos_long, self.sin_long) if self.crosses_switch(start, start + t) else (self.cos, self.sin)
-            return rotary(q, cos, sin, start), rotary(k, cos, sin, start)
+        t = q.shape[2]
+        long = not static and self.crosses_switch(start, start + t)
+        cos, sin = (self.cos_long, self.sin_long) if long else (self.cos, self.sin)
+        if rotary_applies(q, cos) and rotary_applies(k, cos):  # two kernels instead of ten
+            where = dict(positions=start.index) if static else dict(start=start)
+            return rotary(q, cos, sin, **where), rotary(k, cos, sin, **where)
         if static:
-            cos, sin = self.cos.index_select(0, start.index), self.sin.index_select(0, start.index)
+            cos, sin = cos.index_select(0, start.index), sin.index_select(0, start.index)
         else:
-            t = q.shape[2]
-            cos, sin = (self.cos_long, self.sin_long) if self.crosses_switch(start, start + t) else (self.cos, self.sin)
             cos, sin = cos[start : start + t], sin[start : start + t]
         return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
 
