@@ -11,7 +11,9 @@
 #    once as before (DYMOE_FUSED_DENSE=0 DYMOE_PACKED_DECODE=0), once with the defaults (fused
 #    dense kernels, packed), once with DYMOE_PDL=1 too and once more (resident and lru only) with
 #    DYMOE_RESIDENT_DECODE=grouped (lru's bf16 slots at 100%: its KL against resident shows
-#    whether offloading stays invisible with grouped GEMMs, invariant 2);
+#    whether offloading stays invisible with grouped GEMMs, invariant 2; lru at 50% too, whose
+#    512 slots fit one grouped GEMM, unlike the 1024+ at 100%); E2E="1 1 0 gather,1 1 1 grouped"
+#    picks runs (fused packed pdl decode);
 # 3. kernel timings, in the time left: benchmarks/kernels.py --variants (FORMATS=..., MODELS=...
 #    for others, e.g. olmoe and deepseek-v2-lite; KERNEL_BUDGET seconds): tiled, choose_config,
 #    packed and float32 split-K, the packed path per group (block steps are the default) and
@@ -40,15 +42,19 @@ stage check 45 "$PYTHON" benchmarks/check_dense_kernels.py
 tail -24 "$OUT/check.txt"
 # end to end: the old path (no fused dense kernels, packed off), fused dense + packed (the defaults),
 # that with programmatic dependent launch, and resident decode through grouped GEMMs
-for run in "0 0 0 gather" "1 1 0 gather" "1 1 1 gather" "1 1 1 grouped"; do
+# (E2E: runs as "fused packed pdl decode" separated by commas)
+IFS=, read -ra e2e_runs <<< "${E2E:-0 0 0 gather,1 1 0 gather,1 1 1 gather,1 1 1 grouped}"
+for run in "${e2e_runs[@]}"; do
   set -- $run
   name=e2e-fused$1-packed$2-pdl$3-$4
   policies=resident,lru,static-int4,static-int2  # lru at 100%: bf16 slots, KL vs resident = invariant 2
-  [ "$4" = grouped ] && policies=resident,lru
+  budgets=100%
+  # grouped: lru at 50% too (512 slots, decoded grouped; at 100% its 1024+ slots decode gathered)
+  [ "$4" = grouped ] && policies=resident,lru budgets=100%,50%
   echo "### DYMOE_FUSED_DENSE=$1 DYMOE_PACKED_DECODE=$2 DYMOE_PDL=$3 DYMOE_RESIDENT_DECODE=$4" >> "$OUT/e2e.txt"
   DYMOE_FUSED_DENSE=$1 DYMOE_PACKED_DECODE=$2 DYMOE_PDL=$3 DYMOE_RESIDENT_DECODE=$4 stage e2e 60 "$PYTHON" -m dymoe \
     bench --model synthetic:qwen3-30b-a3b --layers 8 --policies $policies \
-    --device-memory 100% --prompt-len 32 --gen-len 32 --routing skewed --no-progress --json "$OUT/$name.json"
+    --device-memory $budgets --prompt-len 32 --gen-len 32 --routing skewed --no-progress --json "$OUT/$name.json"
 done
 stage kernels $((KERNEL_BUDGET * 2 - 20)) "$PYTHON" benchmarks/kernels.py --out "$OUT/kernels" --variants \
   --budget-s "$KERNEL_BUDGET" --models $MODELS --formats $FORMATS

@@ -109,12 +109,24 @@ def run_grouped(
     if batch is not None:
         batch.flush(x, rows)
     rows = rows * expert_weights.reshape(-1)[order].unsqueeze(-1)
-    return torch.zeros_like(hidden).index_add_(0, tokens, rows)
+    return combine_rows(rows, order, k)
+
+
+def combine_rows(rows: torch.Tensor, order: torch.Tensor, k: int) -> torch.Tensor:
+    """Rows [N*k, H] in expert order (``order`` the sort of the flat routing, already weighted)
+    summed per token in router order: [N, H]. A sum over the k axis, not ``index_add_``, whose
+    CUDA kernel adds with atomics in whatever order the blocks run (a resident prefill then
+    differed from itself, and from an offloaded one, in the last bits: invariant 2); the one-token
+    decode paths sum in the same order."""
+    flat = torch.empty_like(rows)
+    flat[order] = rows
+    return flat.view(-1, k, rows.shape[-1]).sum(1)
 
 
 # ---- grouped GEMM (prefill on the GPU) -----------------------------------------------------------
 
 GROUPED_BYTES = 256 * 2**20  # weights copied per grouped launch; transient device memory outside the budget
+MAX_GROUPS = 1024  # torch._grouped_mm refuses more groups ("Can't process more than 1024 groups")
 
 
 def grouped_mm_usable(x: torch.Tensor) -> bool:

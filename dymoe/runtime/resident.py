@@ -23,7 +23,7 @@ import torch
 
 from dymoe.env import env_choice
 from dymoe.models.expert_math import SWIGLU, ExpertMath
-from dymoe.runtime.expert_compute import grouped_mm_usable, grouped_experts, run_grouped
+from dymoe.runtime.expert_compute import MAX_GROUPS, combine_rows, grouped_experts, grouped_mm_usable, run_grouped
 
 
 def _decode_setting() -> str:
@@ -105,9 +105,12 @@ def decode_experts(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, ga
                    biases: tuple[torch.Tensor, torch.Tensor] | None = None, math: ExpertMath = SWIGLU) -> torch.Tensor:
     """One token through stacked experts (the resident stacks, or a runtime's bf16 slot stacks
     with slot ids: both go through here, so offloading stays invisible, invariant 2):
-    :func:`grouped_decode` under ``DYMOE_RESIDENT_DECODE=grouped`` where grouped GEMMs run and no
-    cast is needed, else :func:`gathered_decode`."""
-    if DECODE == "grouped" and grouped_mm_usable(x) and (dtype is None or gate_up.dtype == dtype):
+    :func:`grouped_decode` under ``DYMOE_RESIDENT_DECODE=grouped`` where grouped GEMMs run, no
+    cast is needed and the stacks hold at most ``MAX_GROUPS`` experts, else :func:`gathered_decode`
+    (a runtime's pool of more slots than that decodes gathered while the resident model decodes
+    grouped: then the two agree to rounding, not bit for bit)."""
+    if (DECODE == "grouped" and grouped_mm_usable(x) and (dtype is None or gate_up.dtype == dtype)
+            and gate_up.shape[0] <= MAX_GROUPS):
         return grouped_decode(x, ids, weights, gate_up, down, biases, math)
     return gathered_decode(x, ids, weights, gate_up, down, dtype, biases, math)
 
@@ -139,6 +142,5 @@ def grouped_prefill(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, g
     flat = ids.reshape(-1)
     order = torch.argsort(flat, stable=True)
     ends = torch.bincount(flat, minlength=gate_up.shape[0]).cumsum(0).to(torch.int32)
-    tokens = order // k
-    rows = grouped_experts(x[tokens], ends, gate_up, down, biases, math) * weights.reshape(-1)[order].unsqueeze(-1)
-    return torch.zeros_like(x).index_add_(0, tokens, rows)
+    rows = grouped_experts(x[order // k], ends, gate_up, down, biases, math) * weights.reshape(-1)[order].unsqueeze(-1)
+    return combine_rows(rows, order, k)

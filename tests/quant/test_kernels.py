@@ -205,9 +205,9 @@ def test_triton_kernels_under_the_interpreter():
 
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed (gpu extra)")
 def test_packed_default_per_format_and_environment(monkeypatch):
-    """One-token int3 and int4 run on packed activation vectors, int2 with groups of 128 (at 64
-    its float32 path measured as fast), never bf16 or int8; DYMOE_PACKED_DECODE turns the packed
-    path on (1) or off (0) for all three formats; any other value is one clear error (a user error:
+    """One-token int2, int3 and int4 run on packed activation vectors where a group holds whole
+    chunks, never bf16 or int8; DYMOE_PACKED_DECODE turns the packed path on (1) or off (0) for
+    all three formats; any other value is one clear error (a user error:
     the CLI prints it on one line)."""
     from dymoe.quant.kernels import triton_experts as te
 
@@ -220,7 +220,7 @@ def test_packed_default_per_format_and_environment(monkeypatch):
     cases = [("bf16", 128), ("int8", 128), ("int4", 64), ("int4", 128), ("int3", 64), ("int3", 128),
              ("int2", 64), ("int2", 128), ("int3", 32), ("int2", 32)]  # g32: under a chunk, no packed path
     monkeypatch.setattr(te, "PACKED_OVERRIDE", None)
-    assert [packs(p, g) for p, g in cases] == [False, False, True, True, True, True, False, True, False, False]
+    assert [packs(p, g) for p, g in cases] == [False, False, True, True, True, True, True, True, False, False]
     monkeypatch.setattr(te, "PACKED_OVERRIDE", True)
     assert [packs(p, g) for p, g in cases] == [False, False, True, True, True, True, True, True, False, False]
     monkeypatch.setattr(te, "PACKED_OVERRIDE", False)

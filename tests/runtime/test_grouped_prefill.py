@@ -123,7 +123,8 @@ def test_grouped_decode_equals_the_gathered_decode(experts, monkeypatch):
     gives the gathered decode's result, plain and with GPT-OSS's biases and activation, for
     unsorted expert ids (summed in the same order; the grouped GEMMs may round differently);
     ResidentExperts and an offloading runtime's bf16 slots (decode_experts) take that path only
-    when asked; a bad setting is one clear error."""
+    when asked and only for stacks of at most MAX_GROUPS experts (torch._grouped_mm's limit: a
+    larger pool decodes gathered); a bad setting is one clear error."""
     from dymoe.errors import InputError
     from dymoe.models.expert_math import ExpertMath
     from dymoe.runtime import resident
@@ -153,6 +154,10 @@ def test_grouped_decode_equals_the_gathered_decode(experts, monkeypatch):
         decode_experts(x[:1], ids, weights, gate_up, down, torch.bfloat16)  # a runtime's bf16 slot stacks
         decode_experts(x[:1].float(), ids, weights.float(), gate_up, down, torch.float32)  # a cast: gathered
         assert calls == expected
+    monkeypatch.setattr(resident, "MAX_GROUPS", E - 1)  # a pool of more slots than grouped GEMMs take
+    calls.clear()
+    decode_experts(x[:1], ids, weights, gate_up, down, torch.bfloat16)
+    assert calls == []
     monkeypatch.setenv("DYMOE_RESIDENT_DECODE", "fast")
     with pytest.raises(InputError, match="DYMOE_RESIDENT_DECODE='fast': use gather"):
         resident._decode_setting()

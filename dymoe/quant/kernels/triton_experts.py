@@ -371,18 +371,15 @@ PDL_OVERRIDE = _pdl_override()
 
 def packs_by_default(plan: KernelPlan) -> bool:
     """Whether a one-token step of ``plan`` runs on packed activation vectors (split_k._packed_step)
-    unless DYMOE_PACKED_DECODE says otherwise: int3 and int4 always, int2 with groups of 128 or more.
-    Measured on an H100 (2026-12-06, % of copy, float32 split-K -> packed in block steps;
-    docs/results/kernel_variants_packed_h100.json and kernel_variants_pdl_h100.json): int3
-    7-11% (tiled) -> 24-28%; int4/g128 35-50% -> 37-54%; int4/g64 35-42% -> 37-45%; int2/g128
-    14-24% -> 20-42%. int2/g64 keeps the float32 path: 18-22% against 19-20% for the packed one
-    per group, and its block steps (23/28 instead of 30/39 sm_90 instructions per word) are not
-    timed yet."""
+    unless DYMOE_PACKED_DECODE says otherwise: int2, int3 and int4 wherever a group holds whole
+    chunks. Measured on an H100 (2026-12-06, % of copy, float32 split-K -> packed in block steps;
+    docs/results/kernel_variants_packed_h100.json, kernel_variants_pdl_h100.json and
+    kernel_variants_int2g64_h100.json): int3 7-11% (tiled) -> 24-28%; int4/g128 35-50% -> 37-54%;
+    int4/g64 35-42% -> 37-45%; int2/g128 14-24% -> 20-42%; int2/g64 18-22% -> 26-49% (per group,
+    before block steps, it measured 19-20%: why it was the last to switch)."""
     if plan.bits not in PACKED_BITS or plan.group_size % chunk_values(plan.bits):
         return False  # (a group of fewer values than a chunk: no packed path, see runs_packed)
-    if PACKED_OVERRIDE is not None:
-        return PACKED_OVERRIDE
-    return plan.bits in (3, 4) or plan.group_size >= 128
+    return PACKED_OVERRIDE is not False
 
 
 @dataclass(frozen=True)
