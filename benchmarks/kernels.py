@@ -83,9 +83,12 @@ def bench(fn) -> float:
 
 
 def bench_graph(fn) -> float:
-    """Median milliseconds of ``fn`` replayed from a CUDA graph: the GPU time without the Python and
-    launch overhead of eager calls (what the step costs once the runtime captures it)."""
-    return bench_steps(fn, steps=1)
+    """Median milliseconds of one ``fn`` replayed from a CUDA graph of GRAPH_STEPS calls: the GPU
+    time without the Python and launch overhead of eager calls (what the step costs once the
+    runtime captures it with the model's other layers). Until 2026-12-06 this was a graph of one
+    call, whose replay's own launch (~5-10 us) counted in every step: the short Qwen3-shape steps
+    read about half their graph-of-20 bandwidth that way."""
+    return bench_steps(fn)
 
 
 def launch_floor(device) -> dict:

@@ -126,7 +126,7 @@ def combine_rows(rows: torch.Tensor, order: torch.Tensor, k: int) -> torch.Tenso
 # ---- grouped GEMM (prefill on the GPU) -----------------------------------------------------------
 
 GROUPED_BYTES = 256 * 2**20  # weights copied per grouped launch; transient device memory outside the budget
-MAX_GROUPS = 1024  # torch._grouped_mm refuses more groups ("Can't process more than 1024 groups")
+MAX_GROUPS = 1023  # torch._grouped_mm takes fewer than 1024 groups ("Can't process more than 1024 groups")
 
 
 def grouped_mm_usable(x: torch.Tensor) -> bool:
