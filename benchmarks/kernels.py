@@ -397,8 +397,9 @@ def variant_candidates(plan, k: int, sms: int) -> tuple[list, list]:
     if packable:  # the packed path in one call per group against one per block_k step (the default)
         first.append(("split packed per group",
                       tuple(dataclasses.replace(c, packed=True, block_steps=False) for c in base)))
-    if pdl_supported(torch.device("cuda")):  # programmatic dependent launch
-        first.append(("split pdl", tuple(dataclasses.replace(c, pdl=True) for c in base)))
+    if pdl_supported(torch.device("cuda")):  # programmatic dependent launch, against the default's setting
+        other = not base[0].pdl
+        first.append(("split pdl" if other else "split no pdl", tuple(dataclasses.replace(c, pdl=other) for c in base)))
     second = [("split n32", split(block_n=32)), ("split n128", split(block_n=128)),
               ("split w8", split(num_warps=8)), ("split 3 blocks/SM", split(blocks_per_sm=3)),
               ("split 12 blocks/SM", split(blocks_per_sm=12)), ("split stages 1", split(num_stages=1)),

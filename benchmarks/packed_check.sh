@@ -17,7 +17,7 @@
 # 3. kernel timings, in the time left: benchmarks/kernels.py --variants (FORMATS=..., MODELS=...
 #    for others, e.g. olmoe and deepseek-v2-lite; KERNEL_BUDGET seconds): tiled, choose_config,
 #    packed and float32 split-K, the packed path per group (block steps are the default) and
-#    programmatic dependent launch side by side, then packed variations.
+#    programmatic dependent launch against the default's setting side by side, then packed variations.
 # Each stage has its own time limit, so a slow one cannot take the others' time. Logs: $OUT/*.txt
 # (check, kernels, e2e), $OUT/kernels/variants.json, $OUT/e2e-*.json (8 files).
 set -uo pipefail
@@ -59,7 +59,7 @@ done
 stage kernels $((KERNEL_BUDGET * 2 - 20)) "$PYTHON" benchmarks/kernels.py --out "$OUT/kernels" --variants \
   --budget-s "$KERNEL_BUDGET" --models $MODELS --formats $FORMATS
 echo "== kernels: choose_config, packed/float32 split-K and pdl per shape, then the summary"
-grep -E "split packed|split float32|split default|choose_config|split pdl" "$OUT/kernels.txt" | cut -c1-150
+grep -E "split packed|split float32|split default|choose_config|split pdl|split no pdl" "$OUT/kernels.txt" | cut -c1-150
 tail -18 "$OUT/kernels.txt"
 echo "== end to end"
 grep -v "^\s*$" "$OUT/e2e.txt" | tail -60 | cut -c1-160

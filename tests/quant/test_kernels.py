@@ -238,7 +238,8 @@ def test_pdl_launches_only_after_the_first_and_only_where_supported(monkeypatch)
     """Programmatic dependent launch: the step's first launch (pack input, else gate_up) is never
     launched early (it may follow anything); gate_up (after pack input) and down are, and every
     launch gets its griddepcontrol; a device without it (or the interpreter) gets none of that
-    whatever the config; DYMOE_PDL sets split_config's field, and a bad value is one clear error."""
+    whatever the config; DYMOE_PDL sets split_config's field (unset: on for steps of at most
+    PDL_MAX_WEIGHTS weights per projection), and a bad value is one clear error."""
     from dymoe.quant.kernels import triton_experts as te
 
     for precision, packed in (("int4", True), ("int4", False), ("int8", False)):
@@ -257,13 +258,14 @@ def test_pdl_launches_only_after_the_first_and_only_where_supported(monkeypatch)
             assert not (gate_up.kwargs["PDL"] or down.kwargs["PDL"])
             assert not (packed and gate_up.prep.kwargs["PDL"])
     assert not te.pdl_supported(torch.device("cpu"))
-    for value, expected in (("", False), ("0", False), ("1", True)):
+    qwen3, mixtral = (kernel_plan(blob_layout(parse_format("int4", 128), h, i)) for h, i in ((2048, 768), (4096, 14336)))
+    for value, override, expected in (("", None, (True, False)), ("0", False, (False, False)), ("1", True, (True, True))):
         monkeypatch.setenv("DYMOE_PDL", value)
-        override = te._pdl_override()
-        assert override == {"pdl": expected}
+        assert te._pdl_override() is override
         monkeypatch.setattr(te, "PDL_OVERRIDE", override)
-        cfg = te.split_config(kernel_plan(blob_layout(parse_format("int4", 128), 2048, 768)), "down", 8, 132)
-        assert cfg.pdl is expected and cfg.block_steps  # block steps: the packed default
+        cfgs = [te.split_config(plan, "down", 8, 132) for plan in (qwen3, mixtral)]
+        assert tuple(c.pdl for c in cfgs) == expected  # unset: short steps only (pdl_by_default)
+        assert all(c.block_steps for c in cfgs)  # block steps: the packed default
     monkeypatch.setenv("DYMOE_PDL", "yes")
     with pytest.raises(InputError, match="DYMOE_PDL='yes': use 1"):
         te._pdl_override()

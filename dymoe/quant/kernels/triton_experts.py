@@ -359,11 +359,27 @@ def _packed_override() -> bool | None:
 PACKED_OVERRIDE = _packed_override()
 
 
-def _pdl_override() -> dict:
+def _pdl_override() -> bool | None:
     """DYMOE_PDL from the environment, for split_config: 1 turns on programmatic dependent launch
-    (``LaunchConfig.pdl``), 0 or unset leaves it off (the default: it measured faster on the
-    Qwen3-30B-A3B shape and slower on Mixtral's int3 and int2, docs/kernels.md)."""
-    return dict(pdl=env_choice("DYMOE_PDL", {"1": "programmatic dependent launch", "0": "off"}, "0") == "1")
+    (``LaunchConfig.pdl``) for every split-K step, 0 turns it off, unset leaves it to
+    :func:`pdl_by_default`."""
+    setting = env_choice("DYMOE_PDL", {"1": "programmatic dependent launch", "0": "off"}, "")
+    return None if setting == "" else setting == "1"
+
+
+PDL_MAX_WEIGHTS = 1 << 22  # weights of one expert projection (H x I) up to which pdl is the default
+
+
+def pdl_by_default(plan: KernelPlan) -> bool:
+    """Whether a split-K step of ``plan`` uses programmatic dependent launch unless DYMOE_PDL says
+    otherwise: where one projection has at most PDL_MAX_WEIGHTS weights, i.e. the short steps,
+    whose launch gaps are a large part of the step. Measured on an H100 (2026-12-06, % of copy,
+    block steps without -> with pdl; kernel_variants_int2g64_h100.json and
+    kernel_variants_olmoe_deepseek_h100.json): Qwen3-30B-A3B (2048 x 768) int4 37 -> 41, int8
+    52 -> 54, int3 and int2/g128 equal; OLMoE (2048 x 1024) +1 to +4 in all seven formats;
+    DeepSeek-V2-Lite (2048 x 1408) int8 54 -> 56, int4/g128 44 -> 47. On Mixtral-8x7B (4096 x
+    14336) it went from +1 (int8, int4) to -5 (int2/g128), so long steps keep it off."""
+    return plan.hidden_size * plan.intermediate_size <= PDL_MAX_WEIGHTS
 
 
 PDL_OVERRIDE = _pdl_override()
@@ -485,7 +501,8 @@ def split_config(plan: KernelPlan, kernel: str, experts: int, sms: int, block_n:
     # measured 5-9% faster on Mixtral and Qwen3 shapes (docs/results/kernel_variants_int4_maxnreg_h200.json)
     cap = 128 if plan.bits == 4 else None
     return LaunchConfig(block_n=block_n, block_k=block_k, num_warps=num_warps, num_stages=num_stages, split_k=split,
-                        packed=packs_by_default(plan), block_steps=True, max_registers=cap, **PDL_OVERRIDE)
+                        packed=packs_by_default(plan), block_steps=True, max_registers=cap,
+                        pdl=pdl_by_default(plan) if PDL_OVERRIDE is None else PDL_OVERRIDE)
 
 
 def _tiling(plan: KernelPlan, config: LaunchConfig) -> dict:
