@@ -4,17 +4,19 @@ It is the `resident` preset (the upper bound when everything fits) and the refer
 offloading runtimes are checked against (invariant 2 of DESIGN.md).
 
 Two paths compute the same function. Prefill groups tokens by expert (one matmul pair per expert
-used). Decode (one token) gathers the k chosen experts' weights by index and runs two batched
-matmuls: no device-to-host synchronisation, so the host can queue the next layers while the GPU
-works, and CUDA graphs record it (docs/decode.md). The gather copies the k experts' weights before
-the matmuls read them, three times the bytes of reading them in place; ``DYMOE_RESIDENT_DECODE=
-grouped`` runs the token instead through two grouped GEMMs over the whole stacks, each expert a
-group of one row or none (:func:`grouped_decode`: bf16 on sm_90+, the same function, still no
-synchronisation; 8-layer resident TPOT 1.74 -> 1.54 ms on an H100, docs/decode.md; not yet the
-default, since invariant 2 with grouped GEMMs has not been checked on a GPU). The decode paths
-sum the k expert outputs in another order than the grouped prefill path, so they agree to float
-rounding, not bit for bit; ``gather_decode=False`` keeps the grouped path everywhere (the
-bit-exact reference the offloading runtimes are compared with).
+used). Decode (one token) runs through two grouped GEMMs over the whole stacks, each expert a
+group of one row or none (:func:`grouped_decode`, the default where grouped GEMMs run: bf16 on
+sm_90+): the weights are read in place, with no device-to-host synchronisation, so the host can
+queue the next layers while the GPU works and CUDA graphs record it (docs/decode.md). Elsewhere,
+or with ``DYMOE_RESIDENT_DECODE=gather``, it gathers the k chosen experts' weights by index and
+runs two batched matmuls (:func:`gathered_decode`; the gather copies the weights first, three
+times their bytes: 8-layer resident TPOT 1.74 ms against 1.61 grouped on an H100). Offloading
+runtimes decode their bf16 slots through the same function (:func:`decode_experts`), and on the
+H100 the resident model and ``lru`` with bf16 slots gave the same logits bit for bit under
+either setting (invariant 2, docs/decode.md). The decode paths sum the k expert outputs in router
+order like the prefill path, but through other GEMMs, so they agree with it to float rounding,
+not bit for bit; ``gather_decode=False`` keeps the prefill path everywhere (the bit-exact
+reference the offloading runtimes are compared with in the CPU tests).
 """
 
 from __future__ import annotations
@@ -28,8 +30,8 @@ from dymoe.runtime.expert_compute import MAX_GROUPS, combine_rows, grouped_exper
 
 def _decode_setting() -> str:
     return env_choice("DYMOE_RESIDENT_DECODE", {
-        "gather": "the default: gather the k experts' weights, two batched matmuls",
-        "grouped": "two grouped GEMMs over the whole stacks"}, "gather")
+        "grouped": "the default: two grouped GEMMs over the whole stacks (bf16 on sm_90+)",
+        "gather": "gather the k experts' weights, two batched matmuls"}, "grouped")
 
 
 DECODE = _decode_setting()

@@ -119,12 +119,12 @@ def test_grouped_gemms_compute_gpt_oss_experts(experts, monkeypatch):
 
 
 def test_grouped_decode_equals_the_gathered_decode(experts, monkeypatch):
-    """One token through the whole stacks as k one-row groups (DYMOE_RESIDENT_DECODE=grouped)
-    gives the gathered decode's result, plain and with GPT-OSS's biases and activation, for
-    unsorted expert ids (summed in the same order; the grouped GEMMs may round differently);
-    ResidentExperts and an offloading runtime's bf16 slots (decode_experts) take that path only
-    when asked and only for stacks of at most MAX_GROUPS experts (torch._grouped_mm's limit: a
-    larger pool decodes gathered); a bad setting is one clear error."""
+    """One token through the whole stacks as k one-row groups gives the gathered decode's result,
+    plain and with GPT-OSS's biases and activation, for unsorted expert ids (summed in the same
+    order; the grouped GEMMs may round differently); ResidentExperts and an offloading runtime's
+    bf16 slots (decode_experts) take that path under DYMOE_RESIDENT_DECODE=grouped (the default)
+    only, only where grouped GEMMs run and only for stacks of at most MAX_GROUPS experts
+    (torch._grouped_mm's limit: a larger pool decodes gathered); a bad setting is one clear error."""
     from dymoe.errors import InputError
     from dymoe.models.expert_math import ExpertMath
     from dymoe.runtime import resident
@@ -158,6 +158,8 @@ def test_grouped_decode_equals_the_gathered_decode(experts, monkeypatch):
     calls.clear()
     decode_experts(x[:1], ids, weights, gate_up, down, torch.bfloat16)
     assert calls == []
+    monkeypatch.delenv("DYMOE_RESIDENT_DECODE", raising=False)
+    assert resident._decode_setting() == "grouped"
     monkeypatch.setenv("DYMOE_RESIDENT_DECODE", "fast")
-    with pytest.raises(InputError, match="DYMOE_RESIDENT_DECODE='fast': use gather"):
+    with pytest.raises(InputError, match="DYMOE_RESIDENT_DECODE='fast': use grouped"):
         resident._decode_setting()

@@ -363,7 +363,8 @@ def _pdl_override() -> bool | None:
     """DYMOE_PDL from the environment, for split_config: 1 turns on programmatic dependent launch
     (``LaunchConfig.pdl``) for every split-K step, 0 turns it off, unset leaves it to
     :func:`pdl_by_default`."""
-    setting = env_choice("DYMOE_PDL", {"1": "programmatic dependent launch", "0": "off"}, "")
+    setting = env_choice("DYMOE_PDL", {"1": "programmatic dependent launch for every step",
+                                       "0": "off; unset: on for small expert shapes"}, "")
     return None if setting == "" else setting == "1"
 
 
