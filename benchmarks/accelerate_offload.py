@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from resident_decode import hf_qwen3_moe  # noqa: E402  (the transformers twin of dymoe's model)
+from resident_decode import hf_forward, hf_qwen3_moe  # noqa: E402  (the transformers twin of dymoe's model)
 
 from dymoe.bench.harness import environment, pinned_h2d_bandwidth, sync  # noqa: E402
 from dymoe.bench.synthetic import build_dense, build_expert_layer, synthetic_config, tiny_config  # noqa: E402
@@ -42,7 +42,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--out", type=Path, default=Path("bench-out"))
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--layers", type=int, default=8)
-    parser.add_argument("--budgets", default="25,50", help="comma-separated % of the bf16 expert bytes")
+    parser.add_argument("--budgets", default="25,50", help="comma-separated %% of the bf16 expert bytes")
     parser.add_argument("--prompt-len", default="32,512")
     parser.add_argument("--gen-len", type=int, default=8)
     parser.add_argument("--tiny", action="store_true", help="toy widths (CPU smoke test)")
@@ -95,7 +95,7 @@ def time_run(hf, prompt: torch.Tensor, gen_len: int, device) -> dict:
     with torch.inference_mode():
         sync(device)
         started = time.perf_counter()
-        out = hf(input_ids=prompt.view(1, -1), past_key_values=cache, use_cache=True, logits_to_keep=1)
+        out = hf_forward(hf, cache, input_ids=prompt.view(1, -1), logits_to_keep=1)
         token = out.logits[0, -1].argmax()
         sync(device)
         ttft = time.perf_counter() - started
@@ -103,7 +103,7 @@ def time_run(hf, prompt: torch.Tensor, gen_len: int, device) -> dict:
         for _ in range(gen_len - 1):
             sync(device)
             t0 = time.perf_counter()
-            out = hf(input_ids=token.view(1, 1), past_key_values=out.past_key_values, use_cache=True, logits_to_keep=1)
+            out = hf_forward(hf, cache, input_ids=token.view(1, 1), logits_to_keep=1)
             token = out.logits[0, -1].argmax()
             sync(device)
             steps.append(time.perf_counter() - t0)
@@ -125,9 +125,11 @@ def first_token_of_dymoe(model, experts, prompt, device) -> int:
 
 
 def main(argv=None) -> dict:
-    from accelerate import dispatch_model
-
     args = parse_args(argv)
+    try:
+        from accelerate import dispatch_model
+    except ImportError:
+        sys.exit("benchmarks/accelerate_offload.py needs accelerate and transformers: pip install accelerate transformers")
     device = torch.device(args.device)
     args.out.mkdir(parents=True, exist_ok=True)
     config, model, experts, lens = build(args, device)

@@ -5,7 +5,7 @@ shape (:mod:`dymoe.bench.synthetic`) cut to a few layers, every expert resident,
 greedy decode after a 512-token prefill, for dymoe and for transformers with the *same* weights (the
 transformers model's parameters share dymoe's storage, so nothing is copied twice). transformers is
 timed with each requested experts implementation (``grouped_mm`` is its default, ``eager`` its
-reference loop), with its own DynamicCache and ``past_key_values`` forward.
+reference loop), with its own DynamicCache (:func:`hf_forward`).
 
 Method. Both models decode the same fixed token sequence (random ids, positions 512, 513, ...), so
 their work is identical and their logits comparable step by step. Each step is timed on the host
@@ -23,6 +23,8 @@ CPU smoke run: ``python benchmarks/resident_decode.py --device cpu --layers 2 --
 from __future__ import annotations
 
 import argparse
+import functools
+import inspect
 import json
 import platform
 import statistics
@@ -171,9 +173,19 @@ class HFRunner:
         self.cache = DynamicCache(config=self.hf.config)
 
     def forward(self, tokens: torch.Tensor, start: int) -> torch.Tensor:
-        out = self.hf(input_ids=tokens, past_key_values=self.cache, use_cache=True, logits_to_keep=1)
-        self.cache = out.past_key_values
-        return out.logits[0, -1]
+        return hf_forward(self.hf, self.cache, input_ids=tokens, logits_to_keep=1).logits[0, -1]
+
+
+@functools.cache
+def _cache_keyword(model_class: type) -> str:
+    return "cache" if "cache" in inspect.signature(model_class.forward).parameters else "past_key_values"
+
+
+def hf_forward(hf, cache, **inputs):
+    """``hf(**inputs)`` with the key-value ``cache`` (a DynamicCache, updated in place): recent
+    transformers name that argument ``cache`` (``past_key_values`` is deprecated there, to go in
+    5.40), older 5.x ``past_key_values``; whichever this version's forward takes."""
+    return hf(**{_cache_keyword(type(hf)): cache}, use_cache=True, **inputs)
 
 
 # ---- timing --------------------------------------------------------------------------------------
