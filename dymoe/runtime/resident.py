@@ -127,11 +127,27 @@ def grouped_decode(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, ga
     count read back)."""
     k = ids.shape[0]
     sorted_ids, order = torch.sort(ids)
-    ends = torch.searchsorted(sorted_ids, torch.arange(gate_up.shape[0], device=ids.device), right=True)
-    rows = grouped_experts(x.expand(k, -1).contiguous(), ends.to(torch.int32), gate_up, down, biases, math)
+    ends = torch.searchsorted(sorted_ids, _group_ids(gate_up.shape[0], ids.device), right=True, out_int32=True)
+    rows = grouped_experts(x.expand(k, -1).contiguous(), ends, gate_up, down, biases, math)
     y = torch.empty_like(rows)
     y[order] = rows
     return (weights.unsqueeze(-1) * y).sum(0, keepdim=True)
+
+
+_GROUP_IDS: dict[tuple[int, torch.device], torch.Tensor] = {}
+
+
+def _group_ids(n: int, device: torch.device) -> torch.Tensor:
+    """arange(n) on ``device``, made once (one launch fewer per decoded layer), except while a CUDA
+    graph is being captured: a tensor first made there holds its values only once the graph is
+    replayed, so it is not kept."""
+    key = (n, device)
+    if key not in _GROUP_IDS:
+        ids = torch.arange(n, device=device)
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            return ids
+        _GROUP_IDS[key] = ids
+    return _GROUP_IDS[key]
 
 
 def grouped_prefill(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, gate_up: torch.Tensor,

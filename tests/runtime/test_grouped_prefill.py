@@ -154,6 +154,8 @@ def test_grouped_decode_equals_the_gathered_decode(experts, monkeypatch):
         decode_experts(x[:1], ids, weights, gate_up, down, torch.bfloat16)  # a runtime's bf16 slot stacks
         decode_experts(x[:1].float(), ids, weights.float(), gate_up, down, torch.float32)  # a cast: gathered
         assert calls == expected
+    first = resident._group_ids(E, torch.device("cpu"))  # the group ids searched: made once per size
+    assert first.tolist() == list(range(E)) and resident._group_ids(E, torch.device("cpu")) is first
     monkeypatch.setattr(resident, "MAX_GROUPS", E - 1)  # a pool of more slots than grouped GEMMs take
     calls.clear()
     decode_experts(x[:1], ids, weights, gate_up, down, torch.bfloat16)
