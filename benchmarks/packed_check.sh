@@ -8,12 +8,12 @@
 #    four steps back to back with programmatic dependent launch) and check_dense_kernels.py;
 # 2. end to end: `dymoe bench` on the synthetic Qwen3-30B-A3B shape (8 layers), resident and the
 #    static int4/int2 presets with room for every expert (the step is the kernels, not transfers),
-#    once as before (DYMOE_FUSED_DENSE=0 DYMOE_PACKED_DECODE=0), once with the defaults (fused
-#    dense kernels, packed), once with DYMOE_PDL=1 too and once more (resident and lru only) with
-#    DYMOE_RESIDENT_DECODE=grouped (lru's bf16 slots at 100%: its KL against resident shows
-#    whether offloading stays invisible with grouped GEMMs, invariant 2; lru at 50% too, whose
-#    512 slots fit one grouped GEMM, unlike the 1024+ at 100%); E2E="1 1 0 gather,1 1 1 grouped"
-#    picks runs (fused packed pdl decode);
+#    once as before (DYMOE_FUSED_DENSE=0 DYMOE_PACKED_DECODE=0 DYMOE_PDL=0, gathered resident
+#    decode), once with fused dense kernels and packed low-bit kernels, once with DYMOE_PDL=1 too
+#    and once more (resident and lru only) with DYMOE_RESIDENT_DECODE=grouped: today's defaults on
+#    this shape (lru's bf16 slots: its KL against resident shows whether offloading stays
+#    invisible, invariant 2, at 100% with 1024 slots decoded gathered, at 50% with 512 decoded
+#    grouped); E2E="1 1 0 gather,1 1 1 grouped" picks runs (fused packed pdl decode);
 # 3. kernel timings, in the time left: benchmarks/kernels.py --variants (FORMATS=..., MODELS=...
 #    for others, e.g. olmoe and deepseek-v2-lite; KERNEL_BUDGET seconds): tiled, choose_config,
 #    packed and float32 split-K, the packed path per group (block steps are the default) and
