@@ -110,7 +110,8 @@ def decode_experts(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, ga
     :func:`grouped_decode` under ``DYMOE_RESIDENT_DECODE=grouped`` where grouped GEMMs run, no
     cast is needed and the stacks hold at most ``MAX_GROUPS`` experts, else :func:`gathered_decode`
     (a runtime's pool of more slots than that decodes gathered while the resident model decodes
-    grouped: then the two agree to rounding, not bit for bit)."""
+    grouped: two different GEMMs, which on the H100 gave the same logits bit for bit, but nothing
+    promises it elsewhere)."""
     if (DECODE == "grouped" and grouped_mm_usable(x) and (dtype is None or gate_up.dtype == dtype)
             and gate_up.shape[0] <= MAX_GROUPS):
         return grouped_decode(x, ids, weights, gate_up, down, biases, math)
