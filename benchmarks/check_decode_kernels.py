@@ -14,12 +14,14 @@ against the float32 ``reference_decode``:
    one-token steps back to back on one workspace, each with a new input, int8/int4/int3/int2 at
    g128 on the Qwen3 and Mixtral shapes: each launch of a step overlaps the end of the one before,
    so a read before its wait, or a scratch reused too early, shows as a wrong step;
-3. GPT-OSS-20B's experts (biases read from the blob, the clamped activation) in every format, one
+3. the one-launch step (``LaunchConfig.one_launch``: gate_up and down items in one launch, down
+   items waiting for their expert's h), 4 steps back to back, bf16 to int2 at g128, both shapes;
+4. GPT-OSS-20B's experts (biases read from the blob, the clamped activation) in every format, one
    token (split-K, packed for int4/int3/int2; tiled for bf16) and three tokens (tensor cores).
 
 Prints the relative error of each; exits 1 if any is above 1e-2 or not finite. ``--quick``: only
-the packed path with outlier activations on the Qwen3 and Mixtral shapes (12 checks) and 2. with
-the packed path only (8 checks).
+the packed path with outlier activations on the Qwen3 and Mixtral shapes (12 checks), 2. with
+the packed path only (8 checks) and 3. (16 checks).
 """
 
 import argparse
@@ -60,18 +62,21 @@ def case(h: int, i: int, k: int, precision: str, group: int, math=SWIGLU, tokens
     return layout, pool.cuda(), offsets, combine, g
 
 
-def check(label: str, layout, pool, offsets, combine, x, math=SWIGLU, packed: bool = True, pdl: bool = False) -> None:
+def check(label: str, layout, pool, offsets, combine, x, math=SWIGLU, packed: bool = True, pdl: bool = False,
+          one_launch: bool = False) -> None:
     """One step (``x`` [T, H]), or with ``x`` [S, 1, H] S one-token steps back to back on one
     workspace with no sync between (as a model's layers run them: with ``pdl`` each launch starts
-    while the one before finishes, so a missing wait shows as a wrong step), against the reference."""
+    while the one before finishes, so a missing wait shows as a wrong step; with ``one_launch``
+    gate_up and down share a launch, so a down item that reads h too early, or a counter left
+    set for the next step, shows the same way), against the reference."""
     global worst
     plan = kernel_plan(layout)
     steps = x if x.dim() == 3 else x[None]
     e, t = combine.shape[1], steps.shape[1]
     ws = DecodeWorkspace.allocate(plan, e, t, "cuda")
-    if t == 1 and (plan.bits in PACKED_BITS or pdl):  # split-K, packed or float32 (int3's default may be tiled)
+    if t == 1 and (plan.bits in PACKED_BITS or pdl or one_launch):  # split-K (int3's default may be tiled)
         configs = tuple(dataclasses.replace(split_config(plan, kernel, e, SMS), packed=packed and plan.bits in PACKED_BITS,
-                                            pdl=pdl)
+                                            pdl=pdl, one_launch=one_launch)
                         for kernel in ("gate_up", "down"))
     else:
         configs = tuple(choose_config(plan, kernel, e, t, SMS) for kernel in ("gate_up", "down"))
@@ -88,6 +93,7 @@ def check(label: str, layout, pool, offsets, combine, x, math=SWIGLU, packed: bo
           flush=True)
 
 
+PACKED_ONLY = ("int4", "int3", "int2")  # formats whose step has a launch (the input packing) before it
 for precision in ("int4", "int3", "int2"):
     # Qwen3-30B-A3B, Mixtral-8x7B, GPT-OSS-20B
     for h, i, k in ((2048, 768, 8), (4096, 14336, 2), (2880, 2880, 4))[:2 if QUICK else 3]:
@@ -111,6 +117,16 @@ if pdl_supported(torch.device("cuda")):  # programmatic dependent launch: 4 step
                       packed=packed, pdl=True)
 else:
     print("no programmatic dependent launch on this GPU/Triton: pdl not checked")
+
+# gate_up and down in one launch (LaunchConfig.one_launch): 4 steps back to back, new input each,
+# with and without pdl between the packing launch and the step
+for precision in ("bf16", "int8", "int4", "int3", "int2"):
+    for h, i, k in ((2048, 768, 8), (4096, 14336, 2)):
+        layout, pool, offsets, combine, g = case(h, i, k, precision, 128)
+        for pdl in (False, True) if pdl_supported(torch.device("cuda")) and precision in PACKED_ONLY else (False,):
+            x = (torch.randn(4, 1, h, generator=g) * 0.1).bfloat16().cuda()
+            check(f"{precision} H{h} I{i} g128 one launch pdl={pdl}", layout, pool, offsets, combine, x, pdl=pdl,
+                  one_launch=True)
 
 for precision, group in () if QUICK else (("bf16", 128), ("int8", 128), ("int4", 64), ("int4", 128), ("int3", 128),
                                           ("int2", 64)):

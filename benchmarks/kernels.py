@@ -397,6 +397,8 @@ def variant_candidates(plan, k: int, sms: int) -> tuple[list, list]:
     if packable:  # the packed path in one call per group against one per block_k step (the default)
         first.append(("split packed per group",
                       tuple(dataclasses.replace(c, packed=True, block_steps=False) for c in base)))
+    if base[0].split_k is not None:  # gate_up and down in one launch (work items by ticket)
+        first.append(("split one launch", tuple(dataclasses.replace(c, one_launch=True) for c in base)))
     if pdl_supported(torch.device("cuda")):  # programmatic dependent launch, against the default's setting
         other = not base[0].pdl
         first.append(("split pdl" if other else "split no pdl", tuple(dataclasses.replace(c, pdl=other) for c in base)))
@@ -444,7 +446,7 @@ def check_variant(pool, offsets, plan, x, combine, ws, configs, ref) -> dict:
     torch.cuda.synchronize()
     rel = ((out.float() - ref).norm() / ref.norm()).item()
     finite = bool(out.isfinite().all())
-    reset = not (bool(ws.counters.any()) or bool(ws.gate_up_counters.any()))
+    reset = not (bool(ws.counters.any()) or bool(ws.gate_up_counters.any()) or bool(ws.step_counters.any()))
     return {"rel_err": rel, "finite": finite, "counters_reset": reset, "ok": finite and reset and rel < MAX_REL_ERR}
 
 

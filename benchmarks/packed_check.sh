@@ -59,7 +59,7 @@ done
 stage kernels $((KERNEL_BUDGET * 2 - 20)) "$PYTHON" benchmarks/kernels.py --out "$OUT/kernels" --variants \
   --budget-s "$KERNEL_BUDGET" --models $MODELS --formats $FORMATS
 echo "== kernels: choose_config, packed/float32 split-K and pdl per shape, then the summary"
-grep -E "split packed|split float32|split default|choose_config|split pdl|split no pdl" "$OUT/kernels.txt" | cut -c1-150
+grep -E "split packed|split float32|split default|choose_config|split pdl|split no pdl|one launch" "$OUT/kernels.txt" | cut -c1-150
 tail -18 "$OUT/kernels.txt"
 echo "== end to end"
 grep -v "^\s*$" "$OUT/e2e.txt" | tail -60 | cut -c1-160

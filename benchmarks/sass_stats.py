@@ -5,7 +5,8 @@ of their inner loop: what the kernels cost per packing word, checkable on any ma
     python benchmarks/sass_stats.py --format int4 --group 128 --model mixtral-8x7b
     python benchmarks/sass_stats.py --format int2 --group 64 --model qwen3-30b-a3b --set block_n=256
 
-For each launch of the step (gate_up, down, and the input packing of the packed path) it prints the
+For each launch of the step (gate_up, down, and the input packing of the packed path; with
+``--set one_launch=True`` the one launch of both) it prints the
 grid, registers per thread, local memory (spills), shared memory, and the histogram of the SASS
 instructions inside the kernel's largest loop with the instructions per packing word (int3: per 8
 codes) of one loop iteration. The configs are ``split_config``'s (every format, int3 included);
@@ -97,6 +98,11 @@ def main(argv=None) -> int:
                                           counters_ptr="*i32", E="i32")),
                 ("down", down, dict(w_ptr=payload, s_ptr="*fp16", offsets_ptr="*i64", combine_ptr="*fp32",
                                     h_ptr=hidden, partial_ptr="*fp32", out_ptr="*bf16", counters_ptr="*i32", E="i32"))]
+    if getattr(gate_up, "one_launch", False):  # both kernels' items in one launch (split_k._step_kernel)
+        launches = [("one launch", gate_up, dict(w_ptr=payload, s_ptr="*fp16", offsets_ptr="*i64", combine_ptr="*fp32",
+                                                 x_ptr="*i32" if packed else "*bf16", h_ptr=hidden, gu_ptr="*fp32",
+                                                 gu_counters_ptr="*i32", partial_ptr="*fp32", out_ptr="*bf16",
+                                                 counters_ptr="*i32", step_ptr="*i32", E="i32"))]
     if getattr(gate_up, "prep", None) is not None:
         launches.append(("pack input", gate_up.prep, dict(x_ptr="*bf16", out_ptr="*i32")))
     keep = args.keep or tempfile.mkdtemp()
@@ -132,7 +138,7 @@ def main(argv=None) -> int:
         loop = loop_histogram(sass)
         print(f"\n{name}: grid {launch.grid}, {options.get('num_warps')} warps, {regs} registers, local {local} B, "
               f"shared {compiled.metadata.shared} B")
-        if name == "pack input":
+        if name in ("pack input", "one launch"):  # (the one launch: its loops are gate_up's and down's)
             continue
         # one loop iteration covers SUBS steps of SUB_K columns for each of the block's rows (x2: gate and up)
         words = (launch.kwargs["BLOCK_N"] * launch.kwargs["SUB_K"] * launch.kwargs["SUBS"]

@@ -203,6 +203,69 @@ def test_triton_kernels_under_the_interpreter():
         assert packed == (precision in packable and case in ("T1-split", "T1-split-outliers")), name
 
 
+_INTERPRETED_ONE_LAUNCH = r"""
+import dataclasses, json, torch
+from dymoe.checkpoint.blob import blob_layout
+from dymoe.models.expert_math import SWIGLU, ExpertMath
+from dymoe.quant.formats import parse_format
+from dymoe.quant.kernels import decode_routing, expert_decode, kernel_plan
+from dymoe.quant.kernels.reference import random_pool
+from dymoe.quant.kernels.triton_experts import DecodeWorkspace, LaunchConfig, launch_decode
+
+GPT_OSS = ExpertMath("gpt_oss", bias=True, limit=0.1, alpha=1.702)
+results = {}
+for precision, group, math in [(p, g, SWIGLU) for p, g in FORMATS] + [("int4", 64, GPT_OSS)]:
+    layout = blob_layout(parse_format(precision, group), 160, 96, bias=math.bias)
+    plan = kernel_plan(layout)
+    pool, table = random_pool(layout, 6, seed=3, spare_bytes=256)
+    small_k = 32 if plan.group_size == 0 else max(64, plan.group_size)
+    two = LaunchConfig(64, 2 * small_k, 1, 1, split_k=2, packed=plan.bits in (4, 3, 2), block_steps=True)
+    one = dataclasses.replace(two, one_launch=True)
+    outs = {}
+    for name, cfg in (("two", two), ("one", one)):
+        ws = DecodeWorkspace.allocate(plan, 3, 1, "cpu")
+        for scratch in ws.scratch():
+            scratch.fill_(float("nan"))
+        g = torch.Generator().manual_seed(4)
+        steps = []
+        for step in range(2):  # two steps back to back on one workspace: the counters must be reset
+            ids = torch.randperm(5, generator=g)[:3][None]
+            offsets, combine = decode_routing(table, ids, torch.rand(1, 3, generator=g))
+            combine[:, 1] = 0.0  # an expert no token uses: its items still count
+            x = torch.randn(1, 160, generator=g).bfloat16()
+            ref = expert_decode(pool, offsets, layout, x.float(), combine, backend="torch", math=math)
+            out = launch_decode(pool, offsets, plan, x, combine, ws, cfg, cfg, math=math)
+            steps.append((out, ref))
+        outs[name] = steps
+        reset = not (ws.counters.any() or ws.gate_up_counters.any() or ws.step_counters.any())
+        outs[name + "_reset"] = reset
+    key = f"{precision}/{group}" + ("/gpt_oss" if math.bias else "")
+    results[key] = {
+        "rel_err": max(((o.float() - r).norm() / r.norm()).item() for o, r in outs["one"]),
+        "same_as_two": all(torch.equal(a[0], b[0]) for a, b in zip(outs["one"], outs["two"])),
+        "finite": all(bool(o.isfinite().all()) for o, _ in outs["one"]),
+        "reset": outs["one_reset"] and outs["two_reset"]}
+print(json.dumps(results))
+"""
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed (gpu extra)")
+def test_one_launch_step_equals_the_two_launches_under_the_interpreter():
+    """``LaunchConfig.one_launch`` (gate_up and down items in one launch, down items waiting for
+    their expert's h): every format and GPT-OSS's biased experts give the two-launch step's output
+    bit for bit, within 1e-2 of the float32 reference, for two steps back to back on one
+    NaN-poisoned workspace, with every counter (tickets, ready, done) back at zero."""
+    env = dict(os.environ, TRITON_INTERPRET="1", TRITON_DEFAULT_FP_FUSION="1")
+    script = f"FORMATS = {FORMATS!r}\n" + _INTERPRETED_ONE_LAUNCH
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    results = json.loads(done.stdout.strip().splitlines()[-1])
+    assert set(results) == {f"{p}/{g}" for p, g in FORMATS} | {"int4/64/gpt_oss"}
+    for name, r in results.items():
+        assert r["finite"] and r["rel_err"] < 1e-2, (name, r)
+        assert r["same_as_two"] and r["reset"], (name, r)
+
+
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed (gpu extra)")
 def test_packed_default_per_format_and_environment(monkeypatch):
     """One-token int2, int3 and int4 run on packed activation vectors where a group holds whole

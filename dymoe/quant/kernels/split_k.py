@@ -511,9 +511,9 @@ def _transposed(rows, KP: tl.constexpr, CPW: tl.constexpr):
 
 
 @triton.jit
-def _k_slice(active, KP: tl.constexpr, K_SLICE: tl.constexpr):
-    """This program's input columns [start, end) (empty for an expert no token uses)."""
-    start = tl.program_id(2) * K_SLICE
+def _k_slice(active, piece, KP: tl.constexpr, K_SLICE: tl.constexpr):
+    """K slice ``piece``'s input columns [start, end) (empty for an expert no token uses)."""
+    start = piece * K_SLICE
     end = tl.minimum(start + K_SLICE, KP)
     return start, tl.where(active, end, start)
 
@@ -533,19 +533,20 @@ def _store_hidden(h_ptr, e, block, rows, row_ok, h, KP_DOWN: tl.constexpr, CPW: 
 
 
 @triton.jit
-def _gate_up_split_kernel(w_ptr, s_ptr, offsets_ptr, combine_ptr, x_ptr, h_ptr, gu_ptr, counters_ptr, E,
-                          H: tl.constexpr, I: tl.constexpr, W_BYTES: tl.constexpr,
-                          GATE_W: tl.constexpr, GATE_S: tl.constexpr, GATE_M: tl.constexpr,
-                          UP_W: tl.constexpr, UP_S: tl.constexpr, UP_M: tl.constexpr,
-                          ROW: tl.constexpr, KP: tl.constexpr, GROUPS: tl.constexpr, BITS: tl.constexpr,
-                          CPW: tl.constexpr, BLOCK_N: tl.constexpr, SUB_K: tl.constexpr, SUBS: tl.constexpr,
-                          SPLIT: tl.constexpr, K_SLICE: tl.constexpr, KP_DOWN: tl.constexpr,
-                          PACKED: tl.constexpr = False, BLOCK_STEPS: tl.constexpr = False, ASM: tl.constexpr = True,
-                          PDL: tl.constexpr = False, C_IN: tl.constexpr = 0,
-                          C_H: tl.constexpr = 0, GU_BIAS: tl.constexpr = -1, ACT: tl.constexpr = 0,
-                          LIMIT: tl.constexpr = 7.0, ALPHA: tl.constexpr = 1.702):
-    e = tl.program_id(0)
-    block = tl.program_id(1)
+def _gate_up_item(e, block, piece, blocks, w_ptr, s_ptr, offsets_ptr, combine_ptr, x_ptr, h_ptr, gu_ptr, counters_ptr,
+                  ready_ptr, E, H: tl.constexpr, I: tl.constexpr, W_BYTES: tl.constexpr,
+                  GATE_W: tl.constexpr, GATE_S: tl.constexpr, GATE_M: tl.constexpr,
+                  UP_W: tl.constexpr, UP_S: tl.constexpr, UP_M: tl.constexpr,
+                  ROW: tl.constexpr, KP: tl.constexpr, GROUPS: tl.constexpr, BITS: tl.constexpr,
+                  CPW: tl.constexpr, BLOCK_N: tl.constexpr, SUB_K: tl.constexpr, SUBS: tl.constexpr,
+                  SPLIT: tl.constexpr, K_SLICE: tl.constexpr, KP_DOWN: tl.constexpr, PACKED: tl.constexpr,
+                  BLOCK_STEPS: tl.constexpr, ASM: tl.constexpr, PDL: tl.constexpr, C_IN: tl.constexpr,
+                  C_H: tl.constexpr, GU_BIAS: tl.constexpr, ACT: tl.constexpr, LIMIT: tl.constexpr,
+                  ALPHA: tl.constexpr, SIGNAL: tl.constexpr):
+    """K slice ``piece`` of row block ``block`` (of ``blocks``) of expert ``e``'s gate and up
+    projections; the last slice of the block to finish writes that block of ``h``. ``SIGNAL`` (the
+    one-launch step, :func:`_step_kernel`): it then adds one to ``ready_ptr[e]`` (release), so the
+    down items of expert e know when all of its ``h`` is written."""
     rows = block * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < I
     w_slot, s_slot, _, c, active = _expert_slot(offsets_ptr, combine_ptr, e, 1, E, W_BYTES, 2)
@@ -559,7 +560,7 @@ def _gate_up_split_kernel(w_ptr, s_ptr, offsets_ptr, combine_ptr, x_ptr, h_ptr, 
     acc_u = tl.zeros((BLOCK_N, width), dtype=tl.float32)
     m_g = tl.zeros((BLOCK_N,), dtype=tl.float32)
     m_u = tl.zeros((BLOCK_N,), dtype=tl.float32)
-    start, end = _k_slice(active, KP, K_SLICE)
+    start, end = _k_slice(active, piece, KP, K_SLICE)
     if PDL:  # x, h, the scratch and counters only after the previous launch is done
         gdc_wait()
         gdc_launch_dependents()
@@ -582,12 +583,15 @@ def _gate_up_split_kernel(w_ptr, s_ptr, offsets_ptr, combine_ptr, x_ptr, h_ptr, 
         up += _bias(s_ptr, s_slot, GU_BIAS, rows + I, live)  # up's biases follow gate's
         _store_hidden(h_ptr, e, block, rows, row_ok, _glu(gate, up, ACT, LIMIT, ALPHA) * weight, KP_DOWN, CPW,
                       BITS, BLOCK_N, PACKED, C_H)
+        if SIGNAL:
+            tl.debug_barrier()  # every thread's h stores happen before the release below
+            tl.atomic_add(ready_ptr + e, 1, sem="release")
     else:
         slices = gu_ptr + e * (SPLIT * 2 * I)
-        tl.store(slices + tl.program_id(2) * (2 * I) + rows, gate, mask=row_ok)
-        tl.store(slices + tl.program_id(2) * (2 * I) + I + rows, up, mask=row_ok)
+        tl.store(slices + piece * (2 * I) + rows, gate, mask=row_ok)
+        tl.store(slices + piece * (2 * I) + I + rows, up, mask=row_ok)
         tl.debug_barrier()  # every thread's stores happen before the release below
-        counter = counters_ptr + e * tl.num_programs(1) + block
+        counter = counters_ptr + e * blocks + block
         if tl.atomic_add(counter, 1, sem="acq_rel") == SPLIT - 1:
             gate = tl.zeros((BLOCK_N,), dtype=tl.float32)
             up = tl.zeros((BLOCK_N,), dtype=tl.float32)
@@ -599,19 +603,41 @@ def _gate_up_split_kernel(w_ptr, s_ptr, offsets_ptr, combine_ptr, x_ptr, h_ptr, 
             _store_hidden(h_ptr, e, block, rows, row_ok, _glu(gate, up, ACT, LIMIT, ALPHA) * weight, KP_DOWN, CPW,
                           BITS, BLOCK_N, PACKED, C_H)
             tl.atomic_xchg(counter, 0)
+            if SIGNAL:
+                tl.debug_barrier()
+                tl.atomic_add(ready_ptr + e, 1, sem="release")
 
 
 @triton.jit
-def _down_split_kernel(w_ptr, s_ptr, offsets_ptr, combine_ptr, h_ptr, partial_ptr, out_ptr, counters_ptr, E,
-                       H: tl.constexpr, I: tl.constexpr, W_BYTES: tl.constexpr,
-                       DOWN_W: tl.constexpr, DOWN_S: tl.constexpr, DOWN_M: tl.constexpr,
-                       ROW: tl.constexpr, KP: tl.constexpr, GROUPS: tl.constexpr, BITS: tl.constexpr,
-                       CPW: tl.constexpr, BLOCK_N: tl.constexpr, SUB_K: tl.constexpr, SUBS: tl.constexpr,
-                       SPLIT: tl.constexpr, K_SLICE: tl.constexpr, PACKED: tl.constexpr = False,
-                       BLOCK_STEPS: tl.constexpr = False, ASM: tl.constexpr = True, PDL: tl.constexpr = False,
-                       C_H: tl.constexpr = 0, D_BIAS: tl.constexpr = -1):
-    e = tl.program_id(0)
-    rows = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+def _gate_up_split_kernel(w_ptr, s_ptr, offsets_ptr, combine_ptr, x_ptr, h_ptr, gu_ptr, counters_ptr, E,
+                          H: tl.constexpr, I: tl.constexpr, W_BYTES: tl.constexpr,
+                          GATE_W: tl.constexpr, GATE_S: tl.constexpr, GATE_M: tl.constexpr,
+                          UP_W: tl.constexpr, UP_S: tl.constexpr, UP_M: tl.constexpr,
+                          ROW: tl.constexpr, KP: tl.constexpr, GROUPS: tl.constexpr, BITS: tl.constexpr,
+                          CPW: tl.constexpr, BLOCK_N: tl.constexpr, SUB_K: tl.constexpr, SUBS: tl.constexpr,
+                          SPLIT: tl.constexpr, K_SLICE: tl.constexpr, KP_DOWN: tl.constexpr,
+                          PACKED: tl.constexpr = False, BLOCK_STEPS: tl.constexpr = False, ASM: tl.constexpr = True,
+                          PDL: tl.constexpr = False, C_IN: tl.constexpr = 0,
+                          C_H: tl.constexpr = 0, GU_BIAS: tl.constexpr = -1, ACT: tl.constexpr = 0,
+                          LIMIT: tl.constexpr = 7.0, ALPHA: tl.constexpr = 1.702):
+    """Grid (experts, row blocks, K slices): one :func:`_gate_up_item` each."""
+    _gate_up_item(tl.program_id(0), tl.program_id(1), tl.program_id(2), tl.num_programs(1), w_ptr, s_ptr,
+                  offsets_ptr, combine_ptr, x_ptr, h_ptr, gu_ptr, counters_ptr, counters_ptr, E, H, I, W_BYTES,
+                  GATE_W, GATE_S, GATE_M, UP_W, UP_S, UP_M, ROW, KP, GROUPS, BITS, CPW, BLOCK_N, SUB_K, SUBS, SPLIT,
+                  K_SLICE, KP_DOWN, PACKED, BLOCK_STEPS, ASM, PDL, C_IN, C_H, GU_BIAS, ACT, LIMIT, ALPHA, False)
+
+
+@triton.jit
+def _down_item(e, block, piece, w_ptr, s_ptr, offsets_ptr, combine_ptr, h_ptr, partial_ptr, out_ptr, counters_ptr, E,
+               H: tl.constexpr, I: tl.constexpr, W_BYTES: tl.constexpr,
+               DOWN_W: tl.constexpr, DOWN_S: tl.constexpr, DOWN_M: tl.constexpr,
+               ROW: tl.constexpr, KP: tl.constexpr, GROUPS: tl.constexpr, BITS: tl.constexpr,
+               CPW: tl.constexpr, BLOCK_N: tl.constexpr, SUB_K: tl.constexpr, SUBS: tl.constexpr,
+               SPLIT: tl.constexpr, K_SLICE: tl.constexpr, PACKED: tl.constexpr, BLOCK_STEPS: tl.constexpr,
+               ASM: tl.constexpr, PDL: tl.constexpr, C_H: tl.constexpr, D_BIAS: tl.constexpr):
+    """K slice ``piece`` of row block ``block`` of expert ``e``'s down projection, into its partial
+    row; the last of the block's partials to land sums them (:func:`_sum_experts`)."""
+    rows = block * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < H
     w_slot, s_slot, t, c, active = _expert_slot(offsets_ptr, combine_ptr, e, 1, E, W_BYTES, 2)
     live = _live(rows, row_ok, active)
@@ -620,7 +646,7 @@ def _down_split_kernel(w_ptr, s_ptr, offsets_ptr, combine_ptr, h_ptr, partial_pt
     STEP: tl.constexpr = SUB_K * SUBS if BLOCK_STEPS else SUB_K  # packed: columns per _packed_step call
     acc = tl.zeros((BLOCK_N, STEP // V if PACKED else SUB_K // CPW), dtype=tl.float32)
     acc_m = tl.zeros((BLOCK_N,), dtype=tl.float32)
-    start, end = _k_slice(active, KP, K_SLICE)
+    start, end = _k_slice(active, piece, KP, K_SLICE)
     if PDL:  # h, the partials, the counters and out only after gate_up is done
         gdc_wait()
     for k0 in range(start, end, SUB_K * SUBS):
@@ -635,9 +661,79 @@ def _down_split_kernel(w_ptr, s_ptr, offsets_ptr, combine_ptr, h_ptr, partial_pt
                                           k0 + sub * SUB_K, h_ptr + e * KP, I, ROW, KP, GROUPS, BITS, CPW, SUB_K)
     out = (tl.sum(acc, axis=1) + acc_m) * _row_scales(s_ptr, down_s, rows, live, BITS)
     if D_BIAS >= 0:  # the router weight times the expert's bias, once (in the first slice's partial)
-        first = (tl.program_id(2) == 0).to(tl.float32)
+        first = (piece == 0).to(tl.float32)
         out += _bias(s_ptr, s_slot, D_BIAS, rows, live) * (tl.sum(c, axis=0) * first)
-    tl.store(partial_ptr + (e * SPLIT + tl.program_id(2)) * H + rows, out, mask=row_ok)
+    tl.store(partial_ptr + (e * SPLIT + piece) * H + rows, out, mask=row_ok)
     # partial row e * SPLIT + slice is "expert" e * SPLIT + slice of one token for the shared sum
     mask = row_ok[:, None] & (t[None, :] < 1)
-    _sum_experts(partial_ptr, out_ptr, counters_ptr + tl.program_id(1), rows, t, mask, 1, E * SPLIT, H, BLOCK_N, 2)
+    _sum_experts(partial_ptr, out_ptr, counters_ptr + block, rows, t, mask, 1, E * SPLIT, H, BLOCK_N, 2)
+
+
+@triton.jit
+def _down_split_kernel(w_ptr, s_ptr, offsets_ptr, combine_ptr, h_ptr, partial_ptr, out_ptr, counters_ptr, E,
+                       H: tl.constexpr, I: tl.constexpr, W_BYTES: tl.constexpr,
+                       DOWN_W: tl.constexpr, DOWN_S: tl.constexpr, DOWN_M: tl.constexpr,
+                       ROW: tl.constexpr, KP: tl.constexpr, GROUPS: tl.constexpr, BITS: tl.constexpr,
+                       CPW: tl.constexpr, BLOCK_N: tl.constexpr, SUB_K: tl.constexpr, SUBS: tl.constexpr,
+                       SPLIT: tl.constexpr, K_SLICE: tl.constexpr, PACKED: tl.constexpr = False,
+                       BLOCK_STEPS: tl.constexpr = False, ASM: tl.constexpr = True, PDL: tl.constexpr = False,
+                       C_H: tl.constexpr = 0, D_BIAS: tl.constexpr = -1):
+    """Grid (experts, row blocks, K slices): one :func:`_down_item` each."""
+    _down_item(tl.program_id(0), tl.program_id(1), tl.program_id(2), w_ptr, s_ptr, offsets_ptr, combine_ptr, h_ptr,
+               partial_ptr, out_ptr, counters_ptr, E, H, I, W_BYTES, DOWN_W, DOWN_S, DOWN_M, ROW, KP, GROUPS, BITS,
+               CPW, BLOCK_N, SUB_K, SUBS, SPLIT, K_SLICE, PACKED, BLOCK_STEPS, ASM, PDL, C_H, D_BIAS)
+
+
+@triton.jit
+def _step_kernel(w_ptr, s_ptr, offsets_ptr, combine_ptr, x_ptr, h_ptr, gu_ptr, gu_counters_ptr, partial_ptr, out_ptr,
+                 counters_ptr, step_ptr, E, H: tl.constexpr, I: tl.constexpr, W_BYTES: tl.constexpr,
+                 GATE_W: tl.constexpr, GATE_S: tl.constexpr, GATE_M: tl.constexpr,
+                 UP_W: tl.constexpr, UP_S: tl.constexpr, UP_M: tl.constexpr,
+                 DOWN_W: tl.constexpr, DOWN_S: tl.constexpr, DOWN_M: tl.constexpr, BITS: tl.constexpr,
+                 G_ROW: tl.constexpr, G_KP: tl.constexpr, G_GROUPS: tl.constexpr, G_CPW: tl.constexpr,
+                 G_BLOCK_N: tl.constexpr, G_SUB_K: tl.constexpr, G_SUBS: tl.constexpr, G_SPLIT: tl.constexpr,
+                 G_K_SLICE: tl.constexpr, G_BLOCKS: tl.constexpr,
+                 D_ROW: tl.constexpr, D_KP: tl.constexpr, D_GROUPS: tl.constexpr, D_CPW: tl.constexpr,
+                 D_BLOCK_N: tl.constexpr, D_SUB_K: tl.constexpr, D_SUBS: tl.constexpr, D_SPLIT: tl.constexpr,
+                 D_K_SLICE: tl.constexpr, D_BLOCKS: tl.constexpr, KP_DOWN: tl.constexpr,
+                 PACKED: tl.constexpr = False, BLOCK_STEPS: tl.constexpr = False, ASM: tl.constexpr = True,
+                 PDL: tl.constexpr = False, C_IN: tl.constexpr = 0, C_H: tl.constexpr = 0,
+                 GU_BIAS: tl.constexpr = -1, ACT: tl.constexpr = 0, LIMIT: tl.constexpr = 7.0,
+                 ALPHA: tl.constexpr = 1.702, D_BIAS: tl.constexpr = -1):
+    """The whole one-token step in one launch (``LaunchConfig.one_launch``): each program takes a
+    ticket from ``step_ptr[0]`` and runs that work item: tickets below ``E * G_BLOCKS * G_SPLIT``
+    are gate_up items (expert-major), the rest down items (expert-major), each of which first waits
+    (acquire) until ``step_ptr[2 + e]`` counts all of expert e's gate_up row blocks written.
+    Tickets, not program ids, make the wait safe: a smaller ticket belongs to a program already
+    running that waits only on smaller tickets, so it finishes whatever order the blocks are
+    scheduled in and however few fit at once. The last program to finish (``step_ptr[1]``) resets
+    the three kinds of counter for the next step. Under Triton's interpreter programs run one after
+    another in ticket order, so no wait ever spins."""
+    if PDL:  # x (packed by the launch before) and the counters only after that launch is done
+        gdc_wait()
+    ticket = tl.atomic_add(step_ptr, 1, sem="relaxed")
+    gate_up_items = E * (G_BLOCKS * G_SPLIT)
+    if ticket < gate_up_items:
+        e = ticket // (G_BLOCKS * G_SPLIT)
+        block = ticket % (G_BLOCKS * G_SPLIT) // G_SPLIT
+        _gate_up_item(e, block, ticket % G_SPLIT, G_BLOCKS, w_ptr, s_ptr, offsets_ptr, combine_ptr, x_ptr, h_ptr,
+                      gu_ptr, gu_counters_ptr, step_ptr + 2, E, H, I, W_BYTES, GATE_W, GATE_S, GATE_M, UP_W, UP_S,
+                      UP_M, G_ROW, G_KP, G_GROUPS, BITS, G_CPW, G_BLOCK_N, G_SUB_K, G_SUBS, G_SPLIT, G_K_SLICE, KP_DOWN,
+                      PACKED, BLOCK_STEPS, ASM, False, C_IN, C_H, GU_BIAS, ACT, LIMIT, ALPHA, True)
+    else:
+        item = ticket - gate_up_items
+        e = item // (D_BLOCKS * D_SPLIT)
+        ready = tl.atomic_add(step_ptr + 2 + e, 0, sem="acquire")
+        while ready < G_BLOCKS:  # expert e's h not all written yet
+            ready = tl.atomic_add(step_ptr + 2 + e, 0, sem="acquire")
+        tl.debug_barrier()  # no thread reads h before the acquire above
+        _down_item(e, item % (D_BLOCKS * D_SPLIT) // D_SPLIT, item % D_SPLIT, w_ptr, s_ptr, offsets_ptr, combine_ptr,
+                   h_ptr, partial_ptr, out_ptr, counters_ptr, E, H, I, W_BYTES, DOWN_W, DOWN_S, DOWN_M, D_ROW, D_KP,
+                   D_GROUPS, BITS, D_CPW, D_BLOCK_N, D_SUB_K, D_SUBS, D_SPLIT, D_K_SLICE, PACKED, BLOCK_STEPS, ASM,
+                   False, C_H, D_BIAS)
+    tl.debug_barrier()
+    if tl.atomic_add(step_ptr + 1, 1, sem="acq_rel") == gate_up_items + E * (D_BLOCKS * D_SPLIT) - 1:
+        for j in range(E):
+            tl.atomic_xchg(step_ptr + 2 + j, 0)
+        tl.atomic_xchg(step_ptr, 0)
+        tl.atomic_xchg(step_ptr + 1, 0)

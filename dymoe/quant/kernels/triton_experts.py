@@ -424,6 +424,9 @@ class LaunchConfig:
     # launch of the step after the first starts while the one before finishes and waits
     # (griddepcontrol) only before reading what that one writes
     pdl: bool = False
+    # split-K, read from gate_up's config: gate_up and down in one launch (split_k._step_kernel:
+    # work items by ticket, down items wait for their expert's h); not timed yet, so off by default
+    one_launch: bool = False
 
 
 def uses_gemv(plan: KernelPlan, tokens: int) -> bool:
@@ -553,8 +556,9 @@ class DecodeWorkspace:
     of each block resets its counter), ``hidden_transposed`` the split-K path's ``hidden`` in
     float32, transposed by code position for the down kernel's vector loads, or (int4, int3, int2) as
     packed activation vectors in the same bytes, and ``input_packed`` the packed split-K path's
-    input (see :mod:`dymoe.quant.kernels.split_k`). Buffers are flat; a step uses their first
-    rows. One workspace serves one stream at a time."""
+    input (see :mod:`dymoe.quant.kernels.split_k`), ``step_counters`` the one-launch step's ticket,
+    done and per-expert ready counters (zero between steps). Buffers are flat; a step uses their
+    first rows. One workspace serves one stream at a time."""
 
     hidden: torch.Tensor
     partial: torch.Tensor
@@ -563,6 +567,7 @@ class DecodeWorkspace:
     gate_up_counters: torch.Tensor
     hidden_transposed: torch.Tensor
     input_packed: torch.Tensor
+    step_counters: torch.Tensor
 
     @classmethod
     def allocate(cls, plan: KernelPlan, max_experts: int, max_tokens: int, device) -> "DecodeWorkspace":
@@ -575,7 +580,8 @@ class DecodeWorkspace:
                    torch.zeros(max_experts * i, dtype=torch.int32, device=device),
                    torch.empty(max_experts * max(plan.down.padded_cols, packed_words(i, plan.bits)),
                                dtype=torch.float32, device=device),
-                   torch.empty(packed_words(h, plan.bits), dtype=torch.int32, device=device))
+                   torch.empty(packed_words(h, plan.bits), dtype=torch.int32, device=device),
+                   torch.zeros(2 + max_experts, dtype=torch.int32, device=device))
 
     def scratch(self) -> tuple[torch.Tensor, ...]:
         """The buffers a step writes before it reads them (the checks NaN-poison these)."""
@@ -616,6 +622,7 @@ class _Launch:
     split: int = 0
     prep: "_Launch | None" = None
     payload: torch.dtype | None = None
+    one_launch: bool = False  # split_k._step_kernel: gate_up and down together
 
     @property
     def packed(self) -> bool:
@@ -699,10 +706,11 @@ def _launches(plan: KernelPlan, experts: int, tokens: int, sms: int, interpretin
         gate_up = _split_launch(_gate_up_split_kernel, plan, g, gu_cfg, experts, i, interpreting, packed, pdl,
                                 dependent=packed, GATE_W=g.weight, GATE_S=g.scales, GATE_M=g.mins, UP_W=u.weight, UP_S=u.scales,
                                 UP_M=u.mins, KP_DOWN=d.padded_cols, C_IN=chunks_in if packed else 0, **act)
-        return (dataclasses.replace(gate_up, prep=prep),
-                _split_launch(_down_split_kernel, plan, d, d_cfg, experts, h, interpreting, packed, pdl,
-                              dependent=True, DOWN_W=d.weight,
-                              DOWN_S=d.scales, DOWN_M=d.mins, D_BIAS=plan.down_bias))
+        down = _split_launch(_down_split_kernel, plan, d, d_cfg, experts, h, interpreting, packed, pdl,
+                             dependent=True, DOWN_W=d.weight, DOWN_S=d.scales, DOWN_M=d.mins, D_BIAS=plan.down_bias)
+        if gu_cfg.one_launch:
+            return _one_launch(gate_up, down, experts, prep), down
+        return dataclasses.replace(gate_up, prep=prep), down
     gemv = uses_gemv(plan, tokens)
     common = dict(H=h, I=i, GEMV=gemv, BLOCK_T=2 if gemv else TOKEN_BLOCK)
 
@@ -716,6 +724,28 @@ def _launches(plan: KernelPlan, experts: int, tokens: int, sms: int, interpretin
     down = _Launch(_down_kernel, (experts, triton.cdiv(h, d_cfg.block_n)),
                    kwargs(d_cfg, d, DOWN_W=d.weight, DOWN_S=d.scales, DOWN_M=d.mins, D_BIAS=plan.down_bias))
     return gate_up, down
+
+
+_PER_PROJECTION = ("ROW", "KP", "GROUPS", "CPW", "BLOCK_N", "SUB_K", "SUBS", "SPLIT", "K_SLICE")
+
+
+def _one_launch(gate_up: _Launch, down: _Launch, experts: int, prep: _Launch | None) -> _Launch:
+    """gate_up's and down's split-K launches as one (split_k._step_kernel): one item per program of
+    the two grids, each projection's tiling under a G_ or D_ prefix. It waits for the launch that
+    packs the input (programmatic dependent launch where gate_up's would); else it is the step's
+    first launch, never early."""
+    from dymoe.quant.kernels.split_k import _step_kernel
+
+    g, d = gate_up.kwargs, down.kwargs
+    kwargs = {k: v for k, v in g.items() if k not in _PER_PROJECTION and k not in ("PDL", "launch_pdl")}
+    kwargs.update({f"G_{k}": g[k] for k in _PER_PROJECTION}, G_BLOCKS=gate_up.grid[1])
+    kwargs.update({f"D_{k}": d[k] for k in _PER_PROJECTION}, D_BLOCKS=down.grid[1])
+    kwargs.update(DOWN_W=d["DOWN_W"], DOWN_S=d["DOWN_S"], DOWN_M=d["DOWN_M"], D_BIAS=d["D_BIAS"],
+                  PDL=prep is not None and g["PDL"])
+    if kwargs["PDL"] and g.get("launch_pdl"):
+        kwargs["launch_pdl"] = True
+    items = experts * (gate_up.grid[1] * gate_up.split + down.grid[1] * down.split)
+    return _Launch(_step_kernel, (items,), kwargs, gate_up.split, prep, gate_up.payload, one_launch=True)
 
 
 def launch_decode(pool: torch.Tensor, slot_offsets: torch.Tensor, plan: KernelPlan, x: torch.Tensor,
@@ -746,6 +776,13 @@ def launch_decode(pool: torch.Tensor, slot_offsets: torch.Tensor, plan: KernelPl
         if gate_up.prep is not None:  # the input as a packed activation vector
             gate_up.prep.kernel[gate_up.prep.grid](x, ws.input_packed, **gate_up.prep.kwargs)
             x = ws.input_packed
+        if gate_up.one_launch:
+            if 2 + e > ws.step_counters.numel():
+                raise ValueError(f"workspace too small for {e} experts in one launch")
+            gate_up.kernel[gate_up.grid](payload, scales, slot_offsets, combine, x, hidden, ws.gate_up_partial,
+                                         ws.gate_up_counters, ws.partial, out, ws.counters, ws.step_counters, e,
+                                         **gate_up.kwargs)
+            return out
         gate_up.kernel[gate_up.grid](payload, scales, slot_offsets, combine, x, hidden, ws.gate_up_partial,
                                      ws.gate_up_counters, e, **gate_up.kwargs)
         down.kernel[down.grid](payload, scales, slot_offsets, combine, hidden, ws.partial, out, ws.counters, e,
