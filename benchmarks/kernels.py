@@ -362,10 +362,11 @@ VARIANT_FORMATS = [("bf16", 0), ("int8", 0), ("int4", 128), ("int4", 64), ("int3
 GRAPH_STEPS = 20  # steps per CUDA graph replay: back to back, as a model's layers run them
 
 
-def variant_candidates(plan, k: int, sms: int) -> tuple[list, list]:
+def variant_candidates(plan, k: int, sms: int, one_launch: bool = False) -> tuple[list, list]:
     """(first pass, second pass) of (name, (gate_up config, down config)): first the old tiled
     path and choose_config's pick (and split-K's defaults where the pick is tiled), then split-K
-    variations around the defaults and the best tile of the 2026-11-22 sweep."""
+    variations around the defaults and the best tile of the 2026-11-22 sweep. ``one_launch``: only
+    choose_config's pick and the same step in one launch (``LaunchConfig.one_launch``)."""
     from dymoe.quant.kernels.triton_experts import (PACKED_BITS, LaunchConfig, choose_config, pdl_supported,
                                                     split_config, tiled_config)
 
@@ -397,8 +398,9 @@ def variant_candidates(plan, k: int, sms: int) -> tuple[list, list]:
     if packable:  # the packed path in one call per group against one per block_k step (the default)
         first.append(("split packed per group",
                       tuple(dataclasses.replace(c, packed=True, block_steps=False) for c in base)))
-    if base[0].split_k is not None:  # gate_up and down in one launch (work items by ticket)
-        first.append(("split one launch", tuple(dataclasses.replace(c, one_launch=True) for c in base)))
+    if one_launch:  # gate_up and down in one launch (work items by ticket), against the pick
+        return [("choose_config", chosen), ("split one launch", tuple(dataclasses.replace(c, one_launch=True)
+                                                                      for c in base))], []
     if pdl_supported(torch.device("cuda")):  # programmatic dependent launch, against the default's setting
         other = not base[0].pdl
         first.append(("split pdl" if other else "split no pdl", tuple(dataclasses.replace(c, pdl=other) for c in base)))
@@ -494,7 +496,7 @@ def variant_case(model: str, precision: str, group: int, device):
             k * stored_bytes(layout))
 
 
-def variants(device, copy_gbps: float, deadline: float, models, formats) -> list[dict]:
+def variants(device, copy_gbps: float, deadline: float, models, formats, one_launch: bool = False) -> list[dict]:
     """The one-token decode step of every model shape and format under the old tiled kernels,
     choose_config's pick and split-K variations: correctness and % of copy bandwidth. Two passes
     (old and pick first for every shape, then the variations) so that the time budget cuts the
@@ -515,7 +517,7 @@ def variants(device, copy_gbps: float, deadline: float, models, formats) -> list
                 try:
                     case = variant_case(model, precision, group, device)
                     plan, k = case[8], MODELS[model][2]
-                    first, second = variant_candidates(plan, k, sms)
+                    first, second = variant_candidates(plan, k, sms, one_launch)
                 except Exception as exc:
                     rows.append({"model": model, "format": fmt_name(precision, group), "ok": False,
                                  "error": f"{type(exc).__name__}: {exc}"[:2000]})
@@ -602,6 +604,9 @@ def main(argv=None) -> int:
                              "split-K variations: correctness and %% of copy bandwidth (writes variants.json)")
     parser.add_argument("--models", nargs="+", choices=list(MODELS), help="--variants: these model shapes only")
     parser.add_argument("--formats", nargs="+", help="--variants: these formats only, e.g. int4/g128 int8")
+    parser.add_argument("--one-launch", action="store_true",
+                        help="--variants: only choose_config's step against the same step in one launch "
+                             "(LaunchConfig.one_launch; apart, as it has not run on a GPU before)")
     parser.add_argument("--budget-s", type=float, help="skip remaining checks/sweeps/variants after this "
                                                        "(default 200 s, 240 s with --variants)")
     args = parser.parse_args(argv)
@@ -649,7 +654,7 @@ def main_variants(args, env: dict, device, start: float) -> int:
             return 2
     copy_gbps = copy_bandwidth(device)
     print(f"d2d copy: {copy_gbps:.0f} GB/s", flush=True)
-    rows = variants(device, copy_gbps, start + (args.budget_s or 240.0), models, formats)
+    rows = variants(device, copy_gbps, start + (args.budget_s or 240.0), models, formats, args.one_launch)
     result = {"env": env, "copy_GBps": copy_gbps, "graph_steps": GRAPH_STEPS, "variants": rows,
               "seconds": time.time() - start}
     args.out.mkdir(parents=True, exist_ok=True)

@@ -5,7 +5,8 @@
 #
 # 1. correctness: benchmarks/check_decode_kernels.py --quick (the packed path against the float32
 #    reference, massive-activation inputs, Qwen3-30B-A3B and Mixtral-8x7B shapes, g64 and g128;
-#    four steps back to back with programmatic dependent launch) and check_dense_kernels.py;
+#    four steps back to back with programmatic dependent launch, then in one launch) and
+#    check_dense_kernels.py;
 # 2. end to end: `dymoe bench` on the synthetic Qwen3-30B-A3B shape (8 layers), resident and the
 #    static int4/int2 presets with room for every expert (the step is the kernels, not transfers),
 #    once as before (DYMOE_FUSED_DENSE=0 DYMOE_PACKED_DECODE=0 DYMOE_PDL=0, gathered resident
@@ -17,7 +18,8 @@
 # 3. kernel timings, in the time left: benchmarks/kernels.py --variants (FORMATS=..., MODELS=...
 #    for others, e.g. olmoe and deepseek-v2-lite; KERNEL_BUDGET seconds): tiled, choose_config,
 #    packed and float32 split-K, the packed path per group (block steps are the default) and
-#    programmatic dependent launch against the default's setting side by side, then packed variations.
+#    programmatic dependent launch against the default's setting side by side, then packed variations;
+#    then (its own stage) the one-launch step against choose_config's (kernels.py --one-launch).
 # Each stage has its own time limit, so a slow one cannot take the others' time. Logs: $OUT/*.txt
 # (check, kernels, e2e), $OUT/kernels/variants.json, $OUT/e2e-*.json (8 files).
 set -uo pipefail
@@ -37,7 +39,7 @@ stage() {  # log name, limit in seconds, command...
   timeout "$limit" "$@" >> "$OUT/$name.txt" 2>&1
   echo "-- $name rc=$? (+$((SECONDS - started)) s)"
 }
-stage check 90 "$PYTHON" benchmarks/check_decode_kernels.py --quick
+stage check 150 "$PYTHON" benchmarks/check_decode_kernels.py --quick
 stage check 45 "$PYTHON" benchmarks/check_dense_kernels.py
 tail -24 "$OUT/check.txt"
 # end to end: the old path (no fused dense kernels, packed off), fused dense + packed (the defaults),
@@ -58,6 +60,10 @@ for run in "${e2e_runs[@]}"; do
 done
 stage kernels $((KERNEL_BUDGET * 2 - 20)) "$PYTHON" benchmarks/kernels.py --out "$OUT/kernels" --variants \
   --budget-s "$KERNEL_BUDGET" --models $MODELS --formats $FORMATS
+# the one-launch step (LaunchConfig.one_launch) apart, last: new, so a kernel that never ends costs
+# only this stage (its log joins kernels.txt; its json stays on the machine)
+stage kernels 60 "$PYTHON" benchmarks/kernels.py --out "${TMPDIR:-/tmp}/one-launch" --variants --one-launch \
+  --budget-s 30 --models $MODELS --formats int8 int4/g128 int3/g128 int2/g64
 echo "== kernels: choose_config, packed/float32 split-K and pdl per shape, then the summary"
 grep -E "split packed|split float32|split default|choose_config|split pdl|split no pdl|one launch" "$OUT/kernels.txt" | cut -c1-150
 tail -18 "$OUT/kernels.txt"
