@@ -16,12 +16,13 @@ against the float32 ``reference_decode``:
    so a read before its wait, or a scratch reused too early, shows as a wrong step;
 3. GPT-OSS-20B's experts (biases read from the blob, the clamped activation) in every format, one
    token (split-K, packed for int4/int3/int2; tiled for bf16) and three tokens (tensor cores);
-4. the one-launch step (``LaunchConfig.one_launch``: gate_up and down items in one launch, down
-   items waiting for their expert's h), 4 steps back to back, bf16 to int2 at g128, both shapes.
+4. the one-launch step (``LaunchConfig.one_launch``: input packing, gate_up and down as work items
+   of one launch, each waiting for what it reads), 4 steps back to back, bf16 to int2 at g128,
+   both shapes.
 
 Prints the relative error of each; exits 1 if any is above 1e-2 or not finite. ``--quick``: only
 the packed path with outlier activations on the Qwen3 and Mixtral shapes (12 checks), 2. with
-the packed path only (8 checks) and 4. (16 checks).
+the packed path only (8 checks) and 4. (10 checks).
 """
 
 import argparse
@@ -67,8 +68,8 @@ def check(label: str, layout, pool, offsets, combine, x, math=SWIGLU, packed: bo
     """One step (``x`` [T, H]), or with ``x`` [S, 1, H] S one-token steps back to back on one
     workspace with no sync between (as a model's layers run them: with ``pdl`` each launch starts
     while the one before finishes, so a missing wait shows as a wrong step; with ``one_launch``
-    gate_up and down share a launch, so a down item that reads h too early, or a counter left
-    set for the next step, shows the same way), against the reference."""
+    the whole step is one launch, so an item that reads too early, or a counter left set for the
+    next step, shows the same way), against the reference."""
     global worst
     plan = kernel_plan(layout)
     steps = x if x.dim() == 3 else x[None]
@@ -93,7 +94,6 @@ def check(label: str, layout, pool, offsets, combine, x, math=SWIGLU, packed: bo
           flush=True)
 
 
-PACKED_ONLY = ("int4", "int3", "int2")  # formats whose step has a launch (the input packing) before it
 for precision in ("int4", "int3", "int2"):
     # Qwen3-30B-A3B, Mixtral-8x7B, GPT-OSS-20B
     for h, i, k in ((2048, 768, 8), (4096, 14336, 2), (2880, 2880, 4))[:2 if QUICK else 3]:
@@ -125,16 +125,13 @@ for precision, group in () if QUICK else (("bf16", 128), ("int8", 128), ("int4",
         x = torch.randn(tokens, 2880, generator=g).bfloat16().cuda()
         check(f"gpt-oss {precision}/g{group} tokens {tokens}", layout, pool, offsets, combine, x, GPT_OSS)
 
-# gate_up and down in one launch (LaunchConfig.one_launch): 4 steps back to back, new input each,
-# with and without pdl between the packing launch and the step. Last, since it is the newest: a
-# kernel that waited forever here would leave every other line printed before it
+# the whole step in one launch (LaunchConfig.one_launch): 4 steps back to back, new input each.
+# Last, since it is the newest: a kernel that waited forever here leaves every other line printed
 for precision in ("bf16", "int8", "int4", "int3", "int2"):
     for h, i, k in ((2048, 768, 8), (4096, 14336, 2)):
         layout, pool, offsets, combine, g = case(h, i, k, precision, 128)
-        for pdl in (False, True) if pdl_supported(torch.device("cuda")) and precision in PACKED_ONLY else (False,):
-            x = (torch.randn(4, 1, h, generator=g) * 0.1).bfloat16().cuda()
-            check(f"{precision} H{h} I{i} g128 one launch pdl={pdl}", layout, pool, offsets, combine, x, pdl=pdl,
-                  one_launch=True)
+        x = (torch.randn(4, 1, h, generator=g) * 0.1).bfloat16().cuda()
+        check(f"{precision} H{h} I{i} g128 one launch", layout, pool, offsets, combine, x, one_launch=True)
 
 print(f"worst relative error {worst:.2e} (limit 1e-2)")
 sys.exit(0 if worst < 1e-2 else 1)

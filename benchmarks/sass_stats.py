@@ -100,7 +100,8 @@ def main(argv=None) -> int:
                                     h_ptr=hidden, partial_ptr="*fp32", out_ptr="*bf16", counters_ptr="*i32", E="i32"))]
     if getattr(gate_up, "one_launch", False):  # both kernels' items in one launch (split_k._step_kernel)
         launches = [("one launch", gate_up, dict(w_ptr=payload, s_ptr="*fp16", offsets_ptr="*i64", combine_ptr="*fp32",
-                                                 x_ptr="*i32" if packed else "*bf16", h_ptr=hidden, gu_ptr="*fp32",
+                                                 xin_ptr="*bf16", x_ptr="*i32" if packed else "*bf16", h_ptr=hidden,
+                                                 gu_ptr="*fp32",
                                                  gu_counters_ptr="*i32", partial_ptr="*fp32", out_ptr="*bf16",
                                                  counters_ptr="*i32", step_ptr="*i32", E="i32"))]
     if getattr(gate_up, "prep", None) is not None:

@@ -251,10 +251,10 @@ print(json.dumps(results))
 
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed (gpu extra)")
 def test_one_launch_step_equals_the_two_launches_under_the_interpreter():
-    """``LaunchConfig.one_launch`` (gate_up and down items in one launch, down items waiting for
-    their expert's h): every format and GPT-OSS's biased experts give the two-launch step's output
-    bit for bit, within 1e-2 of the float32 reference, for two steps back to back on one
-    NaN-poisoned workspace, with every counter (tickets, ready, done) back at zero."""
+    """``LaunchConfig.one_launch`` (the input packing, gate_up and down as work items of one launch,
+    each waiting for what it reads): every format and GPT-OSS's biased experts give the two-launch
+    step's output bit for bit, within 1e-2 of the float32 reference, for two steps back to back on
+    one NaN-poisoned workspace, with every counter (tickets, packed, ready, done) back at zero."""
     env = dict(os.environ, TRITON_INTERPRET="1", TRITON_DEFAULT_FP_FUSION="1")
     script = f"FORMATS = {FORMATS!r}\n" + _INTERPRETED_ONE_LAUNCH
     done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600)

@@ -388,10 +388,16 @@ def _pack_input_kernel(x_ptr, out_ptr, H: tl.constexpr, C: tl.constexpr, BITS: t
     ``PDL``: let the gate_up launch start at once (it waits for this one before reading ``out``)."""
     if PDL:
         gdc_launch_dependents()
-    k = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    _pack_item(tl.program_id(0), x_ptr, out_ptr, H, C, BITS, BLOCK)
+
+
+@triton.jit
+def _pack_item(piece, x_ptr, out_ptr, H: tl.constexpr, C: tl.constexpr, BITS: tl.constexpr, BLOCK: tl.constexpr):
+    """Values ``piece * BLOCK ..`` of ``x`` into their chunks of the packed activation vector."""
+    k = piece * BLOCK + tl.arange(0, BLOCK)
     v = tl.load(x_ptr + k, mask=k < H, other=0.0).to(tl.float32)
     V: tl.constexpr = 64 if BITS == 3 else 128 // BITS
-    _pack_chunks(v, tl.program_id(0) * (BLOCK // V), out_ptr, C, BLOCK // V, BITS)
+    _pack_chunks(v, piece * (BLOCK // V), out_ptr, C, BLOCK // V, BITS)
 
 
 @triton.jit
@@ -685,8 +691,8 @@ def _down_split_kernel(w_ptr, s_ptr, offsets_ptr, combine_ptr, h_ptr, partial_pt
 
 
 @triton.jit
-def _step_kernel(w_ptr, s_ptr, offsets_ptr, combine_ptr, x_ptr, h_ptr, gu_ptr, gu_counters_ptr, partial_ptr, out_ptr,
-                 counters_ptr, step_ptr, E, H: tl.constexpr, I: tl.constexpr, W_BYTES: tl.constexpr,
+def _step_kernel(w_ptr, s_ptr, offsets_ptr, combine_ptr, xin_ptr, x_ptr, h_ptr, gu_ptr, gu_counters_ptr, partial_ptr,
+                 out_ptr, counters_ptr, step_ptr, E, H: tl.constexpr, I: tl.constexpr, W_BYTES: tl.constexpr,
                  GATE_W: tl.constexpr, GATE_S: tl.constexpr, GATE_M: tl.constexpr,
                  UP_W: tl.constexpr, UP_S: tl.constexpr, UP_M: tl.constexpr,
                  DOWN_W: tl.constexpr, DOWN_S: tl.constexpr, DOWN_M: tl.constexpr, BITS: tl.constexpr,
@@ -697,43 +703,54 @@ def _step_kernel(w_ptr, s_ptr, offsets_ptr, combine_ptr, x_ptr, h_ptr, gu_ptr, g
                  D_BLOCK_N: tl.constexpr, D_SUB_K: tl.constexpr, D_SUBS: tl.constexpr, D_SPLIT: tl.constexpr,
                  D_K_SLICE: tl.constexpr, D_BLOCKS: tl.constexpr, KP_DOWN: tl.constexpr,
                  PACKED: tl.constexpr = False, BLOCK_STEPS: tl.constexpr = False, ASM: tl.constexpr = True,
-                 PDL: tl.constexpr = False, C_IN: tl.constexpr = 0, C_H: tl.constexpr = 0,
+                 C_IN: tl.constexpr = 0, C_H: tl.constexpr = 0,
                  GU_BIAS: tl.constexpr = -1, ACT: tl.constexpr = 0, LIMIT: tl.constexpr = 7.0,
-                 ALPHA: tl.constexpr = 1.702, D_BIAS: tl.constexpr = -1):
+                 ALPHA: tl.constexpr = 1.702, D_BIAS: tl.constexpr = -1, PACK_ITEMS: tl.constexpr = 0,
+                 PACK_BLOCK: tl.constexpr = 1024):
     """The whole one-token step in one launch (``LaunchConfig.one_launch``): each program takes a
-    ticket from ``step_ptr[0]`` and runs that work item: tickets below ``E * G_BLOCKS * G_SPLIT``
-    are gate_up items (expert-major), the rest down items (expert-major), each of which first waits
-    (acquire) until ``step_ptr[2 + e]`` counts all of expert e's gate_up row blocks written.
-    Tickets, not program ids, make the wait safe: a smaller ticket belongs to a program already
-    running that waits only on smaller tickets, so it finishes whatever order the blocks are
-    scheduled in and however few fit at once. The last program to finish (``step_ptr[1]``) resets
-    the three kinds of counter for the next step. Under Triton's interpreter programs run one after
-    another in ticket order, so no wait ever spins."""
-    if PDL:  # x (packed by the launch before) and the counters only after that launch is done
-        gdc_wait()
+    ticket from ``step_ptr[0]`` and runs that work item: first ``PACK_ITEMS`` items packing the
+    input ``xin`` into ``x`` (the packed formats' activation vector), then gate_up's items
+    (expert-major), each waiting (acquire) until ``step_ptr[2]`` counts every packing item done,
+    then down's items (expert-major), each waiting until ``step_ptr[3 + e]`` counts all of expert
+    e's gate_up row blocks written. Tickets, not program ids, make the waits safe: a smaller ticket
+    belongs to a program already running that waits only on smaller tickets, so it finishes
+    whatever order the blocks are scheduled in and however few fit at once. The last program to
+    finish (``step_ptr[1]``) resets the counters for the next step. Under Triton's interpreter
+    programs run one after another in ticket order, so no wait ever spins."""
     ticket = tl.atomic_add(step_ptr, 1, sem="relaxed")
     gate_up_items = E * (G_BLOCKS * G_SPLIT)
-    if ticket < gate_up_items:
-        e = ticket // (G_BLOCKS * G_SPLIT)
-        block = ticket % (G_BLOCKS * G_SPLIT) // G_SPLIT
-        _gate_up_item(e, block, ticket % G_SPLIT, G_BLOCKS, w_ptr, s_ptr, offsets_ptr, combine_ptr, x_ptr, h_ptr,
-                      gu_ptr, gu_counters_ptr, step_ptr + 2, E, H, I, W_BYTES, GATE_W, GATE_S, GATE_M, UP_W, UP_S,
+    if ticket < PACK_ITEMS:
+        _pack_item(ticket, xin_ptr, x_ptr, H, C_IN, BITS, PACK_BLOCK)
+        tl.debug_barrier()  # every thread's stores happen before the release below
+        tl.atomic_add(step_ptr + 2, 1, sem="release")
+    elif ticket < PACK_ITEMS + gate_up_items:
+        item = ticket - PACK_ITEMS
+        if PACK_ITEMS > 0:
+            packed = tl.atomic_add(step_ptr + 2, 0, sem="acquire")
+            while packed < PACK_ITEMS:  # the input not all packed yet
+                packed = tl.atomic_add(step_ptr + 2, 0, sem="acquire")
+            tl.debug_barrier()  # no thread reads x before the acquire above
+        e = item // (G_BLOCKS * G_SPLIT)
+        block = item % (G_BLOCKS * G_SPLIT) // G_SPLIT
+        _gate_up_item(e, block, item % G_SPLIT, G_BLOCKS, w_ptr, s_ptr, offsets_ptr, combine_ptr, x_ptr, h_ptr,
+                      gu_ptr, gu_counters_ptr, step_ptr + 3, E, H, I, W_BYTES, GATE_W, GATE_S, GATE_M, UP_W, UP_S,
                       UP_M, G_ROW, G_KP, G_GROUPS, BITS, G_CPW, G_BLOCK_N, G_SUB_K, G_SUBS, G_SPLIT, G_K_SLICE, KP_DOWN,
                       PACKED, BLOCK_STEPS, ASM, False, C_IN, C_H, GU_BIAS, ACT, LIMIT, ALPHA, True)
     else:
-        item = ticket - gate_up_items
+        item = ticket - PACK_ITEMS - gate_up_items
         e = item // (D_BLOCKS * D_SPLIT)
-        ready = tl.atomic_add(step_ptr + 2 + e, 0, sem="acquire")
+        ready = tl.atomic_add(step_ptr + 3 + e, 0, sem="acquire")
         while ready < G_BLOCKS:  # expert e's h not all written yet
-            ready = tl.atomic_add(step_ptr + 2 + e, 0, sem="acquire")
+            ready = tl.atomic_add(step_ptr + 3 + e, 0, sem="acquire")
         tl.debug_barrier()  # no thread reads h before the acquire above
         _down_item(e, item % (D_BLOCKS * D_SPLIT) // D_SPLIT, item % D_SPLIT, w_ptr, s_ptr, offsets_ptr, combine_ptr,
                    h_ptr, partial_ptr, out_ptr, counters_ptr, E, H, I, W_BYTES, DOWN_W, DOWN_S, DOWN_M, D_ROW, D_KP,
                    D_GROUPS, BITS, D_CPW, D_BLOCK_N, D_SUB_K, D_SUBS, D_SPLIT, D_K_SLICE, PACKED, BLOCK_STEPS, ASM,
                    False, C_H, D_BIAS)
     tl.debug_barrier()
-    if tl.atomic_add(step_ptr + 1, 1, sem="acq_rel") == gate_up_items + E * (D_BLOCKS * D_SPLIT) - 1:
+    if tl.atomic_add(step_ptr + 1, 1, sem="acq_rel") == PACK_ITEMS + gate_up_items + E * (D_BLOCKS * D_SPLIT) - 1:
         for j in range(E):
-            tl.atomic_xchg(step_ptr + 2 + j, 0)
+            tl.atomic_xchg(step_ptr + 3 + j, 0)
+        tl.atomic_xchg(step_ptr + 2, 0)
         tl.atomic_xchg(step_ptr, 0)
         tl.atomic_xchg(step_ptr + 1, 0)

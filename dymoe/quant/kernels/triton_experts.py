@@ -424,8 +424,9 @@ class LaunchConfig:
     # launch of the step after the first starts while the one before finishes and waits
     # (griddepcontrol) only before reading what that one writes
     pdl: bool = False
-    # split-K, read from gate_up's config: gate_up and down in one launch (split_k._step_kernel:
-    # work items by ticket, down items wait for their expert's h); not timed yet, so off by default
+    # split-K, read from gate_up's config: the whole step in one launch (split_k._step_kernel: the
+    # input packing, gate_up and down as work items by ticket, each waiting for what it reads);
+    # not timed yet, so off by default
     one_launch: bool = False
 
 
@@ -557,7 +558,7 @@ class DecodeWorkspace:
     float32, transposed by code position for the down kernel's vector loads, or (int4, int3, int2) as
     packed activation vectors in the same bytes, and ``input_packed`` the packed split-K path's
     input (see :mod:`dymoe.quant.kernels.split_k`), ``step_counters`` the one-launch step's ticket,
-    done and per-expert ready counters (zero between steps). Buffers are flat; a step uses their
+    done, input-packed and per-expert ready counters (zero between steps). Buffers are flat; a step uses their
     first rows. One workspace serves one stream at a time."""
 
     hidden: torch.Tensor
@@ -581,7 +582,7 @@ class DecodeWorkspace:
                    torch.empty(max_experts * max(plan.down.padded_cols, packed_words(i, plan.bits)),
                                dtype=torch.float32, device=device),
                    torch.empty(packed_words(h, plan.bits), dtype=torch.int32, device=device),
-                   torch.zeros(2 + max_experts, dtype=torch.int32, device=device))
+                   torch.zeros(3 + max_experts, dtype=torch.int32, device=device))
 
     def scratch(self) -> tuple[torch.Tensor, ...]:
         """The buffers a step writes before it reads them (the checks NaN-poison these)."""
@@ -626,8 +627,9 @@ class _Launch:
 
     @property
     def packed(self) -> bool:
-        """Whether this gate_up launch runs on packed activation vectors (split_k._packed_step)."""
-        return self.prep is not None
+        """Whether this gate_up (or one-launch step) launch runs on packed activation vectors
+        (split_k._packed_step): it packs the input first, in a launch of its own or in its first items."""
+        return self.prep is not None or bool(self.kwargs.get("PACK_ITEMS"))
 
 
 def k_slices(plan: KernelPlan, cols: int, config: LaunchConfig) -> tuple[int, int]:
@@ -730,22 +732,21 @@ _PER_PROJECTION = ("ROW", "KP", "GROUPS", "CPW", "BLOCK_N", "SUB_K", "SUBS", "SP
 
 
 def _one_launch(gate_up: _Launch, down: _Launch, experts: int, prep: _Launch | None) -> _Launch:
-    """gate_up's and down's split-K launches as one (split_k._step_kernel): one item per program of
-    the two grids, each projection's tiling under a G_ or D_ prefix. It waits for the launch that
-    packs the input (programmatic dependent launch where gate_up's would); else it is the step's
-    first launch, never early."""
+    """The whole split-K step as one launch (split_k._step_kernel): one item per program of the
+    input packing (packed formats), gate_up's and down's grids, each projection's tiling under a
+    G_ or D_ prefix. The step's only launch, so never launched early (no pdl)."""
     from dymoe.quant.kernels.split_k import _step_kernel
 
     g, d = gate_up.kwargs, down.kwargs
     kwargs = {k: v for k, v in g.items() if k not in _PER_PROJECTION and k not in ("PDL", "launch_pdl")}
     kwargs.update({f"G_{k}": g[k] for k in _PER_PROJECTION}, G_BLOCKS=gate_up.grid[1])
     kwargs.update({f"D_{k}": d[k] for k in _PER_PROJECTION}, D_BLOCKS=down.grid[1])
-    kwargs.update(DOWN_W=d["DOWN_W"], DOWN_S=d["DOWN_S"], DOWN_M=d["DOWN_M"], D_BIAS=d["D_BIAS"],
-                  PDL=prep is not None and g["PDL"])
-    if kwargs["PDL"] and g.get("launch_pdl"):
-        kwargs["launch_pdl"] = True
-    items = experts * (gate_up.grid[1] * gate_up.split + down.grid[1] * down.split)
-    return _Launch(_step_kernel, (items,), kwargs, gate_up.split, prep, gate_up.payload, one_launch=True)
+    kwargs.update(DOWN_W=d["DOWN_W"], DOWN_S=d["DOWN_S"], DOWN_M=d["DOWN_M"], D_BIAS=d["D_BIAS"])
+    pack_items = 0 if prep is None else prep.grid[0]
+    if prep is not None:
+        kwargs.update(PACK_ITEMS=pack_items, PACK_BLOCK=prep.kwargs["BLOCK"])
+    items = pack_items + experts * (gate_up.grid[1] * gate_up.split + down.grid[1] * down.split)
+    return _Launch(_step_kernel, (items,), kwargs, gate_up.split, None, gate_up.payload, one_launch=True)
 
 
 def launch_decode(pool: torch.Tensor, slot_offsets: torch.Tensor, plan: KernelPlan, x: torch.Tensor,
@@ -776,12 +777,13 @@ def launch_decode(pool: torch.Tensor, slot_offsets: torch.Tensor, plan: KernelPl
         if gate_up.prep is not None:  # the input as a packed activation vector
             gate_up.prep.kernel[gate_up.prep.grid](x, ws.input_packed, **gate_up.prep.kwargs)
             x = ws.input_packed
-        if gate_up.one_launch:
-            if 2 + e > ws.step_counters.numel():
+        if gate_up.one_launch:  # (packed formats: the input packed by the launch's first items)
+            if 3 + e > ws.step_counters.numel():
                 raise ValueError(f"workspace too small for {e} experts in one launch")
-            gate_up.kernel[gate_up.grid](payload, scales, slot_offsets, combine, x, hidden, ws.gate_up_partial,
-                                         ws.gate_up_counters, ws.partial, out, ws.counters, ws.step_counters, e,
-                                         **gate_up.kwargs)
+            packed_x = ws.input_packed if gate_up.packed else x
+            gate_up.kernel[gate_up.grid](payload, scales, slot_offsets, combine, x, packed_x, hidden,
+                                         ws.gate_up_partial, ws.gate_up_counters, ws.partial, out, ws.counters,
+                                         ws.step_counters, e, **gate_up.kwargs)
             return out
         gate_up.kernel[gate_up.grid](payload, scales, slot_offsets, combine, x, hidden, ws.gate_up_partial,
                                      ws.gate_up_counters, e, **gate_up.kwargs)
