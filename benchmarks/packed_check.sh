@@ -7,21 +7,19 @@
 #    reference, massive-activation inputs, Qwen3-30B-A3B and Mixtral-8x7B shapes, g64 and g128;
 #    four steps back to back with programmatic dependent launch, then in one launch) and
 #    check_dense_kernels.py;
-# 2. end to end: `dymoe bench` on the synthetic Qwen3-30B-A3B shape (8 layers), resident and the
-#    static int4/int2 presets with room for every expert (the step is the kernels, not transfers),
-#    once as before (DYMOE_FUSED_DENSE=0 DYMOE_PACKED_DECODE=0 DYMOE_PDL=0, gathered resident
-#    decode), once with fused dense kernels and packed low-bit kernels, once with DYMOE_PDL=1 too
-#    and once more (resident and lru only) with DYMOE_RESIDENT_DECODE=grouped: today's defaults on
-#    this shape (lru's bf16 slots: its KL against resident shows whether offloading stays
-#    invisible, invariant 2, at 100% with 1024 slots decoded gathered, at 50% with 512 decoded
-#    grouped); E2E="1 1 0 gather,1 1 1 grouped" picks runs (fused packed pdl decode);
+# 2. end to end: `dymoe bench` on the synthetic Qwen3-30B-A3B shape (8 layers), resident, lru and
+#    the static int4/int2 presets at 100% and 50% of the experts' bf16 bytes, with today's defaults
+#    and once more with DYMOE_ONE_LAUNCH=1 (lru's bf16 slots: its KL against resident shows that
+#    offloading stays invisible, invariant 2); E2E="1 1 0 gather 0,1 1 - grouped 1" picks runs
+#    (DYMOE_FUSED_DENSE, DYMOE_PACKED_DECODE, DYMOE_PDL or "-" for unset, DYMOE_RESIDENT_DECODE,
+#    DYMOE_ONE_LAUNCH);
 # 3. kernel timings, in the time left: benchmarks/kernels.py --variants (FORMATS=..., MODELS=...
 #    for others, e.g. olmoe and deepseek-v2-lite; KERNEL_BUDGET seconds): tiled, choose_config,
 #    packed and float32 split-K, the packed path per group (block steps are the default) and
 #    programmatic dependent launch against the default's setting side by side, then packed variations;
 #    then (its own stage) the one-launch step against choose_config's (kernels.py --one-launch).
 # Each stage has its own time limit, so a slow one cannot take the others' time. Logs: $OUT/*.txt
-# (check, kernels, e2e), $OUT/kernels/variants.json, $OUT/e2e-*.json (8 files).
+# (check, kernels, e2e), $OUT/kernels/variants.json, $OUT/e2e-*.json (6 files by default).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-bench-out}
@@ -42,21 +40,21 @@ stage() {  # log name, limit in seconds, command...
 stage check 150 "$PYTHON" benchmarks/check_decode_kernels.py --quick
 stage check 45 "$PYTHON" benchmarks/check_dense_kernels.py
 tail -24 "$OUT/check.txt"
-# end to end: the old path (no fused dense kernels, packed off), fused dense + packed (the defaults),
-# that with programmatic dependent launch, and resident decode through grouped GEMMs
-# (E2E: runs as "fused packed pdl decode" separated by commas)
-IFS=, read -ra e2e_runs <<< "${E2E:-0 0 0 gather,1 1 0 gather,1 1 1 gather,1 1 1 grouped}"
+# end to end (E2E: runs as "fused packed pdl decode one_launch" separated by commas; pdl "-" leaves
+# DYMOE_PDL unset, i.e. per shape): by default today's defaults, then the same with the step in one launch
+IFS=, read -ra e2e_runs <<< "${E2E:-1 1 - grouped 0,1 1 - grouped 1}"
 for run in "${e2e_runs[@]}"; do
   set -- $run
-  name=e2e-fused$1-packed$2-pdl$3-$4
-  policies=resident,lru,static-int4,static-int2  # lru at 100%: bf16 slots, KL vs resident = invariant 2
-  budgets=100%
-  # grouped: lru at 50% too (512 slots, decoded grouped; at 100% its 1024+ slots decode gathered)
-  [ "$4" = grouped ] && policies=resident,lru budgets=100%,50%
-  echo "### DYMOE_FUSED_DENSE=$1 DYMOE_PACKED_DECODE=$2 DYMOE_PDL=$3 DYMOE_RESIDENT_DECODE=$4" >> "$OUT/e2e.txt"
-  DYMOE_FUSED_DENSE=$1 DYMOE_PACKED_DECODE=$2 DYMOE_PDL=$3 DYMOE_RESIDENT_DECODE=$4 stage e2e 60 "$PYTHON" -m dymoe \
-    bench --model synthetic:qwen3-30b-a3b --layers 8 --policies $policies \
-    --device-memory $budgets --prompt-len 32 --gen-len 32 --routing skewed --no-progress --json "$OUT/$name.json"
+  name=e2e-fused$1-packed$2-pdl${3/-/auto}-$4-one$5
+  # lru's bf16 slots at 100% and 50% (1024 slots decoded gathered, 512 grouped): its KL against
+  # resident shows whether offloading stays invisible (invariant 2)
+  pdl_env=(); [ "$3" != "-" ] && pdl_env=(DYMOE_PDL=$3)
+  echo "### DYMOE_FUSED_DENSE=$1 DYMOE_PACKED_DECODE=$2 ${pdl_env[*]:-DYMOE_PDL unset} DYMOE_RESIDENT_DECODE=$4 DYMOE_ONE_LAUNCH=$5" >> "$OUT/e2e.txt"
+  env DYMOE_FUSED_DENSE=$1 DYMOE_PACKED_DECODE=$2 "${pdl_env[@]}" DYMOE_RESIDENT_DECODE=$4 DYMOE_ONE_LAUNCH=$5 \
+    timeout 90 "$PYTHON" -m dymoe bench --model synthetic:qwen3-30b-a3b --layers 8 \
+    --policies resident,lru,static-int4,static-int2 --device-memory 100%,50% --prompt-len 32 --gen-len 32 \
+    --routing skewed --no-progress --json "$OUT/$name.json" >> "$OUT/e2e.txt" 2>&1
+  echo "-- e2e $name rc=$? (+$((SECONDS - started)) s)"
 done
 stage kernels $((KERNEL_BUDGET * 2 - 20)) "$PYTHON" benchmarks/kernels.py --out "$OUT/kernels" --variants \
   --budget-s "$KERNEL_BUDGET" --models $MODELS --formats $FORMATS

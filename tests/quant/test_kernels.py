@@ -302,7 +302,8 @@ def test_pdl_launches_only_after_the_first_and_only_where_supported(monkeypatch)
     launched early (it may follow anything); gate_up (after pack input) and down are, and every
     launch gets its griddepcontrol; a device without it (or the interpreter) gets none of that
     whatever the config; DYMOE_PDL sets split_config's field (unset: on for steps of at most
-    PDL_MAX_WEIGHTS weights per projection), and a bad value is one clear error."""
+    PDL_MAX_WEIGHTS weights per projection), DYMOE_ONE_LAUNCH its one_launch (unset: off), and a
+    bad value of either is one clear error."""
     from dymoe.quant.kernels import triton_experts as te
 
     for precision, packed in (("int4", True), ("int4", False), ("int8", False)):
@@ -332,6 +333,13 @@ def test_pdl_launches_only_after_the_first_and_only_where_supported(monkeypatch)
     monkeypatch.setenv("DYMOE_PDL", "yes")
     with pytest.raises(InputError, match="DYMOE_PDL='yes': use 1"):
         te._pdl_override()
+    for value, expected in (("", False), ("0", False), ("1", True)):  # DYMOE_ONE_LAUNCH: the same way
+        monkeypatch.setenv("DYMOE_ONE_LAUNCH", value)
+        monkeypatch.setattr(te, "ONE_LAUNCH", te._one_launch_setting())
+        assert te.ONE_LAUNCH is expected and te.split_config(qwen3, "gate_up", 8, 132).one_launch is expected
+    monkeypatch.setenv("DYMOE_ONE_LAUNCH", "on")
+    with pytest.raises(InputError, match="DYMOE_ONE_LAUNCH='on': use 1"):
+        te._one_launch_setting()
 
 
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed (gpu extra)")

@@ -386,6 +386,17 @@ def pdl_by_default(plan: KernelPlan) -> bool:
 PDL_OVERRIDE = _pdl_override()
 
 
+def _one_launch_setting() -> bool:
+    """DYMOE_ONE_LAUNCH from the environment, for split_config: 1 runs each split-K step as one
+    launch (``LaunchConfig.one_launch``; experimental: built and checked under Triton's
+    interpreter, not yet run on a GPU), 0 or unset as two or three."""
+    return env_choice("DYMOE_ONE_LAUNCH", {"1": "the whole step in one launch (experimental)",
+                                           "0": "off (the default)"}, "0") == "1"
+
+
+ONE_LAUNCH = _one_launch_setting()
+
+
 def packs_by_default(plan: KernelPlan) -> bool:
     """Whether a one-token step of ``plan`` runs on packed activation vectors (split_k._packed_step)
     unless DYMOE_PACKED_DECODE says otherwise: int2, int3 and int4 wherever a group holds whole
@@ -507,7 +518,7 @@ def split_config(plan: KernelPlan, kernel: str, experts: int, sms: int, block_n:
     cap = 128 if plan.bits == 4 else None
     return LaunchConfig(block_n=block_n, block_k=block_k, num_warps=num_warps, num_stages=num_stages, split_k=split,
                         packed=packs_by_default(plan), block_steps=True, max_registers=cap,
-                        pdl=pdl_by_default(plan) if PDL_OVERRIDE is None else PDL_OVERRIDE)
+                        pdl=pdl_by_default(plan) if PDL_OVERRIDE is None else PDL_OVERRIDE, one_launch=ONE_LAUNCH)
 
 
 def _tiling(plan: KernelPlan, config: LaunchConfig) -> dict:
