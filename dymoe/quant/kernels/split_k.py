@@ -31,6 +31,11 @@ packed activation vectors (:func:`_pack_chunks`): float16x2 pairs prescaled per 
 16-byte weight vector (int3: 24 bytes), written once per step by :func:`_pack_input_kernel` (the
 input) and by gate_up's finisher (``h``), and each chunk runs through one chain of packed float16
 FMAs (:func:`_packed_step`); docs/kernels.md, "Packed activation vectors".
+
+Each program's work is an item function (:func:`_pack_item`, :func:`_gate_up_item`,
+:func:`_down_item`) that the kernels above call with their program ids. ``_step_kernel``
+(``LaunchConfig.one_launch``, experimental) runs all of a step's items in one launch, in the order
+of tickets taken from an atomic counter, each waiting for what it reads.
 """
 
 import triton
