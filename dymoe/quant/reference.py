@@ -86,9 +86,15 @@ def unpack_bits(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
     codes, nbytes = _word(bits)
     if packed.shape[-1] != packed_row_bytes(bits, n):
         raise ValueError(f"{packed.shape[-1]} packed bytes per row do not hold {n} {bits}-bit codes")
-    b = packed.to(torch.int32).reshape(*packed.shape[:-1], -1, nbytes)
-    word = (b << (torch.arange(nbytes, dtype=torch.int32, device=b.device) * 8)).sum(dim=-1, keepdim=True)
-    v = (word >> (torch.arange(codes, dtype=torch.int32, device=b.device) * bits)) & ((1 << bits) - 1)
+    if nbytes == 1:  # whole codes per byte (int2, int4): shift the bytes themselves, no 32-bit words
+        shifts = torch.arange(codes, dtype=torch.uint8, device=packed.device) * bits
+        v = (packed.unsqueeze(-1) >> shifts) & ((1 << bits) - 1)
+        return v.reshape(*packed.shape[:-1], -1)[..., :n]
+    b = packed.reshape(*packed.shape[:-1], -1, nbytes).to(torch.int32)
+    word = b[..., 0]
+    for i in range(1, nbytes):  # (int3: three bytes per word) little-endian, OR-ed, not summed
+        word = word | (b[..., i] << (8 * i))
+    v = (word.unsqueeze(-1) >> (torch.arange(codes, dtype=torch.int32, device=b.device) * bits)) & ((1 << bits) - 1)
     return v.reshape(*packed.shape[:-1], -1)[..., :n].to(torch.uint8)
 
 
