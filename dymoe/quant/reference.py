@@ -214,7 +214,9 @@ def dequantize(q: QuantizedTensor, dtype: torch.dtype = torch.bfloat16) -> torch
     groups = num_groups(fmt, n)
     codes = unpack_bits(q.payload.reshape(out, -1), fmt.bits, groups * fmt.group_size).float()
     codes = codes.reshape(out, groups, fmt.group_size)
-    w = codes * q.scales.float().reshape(out, groups, 1) + q.mins.float().reshape(out, groups, 1)
+    # in place, the same two roundings as codes * scale + min (no fused multiply-add: the prefill
+    # dequantize kernel must equal this bit for bit)
+    w = codes.mul_(q.scales.float().reshape(out, groups, 1)).add_(q.mins.float().reshape(out, groups, 1))
     return w.reshape(out, -1)[:, :n].to(dtype)
 
 
