@@ -12,7 +12,9 @@
    copy bandwidth (read + write bytes over time).
 3. One MoE layer step (Qwen3-30B-A3B shape, 8 experts, 1 token) per precision: Triton against the
    torch path the runtime uses today (bf16: gathered strided slots; low bit: dequantize each expert,
-   then matmul) and, for int4, against ``torch._weight_int4pack_mm`` (tinygemm) when available.
+   then matmul) and, for int4, against ``torch._weight_int4pack_mm`` (tinygemm) when available;
+   then precision mixes (some experts bf16, the rest int4; int4 with int2) run as the mixed
+   presets run them, one call per precision.
 
 Prints a table last and writes DIR/kernels.json with the environment and every measurement.
 ``--sweep`` also times a few tile configurations per format (for tuning ``choose_config``).
@@ -314,6 +316,51 @@ def layer_step(device, copy_gbps: float) -> list[dict]:
             rows.append({"format": fmt_name(precision, group), "error": repr(exc),
                          "trace": traceback.format_exc()[-2000:]})
             print(f"layer step {fmt_name(precision, group)}: {exc!r}", flush=True)
+    rows += mixed_layer_steps(device, copy_gbps)
+    return rows
+
+
+MIXES = ((("bf16", 128), ("int4", 128), 2), (("bf16", 128), ("int4", 128), 4), (("int4", 128), ("int2", 128), 4))
+
+
+def mixed_layer_steps(device, copy_gbps: float) -> list[dict]:
+    """One Qwen3 layer step with its k experts in two precisions, as the mixed presets run it (the
+    runtime's two-class decode: each class's call gets all k columns, its own experts' weights and
+    zero elsewhere, so an expert of the other class is never read): ``high`` experts at the first
+    format, the rest at the second. Rows like :func:`layer_step`'s, without a torch column."""
+    model = "qwen3-30b-a3b"
+    k = MODELS[model][2]
+    rows = []
+    for (p_hi, g_hi), (p_lo, g_lo), high in MIXES:
+        name = f"{p_hi}x{high}+{fmt_name(p_lo, g_lo)}x{k - high}"
+        try:
+            cases = [decode_case(model, p, g, device) for p, g in ((p_hi, g_hi), (p_lo, g_lo))]
+            x = cases[0][5]
+            calls = []
+            for i, (layout, pool, _, offsets, combine, _, ws, _) in enumerate(cases):
+                mask = torch.zeros_like(combine)
+                if i == 0:
+                    mask[:, :high] = 1.0
+                else:
+                    mask[:, high:] = 1.0
+                calls.append((layout, pool, offsets, combine * mask, ws))
+
+            def step():
+                out = None
+                for layout, pool, offsets, combine, ws in calls:
+                    part = expert_decode(pool, offsets, layout, x, combine, backend="triton", workspace=ws)
+                    out = part if out is None else out + part
+                return out
+
+            floor = (high * stored_bytes(cases[0][0]) + (k - high) * stored_bytes(cases[1][0])) / copy_gbps / 1e3
+            row = {"model": model, "format": name, "triton_us": bench(step) * 1e3, "graph_us": bench_graph(step) * 1e3,
+                   "floor_us": floor}
+            rows.append(row)
+            print(f"layer step {name:20s} triton {row['triton_us']:8.1f} us  graph {row['graph_us']:7.1f} us  "
+                  f"floor {floor:6.1f} us", flush=True)
+        except Exception as exc:
+            rows.append({"format": name, "error": repr(exc), "trace": traceback.format_exc()[-2000:]})
+            print(f"layer step {name}: {exc!r}", flush=True)
     return rows
 
 
@@ -582,14 +629,18 @@ def table(result: dict) -> str:
             r = next((r for r in result["bandwidth"] if r.get("model") == model and r["format"] == fmt_name(p, g)), {})
             cells.append(f"{r['fraction_of_copy']:.0%}/{r['graph_fraction_of_copy']:.0%}" if "GBps" in r else "err")
         lines.append(f"{model:17s} " + " ".join(f"{c:>9s}" for c in cells))
-    lines += ["", "one layer step, Qwen3-30B-A3B shape, 8 experts, 1 token (us; floor = bytes / copy bandwidth):",
-              f"{'format':9s} {'floor':>6s} {'graph':>7s} {'triton':>7s} {'torch':>9s} {'speedup':>8s} {'int4pack':>9s}"]
+    lines += ["", "one layer step, Qwen3-30B-A3B shape, 8 experts, 1 token (us; floor = bytes / copy bandwidth;",
+              "mixes: experts x count per precision):",
+              f"{'format':20s} {'floor':>6s} {'graph':>7s} {'triton':>7s} {'torch':>9s} {'speedup':>8s} {'int4pack':>9s}"]
     for r in result["layer_step"]:
         if "error" in r:
-            lines.append(f"{r['format']:9s} error: {r['error'][:80]}")
+            lines.append(f"{r['format']:20s} error: {r['error'][:80]}")
+            continue
+        if "torch_us" not in r:  # a mixed step (mixed_layer_steps): no torch column
+            lines.append(f"{r['format']:20s} {r['floor_us']:6.1f} {r['graph_us']:7.1f} {r['triton_us']:7.1f}")
             continue
         i4 = r.get("int4pack_us")
-        lines.append(f"{r['format']:9s} {r['floor_us']:6.1f} {r['graph_us']:7.1f} {r['triton_us']:7.1f} "
+        lines.append(f"{r['format']:20s} {r['floor_us']:6.1f} {r['graph_us']:7.1f} {r['triton_us']:7.1f} "
                      f"{r['torch_us']:9.1f} {r['speedup']:7.1f}x {(f'{i4:9.1f}' if i4 else '-'):>9s}")
     return "\n".join(lines)
 
