@@ -124,11 +124,12 @@ def test_grouped_decode_equals_the_gathered_decode(experts, monkeypatch):
     order; the grouped GEMMs may round differently); ResidentExperts and an offloading runtime's
     bf16 slots (decode_experts) take that path under DYMOE_RESIDENT_DECODE=grouped (the default)
     only, only where grouped GEMMs run and only for stacks of at most MAX_GROUPS experts
-    (torch._grouped_mm's limit: a larger pool decodes gathered); a bad setting is one clear error."""
+    (torch._grouped_mm's limit: a larger pool decodes gathered, or on the CPU looped, one product
+    per expert, which also equals the gathered decode); a bad setting is one clear error."""
     from dymoe.errors import InputError
     from dymoe.models.expert_math import ExpertMath
     from dymoe.runtime import resident
-    from dymoe.runtime.resident import ResidentExperts, decode_experts, gathered_decode, grouped_decode
+    from dymoe.runtime.resident import ResidentExperts, decode_experts, gathered_decode, grouped_decode, looped_decode
 
     gate_up, down, x, _, _ = experts
     ids = torch.tensor([4, 0, 3])  # not sorted; experts 1, 2, 5: empty groups
@@ -138,9 +139,14 @@ def test_grouped_decode_equals_the_gathered_decode(experts, monkeypatch):
     for math, bias in ((resident.SWIGLU, None), (ExpertMath("gpt_oss", bias=True, limit=0.5, alpha=1.702), biases)):
         gathered = gathered_decode(x[:1], ids, weights, gate_up, down, biases=bias, math=math)
         grouped = grouped_decode(x[:1], ids, weights, gate_up, down, bias, math)
-        assert grouped.shape == gathered.shape == (1, H)
+        looped = looped_decode(x[:1], ids, weights, gate_up, down, biases=bias, math=math)
+        assert grouped.shape == gathered.shape == looped.shape == (1, H)
         torch.testing.assert_close(grouped.float(), gathered.float(), rtol=2e-2, atol=2e-2)
+        torch.testing.assert_close(looped.float(), gathered.float(), rtol=2e-2, atol=2e-2)
         assert gathered.float().abs().max() > 0.1
+        cast = looped_decode(x[:1].float(), ids, weights.float(), gate_up, down, torch.float32, bias, math)
+        torch.testing.assert_close(cast, gathered_decode(x[:1].float(), ids, weights.float(), gate_up, down,
+                                                         torch.float32, bias, math))
     calls = []
     monkeypatch.setattr(resident, "grouped_mm_usable", lambda t: True)
     monkeypatch.setattr(resident, "grouped_decode", lambda *a: calls.append("grouped") or a[0])
@@ -158,8 +164,12 @@ def test_grouped_decode_equals_the_gathered_decode(experts, monkeypatch):
     assert first.tolist() == list(range(E)) and resident._group_ids(E, torch.device("cpu")) is first
     monkeypatch.setattr(resident, "MAX_GROUPS", E - 1)  # a pool of more slots than grouped GEMMs take
     calls.clear()
+    monkeypatch.setattr(resident, "looped_decode", lambda *a: calls.append("looped") or a[0])
     decode_experts(x[:1], ids, weights, gate_up, down, torch.bfloat16)
-    assert calls == []
+    assert calls == []  # these tiny experts: gathered
+    monkeypatch.setattr(resident, "LOOPED_MIN_WEIGHTS", H * I)
+    decode_experts(x[:1], ids, weights, gate_up, down, torch.bfloat16)
+    assert calls == ["looped"]  # experts this large, on the CPU without grouped GEMMs: one product per expert
     monkeypatch.delenv("DYMOE_RESIDENT_DECODE", raising=False)
     assert resident._decode_setting() == "grouped"
     monkeypatch.setenv("DYMOE_RESIDENT_DECODE", "fast")

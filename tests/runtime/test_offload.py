@@ -75,8 +75,15 @@ def _pinned_bf16() -> dict[str, dict]:
 PINNED_BF16 = _pinned_bf16()
 
 
+@pytest.mark.parametrize("looped", [False, True], ids=["gathered", "looped"])
 @pytest.mark.parametrize("family", FAMILIES)
-def test_offloaded_equals_resident_bit_for_bit(bf16_models, family):
+def test_offloaded_equals_resident_bit_for_bit(bf16_models, family, looped, monkeypatch):
+    """(looped: one token's experts decoded one product each, as the CPU does for experts of real
+    size, resident.LOOPED_MIN_WEIGHTS; these tiny ones otherwise gather.)"""
+    from dymoe.runtime import resident
+
+    if looped:
+        monkeypatch.setattr(resident, "LOOPED_MIN_WEIGHTS", 0)
     checkpoint, store = bf16_models[family]
     model = load_dense(checkpoint, 64, "cpu", torch.float32)
     reference = run(model, ResidentExperts.from_checkpoint(checkpoint, "cpu", torch.float32))
