@@ -10,16 +10,13 @@ kernels (Triton's own included) defined after it is set, and other tests import 
 from __future__ import annotations
 
 import importlib.util
-import json
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
 
 import dymoe.models.fused as fused
 from dymoe.errors import InputError
+from tests.interpreted import run_interpreted
 
 needs_triton = pytest.mark.skipif(importlib.util.find_spec("triton") is None,
                                   reason="triton is not installed (gpu extra)")
@@ -88,10 +85,7 @@ print(json.dumps(results))
 
 @pytest.fixture(scope="module")
 def interpreted():
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    done = subprocess.run([sys.executable, "-c", _INTERPRETED], env=env, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    return run_interpreted(_INTERPRETED)
 
 
 @needs_triton

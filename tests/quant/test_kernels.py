@@ -11,10 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
-import json
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -26,6 +22,7 @@ from dymoe.quant.formats import parse_format
 from dymoe.quant.kernels import DequantWorkspace, decode_routing, dequantize_experts, expert_decode, kernel_plan
 from dymoe.quant.kernels.reference import random_pool
 from dymoe.quant.reference import dequantize, quantize
+from tests.interpreted import run_interpreted
 
 FORMATS = [("bf16", 128), ("int8", 128), ("int4", 64), ("int4", 128), ("int3", 64), ("int3", 128),
            ("int2", 64), ("int2", 128)]
@@ -186,11 +183,7 @@ def test_triton_kernels_under_the_interpreter():
     rounding, with normal and with outlier activations),
     plain SwiGLU and GPT-OSS's biased, clamped experts: within 1e-2 of the float32 reference, no
     NaN from the poisoned scratch or from the unused expert's NaN-filled blob, every counter reset."""
-    env = dict(os.environ, TRITON_INTERPRET="1", TRITON_DEFAULT_FP_FUSION="1")
-    script = f"FORMATS = {FORMATS!r}\nBIASED = {BIASED!r}\n" + _INTERPRETED
-    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
-    results = json.loads(done.stdout.strip().splitlines()[-1])
+    results = run_interpreted(f"FORMATS = {FORMATS!r}\nBIASED = {BIASED!r}\n" + _INTERPRETED, fp_fusion=True)
     packable = {"int4", "int3", "int2"}  # formats with a packed path (they also run the float32 one)
     assert set(results) == ({f"{p}/{g}/{c}" for p, g in FORMATS for c in CASES}
                             | {f"{p}/{g}/{c}/gpt_oss" for p, g in BIASED for c in CASES}
@@ -255,11 +248,7 @@ def test_one_launch_step_equals_the_two_launches_under_the_interpreter():
     each waiting for what it reads): every format and GPT-OSS's biased experts give the two-launch
     step's output bit for bit, within 1e-2 of the float32 reference, for two steps back to back on
     one NaN-poisoned workspace, with every counter (tickets, packed, ready, done) back at zero."""
-    env = dict(os.environ, TRITON_INTERPRET="1", TRITON_DEFAULT_FP_FUSION="1")
-    script = f"FORMATS = {FORMATS!r}\n" + _INTERPRETED_ONE_LAUNCH
-    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
-    results = json.loads(done.stdout.strip().splitlines()[-1])
+    results = run_interpreted(f"FORMATS = {FORMATS!r}\n" + _INTERPRETED_ONE_LAUNCH, fp_fusion=True)
     assert set(results) == {f"{p}/{g}" for p, g in FORMATS} | {"int4/64/gpt_oss"}
     for name, r in results.items():
         assert r["finite"] and r["rel_err"] < 1e-2, (name, r)
@@ -429,11 +418,7 @@ print(json.dumps(results))
 
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed (gpu extra)")
 def test_triton_dequantize_under_the_interpreter_is_bit_exact():
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    script = f"FORMATS = {FORMATS!r}\n" + _INTERPRETED_DEQUANT
-    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
-    results = json.loads(done.stdout.strip().splitlines()[-1])
+    results = run_interpreted(f"FORMATS = {FORMATS!r}\n" + _INTERPRETED_DEQUANT, timeout=300)
     assert len(results) == len(FORMATS) + 1
     for name, (gate_up_equal, down_equal, untouched) in results.items():
         assert gate_up_equal and down_equal and untouched, name
