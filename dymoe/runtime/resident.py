@@ -105,6 +105,13 @@ def gathered_decode(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, g
     return (weights.unsqueeze(-1) * y).sum(0, keepdim=True)
 
 
+# CPU decode, one Qwen3-sized layer step (8 experts, bf16, 2 threads, Xeon with AMX), gathered ->
+# looped: H1024 x I512 4.9 -> 1.4 ms, H2048 x I768 31.8 -> 4.2 ms, Mixtral's 2 x (4096 x 14336)
+# 315 -> 43 ms; below ~H512 x I256 (0.98 -> 0.69 ms) the per-expert calls cost more than the copy
+# (H256 x I128: 0.27 -> 0.50 ms)
+LOOPED_MIN_WEIGHTS = 1 << 16  # weights of one expert projection (H x I) from which the CPU decodes looped
+
+
 def looped_decode(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, gate_up: torch.Tensor,
                   down: torch.Tensor, dtype: torch.dtype | None = None,
                   biases: tuple[torch.Tensor, torch.Tensor] | None = None, math: ExpertMath = SWIGLU) -> torch.Tensor:
@@ -147,13 +154,6 @@ def decode_experts(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, ga
     return gathered_decode(x, ids, weights, gate_up, down, dtype, biases, math)
 
 
-# CPU decode, one Qwen3-sized layer step (8 experts, bf16, 2 threads, Xeon with AMX), gathered ->
-# looped: H1024 x I512 4.9 -> 1.4 ms, H2048 x I768 31.8 -> 4.2 ms, Mixtral's 2 x (4096 x 14336)
-# 315 -> 43 ms; below ~H512 x I256 (0.98 -> 0.69 ms) the per-expert calls cost more than the copy
-# (H256 x I128: 0.27 -> 0.50 ms)
-LOOPED_MIN_WEIGHTS = 1 << 16  # weights of one expert projection (H x I) from which the CPU decodes looped
-
-
 def grouped_decode(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, gate_up: torch.Tensor,
                    down: torch.Tensor, biases: tuple[torch.Tensor, torch.Tensor] | None = None,
                    math: ExpertMath = SWIGLU) -> torch.Tensor:
@@ -166,9 +166,7 @@ def grouped_decode(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, ga
     sorted_ids, order = torch.sort(ids)
     ends = torch.searchsorted(sorted_ids, _group_ids(gate_up.shape[0], ids.device), right=True, out_int32=True)
     rows = grouped_experts(x.expand(k, -1).contiguous(), ends, gate_up, down, biases, math)
-    y = torch.empty_like(rows)
-    y[order] = rows
-    return (weights.unsqueeze(-1) * y).sum(0, keepdim=True)
+    return combine_rows(rows * weights[order].unsqueeze(-1), order, k)
 
 
 _GROUP_IDS: dict[tuple[int, torch.device], torch.Tensor] = {}
