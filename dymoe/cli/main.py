@@ -36,7 +36,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    try:  # (the sub-commands' imports read the DYMOE_* switches: a bad value is a user error)
+        parser = build_parser()
+    except DymoeError as exc:
+        print(f"dymoe: error: {exc}", file=sys.stderr)
+        return 2
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
         parser.print_help()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -153,3 +154,15 @@ def test_bad_inputs_end_in_one_line_and_exit_2(model_dir, tmp_path):
         assert len(lines) == 1, (name, proc.stderr)
         assert expect in lines[0], (name, lines[0])
         assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize("switch", ["DYMOE_RESIDENT_DECODE", "DYMOE_FUSED_DENSE"])
+def test_a_bad_environment_switch_is_one_line_and_exit_2(switch):
+    """The DYMOE_* switches are read when the sub-commands are imported: a bad value still ends as
+    one line naming the switch and its choices, status 2, no traceback."""
+    env = dict(os.environ, **{switch: "bad"})
+    proc = subprocess.run([sys.executable, "-m", "dymoe", "generate", "--help"], capture_output=True, text=True,
+                          timeout=120, env=env)
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"dymoe: error: {switch}='bad': use "), proc.stderr
