@@ -105,7 +105,7 @@ def gathered_decode(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, g
     return (weights.unsqueeze(-1) * y).sum(0, keepdim=True)
 
 
-# CPU decode, one Qwen3-sized layer step (8 experts, bf16, 2 threads, Xeon with AMX), gathered ->
+# CPU decode (benchmarks/cpu_decode.py), one layer step (bf16, 2 threads, Xeon with AMX), gathered ->
 # looped: H1024 x I512 4.9 -> 1.4 ms, H2048 x I768 31.8 -> 4.2 ms, Mixtral's 2 x (4096 x 14336)
 # 315 -> 43 ms; below ~H512 x I256 (0.98 -> 0.69 ms) the per-expert calls cost more than the copy
 # (H256 x I128: 0.27 -> 0.50 ms)
