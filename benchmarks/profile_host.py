@@ -5,7 +5,11 @@ Qwen3-30B-A3B shape (8 layers, skewed routing, weights in pinned host RAM), warm
 one prompt, then profiles ``--steps`` decode steps (CUDA graphs on) and one ``--prompt``-token
 prefill, synchronising the device around each, and prints the functions with the most own time.
 Decode with CUDA graphs leaves the host with the runtime's bookkeeping, so this is the profile that
-says what to trim. Details: ``OUT/profile_host_<policy>.txt``.
+says what to trim. Before it, an unprofiled pass splits a graph decode step's host time per MoE
+layer: waiting for the GPU to reach the layer's routing, the runtime's bookkeeping between two
+graph replays (``decode_prepare`` and ``decode_finish``: cProfile inflates these calls several times
+over), and the rest (the replays' launch calls, the Python around them). Details:
+``OUT/profile_host_<policy>.txt``.
 """
 
 from __future__ import annotations
@@ -58,6 +62,15 @@ def main(argv=None) -> None:
         token = model.decode(token, args.prompt + i, cache).argmax()
     args.out.mkdir(parents=True, exist_ok=True)
     report = io.StringIO()
+    graphs = model._graphs.get(cache)
+    if graphs is not None and not graphs.whole:
+        phases = host_phases(graphs, lambda i, t: model.decode(t, args.prompt + 4 + i, cache).argmax(), token,
+                             args.steps)
+        print(f"== {args.policy} decode, unprofiled, host us per MoE layer ({len(graphs.moe_at)} layers, "
+              f"{args.steps} steps):\n{phases}")
+        report.write(f"== decode host phases, us per MoE layer\n{phases}\n")
+        token = model.decode(token, args.prompt + 4 + args.steps, cache).argmax()
+        args.prompt += args.steps + 1  # the profiled steps go on from here
     for phase in ("decode", "prefill"):
         profiler = cProfile.Profile()
         sync(device)
@@ -82,6 +95,36 @@ def main(argv=None) -> None:
         head = next(i for i, line in enumerate(lines) if line.strip().startswith("ncalls"))
         print("\n".join(lines[head : head + args.top + 1]))
     (args.out / f"profile_host_{args.policy}.txt").write_text(report.getvalue())
+
+
+def host_phases(graphs, step, token, steps: int) -> str:
+    """Host time of ``steps`` graph decode steps of ``graphs`` (a DecodeGraphs), per MoE layer, as a
+    small table: a device synchronisation put before each bookkeeping call between two replays takes
+    the wait for the GPU out of the runtime's own routing read."""
+    between, times = graphs._between, {"wait for the GPU": 0.0, "between replays": 0.0}
+
+    def timed(s, out):
+        started = time.perf_counter()
+        torch.cuda.current_stream().synchronize()
+        ready = time.perf_counter()
+        between(s, out)
+        times["wait for the GPU"] += ready - started
+        times["between replays"] += time.perf_counter() - ready
+
+    graphs._between = timed
+    try:
+        torch.cuda.synchronize()
+        started = time.perf_counter()
+        for i in range(steps):
+            token = step(i, token)
+        torch.cuda.synchronize()
+        total = time.perf_counter() - started
+    finally:
+        del graphs._between  # back to the class's method
+    per = steps * len(graphs.moe_at) / 1e6
+    rows = [*times.items(), ("replays and the rest", total - sum(times.values()))]
+    lines = [f"  {name:<24} {seconds / per:8.1f}" for name, seconds in rows]
+    return "\n".join(lines + [f"  {'step (synchronised)':<24} {total / steps * 1e6:8.1f} us"])
 
 
 if __name__ == "__main__":

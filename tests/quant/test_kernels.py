@@ -291,7 +291,8 @@ def test_pdl_launches_only_after_the_first_and_only_where_supported(monkeypatch)
     launched early (it may follow anything); gate_up (after pack input) and down are, and every
     launch gets its griddepcontrol; a device without it (or the interpreter) gets none of that
     whatever the config; DYMOE_PDL sets split_config's field (unset: on for steps of at most
-    PDL_MAX_WEIGHTS weights per projection), DYMOE_ONE_LAUNCH its one_launch (unset: off), and a
+    PDL_MAX_WEIGHTS weights per projection), DYMOE_ONE_LAUNCH its one_launch (unset: on for the
+    long int8 and int4 steps), and a
     bad value of either is one clear error."""
     from dymoe.quant.kernels import triton_experts as te
 
@@ -322,13 +323,17 @@ def test_pdl_launches_only_after_the_first_and_only_where_supported(monkeypatch)
     monkeypatch.setenv("DYMOE_PDL", "yes")
     with pytest.raises(InputError, match="DYMOE_PDL='yes': use 1"):
         te._pdl_override()
-    for value, expected in (("", False), ("0", False), ("1", True)):  # DYMOE_ONE_LAUNCH: the same way
+    # DYMOE_ONE_LAUNCH the same way; unset: the long int8 and int4 steps only (one_launch_by_default)
+    plans = [qwen3, mixtral] + [kernel_plan(blob_layout(parse_format(p, 64), 4096, 14336)) for p in ("int8", "int3", "int2")]
+    for value, override, expected in (("", None, (False, True, True, False, False)), ("0", False, (False,) * 5),
+                                      ("1", True, (True,) * 5)):
         monkeypatch.setenv("DYMOE_ONE_LAUNCH", value)
-        monkeypatch.setattr(te, "ONE_LAUNCH", te._one_launch_setting())
-        assert te.ONE_LAUNCH is expected and te.split_config(qwen3, "gate_up", 8, 132).one_launch is expected
+        assert te._one_launch_override() is override
+        monkeypatch.setattr(te, "ONE_LAUNCH_OVERRIDE", override)
+        assert tuple(te.split_config(plan, "gate_up", 8, 132).one_launch for plan in plans) == expected
     monkeypatch.setenv("DYMOE_ONE_LAUNCH", "on")
     with pytest.raises(InputError, match="DYMOE_ONE_LAUNCH='on': use 1"):
-        te._one_launch_setting()
+        te._one_launch_override()
 
 
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed (gpu extra)")

@@ -386,15 +386,28 @@ def pdl_by_default(plan: KernelPlan) -> bool:
 PDL_OVERRIDE = _pdl_override()
 
 
-def _one_launch_setting() -> bool:
-    """DYMOE_ONE_LAUNCH from the environment, for split_config: 1 runs each split-K step as one
-    launch (``LaunchConfig.one_launch``; experimental: built and checked under Triton's
-    interpreter, not yet run on a GPU), 0 or unset as two or three."""
-    return env_choice("DYMOE_ONE_LAUNCH", {"1": "the whole step in one launch (experimental)",
-                                           "0": "off (the default)"}, "0") == "1"
+def _one_launch_override() -> bool | None:
+    """DYMOE_ONE_LAUNCH from the environment, for split_config: 1 runs every split-K step as one
+    launch (``LaunchConfig.one_launch``), 0 none, unset leaves it to :func:`one_launch_by_default`."""
+    setting = env_choice("DYMOE_ONE_LAUNCH", {"1": "every one-token low-bit step in one launch",
+                                              "0": "off; unset: on for long int8 and int4 steps"}, "")
+    return None if setting == "" else setting == "1"
 
 
-ONE_LAUNCH = _one_launch_setting()
+ONE_LAUNCH_OVERRIDE = _one_launch_override()
+ONE_LAUNCH_BITS = (8, 4)  # formats whose long steps run in one launch by default
+
+
+def one_launch_by_default(plan: KernelPlan) -> bool:
+    """Whether a split-K step of ``plan`` runs as one launch unless DYMOE_ONE_LAUNCH says otherwise:
+    the long steps (more than PDL_MAX_WEIGHTS weights per projection, where pdl is off) of int8
+    and int4. Measured on an H100 (2026-12-06, % of copy, two launches -> one, 20-step graphs, two
+    calls; docs/results/kernel_variants_one_launch_h100.json): Mixtral-8x7B (4096 x 14336) int4/g128
+    54 -> 66, int4/g64 45 -> 59, int8 80-82 -> 82-84, int2/g64 42-43 -> 43-44, int2/g128 42 -> 42,
+    int3 30 -> 20-30 (slower: its gate_up is bound by arithmetic, and the down items waiting on it
+    hold their SMs). On the short steps of Qwen3-30B-A3B, OLMoE and DeepSeek-V2-Lite one launch
+    was slower in every format (Qwen3 int4/g128 16.5 -> 24.6 us), so those keep pdl's three."""
+    return plan.hidden_size * plan.intermediate_size > PDL_MAX_WEIGHTS and plan.bits in ONE_LAUNCH_BITS
 
 
 def packs_by_default(plan: KernelPlan) -> bool:
@@ -437,7 +450,7 @@ class LaunchConfig:
     pdl: bool = False
     # split-K, read from gate_up's config: the whole step in one launch (split_k._step_kernel: the
     # input packing, gate_up and down as work items by ticket, each waiting for what it reads);
-    # not timed yet, so off by default
+    # split_config sets it per shape and format (one_launch_by_default)
     one_launch: bool = False
 
 
@@ -518,7 +531,8 @@ def split_config(plan: KernelPlan, kernel: str, experts: int, sms: int, block_n:
     cap = 128 if plan.bits == 4 else None
     return LaunchConfig(block_n=block_n, block_k=block_k, num_warps=num_warps, num_stages=num_stages, split_k=split,
                         packed=packs_by_default(plan), block_steps=True, max_registers=cap,
-                        pdl=pdl_by_default(plan) if PDL_OVERRIDE is None else PDL_OVERRIDE, one_launch=ONE_LAUNCH)
+                        pdl=pdl_by_default(plan) if PDL_OVERRIDE is None else PDL_OVERRIDE,
+                        one_launch=one_launch_by_default(plan) if ONE_LAUNCH_OVERRIDE is None else ONE_LAUNCH_OVERRIDE)
 
 
 def _tiling(plan: KernelPlan, config: LaunchConfig) -> dict:

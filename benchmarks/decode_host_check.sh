@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# The one-launch split-K step against the two launches on every shape, then where an offloading
+# preset's decode step spends its host time, in one device call (< 5 minutes):
+#
+#   OUT=out bash benchmarks/decode_host_check.sh
+#
+# 1. benchmarks/kernels.py --variants --one-launch: choose_config's pick against the same step in
+#    one launch (LaunchConfig.one_launch), Qwen3-30B-A3B, Mixtral-8x7B, OLMoE and DeepSeek-V2-Lite
+#    shapes, every low-bit format (FORMATS=... for fewer);
+#    KERNELS=0 skips this stage;
+# 2. benchmarks/profile_host.py for static-int4 with every expert fitting (all hits after the
+#    warm-up), static-int4, lru and dymoe at 25% (POLICIES="policy:budget ..."), synthetic
+#    Qwen3-30B-A3B shape, 8 layers: host microseconds per MoE layer waiting for the GPU, in the
+#    runtime's bookkeeping between graph replays, and in the replays' launch calls, then a cProfile.
+# Logs: $OUT/kernels.txt, $OUT/host.txt, $OUT/kernels/variants.json, $OUT/profile_host_*.txt.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-bench-out}
+PYTHON=${PYTHON:-python}
+MODELS=${MODELS:-qwen3-30b-a3b mixtral-8x7b olmoe deepseek-v2-lite}
+FORMATS=${FORMATS:-int8 int4/g128 int4/g64 int3/g128 int3/g64 int2/g64 int2/g128}
+POLICIES=${POLICIES:-static-int4:1.0 static-int4:0.25 lru:0.25 dymoe:0.25}
+mkdir -p "$OUT"
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
+started=$SECONDS
+if [ "${KERNELS:-1}" = 1 ]; then
+  echo "== one launch against two (+0 s)"
+  timeout 150 "$PYTHON" benchmarks/kernels.py --out "$OUT/kernels" --variants --one-launch --budget-s 100 \
+    --models $MODELS --formats $FORMATS > "$OUT/kernels.txt" 2>&1
+  echo "-- rc=$? (+$((SECONDS - started)) s)"
+fi
+for run in $POLICIES; do
+  echo "== host time: ${run%%:*} at ${run##*:} (+$((SECONDS - started)) s)" | tee -a "$OUT/host.txt"
+  timeout 90 "$PYTHON" benchmarks/profile_host.py --steps 32 --layers 8 --policy "${run%%:*}" \
+    --budget "${run##*:}" --top 14 --out "$OUT" >> "$OUT/host.txt" 2>&1
+  echo "-- rc=$? (+$((SECONDS - started)) s)"
+done
+[ -f "$OUT/kernels.txt" ] && grep -E "choose_config|one launch" "$OUT/kernels.txt" | grep -v "^variant" | cut -c1-120
+grep -E -A5 "^== host time|host us per MoE layer" "$OUT/host.txt" | grep -v "^--"
