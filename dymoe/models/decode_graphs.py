@@ -15,7 +15,8 @@ A runtime that never synchronises (``graph_safe``, e.g. the resident experts) is
 rest, so the whole step is one graph. A runtime with ``deferred_decode`` (an offloading runtime
 whose expert kernels read fixed rows once prepared: one precision class, or two padded to k slots
 each) splits its step: ``decode_prepare`` (read the routing, fetch, upload slot ids to fixed rows)
-runs between graphs, ``decode_compute`` (kernels on fixed buffers) is recorded at the start of the next
+runs between graphs (what it reads with the routing, e.g. a prefetcher's guesses, is made on the
+device by the runtime's ``routing_row``, recorded after the router), ``decode_compute`` (kernels on fixed buffers) is recorded at the start of the next
 segment, and ``decode_finish`` (unpin, fence) follows that segment's replay. The position lives on the device (:class:`StaticPosition`);
 attention covers a fixed span of the KV cache per graph (a power of two of at least 256 entries that
 covers the position, later entries masked), so a few recordings serve every position. A span is
@@ -48,6 +49,7 @@ class _Segment:
     flat: torch.Tensor | None = None
     ids: torch.Tensor | None = None
     weights: torch.Tensor | None = None
+    row: torch.Tensor | None = None  # the runtime's routing_row (deferred decode), recorded with the router
     logits: torch.Tensor | None = None
 
 
@@ -138,7 +140,9 @@ class DecodeGraphs:
         if s == len(self.moe_at):
             return
         block = self.layers[self.moe_at[s]].mlp
-        if self.deferred:
+        if self.deferred and out.row is not None:
+            experts.decode_prepare(block.layer, out.flat, out.ids[0], out.weights[0], row=out.row)
+        elif self.deferred:
             experts.decode_prepare(block.layer, out.flat, out.ids[0], out.weights[0])
         else:
             self.routed[s].copy_(experts.run_experts(block.layer, out.flat, out.ids, out.weights))
@@ -193,4 +197,6 @@ class DecodeGraphs:
         h = x + layer.self_attn(layer.input_layernorm(x), pos, cache, rotary)
         flat = layer.post_attention_layernorm(h).view(1, -1)
         ids, weights = layer.mlp.gate(flat)
-        return _Segment(h=h, flat=flat, ids=ids, weights=weights)
+        routing_row = getattr(model.experts, "routing_row", None) if self.deferred else None
+        row = routing_row(layer.mlp.layer, flat, ids[0], weights[0]) if routing_row is not None else None
+        return _Segment(h=h, flat=flat, ids=ids, weights=weights, row=row)

@@ -246,6 +246,33 @@ class ExpertCache:
         classes = [precision] if precision is not None else self.pool.classes
         return [k for c in classes for k in self._by_class[c]]
 
+    def use_resident(self, keys: Sequence[Key], precision: str) -> int | None:
+        """A decode step's hit path in one call: when every one of ``keys`` (distinct) is resident
+        at ``precision``, count a use of each (in order) and pin each, as :meth:`lookup` and
+        :meth:`pin` would, and return how many of them a prefetch brought in; otherwise change
+        nothing and return None."""
+        found = self._entries
+        entries = [found.get(key) for key in keys]
+        if any(entry is None or entry.precision != precision for entry in entries):
+            return None
+        policy, prefetched = self.policies[precision], 0
+        for key, entry in zip(keys, entries):
+            self.clock += 1
+            policy.on_access(key, self.clock)
+            entry.pins += 1
+            prefetched += entry.prefetched
+            entry.prefetched = False
+        return prefetched
+
+    def slots(self, keys: Sequence[Key]) -> list[int]:
+        """The slots of resident ``keys`` (as :meth:`peek` would give, without its records)."""
+        return [self._entry(key).slot for key in keys]
+
+    def unpin_all(self, keys: Sequence[Key]) -> None:
+        """:meth:`unpin` each of ``keys``."""
+        for key in keys:
+            self.unpin(key)
+
     # -- pins -----------------------------------------------------------------------------------
 
     def pin(self, key: Key) -> Residency:

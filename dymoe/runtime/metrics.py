@@ -51,6 +51,12 @@ class RuntimeMetrics:
         counters.hits += 1
         counters.prefetch_hits += prefetched
 
+    def hits(self, layer: int, n: int, prefetched: int = 0) -> None:
+        """``n`` hits at once, ``prefetched`` of them on prefetched copies."""
+        counters = self.layer(layer)
+        counters.hits += n
+        counters.prefetch_hits += prefetched
+
     def miss(self, layer: int, nbytes: int = 0) -> None:
         """A needed expert was not resident; ``nbytes`` is what its demand fetch moves."""
         counters = self.layer(layer)

@@ -212,38 +212,49 @@ class OffloadedExperts(RuntimeReporting):
         self._release(layer, experts)
         return out
 
-    def _admit(self, layer, hidden, ids, weights) -> tuple[list[int], dict[int, str]]:
-        """Read the token's routing, make its experts resident (fetching the misses, prefetching the
-        predicted ones) and have the compute stream wait for their copies: (experts, precision used)."""
-        k = ids.shape[0]
-        predicted = self.predictor.predict(layer, hidden) if self.predictor else None
-        high = self.rule.decode_high(weights) if self.low is not None and layer not in self._critical else None
-        mixed = high is not None
+    def routing_row(self, layer, hidden, ids, weights) -> torch.Tensor:
+        """One token's routing ``ids`` [k] and what the runtime reads with it, as one int64 device
+        row: the predictor's guesses for the next layers (d x k ids), then, where the precision
+        rule splits a token's experts, how many run high. Device work only, so the CUDA-graph
+        decode records it with the router (dymoe/models/decode_graphs.py) and the host reads the
+        row in the step's one transfer."""
         parts = [ids.view(-1)]
+        predicted = self.predictor.predict(layer, hidden) if self.predictor else None
         if predicted is not None:
-            parts.append(predicted.reshape(-1))
-        if mixed:
-            parts.append(high.view(1))
+            parts.append(predicted.reshape(-1).to(torch.int64))
+        if self._mixed(layer):
+            parts.append(self.rule.decode_high(weights).view(1).to(torch.int64))
+        return torch.cat(parts) if len(parts) > 1 else parts[0]
+
+    def _mixed(self, layer: int) -> bool:
+        """Whether the precision rule may split a token's experts between the classes here."""
+        return self.low is not None and layer not in self._critical and self.rule.decode_mixed
+
+    def _admit(self, layer, hidden, ids, weights, row=None) -> tuple[list[int], dict[int, str]]:
+        """Read the token's routing (``row``: :meth:`routing_row` if already made), make its experts
+        resident (fetching the misses, prefetching the predicted ones) and have the compute stream
+        wait for their copies: (experts, precision used)."""
+        k = ids.shape[0]
         # the step's one host sync: the runtime must know what to fetch (plus the prefetcher's
         # guesses and how many experts are important, in the same transfer)
-        flat = torch.cat(parts).tolist() if len(parts) > 1 else parts[0].tolist()
+        flat = (self.routing_row(layer, hidden, ids, weights) if row is None else row).tolist()
         experts = flat[:k]
-        guesses = [flat[k + i * k : k + (i + 1) * k] for i in range(len(predicted))] if predicted is not None else []
+        mixed = self._mixed(layer)
+        guesses = [flat[k + i * k : k + (i + 1) * k] for i in range((len(flat) - mixed) // k - 1)]
         n_high = flat[-1] if mixed else k
         wanted = {e: (self.precision if j < n_high else self.low) for j, e in enumerate(experts)}
         tickets: dict[int, object] = {}
         used = self._start_wave(layer, experts, wanted, tickets)
         if len(used) < len(experts):
             raise BudgetError(f"layer {layer}: fewer free expert slots than one token's top-k; raise --device-memory")
-        if predicted is not None:
+        if guesses:
             self._prefetch(self.predictor.targets(layer), guesses)
         for ticket in tickets.values():
             self.transfers.wait(ticket)
         return experts, used
 
     def _release(self, layer, experts: list[int]) -> None:
-        for e in experts:
-            self.cache.unpin((layer, e))
+        self.cache.unpin_all([(layer, e) for e in experts])
         self.transfers.fence()
 
     def _decode_rows(self, layer, hidden, experts, weights, rows, precision):
@@ -254,7 +265,7 @@ class OffloadedExperts(RuntimeReporting):
         return self._run_slots(hidden, slots, weights, precision)
 
     def _slots(self, layer: int, experts: list[int]) -> list[int]:
-        return [self.cache.peek((layer, e)).slot for e in experts]
+        return self.cache.slots([(layer, e) for e in experts])
 
     def _run_slots(self, hidden, slots, weights, precision):
         """One token through the experts in ``slots`` (device int64) of one class: device work only."""
@@ -286,11 +297,11 @@ class OffloadedExperts(RuntimeReporting):
             return True  # read in place by decode_experts (the resident model's arithmetic)
         return expert_decode_capturable(self.device)
 
-    def decode_prepare(self, layer, hidden, ids, weights) -> None:
-        """Everything before the compute of one token's layer: :meth:`_admit`, then the slot ids
-        (and, with two classes, each class's slot row and mask row) into the fixed rows
-        :meth:`decode_compute` reads."""
-        experts, used = self._admit(layer, hidden, ids, weights)
+    def decode_prepare(self, layer, hidden, ids, weights, row=None) -> None:
+        """Everything before the compute of one token's layer: :meth:`_admit` (``row``: its
+        :meth:`routing_row`, recorded with the router), then the slot ids (and, with two classes,
+        each class's slot row and mask row) into the fixed rows :meth:`decode_compute` reads."""
+        experts, used = self._admit(layer, hidden, ids, weights, row)
         if self.low is None:
             self._upload(self._slots(layer, experts), 0)
         else:
@@ -402,6 +413,14 @@ class OffloadedExperts(RuntimeReporting):
     def _start_wave(self, layer: int, experts: list[int], wanted: dict[int, str], tickets: dict) -> dict[int, str]:
         """Pin resident experts and start fetches for missing ones, while slots last; returns the
         precision each admitted expert will run at (insertion order = admission order)."""
+        if self.low is None:  # one class: every resident copy is at the wanted precision
+            keys = [(layer, e) for e in experts]
+            if not self.transfers.any_pending(keys):
+                prefetched = self.cache.use_resident(keys, self.precision)
+                if prefetched is not None:  # all hits: the loop below in one pass (decode is bound by the host)
+                    self.metrics.hits(layer, len(keys), prefetched)
+                    self.precision_uses[self.precision] += len(keys)
+                    return dict.fromkeys(experts, self.precision)
         used: dict[int, str] = {}
         floor = layer in self._critical  # depth floor: never run below the high precision here
         for e in experts:

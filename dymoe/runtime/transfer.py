@@ -137,6 +137,11 @@ class TransferEngine:
         """The latest transfer of ``key`` not yet waited on (a prefetch a demand step must wait for)."""
         return self._inflight.get(key)
 
+    def any_pending(self, keys) -> bool:
+        """Whether any of ``keys`` has a transfer not yet waited on (:meth:`pending`)."""
+        inflight = self._inflight
+        return bool(inflight) and any(key in inflight for key in keys)
+
     def fence(self) -> None:
         """Mark that every slot unpinned so far is free to overwrite once the compute queued so far is
         done; later copies wait for this point only (see the module docstring). A no-op on CPU."""
@@ -282,19 +287,23 @@ class IndexUpload:
         self.cuda = self.device.type == "cuda"
         self.host = torch.empty(rows, width, dtype=torch.int64, pin_memory=self.cuda)
         self.dev = torch.empty(rows, width, dtype=torch.int64, device=self.device)
+        self._host_values = self.host.numpy()  # the same (pinned) memory, written without torch's dispatch
+        self._views: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}  # (row, n) -> host, device
 
     def row(self, row: int, n: int) -> torch.Tensor:
         """The device view the last ``n`` values uploaded to ``row`` live in (a fixed address)."""
-        return self.dev[row, :n]
+        return self._view(row, n)[1]
+
+    def _view(self, row: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        views = self._views.get((row, n))
+        if views is None:
+            views = self._views[(row, n)] = (self.host[row, :n], self.dev[row, :n])
+        return views
 
     def __call__(self, values: list[int], row: int = 0) -> torch.Tensor:
         """``values`` as an int64 tensor on the device (a view valid until ``row`` is reused)."""
         n = len(values)
-        if not self.cuda:
-            target = self.dev[row, :n]
-            target.copy_(torch.tensor(values, dtype=torch.int64))
-            return target
-        self.host[row, :n] = torch.tensor(values, dtype=torch.int64)
-        target = self.dev[row, :n]
-        target.copy_(self.host[row, :n], non_blocking=True)
+        self._host_values[row, :n] = values
+        host, target = self._view(row, n)
+        target.copy_(host, non_blocking=self.cuda)
         return target

@@ -99,7 +99,7 @@ def test_segmented_decode_drives_an_offloading_runtime_once_per_moe_layer(checkp
     calls = []
     for name in ("run_experts", "decode_prepare", "decode_compute", "decode_finish"):
         method = getattr(experts, name)
-        setattr(experts, name, lambda layer, *args, m=method, n=name: calls.append((n, layer)) or m(layer, *args))
+        setattr(experts, name, lambda layer, *args, m=method, n=name, **kw: calls.append((n, layer)) or m(layer, *args, **kw))
     plain, segmented, graphs = decode_both(model, experts)
     torch.testing.assert_close(segmented, plain, rtol=1e-5, atol=1e-5)
     assert not graphs.whole and graphs.deferred
@@ -136,11 +136,12 @@ class AdmissionLog:
     precision rule's choice against the class it ran at (they differ where a copy substituted)."""
 
     def __init__(self, experts):
-        self.experts, self.admit, self.steps = experts, experts._admit, []
+        self.experts, self.admit, self.steps, self.rows = experts, experts._admit, [], []
         experts._admit = self
 
-    def __call__(self, layer, hidden, ids, weights):
-        ran, used = self.admit(layer, hidden, ids, weights)
+    def __call__(self, layer, hidden, ids, weights, row=None):
+        self.rows.append(row is not None)  # read from the segment's recording (routing_row)
+        ran, used = self.admit(layer, hidden, ids, weights, row)
         e = self.experts
         mixed = e.rule.decode_mixed and layer not in e._critical
         n_high = int(e.rule.decode_high(weights)) if mixed else len(ran)
@@ -179,6 +180,7 @@ def test_two_class_decode_runs_inside_the_segments(checkpoints, mixed_stores, mo
     torch.testing.assert_close(segmented, eager, rtol=1e-5, atol=1e-5)
     assert torch.equal(segmented.argmax(-1), eager.argmax(-1))
     assert len(log.steps) == STEPS * len(c.moe_layers)  # every decode layer step went through decode_prepare
+    assert all(log.rows)  # with its routing row (guesses, count of high experts) made in the segment
     high, low = config.precisions
     if name == "fate":
         assert log.count(high, high) == STEPS * len(c.moe_layers) * k  # decode: int4 only

@@ -194,3 +194,40 @@ def test_belady_hits_at_least_lru_and_lfu(slots, seed):
 
     oracle = hits(lambda: BeladyPolicy(trace))
     assert oracle >= hits("lru") and oracle >= hits("lfu")
+
+
+@pytest.mark.parametrize("policy", ["lru", "lfu", "arc", "least-stale"])
+def test_use_resident_is_lookup_then_pin_for_each_key(policy):
+    """The batched hit path leaves the cache as lookup + pin per key would (uses counted in
+    order, pins, prefetched flags, the victim order after), reports the prefetched copies it
+    hit, and changes nothing when a key is missing or at another precision."""
+    def filled():
+        cache = cache_of(4, policy, classes=("bf16", "int4"))
+        for key in (A, B, C):
+            cache.insert(key, "bf16")
+        cache.insert(D, "bf16", prefetched=True)
+        cache.insert(E, "int4")
+        return cache
+
+    batched, looped = filled(), filled()
+    assert batched.use_resident([D, A, C], "bf16") == 1
+    for key in (D, A, C):
+        looped.lookup(key)
+        looped.pin(key)
+    assert batched.clock == looped.clock
+    for key in (A, B, C, D):
+        assert (batched.is_pinned(key), batched.is_prefetched(key)) == (looped.is_pinned(key), looped.is_prefetched(key))
+    batched.unpin_all([D, A, C])
+    for key in (D, A, C):
+        looped.unpin(key)
+    assert batched.slots([C, A]) == [looped.peek(C).slot, looped.peek(A).slot]
+    incoming = (3, 0)
+    assert batched.insert(incoming, "bf16")[1] == looped.insert(incoming, "bf16")[1]  # the same victim
+    before = (filled().clock, [k for k in (A, B, C, D, E) if filled().is_pinned(k)])
+    for keys, precision in (([A, (5, 5)], "bf16"), ([A, E], "bf16"), ([E], "bf16")):
+        cache = filled()
+        assert cache.use_resident(keys, precision) is None
+        assert (cache.clock, [k for k in (A, B, C, D, E) if cache.is_pinned(k)]) == before
+        assert cache.is_prefetched(D)
+    with pytest.raises(KeyError, match="not resident"):
+        filled().slots([(5, 5)])

@@ -15,6 +15,7 @@ import torch
 
 from dymoe.errors import BudgetError
 from dymoe.models.transformer import load_dense
+from dymoe.runtime.cache import ExpertCache
 from dymoe.runtime.offload import OffloadConfig, OffloadedExperts
 from dymoe.runtime.expert_compute import dequantized_expert
 from dymoe.runtime.hotness import HotnessConfig, HotnessExperts
@@ -122,6 +123,40 @@ def test_a_cache_that_holds_everything_fetches_each_expert_once(bf16_models):
     assert distinct <= len(c.moe_layers) * c.num_experts
     run(model, experts)  # the same prompts again: every expert is already there
     assert experts.stats()["total"]["misses"] == distinct
+
+
+@pytest.mark.parametrize("preset", ["lru", "lru-prefetch", "static-int4", "least-stale"])
+def test_the_batched_hit_path_changes_nothing_but_speed(bf16_models, preset, monkeypatch):
+    """_start_wave's one-pass hit path (ExpertCache.use_resident) against its per-expert loop:
+    the same logits, tokens, statistics, expert runs per precision and cache order, at a budget
+    with hits and misses; and the path was taken."""
+    checkpoint, store = bf16_models["qwen3_moe"]
+    c = checkpoint.config
+    model = load_dense(checkpoint, 64, "cpu", torch.float32)
+    budget = len(c.moe_layers) * c.num_experts * store.layout(PRESETS[preset]["precision"]).nbytes // 2
+    batched = ExpertCache.use_resident
+    taken = []
+
+    def counted(self, keys, precision):
+        result = batched(self, keys, precision)
+        taken.append(result is not None)
+        return result
+
+    outcomes = []
+    for hit_path in (counted, lambda self, keys, precision: None):
+        monkeypatch.setattr(ExpertCache, "use_resident", hit_path)
+        experts = OffloadedExperts(store, OffloadConfig(budget_bytes=budget, **PRESETS[preset]), c.num_experts_per_tok,
+                                   "cpu", torch.float32)
+        *logits, ids = run(model, experts)
+        order = [experts.cache.resident(p) for p in experts.config.precisions]
+        counts = {scope: {k: v for k, v in counters.items() if k != "stall_seconds"}  # a time, not a count
+                  for scope, counters in [("total", experts.stats()["total"]), *experts.stats()["layers"].items()]}
+        outcomes.append((logits, ids, counts, dict(experts.precision_uses), order, experts.cache.clock))
+    (fast_logits, *fast), (slow_logits, *slow) = outcomes
+    assert all(torch.equal(a, b) for a, b in zip(fast_logits, slow_logits))
+    assert fast == slow
+    assert any(taken) and not all(taken)  # hits in one pass, and the loop for steps with a miss
+    assert fast[1]["total"]["hits"] > 0 and fast[1]["total"]["misses"] > 0
 
 
 def test_budget_below_top_k_is_refused_with_the_minimum(bf16_models):
