@@ -12,7 +12,12 @@
 #    warm-up), static-int4, lru and dymoe at 25% (POLICIES="policy:budget ..."), synthetic
 #    Qwen3-30B-A3B shape, 8 layers: host microseconds per MoE layer waiting for the GPU, in the
 #    runtime's bookkeeping between graph replays, and in the replays' launch calls, then a cProfile.
-# Logs: $OUT/kernels.txt, $OUT/host.txt, $OUT/kernels/variants.json, $OUT/profile_host_*.txt.
+# 3. end to end: `dymoe bench` on the same shape at 25% (SUITE=policies), 64 generated tokens; with
+#    BASE=DIR (a copy of another revision's dymoe/ package, e.g. `git archive REV dymoe | tar -x -C
+#    DIR`) first with that package, then with this tree's, side by side on one machine (python -P: the
+#    working directory does not shadow PYTHONPATH).
+# Logs: $OUT/kernels.txt, $OUT/host.txt, $OUT/kernels/variants.json, $OUT/profile_host_*.txt,
+# $OUT/e2e*.txt and .json.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-bench-out}
@@ -35,5 +40,15 @@ for run in $POLICIES; do
     --budget "${run##*:}" --top 14 --out "$OUT" >> "$OUT/host.txt" 2>&1
   echo "-- rc=$? (+$((SECONDS - started)) s)"
 done
+SUITE=${SUITE:-resident,lru,lru-prefetch,static-int4,least-stale-int4,fate,dymoe,dynaexq}
+for tree in ${BASE:+"$BASE"} "$PWD"; do
+  name=e2e${BASE:+-$([ "$tree" = "$PWD" ] && echo this || echo base)}
+  echo "== $name: $tree (+$((SECONDS - started)) s)"
+  PYTHONPATH=$tree timeout 200 "$PYTHON" -P -m dymoe bench --model synthetic:qwen3-30b-a3b --layers 8 --policies "$SUITE" \
+    --device-memory 25% --prompt-len 32 --gen-len 64 --routing skewed --no-progress --json "$OUT/$name.json" \
+    > "$OUT/$name.txt" 2>&1
+  echo "-- rc=$? (+$((SECONDS - started)) s)"
+done
 [ -f "$OUT/kernels.txt" ] && grep -E "choose_config|one launch" "$OUT/kernels.txt" | grep -v "^variant" | cut -c1-120
 grep -E -A5 "^== host time|host us per MoE layer" "$OUT/host.txt" | grep -v "^--"
+for f in "$OUT"/e2e*.txt; do echo "== $f"; grep -E "^(preset|[a-z0-9-]+(@| ))" "$f" | cut -c1-150; done
