@@ -2,22 +2,27 @@
 RMSNorm rows of the block norms (Qwen3 2048, Mixtral 4096, DeepSeek-V3 7168, a 2880 tail) and
 of the per-head q/k norms (128), at 1 and 512 tokens; the rotary embedding of Qwen3's q and k
 at an integer start (prefill) and at a position read from the device (decode), on the strided
-[B, heads, T, D] views the attention passes.
+[B, heads, T, D] views the attention passes; the router's top-k (fused.route) with Qwen3-30B-A3B's,
+Mixtral's, OLMoE's and a scaled sigmoid router's shapes, by their own choice and for given
+experts (synthetic routing), at 1 and 512 tokens.
 
     python benchmarks/check_dense_kernels.py
 
 Prints, per case, the largest difference in bf16 units in the last place and the share of equal
-outputs; exits 1 if any output is off by more than one unit (RMSNorm: only the float32 sum's order
-differs) or the rotary embedding differs at all (its roundings are the torch code's).
+outputs; exits 1 if any output is off by more than one unit (RMSNorm and the router weights: only
+a float32 sum's order differs), the rotary embedding differs at all (its roundings are the torch
+code's) or a router picks other experts or another order.
 """
 
+import dataclasses
 import sys
 
 import torch
 
 import dymoe.models.fused as fused
-from dymoe.models.config import RopeConfig
+from dymoe.models.config import ModelConfig, RopeConfig
 from dymoe.models.layers import RMSNorm, RotaryEmbedding, StaticPosition
+from dymoe.models.moe import Router
 
 
 def ulps(got: torch.Tensor, ref: torch.Tensor) -> float:
@@ -62,6 +67,25 @@ def main() -> int:
             failures += off > 0
             equal = float(((gq == rq).float().mean() + (gk == rk).float().mean()) / 2)
             print(f"rotary    T {t:4d} position {label:6s}: max {off:g} ulp, {equal:.4%} equal", flush=True)
+    base = ModelConfig("qwen3_moe", 32, 2048, 1, 2, 2, 32, 64, 32, 8, 2, 64, 1e-6)
+    for name, (e, k, scoring, normalize, scaling) in {
+            "qwen3-30b-a3b": (128, 8, "softmax", True, 1.0), "mixtral": (8, 2, "softmax", True, 1.0),
+            "olmoe": (64, 8, "softmax", False, 1.0), "sigmoid x2.5": (256, 8, "sigmoid", True, 2.5)}.items():
+        router = Router(dataclasses.replace(base, num_experts=e, num_experts_per_tok=k, router_scoring=scoring,
+                                            norm_topk_prob=normalize, routed_scaling_factor=scaling))
+        router = router.cuda().bfloat16()
+        router.weight.data = (torch.randn(e, 2048, device="cuda") * 0.02).bfloat16()
+        for t in (1, 512):
+            x = torch.randn(t, 2048, device="cuda").bfloat16()
+            given = torch.rand(t, e, device="cuda").topk(k).indices
+            for label, fn in (("top-k", lambda: router(x)), ("given", lambda: router.weigh(x, given))):
+                (ref_ids, ref_w), (ids, w) = both(fn)
+                off = ulps(w, ref_w)
+                same = bool(torch.equal(ids, ref_ids))
+                failures += off > 1 or not same or w.dtype != ref_w.dtype
+                equal = float((w == ref_w).float().mean())
+                print(f"router    {name:13s} T {t:4d} {label:5s}: experts {'same' if same else 'DIFFER'}, "
+                      f"weights max {off:g} ulp, {equal:.4%} equal", flush=True)
     print("dense kernels: " + ("ok" if not failures else f"{failures} FAILED"))
     return 1 if failures else 0
 

@@ -100,6 +100,10 @@ class DecodeGraphs:
         # a runtime whose compute reads only fixed buffers once prepared: its expert kernels are
         # recorded at the start of the next segment, the host keeps only the bookkeeping
         self.deferred = not self.whole and bool(getattr(model.experts, "deferred_decode", False))
+        # on CUDA each MoE layer's routing row goes to pinned host memory inside the segment (one
+        # copy node of the graph): after the replay the host waits for the stream and reads it,
+        # where reading the device tensor would launch a copy of its own from the host
+        self.host_rows: dict[int, torch.Tensor] = {}
 
     def step(self, token: torch.Tensor, position: int) -> torch.Tensor:
         """Logits [V] (float32) of the token ``token`` (a one-element tensor) at ``position``."""
@@ -141,6 +145,8 @@ class DecodeGraphs:
             return
         block = self.layers[self.moe_at[s]].mlp
         if self.deferred and out.row is not None:
+            if s in self.host_rows:  # copied to the host by the segment: wait for it
+                torch.cuda.current_stream(out.flat.device).synchronize()
             experts.decode_prepare(block.layer, out.flat, out.ids[0], out.weights[0], row=out.row)
         elif self.deferred:
             experts.decode_prepare(block.layer, out.flat, out.ids[0], out.weights[0])
@@ -199,4 +205,9 @@ class DecodeGraphs:
         ids, weights = layer.mlp.gate(flat)
         routing_row = getattr(model.experts, "routing_row", None) if self.deferred else None
         row = routing_row(layer.mlp.layer, flat, ids[0], weights[0]) if routing_row is not None else None
+        if row is not None and row.is_cuda:
+            host = self.host_rows.get(s)
+            if host is None or host.shape != row.shape:
+                host = self.host_rows[s] = torch.empty(row.shape, dtype=row.dtype, pin_memory=True)
+            row = host.copy_(row, non_blocking=True)
         return _Segment(h=h, flat=flat, ids=ids, weights=weights, row=row)

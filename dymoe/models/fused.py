@@ -9,7 +9,10 @@ round to the input dtype, then multiply by the weight in float32 and round to th
 (as ``weight * x.to(dtype)`` does). Only the order of the float32 sum of squares differs, so an
 output may differ from the torch one by one unit in the last place, rarely. :func:`rotary` is the
 rotary embedding of q or k in one kernel instead of five (with the decode position read from the
-device), rounding its two products and their sum as the torch code does.
+device), rounding its two products and their sum as the torch code does. :func:`route` is a
+router's work after its linear layer in one kernel instead of six to nine (float32 scores, the
+top-k or the given experts put in order, renormalised, scaled, cast); only the softmax sum's
+order differs from the torch code's.
 
 ``DYMOE_FUSED_DENSE=0`` turns the kernels off (for comparison, or if one misbehaves); a bad value
 is one clear error.
@@ -46,6 +49,36 @@ def _kernels():
     from dymoe.models.fused_kernels import rms_norm_kernel, rotary_kernel
 
     return triton, rms_norm_kernel, rotary_kernel
+
+
+MAX_ROUTED_EXPERTS = 1024  # experts per router up to which route() runs (one program holds all scores)
+
+
+def route_applies(x: torch.Tensor, experts: int) -> bool:
+    """Whether :func:`route` takes a router's scores for ``x``: :func:`fused_applies`, and no more
+    than MAX_ROUTED_EXPERTS experts."""
+    return experts <= MAX_ROUTED_EXPERTS and fused_applies(x)
+
+
+def route(logits: torch.Tensor, k: int, *, sigmoid: bool, normalize: bool, scaling: float, dtype: torch.dtype,
+          ids: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(expert ids [N, k] int64, weights [N, k] in ``dtype``) from router logits [N, E]: softmax
+    (or sigmoid) scores in float32, the k best experts best first, or (``ids`` [N, k]) those
+    experts put in order of score; the weights their scores, renormalised to sum to one when
+    ``normalize``, times ``scaling``. One launch (:func:`~dymoe.models.fused_kernels.route_kernel`)."""
+    from dymoe.models.fused_kernels import route_kernel
+
+    triton = _kernels()[0]
+    rows = logits if logits.is_contiguous() else logits.contiguous()
+    n, experts = rows.shape
+    out_ids = torch.empty(n, k, dtype=torch.int64, device=rows.device)
+    weights = torch.empty(n, k, dtype=dtype, device=rows.device)
+    given = ids.to(torch.int64).contiguous() if ids is not None else out_ids
+    route_kernel[(n,)](rows, given, out_ids, weights, experts, float(scaling), K=k,
+                       BLOCK=triton.next_power_of_2(experts), KB=triton.next_power_of_2(k), GIVEN=ids is not None,
+                       SIGMOID=sigmoid, NORMALIZE=normalize, ACCURATE=os.environ.get("TRITON_INTERPRET") != "1",
+                       num_warps=1 if experts <= 128 else 4)
+    return out_ids, weights
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:

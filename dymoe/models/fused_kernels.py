@@ -3,6 +3,7 @@
 
 import triton
 import triton.language as tl
+from triton.language.extra import libdevice
 
 
 @triton.jit
@@ -48,3 +49,58 @@ def rotary_kernel(x_ptr, out_ptr, cos_ptr, sin_ptr, pos_ptr, start, H, T, sxb, s
     ty = out_ptr.dtype.element_ty
     out = rounded(rounded(x * c, ty) + rounded(rotated * s, ty), ty)
     tl.store(out_ptr + b.to(tl.int64) * sob + h * soh + t * sot + cols, out.to(ty), mask=mask)
+
+
+@triton.jit
+def _exp(x, ACCURATE: tl.constexpr):
+    """exp correctly rounded as CUDA's expf is (libdevice; tl.exp is a faster approximation);
+    ACCURATE off under Triton's interpreter, which runs no libdevice (numpy's exp there)."""
+    if ACCURATE:
+        return libdevice.exp(x)
+    return tl.exp(x)
+
+
+@triton.jit
+def route_kernel(logits_ptr, ids_in_ptr, ids_ptr, weights_ptr, E, scaling, K: tl.constexpr, BLOCK: tl.constexpr,
+                 KB: tl.constexpr, GIVEN: tl.constexpr, SIGMOID: tl.constexpr, NORMALIZE: tl.constexpr,
+                 ACCURATE: tl.constexpr):
+    """One token's routing from its router logits (row ``program_id``): every expert's score
+    (float32 softmax or sigmoid), then the ``K`` best (GIVEN: the ``K`` experts of ``ids_in``)
+    best first (the lowest index among equal scores), their scores renormalised (NORMALIZE)
+    and times ``scaling``, stored as ids (int64) and weights (the output's dtype). The torch
+    code's operations in its order (exp, then IEEE divisions), so only the softmax sum's order
+    differs."""
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK)
+    logits = tl.load(logits_ptr + row * E + cols, mask=cols < E, other=float("-inf")).to(tl.float32)
+    if SIGMOID:
+        scores = tl.math.div_rn(tl.full((BLOCK,), 1.0, tl.float32), 1.0 + _exp(-logits, ACCURATE))
+    else:
+        e = _exp(logits - tl.max(logits, axis=0), ACCURATE)
+        scores = tl.math.div_rn(e, tl.sum(e, axis=0) + tl.zeros((BLOCK,), tl.float32))
+    scores = tl.where(cols < E, scores, float("-inf"))
+    slots = tl.arange(0, KB)
+    if GIVEN:  # the chosen experts' scores, to be put in order
+        given = tl.load(ids_in_ptr + row * K + slots, mask=slots < K, other=0)
+        picked = tl.sum(tl.where(cols[None, :] == given[:, None], scores[None, :], 0.0), axis=1)
+        pool = tl.where(slots < K, picked, float("-inf"))
+    chosen_ids = tl.zeros((KB,), dtype=tl.int64)
+    chosen = tl.zeros((KB,), dtype=tl.float32)
+    for j in tl.static_range(K):
+        if GIVEN:
+            best = tl.max(pool, axis=0)
+            at = tl.min(tl.where(pool == best, slots, KB), axis=0)  # the first of equal scores
+            expert = tl.sum(tl.where(slots == at, given, 0), axis=0)
+            pool = tl.where(slots == at, float("-inf"), pool)
+        else:
+            best = tl.max(scores, axis=0)
+            expert = tl.min(tl.where(scores == best, cols, BLOCK), axis=0)
+            scores = tl.where(cols == expert, float("-inf"), scores)
+        chosen_ids = tl.where(slots == j, expert.to(tl.int64), chosen_ids)
+        chosen = tl.where(slots == j, best, chosen)
+    if NORMALIZE:
+        chosen = tl.math.div_rn(chosen, tl.sum(chosen, axis=0) + tl.zeros((KB,), tl.float32))
+    chosen = chosen * scaling
+    ty = weights_ptr.dtype.element_ty
+    tl.store(ids_ptr + row * K + slots, chosen_ids, mask=slots < K)
+    tl.store(weights_ptr + row * K + slots, rounded(chosen, ty).to(ty), mask=slots < K)

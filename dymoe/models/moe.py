@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import dymoe.models.fused as fused
 from dymoe.models.config import ModelConfig
 from dymoe.models.layers import DenseMLP
 
@@ -87,6 +88,9 @@ class Router(nn.Module):
             logits = self.logits(x)
             ids = sparsemixer_choice(logits, self.top_k)
             return ids, sparsemixer_weights(logits, ids, self.jitter_eps)
+        if self.topk_method == "greedy" and fused.route_applies(x, self.weight.shape[0]):  # one kernel after the linear
+            return fused.route(self.logits(x), self.top_k, sigmoid=self.sigmoid, normalize=self.normalize,
+                               scaling=self.scaling, dtype=x.dtype)
         probs = self.scores(x)
         if self.topk_method == "greedy":
             weights, ids = torch.topk(probs, self.top_k, dim=-1)
@@ -108,6 +112,9 @@ class Router(nn.Module):
             logits = self.logits(x)
             ids = ids.gather(1, logits.gather(1, ids).sort(dim=-1, descending=True).indices)
             return ids, sparsemixer_weights(logits, ids, self.jitter_eps)
+        if fused.route_applies(x, self.weight.shape[0]):
+            return fused.route(self.logits(x), ids.shape[1], sigmoid=self.sigmoid, normalize=self.normalize,
+                               scaling=self.scaling, dtype=x.dtype, ids=ids)
         weights, order = self.scores(x).gather(1, ids).sort(dim=-1, descending=True)
         return ids.gather(1, order), self.combine_weights(weights).to(x.dtype)
 

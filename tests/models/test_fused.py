@@ -79,6 +79,29 @@ x = (torch.randn(4, 2048) * 3).bfloat16()
 ref, got = both(lambda: norm(x))
 ulps = (got.view(torch.int16).int() - ref.view(torch.int16).int()).abs()
 results["bf16/norm"] = dict(compare(ref, got), max_ulps=int(ulps.max()), equal_share=float((ulps == 0).float().mean()))
+# routers: the fused route kernel against the torch code; (experts, k, tokens, scoring, norm_topk_prob,
+# scaling, dtype): Qwen3's shape, Qwen2-MoE's (no renormalisation, 60 experts: a masked tail),
+# DeepSeek's scaled sigmoid, Mixtral's top-2 in bf16 over a prefill's rows
+import dataclasses
+from dymoe.models.config import ModelConfig
+from dymoe.models.moe import Router
+base = ModelConfig("qwen3_moe", 32, 64, 1, 2, 2, 32, 64, 32, 8, 2, 64, 1e-6)
+torch.manual_seed(2)
+for name, (e, k, n, scoring, normalize, scaling, dtype) in {
+        "qwen3": (128, 8, 1, "softmax", True, 1.0, torch.float32),
+        "qwen2": (60, 4, 3, "softmax", False, 1.0, torch.float32),
+        "deepseek": (64, 6, 2, "sigmoid", True, 2.5, torch.float32),
+        "mixtral-bf16": (8, 2, 16, "softmax", True, 1.0, torch.bfloat16)}.items():
+    router = Router(dataclasses.replace(base, num_experts=e, num_experts_per_tok=k, router_scoring=scoring,
+                                        norm_topk_prob=normalize, routed_scaling_factor=scaling)).to(dtype)
+    router.weight.data = (torch.randn(e, 64) * 0.2).to(dtype)
+    x = torch.randn(n, 64).to(dtype)
+    (ref_ids, ref_w), (ids, w) = both(lambda: router(x))
+    given = torch.stack([torch.randperm(e)[:k] for _ in range(n)])  # synthetic routing's weigh()
+    (ref_gids, ref_gw), (gids, gw) = both(lambda: router.weigh(x, given))
+    results[f"route/{name}"] = dict(compare(ref_w, w), ids=torch.equal(ids, ref_ids), id_dtype=str(ids.dtype),
+                                    given=compare(ref_gw, gw), given_ids=torch.equal(gids, ref_gids),
+                                    spread=float(ref_w.float().max() - ref_w.float().min()))
 print(json.dumps(results))
 """
 
@@ -104,6 +127,25 @@ def test_rotary_kernel_matches_the_module(interpreted):
         assert r["shape"] and r["dtype"] == "torch.float32" and r["max_abs"] <= 1e-6 + 1e-6 * r["max_ref"], (name, r)
     for name in ("rotary/int/q", "rotary/device/q"):  # (a rotation that did nothing would pass at position 0)
         assert interpreted[name]["moved"] > 0.1
+
+
+@needs_triton
+def test_route_kernel_matches_the_router(interpreted):
+    """A router's scores, top-k (or given experts put in order), renormalisation, scale and cast in
+    one kernel: the same experts in the same order as the torch code, the same weights within
+    float32 rounding (the softmax sum's order), in bf16 equal, for both choices (a trained
+    router's top-k and synthetic routing's given experts)."""
+    assert {name for name in interpreted if name.startswith("route/")} == {
+        "route/qwen3", "route/qwen2", "route/deepseek", "route/mixtral-bf16"}
+    for name in ("route/qwen3", "route/qwen2", "route/deepseek", "route/mixtral-bf16"):
+        r = interpreted[name]
+        assert r["ids"] and r["given_ids"] and r["id_dtype"] == "torch.int64", (name, r)
+        assert r["shape"] and r["dtype"] == r["ref_dtype"] and r["spread"] > 0.01, (name, r)
+        for weights in (r, r["given"]):
+            if r["dtype"] == "torch.bfloat16":
+                assert weights["equal"], (name, weights)
+            else:
+                assert weights["max_abs"] <= 1e-6 * weights["max_ref"], (name, weights)
 
 
 def test_fused_kernels_only_where_they_apply(monkeypatch):
