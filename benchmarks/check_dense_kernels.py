@@ -4,14 +4,17 @@ of the per-head q/k norms (128), at 1 and 512 tokens; the rotary embedding of Qw
 at an integer start (prefill) and at a position read from the device (decode), on the strided
 [B, heads, T, D] views the attention passes; the router's top-k (fused.route) with Qwen3-30B-A3B's,
 Mixtral's, OLMoE's and a scaled sigmoid router's shapes, by their own choice and for given
-experts (synthetic routing), at 1 and 512 tokens.
+experts (synthetic routing), at 1 and 512 tokens; a decoded token's weighted sum of its expert
+rows (fused.combine) against its definition.
 
     python benchmarks/check_dense_kernels.py
 
 Prints, per case, the largest difference in bf16 units in the last place and the share of equal
 outputs; exits 1 if any output is off by more than one unit (RMSNorm and the router weights: only
 a float32 sum's order differs), the rotary embedding differs at all (its roundings are the torch
-code's) or a router picks other experts or another order.
+code's) or a router picks other experts or weighs one otherwise (equal weights may come in
+another order: bf16 logits often tie, and torch.topk leaves their order open), or the sum of
+expert rows differs at all from its definition.
 """
 
 import dataclasses
@@ -81,11 +84,28 @@ def main() -> int:
             for label, fn in (("top-k", lambda: router(x)), ("given", lambda: router.weigh(x, given))):
                 (ref_ids, ref_w), (ids, w) = both(fn)
                 off = ulps(w, ref_w)
-                same = bool(torch.equal(ids, ref_ids))
+                # the same experts with the same weights; the order may differ only among equal
+                # weights (bf16 logits tie often; torch.topk's sort leaves their order open)
+                by_id, ref_by_id = ids.sort(-1), ref_ids.sort(-1)
+                same = torch.equal(by_id.values, ref_by_id.values) and ulps(
+                    w.gather(1, by_id.indices), ref_w.gather(1, ref_by_id.indices)) <= 1
+                reordered = int((ids != ref_ids).any(-1).sum())
                 failures += off > 1 or not same or w.dtype != ref_w.dtype
                 equal = float((w == ref_w).float().mean())
-                print(f"router    {name:13s} T {t:4d} {label:5s}: experts {'same' if same else 'DIFFER'}, "
-                      f"weights max {off:g} ulp, {equal:.4%} equal", flush=True)
+                print(f"router    {name:13s} T {t:4d} {label:5s}: experts {'same' if same else 'DIFFER'} "
+                      f"({reordered} rows order tied ones otherwise), weights max {off:g} ulp, {equal:.4%} equal",
+                      flush=True)
+    for k, h in ((8, 2048), (2, 4096), (8, 7168)):  # a token's weighted sum of its expert rows (fused.combine)
+        rows = (torch.randn(k, h, device="cuda") * 4).bfloat16()
+        weights = torch.softmax(torch.randn(k, device="cuda"), 0).bfloat16()
+        order = torch.randperm(k, device="cuda")
+        expected = torch.zeros(h, device="cuda")
+        for j in range(k):  # the definition, one float32 operation at a time
+            expected = expected + (rows[(order == j).nonzero()[0, 0]].float() * weights[j].float()).bfloat16().float()
+        got, in_order = fused.combine(rows, weights, order), fused.combine(rows[order.argsort()], weights)
+        off = max(ulps(got[0], expected.bfloat16()), ulps(in_order[0], expected.bfloat16()))
+        failures += off > 0
+        print(f"combine   k {k} H {h:5d}: max {off:g} ulp from its definition (sorted rows and router order)", flush=True)
     print("dense kernels: " + ("ok" if not failures else f"{failures} FAILED"))
     return 1 if failures else 0
 

@@ -12,7 +12,10 @@ rotary embedding of q or k in one kernel instead of five (with the decode positi
 device), rounding its two products and their sum as the torch code does. :func:`route` is a
 router's work after its linear layer in one kernel instead of six to nine (float32 scores, the
 top-k or the given experts put in order, renormalised, scaled, cast); only the softmax sum's
-order differs from the torch code's.
+order differs from the torch code's. :func:`combine` is a decoded token's weighted sum of its k
+expert rows in one kernel instead of up to five (gather the weights, multiply, put the rows in
+router order, sum); both bf16 decode paths of :func:`~dymoe.runtime.resident.decode_experts` use
+it, so they still sum alike.
 
 ``DYMOE_FUSED_DENSE=0`` turns the kernels off (for comparison, or if one misbehaves); a bad value
 is one clear error.
@@ -112,4 +115,28 @@ def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, start: int = 0
     kernel[(b * h * t,)](x, out, cos, sin, positions if positions is not None else cos, start, h, t, x.stride(0),
                          x.stride(1), x.stride(2), out.stride(0), out.stride(1), out.stride(2), D=d,
                          BLOCK=triton.next_power_of_2(d), FROM_DEVICE=positions is not None, num_warps=1)
+    return out
+
+
+def combine_applies(rows: torch.Tensor) -> bool:
+    """Whether :func:`combine` takes expert rows: :func:`fused_applies`, bf16 or float16."""
+    return rows.dtype in (torch.bfloat16, torch.float16) and fused_applies(rows)
+
+
+def combine(rows: torch.Tensor, weights: torch.Tensor, order: torch.Tensor | None = None) -> torch.Tensor:
+    """One token's routed output [1, H] from its k expert rows [k, H] and router weights [k]:
+    ``sum_j (rows[i_j] * weights[j])`` in router order j, each product rounded to the rows' dtype
+    as torch's is, summed in float32 and rounded once. ``order`` [k] (the sort of the router's
+    ids, as grouped GEMMs run them): row i belongs to router slot ``order[i]``; None: rows are in
+    router order. One launch (:func:`~dymoe.models.fused_kernels.combine_kernel`)."""
+    from dymoe.models.fused_kernels import combine_kernel
+
+    triton = _kernels()[0]
+    k, h = rows.shape
+    rows = rows if rows.is_contiguous() else rows.contiguous()
+    out = torch.empty(1, h, dtype=rows.dtype, device=rows.device)
+    block = 1024
+    combine_kernel[(triton.cdiv(h, block),)](rows, weights.contiguous(), order if order is not None else weights, out,
+                                             h, K=k, KB=triton.next_power_of_2(k), BLOCK=block, ORDERED=order is None,
+                                             num_warps=4)
     return out

@@ -104,3 +104,28 @@ def route_kernel(logits_ptr, ids_in_ptr, ids_ptr, weights_ptr, E, scaling, K: tl
     ty = weights_ptr.dtype.element_ty
     tl.store(ids_ptr + row * K + slots, chosen_ids, mask=slots < K)
     tl.store(weights_ptr + row * K + slots, rounded(chosen, ty).to(ty), mask=slots < K)
+
+
+@triton.jit
+def combine_kernel(rows_ptr, weights_ptr, order_ptr, out_ptr, H, K: tl.constexpr, KB: tl.constexpr,
+                   BLOCK: tl.constexpr, ORDERED: tl.constexpr):
+    """One token's routed output, columns ``program_id * BLOCK ..``: the sum over its ``K`` expert
+    rows (``rows`` [K, H]; unless ORDERED, row i belongs to router slot ``order[i]``) of each row
+    times its router weight rounded to the rows' dtype (as torch's product is), in router order
+    in float32, rounded once at the end."""
+    cols = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = cols < H
+    ty = out_ptr.dtype.element_ty
+    if not ORDERED:
+        slots = tl.arange(0, KB)
+        order = tl.load(order_ptr + slots, mask=slots < K, other=-1)
+    acc = tl.zeros((BLOCK,), dtype=tl.float32)
+    for j in tl.static_range(K):
+        if ORDERED:
+            i = j
+        else:
+            i = tl.sum(tl.where(order == j, slots, 0), axis=0)  # the row of router slot j
+        w = tl.load(weights_ptr + j).to(tl.float32)
+        row = tl.load(rows_ptr + i * H + cols, mask=mask, other=0.0).to(tl.float32)
+        acc += rounded(row * w, ty)
+    tl.store(out_ptr + cols, rounded(acc, ty).to(ty), mask=mask)

@@ -26,6 +26,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+import dymoe.models.fused as fused
 from dymoe.env import env_choice
 from dymoe.models.expert_math import SWIGLU, ExpertMath
 from dymoe.runtime.expert_compute import MAX_GROUPS, combine_rows, grouped_experts, grouped_mm_usable, run_grouped
@@ -102,6 +103,8 @@ def gathered_decode(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, g
     y = torch.bmm(w2, math.glu(gate, up)).squeeze(-1)  # [k, H]
     if biases is not None:
         y = y + biases[1][ids].to(y.dtype)
+    if fused.combine_applies(y) and weights.dtype == y.dtype:  # as the grouped decode sums
+        return fused.combine(y, weights)
     return (weights.unsqueeze(-1) * y).sum(0, keepdim=True)
 
 
@@ -166,6 +169,8 @@ def grouped_decode(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, ga
     sorted_ids, order = torch.sort(ids)
     ends = torch.searchsorted(sorted_ids, _group_ids(gate_up.shape[0], ids.device), right=True, out_int32=True)
     rows = grouped_experts(x.expand(k, -1).contiguous(), ends, gate_up, down, biases, math)
+    if fused.combine_applies(rows) and weights.dtype == rows.dtype:  # one launch (the gathered decode's too)
+        return fused.combine(rows, weights, order)
     return combine_rows(rows * weights[order].unsqueeze(-1), order, k)
 
 

@@ -102,6 +102,32 @@ for name, (e, k, n, scoring, normalize, scaling, dtype) in {
     results[f"route/{name}"] = dict(compare(ref_w, w), ids=torch.equal(ids, ref_ids), id_dtype=str(ids.dtype),
                                     given=compare(ref_gw, gw), given_ids=torch.equal(gids, ref_gids),
                                     spread=float(ref_w.float().max() - ref_w.float().min()))
+# combine: k expert rows to one token's output, rows in router order or sorted by expert (``order``),
+# against its definition evaluated by torch one float32 operation at a time; and gathered_decode's
+# bf16 sum goes through it
+from dymoe.runtime.resident import gathered_decode
+torch.manual_seed(4)
+for k, h in ((8, 2048), (2, 300)):
+    rows = (torch.randn(k, h) * 4).bfloat16()
+    weights = torch.softmax(torch.randn(k), 0).bfloat16()
+    order = torch.randperm(k)
+    expected = torch.zeros(h)
+    for j in range(k):
+        row = rows[(order == j).nonzero()[0, 0]]
+        expected = expected + (row.float() * weights[j].float()).bfloat16().float()
+    got = fused.combine(rows, weights, order)
+    unordered = rows[order.argsort()]  # row j is router slot j's
+    results[f"combine/{k}"] = dict(sorted=torch.equal(got, expected.bfloat16()[None]),
+                                   ordered=torch.equal(fused.combine(unordered, weights), got),
+                                   shape=list(got.shape), dtype=str(got.dtype))
+x = torch.randn(1, 64).bfloat16()
+gate_up, down = (torch.randn(4, 48, 64) * 0.2).bfloat16(), (torch.randn(4, 64, 24) * 0.2).bfloat16()
+ids, weights = torch.tensor([3, 0]), torch.tensor([0.7, 0.3]).bfloat16()
+y = torch.stack([down[e] @ (torch.nn.functional.silu(gate_up[e, :24] @ x[0]) * (gate_up[e, 24:] @ x[0])) for e in ids.tolist()])
+results["combine/gathered"] = dict(equal=torch.equal(gathered_decode(x, ids, weights, gate_up, down),
+                                                     fused.combine(y, weights)),
+                                   torch_sum=torch.equal(gathered_decode(x, ids, weights, gate_up, down),
+                                                         (weights[:, None] * y).sum(0, keepdim=True)))
 print(json.dumps(results))
 """
 
@@ -146,6 +172,17 @@ def test_route_kernel_matches_the_router(interpreted):
                 assert weights["equal"], (name, weights)
             else:
                 assert weights["max_abs"] <= 1e-6 * weights["max_ref"], (name, weights)
+
+
+@needs_triton
+def test_combine_kernel_sums_as_defined(interpreted):
+    """A token's weighted sum of its expert rows: bit for bit each product rounded to bf16, summed
+    in router order in float32, rounded once; rows sorted by expert (with ``order``) or in router
+    order give the same output; gathered_decode's bf16 sum is this kernel's."""
+    for k in (8, 2):
+        r = interpreted[f"combine/{k}"]
+        assert r["sorted"] and r["ordered"] and r["dtype"] == "torch.bfloat16" and r["shape"][0] == 1, (k, r)
+    assert interpreted["combine/gathered"]["equal"]
 
 
 def test_fused_kernels_only_where_they_apply(monkeypatch):
