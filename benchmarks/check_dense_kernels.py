@@ -5,7 +5,8 @@ at an integer start (prefill) and at a position read from the device (decode), o
 [B, heads, T, D] views the attention passes; the router's top-k (fused.route) with Qwen3-30B-A3B's,
 Mixtral's, OLMoE's and a scaled sigmoid router's shapes, by their own choice and for given
 experts (synthetic routing), at 1 and 512 tokens; a decoded token's weighted sum of its expert
-rows (fused.combine) against its definition.
+rows (fused.combine) against its definition; the grouped decode's plan (fused.group_plan) against
+torch's sort and searchsorted.
 
     python benchmarks/check_dense_kernels.py
 
@@ -14,7 +15,7 @@ outputs; exits 1 if any output is off by more than one unit (RMSNorm and the rou
 a float32 sum's order differs), the rotary embedding differs at all (its roundings are the torch
 code's) or a router picks other experts or weighs one otherwise (equal weights may come in
 another order: bf16 logits often tie, and torch.topk leaves their order open), or the sum of
-expert rows differs at all from its definition.
+expert rows differs at all from its definition, or the plan from torch's.
 """
 
 import dataclasses
@@ -106,6 +107,16 @@ def main() -> int:
         off = max(ulps(got[0], expected.bfloat16()), ulps(in_order[0], expected.bfloat16()))
         failures += off > 0
         print(f"combine   k {k} H {h:5d}: max {off:g} ulp from its definition (sorted rows and router order)", flush=True)
+    for e, k in ((128, 8), (8, 2), (256, 8)):  # the grouped decode's plan (fused.group_plan)
+        ids = torch.randperm(e, device="cuda")[:k]
+        x = torch.randn(1, 2048, device="cuda").bfloat16()
+        rows, order, ends = fused.group_plan(x, ids, e)
+        values, expected = torch.sort(ids)
+        same = (torch.equal(rows, x.expand(k, -1)) and torch.equal(order, expected) and torch.equal(
+            ends, torch.searchsorted(values, torch.arange(e, device="cuda"), right=True, out_int32=True)))
+        failures += not same
+        print(f"plan      {e:3d} experts top-{k}: {'same as' if same else 'DIFFERS from'} sort and searchsorted",
+              flush=True)
     print("dense kernels: " + ("ok" if not failures else f"{failures} FAILED"))
     return 1 if failures else 0
 

@@ -15,7 +15,8 @@ top-k or the given experts put in order, renormalised, scaled, cast); only the s
 order differs from the torch code's. :func:`combine` is a decoded token's weighted sum of its k
 expert rows in one kernel instead of up to five (gather the weights, multiply, put the rows in
 router order, sum); both bf16 decode paths of :func:`~dymoe.runtime.resident.decode_experts` use
-it, so they still sum alike.
+it, so they still sum alike. :func:`group_plan` is the grouped decode's preparation (the token's
+rows, the sort of its expert ids, each expert's end) in one kernel instead of about seven.
 
 ``DYMOE_FUSED_DENSE=0`` turns the kernels off (for comparison, or if one misbehaves); a bad value
 is one clear error.
@@ -140,3 +141,25 @@ def combine(rows: torch.Tensor, weights: torch.Tensor, order: torch.Tensor | Non
                                              h, K=k, KB=triton.next_power_of_2(k), BLOCK=block, ORDERED=order is None,
                                              num_warps=4)
     return out
+
+
+MAX_PLAN_GROUPS = 1024  # experts up to which group_plan runs (one program counts every expert's end)
+
+
+def group_plan(x: torch.Tensor, ids: torch.Tensor, experts: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """For one token x [1, H] routed to ``ids`` [k] of ``experts``: (its k rows [k, H], the
+    stable sort ``order`` [k] of the ids (int64, as ``torch.sort(ids)[1]`` for distinct ids), the
+    end of each expert's rows [experts] (int32, as ``searchsorted(sorted ids, arange(experts),
+    right=True)``)), in one launch (:func:`~dymoe.models.fused_kernels.group_plan_kernel`)."""
+    from dymoe.models.fused_kernels import group_plan_kernel
+
+    triton = _kernels()[0]
+    k, h = ids.shape[0], x.shape[-1]
+    rows = torch.empty(k, h, dtype=x.dtype, device=x.device)
+    order = torch.empty(k, dtype=torch.int64, device=x.device)
+    ends = torch.empty(experts, dtype=torch.int32, device=x.device)
+    block = 1024
+    group_plan_kernel[(triton.cdiv(h, block),)](ids.contiguous(), x.contiguous(), order, ends, rows, h, experts, K=k,
+                                                KB=triton.next_power_of_2(k), EB=triton.next_power_of_2(experts),
+                                                BLOCK=block, num_warps=4)
+    return rows, order, ends

@@ -129,3 +129,27 @@ def combine_kernel(rows_ptr, weights_ptr, order_ptr, out_ptr, H, K: tl.constexpr
         row = tl.load(rows_ptr + i * H + cols, mask=mask, other=0.0).to(tl.float32)
         acc += rounded(row * w, ty)
     tl.store(out_ptr + cols, rounded(acc, ty).to(ty), mask=mask)
+
+
+@triton.jit
+def group_plan_kernel(ids_ptr, x_ptr, order_ptr, ends_ptr, rows_ptr, H, E, K: tl.constexpr, KB: tl.constexpr,
+                      EB: tl.constexpr, BLOCK: tl.constexpr):
+    """A decoded token's grouped-GEMM plan from its expert ids [K]: ``rows`` [K, H] (K copies of
+    x [H], columns ``program_id * BLOCK ..``), and from program 0 ``order`` [K] (the stable sort of
+    the ids: the router slot of each sorted position) and ``ends`` [E] (int32: how many ids are at
+    most g, the end of expert g's rows)."""
+    cols = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    x = tl.load(x_ptr + cols, mask=cols < H)
+    for j in tl.static_range(K):
+        tl.store(rows_ptr + j * H + cols, x, mask=cols < H)
+    if tl.program_id(0) == 0:
+        slots = tl.arange(0, KB)
+        valid = slots < K
+        ids = tl.load(ids_ptr + slots, mask=valid, other=0)
+        # rank of slot j (rows): the ids below it, and equal ones in earlier slots (a stable sort)
+        before = (ids[None, :] < ids[:, None]) | ((ids[None, :] == ids[:, None]) & (slots[None, :] < slots[:, None]))
+        rank = tl.sum((before & valid[None, :]).to(tl.int32), axis=1)
+        tl.store(order_ptr + rank, slots.to(tl.int64), mask=valid)
+        groups = tl.arange(0, EB)
+        ends = tl.sum(((ids[None, :] <= groups[:, None]) & valid[None, :]).to(tl.int32), axis=1)
+        tl.store(ends_ptr + groups, ends, mask=groups < E)

@@ -128,6 +128,16 @@ results["combine/gathered"] = dict(equal=torch.equal(gathered_decode(x, ids, wei
                                                      fused.combine(y, weights)),
                                    torch_sum=torch.equal(gathered_decode(x, ids, weights, gate_up, down),
                                                          (weights[:, None] * y).sum(0, keepdim=True)))
+# group_plan: the grouped decode's rows, sort and group ends against torch's sort and search
+for name, e, ids in (("qwen3", 128, torch.randperm(128)[:8]), ("qwen2", 60, torch.randperm(60)[:4]),
+                     ("repeats", 16, torch.tensor([5, 2, 5, 0, 15, 2]))):
+    x = torch.randn(1, 300).bfloat16()
+    rows, order, ends = fused.group_plan(x, ids, e)
+    stable = torch.sort(ids, stable=True)
+    results[f"plan/{name}"] = dict(
+        rows=torch.equal(rows, x.expand(len(ids), -1)), order=torch.equal(order, stable.indices),
+        ends=torch.equal(ends, torch.searchsorted(stable.values, torch.arange(e), right=True, out_int32=True)),
+        dtypes=[str(order.dtype), str(ends.dtype)])
 print(json.dumps(results))
 """
 
@@ -183,6 +193,16 @@ def test_combine_kernel_sums_as_defined(interpreted):
         r = interpreted[f"combine/{k}"]
         assert r["sorted"] and r["ordered"] and r["dtype"] == "torch.bfloat16" and r["shape"][0] == 1, (k, r)
     assert interpreted["combine/gathered"]["equal"]
+
+
+@needs_triton
+def test_group_plan_kernel_equals_sort_and_search(interpreted):
+    """The grouped decode's plan in one kernel: the token's k rows, the stable sort of its expert
+    ids (distinct ones, as a router's, and repeated ones) and each expert's end, as torch's sort
+    and searchsorted give them, with their dtypes."""
+    for name in ("plan/qwen3", "plan/qwen2", "plan/repeats"):
+        r = interpreted[name]
+        assert r["rows"] and r["order"] and r["ends"] and r["dtypes"] == ["torch.int64", "torch.int32"], (name, r)
 
 
 def test_fused_kernels_only_where_they_apply(monkeypatch):
