@@ -231,3 +231,29 @@ def test_phimoe_longrope_factors_follow_transformers_longrope_parameters(tmp_pat
     torch.testing.assert_close(ours.rotary.cos[:16], short[:16], rtol=0, atol=1e-6)  # steps of sequences <= 16
     torch.testing.assert_close(ours.rotary.cos[16:], long[16:], rtol=0, atol=1e-6)  # steps of sequences > 16
     torch.testing.assert_close(ours.rotary.cos_long, long, rtol=0, atol=1e-6)  # prompts and re-runs past 16
+
+
+@pytest.mark.parametrize("family", ["qwen3_moe", "qwen2_moe", "olmoe", "gpt_oss"])
+def test_attention_with_fused_projections_still_matches_transformers(checkpoints, family, monkeypatch):
+    """The q, k and v projections as one GEMM (CUDA's path, forced here on the CPU): the same logits
+    as transformers' (biases: Qwen2-MoE, GPT-OSS; q/k norms per head and over the whole
+    projection: Qwen3, OLMoE), the three weights become views of the fused one (no second copy),
+    and a move or cast of the parameters drops it and fuses again."""
+    from dymoe.models import layers
+
+    monkeypatch.setattr(layers, "fuse_projections", lambda x: True)
+    path, hf = checkpoints[family]
+    ours = load_ours(path)
+    assert_logits_match(ours, hf)
+    attention = ours.model.layers[0].self_attn
+    weight, bias = attention._qkv
+    assert weight.shape[0] == sum(p.weight.shape[0] for p in (attention.q_proj, attention.k_proj, attention.v_proj))
+    assert attention.k_proj.weight.data_ptr() == weight.data_ptr() + attention.q_proj.weight.numel() * weight.element_size()
+    assert (bias is not None) == (attention.q_proj.bias is not None)
+    prompt = torch.tensor([1, 17, 42, 5, 63, 8, 29])
+    assert greedy_ids(ours, prompt, 8) == hf_greedy_ids(hf, prompt, 8)
+    before = ours(prompt.view(1, -1), 0, ours.new_cache(1))
+    attention.apply(lambda m: m._apply(torch.clone, recurse=False))  # as a move does: new parameters
+    assert attention._qkv is None and attention.q_proj.weight.data_ptr() != weight.data_ptr()
+    torch.testing.assert_close(ours(prompt.view(1, -1), 0, ours.new_cache(1)), before, rtol=0, atol=0)
+    assert attention._qkv is not None and attention.q_proj.weight.data_ptr() == attention._qkv[0].data_ptr()
