@@ -13,9 +13,12 @@
 #    Qwen3-30B-A3B shape, 8 layers: host microseconds per MoE layer waiting for the GPU, in the
 #    runtime's bookkeeping between graph replays, and in the replays' launch calls, then a cProfile.
 # 3. end to end: `dymoe bench` on the same shape at 25% (SUITE=policies), 64 generated tokens; with
-#    BASE=DIR (a copy of another revision's dymoe/ package, e.g. `git archive REV dymoe | tar -x -C
-#    DIR`) first with that package, then with this tree's, side by side on one machine (python -P: the
-#    working directory does not shadow PYTHONPATH).
+#    BASE=DIR (a copy of another revision's dymoe/ package: `git archive REV dymoe | tar -x -C
+#    bench-base`, a path git ignores, so the device tool needs carry=["bench-base"]) first with that
+#    package, then with this tree's, side by side on one machine (python -P: the working directory
+#    does not shadow PYTHONPATH); REPEAT=N runs the pair N times (base, this, base, this, ...: the
+#    first run of a call tends to be slower, so one pair alone favours the second). POLICIES=none
+#    skips stage 2.
 # Logs: $OUT/kernels.txt, $OUT/host.txt, $OUT/kernels/variants.json, $OUT/profile_host_*.txt,
 # $OUT/e2e*.txt and .json.
 set -uo pipefail
@@ -34,15 +37,19 @@ if [ "${KERNELS:-1}" = 1 ]; then
     --models $MODELS --formats $FORMATS > "$OUT/kernels.txt" 2>&1
   echo "-- rc=$? (+$((SECONDS - started)) s)"
 fi
-for run in $POLICIES; do
+for run in ${POLICIES/none/}; do
   echo "== host time: ${run%%:*} at ${run##*:} (+$((SECONDS - started)) s)" | tee -a "$OUT/host.txt"
   timeout 90 "$PYTHON" benchmarks/profile_host.py --steps 32 --layers 8 --policy "${run%%:*}" \
     --budget "${run##*:}" --top 14 --out "$OUT" >> "$OUT/host.txt" 2>&1
   echo "-- rc=$? (+$((SECONDS - started)) s)"
 done
 SUITE=${SUITE:-resident,lru,lru-prefetch,static-int4,least-stale-int4,fate,dymoe,dynaexq}
-for tree in ${BASE:+"$BASE"} "$PWD"; do
-  name=e2e${BASE:+-$([ "$tree" = "$PWD" ] && echo this || echo base)}
+trees=()
+for round in $(seq "${REPEAT:-1}"); do trees+=(${BASE:+"$BASE"} "$PWD"); done
+round=0
+for tree in "${trees[@]}"; do
+  round=$((round + 1))
+  name=e2e${BASE:+-$([ "$tree" = "$PWD" ] && echo this || echo base)}$([ "${REPEAT:-1}" -gt 1 ] && echo "-$round")
   echo "== $name: $tree (+$((SECONDS - started)) s)"
   PYTHONPATH=$tree timeout 200 "$PYTHON" -P -m dymoe bench --model synthetic:qwen3-30b-a3b --layers 8 --policies "$SUITE" \
     --device-memory 25% --prompt-len 32 --gen-len 64 --routing skewed --no-progress --json "$OUT/$name.json" \

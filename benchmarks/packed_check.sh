@@ -11,8 +11,8 @@
 #    the static int4/int2 presets at 100% and 50% of the experts' bf16 bytes, with today's defaults
 #    and once more with DYMOE_ONE_LAUNCH=1 (lru's bf16 slots: its KL against resident shows that
 #    offloading stays invisible, invariant 2); E2E="1 1 0 gather 0,1 1 - grouped 1" picks runs
-#    (DYMOE_FUSED_DENSE, DYMOE_PACKED_DECODE, DYMOE_PDL or "-" for unset, DYMOE_RESIDENT_DECODE,
-#    DYMOE_ONE_LAUNCH);
+#    (DYMOE_FUSED_DENSE, DYMOE_PACKED_DECODE, DYMOE_PDL, DYMOE_RESIDENT_DECODE, DYMOE_ONE_LAUNCH;
+#    "-" for the pdl or one-launch switch leaves it unset, i.e. per shape);
 # 3. kernel timings, in the time left: benchmarks/kernels.py --variants (FORMATS=..., MODELS=...
 #    for others, e.g. olmoe and deepseek-v2-lite; KERNEL_BUDGET seconds): tiled, choose_config,
 #    packed and float32 split-K, the packed path per group (block steps are the default) and
@@ -40,17 +40,19 @@ stage() {  # log name, limit in seconds, command...
 stage check 150 "$PYTHON" benchmarks/check_decode_kernels.py --quick
 stage check 45 "$PYTHON" benchmarks/check_dense_kernels.py
 tail -24 "$OUT/check.txt"
-# end to end (E2E: runs as "fused packed pdl decode one_launch" separated by commas; pdl "-" leaves
-# DYMOE_PDL unset, i.e. per shape): by default today's defaults, then the same with the step in one launch
-IFS=, read -ra e2e_runs <<< "${E2E:-1 1 - grouped 0,1 1 - grouped 1}"
+# end to end (E2E: runs as "fused packed pdl decode one_launch" separated by commas; "-" leaves
+# DYMOE_PDL or DYMOE_ONE_LAUNCH unset, i.e. per shape): by default today's defaults, then the same
+# with every step in one launch
+IFS=, read -ra e2e_runs <<< "${E2E:-1 1 - grouped -,1 1 - grouped 1}"
 for run in "${e2e_runs[@]}"; do
   set -- $run
-  name=e2e-fused$1-packed$2-pdl${3/-/auto}-$4-one$5
+  name=e2e-fused$1-packed$2-pdl${3/-/auto}-$4-one${5/-/auto}
   # lru's bf16 slots at 100% and 50% (1024 slots decoded gathered, 512 grouped): its KL against
   # resident shows whether offloading stays invisible (invariant 2)
   pdl_env=(); [ "$3" != "-" ] && pdl_env=(DYMOE_PDL=$3)
-  echo "### DYMOE_FUSED_DENSE=$1 DYMOE_PACKED_DECODE=$2 ${pdl_env[*]:-DYMOE_PDL unset} DYMOE_RESIDENT_DECODE=$4 DYMOE_ONE_LAUNCH=$5" >> "$OUT/e2e.txt"
-  env DYMOE_FUSED_DENSE=$1 DYMOE_PACKED_DECODE=$2 "${pdl_env[@]}" DYMOE_RESIDENT_DECODE=$4 DYMOE_ONE_LAUNCH=$5 \
+  one_env=(); [ "$5" != "-" ] && one_env=(DYMOE_ONE_LAUNCH=$5)
+  echo "### DYMOE_FUSED_DENSE=$1 DYMOE_PACKED_DECODE=$2 ${pdl_env[*]:-DYMOE_PDL unset} DYMOE_RESIDENT_DECODE=$4 ${one_env[*]:-DYMOE_ONE_LAUNCH unset}" >> "$OUT/e2e.txt"
+  env DYMOE_FUSED_DENSE=$1 DYMOE_PACKED_DECODE=$2 "${pdl_env[@]}" DYMOE_RESIDENT_DECODE=$4 "${one_env[@]}" \
     timeout 90 "$PYTHON" -m dymoe bench --model synthetic:qwen3-30b-a3b --layers 8 \
     --policies resident,lru,static-int4,static-int2 --device-memory 100%,50% --prompt-len 32 --gen-len 32 \
     --routing skewed --no-progress --json "$OUT/$name.json" >> "$OUT/e2e.txt" 2>&1

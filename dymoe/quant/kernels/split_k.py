@@ -34,8 +34,8 @@ FMAs (:func:`_packed_step`); docs/kernels.md, "Packed activation vectors".
 
 Each program's work is an item function (:func:`_pack_item`, :func:`_gate_up_item`,
 :func:`_down_item`) that the kernels above call with their program ids. ``_step_kernel``
-(``LaunchConfig.one_launch``, experimental) runs all of a step's items in one launch, in the order
-of tickets taken from an atomic counter, each waiting for what it reads.
+(``LaunchConfig.one_launch``: the long int8 and int4 steps by default) runs all of a step's items
+in one launch, in the order of tickets taken from an atomic counter, each waiting for what it reads.
 """
 
 import triton
