@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from dymoe.models.config import ModelConfig, RopeConfig
-from dymoe.models.layers import KVCache, RMSNorm, RotaryEmbedding, _attend
+from dymoe.models.layers import FusedProjections, KVCache, RMSNorm, RotaryEmbedding, _attend
 
 # transformers builds the two latent norms without the config's rms_norm_eps (DeepseekV2RMSNorm's
 # default), as DeepSeek's own modelling code does.
@@ -46,7 +46,7 @@ def deinterleave(x: torch.Tensor) -> torch.Tensor:
     return x.unflatten(-1, (-1, 2)).transpose(-1, -2).flatten(-2)
 
 
-class LatentAttention(nn.Module):
+class LatentAttention(FusedProjections):
     """MLA: low-rank queries and key-values, RoPE on a decoupled part of each head."""
 
     supports_static_position = True  # rotary, cache and _attend take a device-held position (CUDA graphs)
@@ -75,8 +75,10 @@ class LatentAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, start, cache: KVCache, rotary: RotaryEmbedding) -> torch.Tensor:
         b, t, _ = x.shape
-        q_nope, q_rope = self._queries(x).split([self.nope_dim, self.rope_dim], dim=-1)
-        latent, k_rope = self.kv_a_proj_with_mqa(x).split([self.kv_lora_rank, self.rope_dim], dim=-1)
+        first = self.q_a_proj if self.low_rank_q else self.q_proj
+        q, kv_a = self._project(x, "q_kv_a", (first, self.kv_a_proj_with_mqa))  # both read x
+        q_nope, q_rope = self._queries(x, q).split([self.nope_dim, self.rope_dim], dim=-1)
+        latent, k_rope = kv_a.split([self.kv_lora_rank, self.rope_dim], dim=-1)
         kv = self.kv_b_proj(self.kv_a_layernorm(latent)).view(b, t, self.num_heads, -1).transpose(1, 2)
         k_nope, v = kv.split([self.nope_dim, self.v_dim], dim=-1)
         k_rope = k_rope.view(b, 1, t, self.rope_dim)
@@ -89,7 +91,8 @@ class LatentAttention(nn.Module):
         out = _attend(q, k, v, start, scale=self.scale)
         return self.o_proj(out.transpose(1, 2).reshape(b, t, -1))
 
-    def _queries(self, x: torch.Tensor) -> torch.Tensor:
-        """Queries [B, H, T, nope + rope] from x [B, T, hidden]."""
-        q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x))) if self.low_rank_q else self.q_proj(x)
-        return q.view(*x.shape[:2], self.num_heads, -1).transpose(1, 2)
+    def _queries(self, x: torch.Tensor, first: torch.Tensor) -> torch.Tensor:
+        """Queries [B, H, T, nope + rope] from x [B, T, hidden], given ``first``, x through q_a_proj
+        (low-rank queries) or q_proj."""
+        q = self.q_b_proj(self.q_a_layernorm(first)) if self.low_rank_q else first
+        return q.reshape(*x.shape[:2], self.num_heads, -1).transpose(1, 2)

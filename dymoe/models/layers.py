@@ -247,7 +247,65 @@ class KVCache:
 SDPA_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
-class Attention(nn.Module):
+class FusedProjections(nn.Module):
+    """A module some of whose linear layers read the same input (q, k and v; gate and up): on CUDA,
+    where a one-token step is bound by launches, :meth:`_project` runs them as one GEMM (three
+    launches -> one for q, k and v: ~12 us a Qwen3 layer on an H100). The fused weight is made on
+    first use and the layers' weights become views of it, so it costs no memory; a move or cast
+    of the module (``_apply``) drops it, and the next use fuses again."""
+
+    def __init__(self):
+        super().__init__()
+        self._fused: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}
+
+    def _apply(self, fn, *args, **kwargs):
+        self._fused = {}  # the parameters are replaced: drop the old memory
+        return super()._apply(fn, *args, **kwargs)
+
+    def _project(self, x: torch.Tensor, name: str, projs: tuple[nn.Linear, ...]) -> tuple[torch.Tensor, ...]:
+        """Each of ``projs`` applied to x, through one GEMM where :func:`fuse_projections` says so."""
+        fused = self._fused_weights(name, projs) if fuse_projections(x) else None
+        if fused is None:
+            return tuple(p(x) for p in projs)
+        return F.linear(x, *fused).split([p.weight.shape[0] for p in projs], -1)
+
+    def _fused_weights(self, name: str, projs: tuple[nn.Linear, ...]) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+        """``projs``' weights (and biases) as one [rows of all, in] tensor, the layers' own weights
+        views of it; None while a CUDA graph is being captured (no allocation there) or where the
+        layers differ in dtype, device or having a bias."""
+        fused = self._fused.get(name)
+        if fused is not None and all(_views_of(p.weight, fused[0]) for p in projs):
+            return fused
+        weights = [p.weight for p in projs]
+        if (len({(w.dtype, w.device) for w in weights}) > 1 or len({p.bias is None for p in projs}) > 1
+                or (weights[0].is_cuda and torch.cuda.is_current_stream_capturing())):
+            return None
+        with torch.no_grad():
+            weight = torch.cat([w.data for w in weights])
+            bias = torch.cat([p.bias.data for p in projs]) if projs[0].bias is not None else None
+            rows = [w.shape[0] for w in weights]
+            for p, part in zip(projs, weight.split(rows)):
+                p.weight.data = part
+            for p, part in zip(projs, bias.split(rows) if bias is not None else ()):
+                p.bias.data = part
+        self._fused[name] = (weight, bias)
+        return self._fused[name]
+
+
+def fuse_projections(x: torch.Tensor) -> bool:
+    """Whether :class:`FusedProjections` runs linear layers that share an input as one GEMM: on
+    CUDA. On the CPU separate GEMMs cost no more, and the logits stay as the tests compare them
+    with transformers' (a test forces the fused path there too)."""
+    return x.is_cuda
+
+
+def _views_of(param: torch.Tensor, base: torch.Tensor) -> bool:
+    """Whether ``param`` still lies inside ``base`` (not replaced by a move or a cast)."""
+    start = param.data_ptr() - base.data_ptr()
+    return param.dtype == base.dtype and param.device == base.device and 0 <= start < base.numel() * base.element_size()
+
+
+class Attention(FusedProjections):
     """Grouped-query attention with the q/k-norm and bias variants of the supported families, and
     GPT-OSS's attention sinks and sliding windows (:func:`attend_with_sinks`)."""
 
@@ -270,17 +328,12 @@ class Attention(nn.Module):
             self.q_norm = RMSNorm(c.num_heads * c.head_dim, c.rms_norm_eps)
             self.k_norm = RMSNorm(c.num_kv_heads * c.head_dim, c.rms_norm_eps)
         self.clip_qkv = c.clip_qkv
-        self._qkv: tuple[torch.Tensor, torch.Tensor | None] | None = None  # see _fused_qkv
 
     supports_static_position = True  # decode runs in CUDA graphs (dymoe/models/decode_graphs.py)
 
     def forward(self, x: torch.Tensor, start: Position, cache: KVCache, rotary: RotaryEmbedding) -> torch.Tensor:
         b, t, _ = x.shape
-        fused = self._fused_qkv() if fuse_projections(x) else None
-        if fused is not None:  # one GEMM for the three (decode: 3 launches -> 1, ~12 us a layer on an H100)
-            q, k, v = F.linear(x, *fused).split([p.weight.shape[0] for p in (self.q_proj, self.k_proj, self.v_proj)], -1)
-        else:
-            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        q, k, v = self._project(x, "qkv", (self.q_proj, self.k_proj, self.v_proj))
         if self.qk_norm == "full":
             q, k = self.q_norm(q), self.k_norm(k)
         if self.clip_qkv is not None:
@@ -297,47 +350,6 @@ class Attention(nn.Module):
         else:
             out = attend_with_sinks(q, k, v, start, self.sinks, self.window)
         return self.o_proj(out.transpose(1, 2).reshape(b, t, -1))
-
-    def _apply(self, fn, *args, **kwargs):
-        self._qkv = None  # a move or cast replaces the parameters: drop the old memory, fuse again on use
-        return super()._apply(fn, *args, **kwargs)
-
-    def _fused_qkv(self) -> tuple[torch.Tensor, torch.Tensor | None] | None:
-        """The q, k and v projections' weights (and biases) as one [q + k + v rows, H] tensor. Made
-        on first use: the three parameters then become views of it, so it costs no memory. Made
-        again if the parameters moved since (``model.to(...)``); None while a CUDA graph is being
-        captured (no allocation there) or if the three differ in dtype or device."""
-        projs = (self.q_proj, self.k_proj, self.v_proj)
-        if self._qkv is not None and all(_views_of(p.weight, self._qkv[0]) for p in projs):
-            return self._qkv
-        weights = [p.weight for p in projs]
-        if len({(w.dtype, w.device) for w in weights}) > 1 or (weights[0].is_cuda
-                                                                 and torch.cuda.is_current_stream_capturing()):
-            return None
-        with torch.no_grad():
-            weight = torch.cat([w.data for w in weights])
-            bias = torch.cat([p.bias.data for p in projs]) if projs[0].bias is not None else None
-            rows = [w.shape[0] for w in weights]
-            for p, part in zip(projs, weight.split(rows)):
-                p.weight.data = part
-            if bias is not None:
-                for p, part in zip(projs, bias.split(rows)):
-                    p.bias.data = part
-        self._qkv = (weight, bias)
-        return self._qkv
-
-
-def fuse_projections(x: torch.Tensor) -> bool:
-    """Whether the attention runs its q, k and v projections as one GEMM (:meth:`Attention._fused_qkv`):
-    on CUDA, where one-token steps are bound by launches. On the CPU three GEMMs cost no more, and
-    the model's logits stay as the tests compare them with transformers'."""
-    return x.is_cuda
-
-
-def _views_of(param: torch.Tensor, base: torch.Tensor) -> bool:
-    """Whether ``param`` still lies inside ``base`` (not replaced by a move or a cast)."""
-    start = param.data_ptr() - base.data_ptr()
-    return param.dtype == base.dtype and param.device == base.device and 0 <= start < base.numel() * base.element_size()
 
 
 def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: Position, scale: float | None = None
@@ -433,7 +445,7 @@ def _causal_mask(start: Position, t: int, device) -> torch.Tensor | None:
     return k_pos <= q_pos
 
 
-class DenseMLP(nn.Module):
+class DenseMLP(FusedProjections):
     """SwiGLU MLP: dense layers, and Qwen2-MoE's shared expert."""
 
     def __init__(self, hidden: int, width: int):
@@ -443,4 +455,5 @@ class DenseMLP(nn.Module):
         self.down_proj = nn.Linear(width, hidden, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = self._project(x, "gate_up", (self.gate_proj, self.up_proj))
+        return self.down_proj(F.silu(gate) * up)

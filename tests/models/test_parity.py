@@ -233,27 +233,40 @@ def test_phimoe_longrope_factors_follow_transformers_longrope_parameters(tmp_pat
     torch.testing.assert_close(ours.rotary.cos_long, long, rtol=0, atol=1e-6)  # prompts and re-runs past 16
 
 
-@pytest.mark.parametrize("family", ["qwen3_moe", "qwen2_moe", "olmoe", "gpt_oss"])
-def test_attention_with_fused_projections_still_matches_transformers(checkpoints, family, monkeypatch):
-    """The q, k and v projections as one GEMM (CUDA's path, forced here on the CPU): the same logits
-    as transformers' (biases: Qwen2-MoE, GPT-OSS; q/k norms per head and over the whole
-    projection: Qwen3, OLMoE), the three weights become views of the fused one (no second copy),
-    and a move or cast of the parameters drops it and fuses again."""
+@pytest.mark.parametrize("family", FAMILIES)
+def test_fused_projections_still_match_transformers(checkpoints, family, monkeypatch):
+    """Linear layers that read the same input as one GEMM (CUDA's path, forced here on the CPU):
+    q, k and v (biases: Qwen2-MoE, GPT-OSS; q/k norms per head and over the whole projection:
+    Qwen3, OLMoE), MLA's first query and key-value projections (DeepSeek), gate and up of dense
+    and shared-expert MLPs (DeepSeek, Qwen2-MoE). The same logits and greedy tokens as
+    transformers'; the layers' weights become views of the fused one (no second copy); a move or
+    cast of the parameters drops it and fuses again, with the same logits."""
     from dymoe.models import layers
 
     monkeypatch.setattr(layers, "fuse_projections", lambda x: True)
     path, hf = checkpoints[family]
     ours = load_ours(path)
     assert_logits_match(ours, hf)
-    attention = ours.model.layers[0].self_attn
-    weight, bias = attention._qkv
-    assert weight.shape[0] == sum(p.weight.shape[0] for p in (attention.q_proj, attention.k_proj, attention.v_proj))
-    assert attention.k_proj.weight.data_ptr() == weight.data_ptr() + attention.q_proj.weight.numel() * weight.element_size()
-    assert (bias is not None) == (attention.q_proj.bias is not None)
+    fusing = [m for m in ours.modules() if isinstance(m, layers.FusedProjections)]
+    fused = [(m, name, entry) for m in fusing for name, entry in m._fused.items()]
+    counts = {"qkv": 0, "q_kv_a": 0, "gate_up": 0}
+    for m, name, (weight, bias) in fused:
+        counts[name] += 1
+        projs = {"qkv": ("q_proj", "k_proj", "v_proj"), "gate_up": ("gate_proj", "up_proj"),
+                 "q_kv_a": ("q_a_proj" if hasattr(m, "q_a_proj") else "q_proj", "kv_a_proj_with_mqa")}[name]
+        offset = 0
+        for proj in (getattr(m, attr) for attr in projs):  # each a view at its place in the fused weight
+            assert proj.weight.data_ptr() == weight.data_ptr() + offset * weight.element_size(), (name, proj)
+            offset += proj.weight.numel()
+        assert offset == weight.numel() and (bias is None) == (getattr(m, projs[0]).bias is None)
+    config = ours.config
+    assert counts["q_kv_a" if config.latent_attention is not None else "qkv"] == config.num_layers, counts
+    has_mlp = config.shared_expert_intermediate_size or len(config.moe_layers) < config.num_layers
+    assert (counts["gate_up"] > 0) == bool(has_mlp), counts
     prompt = torch.tensor([1, 17, 42, 5, 63, 8, 29])
     assert greedy_ids(ours, prompt, 8) == hf_greedy_ids(hf, prompt, 8)
     before = ours(prompt.view(1, -1), 0, ours.new_cache(1))
-    attention.apply(lambda m: m._apply(torch.clone, recurse=False))  # as a move does: new parameters
-    assert attention._qkv is None and attention.q_proj.weight.data_ptr() != weight.data_ptr()
+    ours.apply(lambda m: m._apply(torch.clone, recurse=False))  # as a move does: new parameters
+    assert all(not m._fused for m in fusing)
     torch.testing.assert_close(ours(prompt.view(1, -1), 0, ours.new_cache(1)), before, rtol=0, atol=0)
-    assert attention._qkv is not None and attention.q_proj.weight.data_ptr() == attention._qkv[0].data_ptr()
+    assert sum(len(m._fused) for m in fusing) == len(fused)
