@@ -7,6 +7,10 @@
    from tiny to Mixtral's: where ``resident.LOOPED_MIN_WEIGHTS`` should sit.
 2. The reference dequantize-then-matmul (``expert_decode(backend="torch")``, what low-bit presets
    run on the CPU) of one Qwen3-30B-A3B layer step (8 experts) per format.
+3. A lead, not a path dymoe takes yet: torch's own CPU int4 weight-only kernel
+   (``aten._weight_int4pack_mm_for_cpu``, its weights in its own tiled layout, zero = min + 8 x
+   scale) on one expert's gate_up projection, with bf16 and float32 activations, against the
+   reference, and what converting our packed codes to its layout costs.
 
 Medians of ``--reps`` calls after two warm-ups, milliseconds; a table last.
 """
@@ -73,7 +77,39 @@ def main() -> None:
         ms = median_ms(lambda: expert_decode(pool, offsets, layout, x, combine, backend="torch"), args.reps)
         lines.append(f"{precision}/g{group}: {ms:8.1f} ms")
         print(lines[-1], flush=True)
+    lines += ["", *int4pack_lead(args.reps)]
     print("\n" + "\n".join(lines))
+
+
+def int4pack_lead(reps: int) -> list[str]:
+    """Section 3 of the module docstring: lines of the table."""
+    from dymoe.quant.reference import dequantize, quantize, unpack_bits
+
+    if not hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu"):
+        return ["torch's CPU int4 kernel: not in this torch"]
+    n, k, group = 1536, 2048, 128  # Qwen3-30B-A3B's gate_up of one expert
+    q = quantize((torch.randn(n, k, generator=torch.Generator().manual_seed(1)) * 0.02).bfloat16(),
+                 parse_format("int4", group))
+
+    def convert():
+        codes = unpack_bits(q.payload.reshape(n, -1), 4, k).to(torch.int32)
+        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1)
+        scales, mins = q.scales.float(), q.mins.float()
+        return packed, torch.stack([scales.T, (mins + 8 * scales).T], -1).contiguous()
+
+    packed, scales_zeros = convert()
+    x = torch.randn(1, k)
+    reference = x @ dequantize(q, torch.float32).T
+    lines = [f"torch's CPU int4 kernel, one {n} x {k} int4/g{group} projection, 1 token (a lead):"]
+    for dtype in (torch.bfloat16, torch.float32):
+        sz = scales_zeros.to(dtype)
+        y = torch.ops.aten._weight_int4pack_mm_for_cpu(x.to(dtype), packed, group, sz)
+        err = float((y.float() - reference).abs().max() / reference.abs().max())
+        ms = median_ms(lambda: torch.ops.aten._weight_int4pack_mm_for_cpu(x.to(dtype), packed, group, sz), reps)
+        lines.append(f"  int4pack mm, {str(dtype)[6:]} activations: {ms:8.3f} ms (max rel err {err:.1e})")
+    lines.append(f"  reference dequantize + matmul:        {median_ms(lambda: x @ dequantize(q, torch.float32).T, reps):8.3f} ms")
+    lines.append(f"  convert our codes to its layout:      {median_ms(convert, reps):8.3f} ms")
+    return lines
 
 
 if __name__ == "__main__":
