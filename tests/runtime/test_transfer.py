@@ -155,3 +155,19 @@ def test_cuda_stall_is_measured_with_events():
     engine.wait(engine.fetch((5, 0), blob(4096, 0).pin_memory(), dst))
     assert engine.stall_seconds > 0.01 and metrics.layer(5).stall_seconds == pytest.approx(engine.stall_seconds)
     engine.close()
+
+
+def test_index_upload_rows_hold_the_last_values_at_fixed_addresses():
+    """IndexUpload: each upload's values land in its row (int64, the first n entries), a row's
+    device view keeps its address from call to call (what a CUDA graph recorded reads), and
+    rows do not disturb one another."""
+    from dymoe.runtime.transfer import IndexUpload
+
+    upload = IndexUpload(4, "cpu", rows=2)
+    first = upload([3, 1, 2], row=0)
+    other = upload([7, 7, 7, 7], row=1)
+    assert first.tolist() == [3, 1, 2] and first.dtype == torch.int64
+    again = upload([5, 0, 9], row=0)
+    assert again.data_ptr() == first.data_ptr() == upload.row(0, 3).data_ptr()
+    assert upload.row(0, 3).tolist() == [5, 0, 9] and other.tolist() == [7, 7, 7, 7]
+    assert upload([2**40, -1], row=0).tolist() == [2**40, -1]  # int64, not narrowed
