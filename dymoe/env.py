@@ -16,3 +16,11 @@ def env_choice(name: str, choices: dict[str, str], default: str | None = None) -
         listed = " or ".join(f"{v} ({what})" for v, what in choices.items())
         raise InputError(f"{name}={value!r}: use {listed}")
     return value
+
+
+def env_override(name: str, on: str, off: str) -> bool | None:
+    """An on/off switch over a measured default: True for ``1`` (``on`` says what it does), False
+    for ``0`` (``off``), None when unset (the default decides); any other value raises
+    :class:`InputError` (:func:`env_choice`)."""
+    value = env_choice(name, {"1": on, "0": off})
+    return None if value is None else value == "1"

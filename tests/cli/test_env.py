@@ -20,3 +20,14 @@ def test_env_choice_values_default_and_error(monkeypatch):
     with pytest.raises(InputError) as error:
         env_choice("DYMOE_TEST_SWITCH", CHOICES, "1")
     assert str(error.value) == "DYMOE_TEST_SWITCH='yes': use 1 (on) or 0 (off)"
+
+
+def test_env_override_is_on_off_or_unset(monkeypatch):
+    from dymoe.env import env_override
+
+    for value, expected in (("", None), ("1", True), ("0", False)):
+        monkeypatch.setenv("DYMOE_TEST_SWITCH", value)
+        assert env_override("DYMOE_TEST_SWITCH", "on", "off") is expected
+    monkeypatch.setenv("DYMOE_TEST_SWITCH", "on")
+    with pytest.raises(InputError, match=r"^DYMOE_TEST_SWITCH='on': use 1 \(on\) or 0 \(off\)$"):
+        env_override("DYMOE_TEST_SWITCH", "on", "off")

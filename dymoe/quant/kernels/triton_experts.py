@@ -30,7 +30,7 @@ import torch
 import triton
 import triton.language as tl
 
-from dymoe.env import env_choice
+from dymoe.env import env_override
 from dymoe.models.expert_math import SWIGLU, ExpertMath
 from dymoe.quant.kernels.plan import KernelPlan, Projection
 
@@ -352,8 +352,7 @@ PACKED_BITS = (4, 3, 2)
 def _packed_override() -> bool | None:
     """DYMOE_PACKED_DECODE from the environment: 1 runs every one-token int4/int3/int2 step on
     packed activation vectors, 0 none, unset leaves it to :func:`packs_by_default`."""
-    value = env_choice("DYMOE_PACKED_DECODE", {"1": "packed float16 path on", "0": "off"})
-    return None if value is None else value == "1"
+    return env_override("DYMOE_PACKED_DECODE", "packed float16 path on", "off")
 
 
 PACKED_OVERRIDE = _packed_override()
@@ -363,9 +362,8 @@ def _pdl_override() -> bool | None:
     """DYMOE_PDL from the environment, for split_config: 1 turns on programmatic dependent launch
     (``LaunchConfig.pdl``) for every split-K step, 0 turns it off, unset leaves it to
     :func:`pdl_by_default`."""
-    setting = env_choice("DYMOE_PDL", {"1": "programmatic dependent launch for every step",
-                                       "0": "off; unset: on for small expert shapes"}, "")
-    return None if setting == "" else setting == "1"
+    return env_override("DYMOE_PDL", "programmatic dependent launch for every step",
+                        "off; unset: on for small expert shapes")
 
 
 PDL_MAX_WEIGHTS = 1 << 22  # weights of one expert projection (H x I) up to which pdl is the default
@@ -389,9 +387,8 @@ PDL_OVERRIDE = _pdl_override()
 def _one_launch_override() -> bool | None:
     """DYMOE_ONE_LAUNCH from the environment, for split_config: 1 runs every split-K step as one
     launch (``LaunchConfig.one_launch``), 0 none, unset leaves it to :func:`one_launch_by_default`."""
-    setting = env_choice("DYMOE_ONE_LAUNCH", {"1": "every one-token low-bit step in one launch",
-                                              "0": "off; unset: on for long int8 and int4 steps"}, "")
-    return None if setting == "" else setting == "1"
+    return env_override("DYMOE_ONE_LAUNCH", "every one-token low-bit step in one launch",
+                        "off; unset: on for long int8 and int4 steps")
 
 
 ONE_LAUNCH_OVERRIDE = _one_launch_override()
@@ -407,7 +404,7 @@ def one_launch_by_default(plan: KernelPlan) -> bool:
     int3 30 -> 20-30 (slower: its gate_up is bound by arithmetic, and the down items waiting on it
     hold their SMs). On the short steps of Qwen3-30B-A3B, OLMoE and DeepSeek-V2-Lite one launch
     was slower in every format (Qwen3 int4/g128 16.5 -> 24.6 us), so those keep pdl's three."""
-    return plan.hidden_size * plan.intermediate_size > PDL_MAX_WEIGHTS and plan.bits in ONE_LAUNCH_BITS
+    return not pdl_by_default(plan) and plan.bits in ONE_LAUNCH_BITS
 
 
 def packs_by_default(plan: KernelPlan) -> bool:
