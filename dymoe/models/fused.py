@@ -38,21 +38,24 @@ def _setting() -> bool:
 ENABLED = _setting()
 
 
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
 def fused_applies(x: torch.Tensor) -> bool:
     """Whether the fused kernels run for ``x``: on by default for CUDA tensors when Triton is
     installed (the ``gpu`` extra), or for any tensor under ``TRITON_INTERPRET=1`` (the tests)."""
     if not ENABLED or not triton_available():
         return False
-    return x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"
+    return x.is_cuda or _interpreting()
 
 
 @functools.lru_cache(maxsize=1)
 def _kernels():
-    import triton
+    """:mod:`dymoe.models.fused_kernels`, imported on first use (Triton is the ``gpu`` extra)."""
+    from dymoe.models import fused_kernels
 
-    from dymoe.models.fused_kernels import rms_norm_kernel, rotary_kernel
-
-    return triton, rms_norm_kernel, rotary_kernel
+    return fused_kernels
 
 
 MAX_ROUTED_EXPERTS = 1024  # experts per router up to which route() runs (one program holds all scores)
@@ -70,31 +73,30 @@ def route(logits: torch.Tensor, k: int, *, sigmoid: bool, normalize: bool, scali
     (or sigmoid) scores in float32, the k best experts best first, or (``ids`` [N, k]) those
     experts put in order of score; the weights their scores, renormalised to sum to one when
     ``normalize``, times ``scaling``. One launch (:func:`~dymoe.models.fused_kernels.route_kernel`)."""
-    from dymoe.models.fused_kernels import route_kernel
-
-    triton = _kernels()[0]
+    kernels = _kernels()
     rows = logits if logits.is_contiguous() else logits.contiguous()
     n, experts = rows.shape
     out_ids = torch.empty(n, k, dtype=torch.int64, device=rows.device)
     weights = torch.empty(n, k, dtype=dtype, device=rows.device)
     given = ids.to(torch.int64).contiguous() if ids is not None else out_ids
-    route_kernel[(n,)](rows, given, out_ids, weights, experts, float(scaling), K=k,
-                       BLOCK=triton.next_power_of_2(experts), KB=triton.next_power_of_2(k), GIVEN=ids is not None,
-                       SIGMOID=sigmoid, NORMALIZE=normalize, ACCURATE=os.environ.get("TRITON_INTERPRET") != "1",
-                       num_warps=1 if experts <= 128 else 4)
+    kernels.route_kernel[(n,)](rows, given, out_ids, weights, experts, float(scaling), K=k,
+                               BLOCK=kernels.triton.next_power_of_2(experts), KB=kernels.triton.next_power_of_2(k),
+                               GIVEN=ids is not None, SIGMOID=sigmoid, NORMALIZE=normalize,
+                               ACCURATE=not _interpreting(), num_warps=1 if experts <= 128 else 4)
     return out_ids, weights
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """``weight * (x * rsqrt(mean(x^2) + eps)).to(x.dtype)`` over the last dimension, one launch."""
-    triton, kernel, _ = _kernels()
+    kernels = _kernels()
     n = x.shape[-1]
     rows = x.reshape(-1, n)
     if not rows.is_contiguous():
         rows = rows.contiguous()
     out = torch.empty(rows.shape, dtype=torch.result_type(weight, x), device=x.device)
-    block = triton.next_power_of_2(n)
-    kernel[(rows.shape[0],)](rows, weight, out, eps, N=n, BLOCK=block, num_warps=4 if block <= 4096 else 8)
+    block = kernels.triton.next_power_of_2(n)
+    kernels.rms_norm_kernel[(rows.shape[0],)](rows, weight, out, eps, N=n, BLOCK=block,
+                                              num_warps=4 if block <= 4096 else 8)
     return out.view(*x.shape[:-1], n)
 
 
@@ -110,18 +112,23 @@ def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, start: int = 0
     """``x * cos[p] + rotate_half(x) * sin[p]`` for ``x`` [B, heads, T, D] at positions
     ``p = start + t``, or ``positions[t]`` read on the device (a decode step in a CUDA graph);
     ``cos``/``sin`` are whole [positions, D] tables."""
-    triton, _, kernel = _kernels()
+    kernels = _kernels()
     b, h, t, d = x.shape
     out = torch.empty_like(x, dtype=torch.result_type(x, cos))
-    kernel[(b * h * t,)](x, out, cos, sin, positions if positions is not None else cos, start, h, t, x.stride(0),
-                         x.stride(1), x.stride(2), out.stride(0), out.stride(1), out.stride(2), D=d,
-                         BLOCK=triton.next_power_of_2(d), FROM_DEVICE=positions is not None, num_warps=1)
+    kernels.rotary_kernel[(b * h * t,)](x, out, cos, sin, positions if positions is not None else cos, start, h, t,
+                                        x.stride(0), x.stride(1), x.stride(2), out.stride(0), out.stride(1),
+                                        out.stride(2), D=d, BLOCK=kernels.triton.next_power_of_2(d),
+                                        FROM_DEVICE=positions is not None, num_warps=1)
     return out
 
 
-def combine_applies(rows: torch.Tensor) -> bool:
-    """Whether :func:`combine` takes expert rows: :func:`fused_applies`, bf16 or float16."""
-    return rows.dtype in (torch.bfloat16, torch.float16) and fused_applies(rows)
+def combine_applies(rows: torch.Tensor, weights: torch.Tensor) -> bool:
+    """Whether :func:`combine` takes expert rows and their router weights: :func:`fused_applies`,
+    both bf16 or both float16 (torch's product would promote mixed dtypes)."""
+    return rows.dtype in (torch.bfloat16, torch.float16) and weights.dtype == rows.dtype and fused_applies(rows)
+
+
+COLUMNS = 1024  # columns of H per program of combine and group_plan
 
 
 def combine(rows: torch.Tensor, weights: torch.Tensor, order: torch.Tensor | None = None) -> torch.Tensor:
@@ -130,20 +137,14 @@ def combine(rows: torch.Tensor, weights: torch.Tensor, order: torch.Tensor | Non
     as torch's is, summed in float32 and rounded once. ``order`` [k] (the sort of the router's
     ids, as grouped GEMMs run them): row i belongs to router slot ``order[i]``; None: rows are in
     router order. One launch (:func:`~dymoe.models.fused_kernels.combine_kernel`)."""
-    from dymoe.models.fused_kernels import combine_kernel
-
-    triton = _kernels()[0]
     k, h = rows.shape
     rows = rows if rows.is_contiguous() else rows.contiguous()
     out = torch.empty(1, h, dtype=rows.dtype, device=rows.device)
-    block = 1024
-    combine_kernel[(triton.cdiv(h, block),)](rows, weights.contiguous(), order if order is not None else weights, out,
-                                             h, K=k, KB=triton.next_power_of_2(k), BLOCK=block, ORDERED=order is None,
-                                             num_warps=4)
+    kernels = _kernels()
+    kernels.combine_kernel[(kernels.triton.cdiv(h, COLUMNS),)](
+        rows, weights.contiguous(), order if order is not None else weights, out, h, K=k,
+        KB=kernels.triton.next_power_of_2(k), BLOCK=COLUMNS, ORDERED=order is None, num_warps=4)
     return out
-
-
-MAX_PLAN_GROUPS = 1024  # experts up to which group_plan runs (one program counts every expert's end)
 
 
 def group_plan(x: torch.Tensor, ids: torch.Tensor, experts: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -151,15 +152,13 @@ def group_plan(x: torch.Tensor, ids: torch.Tensor, experts: int) -> tuple[torch.
     stable sort ``order`` [k] of the ids (int64, as ``torch.sort(ids)[1]`` for distinct ids), the
     end of each expert's rows [experts] (int32, as ``searchsorted(sorted ids, arange(experts),
     right=True)``)), in one launch (:func:`~dymoe.models.fused_kernels.group_plan_kernel`)."""
-    from dymoe.models.fused_kernels import group_plan_kernel
-
-    triton = _kernels()[0]
     k, h = ids.shape[0], x.shape[-1]
     rows = torch.empty(k, h, dtype=x.dtype, device=x.device)
     order = torch.empty(k, dtype=torch.int64, device=x.device)
     ends = torch.empty(experts, dtype=torch.int32, device=x.device)
-    block = 1024
-    group_plan_kernel[(triton.cdiv(h, block),)](ids.contiguous(), x.contiguous(), order, ends, rows, h, experts, K=k,
-                                                KB=triton.next_power_of_2(k), EB=triton.next_power_of_2(experts),
-                                                BLOCK=block, num_warps=4)
+    kernels = _kernels()
+    kernels.group_plan_kernel[(kernels.triton.cdiv(h, COLUMNS),)](
+        ids.contiguous(), x.contiguous(), order, ends, rows, h, experts, K=k, KB=kernels.triton.next_power_of_2(k),
+        EB=kernels.triton.next_power_of_2(experts), BLOCK=COLUMNS, num_warps=4)
     return rows, order, ends
+

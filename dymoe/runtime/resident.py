@@ -103,7 +103,7 @@ def gathered_decode(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, g
     y = torch.bmm(w2, math.glu(gate, up)).squeeze(-1)  # [k, H]
     if biases is not None:
         y = y + biases[1][ids].to(y.dtype)
-    if fused.combine_applies(y) and weights.dtype == y.dtype:  # as the grouped decode sums
+    if fused.combine_applies(y, weights):  # as the grouped decode sums
         return fused.combine(y, weights)
     return (weights.unsqueeze(-1) * y).sum(0, keepdim=True)
 
@@ -166,14 +166,14 @@ def grouped_decode(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, ga
     them. No host synchronisation (the group ends come from a search of the sorted ids, not a
     count read back)."""
     k = ids.shape[0]
-    if fused.fused_applies(x) and gate_up.shape[0] <= fused.MAX_PLAN_GROUPS:  # the three lines below in one launch
+    if fused.fused_applies(x):  # the three lines below in one launch
         tokens, order, ends = fused.group_plan(x, ids, gate_up.shape[0])
     else:
         sorted_ids, order = torch.sort(ids)
         ends = torch.searchsorted(sorted_ids, _group_ids(gate_up.shape[0], ids.device), right=True, out_int32=True)
         tokens = x.expand(k, -1).contiguous()
     rows = grouped_experts(tokens, ends, gate_up, down, biases, math)
-    if fused.combine_applies(rows) and weights.dtype == rows.dtype:  # one launch (the gathered decode's too)
+    if fused.combine_applies(rows, weights):  # one launch (the gathered decode's too)
         return fused.combine(rows, weights, order)
     return combine_rows(rows * weights[order].unsqueeze(-1), order, k)
 
