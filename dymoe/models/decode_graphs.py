@@ -144,12 +144,11 @@ class DecodeGraphs:
         if s == len(self.moe_at):
             return
         block = self.layers[self.moe_at[s]].mlp
-        if self.deferred and out.row is not None:
-            if s in self.host_rows:  # copied to the host by the segment: wait for it
+        if self.deferred:
+            if s in self.host_rows:  # the routing row, copied to the host by the segment: wait for it
                 torch.cuda.current_stream(out.flat.device).synchronize()
-            experts.decode_prepare(block.layer, out.flat, out.ids[0], out.weights[0], row=out.row)
-        elif self.deferred:
-            experts.decode_prepare(block.layer, out.flat, out.ids[0], out.weights[0])
+            row = {} if out.row is None else {"row": out.row}  # (runtimes without routing_row take none)
+            experts.decode_prepare(block.layer, out.flat, out.ids[0], out.weights[0], **row)
         else:
             self.routed[s].copy_(experts.run_experts(block.layer, out.flat, out.ids, out.weights))
 

@@ -128,8 +128,9 @@ def test_a_cache_that_holds_everything_fetches_each_expert_once(bf16_models):
 @pytest.mark.parametrize("preset", ["lru", "lru-prefetch", "static-int4", "least-stale"])
 def test_the_batched_hit_path_changes_nothing_but_speed(bf16_models, preset, monkeypatch):
     """_start_wave's one-pass hit path (ExpertCache.use_resident) against its per-expert loop:
-    the same logits, tokens, statistics, expert runs per precision and cache order, at a budget
-    with hits and misses; and the path was taken."""
+    the same logits, tokens, statistics (hits, misses, evictions per layer), expert runs per
+    precision, resident sets in insertion order and use clock, at a budget with hits and misses;
+    and the path was taken."""
     checkpoint, store = bf16_models["qwen3_moe"]
     c = checkpoint.config
     model = load_dense(checkpoint, 64, "cpu", torch.float32)
