@@ -18,11 +18,15 @@ against the float32 ``reference_decode``:
    token (split-K, packed for int4/int3/int2; tiled for bf16) and three tokens (tensor cores);
 4. the one-launch step (``LaunchConfig.one_launch``: input packing, gate_up and down as work items
    of one launch, each waiting for what it reads), 4 steps back to back, bf16 to int2 at g128,
-   both shapes.
+   both shapes;
+5. each program's first step of weights loaded before it waits (``LaunchConfig.preload``), with
+   programmatic dependent launch and in one launch, 4 steps back to back, int8 to int2 at g128,
+   both shapes: a weight load moved past the wait is harmless, an activation load moved before it
+   shows as a wrong step.
 
 Prints the relative error of each; exits 1 if any is above 1e-2 or not finite. ``--quick``: only
 the packed path with outlier activations on the Qwen3 and Mixtral shapes (12 checks), 2. with
-the packed path only (8 checks) and 4. (10 checks).
+the packed path only (8 checks), 4. (10 checks) and 5. (16 checks).
 """
 
 import argparse
@@ -64,7 +68,7 @@ def case(h: int, i: int, k: int, precision: str, group: int, math=SWIGLU, tokens
 
 
 def check(label: str, layout, pool, offsets, combine, x, math=SWIGLU, packed: bool = True, pdl: bool = False,
-          one_launch: bool = False) -> None:
+          one_launch: bool = False, preload: bool = False) -> None:
     """One step (``x`` [T, H]), or with ``x`` [S, 1, H] S one-token steps back to back on one
     workspace with no sync between (as a model's layers run them: with ``pdl`` each launch starts
     while the one before finishes, so a missing wait shows as a wrong step; with ``one_launch``
@@ -75,9 +79,9 @@ def check(label: str, layout, pool, offsets, combine, x, math=SWIGLU, packed: bo
     steps = x if x.dim() == 3 else x[None]
     e, t = combine.shape[1], steps.shape[1]
     ws = DecodeWorkspace.allocate(plan, e, t, "cuda")
-    if t == 1 and (plan.bits in PACKED_BITS or pdl or one_launch):  # split-K (int3's default may be tiled)
+    if t == 1 and (plan.bits in PACKED_BITS or pdl or one_launch or preload):  # split-K (int3's default may be tiled)
         configs = tuple(dataclasses.replace(split_config(plan, kernel, e, SMS), packed=packed and plan.bits in PACKED_BITS,
-                                            pdl=pdl, one_launch=one_launch)
+                                            pdl=pdl, one_launch=one_launch, preload=preload)
                         for kernel in ("gate_up", "down"))
     else:
         configs = tuple(choose_config(plan, kernel, e, t, SMS) for kernel in ("gate_up", "down"))
@@ -132,6 +136,15 @@ for precision in ("bf16", "int8", "int4", "int3", "int2"):
         layout, pool, offsets, combine, g = case(h, i, k, precision, 128)
         x = (torch.randn(4, 1, h, generator=g) * 0.1).bfloat16().cuda()
         check(f"{precision} H{h} I{i} g128 one launch", layout, pool, offsets, combine, x, one_launch=True)
+
+# each program's first step of weights loaded before its wait (LaunchConfig.preload), both launch forms
+for precision in ("int8", "int4", "int3", "int2"):
+    for h, i, k in ((2048, 768, 8), (4096, 14336, 2)):
+        layout, pool, offsets, combine, g = case(h, i, k, precision, 128)
+        x = (torch.randn(4, 1, h, generator=g) * 0.1).bfloat16().cuda()
+        for one_launch in (False, True):
+            check(f"{precision} H{h} I{i} g128 preload{' one launch' if one_launch else ' pdl'}", layout, pool,
+                  offsets, combine, x, pdl=pdl_supported(torch.device("cuda")), one_launch=one_launch, preload=True)
 
 print(f"worst relative error {worst:.2e} (limit 1e-2)")
 sys.exit(0 if worst < 1e-2 else 1)

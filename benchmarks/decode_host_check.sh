@@ -1,26 +1,31 @@
 #!/usr/bin/env bash
-# The one-launch split-K step against the two launches on every shape, then where an offloading
-# preset's decode step spends its host time, in one device call (< 5 minutes):
+# The split-K step's launch forms on every shape, where an offloading preset's decode step spends
+# its host time, and end to end, in one device call (< 10 minutes with every stage):
 #
 #   OUT=out bash benchmarks/decode_host_check.sh
 #
-# 1. benchmarks/kernels.py --variants --one-launch: choose_config's pick against the same step in
-#    one launch (LaunchConfig.one_launch), Qwen3-30B-A3B, Mixtral-8x7B, OLMoE and DeepSeek-V2-Lite
-#    shapes, every low-bit format (FORMATS=... for fewer);
+# 0. CHECK=1: benchmarks/check_decode_kernels.py --quick (the packed path, pdl, one launch and
+#    preload against the float32 reference, several steps back to back);
+# 1. benchmarks/kernels.py --variants --forms: choose_config's pick against the same step's other
+#    launch forms (one launch or apart, each with and without preload), Qwen3-30B-A3B,
+#    Mixtral-8x7B, OLMoE and DeepSeek-V2-Lite shapes (MODELS=...), every low-bit format
+#    (FORMATS=... for fewer); with BASE=DIR (below) first the same with that package (its
+#    choose_config and whichever forms it has), so both trees' steps are timed on one machine;
 #    KERNELS=0 skips this stage;
 # 2. benchmarks/profile_host.py for static-int4 with every expert fitting (all hits after the
 #    warm-up), static-int4, lru and dymoe at 25% (POLICIES="policy:budget ..."), synthetic
 #    Qwen3-30B-A3B shape, 8 layers: host microseconds per MoE layer waiting for the GPU, in the
 #    runtime's bookkeeping between graph replays, and in the replays' launch calls, then a cProfile.
-# 3. end to end: `dymoe bench` on the same shape at 25% (SUITE=policies), 64 generated tokens; with
-#    BASE=DIR (a copy of another revision's dymoe/ package: `git archive REV dymoe | tar -x -C
-#    bench-base`, a path git ignores, so the device tool needs carry=["bench-base"]) first with that
-#    package, then with this tree's, side by side on one machine (python -P: the working directory
-#    does not shadow PYTHONPATH); REPEAT=N runs the pair N times (base, this, base, this, ...: the
-#    first run of a call tends to be slower, so one pair alone favours the second). POLICIES=none
-#    skips stage 2.
-# Logs: $OUT/kernels.txt, $OUT/host.txt, $OUT/kernels/variants.json, $OUT/profile_host_*.txt,
-# $OUT/e2e*.txt and .json.
+#    POLICIES=none skips it;
+# 3. end to end: `dymoe bench` on the same shape at 25% (SUITE=policies, SUITE=none skips it),
+#    64 generated tokens; with BASE=DIR (a copy of another revision's dymoe/ package: `git archive
+#    REV dymoe | tar -x -C bench-base`, a path git ignores, so the device tool needs
+#    carry=["bench-base"]) first with that package, then with this tree's, side by side on one
+#    machine (python -P: the working directory does not shadow PYTHONPATH); REPEAT=N runs the pair
+#    N times (base, this, base, this, ...: the first run of a call tends to be slower, so one pair
+#    alone favours the second).
+# Logs: $OUT/check.txt, $OUT/kernels*.txt, $OUT/kernels*/variants.json, $OUT/host.txt,
+# $OUT/profile_host_*.txt, $OUT/e2e*.txt and .json.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-bench-out}
@@ -31,11 +36,19 @@ POLICIES=${POLICIES:-static-int4:1.0 static-int4:0.25 lru:0.25 dymoe:0.25}
 mkdir -p "$OUT"
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 started=$SECONDS
-if [ "${KERNELS:-1}" = 1 ]; then
-  echo "== one launch against two (+0 s)"
-  timeout 150 "$PYTHON" benchmarks/kernels.py --out "$OUT/kernels" --variants --one-launch --budget-s 100 \
-    --models $MODELS --formats $FORMATS > "$OUT/kernels.txt" 2>&1
+if [ "${CHECK:-0}" = 1 ]; then
+  echo "== decode kernel checks (+0 s)"
+  timeout 240 "$PYTHON" benchmarks/check_decode_kernels.py --quick > "$OUT/check.txt" 2>&1
   echo "-- rc=$? (+$((SECONDS - started)) s)"
+fi
+if [ "${KERNELS:-1}" = 1 ]; then
+  for tree in ${BASE:+"$BASE"} "$PWD"; do
+    name=kernels$([ "$tree" = "$PWD" ] || echo -base)
+    echo "== launch forms: $tree (+$((SECONDS - started)) s)"
+    PYTHONPATH=$tree timeout "${KERNEL_TIMEOUT:-240}" "$PYTHON" -P benchmarks/kernels.py --out "$OUT/$name" \
+      --variants --forms --budget-s "${KERNEL_BUDGET:-150}" --models $MODELS --formats $FORMATS > "$OUT/$name.txt" 2>&1
+    echo "-- rc=$? (+$((SECONDS - started)) s)"
+  done
 fi
 for run in ${POLICIES/none/}; do
   echo "== host time: ${run%%:*} at ${run##*:} (+$((SECONDS - started)) s)" | tee -a "$OUT/host.txt"
@@ -47,6 +60,7 @@ SUITE=${SUITE:-resident,lru,lru-prefetch,static-int4,least-stale-int4,fate,dymoe
 trees=()
 for round in $(seq "${REPEAT:-1}"); do trees+=(${BASE:+"$BASE"} "$PWD"); done
 round=0
+[ "$SUITE" = none ] && trees=()
 for tree in "${trees[@]}"; do
   round=$((round + 1))
   name=e2e${BASE:+-$([ "$tree" = "$PWD" ] && echo this || echo base)}$([ "${REPEAT:-1}" -gt 1 ] && echo "-$round")
@@ -56,6 +70,9 @@ for tree in "${trees[@]}"; do
     > "$OUT/$name.txt" 2>&1
   echo "-- rc=$? (+$((SECONDS - started)) s)"
 done
-[ -f "$OUT/kernels.txt" ] && grep -E "choose_config|one launch" "$OUT/kernels.txt" | grep -v "^variant" | cut -c1-120
+[ -f "$OUT/check.txt" ] && tail -n 1 "$OUT/check.txt"
+for f in "$OUT"/kernels*.txt; do
+  echo "== $f"; grep -E "^variant" "$f" | sed -E 's/^variant +//; s/ +split n[^ ]+ k[^ ]+ w[0-9] s[0-9] slices [0-9/]+//' | cut -c1-110
+done
 grep -E -A5 "^== host time|host us per MoE layer" "$OUT/host.txt" | grep -v "^--"
 for f in "$OUT"/e2e*.txt; do echo "== $f"; grep -E "^(preset|[a-z0-9-]+(@| ))" "$f" | cut -c1-150; done

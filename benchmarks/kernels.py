@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib.util
 import json
 import platform
 import sys
@@ -37,7 +38,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+if importlib.util.find_spec("dymoe") is None:  # not installed: this checkout's (PYTHONPATH may name another)
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from dymoe.checkpoint.blob import blob_layout, unpack_expert  # noqa: E402
 from dymoe.quant.formats import parse_format  # noqa: E402
@@ -409,11 +411,12 @@ VARIANT_FORMATS = [("bf16", 0), ("int8", 0), ("int4", 128), ("int4", 64), ("int3
 GRAPH_STEPS = 20  # steps per CUDA graph replay: back to back, as a model's layers run them
 
 
-def variant_candidates(plan, k: int, sms: int, one_launch: bool = False) -> tuple[list, list]:
+def variant_candidates(plan, k: int, sms: int, forms: bool = False) -> tuple[list, list]:
     """(first pass, second pass) of (name, (gate_up config, down config)): first the old tiled
     path and choose_config's pick (and split-K's defaults where the pick is tiled), then split-K
-    variations around the defaults and the best tile of the 2026-11-22 sweep. ``one_launch``: only
-    choose_config's pick and the same step in one launch (``LaunchConfig.one_launch``)."""
+    variations around the defaults and the best tile of the 2026-11-22 sweep. ``forms``: only
+    choose_config's pick and the same step's other launch forms: in one launch or apart
+    (``LaunchConfig.one_launch``), each with and without ``LaunchConfig.preload``."""
     from dymoe.quant.kernels.triton_experts import (PACKED_BITS, LaunchConfig, choose_config, pdl_supported,
                                                     split_config, tiled_config)
 
@@ -445,9 +448,15 @@ def variant_candidates(plan, k: int, sms: int, one_launch: bool = False) -> tupl
     if packable:  # the packed path in one call per group against one per block_k step (the default)
         first.append(("split packed per group",
                       tuple(dataclasses.replace(c, packed=True, block_steps=False) for c in base)))
-    if one_launch:  # gate_up and down in one launch (work items by ticket), against the pick
-        return [("choose_config", chosen), ("split one launch", tuple(dataclasses.replace(c, one_launch=True)
-                                                                      for c in base))], []
+    if forms:  # one launch (work items by ticket) or apart, preload or not, against the pick
+        names = {(False, False): "split apart", (False, True): "split apart preload",
+                 (True, False): "split one launch", (True, True): "split one launch preload"}
+        preload = hasattr(base[0], "preload")  # (an older package, timed side by side: no preload)
+        picked = (base[0].one_launch, preload and base[0].preload)
+        return [("choose_config", chosen)] + [
+            (name, tuple(dataclasses.replace(c, one_launch=one, **({"preload": pre} if preload else {}))
+                         for c in base))
+            for (one, pre), name in names.items() if (one, pre) != picked and (preload or not pre)], []
     if pdl_supported(torch.device("cuda")):  # programmatic dependent launch, against the default's setting
         other = not base[0].pdl
         first.append(("split pdl" if other else "split no pdl", tuple(dataclasses.replace(c, pdl=other) for c in base)))
@@ -543,7 +552,7 @@ def variant_case(model: str, precision: str, group: int, device):
             k * stored_bytes(layout))
 
 
-def variants(device, copy_gbps: float, deadline: float, models, formats, one_launch: bool = False) -> list[dict]:
+def variants(device, copy_gbps: float, deadline: float, models, formats, forms: bool = False) -> list[dict]:
     """The one-token decode step of every model shape and format under the old tiled kernels,
     choose_config's pick and split-K variations: correctness and % of copy bandwidth. Two passes
     (old and pick first for every shape, then the variations) so that the time budget cuts the
@@ -552,7 +561,7 @@ def variants(device, copy_gbps: float, deadline: float, models, formats, one_lau
     sms = torch.cuda.get_device_properties(device).multi_processor_count
     start = time.time()
     rows = []
-    for first_pass in (True, False):
+    for first_pass in (True,) if forms else (True, False):  # (forms: no second pass)
         pass_deadline = start + 1.5 * (deadline - start) if first_pass else deadline
         for model in models:
             for precision, group in formats:
@@ -564,7 +573,7 @@ def variants(device, copy_gbps: float, deadline: float, models, formats, one_lau
                 try:
                     case = variant_case(model, precision, group, device)
                     plan, k = case[8], MODELS[model][2]
-                    first, second = variant_candidates(plan, k, sms, one_launch)
+                    first, second = variant_candidates(plan, k, sms, forms)
                 except Exception as exc:
                     rows.append({"model": model, "format": fmt_name(precision, group), "ok": False,
                                  "error": f"{type(exc).__name__}: {exc}"[:2000]})
@@ -655,9 +664,10 @@ def main(argv=None) -> int:
                              "split-K variations: correctness and %% of copy bandwidth (writes variants.json)")
     parser.add_argument("--models", nargs="+", choices=list(MODELS), help="--variants: these model shapes only")
     parser.add_argument("--formats", nargs="+", help="--variants: these formats only, e.g. int4/g128 int8")
-    parser.add_argument("--one-launch", action="store_true",
-                        help="--variants: only choose_config's step against the same step in one launch "
-                             "(LaunchConfig.one_launch; apart, as it has not run on a GPU before)")
+    parser.add_argument("--forms", action="store_true",
+                        help="--variants: only choose_config's step against the same step's other launch forms: "
+                             "in one launch or apart (LaunchConfig.one_launch), with and without each program's "
+                             "first weights loaded before it waits (LaunchConfig.preload)")
     parser.add_argument("--budget-s", type=float, help="skip remaining checks/sweeps/variants after this "
                                                        "(default 200 s, 240 s with --variants)")
     args = parser.parse_args(argv)
@@ -705,7 +715,7 @@ def main_variants(args, env: dict, device, start: float) -> int:
             return 2
     copy_gbps = copy_bandwidth(device)
     print(f"d2d copy: {copy_gbps:.0f} GB/s", flush=True)
-    rows = variants(device, copy_gbps, start + (args.budget_s or 240.0), models, formats, args.one_launch)
+    rows = variants(device, copy_gbps, start + (args.budget_s or 240.0), models, formats, args.forms)
     result = {"env": env, "copy_GBps": copy_gbps, "graph_steps": GRAPH_STEPS, "variants": rows,
               "seconds": time.time() - start}
     args.out.mkdir(parents=True, exist_ok=True)

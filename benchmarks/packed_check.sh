@@ -17,7 +17,7 @@
 #    for others, e.g. olmoe and deepseek-v2-lite; KERNEL_BUDGET seconds): tiled, choose_config,
 #    packed and float32 split-K, the packed path per group (block steps are the default) and
 #    programmatic dependent launch against the default's setting side by side, then packed variations;
-#    then (its own stage) the one-launch step against choose_config's (kernels.py --one-launch).
+#    then (its own stage) the step's other launch forms against choose_config's (kernels.py --forms).
 # Each stage has its own time limit, so a slow one cannot take the others' time. Logs: $OUT/*.txt
 # (check, kernels, e2e), $OUT/kernels/variants.json, $OUT/e2e-*.json (6 files by default).
 set -uo pipefail
@@ -60,9 +60,9 @@ for run in "${e2e_runs[@]}"; do
 done
 stage kernels $((KERNEL_BUDGET * 2 - 20)) "$PYTHON" benchmarks/kernels.py --out "$OUT/kernels" --variants \
   --budget-s "$KERNEL_BUDGET" --models $MODELS --formats $FORMATS
-# the one-launch step (LaunchConfig.one_launch) apart, last: new, so a kernel that never ends costs
+# the other launch forms (one launch or apart, preload or not) apart, last: a kernel that never ends costs
 # only this stage (its log joins kernels.txt; its json stays on the machine)
-stage kernels 60 "$PYTHON" benchmarks/kernels.py --out "${TMPDIR:-/tmp}/one-launch" --variants --one-launch \
+stage kernels 60 "$PYTHON" benchmarks/kernels.py --out "${TMPDIR:-/tmp}/one-launch" --variants --forms \
   --budget-s 30 --models $MODELS --formats int8 int4/g128 int3/g128 int2/g64
 echo "== kernels: choose_config, packed/float32 split-K and pdl per shape, then the summary"
 grep -E "split packed|split float32|split default|choose_config|split pdl|split no pdl|one launch" "$OUT/kernels.txt" | cut -c1-150

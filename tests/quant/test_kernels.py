@@ -203,7 +203,7 @@ from dymoe.models.expert_math import SWIGLU, ExpertMath
 from dymoe.quant.formats import parse_format
 from dymoe.quant.kernels import decode_routing, expert_decode, kernel_plan
 from dymoe.quant.kernels.reference import random_pool
-from dymoe.quant.kernels.triton_experts import DecodeWorkspace, LaunchConfig, launch_decode
+from dymoe.quant.kernels.triton_experts import DecodeWorkspace, LaunchConfig, _launches, launch_decode
 
 GPT_OSS = ExpertMath("gpt_oss", bias=True, limit=0.1, alpha=1.702)
 results = {}
@@ -214,8 +214,15 @@ for precision, group, math in [(p, g, SWIGLU) for p, g in FORMATS] + [("int4", 6
     small_k = 32 if plan.group_size == 0 else max(64, plan.group_size)
     two = LaunchConfig(64, 2 * small_k, 1, 1, split_k=2, packed=plan.bits in (4, 3, 2), block_steps=True)
     one = dataclasses.replace(two, one_launch=True)
+    # the float32 path at one group per step (preload needs one step per loop iteration)
+    flat = LaunchConfig(64, small_k, 1, 1, split_k=2, packed=False)
+    configs = {"two": two, "one": one, "two_pre": dataclasses.replace(two, preload=True),
+               "one_pre": dataclasses.replace(one, preload=True), "flat": flat,
+               "flat_pre": dataclasses.replace(flat, preload=True)}
+    preloads = {name: [launch.kwargs["PRELOAD"] for launch in _launches(plan, 3, 1, 132, True, cfg, cfg, math)]
+                for name, cfg in configs.items()}
     outs = {}
-    for name, cfg in (("two", two), ("one", one)):
+    for name, cfg in configs.items():
         ws = DecodeWorkspace.allocate(plan, 3, 1, "cpu")
         for scratch in ws.scratch():
             scratch.fill_(float("nan"))
@@ -233,11 +240,13 @@ for precision, group, math in [(p, g, SWIGLU) for p, g in FORMATS] + [("int4", 6
         reset = not (ws.counters.any() or ws.gate_up_counters.any() or ws.step_counters.any())
         outs[name + "_reset"] = reset
     key = f"{precision}/{group}" + ("/gpt_oss" if math.bias else "")
+    same = lambda a, b: all(torch.equal(x[0], y[0]) for x, y in zip(outs[a], outs[b]))
     results[key] = {
-        "rel_err": max(((o.float() - r).norm() / r.norm()).item() for o, r in outs["one"]),
-        "same_as_two": all(torch.equal(a[0], b[0]) for a, b in zip(outs["one"], outs["two"])),
-        "finite": all(bool(o.isfinite().all()) for o, _ in outs["one"]),
-        "reset": outs["one_reset"] and outs["two_reset"]}
+        "rel_err": max(((o.float() - r).norm() / r.norm()).item() for n in configs for o, r in outs[n]),
+        "same_as_two": same("one", "two") and same("two_pre", "two") and same("one_pre", "two"),
+        "flat_same": same("flat_pre", "flat"),
+        "finite": all(bool(o.isfinite().all()) for n in configs for o, _ in outs[n]),
+        "reset": all(outs[n + "_reset"] for n in configs), "preloads": preloads}
 print(json.dumps(results))
 """
 
@@ -245,14 +254,21 @@ print(json.dumps(results))
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed (gpu extra)")
 def test_one_launch_step_equals_the_two_launches_under_the_interpreter():
     """``LaunchConfig.one_launch`` (the input packing, gate_up and down as work items of one launch,
-    each waiting for what it reads): every format and GPT-OSS's biased experts give the two-launch
-    step's output bit for bit, within 1e-2 of the float32 reference, for two steps back to back on
-    one NaN-poisoned workspace, with every counter (tickets, packed, ready, done) back at zero."""
+    each waiting for what it reads) and ``LaunchConfig.preload`` (each program's first step of
+    weights loaded before it waits), in both launch forms and on the float32 path: every format and
+    GPT-OSS's biased experts give the two-launch step's output bit for bit, within 1e-2 of the
+    float32 reference, for two steps back to back on one NaN-poisoned workspace (K slices of one
+    and of two steps, an expert no token uses), with every counter (tickets, packed, ready, done)
+    back at zero."""
     results = run_interpreted(f"FORMATS = {FORMATS!r}\n" + _INTERPRETED_ONE_LAUNCH, fp_fusion=True)
     assert set(results) == {f"{p}/{g}" for p, g in FORMATS} | {"int4/64/gpt_oss"}
     for name, r in results.items():
         assert r["finite"] and r["rel_err"] < 1e-2, (name, r)
-        assert r["same_as_two"] and r["reset"], (name, r)
+        assert r["same_as_two"] and r["flat_same"] and r["reset"], (name, r)
+        preloads = r["preloads"]
+        assert preloads["two"] == preloads["flat"] == [False, False] and preloads["one"][0] is False, (name, r)
+        assert preloads["two_pre"] == preloads["flat_pre"] == [True, True] and preloads["one_pre"][0] is True, \
+            (name, r)
 
 
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed (gpu extra)")
@@ -334,6 +350,13 @@ def test_pdl_launches_only_after_the_first_and_only_where_supported(monkeypatch)
     monkeypatch.setenv("DYMOE_ONE_LAUNCH", "on")
     with pytest.raises(InputError, match="DYMOE_ONE_LAUNCH='on': use 1"):
         te._one_launch_override()
+    # preload (preload_by_default): int8 and int4 everywhere, int3 on short steps only, never int2
+    shapes = {"short": (2048, 768), "long": (4096, 14336)}
+    preloads = {(p, size): te.split_config(kernel_plan(blob_layout(parse_format(p, 128), *shapes[size])), k, 8,
+                                           132).preload
+                for p in ("int8", "int4", "int3", "int2") for size in shapes for k in ("gate_up", "down")}
+    assert {key for key, on in preloads.items() if on} == {("int8", "short"), ("int8", "long"), ("int4", "short"),
+                                                         ("int4", "long"), ("int3", "short")}
 
 
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed (gpu extra)")

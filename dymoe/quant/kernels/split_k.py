@@ -424,39 +424,58 @@ def _packed_terms(acc, dot, s_ptr, s_base, m_base, rows, row_ok, k0, c, back, as
 
 
 @triton.jit
+def _packed_words(w_ptr, gate_w, up_w, rows, row_ok, k0, ROW: tl.constexpr, KP: tl.constexpr, BITS: tl.constexpr,
+                  BLOCK_N: tl.constexpr, SUB_K: tl.constexpr, TWO: tl.constexpr):
+    """The packing words one :func:`_packed_step` reads: gate's and (``TWO``) up's, each a tuple of
+    [BLOCK_N, CH] uint32 (int3: 6 words per chunk, else 4)."""
+    if BITS == 3:
+        c = k0 // 64 + tl.arange(0, SUB_K // 64)
+        gw = _int3_words(w_ptr, gate_w, rows, row_ok, c, ROW, KP)
+        if TWO:
+            uw = _int3_words(w_ptr, up_w, rows, row_ok, c, ROW, KP)
+        else:
+            uw = gw
+    else:
+        gw = _chunk_words(w_ptr, gate_w, rows, row_ok, k0, ROW, KP, BITS, BLOCK_N, SUB_K)
+        if TWO:
+            uw = _chunk_words(w_ptr, up_w, rows, row_ok, k0, ROW, KP, BITS, BLOCK_N, SUB_K)
+        else:
+            uw = gw
+    return gw, uw
+
+
+@triton.jit
 def _packed_step(acc_g, acc_u, w_ptr, s_ptr, gate_w, gate_s, gate_m, up_w, up_s, up_m, rows, row_ok, k0, xq_ptr,
                  C: tl.constexpr, ROW: tl.constexpr, KP: tl.constexpr, GROUPS: tl.constexpr, BITS: tl.constexpr,
                  BLOCK_N: tl.constexpr, SUB_K: tl.constexpr, GROUP: tl.constexpr, ASM: tl.constexpr,
-                 TWO: tl.constexpr):
+                 TWO: tl.constexpr, words=None):
     """int4, int3 or int2 rows ``rows`` of one weight (``TWO``: gate and up, sharing the activations)
     times the packed activations of the ``SUB_K`` columns from ``k0`` (whole groups of ``GROUP``):
     each thread runs each of its chunks (one row's 16-byte vector; int3: 24 bytes) through one chain
     of packed FMAs and converts once per chunk; ``acc`` is per chunk. A call covers all of a
     block_k step's groups with ``BLOCK_STEPS`` (``LaunchConfig.block_steps``), else one group, as in
     the float32 path: there a 64-value group reads each row in 32-byte pieces (int4) per call, and
-    the packed int4/g64 step measured 1.35-1.8x the time of g128 on an H100."""
+    the packed int4/g64 step measured 1.35-1.8x the time of g128 on an H100. ``words``: the
+    step's :func:`_packed_words`, loaded ahead (``PRELOAD``), else loaded here."""
     V: tl.constexpr = 64 if BITS == 3 else 128 // BITS  # values per chunk
     CH: tl.constexpr = SUB_K // V
     c = k0 // V + tl.arange(0, CH)
     c_ok = c < C
     dot_g = tl.zeros((BLOCK_N, CH), dtype=tl.uint32)  # two float16 halves
     dot_u = dot_g
+    if words is None:
+        words = _packed_words(w_ptr, gate_w, up_w, rows, row_ok, k0, ROW, KP, BITS, BLOCK_N, SUB_K, TWO)
+    gw, uw = words
     if BITS == 3:  # 4 "words" of 16 codes: word pairs (0, 1), (1, 2), (3, 4), (4, 5) of the chunk's 6
-        g0, g1, g2, g3, g4, g5 = _int3_words(w_ptr, gate_w, rows, row_ok, c, ROW, KP)
-        if TWO:
-            u0, u1, u2, u3, u4, u5 = _int3_words(w_ptr, up_w, rows, row_ok, c, ROW, KP)
-        else:
-            u0, u1, u2, u3, u4, u5 = g0, g1, g2, g3, g4, g5
+        g0, g1, g2, g3, g4, g5 = gw
+        u0, u1, u2, u3, u4, u5 = uw
         dot_g, dot_u = _word_dot(g0, u0, dot_g, dot_u, xq_ptr, c, c_ok, 0, BITS, ASM, TWO, g1, u1)
         dot_g, dot_u = _word_dot(g1, u1, dot_g, dot_u, xq_ptr, c, c_ok, 1, BITS, ASM, TWO, g2, u2)
         dot_g, dot_u = _word_dot(g3, u3, dot_g, dot_u, xq_ptr, c, c_ok, 2, BITS, ASM, TWO, g4, u4)
         dot_g, dot_u = _word_dot(g4, u4, dot_g, dot_u, xq_ptr, c, c_ok, 3, BITS, ASM, TWO, g5, u5)
     else:
-        g0, g1, g2, g3 = _chunk_words(w_ptr, gate_w, rows, row_ok, k0, ROW, KP, BITS, BLOCK_N, SUB_K)
-        if TWO:
-            u0, u1, u2, u3 = _chunk_words(w_ptr, up_w, rows, row_ok, k0, ROW, KP, BITS, BLOCK_N, SUB_K)
-        else:
-            u0, u1, u2, u3 = g0, g1, g2, g3
+        g0, g1, g2, g3 = gw
+        u0, u1, u2, u3 = uw
         dot_g, dot_u = _word_dot(g0, u0, dot_g, dot_u, xq_ptr, c, c_ok, 0, BITS, ASM, TWO)
         dot_g, dot_u = _word_dot(g1, u1, dot_g, dot_u, xq_ptr, c, c_ok, 1, BITS, ASM, TWO)
         dot_g, dot_u = _word_dot(g2, u2, dot_g, dot_u, xq_ptr, c, c_ok, 2, BITS, ASM, TWO)
@@ -475,11 +494,14 @@ def _packed_step(acc_g, acc_u, w_ptr, s_ptr, gate_w, gate_s, gate_m, up_w, up_s,
 @triton.jit
 def _pair_step(acc_g, m_g, acc_u, m_u, w_ptr, s_ptr, gate_w, gate_s, gate_m, up_w, up_s, up_m, rows, row_ok,
                k0, a_ptr, a_cols, ROW: tl.constexpr, KP: tl.constexpr, GROUPS: tl.constexpr, BITS: tl.constexpr,
-               CPW: tl.constexpr, SUB_K: tl.constexpr):
+               CPW: tl.constexpr, SUB_K: tl.constexpr, units=None):
     """Gate and up rows ``rows`` times ``a[k0 : k0 + SUB_K]``, both tiles loaded before any
-    arithmetic (twice the bytes in flight of one) and each activation loaded once for both."""
-    units_g = _units(w_ptr, gate_w, rows, row_ok, k0, ROW, KP, BITS, CPW, SUB_K)
-    units_u = _units(w_ptr, up_w, rows, row_ok, k0, ROW, KP, BITS, CPW, SUB_K)
+    arithmetic (twice the bytes in flight of one) and each activation loaded once for both.
+    ``units``: both tiles, loaded ahead (``PRELOAD``)."""
+    if units is None:
+        units = (_units(w_ptr, gate_w, rows, row_ok, k0, ROW, KP, BITS, CPW, SUB_K),
+                 _units(w_ptr, up_w, rows, row_ok, k0, ROW, KP, BITS, CPW, SUB_K))
+    units_g, units_u = units
     k = k0 + tl.arange(0, SUB_K // CPW) * CPW  # each word's first column
     part_g = tl.zeros(units_g.shape, dtype=tl.float32)
     part_u = tl.zeros(units_u.shape, dtype=tl.float32)
@@ -498,11 +520,13 @@ def _pair_step(acc_g, m_g, acc_u, m_u, w_ptr, s_ptr, gate_w, gate_s, gate_m, up_
 @triton.jit
 def _single_step(acc, acc_m, w_ptr, s_ptr, w_base, s_base, m_base, rows, row_ok, k0, at_ptr,
                  A_COLS: tl.constexpr, ROW: tl.constexpr, KP: tl.constexpr, GROUPS: tl.constexpr,
-                 BITS: tl.constexpr, CPW: tl.constexpr, SUB_K: tl.constexpr):
+                 BITS: tl.constexpr, CPW: tl.constexpr, SUB_K: tl.constexpr, units=None):
     """Rows ``rows`` of one weight times ``a[k0 : k0 + SUB_K]``, where the activations come
     transposed by code position (:func:`_transposed`), so the values a thread needs for code ``j``
-    of its consecutive words are consecutive floats: one vector load, no conversion."""
-    units = _units(w_ptr, w_base, rows, row_ok, k0, ROW, KP, BITS, CPW, SUB_K)
+    of its consecutive words are consecutive floats: one vector load, no conversion. ``units``:
+    the tile, loaded ahead (``PRELOAD``)."""
+    if units is None:
+        units = _units(w_ptr, w_base, rows, row_ok, k0, ROW, KP, BITS, CPW, SUB_K)
     words = k0 // CPW + tl.arange(0, SUB_K // CPW)
     part = tl.zeros(units.shape, dtype=tl.float32)
     asum = tl.zeros(words.shape, dtype=tl.float32)
@@ -544,6 +568,19 @@ def _store_hidden(h_ptr, e, block, rows, row_ok, h, KP_DOWN: tl.constexpr, CPW: 
 
 
 @triton.jit
+def _await(PDL: tl.constexpr, SPIN: tl.constexpr, flag_ptr, target):
+    """Wait until what an item reads is written: the launch before (``PDL``: griddepcontrol), or
+    (``SPIN``, the one-launch step) until ``flag_ptr`` counts ``target`` (acquire)."""
+    if PDL:
+        gdc_wait()
+    if SPIN:
+        seen = tl.atomic_add(flag_ptr, 0, sem="acquire")
+        while seen < target:
+            seen = tl.atomic_add(flag_ptr, 0, sem="acquire")
+        tl.debug_barrier()  # no thread reads before the acquire above
+
+
+@triton.jit
 def _gate_up_item(e, block, piece, blocks, w_ptr, s_ptr, offsets_ptr, combine_ptr, x_ptr, h_ptr, gu_ptr, counters_ptr,
                   ready_ptr, E, H: tl.constexpr, I: tl.constexpr, W_BYTES: tl.constexpr,
                   GATE_W: tl.constexpr, GATE_S: tl.constexpr, GATE_M: tl.constexpr,
@@ -553,11 +590,13 @@ def _gate_up_item(e, block, piece, blocks, w_ptr, s_ptr, offsets_ptr, combine_pt
                   SPLIT: tl.constexpr, K_SLICE: tl.constexpr, KP_DOWN: tl.constexpr, PACKED: tl.constexpr,
                   BLOCK_STEPS: tl.constexpr, ASM: tl.constexpr, PDL: tl.constexpr, C_IN: tl.constexpr,
                   C_H: tl.constexpr, GU_BIAS: tl.constexpr, ACT: tl.constexpr, LIMIT: tl.constexpr,
-                  ALPHA: tl.constexpr, SIGNAL: tl.constexpr):
+                  ALPHA: tl.constexpr, SIGNAL: tl.constexpr, PRELOAD: tl.constexpr, SPIN: tl.constexpr, flag_ptr,
+                  flag_target):
     """K slice ``piece`` of row block ``block`` (of ``blocks``) of expert ``e``'s gate and up
     projections; the last slice of the block to finish writes that block of ``h``. ``SIGNAL`` (the
     one-launch step, :func:`_step_kernel`): it then adds one to ``ready_ptr[e]`` (release), so the
-    down items of expert e know when all of its ``h`` is written."""
+    down items of expert e know when all of its ``h`` is written. The input is read only after
+    :func:`_await`; with ``PRELOAD`` the slice's first step of weights is loaded before it."""
     rows = block * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < I
     w_slot, s_slot, _, c, active = _expert_slot(offsets_ptr, combine_ptr, e, 1, E, W_BYTES, 2)
@@ -572,9 +611,28 @@ def _gate_up_item(e, block, piece, blocks, w_ptr, s_ptr, offsets_ptr, combine_pt
     m_g = tl.zeros((BLOCK_N,), dtype=tl.float32)
     m_u = tl.zeros((BLOCK_N,), dtype=tl.float32)
     start, end = _k_slice(active, piece, KP, K_SLICE)
-    if PDL:  # x, h, the scratch and counters only after the previous launch is done
-        gdc_wait()
+    if PRELOAD:  # the first step's weights in flight while waiting (one step: BLOCK_STEPS, or SUBS 1)
+        first_ok = row_ok & (start < end)
+        if PACKED:
+            first = _packed_words(w_ptr, gate_w, up_w, rows, first_ok, start, ROW, KP, BITS, BLOCK_N, STEP, True)
+        else:
+            first = (_units(w_ptr, gate_w, rows, first_ok, start, ROW, KP, BITS, CPW, SUB_K),
+                     _units(w_ptr, up_w, rows, first_ok, start, ROW, KP, BITS, CPW, SUB_K))
+    # x, h, the scratch and counters only after the previous launch (or item) is done
+    _await(PDL, SPIN, flag_ptr, flag_target)
+    if PDL:
         gdc_launch_dependents()
+    if PRELOAD:
+        if start < end:
+            if PACKED:
+                acc_g, acc_u = _packed_step(acc_g, acc_u, w_ptr, s_ptr, gate_w, gate_s, gate_m, up_w, up_s, up_m,
+                                            rows, row_ok, start, x_ptr, C_IN, ROW, KP, GROUPS, BITS, BLOCK_N, STEP,
+                                            SUB_K, ASM, True, first)
+            else:
+                acc_g, m_g, acc_u, m_u = _pair_step(acc_g, m_g, acc_u, m_u, w_ptr, s_ptr, gate_w, gate_s, gate_m,
+                                                    up_w, up_s, up_m, rows, row_ok, start, x_ptr, H, ROW, KP, GROUPS,
+                                                    BITS, CPW, SUB_K, first)
+        start += SUB_K * SUBS
     for k0 in range(start, end, SUB_K * SUBS):
         if PACKED:  # x packed by _pack_input_kernel; one call per group, or (BLOCK_STEPS) per step
             for sub in tl.static_range(SUB_K * SUBS // STEP):
@@ -606,14 +664,16 @@ def _gate_up_item(e, block, piece, blocks, w_ptr, s_ptr, offsets_ptr, combine_pt
         if tl.atomic_add(counter, 1, sem="acq_rel") == SPLIT - 1:
             gate = tl.zeros((BLOCK_N,), dtype=tl.float32)
             up = tl.zeros((BLOCK_N,), dtype=tl.float32)
-            for p in range(SPLIT):  # in slice order, whichever program came last: deterministic
+            # in slice order, whichever program came last: deterministic; unrolled, so that all the
+            # slices' loads are in flight at once (a loop waited for each one's L2 round trip in turn)
+            for p in tl.static_range(SPLIT):
                 gate += tl.load(slices + p * (2 * I) + rows, mask=row_ok, other=0.0, cache_modifier=".cg")
                 up += tl.load(slices + p * (2 * I) + I + rows, mask=row_ok, other=0.0, cache_modifier=".cg")
             gate += _bias(s_ptr, s_slot, GU_BIAS, rows, live)
             up += _bias(s_ptr, s_slot, GU_BIAS, rows + I, live)
             _store_hidden(h_ptr, e, block, rows, row_ok, _glu(gate, up, ACT, LIMIT, ALPHA) * weight, KP_DOWN, CPW,
                           BITS, BLOCK_N, PACKED, C_H)
-            tl.atomic_xchg(counter, 0)
+            tl.store(counter, 0)  # every slice has counted: a plain store, no round trip to wait for
             if SIGNAL:
                 tl.debug_barrier()
                 tl.atomic_add(ready_ptr + e, 1, sem="release")
@@ -630,12 +690,13 @@ def _gate_up_split_kernel(w_ptr, s_ptr, offsets_ptr, combine_ptr, x_ptr, h_ptr, 
                           PACKED: tl.constexpr = False, BLOCK_STEPS: tl.constexpr = False, ASM: tl.constexpr = True,
                           PDL: tl.constexpr = False, C_IN: tl.constexpr = 0,
                           C_H: tl.constexpr = 0, GU_BIAS: tl.constexpr = -1, ACT: tl.constexpr = 0,
-                          LIMIT: tl.constexpr = 7.0, ALPHA: tl.constexpr = 1.702):
+                          LIMIT: tl.constexpr = 7.0, ALPHA: tl.constexpr = 1.702, PRELOAD: tl.constexpr = False):
     """Grid (experts, row blocks, K slices): one :func:`_gate_up_item` each."""
     _gate_up_item(tl.program_id(0), tl.program_id(1), tl.program_id(2), tl.num_programs(1), w_ptr, s_ptr,
                   offsets_ptr, combine_ptr, x_ptr, h_ptr, gu_ptr, counters_ptr, counters_ptr, E, H, I, W_BYTES,
                   GATE_W, GATE_S, GATE_M, UP_W, UP_S, UP_M, ROW, KP, GROUPS, BITS, CPW, BLOCK_N, SUB_K, SUBS, SPLIT,
-                  K_SLICE, KP_DOWN, PACKED, BLOCK_STEPS, ASM, PDL, C_IN, C_H, GU_BIAS, ACT, LIMIT, ALPHA, False)
+                  K_SLICE, KP_DOWN, PACKED, BLOCK_STEPS, ASM, PDL, C_IN, C_H, GU_BIAS, ACT, LIMIT, ALPHA, False,
+                  PRELOAD, False, counters_ptr, 0)
 
 
 @triton.jit
@@ -645,9 +706,11 @@ def _down_item(e, block, piece, w_ptr, s_ptr, offsets_ptr, combine_ptr, h_ptr, p
                ROW: tl.constexpr, KP: tl.constexpr, GROUPS: tl.constexpr, BITS: tl.constexpr,
                CPW: tl.constexpr, BLOCK_N: tl.constexpr, SUB_K: tl.constexpr, SUBS: tl.constexpr,
                SPLIT: tl.constexpr, K_SLICE: tl.constexpr, PACKED: tl.constexpr, BLOCK_STEPS: tl.constexpr,
-               ASM: tl.constexpr, PDL: tl.constexpr, C_H: tl.constexpr, D_BIAS: tl.constexpr):
+               ASM: tl.constexpr, PDL: tl.constexpr, C_H: tl.constexpr, D_BIAS: tl.constexpr,
+               PRELOAD: tl.constexpr, SPIN: tl.constexpr, flag_ptr, flag_target):
     """K slice ``piece`` of row block ``block`` of expert ``e``'s down projection, into its partial
-    row; the last of the block's partials to land sums them (:func:`_sum_experts`)."""
+    row; the last of the block's partials to land sums them (:func:`_sum_experts`). ``h`` is read
+    only after :func:`_await`; with ``PRELOAD`` the slice's first step of weights is loaded before."""
     rows = block * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < H
     w_slot, s_slot, t, c, active = _expert_slot(offsets_ptr, combine_ptr, e, 1, E, W_BYTES, 2)
@@ -658,8 +721,23 @@ def _down_item(e, block, piece, w_ptr, s_ptr, offsets_ptr, combine_ptr, h_ptr, p
     acc = tl.zeros((BLOCK_N, STEP // V if PACKED else SUB_K // CPW), dtype=tl.float32)
     acc_m = tl.zeros((BLOCK_N,), dtype=tl.float32)
     start, end = _k_slice(active, piece, KP, K_SLICE)
-    if PDL:  # h, the partials, the counters and out only after gate_up is done
-        gdc_wait()
+    if PRELOAD:  # the first step's weights in flight while gate_up finishes
+        first_ok = row_ok & (start < end)
+        if PACKED:
+            first = _packed_words(w_ptr, down_w, down_w, rows, first_ok, start, ROW, KP, BITS, BLOCK_N, STEP, False)
+        else:
+            first = _units(w_ptr, down_w, rows, first_ok, start, ROW, KP, BITS, CPW, SUB_K)
+    _await(PDL, SPIN, flag_ptr, flag_target)  # h, the partials, the counters and out only after gate_up
+    if PRELOAD:
+        if start < end:
+            if PACKED:
+                acc, _ = _packed_step(acc, acc, w_ptr, s_ptr, down_w, down_s, down_m, down_w, down_s, down_m, rows,
+                                      row_ok, start, h_ptr + e * ((V // 2 + 2) * C_H), C_H, ROW, KP, GROUPS, BITS,
+                                      BLOCK_N, STEP, SUB_K, ASM, False, first)
+            else:
+                acc, acc_m = _single_step(acc, acc_m, w_ptr, s_ptr, down_w, down_s, down_m, rows, row_ok, start,
+                                          h_ptr + e * KP, I, ROW, KP, GROUPS, BITS, CPW, SUB_K, first)
+        start += SUB_K * SUBS
     for k0 in range(start, end, SUB_K * SUBS):
         if PACKED:  # h packed by the gate_up kernel; one call per group, or (BLOCK_STEPS) per step
             for sub in tl.static_range(SUB_K * SUBS // STEP):
@@ -688,11 +766,12 @@ def _down_split_kernel(w_ptr, s_ptr, offsets_ptr, combine_ptr, h_ptr, partial_pt
                        CPW: tl.constexpr, BLOCK_N: tl.constexpr, SUB_K: tl.constexpr, SUBS: tl.constexpr,
                        SPLIT: tl.constexpr, K_SLICE: tl.constexpr, PACKED: tl.constexpr = False,
                        BLOCK_STEPS: tl.constexpr = False, ASM: tl.constexpr = True, PDL: tl.constexpr = False,
-                       C_H: tl.constexpr = 0, D_BIAS: tl.constexpr = -1):
+                       C_H: tl.constexpr = 0, D_BIAS: tl.constexpr = -1, PRELOAD: tl.constexpr = False):
     """Grid (experts, row blocks, K slices): one :func:`_down_item` each."""
     _down_item(tl.program_id(0), tl.program_id(1), tl.program_id(2), w_ptr, s_ptr, offsets_ptr, combine_ptr, h_ptr,
                partial_ptr, out_ptr, counters_ptr, E, H, I, W_BYTES, DOWN_W, DOWN_S, DOWN_M, ROW, KP, GROUPS, BITS,
-               CPW, BLOCK_N, SUB_K, SUBS, SPLIT, K_SLICE, PACKED, BLOCK_STEPS, ASM, PDL, C_H, D_BIAS)
+               CPW, BLOCK_N, SUB_K, SUBS, SPLIT, K_SLICE, PACKED, BLOCK_STEPS, ASM, PDL, C_H, D_BIAS, PRELOAD, False,
+               counters_ptr, 0)
 
 
 @triton.jit
@@ -711,7 +790,7 @@ def _step_kernel(w_ptr, s_ptr, offsets_ptr, combine_ptr, xin_ptr, x_ptr, h_ptr, 
                  C_IN: tl.constexpr = 0, C_H: tl.constexpr = 0,
                  GU_BIAS: tl.constexpr = -1, ACT: tl.constexpr = 0, LIMIT: tl.constexpr = 7.0,
                  ALPHA: tl.constexpr = 1.702, D_BIAS: tl.constexpr = -1, PACK_ITEMS: tl.constexpr = 0,
-                 PACK_BLOCK: tl.constexpr = 1024):
+                 PACK_BLOCK: tl.constexpr = 1024, PRELOAD: tl.constexpr = False):
     """The whole one-token step in one launch (``LaunchConfig.one_launch``): each program takes a
     ticket from ``step_ptr[0]`` and runs that work item: first ``PACK_ITEMS`` items packing the
     input ``xin`` into ``x`` (the packed formats' activation vector), then gate_up's items
@@ -730,32 +809,23 @@ def _step_kernel(w_ptr, s_ptr, offsets_ptr, combine_ptr, xin_ptr, x_ptr, h_ptr, 
         tl.atomic_add(step_ptr + 2, 1, sem="release")
     elif ticket < PACK_ITEMS + gate_up_items:
         item = ticket - PACK_ITEMS
-        if PACK_ITEMS > 0:
-            packed = tl.atomic_add(step_ptr + 2, 0, sem="acquire")
-            while packed < PACK_ITEMS:  # the input not all packed yet
-                packed = tl.atomic_add(step_ptr + 2, 0, sem="acquire")
-            tl.debug_barrier()  # no thread reads x before the acquire above
         e = item // (G_BLOCKS * G_SPLIT)
         block = item % (G_BLOCKS * G_SPLIT) // G_SPLIT
         _gate_up_item(e, block, item % G_SPLIT, G_BLOCKS, w_ptr, s_ptr, offsets_ptr, combine_ptr, x_ptr, h_ptr,
                       gu_ptr, gu_counters_ptr, step_ptr + 3, E, H, I, W_BYTES, GATE_W, GATE_S, GATE_M, UP_W, UP_S,
                       UP_M, G_ROW, G_KP, G_GROUPS, BITS, G_CPW, G_BLOCK_N, G_SUB_K, G_SUBS, G_SPLIT, G_K_SLICE, KP_DOWN,
-                      PACKED, BLOCK_STEPS, ASM, False, C_IN, C_H, GU_BIAS, ACT, LIMIT, ALPHA, True)
+                      PACKED, BLOCK_STEPS, ASM, False, C_IN, C_H, GU_BIAS, ACT, LIMIT, ALPHA, True, PRELOAD,
+                      PACK_ITEMS > 0, step_ptr + 2, PACK_ITEMS)  # waits until the input is all packed
     else:
         item = ticket - PACK_ITEMS - gate_up_items
         e = item // (D_BLOCKS * D_SPLIT)
-        ready = tl.atomic_add(step_ptr + 3 + e, 0, sem="acquire")
-        while ready < G_BLOCKS:  # expert e's h not all written yet
-            ready = tl.atomic_add(step_ptr + 3 + e, 0, sem="acquire")
-        tl.debug_barrier()  # no thread reads h before the acquire above
         _down_item(e, item % (D_BLOCKS * D_SPLIT) // D_SPLIT, item % D_SPLIT, w_ptr, s_ptr, offsets_ptr, combine_ptr,
                    h_ptr, partial_ptr, out_ptr, counters_ptr, E, H, I, W_BYTES, DOWN_W, DOWN_S, DOWN_M, D_ROW, D_KP,
                    D_GROUPS, BITS, D_CPW, D_BLOCK_N, D_SUB_K, D_SUBS, D_SPLIT, D_K_SLICE, PACKED, BLOCK_STEPS, ASM,
-                   False, C_H, D_BIAS)
+                   False, C_H, D_BIAS, PRELOAD, True, step_ptr + 3 + e, G_BLOCKS)  # waits for all of e's h
     tl.debug_barrier()
     if tl.atomic_add(step_ptr + 1, 1, sem="acq_rel") == PACK_ITEMS + gate_up_items + E * (D_BLOCKS * D_SPLIT) - 1:
-        for j in range(E):
-            tl.atomic_xchg(step_ptr + 3 + j, 0)
-        tl.atomic_xchg(step_ptr + 2, 0)
-        tl.atomic_xchg(step_ptr, 0)
-        tl.atomic_xchg(step_ptr + 1, 0)
+        # every other program has finished with the counters: plain stores (an atomic exchange each
+        # waited for its L2 round trip in turn, at the end of every step)
+        for j in range(E + 3):
+            tl.store(step_ptr + j, 0)

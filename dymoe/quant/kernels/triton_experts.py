@@ -325,6 +325,9 @@ def _down_kernel(w_ptr, s_ptr, offsets_ptr, combine_ptr, h_ptr, partial_ptr, out
     _sum_experts(partial_ptr, out_ptr, counters_ptr + tl.program_id(1), rows, t, mask, T, E, H, BLOCK_N, BLOCK_T)
 
 
+SUM_UNROLL: tl.constexpr = tl.constexpr(8)  # partials loaded together by _sum_experts
+
+
 @triton.jit
 def _sum_experts(partial_ptr, out_ptr, counter_ptr, rows, t, mask, T, E, H: tl.constexpr, BLOCK_N: tl.constexpr,
                  BLOCK_T: tl.constexpr):
@@ -335,11 +338,14 @@ def _sum_experts(partial_ptr, out_ptr, counter_ptr, rows, t, mask, T, E, H: tl.c
     arrived = tl.atomic_add(counter_ptr, 1, sem="acq_rel")
     if arrived == E - 1:
         total = tl.zeros((BLOCK_N, BLOCK_T), dtype=tl.float32)
-        for e in range(E):
-            total += tl.load(partial_ptr + (e * T + t[None, :]) * H + rows[:, None], mask=mask, other=0.0,
-                             cache_modifier=".cg")  # from L2: this SM's L1 may hold stale lines
+        for e0 in range(0, E, SUM_UNROLL):  # unrolled: SUM_UNROLL partials' loads in flight at once
+            for i in tl.static_range(SUM_UNROLL):
+                ok = e0 + i < E
+                part = tl.load(partial_ptr + ((e0 + i) * T + t[None, :]) * H + rows[:, None], mask=mask & ok,
+                               other=0.0, cache_modifier=".cg")  # from L2: this SM's L1 may hold stale lines
+                total = tl.where(ok, total + part, total)  # expert order, past E nothing added (not even 0.0)
         tl.store(out_ptr + t[None, :] * H + rows[:, None], total.to(out_ptr.dtype.element_ty), mask=mask)
-        tl.atomic_xchg(counter_ptr, 0)
+        tl.store(counter_ptr, 0)  # every program has counted: a plain store, no round trip to wait for
 
 
 # ---- launching ---------------------------------------------------------------------------------
@@ -407,6 +413,18 @@ def one_launch_by_default(plan: KernelPlan) -> bool:
     return not pdl_by_default(plan) and plan.bits in ONE_LAUNCH_BITS
 
 
+def preload_by_default(plan: KernelPlan) -> bool:
+    """Whether each program of a split-K step loads its first step of weights before it waits for
+    its activations (``LaunchConfig.preload``): int8 and int4, and int3 on the short steps (where
+    pdl is on). Measured on an H100 (2026-12-06, 20-step graphs, one call; docs/results/
+    launch_forms_h100.json), microseconds without -> with: Qwen3-30B-A3B int8 20.8 -> 18.7,
+    int4/g128 14.6 -> 14.2, int3/g128 22.8 -> 18.6; OLMoE int4/g128 15.8 -> 15.0; DeepSeek-V2-Lite
+    int4/g128 17.5 -> 17.0; Mixtral-8x7B in one launch int4/g128 89.4 -> 87.6, int4/g64
+    104.7 -> 101.2, int8 127.3 -> 126.9. Slower: int2 (Qwen3 11.9 -> 12.2, OLMoE 13.5 -> 13.9, its
+    steps are bound by arithmetic) and Mixtral's int3 apart (158.8 -> 169.0)."""
+    return plan.bits in (8, 4) or (plan.bits == 3 and pdl_by_default(plan))
+
+
 def packs_by_default(plan: KernelPlan) -> bool:
     """Whether a one-token step of ``plan`` runs on packed activation vectors (split_k._packed_step)
     unless DYMOE_PACKED_DECODE says otherwise: int2, int3 and int4 wherever a group holds whole
@@ -449,6 +467,11 @@ class LaunchConfig:
     # input packing, gate_up and down as work items by ticket, each waiting for what it reads);
     # split_config sets it per shape and format (one_launch_by_default)
     one_launch: bool = False
+    # split-K: each program loads its first step of weights before it waits for its activations (the
+    # launch before, or in one launch the items before), so those bytes are in flight meanwhile; on a
+    # short step (Qwen3's are one step per program) that is all of them. Needs one step per loop
+    # iteration: packed block steps, or one group per step
+    preload: bool = False
 
 
 def uses_gemv(plan: KernelPlan, tokens: int) -> bool:
@@ -529,7 +552,8 @@ def split_config(plan: KernelPlan, kernel: str, experts: int, sms: int, block_n:
     return LaunchConfig(block_n=block_n, block_k=block_k, num_warps=num_warps, num_stages=num_stages, split_k=split,
                         packed=packs_by_default(plan), block_steps=True, max_registers=cap,
                         pdl=pdl_by_default(plan) if PDL_OVERRIDE is None else PDL_OVERRIDE,
-                        one_launch=one_launch_by_default(plan) if ONE_LAUNCH_OVERRIDE is None else ONE_LAUNCH_OVERRIDE)
+                        one_launch=one_launch_by_default(plan) if ONE_LAUNCH_OVERRIDE is None else ONE_LAUNCH_OVERRIDE,
+                        preload=preload_by_default(plan))
 
 
 def _tiling(plan: KernelPlan, config: LaunchConfig) -> dict:
@@ -682,6 +706,7 @@ def _split_launch(kernel, plan: KernelPlan, proj: Projection, cfg: LaunchConfig,
     kwargs = dict(H=plan.hidden_size, I=plan.intermediate_size, **parts, **fmt, BLOCK_N=cfg.block_n, **tiling,
                   SPLIT=split, K_SLICE=k_slice, PACKED=packed, BLOCK_STEPS=packed and cfg.block_steps,
                   ASM=not interpreting, PDL=pdl and cfg.pdl,
+                  PRELOAD=cfg.preload and (packed and cfg.block_steps or tiling["SUBS"] == 1),
                   C_H=triton.cdiv(plan.intermediate_size, chunk_values(plan.bits)) if packed else 0,
                   num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     if pdl and cfg.pdl and dependent:
@@ -763,7 +788,8 @@ def _one_launch(gate_up: _Launch, down: _Launch, experts: int, prep: _Launch | N
     kwargs = {k: v for k, v in g.items() if k not in _PER_PROJECTION and k not in ("PDL", "launch_pdl")}
     kwargs.update({f"G_{k}": g[k] for k in _PER_PROJECTION}, G_BLOCKS=gate_up.grid[1])
     kwargs.update({f"D_{k}": d[k] for k in _PER_PROJECTION}, D_BLOCKS=down.grid[1])
-    kwargs.update(DOWN_W=d["DOWN_W"], DOWN_S=d["DOWN_S"], DOWN_M=d["DOWN_M"], D_BIAS=d["D_BIAS"])
+    kwargs.update(DOWN_W=d["DOWN_W"], DOWN_S=d["DOWN_S"], DOWN_M=d["DOWN_M"], D_BIAS=d["D_BIAS"],
+                  PRELOAD=g["PRELOAD"] and d["PRELOAD"])
     pack_items = 0 if prep is None else prep.grid[0]
     if prep is not None:
         kwargs.update(PACK_ITEMS=pack_items, PACK_BLOCK=prep.kwargs["BLOCK"])
