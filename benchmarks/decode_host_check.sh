@@ -9,8 +9,9 @@
 # 1. benchmarks/kernels.py --variants --forms: choose_config's pick against the same step's other
 #    launch forms (one launch or apart, each with and without preload), Qwen3-30B-A3B,
 #    Mixtral-8x7B, OLMoE and DeepSeek-V2-Lite shapes (MODELS=...), every low-bit format
-#    (FORMATS=... for fewer); with BASE=DIR (below) first the same with that package (its
-#    choose_config and whichever forms it has), so both trees' steps are timed on one machine;
+#    (FORMATS=... for fewer); BLOCKS="N ..." also times split-K's defaults sized for N blocks per
+#    SM; with BASE=DIR (below) first the same with that package (its choose_config and whichever
+#    forms it has; KERNEL_BASE=0: not), so both trees' steps are timed on one machine;
 #    KERNELS=0 skips this stage;
 # 2. benchmarks/profile_host.py for static-int4 with every expert fitting (all hits after the
 #    warm-up), static-int4, lru and dymoe at 25% (POLICIES="policy:budget ..."), synthetic
@@ -42,11 +43,14 @@ if [ "${CHECK:-0}" = 1 ]; then
   echo "-- rc=$? (+$((SECONDS - started)) s)"
 fi
 if [ "${KERNELS:-1}" = 1 ]; then
-  for tree in ${BASE:+"$BASE"} "$PWD"; do
+  bases=()
+  [ "${KERNEL_BASE:-1}" = 1 ] && bases=(${BASE:+"$BASE"})
+  for tree in "${bases[@]}" "$PWD"; do
     name=kernels$([ "$tree" = "$PWD" ] || echo -base)
     echo "== launch forms: $tree (+$((SECONDS - started)) s)"
     PYTHONPATH=$tree timeout "${KERNEL_TIMEOUT:-240}" "$PYTHON" -P benchmarks/kernels.py --out "$OUT/$name" \
-      --variants --forms --budget-s "${KERNEL_BUDGET:-150}" --models $MODELS --formats $FORMATS > "$OUT/$name.txt" 2>&1
+      --variants --forms ${BLOCKS:+--blocks-per-sm $BLOCKS} --budget-s "${KERNEL_BUDGET:-150}" --models $MODELS \
+      --formats $FORMATS > "$OUT/$name.txt" 2>&1
     echo "-- rc=$? (+$((SECONDS - started)) s)"
   done
 fi

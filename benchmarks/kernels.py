@@ -411,12 +411,13 @@ VARIANT_FORMATS = [("bf16", 0), ("int8", 0), ("int4", 128), ("int4", 64), ("int3
 GRAPH_STEPS = 20  # steps per CUDA graph replay: back to back, as a model's layers run them
 
 
-def variant_candidates(plan, k: int, sms: int, forms: bool = False) -> tuple[list, list]:
+def variant_candidates(plan, k: int, sms: int, forms: bool = False, blocks: tuple = ()) -> tuple[list, list]:
     """(first pass, second pass) of (name, (gate_up config, down config)): first the old tiled
     path and choose_config's pick (and split-K's defaults where the pick is tiled), then split-K
     variations around the defaults and the best tile of the 2026-11-22 sweep. ``forms``: only
     choose_config's pick and the same step's other launch forms: in one launch or apart
-    (``LaunchConfig.one_launch``), each with and without ``LaunchConfig.preload``."""
+    (``LaunchConfig.one_launch``), each with and without ``LaunchConfig.preload``, and split-K's
+    defaults sized for each of ``blocks`` blocks per SM."""
     from dymoe.quant.kernels.triton_experts import (PACKED_BITS, LaunchConfig, choose_config, pdl_supported,
                                                     split_config, tiled_config)
 
@@ -456,7 +457,8 @@ def variant_candidates(plan, k: int, sms: int, forms: bool = False) -> tuple[lis
         return [("choose_config", chosen)] + [
             (name, tuple(dataclasses.replace(c, one_launch=one, **({"preload": pre} if preload else {}))
                          for c in base))
-            for (one, pre), name in names.items() if (one, pre) != picked and (preload or not pre)], []
+            for (one, pre), name in names.items() if (one, pre) != picked and (preload or not pre)] + [
+            (f"split {n} blocks/SM", split(blocks_per_sm=n)) for n in blocks], []
     if pdl_supported(torch.device("cuda")):  # programmatic dependent launch, against the default's setting
         other = not base[0].pdl
         first.append(("split pdl" if other else "split no pdl", tuple(dataclasses.replace(c, pdl=other) for c in base)))
@@ -552,7 +554,8 @@ def variant_case(model: str, precision: str, group: int, device):
             k * stored_bytes(layout))
 
 
-def variants(device, copy_gbps: float, deadline: float, models, formats, forms: bool = False) -> list[dict]:
+def variants(device, copy_gbps: float, deadline: float, models, formats, forms: bool = False,
+             blocks: tuple = ()) -> list[dict]:
     """The one-token decode step of every model shape and format under the old tiled kernels,
     choose_config's pick and split-K variations: correctness and % of copy bandwidth. Two passes
     (old and pick first for every shape, then the variations) so that the time budget cuts the
@@ -573,7 +576,7 @@ def variants(device, copy_gbps: float, deadline: float, models, formats, forms: 
                 try:
                     case = variant_case(model, precision, group, device)
                     plan, k = case[8], MODELS[model][2]
-                    first, second = variant_candidates(plan, k, sms, forms)
+                    first, second = variant_candidates(plan, k, sms, forms, blocks)
                 except Exception as exc:
                     rows.append({"model": model, "format": fmt_name(precision, group), "ok": False,
                                  "error": f"{type(exc).__name__}: {exc}"[:2000]})
@@ -668,6 +671,9 @@ def main(argv=None) -> int:
                         help="--variants: only choose_config's step against the same step's other launch forms: "
                              "in one launch or apart (LaunchConfig.one_launch), with and without each program's "
                              "first weights loaded before it waits (LaunchConfig.preload)")
+    parser.add_argument("--blocks-per-sm", type=int, nargs="+", default=[], metavar="N",
+                        help="--forms: also split-K's defaults sized for N blocks per SM (split_config's "
+                             "blocks_per_sm), for each N")
     parser.add_argument("--budget-s", type=float, help="skip remaining checks/sweeps/variants after this "
                                                        "(default 200 s, 240 s with --variants)")
     args = parser.parse_args(argv)
@@ -715,7 +721,7 @@ def main_variants(args, env: dict, device, start: float) -> int:
             return 2
     copy_gbps = copy_bandwidth(device)
     print(f"d2d copy: {copy_gbps:.0f} GB/s", flush=True)
-    rows = variants(device, copy_gbps, start + (args.budget_s or 240.0), models, formats, args.forms)
+    rows = variants(device, copy_gbps, start + (args.budget_s or 240.0), models, formats, args.forms, tuple(args.blocks_per_sm))
     result = {"env": env, "copy_GBps": copy_gbps, "graph_steps": GRAPH_STEPS, "variants": rows,
               "seconds": time.time() - start}
     args.out.mkdir(parents=True, exist_ok=True)

@@ -339,10 +339,11 @@ def test_pdl_launches_only_after_the_first_and_only_where_supported(monkeypatch)
     monkeypatch.setenv("DYMOE_PDL", "yes")
     with pytest.raises(InputError, match="DYMOE_PDL='yes': use 1"):
         te._pdl_override()
-    # DYMOE_ONE_LAUNCH the same way; unset: the long int8 and int4 steps only (one_launch_by_default)
-    plans = [qwen3, mixtral] + [kernel_plan(blob_layout(parse_format(p, 64), 4096, 14336)) for p in ("int8", "int3", "int2")]
-    for value, override, expected in (("", None, (False, True, True, False, False)), ("0", False, (False,) * 5),
-                                      ("1", True, (True,) * 5)):
+    # DYMOE_ONE_LAUNCH the same way; unset: the long int8, int4 and int2/g64 steps only (one_launch_by_default)
+    plans = [qwen3, mixtral] + [kernel_plan(blob_layout(parse_format(p, g), 4096, 14336))
+                                for p, g in (("int8", 64), ("int3", 64), ("int2", 64), ("int2", 128))]
+    for value, override, expected in (("", None, (False, True, True, False, True, False)), ("0", False, (False,) * 6),
+                                      ("1", True, (True,) * 6)):
         monkeypatch.setenv("DYMOE_ONE_LAUNCH", value)
         assert te._one_launch_override() is override
         monkeypatch.setattr(te, "ONE_LAUNCH_OVERRIDE", override)

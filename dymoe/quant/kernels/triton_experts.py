@@ -398,19 +398,20 @@ def _one_launch_override() -> bool | None:
 
 
 ONE_LAUNCH_OVERRIDE = _one_launch_override()
-ONE_LAUNCH_BITS = (8, 4)  # formats whose long steps run in one launch by default
 
 
 def one_launch_by_default(plan: KernelPlan) -> bool:
     """Whether a split-K step of ``plan`` runs as one launch unless DYMOE_ONE_LAUNCH says otherwise:
-    the long steps (more than PDL_MAX_WEIGHTS weights per projection, where pdl is off) of int8
-    and int4. Measured on an H100 (2026-12-06, % of copy, two launches -> one, 20-step graphs, two
-    calls; docs/results/kernel_variants_one_launch_h100.json): Mixtral-8x7B (4096 x 14336) int4/g128
-    54 -> 66, int4/g64 45 -> 59, int8 80-82 -> 82-84, int2/g64 42-43 -> 43-44, int2/g128 42 -> 42,
-    int3 30 -> 20-30 (slower: its gate_up is bound by arithmetic, and the down items waiting on it
+    the long steps (more than PDL_MAX_WEIGHTS weights per projection, where pdl is off) of int8,
+    int4 and int2/g64. Measured on an H100 (2026-12-06, 20-step graphs, one call, after the
+    unrolled partial sums; docs/results/launch_forms_h100.json and launch_forms_variants_h100.json),
+    Mixtral-8x7B (4096 x 14336), microseconds apart -> one launch: int8 140.3 -> 127.3, int4/g128
+    113.1 -> 89.4, int4/g64 142.6 -> 104.7, int2/g64 84.0 -> 71.4; slower: int2/g128 78.3 -> 97.0,
+    int3/g128 158.8 -> 194.5 and int3/g64 197.0 -> 223.1 (the down items waiting on a slow gate_up
     hold their SMs). On the short steps of Qwen3-30B-A3B, OLMoE and DeepSeek-V2-Lite one launch
-    was slower in every format (Qwen3 int4/g128 16.5 -> 24.6 us), so those keep pdl's three."""
-    return not pdl_by_default(plan) and plan.bits in ONE_LAUNCH_BITS
+    was as fast at best (OLMoE int8 29.7 -> 28.1) and mostly slower (Qwen3 int4/g128 14.2 -> 15.7
+    with preload both ways), so those keep pdl's three launches."""
+    return not pdl_by_default(plan) and (plan.bits in (8, 4) or (plan.bits, plan.group_size) == (2, 64))
 
 
 def preload_by_default(plan: KernelPlan) -> bool:
@@ -522,7 +523,7 @@ def tiled_config(plan: KernelPlan, rows: int, experts: int, sms: int, gemv: bool
 
 
 def split_config(plan: KernelPlan, kernel: str, experts: int, sms: int, block_n: int | None = None,
-                 block_k: int | None = None, num_warps: int = 4, blocks_per_sm: int = 6,
+                 block_k: int | None = None, num_warps: int = 4, blocks_per_sm: int | None = None,
                  num_stages: int = 2) -> LaunchConfig:
     """A split-K config: ``block_k`` defaults to 128 bytes of each row per step for down (one cache
     line per row: 256 int4 codes) and 64 for gate_up (which reads two weights: the same bytes per
@@ -532,7 +533,10 @@ def split_config(plan: KernelPlan, kernel: str, experts: int, sms: int, block_n:
     ``block_n`` to 64 rows (int4: 128), more where a group is under 16 bytes of a row (int2/g64), so that each
     thread still loads whole 16-byte vectors; then K is cut into as many slices as it takes for
     ``blocks_per_sm`` blocks per SM (at most ``MAX_SPLIT`` and the number of ``block_k`` steps in
-    K). At 6 four-warp blocks of 8 KB per step per SM, ~48 KB are in flight per SM."""
+    K). At 6 four-warp blocks of 8 KB per step per SM, ~48 KB are in flight per SM. The default is
+    6, and 4 for int4's short steps: 4 of its blocks fit an SM (128 registers), and one wave of them
+    measured 14.2 -> 13.3 us against 1.45 waves on Qwen3-30B-A3B's int4/g128 gate_up (H100,
+    docs/results/launch_forms_variants_h100.json; on an H200 13.5 -> 11.8 us, launch_forms_qwen3_blocks6_h200.json; OLMoE and DeepSeek-V2-Lite the same either way)."""
     rows, cols = _rows_cols(plan, kernel)
     row_bytes = 64 if kernel == "gate_up" or plan.bits == 2 else 128  # int2: bound by arithmetic anyway
     if plan.bits == 8:  # no spills at twice the step; Mixtral's step 54% -> 72% of copy (kernel_variants_h200.json)
@@ -543,6 +547,8 @@ def split_config(plan: KernelPlan, kernel: str, experts: int, sms: int, block_n:
         # int4: 128 rows measured faster on 7 of 8 shapes (Mixtral g64 184 -> 150 us; H200,
         # docs/results/kernel_variants_int4_packed_h200.json), no spills at sm_90
         block_n = max(128 if plan.bits in (4, 3) else 64, 4 * 32 * num_warps // words_per_group)
+    if blocks_per_sm is None:
+        blocks_per_sm = 4 if plan.bits == 4 and pdl_by_default(plan) else 6
     blocks = experts * triton.cdiv(rows, block_n)
     steps = triton.cdiv(cols, block_k)
     split = max(1, min(MAX_SPLIT, steps, triton.cdiv(blocks_per_sm * sms, blocks)))
