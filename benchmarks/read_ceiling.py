@@ -72,6 +72,19 @@ def graphed(calls) -> float:
     return bench(graph.replay) / len(calls)
 
 
+def copy_bandwidth(n: int) -> float:
+    """Device-to-device copy of ``n`` bytes, GB/s counting bytes read plus written (as kernels.py)."""
+    src = torch.empty(n, dtype=torch.uint8, device="cuda")
+    dst = torch.empty_like(src)
+    return 2 * n / bench(lambda: dst.copy_(src)) / 1e6
+
+
+def copy_graphed(src: torch.Tensor) -> float:
+    """Milliseconds per copy of ``src`` replayed from one CUDA graph of STEPS copies."""
+    dst = torch.empty_like(src)
+    return graphed([lambda: dst.copy_(src)] * STEPS)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, required=True, help="folder for read_ceiling.json")
@@ -80,10 +93,7 @@ def main(argv=None) -> int:
         print("benchmarks/read_ceiling.py needs a CUDA GPU and Triton (pip install -e .[gpu])")
         return 2
     read, cdiv = _kernel()
-    n = 1 << 30
-    src, dst = torch.empty(n, dtype=torch.uint8, device="cuda"), torch.empty(n, dtype=torch.uint8, device="cuda")
-    copy_gbps = 2 * n / bench(lambda: dst.copy_(src)) / 1e6
-    del src, dst
+    copy_gbps = copy_bandwidth(1 << 30)
     rows, ok = [], True
     for mb in SIZES_MB:
         nbytes = mb << 20
@@ -97,13 +107,12 @@ def main(argv=None) -> int:
         ok = ok and bool(torch.equal(out.to(torch.int64).remainder(1 << 32), expected))
         same = graphed([launch[0]] * STEPS)
         cold = graphed([launch[i % len(launch)] for i in range(STEPS)])
-        dst = torch.empty_like(bufs[0])
-        copy = graphed([lambda: dst.copy_(bufs[0])] * STEPS)
+        copy = copy_graphed(bufs[0])
         row = {"MB": mb, "read_us": same * 1e3, "read_cold_us": cold * 1e3, "copy_us": copy * 1e3,
                "read_of_copy": nbytes / same / 1e6 / copy_gbps, "read_cold_of_copy": nbytes / cold / 1e6 / copy_gbps,
                "copy_of_copy": 2 * nbytes / copy / 1e6 / copy_gbps}
         rows.append(row)
-        del bufs, out, dst
+        bufs.clear()
         torch.cuda.empty_cache()
     result = {"device": torch.cuda.get_device_name(), "copy_GBps": copy_gbps, "sums_ok": ok, "rows": rows}
     args.out.mkdir(parents=True, exist_ok=True)

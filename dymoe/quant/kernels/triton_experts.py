@@ -536,7 +536,8 @@ def split_config(plan: KernelPlan, kernel: str, experts: int, sms: int, block_n:
     K). At 6 four-warp blocks of 8 KB per step per SM, ~48 KB are in flight per SM. The default is
     6, and 4 for int4's short steps: 4 of its blocks fit an SM (128 registers), and one wave of them
     measured 14.2 -> 13.3 us against 1.45 waves on Qwen3-30B-A3B's int4/g128 gate_up (H100,
-    docs/results/launch_forms_variants_h100.json; on an H200 13.5 -> 11.8 us, launch_forms_qwen3_blocks6_h200.json; OLMoE and DeepSeek-V2-Lite the same either way)."""
+    docs/results/launch_forms_variants_h100.json; on an H200 13.5 -> 11.8 us,
+    launch_forms_qwen3_blocks6_h200.json; OLMoE and DeepSeek-V2-Lite the same either way)."""
     rows, cols = _rows_cols(plan, kernel)
     row_bytes = 64 if kernel == "gate_up" or plan.bits == 2 else 128  # int2: bound by arithmetic anyway
     if plan.bits == 8:  # no spills at twice the step; Mixtral's step 54% -> 72% of copy (kernel_variants_h200.json)
