@@ -58,6 +58,7 @@ FORMATS = [("bf16", 0), ("int8", 0), ("int4", 64), ("int4", 128), ("int3", 64), 
            ("int2", 128)]
 MAX_REL_ERR = 1e-2
 SPARE_SLOTS = 4
+COLD_BYTES = 192 << 20  # experts a cold timing cycles through: ~4x an H100's L2 (50 MB)
 
 
 def fmt_name(precision: str, group: int) -> str:
@@ -411,7 +412,8 @@ VARIANT_FORMATS = [("bf16", 0), ("int8", 0), ("int4", 128), ("int4", 64), ("int3
 GRAPH_STEPS = 20  # steps per CUDA graph replay: back to back, as a model's layers run them
 
 
-def variant_candidates(plan, k: int, sms: int, forms: bool = False, blocks: tuple = ()) -> tuple[list, list]:
+def variant_candidates(plan, k: int, sms: int, forms: bool = False, blocks: tuple = (),
+                       chosen_only: bool = False) -> tuple[list, list]:
     """(first pass, second pass) of (name, (gate_up config, down config)): first the old tiled
     path and choose_config's pick (and split-K's defaults where the pick is tiled), then split-K
     variations around the defaults and the best tile of the 2026-11-22 sweep. ``forms``: only
@@ -449,6 +451,8 @@ def variant_candidates(plan, k: int, sms: int, forms: bool = False, blocks: tupl
     if packable:  # the packed path in one call per group against one per block_k step (the default)
         first.append(("split packed per group",
                       tuple(dataclasses.replace(c, packed=True, block_steps=False) for c in base)))
+    if chosen_only:
+        return [("choose_config", chosen)], []
     if forms:  # one launch (work items by ticket) or apart, preload or not, against the pick
         names = {(False, False): "split apart", (False, True): "split apart preload",
                  (True, False): "split one launch", (True, True): "split one launch preload"}
@@ -526,6 +530,35 @@ def bench_steps(fn, steps: int = GRAPH_STEPS) -> float:
     return bench(graph.replay) / steps
 
 
+def cold_steps(pool, offsets, nbytes: int, steps: int = GRAPH_STEPS) -> tuple[torch.Tensor, list]:
+    """A pool of copies of ``pool`` and, per step, the offsets of the same experts in another copy,
+    cycling through at least COLD_BYTES of experts (at most ``steps`` copies): a step then reads
+    its weights from device memory, as a model's layers do, rather than from an L2 cache that
+    still holds the step before's (a Qwen3-30B-A3B int4 step is 20 MB, an H100's L2 50 MB)."""
+    copies = max(1, min(steps, -(-COLD_BYTES // nbytes)))
+    stride = -(-pool.numel() // 256) * 256  # slots stay 256-byte aligned
+    big = torch.empty(copies * stride, dtype=pool.dtype, device=pool.device)
+    for i in range(copies):
+        big[i * stride:i * stride + pool.numel()] = pool
+    return big, [offsets + (i % copies) * stride for i in range(steps)]
+
+
+def bench_cold(fn, offsets_per_step: list) -> float:
+    """Median milliseconds per call of ``fn(offsets)`` over one CUDA graph of one call per entry of
+    ``offsets_per_step`` (:func:`cold_steps`)."""
+    fn(offsets_per_step[0])
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        fn(offsets_per_step[0])
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for offsets in offsets_per_step:
+            fn(offsets)
+    return bench(graph.replay) / len(offsets_per_step)
+
+
 def run_variant(case, name: str, configs: tuple, copy_gbps: float) -> dict:
     from dymoe.quant.kernels.triton_experts import launch_decode
 
@@ -535,9 +568,13 @@ def run_variant(case, name: str, configs: tuple, copy_gbps: float) -> dict:
     try:
         row.update(check_variant(pool, offsets, plan, x, combine, ws, configs, ref))
         ms = bench_steps(lambda: launch_decode(pool, offsets, plan, x, combine, ws, *configs))
-        row.update(us=ms * 1e3, fraction_of_copy=nbytes / ms / 1e6 / copy_gbps)
+        big, per_step = cold_steps(pool, offsets, nbytes)
+        cold = bench_cold(lambda o: launch_decode(big, o, plan, x, combine, ws, *configs), per_step)
+        row.update(us=ms * 1e3, fraction_of_copy=nbytes / ms / 1e6 / copy_gbps, cold_us=cold * 1e3,
+                   cold_fraction_of_copy=nbytes / cold / 1e6 / copy_gbps)
         print(f"variant {model:17s} {fmt:9s} {name:20s} {row['config']:48s} {row['us']:8.1f} us "
-              f"{row['fraction_of_copy']:5.0%} of copy  {'ok' if row['ok'] else '!! WRONG'} "
+              f"{row['fraction_of_copy']:5.0%} of copy, cold {row['cold_us']:6.1f} us "
+              f"{row['cold_fraction_of_copy']:4.0%}  {'ok' if row['ok'] else '!! WRONG'} "
               f"(rel {row['rel_err']:.1e}{'' if row['finite'] else ', NaN'}"
               f"{'' if row['counters_reset'] else ', counters not reset'})", flush=True)
     except Exception as exc:  # a compile error in one candidate must not hide the others
@@ -555,7 +592,7 @@ def variant_case(model: str, precision: str, group: int, device):
 
 
 def variants(device, copy_gbps: float, deadline: float, models, formats, forms: bool = False,
-             blocks: tuple = ()) -> list[dict]:
+             blocks: tuple = (), chosen_only: bool = False) -> list[dict]:
     """The one-token decode step of every model shape and format under the old tiled kernels,
     choose_config's pick and split-K variations: correctness and % of copy bandwidth. Two passes
     (old and pick first for every shape, then the variations) so that the time budget cuts the
@@ -564,7 +601,7 @@ def variants(device, copy_gbps: float, deadline: float, models, formats, forms: 
     sms = torch.cuda.get_device_properties(device).multi_processor_count
     start = time.time()
     rows = []
-    for first_pass in (True,) if forms else (True, False):  # (forms: no second pass)
+    for first_pass in (True,) if forms or chosen_only else (True, False):  # (forms: no second pass)
         pass_deadline = start + 1.5 * (deadline - start) if first_pass else deadline
         for model in models:
             for precision, group in formats:
@@ -576,7 +613,7 @@ def variants(device, copy_gbps: float, deadline: float, models, formats, forms: 
                 try:
                     case = variant_case(model, precision, group, device)
                     plan, k = case[8], MODELS[model][2]
-                    first, second = variant_candidates(plan, k, sms, forms, blocks)
+                    first, second = variant_candidates(plan, k, sms, forms, blocks, chosen_only)
                 except Exception as exc:
                     rows.append({"model": model, "format": fmt_name(precision, group), "ok": False,
                                  "error": f"{type(exc).__name__}: {exc}"[:2000]})
@@ -671,6 +708,8 @@ def main(argv=None) -> int:
                         help="--variants: only choose_config's step against the same step's other launch forms: "
                              "in one launch or apart (LaunchConfig.one_launch), with and without each program's "
                              "first weights loaded before it waits (LaunchConfig.preload)")
+    parser.add_argument("--chosen", action="store_true",
+                        help="--variants: only choose_config's step (hot and cold), every shape and format")
     parser.add_argument("--blocks-per-sm", type=int, nargs="+", default=[], metavar="N",
                         help="--forms: also split-K's defaults sized for N blocks per SM (split_config's "
                              "blocks_per_sm), for each N")
@@ -721,7 +760,8 @@ def main_variants(args, env: dict, device, start: float) -> int:
             return 2
     copy_gbps = copy_bandwidth(device)
     print(f"d2d copy: {copy_gbps:.0f} GB/s", flush=True)
-    rows = variants(device, copy_gbps, start + (args.budget_s or 240.0), models, formats, args.forms, tuple(args.blocks_per_sm))
+    rows = variants(device, copy_gbps, start + (args.budget_s or 240.0), models, formats, args.forms,
+                    tuple(args.blocks_per_sm), args.chosen)
     result = {"env": env, "copy_GBps": copy_gbps, "graph_steps": GRAPH_STEPS, "variants": rows,
               "seconds": time.time() - start}
     args.out.mkdir(parents=True, exist_ok=True)

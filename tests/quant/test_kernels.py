@@ -308,7 +308,7 @@ def test_pdl_launches_only_after_the_first_and_only_where_supported(monkeypatch)
     launch gets its griddepcontrol; a device without it (or the interpreter) gets none of that
     whatever the config; DYMOE_PDL sets split_config's field (unset: on for steps of at most
     PDL_MAX_WEIGHTS weights per projection), DYMOE_ONE_LAUNCH its one_launch (unset: on for the
-    long int8 and int4 steps), and a
+    long int8, int4 and int2/g64 steps), and a
     bad value of either is one clear error."""
     from dymoe.quant.kernels import triton_experts as te
 

@@ -34,8 +34,10 @@ FMAs (:func:`_packed_step`); docs/kernels.md, "Packed activation vectors".
 
 Each program's work is an item function (:func:`_pack_item`, :func:`_gate_up_item`,
 :func:`_down_item`) that the kernels above call with their program ids. ``_step_kernel``
-(``LaunchConfig.one_launch``: the long int8 and int4 steps by default) runs all of a step's items
-in one launch, in the order of tickets taken from an atomic counter, each waiting for what it reads.
+(``LaunchConfig.one_launch``: the long int8, int4 and int2/g64 steps by default) runs all of a
+step's items in one launch, in the order of tickets taken from an atomic counter, each waiting for
+what it reads. With ``PRELOAD`` (``LaunchConfig.preload``) an item loads its first step of weights
+before that wait (:func:`_await`), so they are in flight while the phase before finishes.
 """
 
 import triton

@@ -394,7 +394,7 @@ def _one_launch_override() -> bool | None:
     """DYMOE_ONE_LAUNCH from the environment, for split_config: 1 runs every split-K step as one
     launch (``LaunchConfig.one_launch``), 0 none, unset leaves it to :func:`one_launch_by_default`."""
     return env_override("DYMOE_ONE_LAUNCH", "every one-token low-bit step in one launch",
-                        "off; unset: on for long int8 and int4 steps")
+                        "off; unset: on for long int8, int4 and int2/g64 steps")
 
 
 ONE_LAUNCH_OVERRIDE = _one_launch_override()
