@@ -59,6 +59,7 @@ FORMATS = [("bf16", 0), ("int8", 0), ("int4", 64), ("int4", 128), ("int3", 64), 
 MAX_REL_ERR = 1e-2
 SPARE_SLOTS = 4
 COLD_BYTES = 192 << 20  # experts a cold timing cycles through: ~4x an H100's L2 (50 MB)
+GRAPH_STEPS = 20  # steps per CUDA graph replay: back to back, as a model's layers run them
 
 
 def fmt_name(precision: str, group: int) -> str:
@@ -95,6 +96,34 @@ def bench_graph(fn) -> float:
     read about half their graph-of-20 bandwidth that way."""
     return bench_steps(fn)
 
+
+def cold_steps(pool, offsets, nbytes: int, steps: int = GRAPH_STEPS) -> tuple[torch.Tensor, list]:
+    """A pool of copies of ``pool`` and, per step, the offsets of the same experts in another copy,
+    cycling through at least COLD_BYTES of experts (at most ``steps`` copies): a step then reads
+    its weights from device memory, as a model's layers do, rather than from an L2 cache that
+    still holds the step before's (a Qwen3-30B-A3B int4 step is 20 MB, an H100's L2 50 MB)."""
+    copies = max(1, min(steps, -(-COLD_BYTES // nbytes)))
+    stride = -(-pool.numel() // 256) * 256  # slots stay 256-byte aligned
+    big = torch.empty(copies * stride, dtype=pool.dtype, device=pool.device)
+    for i in range(copies):
+        big[i * stride:i * stride + pool.numel()] = pool
+    return big, [offsets + (i % copies) * stride for i in range(steps)]
+
+
+def bench_cold(fn, offsets_per_step: list) -> float:
+    """Median milliseconds per call of ``fn(offsets)`` over one CUDA graph of one call per entry of
+    ``offsets_per_step`` (:func:`cold_steps`)."""
+    fn(offsets_per_step[0])
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        fn(offsets_per_step[0])
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for offsets in offsets_per_step:
+            fn(offsets)
+    return bench(graph.replay) / len(offsets_per_step)
 
 def launch_floor(device) -> dict:
     """Eager time of an empty Triton launch (the host floor of one kernel launch) and of two (our
@@ -225,14 +254,19 @@ def bandwidth(device, copy_gbps: float) -> list[dict]:
                 step = lambda: expert_decode(pool, offsets, layout, x, combine, backend="triton", workspace=ws)  # noqa: E731
                 ms, graph_ms = bench(step), bench_graph(step)
                 nbytes = k * stored_bytes(layout)
-                gbps, graph_gbps = nbytes / ms / 1e6, nbytes / graph_ms / 1e6
+                big, per_step = cold_steps(pool, offsets, nbytes)
+                cold_ms = bench_cold(lambda o: expert_decode(big, o, layout, x, combine, backend="triton",
+                                                             workspace=ws), per_step)
+                gbps, graph_gbps, cold_gbps = nbytes / ms / 1e6, nbytes / graph_ms / 1e6, nbytes / cold_ms / 1e6
                 rows.append({"model": model, "format": fmt_name(precision, group), "bytes": nbytes, "ms": ms,
-                             "graph_ms": graph_ms, "floor_us": nbytes / copy_gbps / 1e3, "GBps": gbps,
-                             "fraction_of_copy": gbps / copy_gbps, "graph_GBps": graph_gbps,
-                             "graph_fraction_of_copy": graph_gbps / copy_gbps})
+                             "graph_ms": graph_ms, "cold_ms": cold_ms, "floor_us": nbytes / copy_gbps / 1e3,
+                             "GBps": gbps, "fraction_of_copy": gbps / copy_gbps, "graph_GBps": graph_gbps,
+                             "graph_fraction_of_copy": graph_gbps / copy_gbps,
+                             "cold_fraction_of_copy": cold_gbps / copy_gbps})
                 print(f"bandwidth {model:17s} {fmt_name(precision, group):9s} floor {nbytes / copy_gbps / 1e3:6.1f} us"
                       f" eager {ms * 1e3:7.1f} us ({gbps / copy_gbps:.0%}) graph {graph_ms * 1e3:7.1f} us "
-                      f"({graph_gbps / copy_gbps:.0%} of copy)", flush=True)
+                      f"({graph_gbps / copy_gbps:.0%}) cold {cold_ms * 1e3:7.1f} us ({cold_gbps / copy_gbps:.0%} of copy)",
+                      flush=True)
             except Exception as exc:
                 rows.append({"model": model, "format": fmt_name(precision, group), "error": repr(exc)})
                 print(f"bandwidth {model} {fmt_name(precision, group)}: {exc!r}", flush=True)
@@ -409,7 +443,6 @@ def sweep(device, deadline: float) -> list[dict]:
 VARIANT_MODELS = ("mixtral-8x7b", "deepseek-v2-lite", "olmoe", "qwen3-30b-a3b")  # big shapes first
 VARIANT_FORMATS = [("bf16", 0), ("int8", 0), ("int4", 128), ("int4", 64), ("int3", 128), ("int3", 64), ("int2", 64),
                    ("int2", 128)]
-GRAPH_STEPS = 20  # steps per CUDA graph replay: back to back, as a model's layers run them
 
 
 def variant_candidates(plan, k: int, sms: int, forms: bool = False, blocks: tuple = (),
@@ -530,35 +563,6 @@ def bench_steps(fn, steps: int = GRAPH_STEPS) -> float:
     return bench(graph.replay) / steps
 
 
-def cold_steps(pool, offsets, nbytes: int, steps: int = GRAPH_STEPS) -> tuple[torch.Tensor, list]:
-    """A pool of copies of ``pool`` and, per step, the offsets of the same experts in another copy,
-    cycling through at least COLD_BYTES of experts (at most ``steps`` copies): a step then reads
-    its weights from device memory, as a model's layers do, rather than from an L2 cache that
-    still holds the step before's (a Qwen3-30B-A3B int4 step is 20 MB, an H100's L2 50 MB)."""
-    copies = max(1, min(steps, -(-COLD_BYTES // nbytes)))
-    stride = -(-pool.numel() // 256) * 256  # slots stay 256-byte aligned
-    big = torch.empty(copies * stride, dtype=pool.dtype, device=pool.device)
-    for i in range(copies):
-        big[i * stride:i * stride + pool.numel()] = pool
-    return big, [offsets + (i % copies) * stride for i in range(steps)]
-
-
-def bench_cold(fn, offsets_per_step: list) -> float:
-    """Median milliseconds per call of ``fn(offsets)`` over one CUDA graph of one call per entry of
-    ``offsets_per_step`` (:func:`cold_steps`)."""
-    fn(offsets_per_step[0])
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        fn(offsets_per_step[0])
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for offsets in offsets_per_step:
-            fn(offsets)
-    return bench(graph.replay) / len(offsets_per_step)
-
-
 def run_variant(case, name: str, configs: tuple, copy_gbps: float) -> dict:
     from dymoe.quant.kernels.triton_experts import launch_decode
 
@@ -670,14 +674,15 @@ def table(result: dict) -> str:
              f"correctness: {result['checks_ok']}/{result['checks_run']} ok (rel err < {MAX_REL_ERR}, "
              f"max {result['max_rel_err']:.2e}), {result['checks_skipped']} skipped",
              "",
-             "decode step, 1 token, top-k experts: % of copy bandwidth, eager / CUDA graph",
-             f"{'model':17s} " + " ".join(f"{fmt_name(p, g):>9s}" for p, g in FORMATS)]
+             "decode step, 1 token, top-k experts: % of copy bandwidth, eager / CUDA graph / CUDA graph cold",
+             f"{'model':17s} " + " ".join(f"{fmt_name(p, g):>12s}" for p, g in FORMATS)]
     for model in MODELS:
         cells = []
         for p, g in FORMATS:
             r = next((r for r in result["bandwidth"] if r.get("model") == model and r["format"] == fmt_name(p, g)), {})
-            cells.append(f"{r['fraction_of_copy']:.0%}/{r['graph_fraction_of_copy']:.0%}" if "GBps" in r else "err")
-        lines.append(f"{model:17s} " + " ".join(f"{c:>9s}" for c in cells))
+            cells.append(f"{r['fraction_of_copy']:.0%}/{r['graph_fraction_of_copy']:.0%}/"
+                         f"{r['cold_fraction_of_copy']:.0%}" if "GBps" in r else "err")
+        lines.append(f"{model:17s} " + " ".join(f"{c:>12s}" for c in cells))
     lines += ["", "one layer step, Qwen3-30B-A3B shape, 8 experts, 1 token (us; floor = bytes / copy bandwidth;",
               "mixes: experts x count per precision):",
               f"{'format':20s} {'floor':>6s} {'graph':>7s} {'triton':>7s} {'torch':>9s} {'speedup':>8s} {'int4pack':>9s}"]
