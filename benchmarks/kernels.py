@@ -110,20 +110,23 @@ def cold_steps(pool, offsets, nbytes: int, steps: int = GRAPH_STEPS) -> tuple[to
     return big, [offsets + (i % copies) * stride for i in range(steps)]
 
 
-def bench_cold(fn, offsets_per_step: list) -> float:
-    """Median milliseconds per call of ``fn(offsets)`` over one CUDA graph of one call per entry of
-    ``offsets_per_step`` (:func:`cold_steps`)."""
-    fn(offsets_per_step[0])
+def bench_steps(fn, steps: int = GRAPH_STEPS, args: list | None = None) -> float:
+    """Median milliseconds of one call of ``fn`` when ``steps`` calls are replayed from one CUDA
+    graph (the GPU time of back-to-back steps, without the graph launch's host floor); with
+    ``args``, one call ``fn(a)`` per entry instead (:func:`cold_steps`'s offsets)."""
+    calls = [fn] * steps if args is None else [lambda a=a: fn(a) for a in args]
+    calls[0]()
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
-        fn(offsets_per_step[0])
+        calls[0]()
     torch.cuda.current_stream().wait_stream(stream)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        for offsets in offsets_per_step:
-            fn(offsets)
-    return bench(graph.replay) / len(offsets_per_step)
+        for call in calls:
+            call()
+    return bench(graph.replay) / len(calls)
+
 
 def launch_floor(device) -> dict:
     """Eager time of an empty Triton launch (the host floor of one kernel launch) and of two (our
@@ -255,8 +258,8 @@ def bandwidth(device, copy_gbps: float) -> list[dict]:
                 ms, graph_ms = bench(step), bench_graph(step)
                 nbytes = k * stored_bytes(layout)
                 big, per_step = cold_steps(pool, offsets, nbytes)
-                cold_ms = bench_cold(lambda o: expert_decode(big, o, layout, x, combine, backend="triton",
-                                                             workspace=ws), per_step)
+                cold_ms = bench_steps(lambda o: expert_decode(big, o, layout, x, combine, backend="triton",
+                                                              workspace=ws), args=per_step)
                 gbps, graph_gbps, cold_gbps = nbytes / ms / 1e6, nbytes / graph_ms / 1e6, nbytes / cold_ms / 1e6
                 rows.append({"model": model, "format": fmt_name(precision, group), "bytes": nbytes, "ms": ms,
                              "graph_ms": graph_ms, "cold_ms": cold_ms, "floor_us": nbytes / copy_gbps / 1e3,
@@ -547,22 +550,6 @@ def check_variant(pool, offsets, plan, x, combine, ws, configs, ref) -> dict:
     return {"rel_err": rel, "finite": finite, "counters_reset": reset, "ok": finite and reset and rel < MAX_REL_ERR}
 
 
-def bench_steps(fn, steps: int = GRAPH_STEPS) -> float:
-    """Median milliseconds of one call of ``fn`` when ``steps`` calls are replayed from one CUDA
-    graph (the GPU time of back-to-back steps, without the graph launch's host floor)."""
-    fn()
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        fn()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(steps):
-            fn()
-    return bench(graph.replay) / steps
-
-
 def run_variant(case, name: str, configs: tuple, copy_gbps: float) -> dict:
     from dymoe.quant.kernels.triton_experts import launch_decode
 
@@ -573,7 +560,7 @@ def run_variant(case, name: str, configs: tuple, copy_gbps: float) -> dict:
         row.update(check_variant(pool, offsets, plan, x, combine, ws, configs, ref))
         ms = bench_steps(lambda: launch_decode(pool, offsets, plan, x, combine, ws, *configs))
         big, per_step = cold_steps(pool, offsets, nbytes)
-        cold = bench_cold(lambda o: launch_decode(big, o, plan, x, combine, ws, *configs), per_step)
+        cold = bench_steps(lambda o: launch_decode(big, o, plan, x, combine, ws, *configs), args=per_step)
         row.update(us=ms * 1e3, fraction_of_copy=nbytes / ms / 1e6 / copy_gbps, cold_us=cold * 1e3,
                    cold_fraction_of_copy=nbytes / cold / 1e6 / copy_gbps)
         print(f"variant {model:17s} {fmt:9s} {name:20s} {row['config']:48s} {row['us']:8.1f} us "
