@@ -24,7 +24,8 @@
 #    carry=["bench-base"]) first with that package, then with this tree's, side by side on one
 #    machine (python -P: the working directory does not shadow PYTHONPATH); REPEAT=N runs the pair
 #    N times (base, this, base, this, ...: the first run of a call tends to be slower, so one pair
-#    alone favours the second).
+#    alone favours the second). ENVS="A=1 A=2" runs each tree once per environment setting
+#    ("-": none), e.g. ENVS="DYMOE_RESIDENT_DECODE=grouped DYMOE_RESIDENT_DECODE=kernels" REPEAT=2.
 # Logs: $OUT/check.txt, $OUT/kernels*.txt, $OUT/kernels*/variants.json, $OUT/host.txt,
 # $OUT/profile_host_*.txt, $OUT/e2e*.txt and .json.
 set -uo pipefail
@@ -61,22 +62,29 @@ for run in ${POLICIES/none/}; do
   echo "-- rc=$? (+$((SECONDS - started)) s)"
 done
 SUITE=${SUITE:-resident,lru,lru-prefetch,static-int4,least-stale-int4,fate,dymoe,dynaexq}
-trees=()
-for round in $(seq "${REPEAT:-1}"); do trees+=(${BASE:+"$BASE"} "$PWD"); done
+runs=()  # tree|environment
+for round in $(seq "${REPEAT:-1}"); do
+  for tree in ${BASE:+"$BASE"} "$PWD"; do
+    for env in ${ENVS:--}; do runs+=("$tree|$env"); done
+  done
+done
 round=0
-[ "$SUITE" = none ] && trees=()
-for tree in "${trees[@]}"; do
+[ "$SUITE" = none ] && runs=()
+for run in "${runs[@]}"; do
   round=$((round + 1))
-  name=e2e${BASE:+-$([ "$tree" = "$PWD" ] && echo this || echo base)}$([ "${REPEAT:-1}" -gt 1 ] && echo "-$round")
-  echo "== $name: $tree (+$((SECONDS - started)) s)"
-  PYTHONPATH=$tree timeout 200 "$PYTHON" -P -m dymoe bench --model synthetic:qwen3-30b-a3b --layers 8 --policies "$SUITE" \
-    --device-memory 25% --prompt-len 32 --gen-len 64 --routing skewed --no-progress --json "$OUT/$name.json" \
-    > "$OUT/$name.txt" 2>&1
+  tree=${run%%|*} env=${run#*|}
+  name=e2e${BASE:+-$([ "$tree" = "$PWD" ] && echo this || echo base)}$([ "$env" = - ] || echo "-${env//[^A-Za-z0-9]/_}")
+  name=$name$([ "${#runs[@]}" -gt 1 ] && echo "-$round")
+  echo "== $name: $tree ${env/#-/} (+$((SECONDS - started)) s)"
+  env ${env/#-/} PYTHONPATH=$tree timeout 200 "$PYTHON" -P -m dymoe bench --model synthetic:qwen3-30b-a3b --layers 8 \
+    --policies "$SUITE" --device-memory 25% --prompt-len 32 --gen-len 64 --routing skewed --no-progress \
+    --json "$OUT/$name.json" > "$OUT/$name.txt" 2>&1
   echo "-- rc=$? (+$((SECONDS - started)) s)"
 done
+shopt -s nullglob
 [ -f "$OUT/check.txt" ] && tail -n 1 "$OUT/check.txt"
 for f in "$OUT"/kernels*.txt; do
   echo "== $f"; grep -E "^variant" "$f" | sed -E 's/^variant +//; s/ +split n[^ ]+ k[^ ]+ w[0-9] s[0-9] slices [0-9/]+//' | cut -c1-110
 done
-grep -E -A5 "^== host time|host us per MoE layer" "$OUT/host.txt" | grep -v "^--"
+[ -f "$OUT/host.txt" ] && grep -E -A5 "^== host time|host us per MoE layer" "$OUT/host.txt" | grep -v "^--"
 for f in "$OUT"/e2e*.txt; do echo "== $f"; grep -E "^(preset|[a-z0-9-]+(@| ))" "$f" | cut -c1-150; done

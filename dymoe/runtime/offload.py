@@ -44,7 +44,7 @@ from dymoe.runtime.expert_compute import ExpertRun, group_by_expert, run_grouped
 from dymoe.runtime.metrics import RuntimeMetrics
 from dymoe.runtime.precision import make_precision_rule
 from dymoe.runtime.prefill import PrefillDequantizer, device_indices, prefill_capacity
-from dymoe.runtime.resident import decode_experts
+from dymoe.runtime.resident import blob_stacks, decode_experts, kernels_decode, kernels_decode_experts
 from dymoe.runtime.slot_pool import SlotPool
 from dymoe.runtime.transfer import IndexUpload, TransferEngine
 
@@ -119,9 +119,12 @@ class OffloadedExperts(RuntimeReporting):
                                                prefill_capacity(self.layouts[p], n, store.num_experts, dtype), dtype,
                                                self._wait_copy) for p, n in counts.items() if p != "bf16"}
         # bf16 slots read in place need no workspace, except in the two-class deferred decode,
-        # which runs them through the fused kernels (decode_compute)
+        # which runs them through the fused kernels (decode_compute), and under
+        # DYMOE_RESIDENT_DECODE=kernels (kernels_decode: as the resident model decodes then)
+        self._kernels_bf16 = kernels_decode(self.device, dtype)
         self._workspaces = {p: decode_workspace(self.layouts[p], top_k, 1, self.device)
-                            for p in counts if p != "bf16" or self._stacks is None or self.low is not None}
+                            for p in counts if p != "bf16" or self._stacks is None or self.low is not None
+                            or self._kernels_bf16}
         self.predictor: CrossLayerPredictor | None = None
         self._upload = IndexUpload(top_k, self.device, rows=2 * len(config.precisions))  # slot ids, rows per class
         # the two-class deferred decode's per-class slot and mask rows, in one copy per step (the
@@ -269,6 +272,9 @@ class OffloadedExperts(RuntimeReporting):
 
     def _run_slots(self, hidden, slots, weights, precision):
         """One token through the experts in ``slots`` (device int64) of one class: device work only."""
+        if precision == "bf16" and self._kernels_bf16:  # as the resident model decodes then
+            return kernels_decode_experts(hidden, slots, weights, self.pool.buffer, self._slot_tables["bf16"],
+                                          self.layouts["bf16"], self._workspaces.get("bf16"), self.math)
         if precision == "bf16" and self._stacks is not None:
             gate_up, down = self._stacks
             return decode_experts(hidden, slots, weights, gate_up, down, self.dtype, self._bias_stacks, self.math)
@@ -521,12 +527,7 @@ class OffloadedExperts(RuntimeReporting):
         stride = offsets[1] - offsets[0] if slots > 1 else self.layout.nbytes
         if any(o != offsets[0] + i * stride for i, o in enumerate(offsets)) or stride % 2:
             return None
-        gate, down = self.layout.part("gate.weight"), self.layout.part("down.weight")
-        h, i = self.layout.hidden_size, self.layout.intermediate_size
-        words = self.pool.buffer[offsets[0] :].view(torch.bfloat16)
-        gate_up = words.as_strided((slots, 2 * i, h), (stride // 2, h, 1), gate.offset // 2)
-        down_stack = words.as_strided((slots, h, i), (stride // 2, i, 1), down.offset // 2)
-        return gate_up, down_stack
+        return blob_stacks(self.pool.buffer, offsets[0], stride, slots, self.layout)[:2]
 
     def _stacked_biases(self, slots: int):
         """The bf16 slots' biases as strided stacks [S, 2I] and [S, H] over the pool buffer, like
@@ -535,9 +536,7 @@ class OffloadedExperts(RuntimeReporting):
             return None
         offsets = [self.pool.offset(self.precision, s) for s in range(slots)]
         stride = offsets[1] - offsets[0] if slots > 1 else self.layout.nbytes
-        words = self.pool.buffer[offsets[0] :].view(torch.bfloat16)
-        return tuple(words.as_strided((slots, part.shape[0]), (stride // 2, 1), part.offset // 2)
-                     for part in (self.layout.part("gate_up.bias"), self.layout.part("down.bias")))
+        return blob_stacks(self.pool.buffer, offsets[0], stride, slots, self.layout)[2:]
 
     def _wave_order(self, layer: int, experts: list[int], wave: list[int], used: dict[int, str], tickets: dict):
         """A wave's experts (indices into ``experts``) in run order, as :class:`ExpertRun` batches

@@ -19,6 +19,13 @@ either setting (invariant 2, docs/decode.md). The decode paths sum the k expert 
 order like the prefill path, but through other GEMMs, so they agree with it to float rounding,
 not bit for bit; ``gather_decode=False`` keeps the prefill path everywhere (the bit-exact
 reference the offloading runtimes are compared with in the CPU tests).
+
+With ``DYMOE_RESIDENT_DECODE=kernels`` (a GPU with Triton; experimental, not yet timed end to end)
+bf16 experts decode through the fused decode kernels of :mod:`dymoe.quant.kernels`, the low-bit
+slots' entry point: the resident model keeps each layer's experts as bf16 blobs in one buffer, laid
+out as an offloading runtime's bf16 slots (:func:`blob_stacks`: the stacks are views of it, so
+prefill reads them as before), and both decode one token with :func:`kernels_decode_experts`, so
+they still compute alike (invariant 2).
 """
 
 from __future__ import annotations
@@ -26,19 +33,77 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+import os
+
 import dymoe.models.fused as fused
+from dymoe.checkpoint.blob import BlobLayout, blob_layout
 from dymoe.env import env_choice
 from dymoe.models.expert_math import SWIGLU, ExpertMath
+from dymoe.quant.formats import parse_format
+from dymoe.quant.kernels import decode_routing, decode_workspace, expert_decode, triton_available
 from dymoe.runtime.expert_compute import MAX_GROUPS, combine_rows, grouped_experts, grouped_mm_usable, run_grouped
 
 
 def _decode_setting() -> str:
     return env_choice("DYMOE_RESIDENT_DECODE", {
         "grouped": "the default: two grouped GEMMs over the whole stacks (bf16 on sm_90+)",
-        "gather": "gather the k experts' weights, two batched matmuls"}, "grouped")
+        "gather": "gather the k experts' weights, two batched matmuls",
+        "kernels": "the fused Triton decode kernels, resident and bf16 slots alike (a GPU with Triton)"}, "grouped")
 
 
 DECODE = _decode_setting()
+
+
+def kernels_decode(device, dtype: torch.dtype) -> bool:
+    """Whether bf16 experts on ``device`` decode through the fused kernels
+    (``DYMOE_RESIDENT_DECODE=kernels``): bf16 weights, Triton installed, and a GPU, or the CPU
+    under Triton's interpreter (``TRITON_INTERPRET=1``, for the tests)."""
+    on = torch.device(device).type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
+    return DECODE == "kernels" and dtype == torch.bfloat16 and on and triton_available()
+
+
+def kernels_decode_experts(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, buffer: torch.Tensor,
+                           table: torch.Tensor, layout: BlobLayout, workspace=None,
+                           math: ExpertMath = SWIGLU) -> torch.Tensor:
+    """One token x [1, H] through experts ``ids`` [k] whose bf16 blobs lie in ``buffer`` at byte
+    offsets ``table[ids]`` (``weights`` [k]): the fused decode kernels, the experts summed in router
+    order. The resident model and an offloading runtime's bf16 slots both decode here under
+    :func:`kernels_decode`."""
+    offsets, combine = decode_routing(table, ids.view(1, -1), weights.view(1, -1))
+    backend = "triton" if buffer.is_cuda or os.environ.get("TRITON_INTERPRET") == "1" else "auto"
+    return expert_decode(buffer, offsets, layout, x, combine, backend=backend, workspace=workspace, math=math)
+
+
+def blob_stacks(buffer: torch.Tensor, first: int, stride: int, count: int,
+                layout: BlobLayout) -> tuple[torch.Tensor, ...]:
+    """``count`` bf16 blobs of ``layout`` in ``buffer`` (uint8), the first at byte ``first``, one every
+    ``stride`` bytes, as stacks: gate_up [count, 2I, H] and down [count, H, I], then the biases
+    gate_up [count, 2I] and down [count, H] where the layout has them; all views of the buffer."""
+    gate, up, down = (layout.part(f"{p}.weight") for p in ("gate", "up", "down"))
+    if up.offset != gate.offset + gate.nbytes or stride % 2 or first % 2:
+        raise ValueError("bf16 blobs must keep gate and up adjacent and lie at even offsets")
+    h, i = layout.hidden_size, layout.intermediate_size
+    words = buffer[first:].view(torch.bfloat16)
+    stacks = [words.as_strided((count, 2 * i, h), (stride // 2, h, 1), gate.offset // 2),
+              words.as_strided((count, h, i), (stride // 2, i, 1), down.offset // 2)]
+    if layout.has_bias:
+        stacks += [words.as_strided((count, part.shape[0]), (stride // 2, 1), part.offset // 2)
+                   for part in (layout.part("gate_up.bias"), layout.part("down.bias"))]
+    return tuple(stacks)
+
+
+def _as_blobs(stacks: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, torch.Tensor, BlobLayout, tuple]:
+    """One layer's bf16 stacks moved into a buffer of blobs (as a runtime's bf16 slots hold them):
+    (buffer, table of byte offsets, layout, the stacks as views of the buffer)."""
+    gate_up, down = stacks[:2]
+    count, h, i = down.shape
+    layout = blob_layout(parse_format("bf16"), h, i, bias=len(stacks) == 4)
+    buffer = torch.zeros(count * layout.nbytes, dtype=torch.uint8, device=gate_up.device)
+    views = blob_stacks(buffer, 0, layout.nbytes, count, layout)
+    for view, stack in zip(views, stacks):
+        view.copy_(stack)
+    table = torch.arange(count, dtype=torch.int64, device=gate_up.device) * layout.nbytes
+    return buffer, table, layout, views
 
 
 class ResidentExperts:
@@ -52,6 +117,15 @@ class ResidentExperts:
         self.math = math
         self.gather_decode = gather_decode
         self.graph_safe = gather_decode  # decode never synchronises with the host: CUDA graphs record it
+        # DYMOE_RESIDENT_DECODE=kernels: each layer's experts as bf16 blobs (the stacks become views)
+        self._blobs: dict[int, tuple[torch.Tensor, torch.Tensor, BlobLayout]] = {}
+        self._workspace = None
+        first = next(iter(layers.values()), None)
+        if gather_decode and first is not None and kernels_decode(first[0].device, first[0].dtype):
+            for layer, stacks in layers.items():
+                buffer, table, layout, views = _as_blobs(stacks)
+                self._blobs[layer] = (buffer, table, layout)
+                layers[layer] = views
 
     @classmethod
     def from_checkpoint(cls, checkpoint, device, dtype, progress=None, gather_decode: bool = True) -> "ResidentExperts":
@@ -70,14 +144,23 @@ class ResidentExperts:
         if any(len(stacks) != (4 if self.math.bias else 2) for stacks in self.layers.values()):
             raise ValueError(f"{model.config.family} experts {'have' if self.math.bias else 'have no'} biases: "
                              f"give ResidentExperts {wanted} per layer")
+        if self._blobs:  # scratch for the fused kernels, once (every layer decodes on one stream)
+            buffer, _, layout = next(iter(self._blobs.values()))
+            self._workspace = decode_workspace(layout, model.config.num_experts_per_tok, 1, buffer.device)
 
     @property
     def nbytes(self) -> int:
+        if self._blobs:
+            return sum(buffer.nbytes for buffer, _, _ in self._blobs.values())
         return sum(t.nbytes for stacks in self.layers.values() for t in stacks)
 
     def run_experts(self, layer, hidden, expert_ids, expert_weights):
         stacks = self.layers[layer]
         gate_up, down = stacks[:2]
+        if layer in self._blobs and hidden.shape[0] == 1:
+            buffer, table, layout = self._blobs[layer]
+            return kernels_decode_experts(hidden, expert_ids[0], expert_weights[0], buffer, table, layout,
+                                          self._workspace, self.math)
         if self.gather_decode and hidden.shape[0] == 1:
             return decode_experts(hidden, expert_ids[0], expert_weights[0], gate_up, down, biases=stacks[2:] or None,
                                   math=self.math)
