@@ -23,12 +23,11 @@ is one clear error.
 """
 
 import functools
-import os
 
 import torch
 
 from dymoe.env import env_choice
-from dymoe.quant.kernels import triton_available
+from dymoe.quant.kernels import interpreting, triton_available
 
 
 def _setting() -> bool:
@@ -38,16 +37,12 @@ def _setting() -> bool:
 ENABLED = _setting()
 
 
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
-
-
 def fused_applies(x: torch.Tensor) -> bool:
     """Whether the fused kernels run for ``x``: on by default for CUDA tensors when Triton is
     installed (the ``gpu`` extra), or for any tensor under ``TRITON_INTERPRET=1`` (the tests)."""
     if not ENABLED or not triton_available():
         return False
-    return x.is_cuda or _interpreting()
+    return x.is_cuda or interpreting()
 
 
 @functools.lru_cache(maxsize=1)
@@ -82,7 +77,7 @@ def route(logits: torch.Tensor, k: int, *, sigmoid: bool, normalize: bool, scali
     kernels.route_kernel[(n,)](rows, given, out_ids, weights, experts, float(scaling), K=k,
                                BLOCK=kernels.triton.next_power_of_2(experts), KB=kernels.triton.next_power_of_2(k),
                                GIVEN=ids is not None, SIGMOID=sigmoid, NORMALIZE=normalize,
-                               ACCURATE=not _interpreting(), num_warps=1 if experts <= 128 else 4)
+                               ACCURATE=not interpreting(), num_warps=1 if experts <= 128 else 4)
     return out_ids, weights
 
 

@@ -33,14 +33,12 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-import os
-
 import dymoe.models.fused as fused
 from dymoe.checkpoint.blob import BlobLayout, blob_layout
 from dymoe.env import env_choice
 from dymoe.models.expert_math import SWIGLU, ExpertMath
 from dymoe.quant.formats import parse_format
-from dymoe.quant.kernels import decode_routing, decode_workspace, expert_decode, triton_available
+from dymoe.quant.kernels import decode_routing, decode_workspace, expert_decode, interpreting, triton_available
 from dymoe.runtime.expert_compute import MAX_GROUPS, combine_rows, grouped_experts, grouped_mm_usable, run_grouped
 
 
@@ -58,7 +56,7 @@ def kernels_decode(device, dtype: torch.dtype) -> bool:
     """Whether bf16 experts on ``device`` decode through the fused kernels
     (``DYMOE_RESIDENT_DECODE=kernels``): bf16 weights, Triton installed, and a GPU, or the CPU
     under Triton's interpreter (``TRITON_INTERPRET=1``, for the tests)."""
-    on = torch.device(device).type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
+    on = torch.device(device).type == "cuda" or interpreting()
     return DECODE == "kernels" and dtype == torch.bfloat16 and on and triton_available()
 
 
@@ -70,7 +68,7 @@ def kernels_decode_experts(x: torch.Tensor, ids: torch.Tensor, weights: torch.Te
     order. The resident model and an offloading runtime's bf16 slots both decode here under
     :func:`kernels_decode`."""
     offsets, combine = decode_routing(table, ids.view(1, -1), weights.view(1, -1))
-    backend = "triton" if buffer.is_cuda or os.environ.get("TRITON_INTERPRET") == "1" else "auto"
+    backend = "triton" if buffer.is_cuda or interpreting() else "auto"
     return expert_decode(buffer, offsets, layout, x, combine, backend=backend, workspace=workspace, math=math)
 
 

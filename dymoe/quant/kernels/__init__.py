@@ -41,7 +41,8 @@ def triton_available() -> bool:
     return importlib.util.find_spec("triton") is not None
 
 
-def _interpreting() -> bool:
+def interpreting() -> bool:
+    """Whether Triton's interpreter runs the kernels (``TRITON_INTERPRET=1``): on CPU tensors, for tests."""
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
@@ -86,7 +87,7 @@ def _resolve(backend: str, pool: torch.Tensor) -> str:
         raise ValueError(f"unknown backend {backend!r}: choose from {', '.join(BACKENDS)}")
     if backend == "auto":
         backend = "triton" if pool.is_cuda and triton_available() else "torch"
-    if backend == "triton" and not (pool.is_cuda or _interpreting()):
+    if backend == "triton" and not (pool.is_cuda or interpreting()):
         raise ValueError("the Triton backend needs a CUDA pool (or TRITON_INTERPRET=1)")
     return backend
 

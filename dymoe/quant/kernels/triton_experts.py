@@ -23,7 +23,6 @@ and min are applied to its partial dot product (see ``_accumulate``). That is th
 
 import dataclasses
 import functools
-import os
 from dataclasses import dataclass
 
 import torch
@@ -32,6 +31,7 @@ import triton.language as tl
 
 from dymoe.env import env_override
 from dymoe.models.expert_math import SWIGLU, ExpertMath
+from dymoe.quant.kernels import interpreting
 from dymoe.quant.kernels.plan import KernelPlan, Projection
 
 TOKEN_BLOCK = 16  # tl.dot's smallest N; the decode path takes up to this many tokens per launch
@@ -817,7 +817,7 @@ def launch_decode(pool: torch.Tensor, slot_offsets: torch.Tensor, plan: KernelPl
     x = x.contiguous()
     combine = combine.contiguous()
     workspace = workspace or DecodeWorkspace.allocate(plan, e, t, x.device)
-    gate_up, down = _launches(plan, e, t, _sm_count(pool.device), os.environ.get("TRITON_INTERPRET") == "1",
+    gate_up, down = _launches(plan, e, t, _sm_count(pool.device), interpreting(),
                               gate_up_config, down_config, math, pdl_supported(pool.device))
     payload, scales = pool.view(gate_up.payload or plan.payload_dtype), pool.view(torch.float16)
     out = torch.empty_like(x)
