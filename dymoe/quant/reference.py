@@ -98,6 +98,27 @@ def unpack_bits(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
     return v.reshape(*packed.shape[:-1], -1)[..., :n].to(torch.uint8)
 
 
+_CODE_TABLES: dict[tuple[int, torch.device], torch.Tensor] = {}
+
+
+def unpack_float(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
+    """``unpack_bits(packed, bits, n).float()``, for int4 and int2 through a table of each byte's
+    codes as floats: one gather instead of the shift, mask and conversion passes (a Qwen3-30B-A3B
+    expert's gate_up on 2 CPU threads: 2.3 -> 1.4 ms). Same values, so the same results."""
+    codes, nbytes = _word(bits)
+    if nbytes != 1:  # int3 (24-bit words), int8
+        return unpack_bits(packed, bits, n).float()
+    if packed.shape[-1] != packed_row_bytes(bits, n):
+        raise ValueError(f"{packed.shape[-1]} packed bytes per row do not hold {n} {bits}-bit codes")
+    key = (bits, packed.device)
+    if key not in _CODE_TABLES:
+        byte = torch.arange(256, dtype=torch.int32, device=packed.device)
+        shifts = torch.arange(codes, dtype=torch.int32, device=packed.device) * bits
+        _CODE_TABLES[key] = ((byte.unsqueeze(-1) >> shifts) & ((1 << bits) - 1)).float()  # [256, codes]
+    values = torch.nn.functional.embedding(packed.int(), _CODE_TABLES[key])
+    return values.reshape(*packed.shape[:-1], -1)[..., :n]
+
+
 # ---- fp16 rounding with a direction ------------------------------------------------------------
 
 
@@ -212,7 +233,7 @@ def dequantize(q: QuantizedTensor, dtype: torch.dtype = torch.bfloat16) -> torch
         codes = q.payload.reshape(out, n).float()
         return (codes * q.scales.float().reshape(out, 1)).to(dtype)
     groups = num_groups(fmt, n)
-    codes = unpack_bits(q.payload.reshape(out, -1), fmt.bits, groups * fmt.group_size).float()
+    codes = unpack_float(q.payload.reshape(out, -1), fmt.bits, groups * fmt.group_size)
     codes = codes.reshape(out, groups, fmt.group_size)
     # in place, the same two roundings as codes * scale + min (no fused multiply-add: the prefill
     # dequantize kernel must equal this bit for bit)

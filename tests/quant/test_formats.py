@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 
 from dymoe.errors import InputError
 from dymoe.quant.formats import PRECISIONS, nbytes, parse_format, part_specs
-from dymoe.quant.reference import dequantize, error_bound, pack_bits, quantize, unpack_bits
+from dymoe.quant.reference import dequantize, error_bound, pack_bits, quantize, unpack_bits, unpack_float
 
 LOW_BIT = ("int4", "int3", "int2")
 
@@ -37,6 +37,9 @@ def test_pack_round_trips_exactly(bits, rows, n, seed):
     packed = pack_bits(values, bits)
     assert packed.dtype == torch.uint8
     assert torch.equal(unpack_bits(packed, bits, n), values)
+    # the float codes dequantize reads (int4 and int2 through a table of each byte's codes)
+    unpacked = unpack_float(packed, bits, n)
+    assert unpacked.dtype == torch.float32 and torch.equal(unpacked, values.float())
 
 
 def test_int3_layout_is_a_little_endian_24_bit_word():
