@@ -155,7 +155,9 @@ class ResidentExperts:
     def run_experts(self, layer, hidden, expert_ids, expert_weights):
         stacks = self.layers[layer]
         gate_up, down = stacks[:2]
-        if layer in self._blobs and hidden.shape[0] == 1:
+        # (the blobs, unless a caller swapped this layer's stacks, as calibration does)
+        if layer in self._blobs and hidden.shape[0] == 1 and gate_up.untyped_storage().data_ptr() == \
+                self._blobs[layer][0].untyped_storage().data_ptr():
             buffer, table, layout = self._blobs[layer]
             return kernels_decode_experts(hidden, expert_ids[0], expert_weights[0], buffer, table, layout,
                                           self._workspace, self.math)

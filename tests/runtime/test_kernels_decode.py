@@ -63,11 +63,18 @@ for family in FAMILIES:
         offloaded = run(model, experts)
         slot_launches += launches[0] - before
         same.append(bool(torch.equal(offloaded, kernels)))
+    views = all(s[0].untyped_storage().data_ptr() == blobs._blobs[l][0].untyped_storage().data_ptr()
+                for l, s in blobs.layers.items())
+    # a layer whose stacks a caller swapped (as calibration does) decodes them, not the blobs
+    swapped = next(iter(blobs.layers))
+    blobs.layers[swapped] = tuple(t.clone() for t in blobs.layers[swapped])
+    before = launches[0]
+    run(model, blobs)
     out[family] = {"blobs": len(blobs._blobs), "moe_layers": len(checkpoint.config.moe_layers),
+                   "swapped_launches": launches[0] - before,
                    "resident_launches": resident_launches, "slot_launches": slot_launches, "same": same,
                    "rel_err": float((kernels.float() - reference.float()).norm() / reference.float().norm()),
-                   "views": all(s[0].untyped_storage().data_ptr() == blobs._blobs[l][0].untyped_storage().data_ptr()
-                                for l, s in blobs.layers.items())}
+                   "views": views}
 print(json.dumps(out))
 """
 
@@ -77,8 +84,9 @@ def test_kernels_decode_keeps_offloading_invisible(monkeypatch):
     """Under ``DYMOE_RESIDENT_DECODE=kernels`` the resident model keeps every MoE layer's experts as
     bf16 blobs (its stacks are views of them), every decode step's experts run through the fused
     kernels, and ``lru`` with bf16 slots (two budgets, with evictions) gives the same logits bit
-    for bit (invariant 2); against the prefill path they agree to bf16 rounding. Plain SwiGLU
-    experts and GPT-OSS's biased, clamped ones."""
+    for bit (invariant 2); against the prefill path they agree to bf16 rounding; a layer whose
+    stacks were swapped (as calibration does) decodes the swapped ones. Plain SwiGLU experts and
+    GPT-OSS's biased, clamped ones."""
     monkeypatch.setenv("DYMOE_RESIDENT_DECODE", "kernels")
     results = run_interpreted('FAMILIES = ("qwen3_moe", "gpt_oss")\n' + _SCRIPT, timeout=900)
     assert set(results) == {"qwen3_moe", "gpt_oss"}
@@ -87,5 +95,6 @@ def test_kernels_decode_keeps_offloading_invisible(monkeypatch):
         # the prefill runs no decode kernel; each of the 4 one-token steps one per MoE layer
         assert r["resident_launches"] == 4 * r["moe_layers"], (family, r)
         assert r["slot_launches"] == 2 * 4 * r["moe_layers"], (family, r)
+        assert r["swapped_launches"] == 4 * (r["moe_layers"] - 1), (family, r)
         assert r["same"] == [True, True], (family, r)
         assert r["rel_err"] < 2e-2, (family, r)
