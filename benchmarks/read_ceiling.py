@@ -24,6 +24,8 @@ from pathlib import Path
 
 import torch
 
+from kernels import bench_steps, copy_bandwidth  # benchmarks/kernels.py: the same timers and copy figure
+
 SIZES_MB = (4, 8, 12, 20, 40, 80, 160, 640)
 STEPS = 20
 WORDS = 4096  # int32 per program: 16 KB
@@ -42,49 +44,6 @@ def _kernel():
     return read, triton.cdiv
 
 
-def bench(fn, repeats: int = 30) -> float:
-    """Median milliseconds of ``fn`` (a graph replay), after a warm-up."""
-    for _ in range(3):
-        fn()
-    times = []
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return sorted(times)[len(times) // 2]
-
-
-def graphed(calls) -> float:
-    """Milliseconds per call of ``calls`` (STEPS callables) replayed from one CUDA graph."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for call in calls:
-            call()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for call in calls:
-            call()
-    return bench(graph.replay) / len(calls)
-
-
-def copy_bandwidth(n: int) -> float:
-    """Device-to-device copy of ``n`` bytes, GB/s counting bytes read plus written (as kernels.py)."""
-    src = torch.empty(n, dtype=torch.uint8, device="cuda")
-    dst = torch.empty_like(src)
-    return 2 * n / bench(lambda: dst.copy_(src)) / 1e6
-
-
-def copy_graphed(src: torch.Tensor) -> float:
-    """Milliseconds per copy of ``src`` replayed from one CUDA graph of STEPS copies."""
-    dst = torch.empty_like(src)
-    return graphed([lambda: dst.copy_(src)] * STEPS)
-
-
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, required=True, help="folder for read_ceiling.json")
@@ -93,7 +52,7 @@ def main(argv=None) -> int:
         print("benchmarks/read_ceiling.py needs a CUDA GPU and Triton (pip install -e .[gpu])")
         return 2
     read, cdiv = _kernel()
-    copy_gbps = copy_bandwidth(1 << 30)
+    copy_gbps = copy_bandwidth(torch.device("cuda"))
     rows, ok = [], True
     for mb in SIZES_MB:
         nbytes = mb << 20
@@ -105,9 +64,10 @@ def main(argv=None) -> int:
         launch[0]()
         expected = bufs[0].view(-1, WORDS).sum(1, dtype=torch.int64).remainder(1 << 32)
         ok = ok and bool(torch.equal(out.to(torch.int64).remainder(1 << 32), expected))
-        same = graphed([launch[0]] * STEPS)
-        cold = graphed([launch[i % len(launch)] for i in range(STEPS)])
-        copy = copy_graphed(bufs[0])
+        same = bench_steps(launch[0], STEPS)
+        cold = bench_steps(lambda call: call(), args=[launch[i % len(launch)] for i in range(STEPS)])
+        dst = torch.empty_like(bufs[0])
+        copy = bench_steps(lambda src=bufs[0], dst=dst: dst.copy_(src), STEPS)
         row = {"MB": mb, "read_us": same * 1e3, "read_cold_us": cold * 1e3, "copy_us": copy * 1e3,
                "read_of_copy": nbytes / same / 1e6 / copy_gbps, "read_cold_of_copy": nbytes / cold / 1e6 / copy_gbps,
                "copy_of_copy": 2 * nbytes / copy / 1e6 / copy_gbps}
