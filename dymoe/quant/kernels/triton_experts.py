@@ -416,14 +416,15 @@ def one_launch_by_default(plan: KernelPlan) -> bool:
 
 def preload_by_default(plan: KernelPlan) -> bool:
     """Whether each program of a split-K step loads its first step of weights before it waits for
-    its activations (``LaunchConfig.preload``): int8 and int4, and int3 on the short steps (where
+    its activations (``LaunchConfig.preload``): int4, and int8 and int3 on the short steps (where
     pdl is on). Measured on an H100 (2026-12-06, 20-step graphs, one call; docs/results/
     launch_forms_h100.json), microseconds without -> with: Qwen3-30B-A3B int8 20.8 -> 18.7,
     int4/g128 14.6 -> 14.2, int3/g128 22.8 -> 18.6; OLMoE int4/g128 15.8 -> 15.0; DeepSeek-V2-Lite
     int4/g128 17.5 -> 17.0; Mixtral-8x7B in one launch int4/g128 89.4 -> 87.6, int4/g64
-    104.7 -> 101.2, int8 127.3 -> 126.9. Slower: int2 (Qwen3 11.9 -> 12.2, OLMoE 13.5 -> 13.9, its
+    104.7 -> 101.2, int8 127.3 -> 126.9 (no gain, and apart, with DYMOE_ONE_LAUNCH=0, 140.3 -> 155.9:
+    so long int8 steps keep it off). Slower: int2 (Qwen3 11.9 -> 12.2, OLMoE 13.5 -> 13.9, its
     steps are bound by arithmetic) and Mixtral's int3 apart (158.8 -> 169.0)."""
-    return plan.bits in (8, 4) or (plan.bits == 3 and pdl_by_default(plan))
+    return plan.bits == 4 or (plan.bits in (8, 3) and pdl_by_default(plan))
 
 
 def packs_by_default(plan: KernelPlan) -> bool:
