@@ -110,8 +110,9 @@ class OffloadedExperts(RuntimeReporting):
         self.cache = ExpertCache(self.pool, config.eviction, on_evict=self.metrics.evicted)
         self.transfers = TransferEngine(self.device, self.metrics, measure_stalls=config.measure_stalls)
         self._views = {s: self._weights_view(self.pool.view(self.precision, s)) for s in range(counts[self.precision])}
-        self._stacks = self._stacked_views(counts[self.precision])
-        self._bias_stacks = self._stacked_biases(counts[self.precision]) if self._stacks is not None else None
+        stacks = self._stacked_views(counts[self.precision]) or ()
+        self._stacks = stacks[:2] or None
+        self._bias_stacks = stacks[2:] or None
         self.math = SWIGLU  # the model's, once bound
         self._slot_tables = {p: torch.tensor([self.pool.offset(p, s) for s in range(n)], dtype=torch.int64,
                                              device=self.device) for p, n in counts.items()}
@@ -519,24 +520,16 @@ class OffloadedExperts(RuntimeReporting):
         return (gate_up, down_view, *(expert_biases(blob, self.layout) or ()))
 
     def _stacked_views(self, slots: int):
-        """bf16 slots as two strided stacks [S, 2I, H] and [S, H, I] over the pool buffer, when the
-        slots are evenly spaced (always, unless a resplit moved some); None otherwise."""
+        """bf16 slots as strided stacks over the pool buffer (:func:`blob_stacks`: [S, 2I, H] and
+        [S, H, I], then the biases where the blobs carry them), when the slots are evenly spaced
+        (always, unless a resplit moved some); None otherwise."""
         if self.precision != "bf16" or slots == 0:
             return None
         offsets = [self.pool.offset(self.precision, s) for s in range(slots)]
         stride = offsets[1] - offsets[0] if slots > 1 else self.layout.nbytes
         if any(o != offsets[0] + i * stride for i, o in enumerate(offsets)) or stride % 2:
             return None
-        return blob_stacks(self.pool.buffer, offsets[0], stride, slots, self.layout)[:2]
-
-    def _stacked_biases(self, slots: int):
-        """The bf16 slots' biases as strided stacks [S, 2I] and [S, H] over the pool buffer, like
-        :meth:`_stacked_views` (None when the blobs carry no biases)."""
-        if not self.layout.has_bias:
-            return None
-        offsets = [self.pool.offset(self.precision, s) for s in range(slots)]
-        stride = offsets[1] - offsets[0] if slots > 1 else self.layout.nbytes
-        return blob_stacks(self.pool.buffer, offsets[0], stride, slots, self.layout)[2:]
+        return blob_stacks(self.pool.buffer, offsets[0], stride, slots, self.layout)
 
     def _wave_order(self, layer: int, experts: list[int], wave: list[int], used: dict[int, str], tickets: dict):
         """A wave's experts (indices into ``experts``) in run order, as :class:`ExpertRun` batches
