@@ -68,8 +68,8 @@ def kernels_decode_experts(x: torch.Tensor, ids: torch.Tensor, weights: torch.Te
     order. The resident model and an offloading runtime's bf16 slots both decode here under
     :func:`kernels_decode`."""
     offsets, combine = decode_routing(table, ids.view(1, -1), weights.view(1, -1))
-    backend = "triton" if buffer.is_cuda or interpreting() else "auto"
-    return expert_decode(buffer, offsets, layout, x, combine, backend=backend, workspace=workspace, math=math)
+    # "triton", not "auto": where kernels_decode holds, that is a GPU or the interpreter on the CPU
+    return expert_decode(buffer, offsets, layout, x, combine, backend="triton", workspace=workspace, math=math)
 
 
 def blob_stacks(buffer: torch.Tensor, first: int, stride: int, count: int,
