@@ -708,6 +708,12 @@ def main(argv=None) -> int:
     parser.add_argument("--budget-s", type=float, help="skip remaining checks/sweeps/variants after this "
                                                        "(default 200 s, 240 s with --variants)")
     args = parser.parse_args(argv)
+    if (args.forms or args.chosen or args.blocks_per_sm) and not args.variants:
+        parser.error("--forms, --chosen and --blocks-per-sm select --variants candidates: add --variants")
+    if args.forms and args.chosen:
+        parser.error("--forms and --chosen are two candidate sets: give one")
+    if args.blocks_per_sm and not args.forms:
+        parser.error("--blocks-per-sm adds --forms candidates: add --forms")
     if not torch.cuda.is_available():
         print("benchmarks/kernels.py needs a CUDA GPU and Triton (pip install -e .[gpu])")
         return 2
