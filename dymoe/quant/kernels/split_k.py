@@ -340,12 +340,12 @@ def _int3_words(w_ptr, w_base, rows, row_ok, c, ROW: tl.constexpr, KP: tl.conste
     """int3 rows ``rows`` (``ROW`` 32-bit words each), chunks ``c`` of 64 codes (6 words, 8 of
     their 3-byte groups): six [BLOCK_N, CH] uint32 tensors, word i of each chunk in the i-th, loaded
     as three 8-byte vectors per chunk (a chunk is 24 bytes: 8-byte aligned, not 16)."""
-    mask = (row_ok[:, None] & (c[None, :] < KP // 64))[:, :, None]
-    at = w_ptr + w_base + rows[:, None, None] * ROW + 6 * c[None, :, None] + tl.arange(0, 2)[None, None, :]
+    mask = ((c[:, None] < KP // 64) & row_ok[None, :])[:, :, None]
+    at = w_ptr + w_base + 6 * c[:, None, None] + rows[None, :, None] * ROW + tl.arange(0, 2)[None, None, :]
     t0, t1 = tl.split(tl.load(at, mask=mask, other=0).to(tl.uint32, bitcast=True))
     t2, t3 = tl.split(tl.load(at + 2, mask=mask, other=0).to(tl.uint32, bitcast=True))
     t4, t5 = tl.split(tl.load(at + 4, mask=mask, other=0).to(tl.uint32, bitcast=True))
-    return t0, t1, t2, t3, t4, t5
+    return tl.trans(t0), tl.trans(t1), tl.trans(t2), tl.trans(t3), tl.trans(t4), tl.trans(t5)
 
 
 @triton.jit
