@@ -120,8 +120,8 @@ class OffloadedExperts(RuntimeReporting):
                                                prefill_capacity(self.layouts[p], n, store.num_experts, dtype), dtype,
                                                self._wait_copy) for p, n in counts.items() if p != "bf16"}
         # bf16 slots read in place need no workspace, except in the two-class deferred decode,
-        # which runs them through the fused kernels (decode_compute), and under
-        # DYMOE_RESIDENT_DECODE=kernels (kernels_decode: as the resident model decodes then)
+        # which runs them through the fused kernels (decode_compute), and where the resident model
+        # decodes through them too (kernels_decode: a GPU with Triton, by default)
         self._kernels_bf16 = kernels_decode(self.device, dtype)
         self._workspaces = {p: decode_workspace(self.layouts[p], top_k, 1, self.device)
                             for p in counts if p != "bf16" or self._stacks is None or self.low is not None

@@ -4,28 +4,29 @@ It is the `resident` preset (the upper bound when everything fits) and the refer
 offloading runtimes are checked against (invariant 2 of DESIGN.md).
 
 Two paths compute the same function. Prefill groups tokens by expert (one matmul pair per expert
-used). Decode (one token) runs through two grouped GEMMs over the whole stacks, each expert a
-group of one row or none (:func:`grouped_decode`, the default where grouped GEMMs run: bf16 on
-sm_90+): the weights are read in place, with no device-to-host synchronisation, so the host can
-queue the next layers while the GPU works and CUDA graphs record it (docs/decode.md). On other
-GPUs, or with ``DYMOE_RESIDENT_DECODE=gather``, it gathers the k chosen experts' weights by index
-and runs two batched matmuls (:func:`gathered_decode`; the gather copies the weights first, three
-times their bytes: 8-layer resident TPOT 1.74 ms against 1.61 grouped on an H100). On the CPU it
-runs one matrix-vector product per expert on the weights in place (:func:`looped_decode`: 7x
-faster than gathering at Qwen3's and Mixtral's expert sizes; tiny test models still gather). Offloading
-runtimes decode their bf16 slots through the same function (:func:`decode_experts`), and on the
-H100 the resident model and ``lru`` with bf16 slots gave the same logits bit for bit under
-either setting (invariant 2, docs/decode.md). The decode paths sum the k expert outputs in router
-order like the prefill path, but through other GEMMs, so they agree with it to float rounding,
-not bit for bit; ``gather_decode=False`` keeps the prefill path everywhere (the bit-exact
-reference the offloading runtimes are compared with in the CPU tests).
+used). Decode (one token), by default on a GPU with Triton, runs the fused decode kernels of
+:mod:`dymoe.quant.kernels`, the low-bit slots' entry point: the resident model keeps each layer's
+experts as bf16 blobs in one buffer, laid out as an offloading runtime's bf16 slots
+(:func:`blob_stacks`: the stacks are views of it, so prefill reads them as before), and both decode
+one token with :func:`kernels_decode_experts`, so they compute alike (invariant 2). On an H100,
+8 layers of the synthetic Qwen3-30B-A3B shape: resident TPOT 1.24 -> 1.02 ms against the grouped
+GEMMs below (docs/decode.md).
 
-With ``DYMOE_RESIDENT_DECODE=kernels`` (a GPU with Triton; experimental, not yet timed end to end)
-bf16 experts decode through the fused decode kernels of :mod:`dymoe.quant.kernels`, the low-bit
-slots' entry point: the resident model keeps each layer's experts as bf16 blobs in one buffer, laid
-out as an offloading runtime's bf16 slots (:func:`blob_stacks`: the stacks are views of it, so
-prefill reads them as before), and both decode one token with :func:`kernels_decode_experts`, so
-they still compute alike (invariant 2).
+Without Triton, or with ``DYMOE_RESIDENT_DECODE=grouped``, decode runs through two grouped GEMMs
+over the whole stacks, each expert a group of one row or none (:func:`grouped_decode`, where
+grouped GEMMs run: bf16 on sm_90+): the weights are read in place, with no device-to-host
+synchronisation, so the host can queue the next layers while the GPU works and CUDA graphs record
+it (docs/decode.md). On other GPUs, or with ``DYMOE_RESIDENT_DECODE=gather``, it gathers the k
+chosen experts' weights by index and runs two batched matmuls (:func:`gathered_decode`; the gather
+copies the weights first, three times their bytes: 8-layer resident TPOT 1.74 ms against 1.61
+grouped on an H100). On the CPU it runs one matrix-vector product per expert on the weights in
+place (:func:`looped_decode`: 7x faster than gathering at Qwen3's and Mixtral's expert sizes; tiny
+test models still gather). Offloading runtimes decode their bf16 slots through the same function
+(:func:`decode_experts`), and on the H100 the resident model and ``lru`` with bf16 slots gave the
+same logits bit for bit under either setting (invariant 2, docs/decode.md). The decode paths sum
+the k expert outputs in router order like the prefill path, but through other GEMMs, so they agree
+with it to float rounding, not bit for bit; ``gather_decode=False`` keeps the prefill path
+everywhere (the bit-exact reference the offloading runtimes are compared with in the CPU tests).
 """
 
 from __future__ import annotations
@@ -44,20 +45,22 @@ from dymoe.runtime.expert_compute import MAX_GROUPS, combine_rows, grouped_exper
 
 def _decode_setting() -> str:
     return env_choice("DYMOE_RESIDENT_DECODE", {
-        "grouped": "the default: two grouped GEMMs over the whole stacks (bf16 on sm_90+)",
-        "gather": "gather the k experts' weights, two batched matmuls",
-        "kernels": "the fused Triton decode kernels, resident and bf16 slots alike (a GPU with Triton)"}, "grouped")
+        "auto": "the default: kernels on a GPU with Triton, else grouped",
+        "kernels": "the fused Triton decode kernels, resident and bf16 slots alike (a GPU with Triton, or "
+                   "Triton's interpreter), else grouped",
+        "grouped": "two grouped GEMMs over the whole stacks (bf16 on sm_90+)",
+        "gather": "gather the k experts' weights, two batched matmuls"}, "auto")
 
 
 DECODE = _decode_setting()
 
 
 def kernels_decode(device, dtype: torch.dtype) -> bool:
-    """Whether bf16 experts on ``device`` decode through the fused kernels
-    (``DYMOE_RESIDENT_DECODE=kernels``): bf16 weights, Triton installed, and a GPU, or the CPU
-    under Triton's interpreter (``TRITON_INTERPRET=1``, for the tests)."""
-    on = torch.device(device).type == "cuda" or interpreting()
-    return DECODE == "kernels" and dtype == torch.bfloat16 and on and triton_available()
+    """Whether bf16 experts on ``device`` decode through the fused kernels: bf16 weights, Triton
+    installed, and a GPU (``DYMOE_RESIDENT_DECODE`` unset, ``auto``, or ``kernels``), or the CPU
+    under Triton's interpreter (``TRITON_INTERPRET=1``) with ``kernels`` said outright (the tests)."""
+    on = torch.device(device).type == "cuda" or (DECODE == "kernels" and interpreting())
+    return DECODE in ("auto", "kernels") and dtype == torch.bfloat16 and on and triton_available()
 
 
 def kernels_decode_experts(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, buffer: torch.Tensor,
@@ -226,13 +229,13 @@ def decode_experts(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, ga
                    biases: tuple[torch.Tensor, torch.Tensor] | None = None, math: ExpertMath = SWIGLU) -> torch.Tensor:
     """One token through stacked experts (the resident stacks, or a runtime's bf16 slot stacks
     with slot ids: both go through here, so offloading stays invisible, invariant 2):
-    :func:`grouped_decode` under ``DYMOE_RESIDENT_DECODE=grouped`` where grouped GEMMs run (a GPU),
+    :func:`grouped_decode` (unless ``DYMOE_RESIDENT_DECODE=gather``) where grouped GEMMs run (a GPU),
     no cast is needed and the stacks hold at most ``MAX_GROUPS`` experts, else on the CPU
     :func:`looped_decode` and on a GPU :func:`gathered_decode`
     (a runtime's pool of more slots than that decodes gathered while the resident model decodes
     grouped: two different GEMMs, which on the H100 gave the same logits bit for bit, but nothing
     promises it elsewhere)."""
-    if (DECODE == "grouped" and grouped_mm_usable(x) and (dtype is None or gate_up.dtype == dtype)
+    if (DECODE != "gather" and grouped_mm_usable(x) and (dtype is None or gate_up.dtype == dtype)
             and gate_up.shape[0] <= MAX_GROUPS):
         return grouped_decode(x, ids, weights, gate_up, down, biases, math)
     if x.device.type == "cpu" and down[0].numel() >= LOOPED_MIN_WEIGHTS:

@@ -122,8 +122,9 @@ def test_grouped_decode_equals_the_gathered_decode(experts, monkeypatch):
     """One token through the whole stacks as k one-row groups gives the gathered decode's result,
     plain and with GPT-OSS's biases and activation, for unsorted expert ids (summed in the same
     order; the grouped GEMMs may round differently); ResidentExperts and an offloading runtime's
-    bf16 slots (decode_experts) take that path under DYMOE_RESIDENT_DECODE=grouped (the default)
-    only, only where grouped GEMMs run and only for stacks of at most MAX_GROUPS experts
+    bf16 slots (decode_experts) take that path unless DYMOE_RESIDENT_DECODE=gather (where the
+    fused kernels do not apply: the default ``auto`` and ``kernels`` fall back to it), only where
+    grouped GEMMs run and only for stacks of at most MAX_GROUPS experts
     (torch._grouped_mm's limit: a larger pool decodes gathered, or on the CPU looped, one product
     per expert, which also equals the gathered decode); a bad setting is one clear error."""
     from dymoe.errors import InputError
@@ -151,7 +152,8 @@ def test_grouped_decode_equals_the_gathered_decode(experts, monkeypatch):
     monkeypatch.setattr(resident, "grouped_mm_usable", lambda t: True)
     monkeypatch.setattr(resident, "grouped_decode", lambda *a: calls.append("grouped") or a[0])
     runtime = ResidentExperts({0: (gate_up, down)})
-    for setting, expected in (("gather", []), ("grouped", ["grouped"])):
+    for setting, expected in (("gather", []), ("grouped", ["grouped"]), ("auto", ["grouped"]),
+                              ("kernels", ["grouped"])):  # (the CPU: no fused kernels there)
         monkeypatch.setattr(resident, "DECODE", setting)
         calls.clear()
         runtime.run_experts(0, x[:1], ids[None], weights[None])
@@ -171,7 +173,30 @@ def test_grouped_decode_equals_the_gathered_decode(experts, monkeypatch):
     decode_experts(x[:1], ids, weights, gate_up, down, torch.bfloat16)
     assert calls == ["looped"]  # experts this large, on the CPU without grouped GEMMs: one product per expert
     monkeypatch.delenv("DYMOE_RESIDENT_DECODE", raising=False)
-    assert resident._decode_setting() == "grouped"
+    assert resident._decode_setting() == "auto"
     monkeypatch.setenv("DYMOE_RESIDENT_DECODE", "fast")
-    with pytest.raises(InputError, match="DYMOE_RESIDENT_DECODE='fast': use grouped"):
+    with pytest.raises(InputError, match="DYMOE_RESIDENT_DECODE='fast': use auto .* or kernels .* or grouped"):
         resident._decode_setting()
+
+
+def test_fused_kernels_decode_bf16_on_a_gpu_by_default(monkeypatch):
+    """kernels_decode: bf16 experts on a GPU with Triton decode through the fused kernels under the
+    default ``auto`` and under ``kernels``, never under ``grouped`` or ``gather``, never for other
+    dtypes or without Triton; on the CPU only under Triton's interpreter with ``kernels`` said
+    outright (the tests' way in), so a CPU run with Triton installed keeps the grouped decode."""
+    from dymoe.runtime import resident
+
+    monkeypatch.setattr(resident, "triton_available", lambda: True)
+    interpreted = [False]
+    monkeypatch.setattr(resident, "interpreting", lambda: interpreted[0])
+    for setting, gpu in (("auto", True), ("kernels", True), ("grouped", False), ("gather", False)):
+        monkeypatch.setattr(resident, "DECODE", setting)
+        assert resident.kernels_decode("cuda", torch.bfloat16) is gpu
+        assert resident.kernels_decode("cuda", torch.float32) is False
+        assert resident.kernels_decode("cpu", torch.bfloat16) is False
+        interpreted[0] = True
+        assert resident.kernels_decode("cpu", torch.bfloat16) is (setting == "kernels")
+        interpreted[0] = False
+    monkeypatch.setattr(resident, "DECODE", "auto")
+    monkeypatch.setattr(resident, "triton_available", lambda: False)
+    assert resident.kernels_decode("cuda", torch.bfloat16) is False
