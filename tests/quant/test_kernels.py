@@ -364,7 +364,8 @@ def test_pdl_launches_only_after_the_first_and_only_where_supported(monkeypatch)
 def test_choose_config_splits_k_for_one_token_only():
     """Packed formats at one token get split-K with enough blocks for every SM; several tokens,
     bf16 and int3 without its packed path (float32 split-K measured no faster there) keep the
-    tiled kernels; a split never exceeds K's steps or MAX_SPLIT; int4 caps its registers."""
+    tiled kernels; a split never exceeds K's steps or MAX_SPLIT; int4 caps its registers; the row
+    blocks are as measured fastest."""
     from dymoe.quant.kernels.triton_experts import MAX_SPLIT, choose_config, packs_by_default
 
     for precision, group in FORMATS:
@@ -378,6 +379,9 @@ def test_choose_config_splits_k_for_one_token_only():
                     continue
                 assert one.packed == packs_by_default(plan)
                 assert one.max_registers == (128 if plan.bits == 4 else None)
+                # 128-row blocks, but 64 for int8 and for int2/g128's long steps (measured slower there)
+                long_int2 = plan.bits == 2 and plan.group_size == 128 and hidden == 4096
+                assert one.block_n == (64 if plan.bits == 8 or long_int2 else 128), (precision, group, hidden)
                 steps = -(-cols // one.block_k)
                 assert 1 <= one.split_k <= min(MAX_SPLIT, steps)
                 assert one.block_k % max(plan.group_size, 1) == 0

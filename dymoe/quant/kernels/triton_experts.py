@@ -531,8 +531,8 @@ def split_config(plan: KernelPlan, kernel: str, experts: int, sms: int, block_n:
     step, and no register spills at sm_90 where 128 spilled for int4/g64, int3 and int2/g128;
     int2's down too: 128 bytes took 200 registers and ~4x the compile time for a step that is bound
     by arithmetic, not loads);
-    ``block_n`` to 64 rows (int4: 128), more where a group is under 16 bytes of a row (int2/g64), so that each
-    thread still loads whole 16-byte vectors; then K is cut into as many slices as it takes for
+    ``block_n`` to 64 rows (int4, int3 and int2's short steps: 128), more where a group is under 16 bytes of a
+    row (int2/g64), so that each thread still loads whole 16-byte vectors; then K is cut into as many slices as it takes for
     ``blocks_per_sm`` blocks per SM (at most ``MAX_SPLIT`` and the number of ``block_k`` steps in
     K). At 6 four-warp blocks of 8 KB per step per SM, ~48 KB are in flight per SM. The default is
     6, and 4 for int4's short steps: 4 of its blocks fit an SM (128 registers), and one wave of them
@@ -547,8 +547,11 @@ def split_config(plan: KernelPlan, kernel: str, experts: int, sms: int, block_n:
     if block_n is None:
         words_per_group = (plan.group_size or block_k) // _CODES_PER_WORD.get(plan.bits, 1)
         # int4: 128 rows measured faster on 7 of 8 shapes (Mixtral g64 184 -> 150 us; H200,
-        # docs/results/kernel_variants_int4_packed_h200.json), no spills at sm_90
-        block_n = max(128 if plan.bits in (4, 3) else 64, 4 * 32 * num_warps // words_per_group)
+        # docs/results/kernel_variants_int4_packed_h200.json), no spills at sm_90; int2/g128 too on
+        # the short (pdl) steps, cold Qwen3 17.7 -> 14.8, OLMoE 20.4 -> 16.6, DeepSeek-V2-Lite 18.8
+        # -> 17.8 us, but not on Mixtral's (78.3 -> 82.2 us; H100, docs/results/int2_rows_h100.txt)
+        wide = plan.bits in (4, 3) or (plan.bits == 2 and pdl_by_default(plan))
+        block_n = max(128 if wide else 64, 4 * 32 * num_warps // words_per_group)
     if blocks_per_sm is None:
         blocks_per_sm = 4 if plan.bits == 4 and pdl_by_default(plan) else 6
     blocks = experts * triton.cdiv(rows, block_n)
