@@ -93,17 +93,19 @@ def blob_stacks(buffer: torch.Tensor, first: int, stride: int, count: int,
     return tuple(stacks)
 
 
-def _as_blobs(stacks: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, torch.Tensor, BlobLayout, tuple]:
-    """One layer's bf16 stacks moved into a buffer of blobs (as a runtime's bf16 slots hold them):
-    (buffer, table of byte offsets, layout, the stacks as views of the buffer)."""
-    gate_up, down = stacks[:2]
-    count, h, i = down.shape
+def _as_blobs(stacks: tuple[torch.Tensor, ...], device) -> tuple[torch.Tensor, torch.Tensor, BlobLayout, tuple]:
+    """One layer's stacks (any device and float dtype) copied into a buffer of bf16 blobs on
+    ``device`` (as a runtime's bf16 slots hold them): (buffer, table of byte offsets, layout, the
+    stacks as views of the buffer). From a checkpoint's host stacks this is the only device copy
+    of the layer, so loading needs no more device memory than the experts' bytes."""
+    count, h, i = stacks[1].shape
     layout = blob_layout(parse_format("bf16"), h, i, bias=len(stacks) == 4)
-    buffer = torch.zeros(count * layout.nbytes, dtype=torch.uint8, device=gate_up.device)
+    buffer = torch.zeros(count * layout.nbytes, dtype=torch.uint8, device=device)
     views = blob_stacks(buffer, 0, layout.nbytes, count, layout)
     for view, stack in zip(views, stacks):
-        view.copy_(stack)
-    table = torch.arange(count, dtype=torch.int64, device=gate_up.device) * layout.nbytes
+        for e in range(count):  # expert by expert: a strided view would take a host stack through a device copy of it
+            view[e].copy_(stack[e])
+    table = torch.arange(count, dtype=torch.int64, device=device) * layout.nbytes
     return buffer, table, layout, views
 
 
@@ -113,30 +115,39 @@ class ResidentExperts:
     compute as ``math`` says (the model's family, set when the model attaches the runtime)."""
 
     def __init__(self, layers: dict[int, tuple[torch.Tensor, ...]], gather_decode: bool = True,
-                 math: ExpertMath = SWIGLU):
+                 math: ExpertMath = SWIGLU, blobs: dict | None = None):
         self.layers = layers
         self.math = math
         self.gather_decode = gather_decode
         self.graph_safe = gather_decode  # decode never synchronises with the host: CUDA graphs record it
-        # DYMOE_RESIDENT_DECODE=kernels: each layer's experts as bf16 blobs (the stacks become views)
-        self._blobs: dict[int, tuple[torch.Tensor, torch.Tensor, BlobLayout]] = {}
+        # under kernels_decode: each layer's experts as bf16 blobs (the stacks become views);
+        # ``blobs``: from_checkpoint's, the stacks already their views
+        self._blobs: dict[int, tuple[torch.Tensor, torch.Tensor, BlobLayout]] = dict(blobs or {})
         self._workspace = None
         first = next(iter(layers.values()), None)
-        if gather_decode and first is not None and kernels_decode(first[0].device, first[0].dtype):
+        if (not self._blobs and gather_decode and first is not None
+                and kernels_decode(first[0].device, first[0].dtype)):
             for layer, stacks in layers.items():
-                buffer, table, layout, views = _as_blobs(stacks)
+                buffer, table, layout, layers[layer] = _as_blobs(stacks, stacks[0].device)
                 self._blobs[layer] = (buffer, table, layout)
-                layers[layer] = views
 
     @classmethod
     def from_checkpoint(cls, checkpoint, device, dtype, progress=None, gather_decode: bool = True) -> "ResidentExperts":
-        layers = {}
+        """Every MoE layer's experts from ``checkpoint`` on ``device``; where the fused kernels
+        decode (:func:`kernels_decode`), straight from the host into each layer's blob buffer, so
+        no layer has two device copies on the way."""
+        layers, blobs = {}, {}
+        to_blobs = gather_decode and kernels_decode(device, dtype)
         for layer in checkpoint.config.moe_layers:
             stacks = (*checkpoint.layer_experts(layer), *(checkpoint.layer_expert_biases(layer) or ()))
-            layers[layer] = tuple(t.to(device=device, dtype=dtype) for t in stacks)
+            if to_blobs:
+                buffer, table, layout, layers[layer] = _as_blobs(stacks, device)
+                blobs[layer] = (buffer, table, layout)
+            else:
+                layers[layer] = tuple(t.to(device=device, dtype=dtype) for t in stacks)
             if progress is not None:
                 progress.update(sum(t.nbytes for t in stacks))
-        return cls(layers, gather_decode, ExpertMath.of(checkpoint.config))
+        return cls(layers, gather_decode, ExpertMath.of(checkpoint.config), blobs)
 
     def bind(self, model) -> None:
         """Called when the model attaches this runtime: its experts compute as its family says."""

@@ -200,3 +200,34 @@ def test_fused_kernels_decode_bf16_on_a_gpu_by_default(monkeypatch):
     monkeypatch.setattr(resident, "DECODE", "auto")
     monkeypatch.setattr(resident, "triton_available", lambda: False)
     assert resident.kernels_decode("cuda", torch.bfloat16) is False
+
+
+@pytest.mark.parametrize("family", ["qwen3_moe", "gpt_oss"])
+def test_from_checkpoint_loads_straight_into_the_blobs(family, tmp_path, monkeypatch):
+    """Where the fused kernels decode, ``from_checkpoint`` copies each layer from the host straight
+    into its blob buffer (no second device copy of a layer): every stack is a view of its layer's
+    buffer holding the checkpoint's values (biases too), the constructor keeps those blobs instead
+    of building new ones, and the byte count is the buffers'. Built on the CPU here (the decision
+    forced), where a host-to-host copy stands in for the upload."""
+    from dymoe.runtime import resident
+    from tests.tiny_models import tiny_store
+
+    checkpoint, _ = tiny_store(tmp_path, family, 3, ("bf16",))
+    plain = resident.ResidentExperts.from_checkpoint(checkpoint, "cpu", torch.bfloat16)
+    assert plain._blobs == {}  # the CPU decodes otherwise
+    monkeypatch.setattr(resident, "kernels_decode", lambda device, dtype: True)
+    built = []
+    as_blobs = resident._as_blobs
+    monkeypatch.setattr(resident, "_as_blobs", lambda *a: built.append(a[1]) or as_blobs(*a))
+    runtime = resident.ResidentExperts.from_checkpoint(checkpoint, "cpu", torch.bfloat16)
+    layers = checkpoint.config.moe_layers
+    assert built == ["cpu"] * len(layers)  # once per layer, by from_checkpoint, none by the constructor
+    assert sorted(runtime._blobs) == sorted(layers) and sorted(runtime.layers) == sorted(layers)
+    for layer in layers:
+        buffer = runtime._blobs[layer][0]
+        stacks, expected = runtime.layers[layer], plain.layers[layer]
+        assert len(stacks) == len(expected) == (4 if family == "gpt_oss" else 2)
+        for view, values in zip(stacks, expected):
+            assert view.untyped_storage().data_ptr() == buffer.data_ptr()
+            assert torch.equal(view, values)
+    assert runtime.nbytes == sum(buffer.nbytes for buffer, _, _ in runtime._blobs.values()) >= plain.nbytes
