@@ -32,7 +32,7 @@ WORDS = 4096  # int32 per program: 16 KB
 COLD_BYTES = 512 << 20  # the rotating set, well past an H100's (50 MB) or H200's L2
 
 
-def _kernel():
+def read_kernel():
     import triton
     import triton.language as tl
 
@@ -51,7 +51,7 @@ def main(argv=None) -> int:
     if not torch.cuda.is_available():
         print("benchmarks/read_ceiling.py needs a CUDA GPU and Triton (pip install -e .[gpu])")
         return 2
-    read, cdiv = _kernel()
+    read, cdiv = read_kernel()
     copy_gbps = copy_bandwidth(torch.device("cuda"))
     rows, ok = [], True
     for mb in SIZES_MB:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import importlib.util
 
 import pytest
+import torch
 
 from tests.interpreted import run_interpreted
 
@@ -22,7 +23,7 @@ from dymoe.runtime.presets import PRESETS
 from dymoe.runtime.resident import ResidentExperts
 from tests.tiny_models import tiny_store
 
-assert resident_module.DECODE == "kernels"
+assert resident_module.DECODE == DECODE
 launches = [0]
 launch = triton_experts.launch_decode
 def counted(*args, **kwargs):
@@ -30,7 +31,7 @@ def counted(*args, **kwargs):
     return launch(*args, **kwargs)
 triton_experts.launch_decode = counted
 
-PROMPT = torch.tensor([[1, 17, 42, 5, 63, 8, 29, 11]])
+PROMPT = torch.tensor([[1, 17, 42, 5, 63, 8, 29, 11]], device=DEVICE)
 
 def run(model, experts, steps=4):
     model.attach_experts(experts)
@@ -45,19 +46,19 @@ def run(model, experts, steps=4):
 out = {}
 for family in FAMILIES:
     checkpoint, store = tiny_store(Path(tempfile.mkdtemp()), family, 11, ("bf16",))
-    model = load_dense(checkpoint, 64, "cpu", torch.bfloat16)
+    model = load_dense(checkpoint, 64, DEVICE, torch.bfloat16)
     top_k = checkpoint.config.num_experts_per_tok
-    blobs = ResidentExperts.from_checkpoint(checkpoint, "cpu", torch.bfloat16)
+    blobs = ResidentExperts.from_checkpoint(checkpoint, DEVICE, torch.bfloat16)
     before = launches[0]
     kernels = run(model, blobs)
     resident_launches = launches[0] - before
     # the prefill path everywhere: the reference the decode paths agree with to rounding
-    reference = run(model, ResidentExperts.from_checkpoint(checkpoint, "cpu", torch.bfloat16, gather_decode=False))
+    reference = run(model, ResidentExperts.from_checkpoint(checkpoint, DEVICE, torch.bfloat16, gather_decode=False))
     one = store.layout("bf16").nbytes
     knobs = dict(PRESETS["lru"], precision="bf16", low_precision=None)
     same, slot_launches = [], 0
     for slots in (top_k, top_k + 3):  # evictions at every layer, and fewer
-        experts = OffloadedExperts(store, OffloadConfig(budget_bytes=slots * one, **knobs), top_k, "cpu",
+        experts = OffloadedExperts(store, OffloadConfig(budget_bytes=slots * one, **knobs), top_k, DEVICE,
                                    torch.bfloat16)
         before = launches[0]
         offloaded = run(model, experts)
@@ -88,7 +89,26 @@ def test_kernels_decode_keeps_offloading_invisible(monkeypatch):
     stacks were swapped (as calibration does) decodes the swapped ones. Plain SwiGLU experts and
     GPT-OSS's biased, clamped ones."""
     monkeypatch.setenv("DYMOE_RESIDENT_DECODE", "kernels")
-    results = run_interpreted('FAMILIES = ("qwen3_moe", "gpt_oss")\n' + _SCRIPT, timeout=900)
+    results = run_interpreted('FAMILIES = ("qwen3_moe", "gpt_oss")\nDEVICE = "cpu"\nDECODE = "kernels"\n' + _SCRIPT,
+                              timeout=900)
+    _check(results)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or importlib.util.find_spec("triton") is None,
+                    reason="needs a CUDA GPU and triton (gpu extra)")
+def test_kernels_decode_keeps_offloading_invisible_on_the_gpu(monkeypatch):
+    """The same on a GPU, with the compiled kernels and the default setting (``auto``): the resident
+    model loads its checkpoint straight into the blobs and decodes through the kernels, and ``lru``
+    with bf16 slots gives its logits bit for bit. (CI has no GPU: run on one with
+    ``python -m pytest tests/runtime/test_kernels_decode.py``.)"""
+    monkeypatch.delenv("DYMOE_RESIDENT_DECODE", raising=False)
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    results = run_interpreted('FAMILIES = ("qwen3_moe", "gpt_oss")\nDEVICE = "cuda"\nDECODE = "auto"\n' + _SCRIPT,
+                              timeout=900, interpret=False)
+    _check(results)
+
+
+def _check(results: dict) -> None:
     assert set(results) == {"qwen3_moe", "gpt_oss"}
     for family, r in results.items():
         assert r["blobs"] == r["moe_layers"] and r["views"], (family, r)

@@ -1,0 +1,141 @@
+"""Where a one-token expert step's time goes: each launch of the split-K step alone and the
+chain, cold, per model shape and format.
+
+    python benchmarks/step_phases.py --out results/phases             # CUDA + Triton, ~1-2 minutes
+    python benchmarks/step_phases.py --out OUT --models qwen3-30b-a3b --formats int4/g128
+
+The step (``choose_config``'s, as ``expert_decode`` runs it) is timed as ``benchmarks/kernels.py``
+times it: 20 steps replayed from one CUDA graph, each over another copy of the experts (cold, as a
+model's layers read them). Then its launches taken apart (``one_launch`` off where the default runs
+one launch): the input's packing alone, gate_up alone, down alone, packing then gate_up, and all
+three. The launches alone are what each costs when the one before it has long finished; the
+differences along the chain are the waits between them. ``read`` is a launch that only reads the
+step's bytes (``benchmarks/read_ceiling.py``'s kernel), the floor of any step of that size.
+"""
+
+import argparse
+import dataclasses
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+from kernels import MODELS, bench_steps, cold_steps, copy_bandwidth, fmt_name, variant_case  # benchmarks/kernels.py
+from read_ceiling import read_kernel  # benchmarks/read_ceiling.py: a launch that only reads
+
+DEFAULT_MODELS = ("qwen3-30b-a3b", "olmoe", "mixtral-8x7b")
+DEFAULT_FORMATS = ("bf16", "int8", "int4/g128", "int2/g64", "int3/g128")
+PHASES = ("step", "apart", "pack", "gate_up", "down", "pack+gate_up", "read")
+
+
+def parse_format(text: str) -> tuple[str, int]:
+    precision, _, group = text.partition("/g")
+    return precision, int(group or 128)
+
+
+def phases(model: str, precision: str, group: int, device) -> dict:
+    """Microseconds per step of each entry of PHASES for one shape and format, cold."""
+    from dymoe.quant.kernels import interpreting
+    from dymoe.quant.kernels.triton_experts import _launches, choose_config, launch_decode, pdl_supported
+
+    _, name, layout, pool, offsets, combine, x, ws, plan, _, nbytes = variant_case(model, precision, group, device)
+    k = MODELS[model][2]
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    chosen = tuple(choose_config(plan, kernel, k, 1, sms) for kernel in ("gate_up", "down"))
+    apart = tuple(dataclasses.replace(c, one_launch=False) for c in chosen)
+    gate_up, down = _launches(plan, k, 1, sms, interpreting(), *apart, pdl=pdl_supported(device))  # (as launch_decode)
+    big, steps = cold_steps(pool, offsets, nbytes)
+    payload, scales = big.view(gate_up.payload or plan.payload_dtype), big.view(torch.float16)
+    hidden = ws.hidden_transposed.view(torch.int32) if gate_up.packed else ws.hidden_transposed
+    out = torch.empty_like(x)
+    packed_x = ws.input_packed if gate_up.prep is not None else x  # (as launch_decode passes them)
+
+    def pack(_):
+        if gate_up.prep is not None:
+            gate_up.prep.kernel[gate_up.prep.grid](x, ws.input_packed, **gate_up.prep.kwargs)
+
+    def gate_up_only(o):
+        gate_up.kernel[gate_up.grid](payload, scales, o, combine, packed_x, hidden, ws.gate_up_partial,
+                                     ws.gate_up_counters, k, **gate_up.kwargs)
+
+    def down_only(o):
+        down.kernel[down.grid](payload, scales, o, combine, hidden, ws.partial, out, ws.counters, k, **down.kwargs)
+
+    read, cdiv = read_kernel()
+    words = 4096  # 16 KB per program, as read_ceiling.py reads
+    sink = torch.empty(cdiv(big.numel() // 4, words), dtype=torch.int32, device=device)
+    flat = big.view(torch.int32)
+    per_step = nbytes // 4
+    first = int(offsets.min())
+    read_args = [(int(o.min()) - first) // 4 for o in steps]  # the start of each step's copy of the pool
+
+    def read_only(start):
+        read[(cdiv(per_step, words),)](flat[start:], sink, per_step, WORDS=words)
+
+    timed = {"step": lambda o: launch_decode(big, o, plan, x, combine, ws, *chosen)}
+    if gate_up.split:  # split-K: the launches can be taken apart (the tiled bf16 step is two launches)
+        timed.update({
+            "apart": lambda o: launch_decode(big, o, plan, x, combine, ws, *apart),
+            "gate_up": gate_up_only, "down": down_only})
+        if gate_up.prep is not None:
+            timed.update({"pack": pack, "pack+gate_up": lambda o: (pack(o), gate_up_only(o))})
+    row = {"model": model, "format": name, "mb": nbytes / 2**20, "one_launch": chosen[0].one_launch}
+    for phase, fn in timed.items():
+        row[phase] = bench_steps(fn, args=steps) * 1e3
+    row["read"] = bench_steps(read_only, args=read_args) * 1e3
+    return row
+
+
+def table(rows: list[dict], copy_gbps: float) -> str:
+    lines = [f"one-token expert step, cold, us per step (20-step graphs); device copy {copy_gbps:.0f} GB/s",
+             f"{'model':15s} {'format':9s} {'MB':>5s} " + " ".join(f"{p:>12s}" for p in PHASES)
+             + "  step % of copy"]
+    for r in rows:
+        if "error" in r:
+            lines.append(f"{r['model']:15s} {r['format']:9s} failed: {r['error']}")
+            continue
+        pct = r["mb"] * 2**20 / (r["step"] * 1e-6) / (copy_gbps * 1e9) * 100
+        note = " (one launch)" if r["one_launch"] else ""
+        lines.append(f"{r['model']:15s} {r['format']:9s} {r['mb']:5.1f} "
+                     + " ".join(f"{r[p]:12.1f}" if r.get(p) is not None else f"{'-':>12s}" for p in PHASES)
+                     + f"  {pct:5.0f}%{note}")
+    lines.append("'-': not a launch of that step (bf16 and int8 pack no input; bf16 runs the tiled kernels);"
+                 " apart: pack, gate_up, down in turn (the step itself unless it says one launch)")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, required=True, help="folder for step_phases.json")
+    parser.add_argument("--models", nargs="+", default=DEFAULT_MODELS, choices=sorted(MODELS))
+    parser.add_argument("--formats", nargs="+", default=DEFAULT_FORMATS, help="e.g. int4/g128 int8 bf16")
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("benchmarks/step_phases.py needs a CUDA GPU and Triton (pip install -e .[gpu])")
+        return 2
+    device = torch.device("cuda")
+    copy_gbps = copy_bandwidth(device)
+    rows = []
+    for model in args.models:
+        for text in args.formats:
+            precision, group = parse_format(text)
+            try:
+                row = phases(model, precision, group, device)
+            except Exception as exc:  # one shape's failure should not hide the others
+                row = {"model": model, "format": fmt_name(precision, group), "error": f"{type(exc).__name__}: {exc}"}
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+            torch.cuda.empty_cache()
+    args.out.mkdir(parents=True, exist_ok=True)
+    tmp = args.out / "step_phases.json.tmp"
+    tmp.write_text(json.dumps({"device": torch.cuda.get_device_name(device), "copy_gbps": copy_gbps,
+                               "rows": rows}, indent=1))
+    tmp.replace(args.out / "step_phases.json")
+    print()
+    print(table(rows, copy_gbps))
+    return 0 if all("error" not in r for r in rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
