@@ -30,8 +30,11 @@ PHASES = ("step", "apart", "pack", "gate_up", "down", "pack+gate_up", "read")
 
 
 def parse_format(text: str) -> tuple[str, int]:
+    """``int4/g128`` -> ("int4", 128); ``int8``, ``bf16`` -> group 0 (no groups)."""
     precision, _, group = text.partition("/g")
-    return precision, int(group or 128)
+    if precision in ("int4", "int3", "int2"):
+        return precision, int(group or 128)
+    return precision, 0
 
 
 def phases(model: str, precision: str, group: int, device) -> dict:
