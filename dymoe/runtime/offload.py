@@ -122,7 +122,7 @@ class OffloadedExperts(RuntimeReporting):
         # bf16 slots read in place need no workspace, except in the two-class deferred decode,
         # which runs them through the fused kernels (decode_compute), and where the resident model
         # decodes through them too (kernels_decode: a GPU with Triton, by default)
-        self._kernels_bf16 = kernels_decode(self.device, dtype, bias=self.layout.has_bias)
+        self._kernels_bf16 = kernels_decode(self.device, dtype)
         self._workspaces = {p: decode_workspace(self.layouts[p], top_k, 1, self.device)
                             for p in counts if p != "bf16" or self._stacks is None or self.low is not None
                             or self._kernels_bf16}

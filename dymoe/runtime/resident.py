@@ -4,8 +4,7 @@ It is the `resident` preset (the upper bound when everything fits) and the refer
 offloading runtimes are checked against (invariant 2 of DESIGN.md).
 
 Two paths compute the same function. Prefill groups tokens by expert (one matmul pair per expert
-used). Decode (one token), by default on a GPU with Triton for experts without biases
-(:func:`kernels_decode`), runs the fused decode kernels of
+used). Decode (one token), by default on a GPU with Triton, runs the fused decode kernels of
 :mod:`dymoe.quant.kernels`, the low-bit slots' entry point: the resident model keeps each layer's
 experts as bf16 blobs in one buffer, laid out as an offloading runtime's bf16 slots
 (:func:`blob_stacks`: the stacks are views of it, so prefill reads them as before), and both decode
@@ -46,7 +45,7 @@ from dymoe.runtime.expert_compute import MAX_GROUPS, combine_rows, grouped_exper
 
 def _decode_setting() -> str:
     return env_choice("DYMOE_RESIDENT_DECODE", {
-        "auto": "the default: kernels on a GPU with Triton for experts without biases, else grouped",
+        "auto": "the default: kernels on a GPU with Triton, else grouped",
         "kernels": "the fused Triton decode kernels, resident and bf16 slots alike (a GPU with Triton, or "
                    "Triton's interpreter), else grouped",
         "grouped": "two grouped GEMMs over the whole stacks (bf16 on sm_90+)",
@@ -56,16 +55,12 @@ def _decode_setting() -> str:
 DECODE = _decode_setting()
 
 
-def kernels_decode(device, dtype: torch.dtype, bias: bool = False) -> bool:
+def kernels_decode(device, dtype: torch.dtype) -> bool:
     """Whether bf16 experts on ``device`` decode through the fused kernels: bf16 weights, Triton
     installed, and a GPU (``DYMOE_RESIDENT_DECODE`` unset, ``auto``, or ``kernels``), or the CPU
-    under Triton's interpreter (``TRITON_INTERPRET=1``) with ``kernels`` said outright (the tests).
-    ``auto`` leaves experts with biases (GPT-OSS, ``bias``) to the grouped GEMMs: on the H100 their
-    kernels decode strayed 10% from the prefill path in one step of a tiny model (SwiGLU experts:
-    under 1%; the grouped decode: bit for bit), not yet explained (docs/decode.md)."""
+    under Triton's interpreter (``TRITON_INTERPRET=1``) with ``kernels`` said outright (the tests)."""
     on = torch.device(device).type == "cuda" or (DECODE == "kernels" and interpreting())
-    wanted = DECODE == "kernels" or (DECODE == "auto" and not bias)
-    return wanted and dtype == torch.bfloat16 and on and triton_available()
+    return DECODE in ("auto", "kernels") and dtype == torch.bfloat16 and on and triton_available()
 
 
 def kernels_decode_experts(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, buffer: torch.Tensor,
@@ -131,7 +126,7 @@ class ResidentExperts:
         self._workspace = None
         first = next(iter(layers.values()), None)
         if (not self._blobs and gather_decode and first is not None
-                and kernels_decode(first[0].device, first[0].dtype, bias=len(first) == 4)):
+                and kernels_decode(first[0].device, first[0].dtype)):
             for layer, stacks in layers.items():
                 buffer, table, layout, layers[layer] = _as_blobs(stacks, stacks[0].device)
                 self._blobs[layer] = (buffer, table, layout)
@@ -142,7 +137,7 @@ class ResidentExperts:
         decode (:func:`kernels_decode`), straight from the host into each layer's blob buffer, so
         no layer has two device copies on the way."""
         layers, blobs = {}, {}
-        to_blobs = gather_decode and kernels_decode(device, dtype, bias=ExpertMath.of(checkpoint.config).bias)
+        to_blobs = gather_decode and kernels_decode(device, dtype)
         for layer in checkpoint.config.moe_layers:
             stacks = (*checkpoint.layer_experts(layer), *(checkpoint.layer_expert_biases(layer) or ()))
             if to_blobs:

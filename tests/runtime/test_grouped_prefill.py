@@ -182,7 +182,7 @@ def test_grouped_decode_equals_the_gathered_decode(experts, monkeypatch):
 def test_fused_kernels_decode_bf16_on_a_gpu_by_default(monkeypatch):
     """kernels_decode: bf16 experts on a GPU with Triton decode through the fused kernels under the
     default ``auto`` and under ``kernels``, never under ``grouped`` or ``gather``, never for other
-    dtypes or without Triton, and experts with biases only under ``kernels``; on the CPU only under Triton's interpreter with ``kernels`` said
+    dtypes or without Triton; on the CPU only under Triton's interpreter with ``kernels`` said
     outright (the tests' way in), so a CPU run with Triton installed keeps the grouped decode."""
     from dymoe.runtime import resident
 
@@ -197,8 +197,6 @@ def test_fused_kernels_decode_bf16_on_a_gpu_by_default(monkeypatch):
         interpreted[0] = True
         assert resident.kernels_decode("cpu", torch.bfloat16) is (setting == "kernels")
         interpreted[0] = False
-        # experts with biases (GPT-OSS): only when said outright
-        assert resident.kernels_decode("cuda", torch.bfloat16, bias=True) is (setting == "kernels")
     monkeypatch.setattr(resident, "DECODE", "auto")
     monkeypatch.setattr(resident, "triton_available", lambda: False)
     assert resident.kernels_decode("cuda", torch.bfloat16) is False
@@ -217,7 +215,7 @@ def test_from_checkpoint_loads_straight_into_the_blobs(family, tmp_path, monkeyp
     checkpoint, _ = tiny_store(tmp_path, family, 3, ("bf16",))
     plain = resident.ResidentExperts.from_checkpoint(checkpoint, "cpu", torch.bfloat16)
     assert plain._blobs == {}  # the CPU decodes otherwise
-    monkeypatch.setattr(resident, "kernels_decode", lambda device, dtype, bias=False: True)
+    monkeypatch.setattr(resident, "kernels_decode", lambda device, dtype: True)
     built = []
     as_blobs = resident._as_blobs
     monkeypatch.setattr(resident, "_as_blobs", lambda *a: built.append(a[1]) or as_blobs(*a))

@@ -101,24 +101,25 @@ def test_kernels_decode_keeps_offloading_invisible(monkeypatch):
 @pytest.mark.skipif(not torch.cuda.is_available() or importlib.util.find_spec("triton") is None,
                     reason="needs a CUDA GPU and triton (gpu extra)")
 def test_kernels_decode_keeps_offloading_invisible_on_the_gpu(monkeypatch):
-    """On a GPU, with the compiled kernels and the default setting (``auto``): the resident Qwen3-MoE
+    """The same on a GPU, with the compiled kernels and the default setting (``auto``): the resident
     model loads its checkpoint straight into the blobs and decodes through the kernels, and ``lru``
-    with bf16 slots gives its logits bit for bit; GPT-OSS's biased experts stay on the grouped
-    decode there (no kernel launch), resident and slots alike, also bit for bit. (CI has no GPU:
-    run on one with ``python -m pytest tests/runtime/test_kernels_decode.py``.)"""
+    with bf16 slots gives its logits bit for bit. (CI has no GPU: run on one with
+    ``python -m pytest tests/runtime/test_kernels_decode.py``.)"""
     monkeypatch.delenv("DYMOE_RESIDENT_DECODE", raising=False)
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     results = run_interpreted('FAMILIES = ("qwen3_moe", "gpt_oss")\nDEVICE = "cuda"\nDECODE = "auto"\n' + _SCRIPT,
                               timeout=900, interpret=False)
-    grouped = results.pop("gpt_oss")
-    assert grouped["blobs"] == 0 and not grouped["views"], grouped
-    assert grouped["resident_launches"] == grouped["slot_launches"] == grouped["swapped_launches"] == 0, grouped
-    assert grouped["same"] == [True, True] and grouped["rel_err"] < 2e-2, grouped
-    _check(results, {"qwen3_moe"})
+    _check(results)
 
 
-def _check(results: dict, families=frozenset({"qwen3_moe", "gpt_oss"})) -> None:
-    assert set(results) == set(families)
+def _check(results: dict) -> None:
+    """Against the prefill path: the same tokens, and the first decode step's logits within bf16
+    rounding. Later steps are not bounded so tightly: at its third decode step the tiny GPT-OSS
+    model sits at a near-tie that most small errors tip, to ~10% of its logits (on the H100 the
+    compiled kernels measured 0.7%, 10.3%, 1.2%; 0.4% random noise on the prefill path's own expert
+    outputs: 10.1-10.5% at that step in 7 draws of 10, benchmarks/decode_sensitivity.py), where
+    Qwen3-MoE stays under 1%."""
+    assert set(results) == {"qwen3_moe", "gpt_oss"}
     for family, r in results.items():
         assert r["blobs"] == r["moe_layers"] and r["views"], (family, r)
         # the prefill runs no decode kernel; each of the 4 one-token steps one per MoE layer
@@ -126,4 +127,5 @@ def _check(results: dict, families=frozenset({"qwen3_moe", "gpt_oss"})) -> None:
         assert r["slot_launches"] == 2 * 4 * r["moe_layers"], (family, r)
         assert r["swapped_launches"] == 4 * (r["moe_layers"] - 1), (family, r)
         assert r["same"] == [True, True], (family, r)
-        assert r["rel_err"] < 2e-2, (family, r)
+        assert r["tokens"][0] == r["tokens"][1], (family, r)
+        assert r["step_errs"][0] == 0.0 and r["step_errs"][1] < 2e-2, (family, r)  # (the prompt's: prefill alike)
