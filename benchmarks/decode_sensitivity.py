@@ -27,7 +27,7 @@ sys.path[0] = str(Path(__file__).resolve().parents[1])
 
 from dymoe.models.transformer import load_dense  # noqa: E402
 from dymoe.runtime.resident import ResidentExperts  # noqa: E402
-from tests.tiny_models import tiny_store  # noqa: E402
+from tests.tiny_models import greedy_trail, tiny_store  # noqa: E402
 
 PROMPT = torch.tensor([[1, 17, 42, 5, 63, 8, 29, 11]])
 
@@ -49,13 +49,7 @@ class NoisyExperts(ResidentExperts):
 
 def decode(model, experts, steps: int) -> torch.Tensor:
     model.attach_experts(experts)
-    cache = model.new_cache(1)
-    logits = model(PROMPT, 0, cache, last_only=True)[0]
-    trail = []
-    for i in range(steps):
-        trail.append(logits)
-        logits = model(logits.argmax().view(1, 1), PROMPT.shape[1] + i, cache, last_only=True)[0]
-    return torch.stack(trail)
+    return greedy_trail(model, PROMPT, steps)
 
 
 def main(argv=None) -> int:

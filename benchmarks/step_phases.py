@@ -52,7 +52,8 @@ def phases(model: str, precision: str, group: int, device) -> dict:
     payload, scales = big.view(gate_up.payload or plan.payload_dtype), big.view(torch.float16)
     hidden = ws.hidden_transposed.view(torch.int32) if gate_up.packed else ws.hidden_transposed
     out = torch.empty_like(x)
-    packed_x = ws.input_packed if gate_up.prep is not None else x  # (as launch_decode passes them)
+    packed_x = ws.input_packed if gate_up.packed else x  # (as launch_decode passes them)
+    raw = (x,) if "raw_ptr" in getattr(gate_up.kernel, "arg_names", ()) else ()  # (a base tree's kernel: none)
 
     def pack(_):
         if gate_up.prep is not None:
@@ -60,7 +61,7 @@ def phases(model: str, precision: str, group: int, device) -> dict:
 
     def gate_up_only(o):
         gate_up.kernel[gate_up.grid](payload, scales, o, combine, packed_x, hidden, ws.gate_up_partial,
-                                     ws.gate_up_counters, k, **gate_up.kwargs)
+                                     ws.gate_up_counters, k, *raw, **gate_up.kwargs)
 
     def down_only(o):
         down.kernel[down.grid](payload, scales, o, combine, hidden, ws.partial, out, ws.counters, k, **down.kwargs)

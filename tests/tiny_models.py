@@ -110,3 +110,15 @@ def tiny_store(root: Path, family: str, seed: int, precisions: tuple[str, ...], 
     checkpoint = Checkpoint.open(save_checkpoint(make_hf_model(family, seed=seed, **overrides).to(torch.bfloat16),
                                                  root / "m"))
     return checkpoint, open_store(checkpoint, root / "store", precisions)
+
+
+def greedy_trail(model, prompt: torch.Tensor, steps: int = 4) -> torch.Tensor:
+    """[steps, vocab] logits of ``model`` (its experts attached): the prompt's last, then those of
+    ``steps - 1`` greedy decode steps, each fed its own argmax."""
+    cache = model.new_cache(1)
+    logits = model(prompt, 0, cache, last_only=True)[0]
+    trail = []
+    for i in range(steps):
+        trail.append(logits)
+        logits = model(logits.argmax().view(1, 1), prompt.shape[1] + i, cache, last_only=True)[0]
+    return torch.stack(trail)

@@ -218,7 +218,12 @@ for precision, group, math in [(p, g, SWIGLU) for p, g in FORMATS] + [("int4", 6
     flat = LaunchConfig(64, small_k, 1, 1, split_k=2, packed=False)
     configs = {"two": two, "one": one, "two_pre": dataclasses.replace(two, preload=True),
                "one_pre": dataclasses.replace(one, preload=True), "flat": flat,
-               "flat_pre": dataclasses.replace(flat, preload=True)}
+               "flat_pre": dataclasses.replace(flat, preload=True),
+               "self": dataclasses.replace(two, self_pack=True),
+               "self_pre": dataclasses.replace(two, self_pack=True, preload=True)}
+    self_packs = {name: [(launch.prep is None, bool(launch.kwargs.get("SELF_PACK")))
+                         for launch in _launches(plan, 3, 1, 132, True, configs[name], configs[name], math)[:1]]
+                  for name in ("two", "self", "self_pre")}
     preloads = {name: [launch.kwargs["PRELOAD"] for launch in _launches(plan, 3, 1, 132, True, cfg, cfg, math)]
                 for name, cfg in configs.items()}
     outs = {}
@@ -245,6 +250,7 @@ for precision, group, math in [(p, g, SWIGLU) for p, g in FORMATS] + [("int4", 6
         "rel_err": max(((o.float() - r).norm() / r.norm()).item() for n in configs for o, r in outs[n]),
         "same_as_two": same("one", "two") and same("two_pre", "two") and same("one_pre", "two"),
         "flat_same": same("flat_pre", "flat"),
+        "self_same": same("self", "two") and same("self_pre", "two"), "self_packs": self_packs,
         "finite": all(bool(o.isfinite().all()) for n in configs for o, _ in outs[n]),
         "reset": all(outs[n + "_reset"] for n in configs), "preloads": preloads}
 print(json.dumps(results))
@@ -259,12 +265,16 @@ def test_one_launch_step_equals_the_two_launches_under_the_interpreter():
     GPT-OSS's biased experts give the two-launch step's output bit for bit, within 1e-2 of the
     float32 reference, for two steps back to back on one NaN-poisoned workspace (K slices of one
     and of two steps, an expert no token uses), with every counter (tickets, packed, ready, done)
-    back at zero."""
+    back at zero. So does ``LaunchConfig.self_pack`` (gate_up's programs pack their own K slice of
+    the input, with and without preload), which really drops the packing launch."""
     results = run_interpreted(f"FORMATS = {FORMATS!r}\n" + _INTERPRETED_ONE_LAUNCH, fp_fusion=True)
     assert set(results) == {f"{p}/{g}" for p, g in FORMATS} | {"int4/64/gpt_oss"}
     for name, r in results.items():
         assert r["finite"] and r["rel_err"] < 1e-2, (name, r)
-        assert r["same_as_two"] and r["flat_same"] and r["reset"], (name, r)
+        assert r["same_as_two"] and r["flat_same"] and r["self_same"] and r["reset"], (name, r)
+        packed = not name.startswith(("bf16", "int8"))  # self_pack: gate_up packs the input, no packing launch
+        assert r["self_packs"]["two"] == [[not packed, False]], (name, r)
+        assert r["self_packs"]["self"] == r["self_packs"]["self_pre"] == [[True, packed]], (name, r)
         preloads = r["preloads"]
         assert preloads["two"] == preloads["flat"] == [False, False] and preloads["one"][0] is False, (name, r)
         assert preloads["two_pre"] == preloads["flat_pre"] == [True, True] and preloads["one_pre"][0] is True, \

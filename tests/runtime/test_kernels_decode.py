@@ -21,7 +21,7 @@ from dymoe.runtime import resident as resident_module
 from dymoe.runtime.offload import OffloadConfig, OffloadedExperts
 from dymoe.runtime.presets import PRESETS
 from dymoe.runtime.resident import ResidentExperts
-from tests.tiny_models import tiny_store
+from tests.tiny_models import greedy_trail, tiny_store
 
 assert resident_module.DECODE == DECODE
 launches = [0]
@@ -38,14 +38,9 @@ counted_in_run = []
 def run(model, experts, steps=4):
     model.attach_experts(experts)
     start = launches[0]  # (on a GPU, attaching an offloading runtime compiles its kernels, a launch each)
-    cache = model.new_cache(1)
-    logits = model(PROMPT, 0, cache, last_only=True)[0]
-    trail = []
-    for i in range(steps):
-        trail.append(logits)
-        logits = model(logits.argmax().view(1, 1), PROMPT.shape[1] + i, cache, last_only=True)[0]
+    trail = greedy_trail(model, PROMPT, steps)
     counted_in_run.append(launches[0] - start)
-    return torch.stack(trail)
+    return trail
 
 out = {}
 for family in FAMILIES:
