@@ -318,8 +318,8 @@ def test_pdl_launches_only_after_the_first_and_only_where_supported(monkeypatch)
     launch gets its griddepcontrol; a device without it (or the interpreter) gets none of that
     whatever the config; DYMOE_PDL sets split_config's field (unset: on for steps of at most
     PDL_MAX_WEIGHTS weights per projection), DYMOE_ONE_LAUNCH its one_launch (unset: on for the
-    long int8, int4 and int2/g64 steps), and a
-    bad value of either is one clear error."""
+    long int8, int4 and int2/g64 steps), DYMOE_SELF_PACK its self_pack (gate_up packing the input:
+    then gate_up is the first launch), and a bad value of any is one clear error."""
     from dymoe.quant.kernels import triton_experts as te
 
     for precision, packed in (("int4", True), ("int4", False), ("int8", False)):
@@ -337,7 +337,21 @@ def test_pdl_launches_only_after_the_first_and_only_where_supported(monkeypatch)
             assert "launch_pdl" not in gate_up.kwargs and "launch_pdl" not in down.kwargs
             assert not (gate_up.kwargs["PDL"] or down.kwargs["PDL"])
             assert not (packed and gate_up.prep.kwargs["PDL"])
+        if packed:  # gate_up packing the input itself: then it is the first launch, so never early
+            own = [dataclasses.replace(c, self_pack=True) for c in cfgs]
+            gate_up, down = te._launches(plan, 8, 1, 132, False, *own, pdl=True)
+            assert gate_up.prep is None and gate_up.kwargs["SELF_PACK"] and gate_up.packed
+            assert "launch_pdl" not in gate_up.kwargs and gate_up.kwargs["PDL"] and down.kwargs["launch_pdl"]
     assert not te.pdl_supported(torch.device("cpu"))
+    for value, on in (("", False), ("0", False), ("1", True)):  # DYMOE_SELF_PACK: off unless 1
+        monkeypatch.setenv("DYMOE_SELF_PACK", value)
+        assert te._self_pack_override() is on
+        monkeypatch.setattr(te, "SELF_PACK_OVERRIDE", on)
+        assert te.split_config(kernel_plan(blob_layout(parse_format("int4", 128), 2048, 768)), "gate_up", 8,
+                               132).self_pack is on
+    monkeypatch.setenv("DYMOE_SELF_PACK", "yes")
+    with pytest.raises(InputError, match="DYMOE_SELF_PACK='yes': use 1"):
+        te._self_pack_override()
     qwen3, mixtral = (kernel_plan(blob_layout(parse_format("int4", 128), h, i)) for h, i in ((2048, 768), (4096, 14336)))
     for value, override, expected in (("", None, (True, False)), ("0", False, (False, False)), ("1", True, (True, True))):
         monkeypatch.setenv("DYMOE_PDL", value)
