@@ -69,7 +69,8 @@ def main(argv=None) -> int:
             noisy.__class__ = NoisyExperts
             noisy.noise, noisy.seed, noisy.calls = args.noise, seed, 0
             got = decode(model, noisy, args.steps)
-            errors = [f"{float((a.float() - b.float()).norm() / b.float().norm()):5.1%}" for a, b in zip(got, reference)]
+            errors = [f"{float((a.float() - b.float()).norm() / b.float().norm()):5.1%}"
+                      for a, b in zip(got, reference)]
             same = "same tokens" if torch.equal(got.argmax(-1), reference.argmax(-1)) else "other tokens"
             print(f"{family:10s} draw {seed}: logits off by {', '.join(errors)}; {same}", flush=True)
     return 0

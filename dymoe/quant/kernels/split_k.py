@@ -339,7 +339,12 @@ def _chunk_words(w_ptr, w_base, rows, row_ok, k0, ROW: tl.constexpr, KP: tl.cons
 def _int3_words(w_ptr, w_base, rows, row_ok, c, ROW: tl.constexpr, KP: tl.constexpr):
     """int3 rows ``rows`` (``ROW`` 32-bit words each), chunks ``c`` of 64 codes (6 words, 8 of
     their 3-byte groups): six [BLOCK_N, CH] uint32 tensors, word i of each chunk in the i-th, loaded
-    as three 8-byte vectors per chunk (a chunk is 24 bytes: 8-byte aligned, not 16)."""
+    as three 8-byte vectors per chunk (a chunk is 24 bytes: 8-byte aligned, not 16). The addresses
+    are built [chunks, rows] and the words transposed in registers: Triton lays a load out by its
+    addresses, and [rows, chunks] gave each thread one row (a warp's load then read 8 bytes from
+    each of 32 rows, and each thread loaded every activation pair once per chunk); this way a
+    warp's threads share a row's chunks, as int4's and int2's do (Mixtral int3/g128 157 -> 125 us
+    on an H100, docs/kernels.md)."""
     mask = ((c[:, None] < KP // 64) & row_ok[None, :])[:, :, None]
     at = w_ptr + w_base + 6 * c[:, None, None] + rows[None, :, None] * ROW + tl.arange(0, 2)[None, None, :]
     t0, t1 = tl.split(tl.load(at, mask=mask, other=0).to(tl.uint32, bitcast=True))

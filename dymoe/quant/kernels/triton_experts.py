@@ -545,9 +545,9 @@ def split_config(plan: KernelPlan, kernel: str, experts: int, sms: int, block_n:
     step, and no register spills at sm_90 where 128 spilled for int4/g64, int3 and int2/g128;
     int2's down too: 128 bytes took 200 registers and ~4x the compile time for a step that is bound
     by arithmetic, not loads);
-    ``block_n`` to 64 rows (int4, int3 and int2's short steps: 128), more where a group is under 16 bytes of a
-    row (int2/g64), so that each thread still loads whole 16-byte vectors; then K is cut into as many slices as it takes for
-    ``blocks_per_sm`` blocks per SM (at most ``MAX_SPLIT`` and the number of ``block_k`` steps in
+    ``block_n`` to 64 rows (int4, int3 and int2's short steps: 128), more where a group is under 16
+    bytes of a row (int2/g64), so that each thread still loads whole 16-byte vectors; then K is cut
+    into as many slices as it takes for ``blocks_per_sm`` blocks per SM (at most ``MAX_SPLIT`` and the number of ``block_k`` steps in
     K). At 6 four-warp blocks of 8 KB per step per SM, ~48 KB are in flight per SM. The default is
     6, and 4 for int4's short steps: 4 of its blocks fit an SM (128 registers), and one wave of them
     measured 14.2 -> 13.3 us against 1.45 waves on Qwen3-30B-A3B's int4/g128 gate_up (H100,
@@ -699,7 +699,8 @@ class _Launch:
     @property
     def packed(self) -> bool:
         """Whether this gate_up (or one-launch step) launch runs on packed activation vectors
-        (split_k._packed_step): it packs the input first, in a launch of its own or in its first items."""
+        (split_k._packed_step): it packs the input first, in a launch of its own, in its first items
+        (one launch) or in each program (``self_pack``)."""
         return self.prep is not None or bool(self.kwargs.get("PACK_ITEMS")) or bool(self.kwargs.get("SELF_PACK"))
 
 
