@@ -6,7 +6,7 @@
 #
 # 0. CHECK=1: benchmarks/check_decode_kernels.py --quick (the packed path, pdl, one launch and
 #    preload against the float32 reference, several steps back to back);
-# 1. benchmarks/kernels.py --variants --forms: choose_config's pick against the same step's other
+# 1. benchmarks/expert_kernels.py --variants --forms: choose_config's pick against the same step's other
 #    launch forms (one launch or apart, each with and without preload), Qwen3-30B-A3B,
 #    Mixtral-8x7B, OLMoE and DeepSeek-V2-Lite shapes (MODELS=...), every low-bit format
 #    (FORMATS=... for fewer); BLOCKS="N ..." also times split-K's defaults sized for N blocks per
@@ -49,7 +49,7 @@ if [ "${KERNELS:-1}" = 1 ]; then
   for tree in "${bases[@]}" "$PWD"; do
     name=kernels$([ "$tree" = "$PWD" ] || echo -base)
     echo "== launch forms: $tree (+$((SECONDS - started)) s)"
-    PYTHONPATH=$tree timeout "${KERNEL_TIMEOUT:-240}" "$PYTHON" -P benchmarks/kernels.py --out "$OUT/$name" \
+    PYTHONPATH=$tree timeout "${KERNEL_TIMEOUT:-240}" "$PYTHON" -P benchmarks/expert_kernels.py --out "$OUT/$name" \
       --variants --forms ${BLOCKS:+--blocks-per-sm $BLOCKS} --budget-s "${KERNEL_BUDGET:-150}" --models $MODELS \
       --formats $FORMATS > "$OUT/$name.txt" 2>&1
     echo "-- rc=$? (+$((SECONDS - started)) s)"

@@ -21,9 +21,7 @@ from pathlib import Path
 
 import torch
 
-# the repository root, for the tests' tiny checkpoints, in place of benchmarks/: transformers imports
-# a package called "kernels" if it finds one, and would find benchmarks/kernels.py
-sys.path[0] = str(Path(__file__).resolve().parents[1])
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root: the tests' tiny checkpoints
 
 from dymoe.models.transformer import load_dense  # noqa: E402
 from dymoe.runtime.resident import ResidentExperts  # noqa: E402

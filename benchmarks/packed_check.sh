@@ -13,11 +13,11 @@
 #    offloading stays invisible, invariant 2); E2E="1 1 0 gather 0,1 1 - grouped 1" picks runs
 #    (DYMOE_FUSED_DENSE, DYMOE_PACKED_DECODE, DYMOE_PDL, DYMOE_RESIDENT_DECODE, DYMOE_ONE_LAUNCH;
 #    "-" for the pdl or one-launch switch leaves it unset, i.e. per shape);
-# 3. kernel timings, in the time left: benchmarks/kernels.py --variants (FORMATS=..., MODELS=...
+# 3. kernel timings, in the time left: benchmarks/expert_kernels.py --variants (FORMATS=..., MODELS=...
 #    for others, e.g. olmoe and deepseek-v2-lite; KERNEL_BUDGET seconds): tiled, choose_config,
 #    packed and float32 split-K, the packed path per group (block steps are the default) and
 #    programmatic dependent launch against the default's setting side by side, then packed variations;
-#    then (its own stage) the step's other launch forms against choose_config's (kernels.py --forms).
+#    then (its own stage) the step's other launch forms against choose_config's (expert_kernels.py --forms).
 # Each stage has its own time limit, so a slow one cannot take the others' time. Logs: $OUT/*.txt
 # (check, kernels, e2e), $OUT/kernels/variants.json, $OUT/e2e-*.json (6 files by default).
 set -uo pipefail
@@ -58,11 +58,11 @@ for run in "${e2e_runs[@]}"; do
     --routing skewed --no-progress --json "$OUT/$name.json" >> "$OUT/e2e.txt" 2>&1
   echo "-- e2e $name rc=$? (+$((SECONDS - started)) s)"
 done
-stage kernels $((KERNEL_BUDGET * 2 - 20)) "$PYTHON" benchmarks/kernels.py --out "$OUT/kernels" --variants \
+stage kernels $((KERNEL_BUDGET * 2 - 20)) "$PYTHON" benchmarks/expert_kernels.py --out "$OUT/kernels" --variants \
   --budget-s "$KERNEL_BUDGET" --models $MODELS --formats $FORMATS
 # the other launch forms (one launch or apart, preload or not) apart, last: a kernel that never ends costs
 # only this stage (its log joins kernels.txt; its json stays on the machine)
-stage kernels 60 "$PYTHON" benchmarks/kernels.py --out "${TMPDIR:-/tmp}/one-launch" --variants --forms \
+stage kernels 60 "$PYTHON" benchmarks/expert_kernels.py --out "${TMPDIR:-/tmp}/one-launch" --variants --forms \
   --budget-s 30 --models $MODELS --formats int8 int4/g128 int3/g128 int2/g64
 echo "== kernels: choose_config, packed/float32 split-K and pdl per shape, then the summary"
 grep -E "split packed|split float32|split default|choose_config|split pdl|split no pdl|one launch" "$OUT/kernels.txt" | cut -c1-150

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from kernels import MODELS, decode_case  # noqa: E402  (benchmarks/kernels.py)
+from expert_kernels import MODELS, decode_case  # noqa: E402  (benchmarks/expert_kernels.py)
 
 from dymoe.quant.kernels import kernel_plan  # noqa: E402
 from dymoe.quant.kernels.triton_experts import launch_decode  # noqa: E402

@@ -4,7 +4,7 @@ of a one-token decode step of that many bytes, which can do no better than read 
     python benchmarks/read_ceiling.py --out results/read_ceiling      # CUDA + Triton, < 1 minute
 
 For each size it times, replayed from one CUDA graph of 20 back-to-back launches as
-``benchmarks/kernels.py`` times a decode step:
+``benchmarks/expert_kernels.py`` times a decode step:
 
 - ``read``: one Triton launch in which each program reads 16 KB (as a split-K decode item does) and
   writes one word, over the same buffer every launch (as the kernel benchmark re-reads one step's
@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from kernels import bench_steps, copy_bandwidth  # benchmarks/kernels.py: the same timers and copy figure
+from expert_kernels import bench_steps, copy_bandwidth  # benchmarks/expert_kernels.py: the same timers and copy figure
 
 SIZES_MB = (4, 8, 12, 20, 40, 80, 160, 640)
 STEPS = 20

@@ -4,7 +4,7 @@ chain, cold, per model shape and format.
     python benchmarks/step_phases.py --out results/phases             # CUDA + Triton, ~1-2 minutes
     python benchmarks/step_phases.py --out OUT --models qwen3-30b-a3b --formats int4/g128
 
-The step (``choose_config``'s, as ``expert_decode`` runs it) is timed as ``benchmarks/kernels.py``
+The step (``choose_config``'s, as ``expert_decode`` runs it) is timed as ``benchmarks/expert_kernels.py``
 times it: 20 steps replayed from one CUDA graph, each over another copy of the experts (cold, as a
 model's layers read them). Then its launches taken apart (``one_launch`` off where the default runs
 one launch): the input's packing alone, gate_up alone, down alone, packing then gate_up, and all
@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from kernels import MODELS, bench_steps, cold_steps, copy_bandwidth, fmt_name, variant_case  # benchmarks/kernels.py
+from expert_kernels import MODELS, bench_steps, cold_steps, copy_bandwidth, fmt_name, variant_case  # benchmarks/expert_kernels.py
 from read_ceiling import read_kernel  # benchmarks/read_ceiling.py: a launch that only reads
 
 DEFAULT_MODELS = ("qwen3-30b-a3b", "olmoe", "mixtral-8x7b")

@@ -3,7 +3,7 @@
 The torch backend runs everywhere; the Triton kernels run here through Triton's interpreter (in a
 subprocess, since ``TRITON_INTERPRET`` is read when a kernel is defined) on small shapes that
 still cover padded groups, tails of row blocks, duplicate slots and unused experts; the prefill
-dequantize kernel must equal ``unpack_expert`` bit for bit. The GPU side is ``benchmarks/kernels.py``
+dequantize kernel must equal ``unpack_expert`` bit for bit. The GPU side is ``benchmarks/expert_kernels.py``
 and ``benchmarks/prefill_kernels.py``.
 """
 

@@ -1,7 +1,7 @@
 """Fused expert kernels on the GPU: correctness against the float32 reference, then speed.
 
-    python benchmarks/kernels.py --out DIR [--quick] [--sweep]
-    python benchmarks/kernels.py --out DIR --variants [--models M ...] [--formats int4/g128 ...]
+    python benchmarks/expert_kernels.py --out DIR [--quick] [--sweep]
+    python benchmarks/expert_kernels.py --out DIR --variants [--models M ...] [--formats int4/g128 ...]
 
 1. Correctness: for each model's expert shape, each format and group size, and 1 and 8 tokens,
    the Triton decode step (``expert_decode``) on fresh random blobs in a pool against
@@ -719,7 +719,7 @@ def main(argv=None) -> int:
     if args.blocks_per_sm and not args.forms:
         parser.error("--blocks-per-sm adds --forms candidates: add --forms")
     if not torch.cuda.is_available():
-        print("benchmarks/kernels.py needs a CUDA GPU and Triton (pip install -e .[gpu])")
+        print("benchmarks/expert_kernels.py needs a CUDA GPU and Triton (pip install -e .[gpu])")
         return 2
     import triton
 
