@@ -19,6 +19,7 @@ measured pinned host-to-device bandwidth; :func:`format_table` prints it.
 from __future__ import annotations
 
 import datetime
+import os
 import platform
 import shlex
 import statistics
@@ -296,11 +297,19 @@ def add_counters(total: dict | None, part: dict | None) -> dict | None:
 
 
 def environment(device: torch.device) -> dict:
+    """Where and with what a report was made: versions, device, and every ``DYMOE_*`` setting in the
+    environment (they pick kernel paths, so two reports compare only with the same ones)."""
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else None
+    try:
+        from importlib.metadata import version
+        triton = version("triton")
+    except Exception:  # not installed (the gpu extra), or no metadata
+        triton = None
     return {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "host": platform.node(), "python": platform.python_version(), "torch": torch.__version__,
-            "dymoe": dymoe.__version__, "device": str(device), "gpu": gpu,
-            "cpu": platform.processor() or platform.machine()}
+            "triton": triton, "dymoe": dymoe.__version__, "device": str(device), "gpu": gpu,
+            "cpu": platform.processor() or platform.machine(),
+            "settings": {k: v for k, v in sorted(os.environ.items()) if k.startswith("DYMOE_")}}
 
 
 def run_bench(config: BenchConfig, argv: list[str] | None = None, trace_path: Path | None = None) -> dict:

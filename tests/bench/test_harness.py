@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from dymoe.bench.harness import BenchConfig, format_table, run_bench
 from dymoe.bench.trace import Trace
@@ -51,6 +52,23 @@ def test_report_round_trips_through_json(tiny_report, tmp_path):
     for key in ("date", "device", "torch"):
         assert loaded["environment"][key]
     assert "h2d_bytes_per_s" in loaded  # None on CPU
+
+
+def test_environment_records_the_dymoe_settings(monkeypatch):
+    """A report names every DYMOE_* setting it ran under (they pick kernel paths) and nothing else
+    from the environment, and Triton's version (None where the gpu extra is not installed)."""
+    import importlib.util
+
+    from dymoe.bench.harness import environment
+
+    monkeypatch.setenv("DYMOE_RESIDENT_DECODE", "grouped")
+    monkeypatch.setenv("DYMOE_PDL", "0")
+    monkeypatch.setenv("NOT_DYMOE_THING", "x")
+    env = environment(torch.device("cpu"))
+    settings = env["settings"]
+    assert settings["DYMOE_RESIDENT_DECODE"] == "grouped" and settings["DYMOE_PDL"] == "0"
+    assert all(k.startswith("DYMOE_") for k in settings) and list(settings) == sorted(settings)
+    assert (env["triton"] is None) == (importlib.util.find_spec("triton") is None)
 
 
 def test_resident_is_its_own_reference(tiny_report):
