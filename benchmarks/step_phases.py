@@ -7,8 +7,9 @@ chain, cold, per model shape and format.
 The step (``choose_config``'s, as ``expert_decode`` runs it) is timed as ``benchmarks/expert_kernels.py``
 times it: 20 steps replayed from one CUDA graph, each over another copy of the experts (cold, as a
 model's layers read them). Then its launches taken apart (``one_launch`` off where the default runs
-one launch): the input's packing alone, gate_up alone, down alone, packing then gate_up, and all
-three. The launches alone are what each costs when the one before it has long finished; the
+one launch): all three in turn, the same with gate_up packing its own input slice instead
+(``LaunchConfig.self_pack``; int4, int3, int2), the input's packing alone, gate_up alone, down
+alone, and packing then gate_up. The launches alone are what each costs when the one before it has long finished; the
 differences along the chain are the waits between them. ``read`` is a launch that only reads the
 step's bytes (``benchmarks/read_ceiling.py``'s kernel), the floor of any step of that size.
 """
@@ -26,7 +27,7 @@ from read_ceiling import read_kernel  # benchmarks/read_ceiling.py: a launch tha
 
 DEFAULT_MODELS = ("qwen3-30b-a3b", "olmoe", "mixtral-8x7b")
 DEFAULT_FORMATS = ("bf16", "int8", "int4/g128", "int2/g64", "int3/g128")
-PHASES = ("step", "apart", "pack", "gate_up", "down", "pack+gate_up", "read")
+PHASES = ("step", "apart", "self-pack", "pack", "gate_up", "down", "pack+gate_up", "read")
 
 
 def parse_format(text: str) -> tuple[str, int]:
@@ -84,6 +85,9 @@ def phases(model: str, precision: str, group: int, device) -> dict:
             "gate_up": gate_up_only, "down": down_only})
         if gate_up.prep is not None:
             timed.update({"pack": pack, "pack+gate_up": lambda o: (pack(o), gate_up_only(o))})
+        if hasattr(apart[0], "self_pack") and gate_up.packed:  # gate_up packing its own input slice, no pack launch
+            own = tuple(dataclasses.replace(c, self_pack=True) for c in apart)
+            timed["self-pack"] = lambda o: launch_decode(big, o, plan, x, combine, ws, *own)
     row = {"model": model, "format": name, "mb": nbytes / 2**20, "one_launch": chosen[0].one_launch}
     for phase, fn in timed.items():
         row[phase] = bench_steps(fn, args=steps) * 1e3
@@ -105,7 +109,8 @@ def table(rows: list[dict], copy_gbps: float) -> str:
                      + " ".join(f"{r[p]:12.1f}" if r.get(p) is not None else f"{'-':>12s}" for p in PHASES)
                      + f"  {pct:5.0f}%{note}")
     lines.append("'-': not a launch of that step (bf16 and int8 pack no input; bf16 runs the tiled kernels);"
-                 " apart: pack, gate_up, down in turn (the step itself unless it says one launch)")
+                 " apart: pack, gate_up, down in turn (the step itself unless it says one launch);"
+                 " self-pack: apart, gate_up packing its own input slice (no pack launch)")
     return "\n".join(lines)
 
 
