@@ -57,10 +57,16 @@ DECODE = _decode_setting()
 
 def kernels_decode(device, dtype: torch.dtype) -> bool:
     """Whether bf16 experts on ``device`` decode through the fused kernels: bf16 weights, Triton
-    installed, and a GPU (``DYMOE_RESIDENT_DECODE`` unset, ``auto``, or ``kernels``), or the CPU
-    under Triton's interpreter (``TRITON_INTERPRET=1``) with ``kernels`` said outright (the tests)."""
-    on = torch.device(device).type == "cuda" or (DECODE == "kernels" and interpreting())
+    installed, and a GPU of compute capability 8.0+ (Ampere: the kernels' bf16 tiles run on tensor
+    cores; ``DYMOE_RESIDENT_DECODE`` unset, ``auto``, or ``kernels``), or the CPU under Triton's
+    interpreter (``TRITON_INTERPRET=1``) with ``kernels`` said outright (the tests)."""
+    device = torch.device(device)
+    on = (device.type == "cuda" and _capability(device) >= (8, 0)) or (DECODE == "kernels" and interpreting())
     return DECODE in ("auto", "kernels") and dtype == torch.bfloat16 and on and triton_available()
+
+
+def _capability(device: torch.device) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(device)
 
 
 def kernels_decode_experts(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, buffer: torch.Tensor,

@@ -182,11 +182,13 @@ def test_grouped_decode_equals_the_gathered_decode(experts, monkeypatch):
 def test_fused_kernels_decode_bf16_on_a_gpu_by_default(monkeypatch):
     """kernels_decode: bf16 experts on a GPU with Triton decode through the fused kernels under the
     default ``auto`` and under ``kernels``, never under ``grouped`` or ``gather``, never for other
-    dtypes or without Triton; on the CPU only under Triton's interpreter with ``kernels`` said
-    outright (the tests' way in), so a CPU run with Triton installed keeps the grouped decode."""
+    dtypes, before compute capability 8.0 or without Triton; on the CPU only under Triton's
+    interpreter with ``kernels`` said outright (the tests' way in), so a CPU run with Triton
+    installed keeps the grouped decode."""
     from dymoe.runtime import resident
 
     monkeypatch.setattr(resident, "triton_available", lambda: True)
+    monkeypatch.setattr(resident, "_capability", lambda device: (9, 0))
     interpreted = [False]
     monkeypatch.setattr(resident, "interpreting", lambda: interpreted[0])
     for setting, gpu in (("auto", True), ("kernels", True), ("grouped", False), ("gather", False)):
@@ -198,6 +200,10 @@ def test_fused_kernels_decode_bf16_on_a_gpu_by_default(monkeypatch):
         assert resident.kernels_decode("cpu", torch.bfloat16) is (setting == "kernels")
         interpreted[0] = False
     monkeypatch.setattr(resident, "DECODE", "auto")
+    monkeypatch.setattr(resident, "_capability", lambda device: (7, 5))  # Turing: no bf16 tensor-core tiles
+    assert resident.kernels_decode("cuda", torch.bfloat16) is False
+    monkeypatch.setattr(resident, "_capability", lambda device: (8, 0))
+    assert resident.kernels_decode("cuda", torch.bfloat16) is True
     monkeypatch.setattr(resident, "triton_available", lambda: False)
     assert resident.kernels_decode("cuda", torch.bfloat16) is False
 
