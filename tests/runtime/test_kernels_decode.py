@@ -123,4 +123,6 @@ def _check(results: dict) -> None:
         assert r["swapped_launches"] == 4 * (r["moe_layers"] - 1), (family, r)
         assert r["same"] == [True, True], (family, r)
         assert r["tokens"][0] == r["tokens"][1], (family, r)
-        assert r["step_errs"][0] == 0.0 and r["step_errs"][1] < 2e-2, (family, r)  # (the prompt's: prefill alike)
+        # the prompt's logits: the prefill path in both (on the blobs' views, whose strides may pick
+        # another GEMM on a GPU); then the first decode step within bf16 rounding
+        assert r["step_errs"][0] < 1e-3 and r["step_errs"][1] < 2e-2, (family, r)
