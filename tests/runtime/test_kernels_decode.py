@@ -91,6 +91,8 @@ def test_kernels_decode_keeps_offloading_invisible(monkeypatch):
     results = run_interpreted('FAMILIES = ("qwen3_moe", "gpt_oss")\nDEVICE = "cpu"\nDECODE = "kernels"\n' + _SCRIPT,
                               timeout=900)
     _check(results)
+    for family, r in results.items():  # the interpreter's rounding tips no near-tie: every step within 2%
+        assert r["rel_err"] < 2e-2, (family, r)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available() or importlib.util.find_spec("triton") is None,
