@@ -55,7 +55,7 @@ def main(argv=None) -> int:
     parser.add_argument("--noise", type=float, default=0.004, help="relative noise on each expert output value")
     parser.add_argument("--families", nargs="+", default=["gpt_oss", "qwen3_moe"])
     parser.add_argument("--steps", type=int, default=4)
-    parser.add_argument("--seeds", type=int, default=8, help="noise draws per family")
+    parser.add_argument("--seeds", type=int, default=10, help="noise draws per family")
     args = parser.parse_args(argv)
     for family in args.families:
         checkpoint, _ = tiny_store(Path(tempfile.mkdtemp()), family, 11, ("bf16",))
