@@ -60,6 +60,14 @@ class MemoryStore:
             return self._fallback.blob(layer, expert, precision)
         return self.buffer[offset : offset + self._layouts[precision].nbytes]
 
+    def host_offset(self, layer: int, expert: int, precision: str) -> int | None:
+        """Where a blob starts in :attr:`buffer`; None when this tier does not hold it."""
+        return self._offsets.get((layer, expert, precision))
+
+    def holds_every(self, precision: str) -> bool:
+        """Whether :attr:`buffer` holds every expert's blob at ``precision``."""
+        return all((layer, e, precision) in self._offsets for layer in self._layers for e in range(self._num_experts))
+
     def is_pinned(self, layer: int, expert: int, precision: str) -> bool:
         return (layer, expert, precision) in self._offsets and self.buffer.is_pinned()
 

@@ -31,6 +31,7 @@ tests check this path against the plain forward.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -97,6 +98,10 @@ class DecodeGraphs:
         self.positions: dict[int, StaticPosition] = {}
         self.recordings: dict[int, _Recording] = {}
         self.whole = bool(getattr(model.experts, "graph_safe", False))
+        # an offloading runtime whose kernels find experts through a device table, wherever they
+        # lie (dymoe/runtime/mapped.py): its whole step is recorded, the host's bookkeeping follows
+        self.mapped = None if self.whole else getattr(model.experts, "mapped_decode", None)
+        self.whole = self.whole or self.mapped is not None
         # a runtime whose compute reads only fixed buffers once prepared: its expert kernels are
         # recorded at the start of the next segment, the host keeps only the bookkeeping
         self.deferred = not self.whole and bool(getattr(model.experts, "deferred_decode", False))
@@ -118,13 +123,14 @@ class DecodeGraphs:
             pos = self.positions[span] = StaticPosition(self.index, span, mask)
         self.token.copy_(token.view(1, 1))
         self.index.fill_(position)
-        recording = self.recordings.get(span)
-        if recording is not None:
-            return self._replay(recording)
-        logits = self._run(pos)
-        if self.record:
-            self.recordings[span] = self._capture(pos)
-        return logits
+        with self.mapped.step() if self.mapped is not None else contextlib.nullcontext():
+            recording = self.recordings.get(span)
+            if recording is not None:
+                return self._replay(recording)
+            logits = self._run(pos)
+            if self.record:
+                self.recordings[span] = self._capture(pos)
+            return logits
 
     # ---- running, recording, replaying ---------------------------------------------------------
 

@@ -41,6 +41,7 @@ from dymoe.quant.kernels import decode_routing, decode_workspace, expert_decode,
 from dymoe.runtime.cache import ExpertCache
 from dymoe.runtime import expert_compute
 from dymoe.runtime.expert_compute import ExpertRun, group_by_expert, run_grouped
+from dymoe.runtime.mapped import MappedDecode, mapped_decode_for
 from dymoe.runtime.metrics import RuntimeMetrics
 from dymoe.runtime.precision import make_precision_rule
 from dymoe.runtime.prefill import PrefillDequantizer, device_indices, prefill_capacity
@@ -142,6 +143,22 @@ class OffloadedExperts(RuntimeReporting):
         self._critical: set[int] = set()
         self.precision_uses: dict[str, int] = {p: 0 for p in config.precisions}  # expert runs per precision
         self.top_k = top_k
+        self.mapped = mapped_decode_for(self)
+
+    @property
+    def mapped_decode(self) -> MappedDecode | None:
+        """The one-graph decode step where it applies (:mod:`dymoe.runtime.mapped`), else None."""
+        return self.mapped
+
+    def stats(self) -> dict:
+        if self.mapped is not None:
+            self.mapped.settle_pending()  # the last step's routing is read a step late
+        return super().stats()
+
+    def report(self) -> str:
+        if self.mapped is not None:
+            self.mapped.settle_pending()
+        return super().report()
 
     def _slot_counts(self, config: OffloadConfig, top_k: int) -> dict[str, int]:
         """Whole slots per precision class within the budget: each class holds one token's top-k,
@@ -181,6 +198,10 @@ class OffloadedExperts(RuntimeReporting):
     # ---- the ExpertProvider interface ------------------------------------------------------------
 
     def run_experts(self, layer, hidden, expert_ids, expert_weights):
+        if self.mapped is not None:
+            if self.mapped.active and hidden.shape[0] == 1:
+                return self.mapped.compute(layer, hidden, expert_ids[0], expert_weights[0])
+            self.mapped.dirty = True  # the cache changes below: the table is rebuilt before the next step
         if hidden.shape[0] == 1:
             out = self._decode_one(layer, hidden, expert_ids[0], expert_weights[0])
         else:
@@ -271,21 +292,25 @@ class OffloadedExperts(RuntimeReporting):
     def _slots(self, layer: int, experts: list[int]) -> list[int]:
         return self.cache.slots([(layer, e) for e in experts])
 
-    def _run_slots(self, hidden, slots, weights, precision):
-        """One token through the experts in ``slots`` (device int64) of one class: device work only."""
+    def _run_slots(self, hidden, slots, weights, precision, table=None, backend="auto"):
+        """One token through the experts in ``slots`` (device int64) of one class: device work only.
+        ``table``: byte offsets from the pool buffer indexed by ``slots`` (default: the class's
+        slots; the mapped decode passes a layer's expert table, through the kernels)."""
         if precision == "bf16" and self._kernels_bf16:  # as the resident model decodes then
-            return kernels_decode_experts(hidden, slots, weights, self.pool.buffer, self._slot_tables["bf16"],
+            table = self._slot_tables["bf16"] if table is None else table
+            return kernels_decode_experts(hidden, slots, weights, self.pool.buffer, table,
                                           self.layouts["bf16"], self._workspaces.get("bf16"), self.math)
-        if precision == "bf16" and self._stacks is not None:
+        if precision == "bf16" and self._stacks is not None and table is None:
             gate_up, down = self._stacks
             return decode_experts(hidden, slots, weights, gate_up, down, self.dtype, self._bias_stacks, self.math)
-        return self._run_fused(hidden, slots, weights, precision)
+        return self._run_fused(hidden, slots, weights, precision, table, backend)
 
-    def _run_fused(self, hidden, slots, weights, precision):
+    def _run_fused(self, hidden, slots, weights, precision, table=None, backend="auto"):
         """:meth:`_run_slots` through :func:`expert_decode`, whatever the class: a slot whose weight
         is zero is skipped without reading its weights."""
-        offsets, combine = decode_routing(self._slot_tables[precision], slots[None], weights[None])
-        return expert_decode(self.pool.buffer, offsets, self.layouts[precision], hidden, combine,
+        table = self._slot_tables[precision] if table is None else table
+        offsets, combine = decode_routing(table, slots[None], weights[None])
+        return expert_decode(self.pool.buffer, offsets, self.layouts[precision], hidden, combine, backend=backend,
                              workspace=self._workspaces.get(precision), math=self.math)
 
     # ---- decode in three steps, for the CUDA-graph decode (dymoe/models/decode_graphs.py) -----------

@@ -133,6 +133,15 @@ class TransferEngine:
             return False
         return ticket.event is None or ticket.event.query()
 
+    def settled(self, ticket: Ticket) -> None:
+        """Forget a transfer that :meth:`is_done` reports landed, with no stream made to wait for it
+        (a reader that is ordered after the copy by other means: the mapped decode's table upload)."""
+        if ticket.future is not None:
+            ticket.future.result()  # re-raise a failed background copy
+        ticket.waited = True
+        if self._inflight.get(ticket.key) is ticket:
+            del self._inflight[ticket.key]
+
     def pending(self, key: Key) -> Ticket | None:
         """The latest transfer of ``key`` not yet waited on (a prefetch a demand step must wait for)."""
         return self._inflight.get(key)

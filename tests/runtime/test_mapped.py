@@ -1,0 +1,177 @@
+"""The mapped decode (dymoe/runtime/mapped.py): an offloading runtime's decode step with its experts
+found through a device table, wherever they lie, and the cache run a step behind. On the CPU
+(``DYMOE_MAPPED_DECODE=1``) through the decode-graph path without recording, against the
+segmented decode and the resident model."""
+
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+import torch
+
+from dymoe.checkpoint.memory_store import MemoryStore
+from dymoe.models.decode_graphs import DecodeGraphs
+from dymoe.models.transformer import load_dense
+from dymoe.runtime import mapped
+from dymoe.runtime.offload import OffloadConfig, OffloadedExperts
+from dymoe.runtime.presets import PRESETS
+from dymoe.runtime.resident import ResidentExperts
+from tests.tiny_models import tiny_store
+
+PROMPTS = (torch.tensor([[1, 17, 42, 5, 63, 8, 29, 11]]), torch.tensor([[3, 9, 27, 81, 50]]))
+STEPS = 10
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """(checkpoint, its store on disk, the same blobs all in host memory)."""
+    checkpoint, store = tiny_store(tmp_path_factory.mktemp("mapped"), "qwen3_moe", 7, ("bf16", "int4"))
+    return checkpoint, store, MemoryStore.pin_from(store, store.nbytes())
+
+
+def runtime(checkpoint, store, preset: str, slots: int, setting: str, monkeypatch, device="cpu",
+            dtype=torch.float32, **knobs):
+    monkeypatch.setattr(mapped, "MAPPED", setting)
+    c = checkpoint.config
+    config = dict(PRESETS[preset], **knobs)
+    one = store.layout(config["precision"]).nbytes
+    return OffloadedExperts(store, OffloadConfig(budget_bytes=slots * one, **config), c.num_experts_per_tok,
+                            device, dtype)
+
+
+def decode(model, experts, graphs: bool, device="cpu"):
+    """Each of PROMPTS on a fresh cache (the second prefill runs between decode steps): the prompt's
+    logits, then STEPS greedy steps, through the decode-graph path (recorded on a GPU) or the plain
+    forward; with the routing of every graph step (the mapped decode's ids) when ``graphs``."""
+    model.attach_experts(experts)
+    trail, routing = [], []
+    for prompt in PROMPTS:
+        cache = model.new_cache(1)
+        logits = model(prompt.to(device), 0, cache, last_only=True)[0]
+        steps = DecodeGraphs(model, cache, record=device != "cpu") if graphs else None
+        for i in range(STEPS):
+            trail.append(logits)
+            position = prompt.shape[1] + i
+            if steps is None:
+                logits = model(logits.argmax().view(1, 1), position, cache, last_only=True)[0]
+            else:
+                logits = steps.step(logits.argmax(), position)
+                if getattr(experts, "mapped", None) is not None:
+                    routing.append(experts.mapped.ids.clone())
+    return torch.stack(trail), routing
+
+
+@pytest.mark.parametrize("preset", ["lru", "static-int4"])
+@pytest.mark.parametrize("share", ["top-k", "half"])
+def test_mapped_decode_gives_the_segmented_decodes_logits(tiny, monkeypatch, preset, share):
+    """The same logits bit for bit as the same preset decoding through its own slots, at a budget of
+    one token's top-k slots (evictions at every layer) and of half the experts; bf16 ``lru`` also
+    as the resident model (invariant 2). No step takes the host's per-layer path (``_admit``)."""
+    checkpoint, _, host = tiny
+    c = checkpoint.config
+    slots = c.num_experts_per_tok if share == "top-k" else len(c.moe_layers) * c.num_experts // 2
+    model = load_dense(checkpoint, 64, "cpu", torch.float32)
+    segmented, _ = decode(model, runtime(checkpoint, host, preset, slots, "0", monkeypatch), graphs=True)
+    experts = runtime(checkpoint, host, preset, slots, "1", monkeypatch)
+    assert experts.mapped is not None
+    admitted = []
+    admit = experts._admit
+    experts._admit = lambda *args, **kw: admitted.append(args[0]) or admit(*args, **kw)
+    graphs, _ = decode(model, experts, graphs=True)
+    assert torch.equal(graphs, segmented)
+    assert admitted == []
+    if preset == "lru":
+        resident, _ = decode(model, ResidentExperts.from_checkpoint(checkpoint, "cpu", torch.float32), graphs=True)
+        assert torch.equal(graphs, resident)
+    _check_table(experts)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or importlib.util.find_spec("triton") is None,
+                    reason="needs a CUDA GPU and triton (gpu extra)")
+@pytest.mark.parametrize("preset", ["lru", "static-int4"])
+def test_mapped_decode_on_the_gpu(tiny, monkeypatch, preset):
+    """On a GPU (CUDA graphs recorded, the compiled kernels reading missed experts from pinned host
+    memory over the link): the same logits bit for bit as the segmented decode, and bf16 ``lru``
+    as the resident model. (CI has no GPU: ``python -m pytest tests/runtime/test_mapped.py``.)"""
+    checkpoint, _, host = tiny
+    assert host.buffer.is_pinned()
+    c = checkpoint.config
+    slots = c.num_experts_per_tok + 2
+    model = load_dense(checkpoint, 64, "cuda", torch.bfloat16)
+    on_gpu = dict(device="cuda", dtype=torch.bfloat16)
+    segmented, _ = decode(model, runtime(checkpoint, host, preset, slots, "0", monkeypatch, **on_gpu), True, "cuda")
+    experts = runtime(checkpoint, host, preset, slots, "1", monkeypatch, **on_gpu)
+    assert experts.mapped is not None
+    graphs, _ = decode(model, experts, True, "cuda")
+    assert torch.equal(graphs, segmented)
+    assert experts.stats()["total"]["misses"] > 0  # some experts were read over the link
+    if preset == "lru":
+        resident, _ = decode(model, ResidentExperts.from_checkpoint(checkpoint, "cuda", torch.bfloat16), True, "cuda")
+        assert torch.equal(graphs, resident)
+    _check_table(experts)
+
+
+def _check_table(experts) -> None:
+    """Every table entry points at its expert's bytes: a cached expert's slot (which holds its blob)
+    or its blob in the host store."""
+    m = experts.mapped
+    m.settle_pending()
+    m._land()
+    m._upload()
+    table = m.table.cpu().numpy()
+    for layer, r in m.rows.items():
+        for e in range(experts.store.num_experts):
+            key, blob = (layer, e), experts.store.blob(layer, e, m.precision)
+            resident = experts.cache.peek(key)
+            if resident is None:
+                assert table[r, e] == m.away[r, e], key
+            else:
+                assert table[r, e] == experts.pool.offset(m.precision, resident.slot), key
+            assert torch.equal(m._bytes_at(int(table[r, e])).cpu(), blob), key
+
+
+def test_the_cache_runs_a_step_behind(tiny, monkeypatch):
+    """With room for every expert (no evictions): an expert the decode first uses at step t is read
+    from the host at steps t and t+1 (misses), and from its slot from t+2 on (its copy starts
+    after step t+1 is launched; here it lands at once). The misses counted equal that schedule's,
+    hits + misses every use, and the link bytes the misses' reads plus the copies'."""
+    checkpoint, _, host = tiny
+    c = checkpoint.config
+    experts = runtime(checkpoint, host, "static-int4", len(c.moe_layers) * c.num_experts, "1", monkeypatch)
+    model = load_dense(checkpoint, 64, "cpu", torch.float32)
+    model.attach_experts(experts)
+    cache = model.new_cache(1)
+    logits = model(PROMPTS[0], 0, cache, last_only=True)[0]
+    cached = set(experts.cache.resident("int4"))
+    experts.metrics.reset()
+    steps = DecodeGraphs(model, cache, record=False)
+    uses = []
+    for i in range(STEPS):
+        logits = steps.step(logits.argmax(), PROMPTS[0].shape[1] + i)
+        uses.append({(layer, e) for layer, row in zip(experts.mapped.layers, experts.mapped.ids.tolist()) for e in row})
+    total = experts.stats()["total"]
+    misses = sum(len(used - cached - set().union(*uses[:max(t - 1, 0)])) for t, used in enumerate(uses))
+    assert misses > 0
+    assert total["misses"] == misses
+    assert total["hits"] + total["misses"] == STEPS * len(c.moe_layers) * c.num_experts_per_tok
+    copied = len(set().union(*uses) - cached)
+    assert total["h2d_bytes"] == (misses + copied) * host.layout("int4").nbytes
+    assert total["tokens"] == STEPS
+
+
+def test_mapped_decode_applies_to_one_class_in_host_memory(tiny, monkeypatch):
+    """Only a single-class runtime without a prefetcher that keeps experts across layers, over a
+    host store holding every blob of its class; ``0`` turns it off, and by default (``auto``) it
+    is off until measured to win."""
+    checkpoint, disk, host = tiny
+    k = checkpoint.config.num_experts_per_tok
+    on = lambda store=host, preset="static-int4", setting="1", **knobs: runtime(
+        checkpoint, store, preset, 2 * k, setting, monkeypatch, **knobs).mapped is not None
+    assert on() and on(preset="lru")
+    assert not on(setting="0") and not on(setting="auto")
+    assert not on(store=disk)  # blobs on disk: nothing for the kernels to read in place
+    assert not on(store=MemoryStore.pin_from(disk, host.nbytes("bf16")))  # bf16 only: int4 not in host memory
+    assert not on(prefetch_depth=1)
+    assert not on(keep_across_layers=False)
+    assert not on(preset="dymoe")  # two classes
