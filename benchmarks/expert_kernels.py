@@ -494,13 +494,10 @@ def variant_candidates(plan, k: int, sms: int, forms: bool = False, blocks: tupl
                  (True, False): "split one launch", (True, True): "split one launch preload"}
         preload = hasattr(base[0], "preload")  # (an older package, timed side by side: no preload)
         picked = (base[0].one_launch, preload and base[0].preload)
-        # gate_up's programs packing the input themselves (two launches; an older package: no such field)
-        self_pack = [("split apart self pack", tuple(dataclasses.replace(c, one_launch=False, self_pack=True)
-                                                     for c in base))] if packable and hasattr(base[0], "self_pack") else []
         return [("choose_config", chosen)] + [
             (name, tuple(dataclasses.replace(c, one_launch=one, **({"preload": pre} if preload else {}))
                          for c in base))
-            for (one, pre), name in names.items() if (one, pre) != picked and (preload or not pre)] + self_pack + [
+            for (one, pre), name in names.items() if (one, pre) != picked and (preload or not pre)] + [
             (f"split {n} blocks/SM", split(blocks_per_sm=n)) for n in blocks], []
     if pdl_supported(torch.device("cuda")):  # programmatic dependent launch, against the default's setting
         other = not base[0].pdl
@@ -702,8 +699,7 @@ def main(argv=None) -> int:
     parser.add_argument("--forms", action="store_true",
                         help="--variants: only choose_config's step against the same step's other launch forms: "
                              "in one launch or apart (LaunchConfig.one_launch), with and without each program's "
-                             "first weights loaded before it waits (LaunchConfig.preload), and for int4, int3 "
-                             "and int2 apart with gate_up packing the input itself (LaunchConfig.self_pack)")
+                             "first weights loaded before it waits (LaunchConfig.preload)")
     parser.add_argument("--chosen", action="store_true",
                         help="--variants: only choose_config's step (hot and cold), every shape and format")
     parser.add_argument("--blocks-per-sm", type=int, nargs="+", default=[], metavar="N",

@@ -98,8 +98,6 @@ def main(argv=None) -> int:
                                           counters_ptr="*i32", E="i32")),
                 ("down", down, dict(w_ptr=payload, s_ptr="*fp16", offsets_ptr="*i64", combine_ptr="*fp32",
                                     h_ptr=hidden, partial_ptr="*fp32", out_ptr="*bf16", counters_ptr="*i32", E="i32"))]
-    if "raw_ptr" in getattr(gate_up.kernel, "arg_names", ()):  # the input as given (read where gate_up packs it)
-        launches[0][2]["raw_ptr"] = "*bf16"
     if getattr(gate_up, "one_launch", False):  # both kernels' items in one launch (split_k._step_kernel)
         launches = [("one launch", gate_up, dict(w_ptr=payload, s_ptr="*fp16", offsets_ptr="*i64", combine_ptr="*fp32",
                                                  xin_ptr="*bf16", x_ptr="*i32" if packed else "*bf16", h_ptr=hidden,

@@ -7,11 +7,11 @@ chain, cold, per model shape and format.
 The step (``choose_config``'s, as ``expert_decode`` runs it) is timed as ``benchmarks/expert_kernels.py``
 times it: 20 steps replayed from one CUDA graph, each over another copy of the experts (cold, as a
 model's layers read them). Then its launches taken apart (``one_launch`` off where the default runs
-one launch): all three in turn, the same with gate_up packing its own input slice instead
-(``LaunchConfig.self_pack``; int4, int3, int2), the input's packing alone, gate_up alone, down
-alone, and packing then gate_up. The launches alone are what each costs when the one before it has long finished; the
-differences along the chain are the waits between them. ``read`` is a launch that only reads the
-step's bytes (``benchmarks/read_ceiling.py``'s kernel), the floor of any step of that size.
+one launch): all three in turn, the input's packing alone, gate_up alone, down alone, and
+packing then gate_up. The launches alone are what each costs when the one before it has long
+finished; the differences along the chain are the waits between them. ``read`` is a launch that
+only reads the step's bytes (``benchmarks/read_ceiling.py``'s kernel), the floor of any step of
+that size.
 """
 
 import argparse
@@ -27,7 +27,7 @@ from read_ceiling import read_kernel  # benchmarks/read_ceiling.py: a launch tha
 
 DEFAULT_MODELS = ("qwen3-30b-a3b", "olmoe", "mixtral-8x7b")
 DEFAULT_FORMATS = ("bf16", "int8", "int4/g128", "int2/g64", "int3/g128")
-PHASES = ("step", "apart", "self-pack", "pack", "gate_up", "down", "pack+gate_up", "read")
+PHASES = ("step", "apart", "pack", "gate_up", "down", "pack+gate_up", "read")
 
 
 def parse_format(text: str) -> tuple[str, int]:
@@ -54,7 +54,6 @@ def phases(model: str, precision: str, group: int, device) -> dict:
     hidden = ws.hidden_transposed.view(torch.int32) if gate_up.packed else ws.hidden_transposed
     out = torch.empty_like(x)
     packed_x = ws.input_packed if gate_up.packed else x  # (as launch_decode passes them)
-    raw = (x,) if "raw_ptr" in getattr(gate_up.kernel, "arg_names", ()) else ()  # (a base tree's kernel: none)
 
     def pack(_):
         if gate_up.prep is not None:
@@ -62,7 +61,7 @@ def phases(model: str, precision: str, group: int, device) -> dict:
 
     def gate_up_only(o):
         gate_up.kernel[gate_up.grid](payload, scales, o, combine, packed_x, hidden, ws.gate_up_partial,
-                                     ws.gate_up_counters, k, *raw, **gate_up.kwargs)
+                                     ws.gate_up_counters, k, **gate_up.kwargs)
 
     def down_only(o):
         down.kernel[down.grid](payload, scales, o, combine, hidden, ws.partial, out, ws.counters, k, **down.kwargs)
@@ -85,9 +84,6 @@ def phases(model: str, precision: str, group: int, device) -> dict:
             "gate_up": gate_up_only, "down": down_only})
         if gate_up.prep is not None:
             timed.update({"pack": pack, "pack+gate_up": lambda o: (pack(o), gate_up_only(o))})
-        if hasattr(apart[0], "self_pack") and gate_up.packed:  # gate_up packing its own input slice, no pack launch
-            own = tuple(dataclasses.replace(c, self_pack=True) for c in apart)
-            timed["self-pack"] = lambda o: launch_decode(big, o, plan, x, combine, ws, *own)
     row = {"model": model, "format": name, "mb": nbytes / 2**20, "one_launch": chosen[0].one_launch}
     for phase, fn in timed.items():
         row[phase] = bench_steps(fn, args=steps) * 1e3
@@ -109,8 +105,7 @@ def table(rows: list[dict], copy_gbps: float) -> str:
                      + " ".join(f"{r[p]:12.1f}" if r.get(p) is not None else f"{'-':>12s}" for p in PHASES)
                      + f"  {pct:5.0f}%{note}")
     lines.append("'-': not a launch of that step (bf16 and int8 pack no input; bf16 runs the tiled kernels);"
-                 " apart: pack, gate_up, down in turn (the step itself unless it says one launch);"
-                 " self-pack: apart, gate_up packing its own input slice (no pack launch)")
+                 " apart: pack, gate_up, down in turn (the step itself unless it says one launch)")
     return "\n".join(lines)
 
 

@@ -218,12 +218,7 @@ for precision, group, math in [(p, g, SWIGLU) for p, g in FORMATS] + [("int4", 6
     flat = LaunchConfig(64, small_k, 1, 1, split_k=2, packed=False)
     configs = {"two": two, "one": one, "two_pre": dataclasses.replace(two, preload=True),
                "one_pre": dataclasses.replace(one, preload=True), "flat": flat,
-               "flat_pre": dataclasses.replace(flat, preload=True),
-               "self": dataclasses.replace(two, self_pack=True),
-               "self_pre": dataclasses.replace(two, self_pack=True, preload=True)}
-    self_packs = {name: [(launch.prep is None, bool(launch.kwargs.get("SELF_PACK")))
-                         for launch in _launches(plan, 3, 1, 132, True, configs[name], configs[name], math)[:1]]
-                  for name in ("two", "self", "self_pre")}
+               "flat_pre": dataclasses.replace(flat, preload=True)}
     preloads = {name: [launch.kwargs["PRELOAD"] for launch in _launches(plan, 3, 1, 132, True, cfg, cfg, math)]
                 for name, cfg in configs.items()}
     outs = {}
@@ -250,7 +245,6 @@ for precision, group, math in [(p, g, SWIGLU) for p, g in FORMATS] + [("int4", 6
         "rel_err": max(((o.float() - r).norm() / r.norm()).item() for n in configs for o, r in outs[n]),
         "same_as_two": same("one", "two") and same("two_pre", "two") and same("one_pre", "two"),
         "flat_same": same("flat_pre", "flat"),
-        "self_same": same("self", "two") and same("self_pre", "two"), "self_packs": self_packs,
         "finite": all(bool(o.isfinite().all()) for n in configs for o, _ in outs[n]),
         "reset": all(outs[n + "_reset"] for n in configs), "preloads": preloads}
 print(json.dumps(results))
@@ -265,16 +259,12 @@ def test_one_launch_step_equals_the_two_launches_under_the_interpreter():
     GPT-OSS's biased experts give the two-launch step's output bit for bit, within 1e-2 of the
     float32 reference, for two steps back to back on one NaN-poisoned workspace (K slices of one
     and of two steps, an expert no token uses), with every counter (tickets, packed, ready, done)
-    back at zero. So does ``LaunchConfig.self_pack`` (gate_up's programs pack their own K slice of
-    the input, with and without preload), which really drops the packing launch."""
+    back at zero."""
     results = run_interpreted(f"FORMATS = {FORMATS!r}\n" + _INTERPRETED_ONE_LAUNCH, fp_fusion=True)
     assert set(results) == {f"{p}/{g}" for p, g in FORMATS} | {"int4/64/gpt_oss"}
     for name, r in results.items():
         assert r["finite"] and r["rel_err"] < 1e-2, (name, r)
-        assert r["same_as_two"] and r["flat_same"] and r["self_same"] and r["reset"], (name, r)
-        packed = not name.startswith(("bf16", "int8"))  # self_pack: gate_up packs the input, no packing launch
-        assert r["self_packs"]["two"] == [[not packed, False]], (name, r)
-        assert r["self_packs"]["self"] == r["self_packs"]["self_pre"] == [[True, packed]], (name, r)
+        assert r["same_as_two"] and r["flat_same"] and r["reset"], (name, r)
         preloads = r["preloads"]
         assert preloads["two"] == preloads["flat"] == [False, False] and preloads["one"][0] is False, (name, r)
         assert preloads["two_pre"] == preloads["flat_pre"] == [True, True] and preloads["one_pre"][0] is True, \
@@ -318,8 +308,7 @@ def test_pdl_launches_only_after_the_first_and_only_where_supported(monkeypatch)
     launch gets its griddepcontrol; a device without it (or the interpreter) gets none of that
     whatever the config; DYMOE_PDL sets split_config's field (unset: on for steps of at most
     PDL_MAX_WEIGHTS weights per projection), DYMOE_ONE_LAUNCH its one_launch (unset: on for the
-    long int8, int4 and int2/g64 steps), DYMOE_SELF_PACK its self_pack (gate_up packing the input:
-    then gate_up is the first launch), and a bad value of any is one clear error."""
+    long int8, int4 and int2/g64 steps), and a bad value of either is one clear error."""
     from dymoe.quant.kernels import triton_experts as te
 
     for precision, packed in (("int4", True), ("int4", False), ("int8", False)):
@@ -337,21 +326,7 @@ def test_pdl_launches_only_after_the_first_and_only_where_supported(monkeypatch)
             assert "launch_pdl" not in gate_up.kwargs and "launch_pdl" not in down.kwargs
             assert not (gate_up.kwargs["PDL"] or down.kwargs["PDL"])
             assert not (packed and gate_up.prep.kwargs["PDL"])
-        if packed:  # gate_up packing the input itself: then it is the first launch, so never early
-            own = [dataclasses.replace(c, self_pack=True) for c in cfgs]
-            gate_up, down = te._launches(plan, 8, 1, 132, False, *own, pdl=True)
-            assert gate_up.prep is None and gate_up.kwargs["SELF_PACK"] and gate_up.packed
-            assert "launch_pdl" not in gate_up.kwargs and gate_up.kwargs["PDL"] and down.kwargs["launch_pdl"]
     assert not te.pdl_supported(torch.device("cpu"))
-    for value, on in (("", False), ("0", False), ("1", True)):  # DYMOE_SELF_PACK: off unless 1
-        monkeypatch.setenv("DYMOE_SELF_PACK", value)
-        assert te._self_pack_override() is on
-        monkeypatch.setattr(te, "SELF_PACK_OVERRIDE", on)
-        assert te.split_config(kernel_plan(blob_layout(parse_format("int4", 128), 2048, 768)), "gate_up", 8,
-                               132).self_pack is on
-    monkeypatch.setenv("DYMOE_SELF_PACK", "yes")
-    with pytest.raises(InputError, match="DYMOE_SELF_PACK='yes': use 1"):
-        te._self_pack_override()
     qwen3, mixtral = (kernel_plan(blob_layout(parse_format("int4", 128), h, i)) for h, i in ((2048, 768), (4096, 14336)))
     for value, override, expected in (("", None, (True, False)), ("0", False, (False, False)), ("1", True, (True, True))):
         monkeypatch.setenv("DYMOE_PDL", value)

@@ -598,15 +598,12 @@ def _gate_up_item(e, block, piece, blocks, w_ptr, s_ptr, offsets_ptr, combine_pt
                   BLOCK_STEPS: tl.constexpr, ASM: tl.constexpr, PDL: tl.constexpr, C_IN: tl.constexpr,
                   C_H: tl.constexpr, GU_BIAS: tl.constexpr, ACT: tl.constexpr, LIMIT: tl.constexpr,
                   ALPHA: tl.constexpr, SIGNAL: tl.constexpr, PRELOAD: tl.constexpr, SPIN: tl.constexpr, flag_ptr,
-                  flag_target, raw_ptr=None, SELF_PACK: tl.constexpr = False):
+                  flag_target):
     """K slice ``piece`` of row block ``block`` (of ``blocks``) of expert ``e``'s gate and up
     projections; the last slice of the block to finish writes that block of ``h``. ``SIGNAL`` (the
     one-launch step, :func:`_step_kernel`): it then adds one to ``ready_ptr[e]`` (release), so the
     down items of expert e know when all of its ``h`` is written. The input is read only after
-    :func:`_await`; with ``PRELOAD`` the slice's first step of weights is loaded before it.
-    ``SELF_PACK``: the item packs its own K slice of the input (``raw_ptr``, [H]) into ``x_ptr``
-    first, as :func:`_pack_input_kernel` would have (every item of the slice writes the same words),
-    so the step needs no packing launch."""
+    :func:`_await`; with ``PRELOAD`` the slice's first step of weights is loaded before it."""
     rows = block * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < I
     w_slot, s_slot, _, c, active = _expert_slot(offsets_ptr, combine_ptr, e, 1, E, W_BYTES, 2)
@@ -632,10 +629,6 @@ def _gate_up_item(e, block, piece, blocks, w_ptr, s_ptr, offsets_ptr, combine_pt
     _await(PDL, SPIN, flag_ptr, flag_target)
     if PDL:
         gdc_launch_dependents()
-    if SELF_PACK:
-        for sub in tl.static_range(K_SLICE // STEP):
-            _pack_item(piece * (K_SLICE // STEP) + sub, raw_ptr, x_ptr, H, C_IN, BITS, STEP)
-        tl.debug_barrier()  # the block's packed words written before any thread reads them
     if PRELOAD:
         if start < end:
             if PACKED:
@@ -694,7 +687,7 @@ def _gate_up_item(e, block, piece, blocks, w_ptr, s_ptr, offsets_ptr, combine_pt
 
 
 @triton.jit
-def _gate_up_split_kernel(w_ptr, s_ptr, offsets_ptr, combine_ptr, x_ptr, h_ptr, gu_ptr, counters_ptr, E, raw_ptr,
+def _gate_up_split_kernel(w_ptr, s_ptr, offsets_ptr, combine_ptr, x_ptr, h_ptr, gu_ptr, counters_ptr, E,
                           H: tl.constexpr, I: tl.constexpr, W_BYTES: tl.constexpr,
                           GATE_W: tl.constexpr, GATE_S: tl.constexpr, GATE_M: tl.constexpr,
                           UP_W: tl.constexpr, UP_S: tl.constexpr, UP_M: tl.constexpr,
@@ -704,15 +697,13 @@ def _gate_up_split_kernel(w_ptr, s_ptr, offsets_ptr, combine_ptr, x_ptr, h_ptr, 
                           PACKED: tl.constexpr = False, BLOCK_STEPS: tl.constexpr = False, ASM: tl.constexpr = True,
                           PDL: tl.constexpr = False, C_IN: tl.constexpr = 0,
                           C_H: tl.constexpr = 0, GU_BIAS: tl.constexpr = -1, ACT: tl.constexpr = 0,
-                          LIMIT: tl.constexpr = 7.0, ALPHA: tl.constexpr = 1.702, PRELOAD: tl.constexpr = False,
-                          SELF_PACK: tl.constexpr = False):
-    """Grid (experts, row blocks, K slices): one :func:`_gate_up_item` each. ``raw_ptr``: the input
-    as given, which ``SELF_PACK`` items pack into ``x_ptr`` themselves (else it is not read)."""
+                          LIMIT: tl.constexpr = 7.0, ALPHA: tl.constexpr = 1.702, PRELOAD: tl.constexpr = False):
+    """Grid (experts, row blocks, K slices): one :func:`_gate_up_item` each."""
     _gate_up_item(tl.program_id(0), tl.program_id(1), tl.program_id(2), tl.num_programs(1), w_ptr, s_ptr,
                   offsets_ptr, combine_ptr, x_ptr, h_ptr, gu_ptr, counters_ptr, counters_ptr, E, H, I, W_BYTES,
                   GATE_W, GATE_S, GATE_M, UP_W, UP_S, UP_M, ROW, KP, GROUPS, BITS, CPW, BLOCK_N, SUB_K, SUBS, SPLIT,
                   K_SLICE, KP_DOWN, PACKED, BLOCK_STEPS, ASM, PDL, C_IN, C_H, GU_BIAS, ACT, LIMIT, ALPHA, False,
-                  PRELOAD, False, counters_ptr, 0, raw_ptr, SELF_PACK)
+                  PRELOAD, False, counters_ptr, 0)
 
 
 @triton.jit

@@ -400,16 +400,6 @@ def _one_launch_override() -> bool | None:
 ONE_LAUNCH_OVERRIDE = _one_launch_override()
 
 
-def _self_pack_override() -> bool:
-    """DYMOE_SELF_PACK from the environment, for split_config: 1 has gate_up's programs pack their
-    own K slice of the input (``LaunchConfig.self_pack``), 0 or unset keeps the packing launch."""
-    return bool(env_override("DYMOE_SELF_PACK", "gate_up's programs pack the input themselves (experimental)",
-                             "a launch packs the input first (the default)"))
-
-
-SELF_PACK_OVERRIDE = _self_pack_override()
-
-
 def one_launch_by_default(plan: KernelPlan) -> bool:
     """Whether a split-K step of ``plan`` runs as one launch unless DYMOE_ONE_LAUNCH says otherwise:
     the long steps (more than PDL_MAX_WEIGHTS weights per projection, where pdl is off) of int8,
@@ -484,10 +474,6 @@ class LaunchConfig:
     # short step (Qwen3's are one step per program) that is all of them. Needs one step per loop
     # iteration: packed block steps, or one group per step
     preload: bool = False
-    # split-K, packed, two launches (read from gate_up's config): each gate_up program packs its own
-    # K slice of the input instead of a launch packing all of it first (experimental, not timed yet:
-    # the packing launch cost Qwen3's int4 step ~2.4 us of gate_up's waiting, benchmarks/step_phases.py)
-    self_pack: bool = False
 
 
 def uses_gemv(plan: KernelPlan, tokens: int) -> bool:
@@ -578,7 +564,7 @@ def split_config(plan: KernelPlan, kernel: str, experts: int, sms: int, block_n:
                         packed=packs_by_default(plan), block_steps=True, max_registers=cap,
                         pdl=pdl_by_default(plan) if PDL_OVERRIDE is None else PDL_OVERRIDE,
                         one_launch=one_launch_by_default(plan) if ONE_LAUNCH_OVERRIDE is None else ONE_LAUNCH_OVERRIDE,
-                        preload=preload_by_default(plan), self_pack=SELF_PACK_OVERRIDE)
+                        preload=preload_by_default(plan))
 
 
 def _tiling(plan: KernelPlan, config: LaunchConfig) -> dict:
@@ -699,9 +685,8 @@ class _Launch:
     @property
     def packed(self) -> bool:
         """Whether this gate_up (or one-launch step) launch runs on packed activation vectors
-        (split_k._packed_step): it packs the input first, in a launch of its own, in its first items
-        (one launch) or in each program (``self_pack``)."""
-        return self.prep is not None or bool(self.kwargs.get("PACK_ITEMS")) or bool(self.kwargs.get("SELF_PACK"))
+        (split_k._packed_step): it packs the input first, in a launch of its own or in its first items."""
+        return self.prep is not None or bool(self.kwargs.get("PACK_ITEMS"))
 
 
 def k_slices(plan: KernelPlan, cols: int, config: LaunchConfig) -> tuple[int, int]:
@@ -775,14 +760,13 @@ def _launches(plan: KernelPlan, experts: int, tokens: int, sms: int, interpretin
         packed = runs_packed(plan, gu_cfg, d_cfg)
         pdl = pdl and not interpreting
         chunks_in = triton.cdiv(h, chunk_values(plan.bits))
-        self_pack = packed and gu_cfg.self_pack and not gu_cfg.one_launch
         prep = _Launch(_pack_input_kernel, (triton.cdiv(h, PACK_BLOCK),),
                        dict(H=h, C=chunks_in, BITS=plan.bits, BLOCK=PACK_BLOCK, PDL=pdl and gu_cfg.pdl,
-                            num_warps=4)) if packed and not self_pack else None
+                            num_warps=4)) if packed else None
         gate_up = _split_launch(_gate_up_split_kernel, plan, g, gu_cfg, experts, i, interpreting, packed, pdl,
-                                dependent=prep is not None, **({"SELF_PACK": True} if self_pack else {}),
-                                GATE_W=g.weight, GATE_S=g.scales, GATE_M=g.mins, UP_W=u.weight, UP_S=u.scales,
-                                UP_M=u.mins, KP_DOWN=d.padded_cols, C_IN=chunks_in if packed else 0, **act)
+                                dependent=packed, GATE_W=g.weight, GATE_S=g.scales, GATE_M=g.mins, UP_W=u.weight,
+                                UP_S=u.scales, UP_M=u.mins, KP_DOWN=d.padded_cols, C_IN=chunks_in if packed else 0,
+                                **act)
         down = _split_launch(_down_split_kernel, plan, d, d_cfg, experts, h, interpreting, packed, pdl,
                              dependent=True, DOWN_W=d.weight, DOWN_S=d.scales, DOWN_M=d.mins, D_BIAS=plan.down_bias)
         if gu_cfg.one_launch:
@@ -850,10 +834,8 @@ def launch_decode(pool: torch.Tensor, slot_offsets: torch.Tensor, plan: KernelPl
                 or e * plan.down.padded_cols > hidden.numel()
                 or gate_up.packed and e * packed_words(plan.intermediate_size, plan.bits) > hidden.numel()):
             raise ValueError(f"workspace too small for {e} experts at split-K {gate_up.split}/{down.split}")
-        raw = x  # (read by gate_up only where it packs the input itself)
         if gate_up.prep is not None:  # the input as a packed activation vector
             gate_up.prep.kernel[gate_up.prep.grid](x, ws.input_packed, **gate_up.prep.kwargs)
-        if gate_up.packed and not gate_up.one_launch:
             x = ws.input_packed
         if gate_up.one_launch:  # (packed formats: the input packed by the launch's first items)
             if 3 + e > ws.step_counters.numel():
@@ -864,7 +846,7 @@ def launch_decode(pool: torch.Tensor, slot_offsets: torch.Tensor, plan: KernelPl
                                          ws.step_counters, e, **gate_up.kwargs)
             return out
         gate_up.kernel[gate_up.grid](payload, scales, slot_offsets, combine, x, hidden, ws.gate_up_partial,
-                                     ws.gate_up_counters, e, raw, **gate_up.kwargs)
+                                     ws.gate_up_counters, e, **gate_up.kwargs)
         down.kernel[down.grid](payload, scales, slot_offsets, combine, hidden, ws.partial, out, ws.counters, e,
                                **down.kwargs)
         return out
