@@ -74,8 +74,15 @@ def _applies(runtime, forced: bool) -> bool:
     return runtime.precision != "bf16" or runtime._kernels_bf16
 
 
+# ``auto`` maps a runtime whose pool holds at least this share of its class's experts. Every miss
+# crosses the link twice (the kernels' read, then the copy into a slot), where the segmented decode
+# copies it once but waits on the host at every MoE layer: mapped wins where misses are few.
+MIN_COVERAGE = 0.9
+
+
 def _wins(runtime) -> bool:
-    return False  # not measured yet
+    store = runtime.store
+    return runtime.pool.num_slots(runtime.precision) >= MIN_COVERAGE * len(store.layers) * store.num_experts
 
 
 class MappedDecode:

@@ -6,6 +6,7 @@ segmented decode and the resident model."""
 from __future__ import annotations
 
 import importlib.util
+import math
 
 import pytest
 import torch
@@ -17,6 +18,7 @@ from dymoe.runtime import mapped
 from dymoe.runtime.offload import OffloadConfig, OffloadedExperts
 from dymoe.runtime.presets import PRESETS
 from dymoe.runtime.resident import ResidentExperts
+from tests.interpreted import run_interpreted
 from tests.tiny_models import tiny_store
 
 PROMPTS = (torch.tensor([[1, 17, 42, 5, 63, 8, 29, 11]]), torch.tensor([[3, 9, 27, 81, 50]]))
@@ -162,16 +164,79 @@ def test_the_cache_runs_a_step_behind(tiny, monkeypatch):
 
 def test_mapped_decode_applies_to_one_class_in_host_memory(tiny, monkeypatch):
     """Only a single-class runtime without a prefetcher that keeps experts across layers, over a
-    host store holding every blob of its class; ``0`` turns it off, and by default (``auto``) it
-    is off until measured to win."""
+    host store holding every blob of its class; ``0`` turns it off. By default (``auto``) never on
+    the CPU, and on a GPU only a pool that holds at least MIN_COVERAGE of the class's experts
+    (misses cross the link twice)."""
     checkpoint, disk, host = tiny
-    k = checkpoint.config.num_experts_per_tok
-    on = lambda store=host, preset="static-int4", setting="1", **knobs: runtime(
-        checkpoint, store, preset, 2 * k, setting, monkeypatch, **knobs).mapped is not None
+    c = checkpoint.config
+    k, experts = c.num_experts_per_tok, len(c.moe_layers) * c.num_experts
+    on = lambda store=host, preset="static-int4", setting="1", slots=2 * k, **knobs: runtime(
+        checkpoint, store, preset, slots, setting, monkeypatch, **knobs).mapped is not None
     assert on() and on(preset="lru")
     assert not on(setting="0") and not on(setting="auto")
+    enough = math.ceil(mapped.MIN_COVERAGE * experts)
+    assert not on(setting="auto", slots=enough)
+    wins = lambda slots, preset="static-int4": mapped._wins(runtime(checkpoint, host, preset, slots, "1", monkeypatch))
+    assert wins(enough) and wins(enough, "lru") and not wins(enough - 1)
     assert not on(store=disk)  # blobs on disk: nothing for the kernels to read in place
     assert not on(store=MemoryStore.pin_from(disk, host.nbytes("bf16")))  # bf16 only: int4 not in host memory
     assert not on(prefetch_depth=1)
     assert not on(keep_across_layers=False)
     assert not on(preset="dymoe")  # two classes
+
+
+_INTERPRETED = r"""
+import json, tempfile
+from pathlib import Path
+import torch
+from dymoe.checkpoint.memory_store import MemoryStore
+from dymoe.models.decode_graphs import DecodeGraphs
+from dymoe.models.transformer import load_dense
+from dymoe.runtime import mapped
+from dymoe.runtime.offload import OffloadConfig, OffloadedExperts
+from dymoe.runtime.presets import PRESETS
+from tests.tiny_models import tiny_store
+
+checkpoint, disk = tiny_store(Path(tempfile.mkdtemp()), "qwen3_moe", 7, ("bf16", "int4"))
+host = MemoryStore.pin_from(disk, disk.nbytes())
+model = load_dense(checkpoint, 32, "cpu", torch.bfloat16)
+k = checkpoint.config.num_experts_per_tok
+out = {}
+for preset in ("lru", "static-int4"):
+    trails = []
+    for setting in ("0", "1"):
+        mapped.MAPPED = setting
+        knobs = PRESETS[preset]
+        budget = (k + 1) * host.layout(knobs["precision"]).nbytes
+        experts = OffloadedExperts(host, OffloadConfig(budget_bytes=budget, **knobs), k, "cpu", torch.bfloat16)
+        model.attach_experts(experts)
+        cache = model.new_cache(1)
+        logits = model(torch.tensor([[1, 17, 42, 5, 63]]), 0, cache, last_only=True)[0]
+        experts.metrics.reset()
+        steps, trail = DecodeGraphs(model, cache, record=False), []
+        for i in range(3):
+            logits = steps.step(logits.argmax(), 5 + i)
+            trail.append(logits)
+        trails.append(torch.stack(trail))
+        if setting == "1":
+            out[preset + " kernels"] = experts.mapped.kernels
+            out[preset + " misses"] = experts.stats()["total"]["misses"]
+    out[preset] = bool(torch.equal(*trails))
+    out[preset + " rel_err"] = float((trails[1].float() - trails[0].float()).norm() / trails[0].float().norm())
+print(json.dumps(out))
+"""
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed (gpu extra)")
+def test_mapped_decode_through_the_kernels_under_the_interpreter(monkeypatch):
+    """The kernels path (Triton's interpreter on the CPU): the kernels read missed experts' blobs
+    from the host store through their offsets from the pool buffer. bf16 (``lru`` under
+    ``DYMOE_RESIDENT_DECODE=kernels``, the kernels both ways) gives the segmented decode's logits
+    bit for bit; int4, whose segmented decode runs the torch reference on the CPU, agrees to bf16
+    rounding."""
+    monkeypatch.setenv("DYMOE_RESIDENT_DECODE", "kernels")
+    results = run_interpreted(_INTERPRETED, timeout=900)
+    assert results["lru kernels"] and results["static-int4 kernels"], results
+    assert results["lru misses"] > 0 and results["static-int4 misses"] > 0, results
+    assert results["lru"], results
+    assert results["static-int4 rel_err"] < 1e-2, results
