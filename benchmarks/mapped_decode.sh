@@ -43,9 +43,12 @@ for path in Path(sys.argv[1]).glob("*-mapped*-*.json"):
     setting = report["environment"]["settings"].get("DYMOE_MAPPED_DECODE", "auto")
     for row in report["rows"]:
         runs.append((row["preset"], row["budget"], setting, path.stem.rsplit("-", 1)[1], row))
-for preset, budget, setting, rnd, row in sorted(runs, key=lambda r: r[:4]):
-    hit = f"{100 * row['hit_rate']:.1f}" if row.get("hit_rate") is not None else "-"
-    h2d = row.get("h2d_bytes_per_token") or 0
-    print(f"{preset:<18}{budget:>7}{setting:>7}{rnd:>6}{1e3 * row['tpot_median_s']:>9.2f}"
-          f"{1e3 * row['tpot_mean_s']:>9.2f}{hit:>7}{h2d / 2**20:>12.2f}")
+def cell(value, scale=1.0, digits=2):
+    return "-" if value is None else f"{scale * value:.{digits}f}"
+
+
+for preset, budget, setting, rnd, row in sorted(runs, key=lambda r: tuple(map(str, r[:4]))):
+    print(f"{preset:<18}{budget or '-':>7}{setting:>7}{rnd:>6}{cell(row.get('tpot_median_s'), 1e3):>9}"
+          f"{cell(row.get('tpot_mean_s'), 1e3):>9}{cell(row.get('hit_rate'), 100, 1):>7}"
+          f"{cell(row.get('h2d_bytes_per_token'), 2**-20):>12}")
 PY

@@ -26,9 +26,10 @@ t+1 is launched). Eviction decisions come a step late. It applies to one precisi
 prefetcher, on a GPU with Triton (bf16 through the fused kernels, compute capability 8.0+), when
 the pinned host store holds every blob of that class.
 
-On the CPU (``DYMOE_MAPPED_DECODE=1``, for the tests) the same bookkeeping runs and each step's
-experts are read wherever the table points, through the torch reference (or the Triton kernels
-under the interpreter).
+Off unless ``DYMOE_MAPPED_DECODE=1``: measured faster once nearly every expert hits, slower while
+many still miss (see ``MAPPED``). On the CPU the same bookkeeping runs and each step's experts are
+read wherever the table points, through the torch reference (or the Triton kernels under the
+interpreter): that is how the tests check it.
 """
 
 from __future__ import annotations
@@ -45,44 +46,38 @@ from dymoe.runtime.resident import blob_stacks, decode_experts
 
 Key = tuple[int, int]  # (layer, expert)
 
-MAPPED = env_choice("DYMOE_MAPPED_DECODE", {
-    "auto": "the default: where it applies and its measurements say it wins",
-    "1": "wherever it applies (also on the CPU: the tests)",
-    "0": "never: the segmented decode, one host synchronisation per MoE layer"}, "auto")
+def _setting() -> str:
+    return env_choice("DYMOE_MAPPED_DECODE", {
+        "1": "wherever it applies (on the CPU too: the tests)",
+        "0": "never: the segmented decode, one host synchronisation per MoE layer"}, "0")
+
+
+MAPPED = _setting()
+# Off by default: on an H100 it won in steady state (static-int4 with every int4 copy fitting, 256
+# tokens: 1.34 -> 1.11 ms per token) but lost while experts still miss (the same over 64 tokens:
+# 1.53 -> 1.71 ms), since a miss crosses the link twice and the two crossings compete
+# (docs/decode.md, "Mapped decode").
 
 
 def mapped_decode_for(runtime) -> "MappedDecode | None":
-    """``runtime``'s (an :class:`~dymoe.runtime.offload.OffloadedExperts`) mapped decode, or None
-    where it does not apply or ``DYMOE_MAPPED_DECODE`` turns it off."""
-    if MAPPED == "0" or not _applies(runtime, forced=MAPPED == "1"):
-        return None
-    if MAPPED == "auto" and not _wins(runtime):
+    """``runtime``'s (an :class:`~dymoe.runtime.offload.OffloadedExperts`) mapped decode where
+    ``DYMOE_MAPPED_DECODE=1`` asks for it and it applies, else None."""
+    if MAPPED != "1" or not _applies(runtime):
         return None
     return MappedDecode(runtime)
 
 
-def _applies(runtime, forced: bool) -> bool:
+def _applies(runtime) -> bool:
     config, store = runtime.config, runtime.store
     if runtime.low is not None or config.prefetch_depth or not config.keep_across_layers:
         return False
     if not isinstance(store, MemoryStore) or not store.holds_every(runtime.precision):
         return False
     if runtime.device.type != "cuda":
-        return forced
+        return True  # the CPU reference (the tests)
     if not (triton_available() and store.buffer.is_pinned()):
         return False
     return runtime.precision != "bf16" or runtime._kernels_bf16
-
-
-# ``auto`` maps a runtime whose pool holds at least this share of its class's experts. Every miss
-# crosses the link twice (the kernels' read, then the copy into a slot), where the segmented decode
-# copies it once but waits on the host at every MoE layer: mapped wins where misses are few.
-MIN_COVERAGE = 0.9
-
-
-def _wins(runtime) -> bool:
-    store = runtime.store
-    return runtime.pool.num_slots(runtime.precision) >= MIN_COVERAGE * len(store.layers) * store.num_experts
 
 
 class MappedDecode:

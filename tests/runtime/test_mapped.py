@@ -6,12 +6,12 @@ segmented decode and the resident model."""
 from __future__ import annotations
 
 import importlib.util
-import math
 
 import pytest
 import torch
 
 from dymoe.checkpoint.memory_store import MemoryStore
+from dymoe.errors import InputError
 from dymoe.models.decode_graphs import DecodeGraphs
 from dymoe.models.transformer import load_dense
 from dymoe.runtime import mapped
@@ -163,26 +163,30 @@ def test_the_cache_runs_a_step_behind(tiny, monkeypatch):
 
 
 def test_mapped_decode_applies_to_one_class_in_host_memory(tiny, monkeypatch):
-    """Only a single-class runtime without a prefetcher that keeps experts across layers, over a
-    host store holding every blob of its class; ``0`` turns it off. By default (``auto``) never on
-    the CPU, and on a GPU only a pool that holds at least MIN_COVERAGE of the class's experts
-    (misses cross the link twice)."""
+    """Only where ``DYMOE_MAPPED_DECODE=1`` asks (off by default), and only for a single-class
+    runtime without a prefetcher that keeps experts across layers, over a host store holding every
+    blob of its class."""
     checkpoint, disk, host = tiny
-    c = checkpoint.config
-    k, experts = c.num_experts_per_tok, len(c.moe_layers) * c.num_experts
-    on = lambda store=host, preset="static-int4", setting="1", slots=2 * k, **knobs: runtime(
-        checkpoint, store, preset, slots, setting, monkeypatch, **knobs).mapped is not None
+    k = checkpoint.config.num_experts_per_tok
+    on = lambda store=host, preset="static-int4", setting="1", **knobs: runtime(
+        checkpoint, store, preset, 2 * k, setting, monkeypatch, **knobs).mapped is not None
     assert on() and on(preset="lru")
-    assert not on(setting="0") and not on(setting="auto")
-    enough = math.ceil(mapped.MIN_COVERAGE * experts)
-    assert not on(setting="auto", slots=enough)
-    wins = lambda slots, preset="static-int4": mapped._wins(runtime(checkpoint, host, preset, slots, "1", monkeypatch))
-    assert wins(enough) and wins(enough, "lru") and not wins(enough - 1)
+    assert not on(setting="0")
     assert not on(store=disk)  # blobs on disk: nothing for the kernels to read in place
     assert not on(store=MemoryStore.pin_from(disk, host.nbytes("bf16")))  # bf16 only: int4 not in host memory
     assert not on(prefetch_depth=1)
     assert not on(keep_across_layers=False)
     assert not on(preset="dymoe")  # two classes
+
+
+def test_mapped_decode_is_off_by_default(monkeypatch):
+    monkeypatch.delenv("DYMOE_MAPPED_DECODE", raising=False)
+    assert mapped._setting() == "0"
+    monkeypatch.setenv("DYMOE_MAPPED_DECODE", "1")
+    assert mapped._setting() == "1"
+    monkeypatch.setenv("DYMOE_MAPPED_DECODE", "auto")
+    with pytest.raises(InputError, match="DYMOE_MAPPED_DECODE='auto': use 1 .* or 0"):
+        mapped._setting()
 
 
 _INTERPRETED = r"""
