@@ -25,6 +25,10 @@ runtime (:meth:`OffloadedExperts.decode_compute`), which runs them through the f
 too. Low-bit slots go through :func:`dymoe.quant.kernels.expert_decode` for one token (fused
 dequantize-GEMV in Triton on the GPU, the torch reference elsewhere); for prefill
 a wave's low-bit experts are dequantized a batch per launch into a preallocated workspace (:mod:`dymoe.runtime.prefill`) and run through the same bf16 matmuls.
+
+With ``DYMOE_MAPPED_DECODE=1`` a single-class runtime whose experts all lie in pinned host memory
+decodes a token through :mod:`dymoe.runtime.mapped` instead: steps 1-6 move a step behind the GPU,
+and the kernels read a missing expert where it lies on the host.
 """
 
 from __future__ import annotations
