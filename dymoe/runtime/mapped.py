@@ -35,6 +35,7 @@ interpreter): that is how the tests check it.
 from __future__ import annotations
 
 import contextlib
+import sys
 
 import numpy as np
 import torch
@@ -61,23 +62,39 @@ MAPPED = _setting()
 
 def mapped_decode_for(runtime) -> "MappedDecode | None":
     """``runtime``'s (an :class:`~dymoe.runtime.offload.OffloadedExperts`) mapped decode where
-    ``DYMOE_MAPPED_DECODE=1`` asks for it and it applies, else None."""
-    if MAPPED != "1" or not _applies(runtime):
+    ``DYMOE_MAPPED_DECODE=1`` asks for it and it applies, else None; asked for where it does not
+    apply, one line on stderr says why."""
+    if MAPPED != "1":
+        return None
+    reason = _why_not(runtime)
+    if reason is not None:
+        print(f"dymoe: DYMOE_MAPPED_DECODE=1 does not apply: {reason}; decoding with one host "
+              "synchronisation per MoE layer", file=sys.stderr)
         return None
     return MappedDecode(runtime)
 
 
-def _applies(runtime) -> bool:
+def _why_not(runtime) -> str | None:
+    """Why the mapped decode cannot serve ``runtime``, or None when it can."""
     config, store = runtime.config, runtime.store
-    if runtime.low is not None or config.prefetch_depth or not config.keep_across_layers:
-        return False
+    if runtime.low is not None:
+        return "the preset runs two precision classes"
+    if config.prefetch_depth:
+        return "the preset prefetches (its guesses would come a step late)"
+    if not config.keep_across_layers:
+        return "the preset keeps no expert across layers"
     if not isinstance(store, MemoryStore) or not store.holds_every(runtime.precision):
-        return False
+        return (f"the host memory tier does not hold every {runtime.precision} expert "
+                "(raise --host-memory)")
     if runtime.device.type != "cuda":
-        return True  # the CPU reference (the tests)
-    if not (triton_available() and store.buffer.is_pinned()):
-        return False
-    return runtime.precision != "bf16" or runtime._kernels_bf16
+        return None  # the CPU reference (the tests)
+    if not triton_available():
+        return "Triton is not installed (the gpu extra)"
+    if not store.buffer.is_pinned():
+        return "the host memory tier is not pinned"
+    if runtime.precision == "bf16" and not runtime._kernels_bf16:
+        return "bf16 experts here do not decode through the fused kernels (DYMOE_RESIDENT_DECODE, compute capability)"
+    return None
 
 
 class MappedDecode:

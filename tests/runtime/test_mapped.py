@@ -162,21 +162,29 @@ def test_the_cache_runs_a_step_behind(tiny, monkeypatch):
     assert total["tokens"] == STEPS
 
 
-def test_mapped_decode_applies_to_one_class_in_host_memory(tiny, monkeypatch):
+def test_mapped_decode_applies_to_one_class_in_host_memory(tiny, monkeypatch, capsys):
     """Only where ``DYMOE_MAPPED_DECODE=1`` asks (off by default), and only for a single-class
     runtime without a prefetcher that keeps experts across layers, over a host store holding every
-    blob of its class."""
+    blob of its class; asked for where it does not apply, one line on stderr says why."""
     checkpoint, disk, host = tiny
     k = checkpoint.config.num_experts_per_tok
     on = lambda store=host, preset="static-int4", setting="1", **knobs: runtime(
         checkpoint, store, preset, 2 * k, setting, monkeypatch, **knobs).mapped is not None
-    assert on() and on(preset="lru")
-    assert not on(setting="0")
-    assert not on(store=disk)  # blobs on disk: nothing for the kernels to read in place
-    assert not on(store=MemoryStore.pin_from(disk, host.nbytes("bf16")))  # bf16 only: int4 not in host memory
-    assert not on(prefetch_depth=1)
-    assert not on(keep_across_layers=False)
-    assert not on(preset="dymoe")  # two classes
+    assert on() and on(preset="lru") and capsys.readouterr().err == ""
+    assert not on(setting="0") and capsys.readouterr().err == ""
+    refusals = {  # blobs on disk, or only the bf16 ones in host memory: nothing to read int4 from in place
+        "does not hold every int4 expert (raise --host-memory)": [dict(store=disk),
+                                                                dict(store=MemoryStore.pin_from(disk, host.nbytes("bf16")))],
+        "prefetches": [dict(prefetch_depth=1)],
+        "keeps no expert across layers": [dict(keep_across_layers=False)],
+        "two precision classes": [dict(preset="dymoe")],
+    }
+    for reason, cases in refusals.items():
+        for case in cases:
+            assert not on(**case), case
+            err = capsys.readouterr().err
+            assert err.startswith("dymoe: DYMOE_MAPPED_DECODE=1 does not apply: ") and reason in err, (case, err)
+            assert err.count("\n") == 1, err
 
 
 def test_mapped_decode_is_off_by_default(monkeypatch):
