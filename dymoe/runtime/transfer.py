@@ -121,11 +121,7 @@ class TransferEngine:
             ticket.future.result()  # re-raise a failed background copy
         if ticket.event is not None:
             self._wait_event(ticket)
-        ticket.waited = True
-        if not self.cuda:
-            ticket.src = None  # landed; on CUDA the copy may still be reading it
-        if self._inflight.get(ticket.key) is ticket:
-            del self._inflight[ticket.key]
+        self._forget(ticket)
 
     def is_done(self, ticket: Ticket) -> bool:
         """True when the bytes have landed (never blocks)."""
@@ -138,7 +134,12 @@ class TransferEngine:
         (a reader that is ordered after the copy by other means: the mapped decode's table upload)."""
         if ticket.future is not None:
             ticket.future.result()  # re-raise a failed background copy
+        self._forget(ticket)
+
+    def _forget(self, ticket: Ticket) -> None:
         ticket.waited = True
+        if not self.cuda:
+            ticket.src = None  # landed; on CUDA the copy may still be reading it
         if self._inflight.get(ticket.key) is ticket:
             del self._inflight[ticket.key]
 
