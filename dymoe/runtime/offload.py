@@ -147,21 +147,17 @@ class OffloadedExperts(RuntimeReporting):
         self._critical: set[int] = set()
         self.precision_uses: dict[str, int] = {p: 0 for p in config.precisions}  # expert runs per precision
         self.top_k = top_k
-        self.mapped = mapped_decode_for(self)
-
-    @property
-    def mapped_decode(self) -> MappedDecode | None:
-        """The one-graph decode step where it applies (:mod:`dymoe.runtime.mapped`), else None."""
-        return self.mapped
+        # the one-graph decode step where it applies (dymoe/runtime/mapped.py; DecodeGraphs reads it)
+        self.mapped_decode: MappedDecode | None = mapped_decode_for(self)
 
     def stats(self) -> dict:
-        if self.mapped is not None:
-            self.mapped.settle_pending()  # the last step's routing is read a step late
+        if self.mapped_decode is not None:
+            self.mapped_decode.settle_pending()  # the last step's routing is read a step late
         return super().stats()
 
     def report(self) -> str:
-        if self.mapped is not None:
-            self.mapped.settle_pending()
+        if self.mapped_decode is not None:
+            self.mapped_decode.settle_pending()
         return super().report()
 
     def _slot_counts(self, config: OffloadConfig, top_k: int) -> dict[str, int]:
@@ -202,10 +198,11 @@ class OffloadedExperts(RuntimeReporting):
     # ---- the ExpertProvider interface ------------------------------------------------------------
 
     def run_experts(self, layer, hidden, expert_ids, expert_weights):
-        if self.mapped is not None:
-            if self.mapped.active and hidden.shape[0] == 1:
-                return self.mapped.compute(layer, hidden, expert_ids[0], expert_weights[0])
-            self.mapped.dirty = True  # the cache changes below: the table is rebuilt before the next step
+        mapped = self.mapped_decode
+        if mapped is not None:
+            if mapped.active and hidden.shape[0] == 1:
+                return mapped.compute(layer, hidden, expert_ids[0], expert_weights[0])
+            mapped.dirty = True  # the cache changes below: the table is rebuilt before the next step
         if hidden.shape[0] == 1:
             out = self._decode_one(layer, hidden, expert_ids[0], expert_weights[0])
         else:

@@ -42,26 +42,19 @@ def runtime(checkpoint, store, preset: str, slots: int, setting: str, monkeypatc
                             device, dtype)
 
 
-def decode(model, experts, graphs: bool, device="cpu"):
+def decode(model, experts, device="cpu"):
     """Each of PROMPTS on a fresh cache (the second prefill runs between decode steps): the prompt's
-    logits, then STEPS greedy steps, through the decode-graph path (recorded on a GPU) or the plain
-    forward; with the routing of every graph step (the mapped decode's ids) when ``graphs``."""
+    logits, then STEPS greedy steps through the decode-graph path (recorded on a GPU)."""
     model.attach_experts(experts)
-    trail, routing = [], []
+    trail = []
     for prompt in PROMPTS:
         cache = model.new_cache(1)
         logits = model(prompt.to(device), 0, cache, last_only=True)[0]
-        steps = DecodeGraphs(model, cache, record=device != "cpu") if graphs else None
+        steps = DecodeGraphs(model, cache, record=device != "cpu")
         for i in range(STEPS):
             trail.append(logits)
-            position = prompt.shape[1] + i
-            if steps is None:
-                logits = model(logits.argmax().view(1, 1), position, cache, last_only=True)[0]
-            else:
-                logits = steps.step(logits.argmax(), position)
-                if getattr(experts, "mapped", None) is not None:
-                    routing.append(experts.mapped.ids.clone())
-    return torch.stack(trail), routing
+            logits = steps.step(logits.argmax(), prompt.shape[1] + i)
+    return torch.stack(trail)
 
 
 @pytest.mark.parametrize("preset", ["lru", "static-int4"])
@@ -74,17 +67,17 @@ def test_mapped_decode_gives_the_segmented_decodes_logits(tiny, monkeypatch, pre
     c = checkpoint.config
     slots = c.num_experts_per_tok if share == "top-k" else len(c.moe_layers) * c.num_experts // 2
     model = load_dense(checkpoint, 64, "cpu", torch.float32)
-    segmented, _ = decode(model, runtime(checkpoint, host, preset, slots, "0", monkeypatch), graphs=True)
+    segmented = decode(model, runtime(checkpoint, host, preset, slots, "0", monkeypatch))
     experts = runtime(checkpoint, host, preset, slots, "1", monkeypatch)
-    assert experts.mapped is not None
+    assert experts.mapped_decode is not None
     admitted = []
     admit = experts._admit
     experts._admit = lambda *args, **kw: admitted.append(args[0]) or admit(*args, **kw)
-    graphs, _ = decode(model, experts, graphs=True)
+    graphs = decode(model, experts)
     assert torch.equal(graphs, segmented)
     assert admitted == []
     if preset == "lru":
-        resident, _ = decode(model, ResidentExperts.from_checkpoint(checkpoint, "cpu", torch.float32), graphs=True)
+        resident = decode(model, ResidentExperts.from_checkpoint(checkpoint, "cpu", torch.float32))
         assert torch.equal(graphs, resident)
     _check_table(experts)
 
@@ -102,14 +95,14 @@ def test_mapped_decode_on_the_gpu(tiny, monkeypatch, preset):
     slots = c.num_experts_per_tok + 2
     model = load_dense(checkpoint, 64, "cuda", torch.bfloat16)
     on_gpu = dict(device="cuda", dtype=torch.bfloat16)
-    segmented, _ = decode(model, runtime(checkpoint, host, preset, slots, "0", monkeypatch, **on_gpu), True, "cuda")
+    segmented = decode(model, runtime(checkpoint, host, preset, slots, "0", monkeypatch, **on_gpu), "cuda")
     experts = runtime(checkpoint, host, preset, slots, "1", monkeypatch, **on_gpu)
-    assert experts.mapped is not None
-    graphs, _ = decode(model, experts, True, "cuda")
+    assert experts.mapped_decode is not None
+    graphs = decode(model, experts, "cuda")
     assert torch.equal(graphs, segmented)
     assert experts.stats()["total"]["misses"] > 0  # some experts were read over the link
     if preset == "lru":
-        resident, _ = decode(model, ResidentExperts.from_checkpoint(checkpoint, "cuda", torch.bfloat16), True, "cuda")
+        resident = decode(model, ResidentExperts.from_checkpoint(checkpoint, "cuda", torch.bfloat16), "cuda")
         assert torch.equal(graphs, resident)
     _check_table(experts)
 
@@ -117,7 +110,7 @@ def test_mapped_decode_on_the_gpu(tiny, monkeypatch, preset):
 def _check_table(experts) -> None:
     """Every table entry points at its expert's bytes: a cached expert's slot (which holds its blob)
     or its blob in the host store."""
-    m = experts.mapped
+    m = experts.mapped_decode
     m.settle_pending()
     m._land()
     m._upload()
@@ -151,7 +144,7 @@ def test_the_cache_runs_a_step_behind(tiny, monkeypatch):
     uses = []
     for i in range(STEPS):
         logits = steps.step(logits.argmax(), PROMPTS[0].shape[1] + i)
-        uses.append({(layer, e) for layer, row in zip(experts.mapped.layers, experts.mapped.ids.tolist()) for e in row})
+        uses.append({(layer, e) for layer, row in zip(experts.mapped_decode.layers, experts.mapped_decode.ids.tolist()) for e in row})
     total = experts.stats()["total"]
     misses = sum(len(used - cached - set().union(*uses[:max(t - 1, 0)])) for t, used in enumerate(uses))
     assert misses > 0
@@ -169,7 +162,7 @@ def test_mapped_decode_applies_to_one_class_in_host_memory(tiny, monkeypatch, ca
     checkpoint, disk, host = tiny
     k = checkpoint.config.num_experts_per_tok
     on = lambda store=host, preset="static-int4", setting="1", **knobs: runtime(
-        checkpoint, store, preset, 2 * k, setting, monkeypatch, **knobs).mapped is not None
+        checkpoint, store, preset, 2 * k, setting, monkeypatch, **knobs).mapped_decode is not None
     assert on() and on(preset="lru") and capsys.readouterr().err == ""
     assert not on(setting="0") and capsys.readouterr().err == ""
     refusals = {  # blobs on disk, or only the bf16 ones in host memory: nothing to read int4 from in place
@@ -231,7 +224,7 @@ for preset in ("lru", "static-int4"):
             trail.append(logits)
         trails.append(torch.stack(trail))
         if setting == "1":
-            out[preset + " kernels"] = experts.mapped.kernels
+            out[preset + " kernels"] = experts.mapped_decode.kernels
             out[preset + " misses"] = experts.stats()["total"]["misses"]
     out[preset] = bool(torch.equal(*trails))
     out[preset + " rel_err"] = float((trails[1].float() - trails[0].float()).norm() / trails[0].float().norm())
