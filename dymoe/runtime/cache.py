@@ -295,6 +295,11 @@ class ExpertCache:
         is full; ``None`` if every copy of the class is pinned (run what is pinned, then retry)."""
         return self._make_room(precision, incoming)[0]
 
+    def take_slot(self, precision: str) -> tuple[int | None, list[Key]]:
+        """:meth:`make_room`, also naming the copies evicted for it (for a caller that maps experts
+        to slots elsewhere and must forget them: the mapped decode's table)."""
+        return self._make_room(precision, None)
+
     def insert(self, key: Key, precision: str, slot: int | None = None, *, prefetched: bool = False) -> tuple[int, list[Key]]:
         """Make ``key`` resident at ``precision``; returns (its slot, the keys evicted for it).
 

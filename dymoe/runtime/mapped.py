@@ -4,36 +4,39 @@ The segmented decode (dymoe/models/decode_graphs.py) stops after every MoE layer
 host reads the routing, fetches what is missing and uploads slot ids while the GPU waits, a dozen
 to a hundred microseconds a layer. Here the expert kernels find each expert through a device table
 instead: [MoE layers, experts] -> byte offset, from the pool buffer, of where a copy lies. That is
-its slot when one holds it, else its blob in the pinned host store, which the kernels then read
-over the link (pinned memory is mapped into the GPU's address space). The router's ids index the
+its slot when one holds it, else its blob in the pinned host store (pinned memory is mapped into
+the GPU's address space, so an offset from the pool buffer reaches it). The router's ids index the
 table inside the graph, so a step is one graph, as the resident model's is.
 
-The host runs the cache a step behind the GPU. After launching step t it reads step t-1's routing
-(copied to pinned memory after that step), counts hits and misses, updates the eviction order and
-starts copies of the missed experts into slots. A table entry moves:
+A miss is filled by the GPU itself, within the step: before each layer's experts one launch
+(:mod:`dymoe.runtime.mapped_fill`) copies every routed blob the table places on the host into a
+free slot from a ring the host set aside, all its programs sharing the bytes, and the experts then
+read the slot. A miss crosses the link once, as in the segmented decode, with no host wait. Where
+the ring has run out, the experts read the blob in place over the link (no slot, a miss again the
+next time). The step's last launch points the filled entries at their slots.
 
-- to a slot only once the copy into it has landed (the host polls the copy's event before an upload);
-- back to the host in the upload before a copy reuses its slot: the upload is queued on the compute
-  stream behind every step that may still read the slot, and the copy waits for an event recorded
-  after the upload (the transfer engine's fence).
+The host runs the cache a step behind the GPU. After launching step t it reads step t-1's record
+(the ids, and what was filled where), enters the filled experts into the cache at their slots and
+counts hits and misses. It then tops the ring up for step t+1 from free slots, evicting through the
+preset's policy where none is free; an evicted expert's entry returns to the host in a patch queued
+on the compute stream behind step t, before any fill can reuse its slot. The ring holds twice the
+most misses of the last steps (within bounds), since step t may use what step t+1 was meant to have.
 
-Uploads run between steps on the compute stream, so a step reads one table throughout, and the
-kernels read the same bytes wherever they lie: logits do not depend on what is cached (invariant 2).
+Prefill, or any step outside the graph decode, takes the usual path: the last step is settled, the
+ring's unused slots go back to the pool, and the table is rebuilt from the cache before the next
+step. The kernels read the same bytes wherever they lie, so logits do not depend on what is cached
+(invariant 2). It applies to one precision class with no prefetcher, on a GPU with Triton (bf16
+through the fused kernels, compute capability 8.0+), when the pinned host store holds every blob
+of that class.
 
-What it costs: a missed expert is read over the link by the kernels, then copied once more into
-its slot, and an expert missed at step t is still read from the host at t+1 (its copy starts after
-t+1 is launched). Eviction decisions come a step late. It applies to one precision class with no
-prefetcher, on a GPU with Triton (bf16 through the fused kernels, compute capability 8.0+), when
-the pinned host store holds every blob of that class.
-
-Off unless ``DYMOE_MAPPED_DECODE=1``: measured faster once nearly every expert hits, slower while
-many still miss (see ``MAPPED``). On the CPU the same bookkeeping runs and each step's experts are
-read wherever the table points, through the torch reference (or the Triton kernels under the
-interpreter): that is how the tests check it.
+Off unless ``DYMOE_MAPPED_DECODE=1`` (see ``MAPPED``). On the CPU the same bookkeeping runs, the
+fill and the experts through torch (or the Triton kernels under the interpreter): that is how the
+tests check it.
 """
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import sys
 
@@ -46,6 +49,9 @@ from dymoe.quant.kernels import decode_routing, expert_decode, interpreting, tri
 from dymoe.runtime.resident import blob_stacks, decode_experts
 
 Key = tuple[int, int]  # (layer, expert)
+HIT, READ_IN_PLACE = -2, -1  # a step record's outcomes other than the ring position a miss was filled from
+RECENT = 4  # steps whose misses size the ring
+
 
 def _setting() -> str:
     return env_choice("DYMOE_MAPPED_DECODE", {
@@ -98,10 +104,12 @@ def _why_not(runtime) -> str | None:
 
 
 class MappedDecode:
-    """The device table of one offloading runtime's class, and the host's bookkeeping a step late.
+    """The device table of one offloading runtime's class, the ring of slots its fills take, and the
+    host's bookkeeping a step late.
 
     :meth:`step` brackets one decode step (:class:`~dymoe.models.decode_graphs.DecodeGraphs`);
-    inside it the runtime's one-token ``run_experts`` calls :meth:`compute` (device work only)."""
+    inside it the runtime's one-token ``run_experts`` calls :meth:`compute` (device work only).
+    :meth:`suspend` hands the cache back to the usual path (prefill)."""
 
     def __init__(self, runtime):
         self.runtime = runtime
@@ -110,38 +118,59 @@ class MappedDecode:
         self.layers = list(store.layers)
         self.rows = {layer: r for r, layer in enumerate(self.layers)}
         self.cuda = runtime.device.type == "cuda"
+        self.k, self.experts, self.nbytes = runtime.top_k, store.num_experts, runtime.layout.nbytes
         base = store.buffer.data_ptr() - pool.buffer.data_ptr()
-        self.away = np.array([[base + store.host_offset(layer, e, self.precision) for e in range(store.num_experts)]
+        self.away = np.array([[base + store.host_offset(layer, e, self.precision) for e in range(self.experts)]
                               for layer in self.layers], dtype=np.int64)  # where each blob lies on the host
-        self.master = self.away.copy()  # what the next upload holds
-        self._current = self.master.copy()  # what the device table holds
-        self.table = torch.from_numpy(self.master).to(runtime.device)
-        self._staging = [torch.empty(self.master.shape, dtype=torch.int64, pin_memory=self.cuda) for _ in range(2)]
-        self._staged: list = [None, None]  # the event after each staging buffer's last upload
-        self._stage = 0
-        self.ids = torch.zeros(len(self.layers), runtime.top_k, dtype=torch.int64, device=runtime.device)
-        self._ids_host = [torch.empty(self.ids.shape, dtype=torch.int64, pin_memory=self.cuda) for _ in range(2)]
-        self._ids_ready: list = [None, None]
-        self._serving: list = [None, None]  # the table each of the last two steps read
+        if (self.away % 16).any() or self.nbytes % 16 or pool.buffer.numel() % 16:
+            raise AssertionError("the fill launch copies 16-byte aligned blobs")
+        # the ring: up to an eighth of the class's slots (one token's top-k at least) per step, twice that set aside
+        self.most = min(max(self.k, pool.num_slots(self.precision) // 8), len(self.layers) * self.k)
+        self.cap = 2 * self.most
+        self.ring = np.zeros(self.cap, dtype=np.int64)  # the slot at each ring position, modulo cap
+        self.head = 0  # ring positions the settled steps took
+        self.tail = 0  # ring positions set aside so far
+        self._misses: collections.deque[int] = collections.deque(maxlen=RECENT)
+        self.master = self.away.copy()  # the table as the host knows it (the device's, but for unsettled fills)
+        self._patches: dict[int, int] = {}  # flat table index -> value, for the next send
+        self._sent_tail = -1
+        self._device_buffers(runtime.device)
         self._parity = 0
-        self._unsettled: int | None = None  # the parity of a step whose routing the host has not read
-        self._landing: dict[Key, tuple[int, object]] = {}  # copies whose table entry still points away
+        self._unsettled: int | None = None  # the parity of a step whose record the host has not read
         self.active = False  # inside step(): run_experts computes through the table
         self.dirty = True  # the cache changed outside step() (prefill): rebuild the table first
         self.kernels = self.cuda or (interpreting() and triton_available()
                                      and (self.precision != "bf16" or runtime._kernels_bf16))
+        self._programs = (torch.cuda.get_device_properties(runtime.device).multi_processor_count
+                          if self.cuda else 4)  # the fill's programs (4 under the interpreter: the tests)
+
+    def _device_buffers(self, device) -> None:
+        """Everything the recorded step reads or writes, allocated once, and their pinned mirrors."""
+        rows, pinned = len(self.layers), self.cuda
+        self._flat = torch.from_numpy(np.append(self.away.reshape(-1), 0)).to(device)  # + a sink for unused patches
+        self.table = self._flat[:-1].view(rows, self.experts)
+        # the host's news for the next step: the ring's end, the ring (slot byte offsets), the table
+        # patches (flat indices, then values)
+        self.inbox = torch.zeros(1 + 3 * self.cap, dtype=torch.int64, device=device)
+        self._staging = [torch.zeros(self.inbox.shape, dtype=torch.int64, pin_memory=pinned) for _ in range(2)]
+        self._staged: list = [None, None]  # the event after each staging buffer's last send
+        self._stage = 0
+        self.heads = torch.zeros(rows + 1, dtype=torch.int64, device=device)  # ring positions taken before each row
+        self.record = torch.zeros(rows, 2, self.k, dtype=torch.int64, device=device)  # ids, outcomes
+        self.offsets = torch.zeros(rows, self.k, dtype=torch.int64, device=device)  # what the experts read
+        self._record_host = [torch.zeros(self.record.shape, dtype=torch.int64, pin_memory=pinned) for _ in range(2)]
+        self._record_ready: list = [None, None]
+        self._words = self.runtime.pool.buffer.view(torch.int32)
 
     # ---- one step ---------------------------------------------------------------------------------
 
     @contextlib.contextmanager
     def step(self):
         """One decode step: the table brought up to date, the step's expert compute through it,
-        then its routing queued for the host and the previous step's settled."""
+        then its record queued for the host and the previous step's settled."""
         if self.dirty:
             self._rebuild()
-        self._land()  # copies started after the last step was launched have landed by now, mostly
-        self._upload()
-        self._serving[self._parity] = self._current
+        self._send()
         self.active = True
         try:
             yield
@@ -150,110 +179,156 @@ class MappedDecode:
         self._end()
 
     def compute(self, layer: int, hidden: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        """One token through its experts ``ids`` [k] of ``layer``, read wherever the table points."""
-        r = self.rows[layer]
-        self.ids[r].copy_(ids)
-        if self.kernels:
-            return self.runtime._run_slots(hidden, ids, weights, self.precision, table=self.table[r], backend="triton")
-        return self._reference(hidden, ids, weights, r)
+        """One token through its experts ``ids`` [k] of ``layer``: the layer's misses filled into
+        ring slots, then the experts read wherever the table (or the fill) points."""
+        r, runtime = self.rows[layer], self.runtime
+        last = r == len(self.layers) - 1
+        if not self.kernels:
+            self._fill_reference(r, ids)
+            out = self._reference(hidden, weights, r)
+            if last:
+                self._apply_reference()
+            return out
+        from dymoe.runtime.mapped_fill import launch_apply, launch_fill
+
+        launch_fill(self._words, ids, self.table, self.inbox, self.heads, self.record, self.offsets, r, self.cap,
+                    self.nbytes, self._programs)
+        out = expert_decode(runtime.pool.buffer, self.offsets[r], runtime.layout, hidden, weights.view(1, -1).float(),
+                            backend="triton", workspace=runtime._workspaces.get(self.precision), math=runtime.math)
+        if last:
+            launch_apply(self.table, self.inbox, self.heads, self.record, self.cap)
+        return out
 
     def settle_pending(self) -> None:
-        """Read the last step's routing now (before reporting metrics)."""
+        """Read the last step's record now (before reporting metrics or leaving the graph decode)."""
         if self._unsettled is not None:
             parity, self._unsettled = self._unsettled, None
             self._settle(parity)
+
+    def suspend(self) -> None:
+        """Before the usual path changes the cache (prefill): the last step settled, the ring's
+        unused slots back to the pool, and the table rebuilt before the next step."""
+        if self.dirty:
+            return
+        self.settle_pending()
+        for position in range(self.head, self.tail):
+            self.runtime.pool.release(self.precision, int(self.ring[position % self.cap]))
+        self.tail = self.head
+        self._sent_tail = -1
+        self.dirty = True
+
+    @property
+    def set_aside(self) -> int:
+        """Slots the ring holds that no settled step has taken (out of the cache's reach)."""
+        return self.tail - self.head
 
     # ---- the host's part --------------------------------------------------------------------------
 
     def _end(self) -> None:
         parity = self._parity
-        self._ids_host[parity].copy_(self.ids, non_blocking=self.cuda)
-        self._ids_ready[parity] = self._record()
+        self._record_host[parity].copy_(self.record, non_blocking=self.cuda)
+        self._record_ready[parity] = self._event()
         previous, self._unsettled = self._unsettled, parity
         self._parity ^= 1
         if previous is not None:
             self._settle(previous)
+        self._reserve()
+        self._send()  # queued behind this step: the next one reads it
 
     def _settle(self, parity: int) -> None:
-        """A finished step's routing: metrics, the eviction order, copies of its misses."""
-        if self._ids_ready[parity] is not None:
-            self._ids_ready[parity].synchronize()
-        routing = self._ids_host[parity].tolist()
-        served = self._serving[parity]
-        fetches: dict[Key, int] = {}
-        for layer, experts in zip(self.layers, routing):
-            self._count(layer, experts, served[self.rows[layer]], fetches)
-        self._upload()
+        """A finished step's record: its fills enter the cache at their slots, uses are counted."""
+        if self._record_ready[parity] is not None:
+            self._record_ready[parity].synchronize()
+        record = self._record_host[parity].numpy()
         runtime = self.runtime
-        if fetches:
-            runtime.transfers.fence()  # the copies wait for the upload that took their slots away
-        for key, slot in fetches.items():
-            src = runtime.store.blob(*key, self.precision)
-            self._landing[key] = (slot, runtime.transfers.fetch(key, src, runtime.pool.view(self.precision, slot)))
+        metrics, cache = runtime.metrics, runtime.cache
+        misses = 0
+        for r, layer in enumerate(self.layers):
+            for e, outcome in zip(record[r, 0].tolist(), record[r, 1].tolist()):
+                if outcome == HIT:
+                    metrics.hit(layer)
+                    cache.lookup((layer, e))  # the eviction order (None: evicted since, for the ring)
+                    continue
+                misses += 1
+                metrics.miss(layer, self.nbytes)
+                metrics.transfer(layer, self.nbytes)  # the fill's copy, or the experts' read in place
+                if outcome != READ_IN_PLACE:
+                    self._enter((layer, e), r, outcome)
+            metrics.tokens_seen(layer, 1)
+        runtime.precision_uses[self.precision] += len(self.layers) * self.k
+        self._misses.append(misses)
 
-    def _count(self, layer: int, experts: list[int], served: np.ndarray, fetches: dict[Key, int]) -> None:
-        """One layer of a finished step: a use the table served from the host is a miss (its bytes
-        crossed the link); every expert not cached gets a slot (the eviction policy picks it)."""
-        runtime, r = self.runtime, self.rows[layer]
-        metrics, cache, nbytes = runtime.metrics, runtime.cache, runtime.layout.nbytes
-        for e in experts:
-            if served[e] == self.away[r, e]:
-                metrics.miss(layer, nbytes)
-                metrics.transfer(layer, nbytes)
-            else:
-                metrics.hit(layer)
-            key = (layer, e)
-            if cache.lookup(key) is None:
-                slot, evicted = cache.insert(key, self.precision)
-                for victim in evicted:
-                    self._unmap(victim)
-                    fetches.pop(victim, None)
-                fetches[key] = slot
-        metrics.tokens_seen(layer, 1)
-        runtime.precision_uses[self.precision] += len(experts)
+    def _enter(self, key: Key, r: int, position: int) -> None:
+        """A fill at ring ``position`` into the cache (the device table already points at its slot)."""
+        if position != self.head:
+            raise AssertionError(f"ring position {position} filled, {self.head} expected next")
+        slot = int(self.ring[position % self.cap])
+        self.runtime.cache.insert(key, self.precision, slot=slot)
+        self.master[r, key[1]] = self.runtime.pool.offset(self.precision, slot)
+        self.head += 1
 
-    def _unmap(self, key: Key) -> None:
-        self.master[self.rows[key[0]], key[1]] = self.away[self.rows[key[0]], key[1]]
-        self._landing.pop(key, None)
+    def _reserve(self) -> None:
+        """Top the ring up to twice the most misses of the last steps, evicting through the preset's
+        policy where no slot is free; an evicted expert's entry goes back to the host in a patch."""
+        target = min(self.most, max(self.k, max(self._misses, default=self.most)))
+        cache, pool = self.runtime.cache, self.runtime.pool
+        for _ in range(2 * target - self.set_aside):
+            slot, evicted = cache.take_slot(self.precision)
+            if slot is None:
+                break
+            for layer, e in evicted:
+                r = self.rows[layer]
+                self.master[r, e] = self.away[r, e]
+                self._patches[r * self.experts + e] = int(self.away[r, e])
+            self.ring[self.tail % self.cap] = slot
+            self.tail += 1
 
-    def _land(self) -> None:
-        """Point the entries of landed copies at their slots."""
-        transfers, pool = self.runtime.transfers, self.runtime.pool
-        for key, (slot, ticket) in list(self._landing.items()):
-            if transfers.is_done(ticket):
-                del self._landing[key]
-                transfers.settled(ticket)
-                self.master[self.rows[key[0]], key[1]] = pool.offset(self.precision, slot)
+    def _send(self) -> None:
+        """The ring and the table patches to the device, queued on the compute stream (nothing when
+        unchanged)."""
+        if self.tail == self._sent_tail and not self._patches:
+            return
+        stage, cap, pool = self._stage, self.cap, self.runtime.pool
+        if self._staged[stage] is not None:  # its previous send has read it (long done, in practice)
+            self._staged[stage].synchronize()
+        inbox = self._staging[stage].numpy()
+        inbox[0] = self.tail
+        for position in range(max(self.head, self.tail - cap), self.tail):
+            inbox[1 + position % cap] = pool.offset(self.precision, int(self.ring[position % cap]))
+        n = len(self._patches)
+        if n > cap:
+            raise AssertionError(f"{n} table patches, room for {cap}")
+        inbox[1 + cap:1 + 2 * cap] = self._flat.numel() - 1  # the sink
+        inbox[1 + cap:1 + cap + n] = list(self._patches)
+        inbox[1 + 2 * cap:1 + 2 * cap + n] = list(self._patches.values())
+        self.inbox.copy_(self._staging[stage], non_blocking=self.cuda)
+        if n:
+            self._flat.scatter_(0, self.inbox[1 + cap:1 + 2 * cap], self.inbox[1 + 2 * cap:])
+        self._staged[stage] = self._event()
+        self._stage ^= 1
+        self._sent_tail = self.tail
+        self._patches.clear()
 
     def _rebuild(self) -> None:
-        """The table from the cache as it stands: a landed copy's slot, else the host."""
+        """The table from the cache as it stands (after the ring is set aside): a cached expert's
+        slot once its copy has landed (the compute stream waits for any still on its way), else
+        the host."""
         runtime = self.runtime
+        self._misses.clear()
+        self._misses.append(self.most)  # after a prefill the first steps miss most (their prompt's experts were cached)
+        self._reserve()
+        self._patches.clear()
         self.master[:] = self.away
-        self._landing.clear()
         for key in runtime.cache.resident(self.precision):
-            slot = runtime.cache.peek(key).slot
             ticket = runtime.transfers.pending(key)
-            if ticket is None:
-                self.master[self.rows[key[0]], key[1]] = runtime.pool.offset(self.precision, slot)
-            else:
-                self._landing[key] = (slot, ticket)
-        self._upload()
+            if ticket is not None:
+                runtime.transfers.wait(ticket)
+            self.master[self.rows[key[0]], key[1]] = runtime.pool.offset(self.precision, runtime.cache.peek(key).slot)
+        self.table.copy_(torch.from_numpy(self.master))
+        self._send()
         self.dirty = False
 
-    def _upload(self) -> None:
-        """The master table to the device, queued on the compute stream (nothing when unchanged)."""
-        if np.array_equal(self.master, self._current):
-            return
-        stage = self._stage
-        if self._staged[stage] is not None:  # its previous upload has read it (long done, in practice)
-            self._staged[stage].synchronize()
-        self._staging[stage].numpy()[:] = self.master
-        self.table.copy_(self._staging[stage], non_blocking=self.cuda)
-        self._staged[stage] = self._record()
-        self._stage ^= 1
-        self._current = self.master.copy()
-
-    def _record(self):
+    def _event(self):
         if not self.cuda:
             return None
         event = torch.cuda.Event()
@@ -262,15 +337,40 @@ class MappedDecode:
 
     # ---- the CPU reference ------------------------------------------------------------------------
 
-    def _reference(self, hidden, ids, weights, r):
-        """:meth:`compute` through the torch code: the k blobs gathered from wherever the table
-        points into a scratch buffer, then the runtime's arithmetic for its class (for bf16 the
-        resident model's, so invariant 2 holds here too)."""
-        runtime, n = self.runtime, self.runtime.layout.nbytes
-        scratch = torch.cat([self._bytes_at(offset) for offset in self.table[r][ids].tolist()])
-        slots = torch.arange(ids.shape[0])
+    def _fill_reference(self, r: int, ids: torch.Tensor) -> None:
+        """:mod:`~dymoe.runtime.mapped_fill`'s fill launch of row ``r``, through torch."""
+        pool, n, cap = self.runtime.pool.buffer, self.nbytes, self.cap
+        head, end = int(self.heads[r]), int(self.inbox[0])
+        taken = 0
+        for j, e in enumerate(ids.tolist()):
+            entry = int(self.table[r, e])
+            offset, outcome = entry, HIT
+            if not 0 <= entry < pool.numel():
+                outcome = READ_IN_PLACE
+                if head + taken < end:
+                    offset, outcome = int(self.inbox[1 + (head + taken) % cap]), head + taken
+                    pool[offset:offset + n].copy_(self._bytes_at(entry))
+                    taken += 1
+            self.record[r, 0, j], self.record[r, 1, j], self.offsets[r, j] = e, outcome, offset
+        self.heads[r + 1] = head + taken
+
+    def _apply_reference(self) -> None:
+        """:mod:`~dymoe.runtime.mapped_fill`'s table update after a step, through torch."""
+        for r in range(len(self.layers)):
+            for e, position in zip(*self.record[r].tolist()):
+                if position >= 0:
+                    self.table[r, e] = self.inbox[1 + position % self.cap]
+        self.heads[0] = self.heads[-1]
+
+    def _reference(self, hidden, weights, r):
+        """:meth:`compute`'s experts through the torch code: the k blobs gathered from where the
+        row's offsets point into a scratch buffer, then the runtime's arithmetic for its class
+        (for bf16 the resident model's, so invariant 2 holds here too)."""
+        runtime, n, k = self.runtime, self.nbytes, weights.shape[0]
+        scratch = torch.cat([self._bytes_at(offset) for offset in self.offsets[r].tolist()])
+        slots = torch.arange(k)
         if self.precision == "bf16":
-            gate_up, down, *biases = blob_stacks(scratch, 0, n, ids.shape[0], runtime.layout)
+            gate_up, down, *biases = blob_stacks(scratch, 0, n, k, runtime.layout)
             return decode_experts(hidden, slots, weights, gate_up, down, runtime.dtype, tuple(biases) or None,
                                   runtime.math)
         offsets, combine = decode_routing(slots * n, slots[None], weights[None])
@@ -278,7 +378,7 @@ class MappedDecode:
 
     def _bytes_at(self, offset: int) -> torch.Tensor:
         """The blob at ``offset`` from the pool buffer: in the pool, or in the host store."""
-        runtime, n = self.runtime, self.runtime.layout.nbytes
+        runtime, n = self.runtime, self.nbytes
         pool, host = runtime.pool.buffer, runtime.store.buffer
         if 0 <= offset <= pool.numel() - n:
             return pool[offset:offset + n]

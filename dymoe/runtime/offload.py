@@ -202,7 +202,7 @@ class OffloadedExperts(RuntimeReporting):
         if mapped is not None:
             if mapped.active and hidden.shape[0] == 1:
                 return mapped.compute(layer, hidden, expert_ids[0], expert_weights[0])
-            mapped.dirty = True  # the cache changes below: the table is rebuilt before the next step
+            mapped.suspend()  # the cache changes below: the table is rebuilt before the next step
         if hidden.shape[0] == 1:
             out = self._decode_one(layer, hidden, expert_ids[0], expert_weights[0])
         else:

@@ -109,11 +109,11 @@ def test_mapped_decode_on_the_gpu(tiny, monkeypatch, preset):
 
 def _check_table(experts) -> None:
     """Every table entry points at its expert's bytes: a cached expert's slot (which holds its blob)
-    or its blob in the host store."""
+    or its blob in the host store; and every slot of the class is cached, set aside for fills or
+    free (none leaks)."""
     m = experts.mapped_decode
     m.settle_pending()
-    m._land()
-    m._upload()
+    m._send()
     table = m.table.cpu().numpy()
     for layer, r in m.rows.items():
         for e in range(experts.store.num_experts):
@@ -124,16 +124,23 @@ def _check_table(experts) -> None:
             else:
                 assert table[r, e] == experts.pool.offset(m.precision, resident.slot), key
             assert torch.equal(m._bytes_at(int(table[r, e])).cpu(), blob), key
+    pool = experts.pool
+    cached = len(experts.cache.resident(m.precision))
+    assert cached + m.set_aside + pool.num_free(m.precision) == pool.num_slots(m.precision)
 
 
-def test_the_cache_runs_a_step_behind(tiny, monkeypatch):
-    """With room for every expert (no evictions): an expert the decode first uses at step t is read
-    from the host at steps t and t+1 (misses), and from its slot from t+2 on (its copy starts
-    after step t+1 is launched; here it lands at once). The misses counted equal that schedule's,
-    hits + misses every use, and the link bytes the misses' reads plus the copies'."""
+def test_a_miss_is_filled_in_its_step(tiny, monkeypatch):
+    """With room for every expert and a ring as large as a step's uses: an expert the decode first
+    uses at step t is copied from the host into a slot by the step itself (a miss, its bytes
+    crossing the link once) and hit from t+1 on. The misses counted equal the first uses, hits +
+    misses every use, and the link bytes one blob per miss. The host enters a fill into the cache
+    a step late."""
+    monkeypatch.setattr(mapped, "RECENT", 10 ** 6)  # the ring keeps its first size: it never runs out
     checkpoint, _, host = tiny
     c = checkpoint.config
-    experts = runtime(checkpoint, host, "static-int4", len(c.moe_layers) * c.num_experts, "1", monkeypatch)
+    experts = runtime(checkpoint, host, "static-int4", 4 * len(c.moe_layers) * c.num_experts, "1", monkeypatch)
+    m = experts.mapped_decode
+    assert m.most == len(c.moe_layers) * c.num_experts_per_tok
     model = load_dense(checkpoint, 64, "cpu", torch.float32)
     model.attach_experts(experts)
     cache = model.new_cache(1)
@@ -144,15 +151,17 @@ def test_the_cache_runs_a_step_behind(tiny, monkeypatch):
     uses = []
     for i in range(STEPS):
         logits = steps.step(logits.argmax(), PROMPTS[0].shape[1] + i)
-        uses.append({(layer, e) for layer, row in zip(experts.mapped_decode.layers, experts.mapped_decode.ids.tolist()) for e in row})
+        uses.append({(layer, e) for layer, row in zip(m.layers, m.record[:, 0].tolist()) for e in row})
+        known = set(experts.cache.resident("int4"))
+        assert known == cached.union(*uses[:-1]), i  # this step's fills are entered after the next
     total = experts.stats()["total"]
-    misses = sum(len(used - cached - set().union(*uses[:max(t - 1, 0)])) for t, used in enumerate(uses))
-    assert misses > 0
-    assert total["misses"] == misses
+    first_uses = len(set().union(*uses) - cached)
+    assert first_uses > 0
+    assert total["misses"] == first_uses
     assert total["hits"] + total["misses"] == STEPS * len(c.moe_layers) * c.num_experts_per_tok
-    copied = len(set().union(*uses) - cached)
-    assert total["h2d_bytes"] == (misses + copied) * host.layout("int4").nbytes
+    assert total["h2d_bytes"] == first_uses * host.layout("int4").nbytes
     assert total["tokens"] == STEPS
+    _check_table(experts)
 
 
 def test_mapped_decode_applies_to_one_class_in_host_memory(tiny, monkeypatch, capsys):
@@ -212,8 +221,12 @@ for preset in ("lru", "static-int4"):
     for setting in ("0", "1"):
         mapped.MAPPED = setting
         knobs = PRESETS[preset]
-        budget = (k + 1) * host.layout(knobs["precision"]).nbytes
+        budget = 4 * k * host.layout(knobs["precision"]).nbytes
         experts = OffloadedExperts(host, OffloadConfig(budget_bytes=budget, **knobs), k, "cpu", torch.bfloat16)
+        fills = []
+        if setting == "1":
+            enter = experts.mapped_decode._enter
+            experts.mapped_decode._enter = lambda key, *args: fills.append(key) or enter(key, *args)
         model.attach_experts(experts)
         cache = model.new_cache(1)
         logits = model(torch.tensor([[1, 17, 42, 5, 63]]), 0, cache, last_only=True)[0]
@@ -226,6 +239,11 @@ for preset in ("lru", "static-int4"):
         if setting == "1":
             out[preset + " kernels"] = experts.mapped_decode.kernels
             out[preset + " misses"] = experts.stats()["total"]["misses"]
+            out[preset + " fills"] = len(fills)
+            out[preset + " slots hold their blobs"] = all(
+                torch.equal(experts.pool.view(knobs["precision"], experts.cache.peek(key).slot),
+                            host.blob(*key, knobs["precision"]))
+                for key in experts.cache.resident(knobs["precision"]))
     out[preset] = bool(torch.equal(*trails))
     out[preset + " rel_err"] = float((trails[1].float() - trails[0].float()).norm() / trails[0].float().norm())
 print(json.dumps(out))
@@ -234,8 +252,9 @@ print(json.dumps(out))
 
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed (gpu extra)")
 def test_mapped_decode_through_the_kernels_under_the_interpreter(monkeypatch):
-    """The kernels path (Triton's interpreter on the CPU): the kernels read missed experts' blobs
-    from the host store through their offsets from the pool buffer. bf16 (``lru`` under
+    """The kernels path (Triton's interpreter on the CPU): the fill launch copies missed experts'
+    blobs from the host store into ring slots (each cached slot then holds its expert's blob), and
+    the expert kernels read them, or the host blobs in place where the ring ran out. bf16 (``lru`` under
     ``DYMOE_RESIDENT_DECODE=kernels``, the kernels both ways) gives the segmented decode's logits
     bit for bit; int4, whose segmented decode runs the torch reference on the CPU, agrees to bf16
     rounding."""
@@ -243,5 +262,7 @@ def test_mapped_decode_through_the_kernels_under_the_interpreter(monkeypatch):
     results = run_interpreted(_INTERPRETED, timeout=900)
     assert results["lru kernels"] and results["static-int4 kernels"], results
     assert results["lru misses"] > 0 and results["static-int4 misses"] > 0, results
+    assert results["lru fills"] > 0 and results["static-int4 fills"] > 0, results
+    assert results["lru slots hold their blobs"] and results["static-int4 slots hold their blobs"], results
     assert results["lru"], results
     assert results["static-int4 rel_err"] < 1e-2, results
