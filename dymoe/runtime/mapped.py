@@ -128,6 +128,7 @@ class MappedDecode:
         self.most = min(max(self.k, pool.num_slots(self.precision) // 8), len(self.layers) * self.k)
         self.cap = 2 * self.most
         self.ring = np.zeros(self.cap, dtype=np.int64)  # the slot at each ring position, modulo cap
+        self._ring_offsets = np.zeros(self.cap, dtype=np.int64)  # and its byte offset in the pool
         self.head = 0  # ring positions the settled steps took
         self.tail = 0  # ring positions set aside so far
         self._misses: collections.deque[int] = collections.deque(maxlen=RECENT)
@@ -281,6 +282,7 @@ class MappedDecode:
                 self.master[r, e] = self.away[r, e]
                 self._patches[r * self.experts + e] = int(self.away[r, e])
             self.ring[self.tail % self.cap] = slot
+            self._ring_offsets[self.tail % self.cap] = pool.offset(self.precision, slot)
             self.tail += 1
 
     def _send(self) -> None:
@@ -288,13 +290,12 @@ class MappedDecode:
         unchanged)."""
         if self.tail == self._sent_tail and not self._patches:
             return
-        stage, cap, pool = self._stage, self.cap, self.runtime.pool
+        stage, cap = self._stage, self.cap
         if self._staged[stage] is not None:  # its previous send has read it (long done, in practice)
             self._staged[stage].synchronize()
         inbox = self._staging[stage].numpy()
         inbox[0] = self.tail
-        for position in range(max(self.head, self.tail - cap), self.tail):
-            inbox[1 + position % cap] = pool.offset(self.precision, int(self.ring[position % cap]))
+        inbox[1:1 + cap] = self._ring_offsets  # (positions outside head..tail are never read)
         n = len(self._patches)
         if n > cap:
             raise AssertionError(f"{n} table patches, room for {cap}")
