@@ -295,10 +295,20 @@ class ExpertCache:
         is full; ``None`` if every copy of the class is pinned (run what is pinned, then retry)."""
         return self._make_room(precision, incoming)[0]
 
-    def take_slot(self, precision: str) -> tuple[int | None, list[Key]]:
-        """:meth:`make_room`, also naming the copies evicted for it (for a caller that maps experts
-        to slots elsewhere and must forget them: the mapped decode's table)."""
-        return self._make_room(precision, None)
+    def choose_victim(self, precision: str) -> Key | None:
+        """The unpinned copy of ``precision`` the class's policy would evict next, left in place (a
+        caller that pins it until :meth:`hand_over`: the mapped decode's ring); None if all are pinned."""
+        evictable = self._evictable[precision]
+        if next(iter(evictable), None) is None:
+            return None
+        return self.policies[precision].victim(evictable, None)
+
+    def hand_over(self, victim: Key, key: Key) -> int:
+        """``victim`` leaves (an eviction, pinned or not) and ``key`` takes its slot (a use, as a
+        demand :meth:`insert`); returns the slot."""
+        entry = self._forget(victim)
+        self._count_eviction(victim)
+        return self.insert(key, entry.precision, slot=entry.slot)[0]
 
     def insert(self, key: Key, precision: str, slot: int | None = None, *, prefetched: bool = False) -> tuple[int, list[Key]]:
         """Make ``key`` resident at ``precision``; returns (its slot, the keys evicted for it).
@@ -322,12 +332,9 @@ class ExpertCache:
 
     def remove(self, key: Key) -> None:
         """Drop ``key``'s copy and free its slot (e.g. a demotion); a pinned copy cannot leave."""
-        entry = self._entry(key)
-        if entry.pins:
+        if self._entry(key).pins:
             raise ValueError(f"expert {key} is pinned and cannot leave")
-        del self._entries[key]
-        del self._by_class[entry.precision][key]
-        self.policies[entry.precision].on_remove(key)
+        entry = self._forget(key)
         self.pool.release(entry.precision, entry.slot)
 
     def drop_layer(self, layer: int) -> None:
@@ -347,8 +354,18 @@ class ExpertCache:
             raise KeyError(f"expert {key} is not resident")
         return entry
 
+    def _forget(self, key: Key) -> _Entry:
+        """Drop ``key``'s entry (its slot stays the caller's to release or reuse)."""
+        entry = self._entries.pop(key)
+        del self._by_class[entry.precision][key]
+        self.policies[entry.precision].on_remove(key)
+        return entry
+
     def _evict(self, key: Key) -> None:
         self.remove(key)
+        self._count_eviction(key)
+
+    def _count_eviction(self, key: Key) -> None:
         self.evictions += 1
         if self.on_evict is not None:
             self.on_evict(key)

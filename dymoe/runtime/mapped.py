@@ -128,12 +128,14 @@ class MappedDecode:
         self.most = min(max(self.k, pool.num_slots(self.precision) // 8), len(self.layers) * self.k)
         self.cap = 2 * self.most
         self.ring = np.zeros(self.cap, dtype=np.int64)  # the slot at each ring position, modulo cap
-        self._ring_offsets = np.zeros(self.cap, dtype=np.int64)  # and its byte offset in the pool
+        self.victims: list[Key | None] = [None] * self.cap  # the cached copy it holds until filled
+        # what the inbox says of each position: the slot's byte offset, the victim's flat table index
+        # (-1: none) and the victim's host entry
+        self._ring_rows = np.zeros((3, self.cap), dtype=np.int64)
         self.head = 0  # ring positions the settled steps took
         self.tail = 0  # ring positions set aside so far
         self._misses: collections.deque[int] = collections.deque(maxlen=RECENT)
         self.master = self.away.copy()  # the table as the host knows it (the device's, but for unsettled fills)
-        self._patches: dict[int, int] = {}  # flat table index -> value, for the next send
         self._sent_tail = -1
         self._device_buffers(runtime.device)
         self._parity = 0
@@ -148,11 +150,8 @@ class MappedDecode:
     def _device_buffers(self, device) -> None:
         """Everything the recorded step reads or writes, allocated once, and their pinned mirrors."""
         rows, pinned = len(self.layers), self.cuda
-        self._flat = torch.from_numpy(np.append(self.away.reshape(-1), 0)).to(device)  # + a sink for unused patches
-        self.table = self._flat[:-1].view(rows, self.experts)
-        # the host's news for the next step: the ring's end, the ring (slot byte offsets), the table
-        # patches (flat indices, then values)
-        self.inbox = torch.zeros(1 + 3 * self.cap, dtype=torch.int64, device=device)
+        self.table = torch.tensor(self.away, device=device)  # (a copy: from_numpy would share self.away on the CPU)
+        self.inbox = torch.zeros(1 + 3 * self.cap, dtype=torch.int64, device=device)  # the ring's end, then the ring
         self._staging = [torch.zeros(self.inbox.shape, dtype=torch.int64, pin_memory=pinned) for _ in range(2)]
         self._staged: list = [None, None]  # the event after each staging buffer's last send
         self._stage = 0
@@ -207,21 +206,27 @@ class MappedDecode:
             self._settle(parity)
 
     def suspend(self) -> None:
-        """Before the usual path changes the cache (prefill): the last step settled, the ring's
-        unused slots back to the pool, and the table rebuilt before the next step."""
+        """Before the usual path changes the cache (prefill): the last step settled, the ring given
+        up (its free slots back to the pool, its victims unpinned), and the table rebuilt before
+        the next step."""
         if self.dirty:
             return
         self.settle_pending()
+        runtime = self.runtime
         for position in range(self.head, self.tail):
-            self.runtime.pool.release(self.precision, int(self.ring[position % self.cap]))
+            victim = self.victims[position % self.cap]
+            if victim is None:
+                runtime.pool.release(self.precision, int(self.ring[position % self.cap]))
+            else:
+                runtime.cache.unpin(victim)
         self.tail = self.head
         self._sent_tail = -1
         self.dirty = True
 
     @property
-    def set_aside(self) -> int:
-        """Slots the ring holds that no settled step has taken (out of the cache's reach)."""
-        return self.tail - self.head
+    def free_in_ring(self) -> int:
+        """Free slots the ring holds for fills (out of the cache's and the pool's reach)."""
+        return sum(self.victims[p % self.cap] is None for p in range(self.head, self.tail))
 
     # ---- the host's part --------------------------------------------------------------------------
 
@@ -260,55 +265,52 @@ class MappedDecode:
         self._misses.append(misses)
 
     def _enter(self, key: Key, r: int, position: int) -> None:
-        """A fill at ring ``position`` into the cache (the device table already points at its slot)."""
+        """A fill at ring ``position`` into the cache, in its slot's victim's place (the device
+        table already points at the slot, and the victim's entry at its host blob)."""
         if position != self.head:
             raise AssertionError(f"ring position {position} filled, {self.head} expected next")
-        slot = int(self.ring[position % self.cap])
-        self.runtime.cache.insert(key, self.precision, slot=slot)
+        cache, slot, victim = self.runtime.cache, int(self.ring[position % self.cap]), self.victims[position % self.cap]
+        if victim is None:
+            cache.insert(key, self.precision, slot=slot)
+        else:
+            cache.hand_over(victim, key)
+            self.master[self.rows[victim[0]], victim[1]] = self.away[self.rows[victim[0]], victim[1]]
         self.master[r, key[1]] = self.runtime.pool.offset(self.precision, slot)
         self.head += 1
 
     def _reserve(self) -> None:
-        """Top the ring up to twice the most misses of the last steps, evicting through the preset's
-        policy where no slot is free; an evicted expert's entry goes back to the host in a patch."""
+        """Top the ring up to twice the most misses of the last steps: free slots, then the copies
+        the preset's policy would evict next, pinned (so it picks others) and usable until a fill
+        takes their slot."""
         target = min(self.most, max(self.k, max(self._misses, default=self.most)))
-        cache, pool = self.runtime.cache, self.runtime.pool
-        for _ in range(2 * target - self.set_aside):
-            slot, evicted = cache.take_slot(self.precision)
+        cache, pool, cap = self.runtime.cache, self.runtime.pool, self.cap
+        for _ in range(2 * target - (self.tail - self.head)):
+            slot, victim, flat, away = pool.acquire(self.precision), None, -1, 0
             if slot is None:
-                break
-            for layer, e in evicted:
-                r = self.rows[layer]
-                self.master[r, e] = self.away[r, e]
-                self._patches[r * self.experts + e] = int(self.away[r, e])
-            self.ring[self.tail % self.cap] = slot
-            self._ring_offsets[self.tail % self.cap] = pool.offset(self.precision, slot)
+                victim = cache.choose_victim(self.precision)
+                if victim is None:
+                    break
+                slot = cache.pin(victim).slot
+                r = self.rows[victim[0]]
+                flat, away = r * self.experts + victim[1], self.away[r, victim[1]]
+            self.ring[self.tail % cap], self.victims[self.tail % cap] = slot, victim
+            self._ring_rows[:, self.tail % cap] = pool.offset(self.precision, slot), flat, away
             self.tail += 1
 
     def _send(self) -> None:
-        """The ring and the table patches to the device, queued on the compute stream (nothing when
-        unchanged)."""
-        if self.tail == self._sent_tail and not self._patches:
+        """The ring to the device, queued on the compute stream (nothing when unchanged)."""
+        if self.tail == self._sent_tail:
             return
-        stage, cap = self._stage, self.cap
+        stage = self._stage
         if self._staged[stage] is not None:  # its previous send has read it (long done, in practice)
             self._staged[stage].synchronize()
         inbox = self._staging[stage].numpy()
         inbox[0] = self.tail
-        inbox[1:1 + cap] = self._ring_offsets  # (positions outside head..tail are never read)
-        n = len(self._patches)
-        if n > cap:
-            raise AssertionError(f"{n} table patches, room for {cap}")
-        inbox[1 + cap:1 + 2 * cap] = self._flat.numel() - 1  # the sink
-        inbox[1 + cap:1 + cap + n] = list(self._patches)
-        inbox[1 + 2 * cap:1 + 2 * cap + n] = list(self._patches.values())
+        inbox[1:] = self._ring_rows.reshape(-1)  # (positions outside head..tail are never read)
         self.inbox.copy_(self._staging[stage], non_blocking=self.cuda)
-        if n:
-            self._flat.scatter_(0, self.inbox[1 + cap:1 + 2 * cap], self.inbox[1 + 2 * cap:])
         self._staged[stage] = self._event()
         self._stage ^= 1
         self._sent_tail = self.tail
-        self._patches.clear()
 
     def _rebuild(self) -> None:
         """The table from the cache as it stands (after the ring is set aside): a cached expert's
@@ -318,7 +320,6 @@ class MappedDecode:
         self._misses.clear()
         self._misses.append(self.most)  # after a prefill the first steps miss most (their prompt's experts were cached)
         self._reserve()
-        self._patches.clear()
         self.master[:] = self.away
         for key in runtime.cache.resident(self.precision):
             ticket = runtime.transfers.pending(key)
@@ -340,17 +341,22 @@ class MappedDecode:
 
     def _fill_reference(self, r: int, ids: torch.Tensor) -> None:
         """:mod:`~dymoe.runtime.mapped_fill`'s fill launch of row ``r``, through torch."""
-        pool, n, cap = self.runtime.pool.buffer, self.nbytes, self.cap
-        head, end = int(self.heads[r]), int(self.inbox[0])
-        taken = 0
-        for j, e in enumerate(ids.tolist()):
-            entry = int(self.table[r, e])
+        pool, n, cap, inbox = self.runtime.pool.buffer, self.nbytes, self.cap, self.inbox
+        experts = ids.tolist()
+        entries = [int(self.table[r, e]) for e in experts]
+        hits = {r * self.experts + e for e, entry in zip(experts, entries) if 0 <= entry < pool.numel()}
+        head, end = int(self.heads[r]), int(inbox[0])
+        taken, stopped = 0, False  # stopped: at a slot whose copy this layer hits
+        for j, (e, entry) in enumerate(zip(experts, entries)):
             offset, outcome = entry, HIT
             if not 0 <= entry < pool.numel():
-                outcome = READ_IN_PLACE
-                if head + taken < end:
-                    offset, outcome = int(self.inbox[1 + (head + taken) % cap]), head + taken
+                outcome, at = READ_IN_PLACE, 1 + (head + taken) % cap
+                stopped = stopped or head + taken >= end or int(inbox[at + cap]) in hits
+                if not stopped:
+                    offset, outcome = int(inbox[at]), head + taken
                     pool[offset:offset + n].copy_(self._bytes_at(entry))
+                    if inbox[at + cap] >= 0:
+                        self.table.view(-1)[inbox[at + cap]] = inbox[at + 2 * cap]
                     taken += 1
             self.record[r, 0, j], self.record[r, 1, j], self.offsets[r, j] = e, outcome, offset
         self.heads[r + 1] = head + taken

@@ -4,15 +4,20 @@ step's last one.
 
 The fill launch of one layer reads the layer's k routed expert ids and their table entries. An
 entry outside the pool is an expert whose blob lies in the pinned host store; the launch copies
-each such blob into the next free slot of the ring the host set aside, as long as the ring lasts,
-all programs sharing the bytes of every missed blob. It writes the k byte offsets the expert
-kernels then read (the slot for a filled expert, the table's entry for the others) and a record
-of the layer for the host to read a step later: the ids, and per expert the ring position it was
-filled from, -1 where the ring had run out (read in place over the link), -2 for a hit.
+each such blob into the next slot of the ring the host set aside, as long as the ring lasts, all
+programs sharing the bytes of every missed blob. It writes the k byte offsets the expert kernels
+then read (the slot for a filled expert, the table's entry for the others) and a record of the
+layer for the host to read a step later: the ids, and per expert the ring position it was filled
+from, -1 where the ring had run out (read in place over the link), -2 for a hit.
 
-Its programs read the table and none writes it: a write by one program could reach another
-before that one read the entry. The step's last launch (:func:`launch_apply`) points every
-filled entry at its slot, and so the next step finds them there.
+A ring slot may still hold a cached copy, the eviction policy's pick, kept usable until a fill
+needs its slot. The launch then points that copy's entry back at the host, and it stops filling
+before a slot whose copy the layer itself is using (the rest of its misses are read in place).
+
+No program writes an entry the launch reads: one program's write could reach another before that
+one read it. The evicted copies' entries are not routed in the layer (above); the filled ones are,
+so the step's last launch (:func:`launch_apply`) points them at their slots, where the next step
+finds them.
 """
 
 import torch
@@ -31,11 +36,17 @@ def _fill_kernel(words, ids, table, inbox, heads, record, offsets, row, k, n_exp
     entry = tl.load(table + row * n_experts + expert, mask=valid, other=0)
     away = valid & ((entry < 0) | (entry >= pool_bytes))
     rank = tl.cumsum(away.to(tl.int64), axis=0) - away.to(tl.int64)
-    head = tl.load(heads + row)  # ring positions the layers before this one took
-    filled = away & (head + rank < tl.load(inbox))  # inbox[0]: the end of the ring the host filled
-    slot = tl.load(inbox + 1 + (head + rank) % cap, mask=filled, other=0)
+    position = tl.load(heads + row) + rank  # heads[row]: the ring positions the layers before took
+    offered = away & (position < tl.load(inbox))  # inbox[0]: the end of the ring the host set aside
+    ring = inbox + 1 + position % cap
+    slot = tl.load(ring, mask=offered, other=0)
+    victim = tl.load(ring + cap, mask=offered, other=-1)  # the flat index of the copy a slot holds, or -1
+    held = (victim[:, None] == row * n_experts + expert[None, :]) & (valid & ~away)[None, :]
+    clash = offered & (tl.sum(held.to(tl.int32), axis=1) > 0)  # its copy is a hit of this layer
+    filled = offered & (rank < tl.min(tl.where(clash, rank, KP), axis=0))
+    taken = tl.sum(filled.to(tl.int64), axis=0)
     pieces = tl.cdiv(blob_words, WORDS)
-    for f in range(tl.program_id(0), tl.sum(filled.to(tl.int64), axis=0) * pieces, tl.num_programs(0)):
+    for f in range(tl.program_id(0), taken * pieces, tl.num_programs(0)):
         pick = filled & (rank == f // pieces)
         src = tl.sum(tl.where(pick, entry, 0), axis=0) // 4
         dst = tl.sum(tl.where(pick, slot, 0), axis=0) // 4
@@ -45,9 +56,10 @@ def _fill_kernel(words, ids, table, inbox, heads, record, offsets, row, k, n_exp
     if tl.program_id(0) == 0:
         tl.store(offsets + row * k + j, tl.where(filled, slot, entry), mask=valid)
         tl.store(record + row * 2 * k + j, expert, mask=valid)
-        outcome = tl.where(filled, head + rank, tl.where(away, -1, -2))
-        tl.store(record + row * 2 * k + k + j, outcome, mask=valid)
-        tl.store(heads + row + 1, head + tl.sum(filled.to(tl.int64), axis=0))
+        tl.store(record + row * 2 * k + k + j, tl.where(filled, position, tl.where(away, -1, -2)), mask=valid)
+        tl.store(heads + row + 1, tl.load(heads + row) + taken)
+        evicted = filled & (victim >= 0)
+        tl.store(table + victim, tl.load(ring + 2 * cap, mask=evicted, other=0), mask=evicted)
 
 
 @triton.jit
@@ -68,8 +80,9 @@ def launch_fill(words: torch.Tensor, ids: torch.Tensor, table: torch.Tensor, inb
                 heads: torch.Tensor, record: torch.Tensor, offsets: torch.Tensor, row: int, cap: int,
                 blob_bytes: int, programs: int) -> None:
     """The fill launch of MoE row ``row`` (see the module docstring): ``words`` the pool buffer as
-    int32; ``ids`` [k] the router's ids; ``table`` [rows, experts]; ``inbox`` [1 + cap + ...] (the
-    ring's end, then the ring of slot byte offsets); ``heads`` [rows + 1]; ``record`` [rows, 2, k];
+    int32; ``ids`` [k] the router's ids; ``table`` [rows, experts]; ``inbox`` [1 + 3 cap] (the ring's
+    end, then per ring position the slot's byte offset, the flat table index of the copy it holds
+    or -1, and that copy's host entry); ``heads`` [rows + 1]; ``record`` [rows, 2, k];
     ``offsets`` [rows, k]; ``programs`` copy the missed blobs."""
     rows, n_experts = table.shape
     k = ids.shape[0]
