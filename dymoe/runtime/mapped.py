@@ -29,9 +29,11 @@ step. The kernels read the same bytes wherever they lie, so logits do not depend
 through the fused kernels, compute capability 8.0+), when the pinned host store holds every blob
 of that class.
 
-Off unless ``DYMOE_MAPPED_DECODE=1`` (see ``MAPPED``). On the CPU the same bookkeeping runs, the
-fill and the experts through torch (or the Triton kernels under the interpreter): that is how the
-tests check it.
+``DYMOE_MAPPED_DECODE``: ``auto`` (the default) maps a GPU runtime whose pool holds 90% of its
+class's experts, where it was measured faster; where many experts miss, copies that overlap the
+layer's hits win (see ``MAPPED``). ``1`` maps wherever it applies, also on the CPU, where the same
+bookkeeping runs, the fill and the experts through torch (or the Triton kernels under the
+interpreter): that is how the tests check it. ``0`` never.
 """
 
 from __future__ import annotations
@@ -55,29 +57,43 @@ RECENT = 4  # steps whose misses size the ring
 
 def _setting() -> str:
     return env_choice("DYMOE_MAPPED_DECODE", {
+        "auto": f"where it applies and the pool holds {COVERAGE:.0%} of its class's experts",
         "1": "wherever it applies (on the CPU too: the tests)",
-        "0": "never: the segmented decode, one host synchronisation per MoE layer"}, "0")
+        "0": "never: the segmented decode, one host synchronisation per MoE layer"}, "auto")
 
 
+COVERAGE = 0.9
 MAPPED = _setting()
-# Off by default: on an H100 it won in steady state (static-int4 with every int4 copy fitting, 256
-# tokens: 1.34 -> 1.11 ms per token) but lost while experts still miss (the same over 64 tokens:
-# 1.53 -> 1.71 ms), since a miss crosses the link twice and the two crossings compete
-# (docs/decode.md, "Mapped decode").
+# auto: measured on an H100 (synthetic Qwen3-30B-A3B shape, 64 tokens), segmented -> mapped ms per
+# token: static-int4 at 25% (its pool holds 94% of the int4 experts) 1.57 -> 1.22, lru at 100%
+# 2.10 -> 1.89; but lru at 50% 4.73 -> 5.87 and at 25% 7.19 -> 10.07: where many experts miss, the
+# fill launch (a kernel reading the link at ~45 GB/s, before the layer's experts) loses to copies
+# at ~55 GB/s that overlap the layer's hits (docs/decode.md, "Mapped decode").
 
 
 def mapped_decode_for(runtime) -> "MappedDecode | None":
     """``runtime``'s (an :class:`~dymoe.runtime.offload.OffloadedExperts`) mapped decode where
-    ``DYMOE_MAPPED_DECODE=1`` asks for it and it applies, else None; asked for where it does not
-    apply, one line on stderr says why."""
-    if MAPPED != "1":
+    ``DYMOE_MAPPED_DECODE`` asks for it and it applies, else None. ``auto`` (the default) asks
+    where the pool holds :data:`COVERAGE` of its class's experts; ``1`` asks wherever it applies,
+    and where it does not, one line on stderr says why."""
+    if MAPPED == "0":
         return None
     reason = _why_not(runtime)
     if reason is not None:
-        print(f"dymoe: DYMOE_MAPPED_DECODE=1 does not apply: {reason}; decoding with one host "
-              "synchronisation per MoE layer", file=sys.stderr)
+        if MAPPED == "1":
+            print(f"dymoe: DYMOE_MAPPED_DECODE=1 does not apply: {reason}; decoding with one host "
+                  "synchronisation per MoE layer", file=sys.stderr)
+        return None
+    if MAPPED == "auto" and not _covered(runtime):
         return None
     return MappedDecode(runtime)
+
+
+def _covered(runtime) -> bool:
+    """``auto``'s rule: a GPU (on the CPU the mapped decode is the tests' reference) and a pool with
+    slots for :data:`COVERAGE` of its class's experts (few misses once warm)."""
+    experts = runtime.store.num_experts * len(runtime.store.layers)
+    return runtime.device.type == "cuda" and runtime.pool.num_slots(runtime.precision) >= COVERAGE * experts
 
 
 def _why_not(runtime) -> str | None:
@@ -124,8 +140,8 @@ class MappedDecode:
                               for layer in self.layers], dtype=np.int64)  # where each blob lies on the host
         if (self.away % 16).any() or self.nbytes % 16 or pool.buffer.numel() % 16:
             raise AssertionError("the fill launch copies 16-byte aligned blobs")
-        # the ring: up to an eighth of the class's slots (one token's top-k at least) per step, twice that set aside
-        self.most = min(max(self.k, pool.num_slots(self.precision) // 8), len(self.layers) * self.k)
+        # the ring: up to a step's uses, or a quarter of the class's slots, per step; twice that set aside
+        self.most = min(max(self.k, pool.num_slots(self.precision) // 4), len(self.layers) * self.k)
         self.cap = 2 * self.most
         self.ring = np.zeros(self.cap, dtype=np.int64)  # the slot at each ring position, modulo cap
         self.victims: list[Key | None] = [None] * self.cap  # the cached copy it holds until filled

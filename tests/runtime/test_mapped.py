@@ -189,14 +189,29 @@ def test_mapped_decode_applies_to_one_class_in_host_memory(tiny, monkeypatch, ca
             assert err.count("\n") == 1, err
 
 
-def test_mapped_decode_is_off_by_default(monkeypatch):
+def test_auto_maps_a_gpu_runtime_whose_pool_holds_most_of_its_class(tiny, monkeypatch):
+    """``DYMOE_MAPPED_DECODE`` is ``auto`` by default: mapped on a GPU where the pool has slots for
+    90% of its class's experts (never on the CPU, where it is the tests' reference); ``1`` and
+    ``0`` say always and never; a bad value is a clear error."""
     monkeypatch.delenv("DYMOE_MAPPED_DECODE", raising=False)
-    assert mapped._setting() == "0"
+    assert mapped._setting() == "auto"
     monkeypatch.setenv("DYMOE_MAPPED_DECODE", "1")
     assert mapped._setting() == "1"
-    monkeypatch.setenv("DYMOE_MAPPED_DECODE", "auto")
-    with pytest.raises(InputError, match="DYMOE_MAPPED_DECODE='auto': use 1 .* or 0"):
+    monkeypatch.setenv("DYMOE_MAPPED_DECODE", "on")
+    with pytest.raises(InputError, match="DYMOE_MAPPED_DECODE='on': use auto .* or 1 .* or 0"):
         mapped._setting()
+    checkpoint, _, host = tiny
+    c = checkpoint.config
+    experts = len(c.moe_layers) * c.num_experts  # 24
+    made = lambda slots, setting: runtime(checkpoint, host, "static-int4", slots, setting, monkeypatch).mapped_decode
+    assert made(experts, "auto") is None and made(experts, "1") is not None  # the CPU
+    on_gpu = runtime(checkpoint, host, "static-int4", experts, "auto", monkeypatch)
+    on_gpu.device = torch.device("cuda")  # as the rule sees it
+    assert mapped._covered(on_gpu)
+    for slots, covered in ((22, True), (21, False), (12, False)):  # 0.9 * 24 = 21.6
+        small = runtime(checkpoint, host, "static-int4", slots, "auto", monkeypatch)
+        small.device = torch.device("cuda")
+        assert mapped._covered(small) == covered, slots
 
 
 _INTERPRETED = r"""
