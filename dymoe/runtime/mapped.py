@@ -9,22 +9,26 @@ the GPU's address space, so an offset from the pool buffer reaches it). The rout
 table inside the graph, so a step is one graph, as the resident model's is.
 
 A miss is filled by the GPU itself, within the step: before each layer's experts one launch
-(:mod:`dymoe.runtime.mapped_fill`) copies every routed blob the table places on the host into a
-free slot from a ring the host set aside, all its programs sharing the bytes, and the experts then
+(:mod:`dymoe.runtime.mapped_fill`) copies every routed blob the table places on the host into the
+next slot of a ring the host set aside, all its programs sharing the bytes, and the experts then
 read the slot. A miss crosses the link once, as in the segmented decode, with no host wait. Where
 the ring has run out, the experts read the blob in place over the link (no slot, a miss again the
 next time). The step's last launch points the filled entries at their slots.
 
+The ring holds free slots, then the copies the preset's policy would evict next: pinned, so the
+policy picks others, and usable until a fill takes the slot, which then points the copy's entry
+back at the host (so setting slots aside costs no cache capacity). A fill stops before a slot whose
+copy its own layer hits. The ring holds twice the most misses of the last steps (within bounds),
+since step t may use what the host set aside for step t+1.
+
 The host runs the cache a step behind the GPU. After launching step t it reads step t-1's record
-(the ids, and what was filled where), enters the filled experts into the cache at their slots and
-counts hits and misses. It then tops the ring up for step t+1 from free slots, evicting through the
-preset's policy where none is free; an evicted expert's entry returns to the host in a patch queued
-on the compute stream behind step t, before any fill can reuse its slot. The ring holds twice the
-most misses of the last steps (within bounds), since step t may use what step t+1 was meant to have.
+(the ids, and what was filled where), enters each fill into the cache in its slot's victim's
+place, counts hits and misses, and tops the ring up for step t+1 (sent behind step t on the
+compute stream).
 
 Prefill, or any step outside the graph decode, takes the usual path: the last step is settled, the
-ring's unused slots go back to the pool, and the table is rebuilt from the cache before the next
-step. The kernels read the same bytes wherever they lie, so logits do not depend on what is cached
+ring's free slots go back to the pool and its victims are unpinned, and the table is rebuilt from
+the cache before the next step. The kernels read the same bytes wherever they lie, so logits do not depend on what is cached
 (invariant 2). It applies to one precision class with no prefetcher, on a GPU with Triton (bf16
 through the fused kernels, compute capability 8.0+), when the pinned host store holds every blob
 of that class.
@@ -151,7 +155,6 @@ class MappedDecode:
         self.head = 0  # ring positions the settled steps took
         self.tail = 0  # ring positions set aside so far
         self._misses: collections.deque[int] = collections.deque(maxlen=RECENT)
-        self.master = self.away.copy()  # the table as the host knows it (the device's, but for unsettled fills)
         self._sent_tail = -1
         self._device_buffers(runtime.device)
         self._parity = 0
@@ -275,12 +278,12 @@ class MappedDecode:
                 metrics.miss(layer, self.nbytes)
                 metrics.transfer(layer, self.nbytes)  # the fill's copy, or the experts' read in place
                 if outcome != READ_IN_PLACE:
-                    self._enter((layer, e), r, outcome)
+                    self._enter((layer, e), outcome)
             metrics.tokens_seen(layer, 1)
         runtime.precision_uses[self.precision] += len(self.layers) * self.k
         self._misses.append(misses)
 
-    def _enter(self, key: Key, r: int, position: int) -> None:
+    def _enter(self, key: Key, position: int) -> None:
         """A fill at ring ``position`` into the cache, in its slot's victim's place (the device
         table already points at the slot, and the victim's entry at its host blob)."""
         if position != self.head:
@@ -290,8 +293,6 @@ class MappedDecode:
             cache.insert(key, self.precision, slot=slot)
         else:
             cache.hand_over(victim, key)
-            self.master[self.rows[victim[0]], victim[1]] = self.away[self.rows[victim[0]], victim[1]]
-        self.master[r, key[1]] = self.runtime.pool.offset(self.precision, slot)
         self.head += 1
 
     def _reserve(self) -> None:
@@ -336,13 +337,13 @@ class MappedDecode:
         self._misses.clear()
         self._misses.append(self.most)  # after a prefill the first steps miss most (their prompt's experts were cached)
         self._reserve()
-        self.master[:] = self.away
+        table = self.away.copy()
         for key in runtime.cache.resident(self.precision):
             ticket = runtime.transfers.pending(key)
             if ticket is not None:
                 runtime.transfers.wait(ticket)
-            self.master[self.rows[key[0]], key[1]] = runtime.pool.offset(self.precision, runtime.cache.peek(key).slot)
-        self.table.copy_(torch.from_numpy(self.master))
+            table[self.rows[key[0]], key[1]] = runtime.pool.offset(self.precision, runtime.cache.peek(key).slot)
+        self.table.copy_(torch.from_numpy(table))
         self._send()
         self.dirty = False
 

@@ -241,7 +241,7 @@ for preset in ("lru", "static-int4"):
         fills = []
         if setting == "1":
             enter = experts.mapped_decode._enter
-            experts.mapped_decode._enter = lambda key, *args: fills.append(key) or enter(key, *args)
+            experts.mapped_decode._enter = lambda key, position: fills.append(key) or enter(key, position)
         model.attach_experts(experts)
         cache = model.new_cache(1)
         logits = model(torch.tensor([[1, 17, 42, 5, 63]]), 0, cache, last_only=True)[0]
