@@ -366,7 +366,11 @@ def _run_row(model, provider, preset, budget_text, budget, prompts, gen_len, ref
         counters = add_counters(counters, run.metrics)
         steps += run.step_s
         ttft[str(n)] = run.ttft_s
-    return summarise(preset, budget_text, budget, ttft, steps, counters, quality)
+    row = summarise(preset, budget_text, budget, ttft, steps, counters, quality)
+    mapped = getattr(provider, "mapped_decode", None)
+    if mapped is not None:  # which decode ran: DYMOE_MAPPED_DECODE=auto decides per runtime
+        row["mapped_decode_steps"] = mapped.steps
+    return row
 
 
 def summarise(preset, budget_text, budget, ttft: dict, steps: list[float], counters: dict | None,

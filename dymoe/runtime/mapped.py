@@ -160,6 +160,7 @@ class MappedDecode:
         self._parity = 0
         self._unsettled: int | None = None  # the parity of a step whose record the host has not read
         self.active = False  # inside step(): run_experts computes through the table
+        self.steps = 0  # decode steps run through the table
         self.dirty = True  # the cache changed outside step() (prefill): rebuild the table first
         self.kernels = self.cuda or (interpreting() and triton_available()
                                      and (self.precision != "bf16" or runtime._kernels_bf16))
@@ -191,6 +192,7 @@ class MappedDecode:
             self._rebuild()
         self._send()
         self.active = True
+        self.steps += 1
         try:
             yield
         finally:

@@ -179,3 +179,22 @@ def test_dynaexq_in_the_bench_table_with_its_fallback(capsys):
     table = format_table(report)
     assert "\ndynaexq@25% " in table and "dynaexq: hit % = expert uses served by a landed bf16 promotion" in table
     assert "dynaexq:" not in format_table({**report, "rows": [r["resident"], r["lru@25%"]]})
+
+
+def test_bench_rows_say_how_many_steps_the_mapped_decode_ran(monkeypatch):
+    """A row of a runtime with a mapped decode counts the decode steps it ran, so a report shows
+    what ``DYMOE_MAPPED_DECODE`` did. On the CPU the bench decodes through the plain forward (the
+    mapped decode steps only inside the graph decode), so a mapped runtime's row says 0 and its
+    figures are the segmented one's."""
+    from dymoe.runtime import mapped
+
+    config = BenchConfig(model="synthetic:qwen3-30b-a3b", tiny=True, layers=2, policies=("resident", "static-int4"),
+                         budgets=("60%",), prompt_lens=(8,), gen_len=6, device="cpu", progress=False)
+    reports = {}
+    for setting in ("0", "1"):
+        monkeypatch.setattr(mapped, "MAPPED", setting)
+        reports[setting] = rows(run_bench(config, argv=["dymoe", "bench"]))["static-int4@60%"]
+    assert "mapped_decode_steps" not in reports["0"]
+    assert reports["1"]["mapped_decode_steps"] == 0
+    assert reports["1"]["quality"] == reports["0"]["quality"]
+    assert reports["1"]["counters"] == reports["0"]["counters"]

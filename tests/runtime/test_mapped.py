@@ -160,7 +160,7 @@ def test_a_miss_is_filled_in_its_step(tiny, monkeypatch):
     assert total["misses"] == first_uses
     assert total["hits"] + total["misses"] == STEPS * len(c.moe_layers) * c.num_experts_per_tok
     assert total["h2d_bytes"] == first_uses * host.layout("int4").nbytes
-    assert total["tokens"] == STEPS
+    assert total["tokens"] == STEPS and m.steps == STEPS
     _check_table(experts)
 
 
