@@ -197,4 +197,6 @@ def test_bench_rows_say_how_many_steps_the_mapped_decode_ran(monkeypatch):
     assert "mapped_decode_steps" not in reports["0"]
     assert reports["1"]["mapped_decode_steps"] == 0
     assert reports["1"]["quality"] == reports["0"]["quality"]
-    assert reports["1"]["counters"] == reports["0"]["counters"]
+    timed = ("stall_seconds",)
+    assert {k: v for k, v in reports["1"]["counters"].items() if k not in timed} == {
+        k: v for k, v in reports["0"]["counters"].items() if k not in timed}
