@@ -51,7 +51,7 @@ import torch
 
 from dymoe.checkpoint.memory_store import MemoryStore
 from dymoe.env import env_choice
-from dymoe.quant.kernels import decode_routing, expert_decode, interpreting, triton_available
+from dymoe.quant.kernels import decode_routing, expert_decode, interpreting, kernels_run_on, triton_available
 from dymoe.runtime.resident import blob_stacks, decode_experts
 
 Key = tuple[int, int]  # (layer, expert)
@@ -116,6 +116,8 @@ def _why_not(runtime) -> str | None:
         return None  # the CPU reference (the tests)
     if not triton_available():
         return "Triton is not installed (the gpu extra)"
+    if not kernels_run_on(runtime.device):
+        return "the Triton expert kernels need compute capability 8.0+"
     if not store.buffer.is_pinned():
         return "the host memory tier is not pinned"
     if runtime.precision == "bf16" and not runtime._kernels_bf16:

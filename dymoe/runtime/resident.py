@@ -39,7 +39,8 @@ from dymoe.checkpoint.blob import BlobLayout, blob_layout
 from dymoe.env import env_choice
 from dymoe.models.expert_math import SWIGLU, ExpertMath
 from dymoe.quant.formats import parse_format
-from dymoe.quant.kernels import decode_routing, decode_workspace, expert_decode, interpreting, triton_available
+from dymoe.quant.kernels import (decode_routing, decode_workspace, expert_decode, interpreting, kernels_run_on,
+                                 triton_available)
 from dymoe.runtime.expert_compute import MAX_GROUPS, combine_rows, grouped_experts, grouped_mm_usable, run_grouped
 
 
@@ -61,12 +62,8 @@ def kernels_decode(device, dtype: torch.dtype) -> bool:
     cores; ``DYMOE_RESIDENT_DECODE`` unset, ``auto``, or ``kernels``), or the CPU under Triton's
     interpreter (``TRITON_INTERPRET=1``) with ``kernels`` said outright (the tests)."""
     device = torch.device(device)
-    on = (device.type == "cuda" and _capability(device) >= (8, 0)) or (DECODE == "kernels" and interpreting())
-    return DECODE in ("auto", "kernels") and dtype == torch.bfloat16 and on and triton_available()
-
-
-def _capability(device: torch.device) -> tuple[int, int]:
-    return torch.cuda.get_device_capability(device)
+    on = kernels_run_on(device) if device.type == "cuda" else DECODE == "kernels" and interpreting() and triton_available()
+    return DECODE in ("auto", "kernels") and dtype == torch.bfloat16 and on
 
 
 def kernels_decode_experts(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, buffer: torch.Tensor,

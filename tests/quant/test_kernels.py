@@ -87,6 +87,38 @@ def test_unknown_backend_is_refused():
         expert_decode(pool, offsets, layout, torch.randn(1, 64), torch.ones(1, 1), backend="cuda")
 
 
+def test_the_triton_kernels_need_compute_capability_8(monkeypatch):
+    """On a GPU older than Ampere (no bf16 tensor-core tiles for tl.dot) the kernels never run:
+    ``auto`` takes the torch path (so the decode is not recorded: the torch path reads offsets on
+    the host), no workspace is allocated, the mapped decode says why it does not apply, and asking
+    for the Triton backend outright is a clear error naming both capabilities."""
+    from types import SimpleNamespace
+
+    from dymoe.quant import kernels
+    from dymoe.runtime import mapped
+
+    monkeypatch.setattr(kernels, "triton_available", lambda: True)
+    gpu = SimpleNamespace(is_cuda=True, device=torch.device("cuda"))  # a pool as _resolve sees it
+    layout = blob_layout(parse_format("int4", 64), 64, 32)
+    monkeypatch.setattr(kernels, "_capability", lambda device: (7, 5))
+    assert kernels._resolve("auto", gpu) == "torch"
+    with pytest.raises(ValueError, match=r"compute capability 8.0\+ .* this GPU has 7.5: use backend 'auto' or 'torch'"):
+        kernels._resolve("triton", gpu)
+    assert not kernels.expert_decode_capturable("cuda")
+    assert kernels.decode_workspace(layout, 8, 1, "cuda") is None
+    runtime = SimpleNamespace(low=None, config=SimpleNamespace(prefetch_depth=0, keep_across_layers=True),
+                              store=SimpleNamespace(holds_every=lambda precision: True), precision="int4",
+                              device=torch.device("cuda"))
+    monkeypatch.setattr(mapped, "MemoryStore", SimpleNamespace)
+    monkeypatch.setattr(mapped, "triton_available", lambda: True)
+    assert mapped._why_not(runtime) == "the Triton expert kernels need compute capability 8.0+"
+    monkeypatch.setattr(kernels, "_capability", lambda device: (8, 0))
+    assert kernels._resolve("auto", gpu) == "triton" and kernels._resolve("triton", gpu) == "triton"
+    assert kernels.expert_decode_capturable("cuda")
+    monkeypatch.setattr(kernels, "triton_available", lambda: False)
+    assert kernels._resolve("auto", gpu) == "torch" and not kernels.expert_decode_capturable("cuda")
+
+
 def test_plan_offsets_match_the_blob_layout():
     layout = blob_layout(parse_format("int3", 64), 2048, 768)
     plan = kernel_plan(layout)

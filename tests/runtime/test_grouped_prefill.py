@@ -185,10 +185,12 @@ def test_fused_kernels_decode_bf16_on_a_gpu_by_default(monkeypatch):
     dtypes, before compute capability 8.0 or without Triton; on the CPU only under Triton's
     interpreter with ``kernels`` said outright (the tests' way in), so a CPU run with Triton
     installed keeps the grouped decode."""
+    from dymoe.quant import kernels
     from dymoe.runtime import resident
 
-    monkeypatch.setattr(resident, "triton_available", lambda: True)
-    monkeypatch.setattr(resident, "_capability", lambda device: (9, 0))
+    for module in (kernels, resident):
+        monkeypatch.setattr(module, "triton_available", lambda: True)
+    monkeypatch.setattr(kernels, "_capability", lambda device: (9, 0))
     interpreted = [False]
     monkeypatch.setattr(resident, "interpreting", lambda: interpreted[0])
     for setting, gpu in (("auto", True), ("kernels", True), ("grouped", False), ("gather", False)):
@@ -200,11 +202,11 @@ def test_fused_kernels_decode_bf16_on_a_gpu_by_default(monkeypatch):
         assert resident.kernels_decode("cpu", torch.bfloat16) is (setting == "kernels")
         interpreted[0] = False
     monkeypatch.setattr(resident, "DECODE", "auto")
-    monkeypatch.setattr(resident, "_capability", lambda device: (7, 5))  # Turing: no bf16 tensor-core tiles
+    monkeypatch.setattr(kernels, "_capability", lambda device: (7, 5))  # Turing: no bf16 tensor-core tiles
     assert resident.kernels_decode("cuda", torch.bfloat16) is False
-    monkeypatch.setattr(resident, "_capability", lambda device: (8, 0))
+    monkeypatch.setattr(kernels, "_capability", lambda device: (8, 0))
     assert resident.kernels_decode("cuda", torch.bfloat16) is True
-    monkeypatch.setattr(resident, "triton_available", lambda: False)
+    monkeypatch.setattr(kernels, "triton_available", lambda: False)
     assert resident.kernels_decode("cuda", torch.bfloat16) is False
 
 

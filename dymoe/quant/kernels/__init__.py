@@ -29,8 +29,8 @@ from dymoe.quant.kernels.plan import KernelPlan, kernel_plan
 from dymoe.quant.kernels.reference import decode_routing, reference_decode, reference_dequantize
 
 __all__ = ["BACKENDS", "DequantWorkspace", "KernelPlan", "copy_biases", "decode_routing", "decode_workspace",
-           "dequantize_experts", "expert_decode", "expert_decode_capturable", "kernel_plan", "reference_decode",
-           "reference_dequantize", "triton_available"]
+           "dequantize_experts", "expert_decode", "expert_decode_capturable", "kernel_plan", "kernels_run_on",
+           "reference_decode", "reference_dequantize", "triton_available"]
 
 BACKENDS = ("auto", "triton", "torch")
 
@@ -39,6 +39,19 @@ BACKENDS = ("auto", "triton", "torch")
 def triton_available() -> bool:
     """Whether the Triton kernels can be imported (the ``gpu`` extra is installed)."""
     return importlib.util.find_spec("triton") is not None
+
+
+MIN_CAPABILITY = (8, 0)  # the kernels' bf16 tiles go through tl.dot, which needs Ampere's tensor cores
+
+
+def kernels_run_on(device) -> bool:
+    """Whether the Triton expert kernels run on CUDA ``device``: Triton installed and compute
+    capability 8.0+ (Turing and older GPUs take the torch path)."""
+    return triton_available() and _capability(torch.device(device)) >= MIN_CAPABILITY
+
+
+def _capability(device: torch.device) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(device)
 
 
 def interpreting() -> bool:
@@ -78,7 +91,7 @@ def expert_decode_capturable(device) -> bool:
     """Whether :func:`expert_decode` with backend "auto" on ``device`` is device work only, so a CUDA
     graph can record it: on CUDA only through the Triton kernels (the torch reference reads the
     slot offsets on the host). Off CUDA nothing is recorded and the split decode runs as it is."""
-    return torch.device(device).type != "cuda" or triton_available()
+    return torch.device(device).type != "cuda" or kernels_run_on(device)
 
 
 def _resolve(backend: str, pool: torch.Tensor) -> str:
@@ -86,9 +99,13 @@ def _resolve(backend: str, pool: torch.Tensor) -> str:
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}: choose from {', '.join(BACKENDS)}")
     if backend == "auto":
-        backend = "triton" if pool.is_cuda and triton_available() else "torch"
+        backend = "triton" if pool.is_cuda and kernels_run_on(pool.device) else "torch"
     if backend == "triton" and not (pool.is_cuda or interpreting()):
         raise ValueError("the Triton backend needs a CUDA pool (or TRITON_INTERPRET=1)")
+    if backend == "triton" and pool.is_cuda and _capability(pool.device) < MIN_CAPABILITY:
+        have = ".".join(map(str, _capability(pool.device)))
+        raise ValueError(f"the Triton expert kernels need compute capability 8.0+ (Ampere or newer), this GPU "
+                         f"has {have}: use backend 'auto' or 'torch'")
     return backend
 
 
@@ -96,7 +113,7 @@ def decode_workspace(layout: BlobLayout, max_experts: int, max_tokens: int, devi
     """Scratch for :func:`expert_decode`'s Triton path, to allocate once at start-up (a
     :class:`~dymoe.quant.kernels.triton_experts.DecodeWorkspace`); None where the torch path runs.
     ``max_experts`` is the most routing columns a step passes (T*k with :func:`decode_routing`)."""
-    if torch.device(device).type != "cuda" or not triton_available():
+    if torch.device(device).type != "cuda" or not kernels_run_on(device):
         return None
     from dymoe.quant.kernels.triton_experts import DecodeWorkspace
 
