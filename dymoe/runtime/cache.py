@@ -16,6 +16,7 @@ a demand miss. A prefetched copy arrives without a use; its first use is a *pref
 from __future__ import annotations
 
 import heapq
+import itertools
 from bisect import bisect_right
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -71,6 +72,10 @@ class LRUPolicy:
 
     def victim(self, candidates: Collection[Key], incoming: Key | None = None) -> Key:
         return next(k for k in self._order if k in candidates)
+
+    def ranked(self) -> Iterator[Key]:
+        """Every copy in the order :meth:`victim` would take them (for several victims at once)."""
+        return iter(self._order)
 
 
 class LFUPolicy:
@@ -295,13 +300,24 @@ class ExpertCache:
         is full; ``None`` if every copy of the class is pinned (run what is pinned, then retry)."""
         return self._make_room(precision, incoming)[0]
 
-    def choose_victim(self, precision: str) -> Key | None:
-        """The unpinned copy of ``precision`` the class's policy would evict next, left in place (a
-        caller that pins it until :meth:`hand_over`: the mapped decode's ring); None if all are pinned."""
-        evictable = self._evictable[precision]
-        if next(iter(evictable), None) is None:
-            return None
-        return self.policies[precision].victim(evictable, None)
+    def choose_victims(self, precision: str, n: int) -> list[Key]:
+        """Up to ``n`` unpinned copies of ``precision`` in the order the class's policy would evict
+        them, left in place (a caller pins them until :meth:`hand_over`: the mapped decode's ring).
+        One pass over the policy's order where it keeps one (``ranked``, LRU's), else ``victim``
+        asked ``n`` times (each pick pinned meanwhile, so the next is another)."""
+        policy, evictable = self.policies[precision], self._evictable[precision]
+        ranked = getattr(policy, "ranked", None)
+        if ranked is not None:
+            return list(itertools.islice((key for key in ranked() if key in evictable), n))
+        chosen: list[Key] = []
+        try:
+            while len(chosen) < n and next(iter(evictable), None) is not None:
+                chosen.append(policy.victim(evictable, None))
+                self._entries[chosen[-1]].pins += 1
+        finally:
+            for key in chosen:
+                self._entries[key].pins -= 1
+        return chosen
 
     def hand_over(self, victim: Key, key: Key) -> int:
         """``victim`` leaves (an eviction, pinned or not) and ``key`` takes its slot (a use, as a

@@ -304,19 +304,24 @@ class MappedDecode:
         the preset's policy would evict next, pinned (so it picks others) and usable until a fill
         takes their slot."""
         target = min(self.most, max(self.k, max(self._misses, default=self.most)))
-        cache, pool, cap = self.runtime.cache, self.runtime.pool, self.cap
-        for _ in range(2 * target - (self.tail - self.head)):
-            slot, victim, flat, away = pool.acquire(self.precision), None, -1, 0
-            if slot is None:
-                victim = cache.choose_victim(self.precision)
-                if victim is None:
-                    break
-                slot = cache.pin(victim).slot
-                r = self.rows[victim[0]]
-                flat, away = r * self.experts + victim[1], self.away[r, victim[1]]
-            self.ring[self.tail % cap], self.victims[self.tail % cap] = slot, victim
-            self._ring_rows[:, self.tail % cap] = pool.offset(self.precision, slot), flat, away
-            self.tail += 1
+        cache, pool = self.runtime.cache, self.runtime.pool
+        want = 2 * target - (self.tail - self.head)
+        free = []
+        while len(free) < want and (slot := pool.acquire(self.precision)) is not None:
+            free.append(slot)
+        for slot in free:
+            self._offer(slot, None, -1, 0)
+        for victim in cache.choose_victims(self.precision, want - len(free)):
+            r = self.rows[victim[0]]
+            self._offer(cache.pin(victim).slot, victim, r * self.experts + victim[1], self.away[r, victim[1]])
+
+    def _offer(self, slot: int, victim: Key | None, flat: int, away: int) -> None:
+        """Ring position ``tail``: ``slot``, holding ``victim`` (flat table index ``flat``, host entry
+        ``away``) or nothing."""
+        at = self.tail % self.cap
+        self.ring[at], self.victims[at] = slot, victim
+        self._ring_rows[:, at] = self.runtime.pool.offset(self.precision, slot), flat, away
+        self.tail += 1
 
     def _send(self) -> None:
         """The ring to the device, queued on the compute stream (nothing when unchanged)."""

@@ -231,3 +231,30 @@ def test_use_resident_is_lookup_then_pin_for_each_key(policy):
         assert cache.is_prefetched(D)
     with pytest.raises(KeyError, match="not resident"):
         filled().slots([(5, 5)])
+
+
+@pytest.mark.parametrize("policy", ["lru", "lfu", "least-stale"])
+def test_choose_victims_is_the_policys_eviction_order(policy):
+    """Several victims at once (the mapped decode's ring): the copies the policy would evict one
+    after another, pinned ones skipped, none evicted or left pinned; at most as many as are
+    unpinned. LRU answers in one pass over its order, the others through ``victim``."""
+    rng = random.Random(3)
+    cache, twin = cache_of(12, policy), cache_of(12, policy)
+    keys = [(layer, e) for layer in range(3) for e in range(4)]
+    for key in keys:
+        for c in (cache, twin):
+            c.insert(key, "bf16")
+    for key in rng.sample(keys * 2, 20):
+        for c in (cache, twin):
+            c.lookup(key)
+    for c in (cache, twin):
+        c.pin(keys[5])
+    chosen = cache.choose_victims("bf16", 6)
+    expected = []
+    for _ in range(6):  # the same policy state, evicting for real
+        victim = twin.policies["bf16"].victim(twin._evictable["bf16"], None)
+        expected.append(victim)
+        twin.remove(victim)
+    assert chosen == expected and keys[5] not in chosen
+    assert len(cache) == 12 and [k for k in keys if cache.is_pinned(k)] == [keys[5]]
+    assert len(cache.choose_victims("bf16", 99)) == 11
