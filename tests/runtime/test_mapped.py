@@ -107,6 +107,25 @@ def test_mapped_decode_on_the_gpu(tiny, monkeypatch, preset):
     _check_table(experts)
 
 
+@pytest.mark.parametrize("family", ["gpt_oss", "deepseek_v2", "mixtral"])
+def test_mapped_decode_in_other_families(tmp_path, monkeypatch, family):
+    """The same logits bit for bit as the segmented decode for GPT-OSS (biased experts, read from
+    the blob wherever it lies), DeepSeek-V2 (a dense first layer and shared experts: the table's
+    rows are the MoE layers only) and Mixtral (top-2), with slots for a third of the experts."""
+    checkpoint, store = tiny_store(tmp_path, family, 5, ("bf16", "int4"))
+    host = MemoryStore.pin_from(store, store.nbytes())
+    c = checkpoint.config
+    slots = len(c.moe_layers) * c.num_experts // 3
+    model = load_dense(checkpoint, 64, "cpu", torch.float32)
+    for preset in ("lru", "static-int4"):
+        segmented = decode(model, runtime(checkpoint, host, preset, slots, "0", monkeypatch))
+        experts = runtime(checkpoint, host, preset, slots, "1", monkeypatch)
+        assert torch.equal(decode(model, experts), segmented), preset
+        assert experts.mapped_decode.steps == len(PROMPTS) * STEPS
+        assert experts.stats()["total"]["misses"] > 0
+        _check_table(experts)
+
+
 def _check_table(experts) -> None:
     """Every table entry points at its expert's bytes: a cached expert's slot (which holds its blob)
     or its blob in the host store; and every slot of the class is cached, set aside for fills or
