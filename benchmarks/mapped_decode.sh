@@ -9,7 +9,8 @@
 # generated tokens), each POINTS entry (policy:budget) with DYMOE_MAPPED_DECODE=0 then 1, the whole
 # list REPEAT times (alternated: the first run of a call tends to be slower). BASE=DIR runs a copy of
 # another revision's package instead of this tree's (as benchmarks/decode_host_check.sh). Logs and
-# JSON per run in $OUT; a table of TPOT, hit rate and link bytes per token last.
+# JSON per run in $OUT; a table of TPOT, hit rate, link bytes per token and the decode steps the
+# mapped decode ran (- where the runtime has none) last.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-bench-out}
@@ -36,11 +37,12 @@ import json
 import sys
 from pathlib import Path
 
-print(f"{'preset':<18}{'budget':>7}{'mapped':>7}{'round':>6}{'TPOT ms':>9}{'mean ms':>9}{'hit %':>7}{'H2D MiB/tok':>12}")
+print(f"{'preset':<18}{'budget':>7}{'mapped':>7}{'round':>6}{'TPOT ms':>9}{'mean ms':>9}{'hit %':>7}{'H2D MiB/tok':>12}"
+      f"{'mapped steps':>13}")
 runs = []
 for path in Path(sys.argv[1]).glob("*-mapped*-*.json"):
     report = json.loads(path.read_text())
-    setting = report["environment"]["settings"].get("DYMOE_MAPPED_DECODE", "auto")
+    setting = report["environment"]["settings"].get("DYMOE_MAPPED_DECODE", "auto")  # (unset: the default)
     for row in report["rows"]:
         runs.append((row["preset"], row["budget"], setting, path.stem.rsplit("-", 1)[1], row))
 def cell(value, scale=1.0, digits=2):
@@ -50,5 +52,5 @@ def cell(value, scale=1.0, digits=2):
 for preset, budget, setting, rnd, row in sorted(runs, key=lambda r: tuple(map(str, r[:4]))):
     print(f"{preset:<18}{budget or '-':>7}{setting:>7}{rnd:>6}{cell(row.get('tpot_median_s'), 1e3):>9}"
           f"{cell(row.get('tpot_mean_s'), 1e3):>9}{cell(row.get('hit_rate'), 100, 1):>7}"
-          f"{cell(row.get('h2d_bytes_per_token'), 2**-20):>12}")
+          f"{cell(row.get('h2d_bytes_per_token'), 2**-20):>12}{row.get('mapped_decode_steps', '-'):>13}")
 PY
