@@ -129,13 +129,6 @@ class TransferEngine:
             return False
         return ticket.event is None or ticket.event.query()
 
-    def settled(self, ticket: Ticket) -> None:
-        """Forget a transfer that :meth:`is_done` reports landed, with no stream made to wait for it
-        (a reader that is ordered after the copy by other means: the mapped decode's table upload)."""
-        if ticket.future is not None:
-            ticket.future.result()  # re-raise a failed background copy
-        self._forget(ticket)
-
     def _forget(self, ticket: Ticket) -> None:
         ticket.waited = True
         if not self.cuda:
