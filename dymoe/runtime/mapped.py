@@ -197,6 +197,9 @@ class MappedDecode:
         self.steps += 1
         try:
             yield
+        except BaseException:
+            self._abandon()
+            raise
         finally:
             self.active = False
         self._end()
@@ -243,6 +246,27 @@ class MappedDecode:
             else:
                 runtime.cache.unpin(victim)
         self.tail = self.head
+        self._sent_tail = -1
+        self.dirty = True
+
+    def _abandon(self) -> None:
+        """A step that did not finish (an exception inside it, a Ctrl-C): which ring slots its fills
+        took is unknown, so once the device is idle every slot the ring offered is given up (its
+        victims evicted, free slots back to the pool), and the table is rebuilt before the next step."""
+        self.active = False
+        if self.cuda:
+            torch.cuda.current_stream(self.runtime.device).synchronize()
+        self.settle_pending()  # the step before finished: its record is whole
+        cache, pool = self.runtime.cache, self.runtime.pool
+        for position in range(self.head, self.tail):
+            victim = self.victims[position % self.cap]
+            if victim is None:
+                pool.release(self.precision, int(self.ring[position % self.cap]))
+            else:
+                cache.unpin(victim)
+                cache.remove(victim)
+        self.head = self.tail
+        self.heads[0] = self.head  # where the device takes the next ring position from
         self._sent_tail = -1
         self.dirty = True
 
