@@ -14,8 +14,8 @@ synchronisation per MoE layer), so a step is cut after each MoE block's router::
 A runtime that never synchronises (``graph_safe``, e.g. the resident experts) is recorded with the
 rest, so the whole step is one graph. So is an offloading runtime with a ``mapped_decode``
 (:mod:`dymoe.runtime.mapped`): its kernels find each expert through a device table wherever it lies,
-and its host bookkeeping (reading the routing, copies into slots, the table's upload) runs around
-each step's replay, a step behind. A runtime with ``deferred_decode`` (an offloading runtime
+and its host bookkeeping (reading the step's record, entering its fills into the cache, setting
+slots aside for the next step) runs around each step's replay, a step behind. A runtime with ``deferred_decode`` (an offloading runtime
 whose expert kernels read fixed rows once prepared: one precision class, or two padded to k slots
 each) splits its step: ``decode_prepare`` (read the routing, fetch, upload slot ids to fixed rows)
 runs between graphs (what it reads with the routing, e.g. a prefetcher's guesses, is made on the

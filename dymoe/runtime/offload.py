@@ -26,9 +26,10 @@ too. Low-bit slots go through :func:`dymoe.quant.kernels.expert_decode` for one 
 dequantize-GEMV in Triton on the GPU, the torch reference elsewhere); for prefill
 a wave's low-bit experts are dequantized a batch per launch into a preallocated workspace (:mod:`dymoe.runtime.prefill`) and run through the same bf16 matmuls.
 
-With ``DYMOE_MAPPED_DECODE=1`` a single-class runtime whose experts all lie in pinned host memory
-decodes a token through :mod:`dymoe.runtime.mapped` instead: steps 1-6 move a step behind the GPU,
-and the kernels read a missing expert where it lies on the host.
+On a GPU, a single-class runtime without a prefetcher whose experts all lie in pinned host memory
+and whose pool holds 90% of them (``DYMOE_MAPPED_DECODE=auto``) decodes a token through
+:mod:`dymoe.runtime.mapped` instead: the step copies its own misses into slots set aside a step
+earlier, and steps 1-6 move a step behind the GPU.
 """
 
 from __future__ import annotations
@@ -293,25 +294,21 @@ class OffloadedExperts(RuntimeReporting):
     def _slots(self, layer: int, experts: list[int]) -> list[int]:
         return self.cache.slots([(layer, e) for e in experts])
 
-    def _run_slots(self, hidden, slots, weights, precision, table=None, backend="auto"):
-        """One token through the experts in ``slots`` (device int64) of one class: device work only.
-        ``table``: byte offsets from the pool buffer indexed by ``slots`` (default: the class's
-        slots; the mapped decode passes a layer's expert table, through the kernels)."""
+    def _run_slots(self, hidden, slots, weights, precision):
+        """One token through the experts in ``slots`` (device int64) of one class: device work only."""
         if precision == "bf16" and self._kernels_bf16:  # as the resident model decodes then
-            table = self._slot_tables["bf16"] if table is None else table
-            return kernels_decode_experts(hidden, slots, weights, self.pool.buffer, table,
+            return kernels_decode_experts(hidden, slots, weights, self.pool.buffer, self._slot_tables["bf16"],
                                           self.layouts["bf16"], self._workspaces.get("bf16"), self.math)
-        if precision == "bf16" and self._stacks is not None and table is None:
+        if precision == "bf16" and self._stacks is not None:
             gate_up, down = self._stacks
             return decode_experts(hidden, slots, weights, gate_up, down, self.dtype, self._bias_stacks, self.math)
-        return self._run_fused(hidden, slots, weights, precision, table, backend)
+        return self._run_fused(hidden, slots, weights, precision)
 
-    def _run_fused(self, hidden, slots, weights, precision, table=None, backend="auto"):
+    def _run_fused(self, hidden, slots, weights, precision):
         """:meth:`_run_slots` through :func:`expert_decode`, whatever the class: a slot whose weight
         is zero is skipped without reading its weights."""
-        table = self._slot_tables[precision] if table is None else table
-        offsets, combine = decode_routing(table, slots[None], weights[None])
-        return expert_decode(self.pool.buffer, offsets, self.layouts[precision], hidden, combine, backend=backend,
+        offsets, combine = decode_routing(self._slot_tables[precision], slots[None], weights[None])
+        return expert_decode(self.pool.buffer, offsets, self.layouts[precision], hidden, combine,
                              workspace=self._workspaces.get(precision), math=self.math)
 
     # ---- decode in three steps, for the CUDA-graph decode (dymoe/models/decode_graphs.py) -----------

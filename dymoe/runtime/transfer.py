@@ -121,20 +121,17 @@ class TransferEngine:
             ticket.future.result()  # re-raise a failed background copy
         if ticket.event is not None:
             self._wait_event(ticket)
-        self._forget(ticket)
+        ticket.waited = True
+        if not self.cuda:
+            ticket.src = None  # landed; on CUDA the copy may still be reading it
+        if self._inflight.get(ticket.key) is ticket:
+            del self._inflight[ticket.key]
 
     def is_done(self, ticket: Ticket) -> bool:
         """True when the bytes have landed (never blocks)."""
         if ticket.future is not None and not ticket.future.done():
             return False
         return ticket.event is None or ticket.event.query()
-
-    def _forget(self, ticket: Ticket) -> None:
-        ticket.waited = True
-        if not self.cuda:
-            ticket.src = None  # landed; on CUDA the copy may still be reading it
-        if self._inflight.get(ticket.key) is ticket:
-            del self._inflight[ticket.key]
 
     def pending(self, key: Key) -> Ticket | None:
         """The latest transfer of ``key`` not yet waited on (a prefetch a demand step must wait for)."""
