@@ -50,8 +50,9 @@ def kernels_run_on(device) -> bool:
     return triton_available() and _capability(torch.device(device)) >= MIN_CAPABILITY
 
 
+@functools.cache
 def _capability(device: torch.device) -> tuple[int, int]:
-    return torch.cuda.get_device_capability(device)
+    return torch.cuda.get_device_capability(device)  # (asked once per device: _resolve runs per launch)
 
 
 def interpreting() -> bool:
@@ -102,10 +103,9 @@ def _resolve(backend: str, pool: torch.Tensor) -> str:
         backend = "triton" if pool.is_cuda and kernels_run_on(pool.device) else "torch"
     if backend == "triton" and not (pool.is_cuda or interpreting()):
         raise ValueError("the Triton backend needs a CUDA pool (or TRITON_INTERPRET=1)")
-    if backend == "triton" and pool.is_cuda and _capability(pool.device) < MIN_CAPABILITY:
-        have = ".".join(map(str, _capability(pool.device)))
+    if backend == "triton" and pool.is_cuda and (have := _capability(pool.device)) < MIN_CAPABILITY:
         raise ValueError(f"the Triton expert kernels need compute capability 8.0+ (Ampere or newer), this GPU "
-                         f"has {have}: use backend 'auto' or 'torch'")
+                         f"has {'.'.join(map(str, have))}: use backend 'auto' or 'torch'")
     return backend
 
 
