@@ -238,16 +238,8 @@ class MappedDecode:
         if self.dirty:
             return
         self.settle_pending()
-        runtime = self.runtime
-        for position in range(self.head, self.tail):
-            victim = self.victims[position % self.cap]
-            if victim is None:
-                runtime.pool.release(self.precision, int(self.ring[position % self.cap]))
-            else:
-                runtime.cache.unpin(victim)
+        self._give_up_ring(evict=False)
         self.tail = self.head
-        self._sent_tail = -1
-        self.dirty = True
 
     def _abandon(self) -> None:
         """A step that did not finish (an exception inside it, a Ctrl-C): which ring slots its fills
@@ -257,6 +249,13 @@ class MappedDecode:
         if self.cuda:
             torch.cuda.current_stream(self.runtime.device).synchronize()
         self.settle_pending()  # the step before finished: its record is whole
+        self._give_up_ring(evict=True)
+        self.head = self.tail
+        self.heads[0] = self.head  # where the device takes the next ring position from
+
+    def _give_up_ring(self, evict: bool) -> None:
+        """Positions head..tail out of the ring: free slots back to the pool, victims unpinned, and
+        with ``evict`` removed (a fill may have overwritten them); the table is rebuilt next step."""
         cache, pool = self.runtime.cache, self.runtime.pool
         for position in range(self.head, self.tail):
             victim = self.victims[position % self.cap]
@@ -264,9 +263,8 @@ class MappedDecode:
                 pool.release(self.precision, int(self.ring[position % self.cap]))
             else:
                 cache.unpin(victim)
-                cache.remove(victim)
-        self.head = self.tail
-        self.heads[0] = self.head  # where the device takes the next ring position from
+                if evict:
+                    cache.remove(victim)
         self._sent_tail = -1
         self.dirty = True
 
