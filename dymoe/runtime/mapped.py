@@ -327,13 +327,13 @@ class MappedDecode:
         takes their slot."""
         target = min(self.most, max(self.k, max(self._misses, default=self.most)))
         cache, pool = self.runtime.cache, self.runtime.pool
-        want = 2 * target - (self.tail - self.head)
+        want = 2 * target - (self.tail - self.head)  # below 0 when the misses fell: nothing to add
         free = []
         while len(free) < want and (slot := pool.acquire(self.precision)) is not None:
             free.append(slot)
         for slot in free:
             self._offer(slot, None, -1, 0)
-        for victim in cache.choose_victims(self.precision, want - len(free)):
+        for victim in cache.choose_victims(self.precision, max(0, want - len(free))):
             r = self.rows[victim[0]]
             self._offer(cache.pin(victim).slot, victim, r * self.experts + victim[1], self.away[r, victim[1]])
 

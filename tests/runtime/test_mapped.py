@@ -58,14 +58,17 @@ def decode(model, experts, device="cpu"):
 
 
 @pytest.mark.parametrize("preset", ["lru", "static-int4"])
-@pytest.mark.parametrize("share", ["top-k", "half"])
+@pytest.mark.parametrize("share", ["top-k", "half", "twice"])
 def test_mapped_decode_gives_the_segmented_decodes_logits(tiny, monkeypatch, preset, share):
     """The same logits bit for bit as the same preset decoding through its own slots, at a budget of
-    one token's top-k slots (evictions at every layer) and of half the experts; bf16 ``lru`` also
-    as the resident model (invariant 2). No step takes the host's per-layer path (``_admit``)."""
+    one token's top-k slots (evictions at every layer), of half the experts, and of twice them (the
+    misses fall to none after the prefill, so the ring holds more than the recent misses ask for);
+    bf16 ``lru`` also as the resident model (invariant 2). No step takes the host's per-layer path
+    (``_admit``)."""
     checkpoint, _, host = tiny
     c = checkpoint.config
-    slots = c.num_experts_per_tok if share == "top-k" else len(c.moe_layers) * c.num_experts // 2
+    every = len(c.moe_layers) * c.num_experts
+    slots = {"top-k": c.num_experts_per_tok, "half": every // 2, "twice": 2 * every}[share]
     model = load_dense(checkpoint, 64, "cpu", torch.float32)
     segmented = decode(model, runtime(checkpoint, host, preset, slots, "0", monkeypatch))
     experts = runtime(checkpoint, host, preset, slots, "1", monkeypatch)
