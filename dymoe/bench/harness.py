@@ -37,7 +37,7 @@ from dymoe.bench.quality import Agreement, compare
 from dymoe.bench.routing import SyntheticRouting
 from dymoe.bench.synthetic import build_dense, build_expert_layer, parse_model_spec, synthetic_config, tiny_config
 from dymoe.bench.trace import TRAINED_ROUTING, TracingExperts, expert_bytes, trace_header
-from dymoe.cli.units import parse_bytes
+from dymoe.cli.units import parse_bytes, parse_share
 from dymoe.engine.engine import resolve_device, resolve_dtype
 from dymoe.errors import InputError
 from dymoe.runtime.metrics import LayerCounters
@@ -187,12 +187,8 @@ def _precision_order(precision: str) -> tuple[int, str]:
 
 def parse_budget(text: str, model: BenchModel) -> int:
     """A size (``6GiB``) or a share of every expert's bf16 bytes (``25%``, rounded down to whole experts)."""
-    text = text.strip()
-    if text.endswith("%"):
-        try:
-            share = float(text[:-1]) / 100
-        except ValueError:
-            raise InputError(f"--device-memory {text!r} is not a size or a percentage") from None
+    share = parse_share(text, "--device-memory")
+    if share is not None:
         experts = int(share * model.bf16_expert_bytes / model.bf16_blob_bytes)
         return experts * model.bf16_blob_bytes
     return parse_bytes(text, "--device-memory")

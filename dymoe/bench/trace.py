@@ -248,12 +248,9 @@ def model_fingerprint(model) -> str:
 
 def expert_bytes(config, group_size: int = 128) -> dict[str, int]:
     """Bytes of one expert blob (what a fetch moves, page aligned as in the store) per precision."""
-    from dymoe.checkpoint.blob import blob_layout
-    from dymoe.quant.formats import parse_format
+    from dymoe.checkpoint.blob import expert_blob_bytes
 
-    return {p: blob_layout(parse_format(p, group_size), config.hidden_size, config.moe_intermediate_size,
-                           bias=config.expert_bias).nbytes
-            for p in PRECISIONS}
+    return {p: expert_blob_bytes(config, p, group_size) for p in PRECISIONS}
 
 
 def _config_summary(config) -> dict:

@@ -34,7 +34,7 @@ from dataclasses import dataclass
 
 import torch
 
-from dymoe.quant.formats import QuantFormat, part_specs
+from dymoe.quant.formats import QuantFormat, parse_format, part_specs
 from dymoe.quant.reference import QuantizedTensor, dequantize, quantize
 
 BLOB_ALIGN = 4096  # a page: blobs can be read with O_DIRECT and mapped views are page aligned
@@ -118,6 +118,13 @@ def blob_layout(fmt: QuantFormat, hidden_size: int, intermediate_size: int, roun
         parts.append(Part(name, offset, 2 * length, (length,), torch.bfloat16))
         offset = _align(offset + 2 * length, PART_ALIGN)
     return BlobLayout(fmt, rounding, hidden_size, intermediate_size, tuple(parts), _align(offset, BLOB_ALIGN))
+
+
+def expert_blob_bytes(config, precision: str, group_size: int = 128) -> int:
+    """Bytes of one routed expert of a model (its :class:`~dymoe.models.config.ModelConfig`) at
+    ``precision`` as the expert store holds it: a page-aligned blob, also the size of its slot."""
+    return blob_layout(parse_format(precision, group_size=group_size), config.hidden_size,
+                       config.moe_intermediate_size, bias=config.expert_bias).nbytes
 
 
 def encode_expert(gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor, layout: BlobLayout,

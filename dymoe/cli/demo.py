@@ -14,7 +14,7 @@ from pathlib import Path
 
 import dymoe
 from dymoe.checkpoint.reader import Checkpoint
-from dymoe.cli.inspect import expert_bytes
+from dymoe.checkpoint.blob import expert_blob_bytes
 from dymoe.cli.units import format_bytes
 from dymoe.engine.engine import Engine, EngineConfig
 from dymoe.engine.sampling import SamplingParams
@@ -44,7 +44,7 @@ def register(subparsers) -> None:
 def quarter_budget(checkpoint: Checkpoint, share: float) -> tuple[int, int]:
     """Bytes for ``share`` of the experts at bf16 (whole experts), and how many experts that is."""
     c = checkpoint.config
-    one = expert_bytes(c, "bf16", group_size=128)
+    one = expert_blob_bytes(c, "bf16")
     count = max(c.num_experts_per_tok, int(share * len(c.moe_layers) * c.num_experts))
     return count * one, count
 

@@ -8,11 +8,11 @@ from __future__ import annotations
 import argparse
 import json
 
+from dymoe.checkpoint.blob import expert_blob_bytes
 from dymoe.checkpoint.reader import Checkpoint
-from dymoe.cli.units import format_bytes, parse_bytes
+from dymoe.cli.units import format_bytes, parse_bytes, parse_share
 from dymoe.models.config import ModelConfig
-from dymoe.checkpoint.blob import blob_layout
-from dymoe.quant.formats import parse_format
+from dymoe.runtime.presets import share_budget
 
 PRECISIONS = ("bf16", "int8", "int4", "int2")
 
@@ -24,18 +24,12 @@ def register(subparsers) -> None:
     )
     parser.add_argument("model", metavar="MODEL_DIR", help="Hugging Face checkpoint folder")
     parser.add_argument("--device-memory", default=None, metavar="SIZE",
-                        help="device memory for experts, e.g. 8GiB or 24GB: show how many experts fit")
+                        help="device memory for experts, a size (8GiB, 24GB) or a share of the experts' bf16 "
+                             "bytes (25%%): show how many experts fit")
     parser.add_argument("--group-size", type=int, default=128, choices=(64, 128),
                         help="group size of the int4/int2 formats (default: 128)")
     parser.add_argument("--json", action="store_true", help="print the facts as JSON")
     parser.set_defaults(func=run)
-
-
-def expert_bytes(config: ModelConfig, precision: str, group_size: int) -> int:
-    """Bytes of one routed expert (gate, up and down, with scales) as the expert store holds it: one
-    page-aligned blob, which is also the size of its device slot."""
-    fmt = parse_format(precision, group_size=group_size)
-    return blob_layout(fmt, config.hidden_size, config.moe_intermediate_size, bias=config.expert_bias).nbytes
 
 
 def describe(checkpoint: Checkpoint, budget: int | None, group_size: int) -> dict:
@@ -65,7 +59,7 @@ def describe(checkpoint: Checkpoint, budget: int | None, group_size: int) -> dic
         "bytes_per_expert": {},
     }
     for p in PRECISIONS:
-        one = expert_bytes(c, p, group_size)
+        one = expert_blob_bytes(c, p, group_size)
         facts["bytes_per_expert"][p] = one
         facts["expert_bytes_per_precision"][p] = one * n_experts
     if budget is not None:
@@ -132,7 +126,10 @@ def render(facts: dict) -> str:
 
 def run(args) -> int:
     checkpoint = Checkpoint.open(args.model)
-    budget = parse_bytes(args.device_memory, flag="--device-memory") if args.device_memory else None
+    budget = None
+    if args.device_memory:
+        share = parse_share(args.device_memory, "--device-memory")
+        budget = parse_bytes(args.device_memory, "--device-memory") if share is None else share_budget(checkpoint.config, share)
     facts = describe(checkpoint, budget, args.group_size)
     print(json.dumps(facts, indent=2) if args.json else render(facts))
     return 0

@@ -14,7 +14,7 @@ from dymoe.checkpoint.reader import Checkpoint
 from dymoe.engine.engine import Engine, EngineConfig
 from dymoe.engine.sampling import SamplingParams
 from dymoe.engine.tokenizer import Tokenizer
-from dymoe.cli.units import parse_bytes
+from dymoe.cli.units import parse_bytes, parse_share
 from dymoe.errors import InputError
 from dymoe.runtime.presets import POLICY_NAMES, RuntimeConfig
 
@@ -36,7 +36,8 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
                          help="expert policy preset (default: auto = resident if all experts fit in "
                               "--device-memory, else lru)")
     runtime.add_argument("--device-memory", "--expert-budget", dest="device_memory", metavar="SIZE", default=None,
-                         help="device memory for routed experts, e.g. 6GiB (default: no limit, all resident)")
+                         help="device memory for routed experts: a size (6GiB) or a share of the experts' bf16 "
+                              "bytes (25%%, whole experts) (default: no limit, all resident)")
     runtime.add_argument("--host-memory", metavar="SIZE", default=None,
                          help="pinned host RAM for the expert store on GPU runs (default: up to half the free RAM)")
     runtime.add_argument("--schedule", type=Path, default=None,
@@ -63,9 +64,11 @@ def add_sampling_options(parser: argparse.ArgumentParser) -> None:
 def engine_config(args: argparse.Namespace) -> EngineConfig:
     if args.context_len is not None and args.context_len < 2:
         raise InputError(f"--context-len must be at least 2, got {args.context_len}")
+    share = parse_share(args.device_memory, "--device-memory") if args.device_memory else None
     runtime = RuntimeConfig(
         policy=args.policy,
-        device_memory=parse_bytes(args.device_memory, "--device-memory") if args.device_memory else None,
+        device_memory=parse_bytes(args.device_memory, "--device-memory") if args.device_memory and share is None else None,
+        device_share=share,
         host_memory=parse_bytes(args.host_memory, "--host-memory") if args.host_memory else None,
         store=args.store, progress=not args.no_progress, schedule=args.schedule, policy_config=args.policy_config,
     )

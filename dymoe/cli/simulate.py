@@ -16,7 +16,7 @@ from pathlib import Path
 
 from dymoe.bench.simulate import LINKS, POLICIES, format_report, simulate
 from dymoe.bench.trace import Trace, record_trace
-from dymoe.cli.units import parse_bytes
+from dymoe.cli.units import parse_bytes, parse_share
 from dymoe.errors import InputError
 
 EXAMPLES = """examples:
@@ -96,11 +96,8 @@ def record(args) -> Trace:
 def budget_bytes(text: str, trace: Trace, expert_bytes: int | None = None) -> int:
     """``--device-memory``: a size, or a percentage of every expert's bytes (whole experts) at bf16,
     or at ``expert_bytes`` when ``--expert-bytes`` sets them."""
-    if text.strip().endswith("%"):
-        try:
-            share = float(text.strip()[:-1]) / 100
-        except ValueError:
-            raise InputError(f"--device-memory {text!r} is not a size or a percentage") from None
+    share = parse_share(text, "--device-memory")
+    if share is not None:
         experts = int(share * len(trace.layers) * trace.num_experts)
         return experts * (expert_bytes or int(trace.header["expert_bytes"]["bf16"]))
     return parse_bytes(text, "--device-memory")

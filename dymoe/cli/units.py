@@ -24,6 +24,21 @@ def parse_bytes(text: str, flag: str = "size") -> int:
     return int(float(match.group(1)) * _UNITS[unit])
 
 
+def parse_share(text: str, flag: str) -> float | None:
+    """``25%`` -> 0.25; None when ``text`` is no percentage (a size, for :func:`parse_bytes`). Bad
+    input names the flag."""
+    text = str(text).strip()
+    if not text.endswith("%"):
+        return None
+    try:
+        share = float(text[:-1]) / 100
+    except ValueError:
+        raise InputError(f"{flag} {text!r} is not a size or a percentage; write e.g. 8GiB or 25%") from None
+    if not share > 0:  # (NaN too)
+        raise InputError(f"{flag} {text!r}: a percentage must be above 0%")
+    return share
+
+
 def format_bytes(n: float) -> str:
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
         if abs(n) < 1024 or unit == "TiB":

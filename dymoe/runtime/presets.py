@@ -51,6 +51,7 @@ from pathlib import Path
 
 import torch
 
+from dymoe.checkpoint.blob import expert_blob_bytes
 from dymoe.checkpoint.convert import convert_store
 from dymoe.checkpoint.memory_store import MemoryStore
 from dymoe.checkpoint.store import ExpertStore, default_store_dir
@@ -99,6 +100,7 @@ class RuntimeConfig:
 
     policy: str = "auto"
     device_memory: int | None = None  # bytes of device memory for expert slots
+    device_share: float | None = None  # or a share of the routed experts' bf16 bytes (--device-memory 25%)
     host_memory: int | None = None  # bytes of pinned host RAM for the store (CUDA only)
     store: Path | None = None  # default: next to the checkpoint (see default_store_dir)
     group_size: int = 128
@@ -109,6 +111,22 @@ class RuntimeConfig:
     def __post_init__(self):
         if self.policy not in POLICY_NAMES:
             raise InputError(f"--policy {self.policy} is unknown; choose one of {', '.join(POLICY_NAMES)}")
+        if self.device_memory is not None and self.device_share is not None:
+            raise ValueError("give device_memory or device_share, not both")
+
+    def device_budget(self, checkpoint) -> int | None:
+        """Bytes of device memory for expert slots: ``device_memory``, or ``device_share`` of the
+        checkpoint's routed experts at bf16 (:func:`share_budget`); None for no limit."""
+        if self.device_share is not None:
+            return share_budget(checkpoint.config, self.device_share)
+        return self.device_memory
+
+
+def share_budget(config, share: float) -> int:
+    """``share`` of a model's routed experts as bf16 blobs, in whole experts (what ``--device-memory
+    25%`` means everywhere: ``dymoe bench`` and ``simulate`` too)."""
+    experts = int(share * len(config.moe_layers) * config.num_experts)
+    return experts * expert_blob_bytes(config, "bf16")
 
 
 def expert_bytes_at_rest(checkpoint, dtype: torch.dtype) -> int:
@@ -119,6 +137,8 @@ def expert_bytes_at_rest(checkpoint, dtype: torch.dtype) -> int:
 def choose_preset(config: RuntimeConfig, checkpoint, dtype: torch.dtype) -> str:
     if config.policy != "auto":
         return config.policy
+    if config.device_share is not None:  # a share of the experts: resident when it is all of them
+        return "resident" if config.device_share >= 1 else "lru"
     if config.device_memory is None or config.device_memory >= expert_bytes_at_rest(checkpoint, dtype):
         return "resident"
     return "lru"
@@ -234,8 +254,9 @@ def preset_provider(store, preset: str, budget_bytes: int, top_k: int, device, d
 
 def build_offloaded(checkpoint, config: RuntimeConfig, preset: str, device: torch.device, dtype: torch.dtype):
     """The expert provider of an offloading preset, with its store, host tier and pool."""
-    if config.device_memory is None:
-        raise InputError(f"--policy {preset} offloads experts: give --device-memory (e.g. 8GiB)")
+    budget = config.device_budget(checkpoint)
+    if budget is None:
+        raise InputError(f"--policy {preset} offloads experts: give --device-memory (e.g. 8GiB, or 25% of the experts)")
     knobs = {}
     if config.schedule is not None:
         if "low_precision" not in PRESETS.get(preset, {}):
@@ -248,5 +269,5 @@ def build_offloaded(checkpoint, config: RuntimeConfig, preset: str, device: torc
     precisions = preset_precisions(preset, knobs)
     store = open_store(checkpoint, config, precisions)
     source = pinned_host_tier(store, config, precisions, device)
-    return preset_provider(source, preset, config.device_memory, checkpoint.config.num_experts_per_tok, device, dtype,
+    return preset_provider(source, preset, budget, checkpoint.config.num_experts_per_tok, device, dtype,
                            **knobs)

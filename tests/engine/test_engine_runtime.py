@@ -48,6 +48,30 @@ def test_auto_is_resident_when_everything_fits(model_dir):
     assert engine.preset == "lru"
 
 
+def test_a_percentage_budget_is_a_share_of_the_experts(model_dir, capsys):
+    """``--device-memory 50%``: half the routed experts as bf16 slots (whole experts), in
+    ``generate`` as in ``bench`` and ``inspect``; ``auto`` is resident at 100%. Bad percentages are one
+    clear error each."""
+    import json
+
+    _, resident = generate(model_dir, RuntimeConfig(policy="resident"))
+    engine, offloaded = generate(model_dir, RuntimeConfig(policy="lru", device_share=0.5, progress=False))
+    assert engine.model.experts.pool.num_slots("bf16") == 12  # of 3 layers x 8 experts
+    assert offloaded == resident
+    assert generate(model_dir, RuntimeConfig(policy="auto", device_share=1.0), n=2)[0].preset == "resident"
+    assert generate(model_dir, RuntimeConfig(policy="auto", device_share=0.99), n=2)[0].preset == "lru"
+    capsys.readouterr()
+    assert main(["inspect", str(model_dir), "--device-memory", "50%", "--json"]) == 0
+    facts = json.loads(capsys.readouterr().out)
+    assert facts["device_memory"] == 12 * facts["bytes_per_expert"]["bf16"]
+    assert facts["experts_that_fit"]["bf16"] == 12
+    assert main(["generate", "-m", str(model_dir), "x", "-n", "2", "--policy", "lru", "--device-memory", "50%",
+                 "--no-progress"]) == 0
+    for bad, message in (("half%", "'half%' is not a size or a percentage"), ("0%", "must be above 0%")):
+        assert main(["generate", "-m", str(model_dir), "x", "--policy", "lru", "--device-memory", bad]) == 2
+        assert message in capsys.readouterr().err, bad
+
+
 def test_offloading_preset_needs_a_budget(model_dir):
     with pytest.raises(InputError, match="--policy lru offloads experts: give --device-memory"):
         generate(model_dir, RuntimeConfig(policy="lru"))
