@@ -33,12 +33,12 @@ from dataclasses import dataclass
 import torch
 
 from dymoe.errors import BudgetError
-from dymoe.models.expert_math import SWIGLU, ExpertMath
+from dymoe.models.expert_math import SWIGLU
 from dymoe.quant.kernels import decode_routing, decode_workspace, expert_decode, expert_decode_capturable
 from dymoe.runtime.cache import ExpertCache, LRUPolicy
 from dymoe.runtime.expert_compute import group_by_expert, run_grouped
 from dymoe.runtime.metrics import RuntimeMetrics
-from dymoe.runtime.offload import RuntimeReporting
+from dymoe.runtime.offload import RuntimeReporting, bound_math, compile_decode
 from dymoe.runtime.prefill import PrefillDequantizer, prefill_capacity
 from dymoe.runtime.slot_pool import SlotPool, format_size
 from dymoe.runtime.transfer import IndexUpload, TransferEngine
@@ -95,22 +95,9 @@ class ColdestFirst:
 class HotnessExperts(RuntimeReporting):
     """The `dynaexq` preset's :class:`~dymoe.models.moe.ExpertProvider`."""
 
-    # Graph decode, measured (H200, 2026-11-26, `dymoe generate -m models/dymoe-demo-moe --policy
-    # dynaexq -n 64`, graphs vs --eager): with every int4 copy resident the deferred decode is 5-6x
-    # faster (9 MiB: 5.2 vs 33.4 ms per token, 24 MiB: 3.0 vs 16.1; benchmarks/check_decode_graphs.py,
-    # Qwen3 shape, 8 layers, 25%: 2.98 vs 15.18 ms). In the fallback (int4 tier offloaded, misses
-    # fetched on demand) it was slower (6 MiB: 31.8 vs 18.2 ms), as graph decode with the experts run
-    # eagerly between segments had been before (93.9 vs 12.9 ms on an H100), cause not found: the
-    # fallback decodes eagerly (``decode_graphs``).
-
-    @property
-    def decode_graphs(self) -> bool:
-        """Whether the model may decode through CUDA graphs with this runtime: not in the fallback."""
-        return not self.fallback
-
     def __init__(self, store, config: HotnessConfig, top_k: int, device, dtype: torch.dtype,
                  metrics: RuntimeMetrics | None = None):
-        self.store, self.config = store, config
+        self.store, self.config, self.top_k = store, config, top_k
         self.device, self.dtype = torch.device(device), dtype
         self.metrics = metrics or RuntimeMetrics()
         self.layers = list(store.layers)
@@ -157,8 +144,15 @@ class HotnessExperts(RuntimeReporting):
         self.math = SWIGLU  # the model's, once bound
 
     def bind(self, model) -> None:
-        """Called by the model when it attaches this runtime: the experts compute as its family says."""
-        self.math = ExpertMath.of(model.config)
+        """Called by the model when it attaches this runtime: the experts compute as its family says,
+        and on a GPU the decode kernels (specialised on that activation) compile here, at the width
+        the CUDA-graph decode launches (every class over k columns). An eager decode (``--eager``)
+        launches each class over as many columns as run at it, compiled on first use."""
+        self.math = bound_math(model, self.low_layout)
+        for (precision, table), layout in zip(self._classes, (self.high_layout, self.low_layout)):
+            if self._workspace[precision] is not None:
+                compile_decode(self.pool.buffer, table, layout, self._workspace[precision], (self.top_k,), self.math,
+                               self.dtype)
 
     def _load_low_copies(self) -> None:
         """Fill every low slot once (the start-up cost DynaExq pays): all experts, or in the fallback

@@ -97,6 +97,27 @@ class RuntimeReporting:
         self.transfers.wait(ticket)
 
 
+def bound_math(model, layout) -> ExpertMath:
+    """How ``model``'s experts compute, checked against the store's blobs (biases or none)."""
+    math = ExpertMath.of(model.config)
+    if math.bias != layout.has_bias:
+        raise StoreError(f"the expert store's blobs {'carry' if layout.has_bias else 'lack'} expert biases, "
+                         f"but {model.config.family} experts {'have' if math.bias else 'have no'} biases: "
+                         "the store belongs to another model; convert this one again")
+    return math
+
+
+def compile_decode(buffer, table, layout, workspace, widths, math, dtype) -> None:
+    """Launch the fused decode kernels once per routing width in ``widths`` over the first slots of
+    ``table`` (whatever they hold, each slot again where it has fewer than n), so Triton compiles
+    them at start-up, not in the first tokens."""
+    hidden = torch.zeros(1, layout.hidden_size, device=buffer.device, dtype=dtype)
+    for n in widths if table.numel() else ():
+        slots = (torch.arange(n, device=buffer.device) % table.numel()).view(1, -1)
+        offsets, combine = decode_routing(table, slots, torch.full((1, n), 1.0 / n, device=buffer.device))
+        expert_decode(buffer, offsets, layout, hidden, combine, workspace=workspace, math=math)
+
+
 class OffloadedExperts(RuntimeReporting):
     """An :class:`~dymoe.models.moe.ExpertProvider` whose experts live in an expert store."""
 
@@ -184,11 +205,7 @@ class OffloadedExperts(RuntimeReporting):
         """Called by the model when it attaches this runtime: the prefetcher needs the routers, the
         depth floor needs the MoE layer indices; the experts compute as the model's family says
         (and the decode kernels, compiled here, are specialised on that activation)."""
-        self.math = ExpertMath.of(model.config)
-        if self.math.bias != self.layout.has_bias:
-            raise StoreError(f"the expert store's blobs {'carry' if self.layout.has_bias else 'lack'} expert biases, "
-                             f"but {model.config.family} experts {'have' if self.math.bias else 'have no'} biases: "
-                             "the store belongs to another model; convert this one again")
+        self.math = bound_math(model, self.layout)
         layers = [block.layer for block in model.moe_blocks]
         self._critical = {layers[i] for i in self.config.critical_layers if -len(layers) <= i < len(layers)}
         if self.config.prefetch_depth:
@@ -396,14 +413,10 @@ class OffloadedExperts(RuntimeReporting):
         """Run each fused decode kernel variant the decode may launch (:meth:`_launch_widths`, the
         model's activation) once at start-up (on whatever the slots hold), so Triton's compilation —
         seconds on first use — is not paid by the first generated tokens."""
-        hidden = torch.zeros(1, self.layout.hidden_size, device=self.device, dtype=self.dtype)
         for precision, workspace in self._workspaces.items():
-            for n in self._launch_widths(precision) if workspace is not None else ():
-                slots = torch.arange(n, device=self.device).view(1, -1)
-                weights = torch.full((1, n), 1.0 / n, device=self.device)
-                offsets, combine = decode_routing(self._slot_tables[precision], slots, weights)
-                expert_decode(self.pool.buffer, offsets, self.layouts[precision], hidden, combine, workspace=workspace,
-                              math=self.math)
+            if workspace is not None:
+                compile_decode(self.pool.buffer, self._slot_tables[precision], self.layouts[precision], workspace,
+                               self._launch_widths(precision), self.math, self.dtype)
         for dequantizer in self._prefill.values():  # and the prefill dequantize (one compile per precision)
             dequantizer.warm_up()
 

@@ -244,8 +244,7 @@ def test_dynaexq_decode_runs_inside_the_segments(checkpoints, mixed_stores, monk
     assert experts.pool.counts == {"bf16": n_high, "int4": n_low}
     eager_model.attach_experts(eager_experts)
     segment_model.attach_experts(experts)
-    # the fallback decodes eagerly (slower through graphs on the GPU); its deferred path still works
-    assert supports_graphs(segment_model) == (not experts.fallback)
+    assert supports_graphs(segment_model)  # the fallback too (3-4x faster than eager on the H100)
     prepared = []
     prepare = experts.decode_prepare
     experts.decode_prepare = lambda layer, *args: prepared.append(layer) or prepare(layer, *args)

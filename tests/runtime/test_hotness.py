@@ -120,3 +120,21 @@ def test_decode_prepare_uploads_each_class_padded_to_k_slots_with_a_mask(monkeyp
     assert not experts.cache.is_pinned((layer, 9)) and not any(experts.low_cache.is_pinned((layer, e)) for e in low)
     assert experts._steps[layer] == 1 and experts.precision_uses == {"bf16": 1, "int4": 3}
     experts.transfers.wait(in_flight)
+
+
+@pytest.mark.parametrize("preset", ["lru", "dynaexq"])
+def test_a_store_whose_biases_disagree_with_the_model_is_refused(tmp_path, preset):
+    """A store converted from a model with expert biases (GPT-OSS) attached to one without: one
+    StoreError naming the mismatch, from either runtime, before any expert runs."""
+    from dymoe.errors import StoreError
+    from dymoe.models.transformer import load_dense
+    from dymoe.runtime.presets import preset_provider
+    from tests.tiny_models import tiny_store
+
+    plain, _ = tiny_store(tmp_path / "plain", "qwen3_moe", 1, ("bf16",))
+    biased_checkpoint, biased = tiny_store(tmp_path / "biased", "gpt_oss", 1, ("bf16", "int4"))
+    experts = preset_provider(biased, preset, 4 * biased.nbytes("bf16"),
+                              biased_checkpoint.config.num_experts_per_tok, "cpu", torch.float32)
+    model = load_dense(plain, 64, "cpu", torch.float32)
+    with pytest.raises(StoreError, match="blobs carry expert biases, but qwen3_moe experts have no biases"):
+        model.attach_experts(experts)
