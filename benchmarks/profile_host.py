@@ -42,8 +42,6 @@ def main(argv=None) -> None:
     parser.add_argument("--tiny", action="store_true")
     parser.add_argument("--top", type=int, default=22)
     parser.add_argument("--out", type=Path, default=Path("bench-out"))
-    parser.add_argument("--force-graphs", action="store_true",
-                        help="decode through the CUDA graphs even where the runtime opts out (dynaexq's fallback)")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     config = synthetic_config("qwen3-30b-a3b", layers=args.layers)
@@ -54,10 +52,8 @@ def main(argv=None) -> None:
     precisions = tuple(dict.fromkeys(("bf16", *preset_precisions(args.policy))))
     store = MemoryStore.from_experts(experts, precisions=precisions, group_size=128, pin=device.type == "cuda")
     budget = int(args.budget * store.nbytes("bf16"))
-    provider = preset_provider(store, args.policy, budget, config.num_experts_per_tok, device, torch.bfloat16)
-    if args.force_graphs and not getattr(provider, "decode_graphs", True):
-        type(provider).decode_graphs = property(lambda self: True)  # this process only: a diagnosis
-    model.attach_experts(provider)
+    model.attach_experts(preset_provider(store, args.policy, budget, config.num_experts_per_tok, device,
+                                         torch.bfloat16))
     prompt = torch.randint(0, config.vocab_size, (args.prompt,), generator=torch.Generator().manual_seed(0))
     prompt = prompt.to(device)
     cache = model.new_cache(1)
