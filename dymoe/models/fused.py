@@ -27,7 +27,7 @@ import functools
 import torch
 
 from dymoe.env import env_choice
-from dymoe.quant.kernels import interpreting, triton_available
+from dymoe.quant.kernels import interpreting, kernels_run_on, triton_available
 
 
 def _setting() -> bool:
@@ -35,6 +35,15 @@ def _setting() -> bool:
 
 
 ENABLED = _setting()
+
+
+def _attention_setting() -> str:
+    return env_choice("DYMOE_DECODE_ATTENTION", {
+        "split": "one token's attention in the CUDA-graph decode split over the keys (Triton), the default",
+        "sdpa": "SDPA's masked memory-efficient kernel"}, "split")
+
+
+ATTENTION = _attention_setting()
 
 
 def fused_applies(x: torch.Tensor) -> bool:
@@ -157,3 +166,25 @@ def group_plan(x: torch.Tensor, ids: torch.Tensor, experts: int) -> tuple[torch.
         EB=kernels.triton.next_power_of_2(experts), BLOCK=COLUMNS, num_warps=4)
     return rows, order, ends
 
+
+
+def decode_attention_applies(q: torch.Tensor) -> bool:
+    """Whether :func:`decode_attend` takes one token's q [1, H, 1, D] in the graph decode: the
+    ``split`` setting and the fused kernels on, bf16 or float16, and a GPU whose tensor cores
+    ``tl.dot`` needs (compute capability 8.0+) or the interpreter."""
+    return (ATTENTION == "split" and q.shape[0] == 1 and q.dtype in (torch.bfloat16, torch.float16)
+            and fused_applies(q) and (interpreting() or kernels_run_on(q.device)))
+
+
+def decode_attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, index: torch.Tensor, scale: float) -> torch.Tensor:
+    """One token's attention over the masked span of a graph decode, split over the keys
+    (:mod:`dymoe.models.decode_attention`): [1, H, 1, DV]."""
+    from dymoe.models.decode_attention import decode_attention
+
+    programs = 8 if interpreting() else 2 * _multiprocessors(q.device)
+    return decode_attention(q, k, v, index, scale, programs)
+
+
+@functools.cache
+def _multiprocessors(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count

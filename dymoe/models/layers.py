@@ -16,7 +16,7 @@ from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from dymoe.models.config import ModelConfig, RopeConfig
-from dymoe.models.fused import fused_applies, rms_norm, rotary, rotary_applies
+from dymoe.models.fused import decode_attend, decode_attention_applies, fused_applies, rms_norm, rotary, rotary_applies
 
 
 class RMSNorm(nn.Module):
@@ -360,10 +360,14 @@ def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: Position, 
     One new token sees every cached key, so its query heads can be folded into the query length of
     their key-value head ([B, Hkv, H/Hkv, D]): a plain attention the flash and efficient kernels run,
     with no key-value copy. Several tokens need the causal mask, so they use SDPA's own GQA support.
+    In the graph decode (a :class:`StaticPosition`) one token on a GPU takes the split kernel
+    (:mod:`dymoe.models.decode_attention`; ``DYMOE_DECODE_ATTENTION=sdpa``: SDPA's masked one).
     """
     b, h, t, d = q.shape
     groups = h // k.shape[1]
     mask = start.mask if isinstance(start, StaticPosition) else None
+    if t == 1 and mask is not None and decode_attention_applies(q):  # the graph decode's masked span
+        return decode_attend(q, k, v, start.index, d**-0.5 if scale is None else scale)
     with sdpa_kernel(SDPA_BACKENDS):
         if t == 1 and groups > 1:
             out = F.scaled_dot_product_attention(q.view(b, k.shape[1], groups, d), k, v, attn_mask=mask,

@@ -1,0 +1,92 @@
+"""One decode token's attention split over the keys (dymoe/models/decode_attention.py), against a
+float64 reference: under Triton's interpreter on the CPU, and compiled on a GPU."""
+
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+import torch
+
+from tests.interpreted import run_interpreted
+
+# (key-value heads, query heads per kv head, head dim, value head dim, span, cache length, position,
+# programs): several chunks with the last ones past the position, a lone visible key, odd group and
+# head sizes, every key visible, a chunk of two blocks, and DeepSeek's 192/128 head dims
+CASES = [
+    (2, 4, 64, 64, 128, 160, 100, 8),
+    (1, 1, 32, 32, 64, 64, 0, 8),
+    (2, 3, 48, 32, 256, 256, 255, 8),
+    (1, 2, 64, 64, 512, 600, 300, 4),
+    (1, 2, 192, 128, 128, 128, 77, 8),
+]
+
+SCRIPT = """
+import json, torch
+from dymoe.models.decode_attention import chunking, decode_attention
+
+device = {device!r}
+torch.manual_seed(0)
+out = []
+for hkv, groups, d, dv, span, length, index, programs in {cases!r}:
+    h = hkv * groups
+    q = torch.randn(1, 1, h, d, dtype=torch.bfloat16, device=device).transpose(1, 2)  # strided, as after rotary
+    k = torch.randn(1, hkv, length, d, dtype=torch.bfloat16, device=device)[:, :, :span]
+    v = torch.randn(1, hkv, length, dv, dtype=torch.bfloat16, device=device)[:, :, :span]
+    k[:, :, index + 1:] = float("nan")  # keys past the position are never read (not even as 0 * NaN)
+    v[:, :, index + 1:] = float("nan")
+    scale = d ** -0.5
+    got = decode_attention(q, k, v, torch.tensor([index], device=device), scale, programs)
+    keys, values = (t[0, :, : index + 1].double().repeat_interleave(groups, 0) for t in (k, v))
+    probs = torch.softmax(torch.einsum("hd,hnd->hn", q[0, :, 0].double(), keys) * scale, -1)
+    want = torch.einsum("hn,hnd->hd", probs, values)
+    error = ((got[0, :, 0].double() - want).abs().max() / want.abs().max()).item()
+    out.append(dict(case=[hkv, groups, d, dv, span, index], shape=list(got.shape), dtype=str(got.dtype),
+                    error=error, finite=bool(torch.isfinite(got).all()), splits=chunking(span, hkv, programs)[1]))
+print(json.dumps(out))
+"""
+
+
+def _check(results) -> None:
+    assert [r["splits"] for r in results] == [2, 1, 4, 4, 2]
+    for r, (hkv, groups, d, dv, *_) in zip(results, CASES):
+        assert r["shape"] == [1, hkv * groups, 1, dv] and r["dtype"] == "torch.bfloat16", r
+        assert r["finite"] and r["error"] < 1e-2, r
+
+
+def test_decode_attention_matches_the_reference_under_the_interpreter():
+    _check(run_interpreted(SCRIPT.format(device="cpu", cases=CASES)))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or importlib.util.find_spec("triton") is None,
+                    reason="needs a CUDA GPU and triton (gpu extra)")
+def test_decode_attention_matches_the_reference_on_the_gpu():
+    _check(run_interpreted(SCRIPT.format(device="cuda", cases=CASES), interpret=False))
+
+
+GRAPH_SCRIPT = """
+import json, torch
+from dymoe.models import fused, layers
+from dymoe.models.layers import StaticPosition, _attend
+
+torch.manual_seed(1)
+span, index = 128, 70
+q = torch.randn(1, 8, 1, 64, dtype=torch.bfloat16)
+k = torch.randn(1, 2, span, 64, dtype=torch.bfloat16)
+v = torch.randn(1, 2, span, 64, dtype=torch.bfloat16)
+position = torch.tensor([index])
+start = StaticPosition(position, span, (torch.arange(span) <= position).view(1, span))
+split = _attend(q, k, v, start)
+fused.ATTENTION = "sdpa"
+masked = _attend(q, k, v, start)
+print(json.dumps(dict(applies=fused.ATTENTION == "sdpa" and fused.decode_attention_applies(q),
+                      shape=list(split.shape), error=((split - masked).abs().max() / masked.abs().max()).item())))
+"""
+
+
+def test_the_graph_decode_attends_through_the_split_kernel():
+    """``_attend`` with a device-held position (the graph decode) takes the split kernel, to bf16
+    rounding of SDPA's masked attention; ``DYMOE_DECODE_ATTENTION=sdpa`` turns it off."""
+    result = run_interpreted(GRAPH_SCRIPT)
+    assert result["shape"] == [1, 8, 1, 64] and not result["applies"]
+    assert 0 < result["error"] < 1e-2  # not bit-equal: it did not take SDPA's path
