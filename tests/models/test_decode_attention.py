@@ -10,6 +10,8 @@ import torch
 
 from tests.interpreted import run_interpreted
 
+needs_triton = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed (gpu extra)")
+
 # (key-value heads, query heads per kv head, head dim, value head dim, span, cache length, position,
 # programs): several chunks with the last ones past the position, a lone visible key, odd group and
 # head sizes, every key visible, a chunk of two blocks, and DeepSeek's 192/128 head dims
@@ -54,6 +56,7 @@ def _check(results) -> None:
         assert r["finite"] and r["error"] < 1e-2, r
 
 
+@needs_triton
 def test_decode_attention_matches_the_reference_under_the_interpreter():
     _check(run_interpreted(SCRIPT.format(device="cpu", cases=CASES)))
 
@@ -84,6 +87,7 @@ print(json.dumps(dict(applies=fused.ATTENTION == "sdpa" and fused.decode_attenti
 """
 
 
+@needs_triton
 def test_the_graph_decode_attends_through_the_split_kernel():
     """``_attend`` with a device-held position (the graph decode) takes the split kernel, to bf16
     rounding of SDPA's masked attention; ``DYMOE_DECODE_ATTENTION=sdpa`` turns it off."""
