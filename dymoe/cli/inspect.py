@@ -129,7 +129,8 @@ def run(args) -> int:
     budget = None
     if args.device_memory:
         share = parse_share(args.device_memory, "--device-memory")
-        budget = parse_bytes(args.device_memory, "--device-memory") if share is None else share_budget(checkpoint.config, share)
+        budget = (parse_bytes(args.device_memory, "--device-memory") if share is None
+                  else share_budget(checkpoint.config, share))
     facts = describe(checkpoint, budget, args.group_size)
     print(json.dumps(facts, indent=2) if args.json else render(facts))
     return 0

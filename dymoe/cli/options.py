@@ -65,9 +65,10 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
     if args.context_len is not None and args.context_len < 2:
         raise InputError(f"--context-len must be at least 2, got {args.context_len}")
     share = parse_share(args.device_memory, "--device-memory") if args.device_memory else None
+    size = args.device_memory if share is None else None
     runtime = RuntimeConfig(
         policy=args.policy,
-        device_memory=parse_bytes(args.device_memory, "--device-memory") if args.device_memory and share is None else None,
+        device_memory=parse_bytes(size, "--device-memory") if size else None,
         device_share=share,
         host_memory=parse_bytes(args.host_memory, "--host-memory") if args.host_memory else None,
         store=args.store, progress=not args.no_progress, schedule=args.schedule, policy_config=args.policy_config,
