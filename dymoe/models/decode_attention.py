@@ -29,7 +29,8 @@ BLOCK_N = 64  # keys a program reads at a time
 ROWS = 16  # tl.dot's smallest tile: the query heads of one key-value head, padded
 
 
-@triton.jit
+# a span's chunking is a kernel argument, not a specialisation: no recompiling as the context grows
+@triton.jit(do_not_specialize=["chunk", "n_splits"])
 def _split_kernel(q, k, v, index, part_m, part_l, part_acc, chunk, n_splits, scale, G, D, DV,
                   sq_h, sq_d, sk_h, sk_n, sk_d, sv_h, sv_n, sv_d,
                   GP: tl.constexpr, DP: tl.constexpr, DVP: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -73,7 +74,7 @@ def _split_kernel(q, k, v, index, part_m, part_l, part_acc, chunk, n_splits, sca
     tl.store(part_acc + rows[:, None] * DVP + dv[None, :], acc)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n_splits"])
 def _combine_kernel(part_m, part_l, part_acc, out, n_splits, G, DV, so_h, so_d,
                     GP: tl.constexpr, DVP: tl.constexpr):
     kv = tl.program_id(0)
