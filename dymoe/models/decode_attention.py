@@ -15,6 +15,10 @@ weighted sum (the online softmax) and writes them for its chunk. The second laun
 chunks of each head, rescaled to the largest maximum, and writes the output in the query's dtype.
 Scores, the softmax and the sums are float32; the probabilities meet the values in the cache's
 dtype, as in flash attention.
+
+GPT-OSS's layers take two more things: a sliding window (a program starts at the window's first
+key, so chunks before it are empty too) and attention sinks (the combine adds exp(sinks[h]) to each
+head's denominator, a term that weighs no value).
 """
 
 from __future__ import annotations
@@ -31,10 +35,10 @@ ROWS = 16  # tl.dot's smallest tile: the query heads of one key-value head, padd
 
 # a span's chunking is a kernel argument, not a specialisation: no recompiling as the context grows
 @triton.jit(do_not_specialize=["chunk", "n_splits"])
-def _split_kernel(q, k, v, index, part_m, part_l, part_acc, chunk, n_splits, scale, G, D, DV,
+def _split_kernel(q, k, v, index, part_m, part_l, part_acc, chunk, n_splits, scale, window, G, D, DV,
                   sq_h, sq_d, sk_h, sk_n, sk_d, sv_h, sv_n, sv_d,
                   GP: tl.constexpr, DP: tl.constexpr, DVP: tl.constexpr, BLOCK_N: tl.constexpr,
-                  F32_DOT: tl.constexpr):
+                  WINDOW: tl.constexpr, F32_DOT: tl.constexpr):
     kv = tl.program_id(0)
     s = tl.program_id(1)
     g = tl.arange(0, GP)
@@ -44,8 +48,11 @@ def _split_kernel(q, k, v, index, part_m, part_l, part_acc, chunk, n_splits, sca
                      mask=(g[:, None] < G) & (d[None, :] < D), other=0.0)
     if F32_DOT:  # the interpreter's bf16 arithmetic is wrong (numpy): its tiles go through float32
         q_tile = q_tile.to(tl.float32)
+    last = tl.load(index)  # keys 0..index are the token's; with a window only its latest ``window``
+    hi = tl.minimum(s * chunk + chunk, last + 1)
     lo = s * chunk
-    hi = tl.minimum(lo + chunk, tl.load(index) + 1)  # keys 0..index are the token's
+    if WINDOW:
+        lo = tl.maximum(lo, last - window + 1)
     m = tl.full([GP], float("-inf"), tl.float32)
     den = tl.zeros([GP], tl.float32)
     acc = tl.zeros([GP, DVP], tl.float32)
@@ -75,8 +82,8 @@ def _split_kernel(q, k, v, index, part_m, part_l, part_acc, chunk, n_splits, sca
 
 
 @triton.jit(do_not_specialize=["n_splits"])
-def _combine_kernel(part_m, part_l, part_acc, out, n_splits, G, DV, so_h, so_d,
-                    GP: tl.constexpr, DVP: tl.constexpr):
+def _combine_kernel(part_m, part_l, part_acc, sinks, out, n_splits, G, DV, so_h, so_d,
+                    GP: tl.constexpr, DVP: tl.constexpr, SINKS: tl.constexpr):
     kv = tl.program_id(0)
     g = tl.arange(0, GP)
     dv = tl.arange(0, DVP)
@@ -84,6 +91,10 @@ def _combine_kernel(part_m, part_l, part_acc, out, n_splits, G, DV, so_h, so_d,
     for s in range(0, n_splits):
         top = tl.maximum(top, tl.load(part_m + (kv * n_splits + s) * GP + g))
     den = tl.zeros([GP], tl.float32)
+    if SINKS:  # one more term in each head's denominator, exp(sinks[h]), weighing no value
+        sink = tl.load(sinks + kv * G + g, mask=g < G, other=float("-inf")).to(tl.float32)
+        top = tl.maximum(top, sink)
+        den = tl.exp(sink - top)
     acc = tl.zeros([GP, DVP], tl.float32)
     for s in range(0, n_splits):
         rows = (kv * n_splits + s) * GP + g
@@ -103,10 +114,12 @@ def chunking(span: int, kv_heads: int, programs: int) -> tuple[int, int]:
 
 
 def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, index: torch.Tensor, scale: float,
-                     programs: int) -> torch.Tensor:
+                     programs: int, sinks: torch.Tensor | None = None, window: int | None = None) -> torch.Tensor:
     """Attention of one token's q [1, H, 1, D] over k [1, Hkv, span, D] and v [1, Hkv, span, DV]
-    (any strides), keys 0..``index`` (a one-element int64 device tensor) visible: [1, H, 1, DV] in
-    q's dtype. ``programs``: about how many programs the first launch should run (twice the SMs)."""
+    (any strides), keys 0..``index`` (a one-element int64 device tensor) visible, only the latest
+    ``window`` of them when given, and with ``sinks`` [H] one more term exp(sinks[h]) in each head's
+    denominator (GPT-OSS): [1, H, 1, DV] in q's dtype. ``programs``: about how many programs the
+    first launch should run (twice the SMs)."""
     h, d, hkv, span, dv = q.shape[1], q.shape[3], k.shape[1], k.shape[2], v.shape[3]
     groups = h // hkv
     gp = max(ROWS, triton.next_power_of_2(groups))
@@ -116,11 +129,12 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, index: t
     part_l = torch.empty_like(part_m)
     part_acc = torch.empty(hkv * splits * gp * dvp, device=q.device, dtype=torch.float32)
     out = torch.empty(1, h, 1, dv, device=q.device, dtype=q.dtype)
-    _split_kernel[(hkv, splits)](q, k, v, index, part_m, part_l, part_acc, chunk, splits, scale, groups, d, dv,
+    _split_kernel[(hkv, splits)](q, k, v, index, part_m, part_l, part_acc, chunk, splits, scale, window or 0,
+                                 groups, d, dv,
                                  q.stride(1), q.stride(3), k.stride(1), k.stride(2), k.stride(3),
                                  v.stride(1), v.stride(2), v.stride(3),
                                  GP=gp, DP=triton.next_power_of_2(d), DVP=dvp, BLOCK_N=BLOCK_N,
-                                 F32_DOT=interpreting())
-    _combine_kernel[(hkv,)](part_m, part_l, part_acc, out, splits, groups, dv, out.stride(1), out.stride(3),
-                            GP=gp, DVP=dvp)
+                                 WINDOW=window is not None, F32_DOT=interpreting())
+    _combine_kernel[(hkv,)](part_m, part_l, part_acc, sinks if sinks is not None else part_m, out, splits, groups,
+                            dv, out.stride(1), out.stride(3), GP=gp, DVP=dvp, SINKS=sinks is not None)
     return out

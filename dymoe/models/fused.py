@@ -176,13 +176,15 @@ def decode_attention_applies(q: torch.Tensor) -> bool:
             and fused_applies(q) and (interpreting() or kernels_run_on(q.device)))
 
 
-def decode_attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, index: torch.Tensor, scale: float) -> torch.Tensor:
+def decode_attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, index: torch.Tensor, scale: float,
+                  sinks: torch.Tensor | None = None, window: int | None = None) -> torch.Tensor:
     """One token's attention over the masked span of a graph decode, split over the keys
-    (:mod:`dymoe.models.decode_attention`): [1, H, 1, DV]."""
+    (:mod:`dymoe.models.decode_attention`), with GPT-OSS's sinks and sliding window where given:
+    [1, H, 1, DV]."""
     from dymoe.models.decode_attention import decode_attention
 
     programs = 8 if interpreting() else 2 * _multiprocessors(q.device)
-    return decode_attention(q, k, v, index, scale, programs)
+    return decode_attention(q, k, v, index, scale, programs, sinks, window)
 
 
 @functools.cache

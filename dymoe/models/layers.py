@@ -398,6 +398,8 @@ def attend_with_sinks(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: 
     """
     t = q.shape[2]
     if isinstance(start, StaticPosition):
+        if t == 1 and decode_attention_applies(q):  # the split kernel, as _attend's
+            return decode_attend(q, k, v, start.index, q.shape[3] ** -0.5, sinks, window)
         return _sink_softmax_attend(q, k, v, _static_visible(start, window), sinks)
     first = max(0, start - window + 1) if window is not None else 0
     k, v = k[:, :, first:], v[:, :, first:]
