@@ -17,6 +17,8 @@ expert rows in one kernel instead of up to five (gather the weights, multiply, p
 router order, sum); both bf16 decode paths of :func:`~dymoe.runtime.resident.decode_experts` use
 it, so they still sum alike. :func:`group_plan` is the grouped decode's preparation (the token's
 rows, the sort of its expert ids, each expert's end) in one kernel instead of about seven.
+:func:`decode_attend` is one token's attention in the graph decode, split over the keys
+(:mod:`dymoe.models.decode_attention`; ``DYMOE_DECODE_ATTENTION=sdpa`` turns that one off alone).
 
 ``DYMOE_FUSED_DENSE=0`` turns the kernels off (for comparison, or if one misbehaves); a bad value
 is one clear error.
