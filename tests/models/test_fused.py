@@ -219,6 +219,28 @@ def test_fused_kernels_only_where_they_apply(monkeypatch):
         fused._setting()
 
 
+def test_the_split_decode_attention_only_where_it_applies(monkeypatch):
+    """``DYMOE_DECODE_ATTENTION``: ``split`` by default, ``sdpa`` off, a bad value one clear error;
+    never for a CPU tensor without the interpreter, a float32 query or a batch of two."""
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    for value, expected in (("", "split"), ("split", "split"), ("sdpa", "sdpa")):
+        monkeypatch.setenv("DYMOE_DECODE_ATTENTION", value)
+        assert fused._attention_setting() == expected
+    monkeypatch.setenv("DYMOE_DECODE_ATTENTION", "flash")
+    with pytest.raises(InputError, match="DYMOE_DECODE_ATTENTION='flash': use split"):
+        fused._attention_setting()
+    monkeypatch.setattr(fused, "ATTENTION", "split")
+    monkeypatch.setattr(fused, "ENABLED", True)
+    assert not fused.decode_attention_applies(torch.zeros(1, 8, 1, 64, dtype=torch.bfloat16))
+    monkeypatch.setenv("TRITON_INTERPRET", "1")  # as the interpreter runs them
+    monkeypatch.setattr(fused, "triton_available", lambda: True)
+    assert fused.decode_attention_applies(torch.zeros(1, 8, 1, 64, dtype=torch.bfloat16))
+    assert not fused.decode_attention_applies(torch.zeros(1, 8, 1, 64))
+    assert not fused.decode_attention_applies(torch.zeros(2, 8, 1, 64, dtype=torch.bfloat16))
+    monkeypatch.setattr(fused, "ATTENTION", "sdpa")
+    assert not fused.decode_attention_applies(torch.zeros(1, 8, 1, 64, dtype=torch.bfloat16))
+
+
 @needs_triton
 def test_bf16_outputs_equal_the_torch_ones_bit_for_bit(interpreted):
     """In bf16 the two products and the sum of the rotary embedding, and the normalised value and
