@@ -29,7 +29,7 @@ import functools
 import torch
 
 from dymoe.env import env_choice
-from dymoe.quant.kernels import interpreting, kernels_run_on, triton_available
+from dymoe.quant.kernels import interpreting, kernels_run_on, sm_count, triton_available
 
 
 def _setting() -> bool:
@@ -185,10 +185,5 @@ def decode_attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, index: torc
     [1, H, 1, DV]."""
     from dymoe.models.decode_attention import decode_attention
 
-    programs = 8 if interpreting() else 2 * _multiprocessors(q.device)
+    programs = 8 if interpreting() else 2 * sm_count(q.device)
     return decode_attention(q, k, v, index, scale, programs, sinks, window)
-
-
-@functools.cache
-def _multiprocessors(device: torch.device) -> int:
-    return torch.cuda.get_device_properties(device).multi_processor_count

@@ -51,7 +51,7 @@ import torch
 
 from dymoe.checkpoint.memory_store import MemoryStore
 from dymoe.env import env_choice
-from dymoe.quant.kernels import decode_routing, expert_decode, interpreting, kernels_run_on, triton_available
+from dymoe.quant.kernels import decode_routing, expert_decode, interpreting, kernels_run_on, sm_count, triton_available
 from dymoe.runtime.resident import blob_stacks, decode_experts
 
 Key = tuple[int, int]  # (layer, expert)
@@ -166,8 +166,7 @@ class MappedDecode:
         self.dirty = True  # the cache changed outside step() (prefill): rebuild the table first
         self.kernels = self.cuda or (interpreting() and triton_available()
                                      and (self.precision != "bf16" or runtime._kernels_bf16))
-        self._programs = (torch.cuda.get_device_properties(runtime.device).multi_processor_count
-                          if self.cuda else 4)  # the fill's programs (4 under the interpreter: the tests)
+        self._programs = sm_count(runtime.device) if self.cuda else 4  # the fill's (4 under the interpreter: the tests)
 
     def _device_buffers(self, device) -> None:
         """Everything the recorded step reads or writes, allocated once, and their pinned mirrors."""

@@ -30,7 +30,7 @@ from dymoe.quant.kernels.reference import decode_routing, reference_decode, refe
 
 __all__ = ["BACKENDS", "DequantWorkspace", "KernelPlan", "copy_biases", "decode_routing", "decode_workspace",
            "dequantize_experts", "expert_decode", "expert_decode_capturable", "kernel_plan", "kernels_run_on",
-           "reference_decode", "reference_dequantize", "triton_available"]
+           "reference_decode", "reference_dequantize", "sm_count", "triton_available"]
 
 BACKENDS = ("auto", "triton", "torch")
 
@@ -53,6 +53,12 @@ def kernels_run_on(device) -> bool:
 @functools.cache
 def _capability(device: torch.device) -> tuple[int, int]:
     return torch.cuda.get_device_capability(device)  # (asked once per device: _resolve runs per launch)
+
+
+@functools.cache
+def sm_count(device: torch.device) -> int:
+    """CUDA ``device``'s streaming multiprocessors (what the kernels size their grids by), asked once."""
+    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
 def interpreting() -> bool:

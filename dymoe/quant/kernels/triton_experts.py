@@ -30,6 +30,7 @@ import triton
 import triton.language as tl
 
 from dymoe.env import env_override
+from dymoe.quant.kernels import sm_count
 from dymoe.models.expert_math import SWIGLU, ExpertMath
 from dymoe.quant.kernels import interpreting
 from dymoe.quant.kernels.plan import KernelPlan, Projection
@@ -582,11 +583,8 @@ def _format_args(plan: KernelPlan, proj: Projection, interpreting: bool) -> dict
                 BITS=plan.bits, CPW=cpw, W_BYTES=plan.payload_elem_bytes, F32_DOT=interpreting)
 
 
-@functools.lru_cache(maxsize=8)
 def _sm_count(device: torch.device) -> int:
-    if device.type != "cuda":
-        return 132  # the interpreter: any count gives the same result
-    return torch.cuda.get_device_properties(device).multi_processor_count
+    return sm_count(device) if device.type == "cuda" else 132  # the interpreter: any count gives the same result
 
 
 @functools.lru_cache(maxsize=16)
