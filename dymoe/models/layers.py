@@ -394,7 +394,8 @@ def attend_with_sinks(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: 
 
     With an int ``start`` the keys before the first query's window are not read at all, so a
     sliding layer decodes over ``window`` keys whatever the context; a :class:`StaticPosition`
-    (CUDA-graph decode) masks them instead.
+    (CUDA-graph decode) takes the split kernel on a GPU, which starts at the window too
+    (:mod:`dymoe.models.decode_attention`), and elsewhere masks them.
     """
     t = q.shape[2]
     if isinstance(start, StaticPosition):
