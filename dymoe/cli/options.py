@@ -31,6 +31,9 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--no-progress", action="store_true", help="no progress bar while loading")
     group.add_argument("--eager", action="store_true",
                        help="decode without CUDA graphs (slower; for debugging and comparisons)")
+    group.add_argument("--no-warmup", dest="warm_up", action="store_false",
+                       help="on a GPU, skip the throwaway token at load that compiles the kernels and records "
+                            "the decode graphs (the first request then pays for them)")
     runtime = parser.add_argument_group("expert runtime")
     runtime.add_argument("--policy", default="auto", choices=POLICY_NAMES,
                          help="expert policy preset (default: auto = resident if all experts fit in "
@@ -75,7 +78,7 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
     )
     return EngineConfig(
         model_dir=args.model, device=args.device, dtype=args.dtype, context_len=args.context_len,
-        progress=not args.no_progress, runtime=runtime, cuda_graphs=not args.eager,
+        progress=not args.no_progress, runtime=runtime, cuda_graphs=not args.eager, warm_up=args.warm_up,
     )
 
 

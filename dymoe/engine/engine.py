@@ -34,6 +34,7 @@ class EngineConfig:
     progress: bool = True
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
     cuda_graphs: bool = True  # decode replays CUDA graphs on a GPU (dymoe/models/decode_graphs.py)
+    warm_up: bool = True  # on a GPU, a throwaway token at load (Engine.warm_up)
 
 
 @dataclass
@@ -112,7 +113,27 @@ class Engine:
         model.cuda_graphs = config.cuda_graphs
         engine = cls(model, checkpoint, eos_token_ids)
         engine.preset = preset
+        if config.warm_up and device.type == "cuda":
+            engine.warm_up(config.progress)
         return engine
+
+    def warm_up(self, progress: bool = False) -> None:
+        """Run a throwaway 2-token prompt and one decode step, so that the first request does not
+        pay for what a process does once: Triton's compiles (seconds each on an empty cache, on a
+        user's first run), cuBLAS's set-up, and recording the first span's decode graphs. The next
+        prompt overwrites the KV cache entries it wrote, and the runtime's counters are reset; the
+        experts it fetched stay cached (a dynaexq hotness count moves by its three tokens)."""
+        token = self.config.bos_token_id or 0
+        with _warm_up_progress(progress) as bar:
+            logits = self.prefill(torch.full((2,), token, dtype=torch.long, device=self.device))
+            bar.update(1)
+            self.decode_one(logits.argmax().view(1), 2)
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+            bar.update(1)
+        forget = getattr(self.model.experts, "forget_warm_up", None)
+        if forget is not None:
+            forget()
 
     def runtime_report(self) -> str:
         """Human-readable statistics of the expert runtime (hits, bytes moved, stalls)."""
@@ -178,6 +199,16 @@ class _NoProgress:
 
     def __exit__(self, *exc):
         return False
+
+
+def _warm_up_progress(enabled: bool):
+    """A bar for the warm-up that shows only when it is slow (compiling into an empty cache)."""
+    if not enabled:
+        return _NoProgress()
+    from tqdm import tqdm
+
+    return tqdm(total=2, desc="warming up (compiling GPU kernels, recording decode graphs)", leave=False,
+                delay=0.5, bar_format="{desc}: {n}/{total} {elapsed}")
 
 
 def _load_progress(checkpoint: Checkpoint, enabled: bool):

@@ -92,6 +92,13 @@ class RuntimeReporting:
         self.transfers.collect_stalls()
         return self.metrics.format_table()
 
+    def forget_warm_up(self) -> None:
+        """Forget the engine's warm-up tokens (``Engine.warm_up``) in what was counted so far;
+        pending counts are settled first, so none of them lands after the reset."""
+        self.stats()
+        self.metrics.reset()
+        self.precision_uses = dict.fromkeys(self.precision_uses, 0)
+
     def _wait_copy(self, ticket) -> None:
         """The compute stream waits for a copy, through whatever engine ``transfers`` is now (tests swap it)."""
         self.transfers.wait(ticket)
@@ -181,6 +188,19 @@ class OffloadedExperts(RuntimeReporting):
         if self.mapped_decode is not None:
             self.mapped_decode.settle_pending()
         return super().report()
+
+    def forget_warm_up(self) -> None:
+        """Forget the warm-up's tokens: its counts, and what it cached, with the eviction policy's
+        history. Which copies are resident decides the precision some experts run at in the
+        presets that substitute one class for the other (dymoe), so the first prompt runs as it
+        would have without the warm-up."""
+        if self.mapped_decode is not None:
+            self.mapped_decode.suspend()  # the ring's slots back to the pool; the table follows the cache
+        self.transfers.synchronize()
+        for key in self.cache.resident():
+            self.cache.remove(key)
+        self.cache = ExpertCache(self.pool, self.config.eviction, on_evict=self.metrics.evicted)
+        super().forget_warm_up()
 
     def _slot_counts(self, config: OffloadConfig, top_k: int) -> dict[str, int]:
         """Whole slots per precision class within the budget: each class holds one token's top-k,

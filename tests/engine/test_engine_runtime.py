@@ -99,3 +99,35 @@ def test_corrupted_store_is_one_clear_error(model_dir, tmp_path, capsys):
     assert code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and data.name in err[0] and "dymoe convert" in err[0]
+
+
+@pytest.mark.parametrize("policy", ["lru", "dynaexq", "dymoe", "fate", "static-int4", "lru-prefetch", "arc", "lfu"])
+def test_the_warm_up_leaves_the_text_and_counts_nothing(model_dir, policy):
+    """``Engine.warm_up`` (run by ``load`` on a GPU): a throwaway prompt and decode step whose KV
+    entries the next prompt overwrites and whose routing the runtime's counters forget."""
+    expert = 3 * 64 * 64 * 2
+    runtime = RuntimeConfig(policy=policy, device_memory=12 * expert, progress=False)
+    cold, text = generate(model_dir, runtime)
+    engine = Engine.load(EngineConfig(model_dir=model_dir, device="cpu", progress=False, runtime=runtime))
+    engine.warm_up()
+    experts = engine.model.experts
+    assert experts.stats()["total"]["tokens"] == 0
+    assert sum(experts.precision_uses.values()) == 0
+    assert list(engine.generate([5, 17, 33, 2, 90], SamplingParams(max_new_tokens=16))) == text
+    warm, cold_stats = experts.stats()["total"], cold.model.experts.stats()["total"]
+    assert warm["tokens"] == cold_stats["tokens"] > 0  # the same tokens counted, none of the warm-up's
+    assert sum(experts.precision_uses.values()) == sum(cold.model.experts.precision_uses.values())
+
+
+def test_load_warms_up_on_a_gpu_only(model_dir, monkeypatch):
+    calls = []
+    monkeypatch.setattr(Engine, "warm_up", lambda self, progress=False: calls.append(progress))
+    Engine.load(EngineConfig(model_dir=model_dir, device="cpu", progress=False))
+    assert calls == []  # nothing compiles on the CPU: no throwaway token there
+    from dymoe.cli.options import add_model_options, engine_config
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    add_model_options(parser)
+    assert engine_config(parser.parse_args(["-m", str(model_dir)])).warm_up is True
+    assert engine_config(parser.parse_args(["-m", str(model_dir), "--no-warmup"])).warm_up is False

@@ -169,6 +169,32 @@ def test_a_step_cut_short_leaves_nothing_stale(tiny, monkeypatch):
     _check_table(experts)
 
 
+def test_forgetting_the_warm_up_empties_the_cache_and_the_ring(tiny, monkeypatch):
+    """``forget_warm_up`` (after the engine's throwaway token) in the middle of the mapped decode:
+    the ring's slots and every cached copy go back to the pool, and the decode that follows gives
+    the segmented decode's logits with a consistent table."""
+    checkpoint, _, host = tiny
+    c = checkpoint.config
+    slots = len(c.moe_layers) * c.num_experts // 2
+    model = load_dense(checkpoint, 64, "cpu", torch.float32)
+    segmented = decode(model, runtime(checkpoint, host, "lru", slots, "0", monkeypatch))
+    experts = runtime(checkpoint, host, "lru", slots, "1", monkeypatch)
+    model.attach_experts(experts)
+    cache = model.new_cache(1)
+    logits = model(PROMPTS[1], 0, cache, last_only=True)[0]
+    steps = DecodeGraphs(model, cache, record=False)
+    for i in range(3):
+        logits = steps.step(logits.argmax(), PROMPTS[1].shape[1] + i)
+    m = experts.mapped_decode
+    assert m.tail > m.head and experts.cache.resident("bf16")  # slots set aside, copies pinned for fills
+    experts.forget_warm_up()
+    assert experts.cache.resident() == [] and m.tail == m.head
+    assert experts.pool.num_free("bf16") == slots
+    assert experts.stats()["total"]["tokens"] == 0
+    assert torch.equal(decode(model, experts), segmented)
+    _check_table(experts)
+
+
 def _check_table(experts) -> None:
     """Every table entry points at its expert's bytes: a cached expert's slot (which holds its blob)
     or its blob in the host store; and every slot of the class is cached, set aside for fills or
