@@ -128,6 +128,39 @@ def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, start: int = 0
     return out
 
 
+def qkv_decode_applies(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache_k: torch.Tensor,
+                       cache_v: torch.Tensor, table: torch.Tensor, norms: tuple | None) -> bool:
+    """Whether :func:`qkv_decode` takes one decode token's projections q, k, v [1, 1, heads * D]:
+    :func:`fused_applies`, one dtype for them, the caches, the rotary table (as wide as a head:
+    no partial rotary) and the per-head norms' weights, and unit strides over the heads."""
+    tensors = (q, k, v, cache_k, cache_v, table, *(w for w in norms or ()))
+    return (fused_applies(q) and q.shape[:2] == (1, 1) and cache_k.shape[0] == 1 and len({t.dtype for t in tensors}) == 1
+            and all(t.stride(-1) == 1 for t in (q, k, v)) and table.is_contiguous()
+            and table.shape[-1] == cache_k.shape[-1] and cache_k.shape[-1] % 2 == 0
+            and cache_k.is_contiguous() and cache_v.is_contiguous())
+
+
+def qkv_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache_k: torch.Tensor, cache_v: torch.Tensor,
+               cos: torch.Tensor, sin: torch.Tensor, position: torch.Tensor, norms: tuple | None,
+               eps: float) -> torch.Tensor:
+    """One decode token's q [1, Hq, 1, D], rotated at ``position`` [1] (on the device), after
+    which its k (rotated) and v sit in row ``position`` of one layer's caches [1, Hkv, context, D];
+    ``norms``: the per-head RMSNorm weights of q and k, or None. One launch instead of six (two
+    norms, two rotaries, two cache writes), with the same roundings as :func:`rms_norm` and
+    :func:`rotary` (:func:`~dymoe.models.fused_kernels.qkv_decode_kernel`)."""
+    kernels = _kernels()
+    _, heads, context, d = cache_k.shape
+    dv = cache_v.shape[-1]
+    hq = q.shape[-1] // d
+    out = torch.empty(1, hq, 1, d, dtype=q.dtype, device=q.device)
+    q_norm, k_norm = norms if norms is not None else (cos, cos)  # (not read without NORM)
+    kernels.qkv_decode_kernel[(hq + heads,)](
+        q, k, v, q_norm, k_norm, eps, cos, sin, position, out, cache_k, cache_v, hq, context, D=d, DV=dv,
+        BLOCK=kernels.triton.next_power_of_2(d), BLOCK_V=kernels.triton.next_power_of_2(dv),
+        NORM=norms is not None, num_warps=4)
+    return out
+
+
 def combine_applies(rows: torch.Tensor, weights: torch.Tensor) -> bool:
     """Whether :func:`combine` takes expert rows and their router weights: :func:`fused_applies`,
     both bf16 or both float16 (torch's product would promote mixed dtypes)."""

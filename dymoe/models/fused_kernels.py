@@ -52,6 +52,49 @@ def rotary_kernel(x_ptr, out_ptr, cos_ptr, sin_ptr, pos_ptr, start, H, T, sxb, s
 
 
 @triton.jit
+def _decode_head(src, w_ptr, dst, eps, c, s, cols, mask, D: tl.constexpr, NORM: tl.constexpr):
+    """One head of the decode token: optionally RMSNorm'd (as :func:`rms_norm_kernel`), then
+    rotated (as :func:`rotary_kernel`), stored at ``dst``. rotate_half needs each value's partner
+    half a head away, so the partners are loaded and normalised too (the same scalar scale)."""
+    ty = dst.dtype.element_ty
+    partner_cols = (cols + D // 2) % D
+    x = tl.load(src + cols, mask=mask, other=0.0).to(tl.float32)
+    partner = tl.load(src + partner_cols, mask=mask, other=0.0).to(tl.float32)
+    if NORM:
+        scale = tl.math.rsqrt(tl.sum(x * x, axis=0) / D + eps)
+        x = rounded(tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32) * rounded(x * scale, ty), ty)
+        partner = rounded(tl.load(w_ptr + partner_cols, mask=mask, other=0.0).to(tl.float32)
+                          * rounded(partner * scale, ty), ty)
+    rotated = tl.where(cols < D // 2, -partner, partner)
+    out = rounded(rounded(x * c, ty) + rounded(rotated * s, ty), ty)
+    tl.store(dst + cols, out.to(ty), mask=mask)
+
+
+@triton.jit
+def qkv_decode_kernel(q_ptr, k_ptr, v_ptr, q_norm_ptr, k_norm_ptr, eps, cos_ptr, sin_ptr, pos_ptr, q_out_ptr,
+                      k_cache_ptr, v_cache_ptr, HQ, CONTEXT, D: tl.constexpr, DV: tl.constexpr, BLOCK: tl.constexpr,
+                      BLOCK_V: tl.constexpr, NORM: tl.constexpr):
+    """A decode token's attention inputs in one launch: program h < HQ takes q head h (norm,
+    rotary, into ``q_out`` [HQ, D]); program HQ + j takes k head j (norm, rotary) and v head j,
+    into row ``pos`` of the layer's caches [heads, CONTEXT, D] (position read on the device)."""
+    h = tl.program_id(0)
+    pos = tl.load(pos_ptr).to(tl.int64)
+    cols = tl.arange(0, BLOCK)
+    mask = cols < D
+    c = tl.load(cos_ptr + pos * D + cols, mask=mask, other=0.0).to(tl.float32)
+    s = tl.load(sin_ptr + pos * D + cols, mask=mask, other=0.0).to(tl.float32)
+    if h < HQ:
+        _decode_head(q_ptr + h * D, q_norm_ptr, q_out_ptr + h * D, eps, c, s, cols, mask, D, NORM)
+    else:
+        j = h - HQ
+        row = j.to(tl.int64) * CONTEXT + pos
+        _decode_head(k_ptr + j * D, k_norm_ptr, k_cache_ptr + row * D, eps, c, s, cols, mask, D, NORM)
+        vcols = tl.arange(0, BLOCK_V)
+        v = tl.load(v_ptr + j * DV + vcols, mask=vcols < DV, other=0.0)
+        tl.store(v_cache_ptr + row * DV + vcols, v.to(v_cache_ptr.dtype.element_ty), mask=vcols < DV)
+
+
+@triton.jit
 def _exp(x, ACCURATE: tl.constexpr):
     """exp correctly rounded as CUDA's expf is (libdevice; tl.exp is a faster approximation);
     ACCURATE off under Triton's interpreter, which runs no libdevice (numpy's exp there)."""

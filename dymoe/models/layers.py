@@ -16,7 +16,8 @@ from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from dymoe.models.config import ModelConfig, RopeConfig
-from dymoe.models.fused import decode_attend, decode_attention_applies, fused_applies, rms_norm, rotary, rotary_applies
+from dymoe.models.fused import (decode_attend, decode_attention_applies, fused_applies, qkv_decode, qkv_decode_applies,
+                                rms_norm, rotary, rotary_applies)
 
 
 class RMSNorm(nn.Module):
@@ -334,6 +335,35 @@ class Attention(FusedProjections):
     def forward(self, x: torch.Tensor, start: Position, cache: KVCache, rotary: RotaryEmbedding) -> torch.Tensor:
         b, t, _ = x.shape
         q, k, v = self._project(x, "qkv", (self.q_proj, self.k_proj, self.v_proj))
+        decoded = self._decode_inputs(q, k, v, start, cache, rotary) if isinstance(start, StaticPosition) else None
+        if decoded is not None:
+            q, k, v = decoded
+        else:
+            q, k, v = self._inputs(q, k, v, start, cache, rotary)
+        if self.sinks is None and self.window is None:
+            out = _attend(q, k, v, start)
+        else:
+            out = attend_with_sinks(q, k, v, start, self.sinks, self.window)
+        return self.o_proj(out.transpose(1, 2).reshape(b, t, -1))
+
+    def _decode_inputs(self, q, k, v, start: StaticPosition, cache: KVCache, rotary: RotaryEmbedding):
+        """The graph decode's token: q/k norms, rotary and the cache writes in one kernel
+        (:func:`~dymoe.models.fused.qkv_decode`) where it applies, else None. What the kernel
+        leaves out (norms over all heads, clipping) takes the general path."""
+        if self.qk_norm == "full" or self.clip_qkv is not None:
+            return None
+        norms = (self.q_norm.weight, self.k_norm.weight) if self.qk_norm == "per_head" else None
+        cache_k, cache_v = cache.k[self.layer], cache.v[self.layer]
+        if not qkv_decode_applies(q, k, v, cache_k, cache_v, rotary.cos, norms):
+            return None
+        q = qkv_decode(q, k, v, cache_k, cache_v, rotary.cos, rotary.sin, start.index, norms,
+                       self.q_norm.eps if norms is not None else 0.0)
+        return q, cache_k[:, :, : start.span], cache_v[:, :, : start.span]
+
+    def _inputs(self, q, k, v, start: Position, cache: KVCache, rotary: RotaryEmbedding):
+        """q [B, H, T, D] normed and rotated, and the cache's filled keys and values once k and v
+        are written."""
+        b, t, _ = q.shape
         if self.qk_norm == "full":
             q, k = self.q_norm(q), self.k_norm(k)
         if self.clip_qkv is not None:
@@ -345,11 +375,7 @@ class Attention(FusedProjections):
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = rotary(q.transpose(1, 2), k.transpose(1, 2), start)
         k, v = cache.update(self.layer, start, k, v)
-        if self.sinks is None and self.window is None:
-            out = _attend(q, k, v, start)
-        else:
-            out = attend_with_sinks(q, k, v, start, self.sinks, self.window)
-        return self.o_proj(out.transpose(1, 2).reshape(b, t, -1))
+        return q, k, v
 
 
 def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: Position, scale: float | None = None
