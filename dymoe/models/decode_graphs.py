@@ -39,7 +39,7 @@ from dataclasses import dataclass
 
 import torch
 
-from dymoe.models.layers import KVCache, StaticPosition
+from dymoe.models.layers import KVCache, StaticPosition, add_norm
 
 MIN_SPAN = 256
 
@@ -208,8 +208,9 @@ class DecodeGraphs:
         if s == len(self.moe_at):
             return _Segment(logits=model.lm_head(model.model.norm(x[:, -1])).float()[0])
         layer = self.layers[last]
-        h = x + layer.self_attn(layer.input_layernorm(x), pos, cache, rotary)
-        flat = layer.post_attention_layernorm(h).view(1, -1)
+        h, flat = add_norm(x, layer.self_attn(layer.input_layernorm(x), pos, cache, rotary),
+                           layer.post_attention_layernorm)
+        flat = flat.view(1, -1)
         ids, weights = layer.mlp.gate(flat)
         routing_row = getattr(model.experts, "routing_row", None) if self.deferred else None
         row = routing_row(layer.mlp.layer, flat, ids[0], weights[0]) if routing_row is not None else None

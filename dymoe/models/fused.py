@@ -106,6 +106,25 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return out.view(*x.shape[:-1], n)
 
 
+def add_rms_norm_applies(x: torch.Tensor, y: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether :func:`add_rms_norm` takes ``x + y``: :func:`fused_applies`, one shape, one dtype
+    for both and the weight, both contiguous."""
+    return (fused_applies(x) and x.shape == y.shape and x.dtype == y.dtype == weight.dtype
+            and x.is_contiguous() and y.is_contiguous())
+
+
+def add_rms_norm(x: torch.Tensor, y: torch.Tensor, weight: torch.Tensor, eps: float
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(``x + y``, its :func:`rms_norm`) in one launch instead of two, with the same roundings."""
+    kernels = _kernels()
+    n = x.shape[-1]
+    total, out = torch.empty_like(x), torch.empty_like(x)
+    block = kernels.triton.next_power_of_2(n)
+    kernels.add_rms_norm_kernel[(x.numel() // n,)](x, y, weight, total, out, eps, N=n, BLOCK=block,
+                                                   num_warps=4 if block <= 4096 else 8)
+    return total, out
+
+
 def rotary_applies(x: torch.Tensor, table: torch.Tensor) -> bool:
     """Whether :func:`rotary` takes ``x`` [B, heads, T, D]: :func:`fused_applies`, unit stride
     over D, an even D and a table as wide (else the torch code runs)."""

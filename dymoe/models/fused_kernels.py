@@ -52,6 +52,24 @@ def rotary_kernel(x_ptr, out_ptr, cos_ptr, sin_ptr, pos_ptr, start, H, T, sxb, s
 
 
 @triton.jit
+def add_rms_norm_kernel(a_ptr, b_ptr, w_ptr, sum_ptr, out_ptr, eps, N: tl.constexpr, BLOCK: tl.constexpr):
+    """A residual add and the RMSNorm of its result, per row: the sum rounded and stored as a torch
+    add's, then normalised as :func:`rms_norm_kernel` does."""
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK)
+    mask = cols < N
+    ty_sum = sum_ptr.dtype.element_ty
+    a = tl.load(a_ptr + row * N + cols, mask=mask, other=0.0).to(tl.float32)
+    x = rounded(a + tl.load(b_ptr + row * N + cols, mask=mask, other=0.0).to(tl.float32), ty_sum)
+    tl.store(sum_ptr + row * N + cols, x.to(ty_sum), mask=mask)
+    var = tl.sum(x * x, axis=0) / N
+    y = rounded(x * tl.math.rsqrt(var + eps), ty_sum)
+    w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+    ty = out_ptr.dtype.element_ty
+    tl.store(out_ptr + row * N + cols, rounded(w * y, ty).to(ty), mask=mask)
+
+
+@triton.jit
 def _decode_head(src, w_ptr, dst, eps, c, s, cols, mask, D: tl.constexpr, NORM: tl.constexpr):
     """One head of the decode token: optionally RMSNorm'd (as :func:`rms_norm_kernel`), then
     rotated (as :func:`rotary_kernel`), stored at ``dst``. rotate_half needs each value's partner

@@ -16,8 +16,8 @@ from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from dymoe.models.config import ModelConfig, RopeConfig
-from dymoe.models.fused import (decode_attend, decode_attention_applies, fused_applies, qkv_decode, qkv_decode_applies,
-                                rms_norm, rotary, rotary_applies)
+from dymoe.models.fused import (add_rms_norm, add_rms_norm_applies, decode_attend, decode_attention_applies,
+                                fused_applies, qkv_decode, qkv_decode_applies, rms_norm, rotary, rotary_applies)
 
 
 class RMSNorm(nn.Module):
@@ -33,6 +33,15 @@ class RMSNorm(nn.Module):
         x32 = x.float()
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * x32.to(dtype)
+
+
+def add_norm(x: torch.Tensor, y: torch.Tensor, norm: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+    """(``x + y``, ``norm`` of it): a residual add and the next block's norm, one launch where the
+    fused kernels run an RMSNorm (:func:`~dymoe.models.fused.add_rms_norm`)."""
+    if isinstance(norm, RMSNorm) and add_rms_norm_applies(x, y, norm.weight):
+        return add_rms_norm(x, y, norm.weight, norm.eps)
+    h = x + y
+    return h, norm(h)
 
 
 def block_norm(config: ModelConfig) -> nn.Module:

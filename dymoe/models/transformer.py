@@ -15,7 +15,7 @@ from torch import nn
 
 from dymoe.models.config import ModelConfig
 from dymoe.models.latent_attention import LatentAttention
-from dymoe.models.layers import Attention, DenseMLP, KVCache, RotaryEmbedding, block_norm
+from dymoe.models.layers import Attention, DenseMLP, KVCache, RotaryEmbedding, add_norm, block_norm
 from dymoe.models.moe import ExpertProvider, MoEBlock, RoutingClock
 
 
@@ -31,8 +31,9 @@ class DecoderLayer(nn.Module):
             self.mlp = DenseMLP(config.hidden_size, config.intermediate_size)
 
     def forward(self, x, start, cache, rotary):
-        x = x + self.self_attn(self.input_layernorm(x), start, cache, rotary)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        x, normed = add_norm(x, self.self_attn(self.input_layernorm(x), start, cache, rotary),
+                             self.post_attention_layernorm)
+        return x + self.mlp(normed)
 
 
 class Backbone(nn.Module):

@@ -79,6 +79,21 @@ x = (torch.randn(4, 2048) * 3).bfloat16()
 ref, got = both(lambda: norm(x))
 ulps = (got.view(torch.int16).int() - ref.view(torch.int16).int()).abs()
 results["bf16/norm"] = dict(compare(ref, got), max_ulps=int(ulps.max()), equal_share=float((ulps == 0).float().mean()))
+# the residual add and the next norm in one launch, against the add then the norm kernel (bit for
+# bit: the same sum, the same roundings) and the torch code (the sum of squares' order), in bf16 over
+# a decode row and a prefill's rows of a width that is not a power of two
+from dymoe.models.layers import add_norm
+torch.manual_seed(5)
+for rows, n in ((1, 2048), (7, 1000)):
+    norm = RMSNorm(n, 1e-6).bfloat16()
+    norm.weight.data = torch.randn(n).bfloat16()
+    a, b = (torch.randn(1, rows, n) * 3).bfloat16(), (torch.randn(1, rows, n) * 3).bfloat16()
+    (ref_sum, ref), (got_sum, got) = both(lambda: add_norm(a, b, norm))
+    kernels_ = (a + b, fused.rms_norm(a + b, norm.weight, norm.eps))
+    ulps = (got.view(torch.int16).int() - ref.view(torch.int16).int()).abs()
+    results[f"add_norm/{rows}x{n}"] = dict(sum=torch.equal(got_sum, ref_sum), kernels=torch.equal(got, kernels_[1]),
+                                           max_ulps=int(ulps.max()), shape=list(got.shape), dtype=str(got.dtype),
+                                           applies=fused.add_rms_norm_applies(a, b, norm.weight))
 # routers: the fused route kernel against the torch code; (experts, k, tokens, scoring, norm_topk_prob,
 # scaling, dtype): Qwen3's shape, Qwen2-MoE's (no renormalisation, 60 experts: a masked tail),
 # DeepSeek's scaled sigmoid, Mixtral's top-2 in bf16 over a prefill's rows
@@ -163,6 +178,16 @@ def test_rotary_kernel_matches_the_module(interpreted):
         assert r["shape"] and r["dtype"] == "torch.float32" and r["max_abs"] <= 1e-6 + 1e-6 * r["max_ref"], (name, r)
     for name in ("rotary/int/q", "rotary/device/q"):  # (a rotation that did nothing would pass at position 0)
         assert interpreted[name]["moved"] > 0.1
+
+
+@needs_triton
+def test_the_residual_add_and_the_norm_in_one_launch(interpreted):
+    """``add_norm``: the sum as torch's bf16 add rounds it, the norm bit for bit the norm kernel's
+    on that sum, and within one unit in the last place of the torch code."""
+    for name in ("add_norm/1x2048", "add_norm/7x1000"):
+        r = interpreted[name]
+        assert r["applies"] and r["sum"] and r["kernels"] and r["max_ulps"] <= 1, (name, r)
+        assert r["dtype"] == "torch.bfloat16" and r["shape"][-1] in (2048, 1000), (name, r)
 
 
 @needs_triton
