@@ -1,6 +1,7 @@
 """GPU check of the fused dense kernels (dymoe/models/fused.py) against the torch code, in bf16:
 RMSNorm rows of the block norms (Qwen3 2048, Mixtral 4096, DeepSeek-V3 7168, a 2880 tail) and
-of the per-head q/k norms (128), at 1 and 512 tokens; the rotary embedding of Qwen3's q and k
+of the per-head q/k norms (128), at 1 and 512 tokens; the residual add with the following norm
+(layers.add_norm); the rotary embedding of Qwen3's q and k
 at an integer start (prefill) and at a position read from the device (decode), on the strided
 [B, heads, T, D] views the attention passes; the router's top-k (fused.route) with Qwen3-30B-A3B's,
 Mixtral's, OLMoE's and a scaled sigmoid router's shapes, by their own choice and for given
@@ -12,7 +13,7 @@ torch's sort and searchsorted.
 
 Prints, per case, the largest difference in bf16 units in the last place and the share of equal
 outputs; exits 1 if any output is off by more than one unit (RMSNorm and the router weights: only
-a float32 sum's order differs), the rotary embedding differs at all (its roundings are the torch
+a float32 sum's order differs; add_norm's sum must be equal), the rotary embedding differs at all (its roundings are the torch
 code's) or a router picks other experts or weighs one otherwise (equal weights may come in
 another order: bf16 logits often tie, and torch.topk leaves their order open), or the sum of
 expert rows differs at all from its definition, or the plan from torch's.
@@ -25,7 +26,7 @@ import torch
 
 import dymoe.models.fused as fused
 from dymoe.models.config import ModelConfig, RopeConfig
-from dymoe.models.layers import RMSNorm, RotaryEmbedding, StaticPosition
+from dymoe.models.layers import RMSNorm, RotaryEmbedding, StaticPosition, add_norm
 from dymoe.models.moe import Router
 
 
@@ -57,6 +58,14 @@ def main() -> int:
         equal = float((got == ref).float().mean())
         failures += off > 1 or got.dtype != ref.dtype
         print(f"rms_norm  n {n:5d} rows {x.numel() // n:6d}: max {off:g} ulp, {equal:.4%} equal", flush=True)
+    for n, t in ((2048, 1), (4096, 1), (2880, 512)):  # the residual add and the next norm in one launch
+        norm = RMSNorm(n, 1e-6).cuda().bfloat16()
+        norm.weight.data = torch.randn(n, device="cuda").bfloat16()
+        a, b = ((torch.randn(1, t, n, device="cuda") * 2).bfloat16() for _ in range(2))
+        (ref_sum, ref), (got_sum, got) = both(lambda: add_norm(a, b, norm))
+        off = ulps(got, ref)
+        failures += off > 1 or not torch.equal(got_sum, ref_sum) or got.dtype != ref.dtype
+        print(f"add_norm  n {n:5d} rows {t:6d}: max {off:g} ulp, sum equal {torch.equal(got_sum, ref_sum)}", flush=True)
     rotary = RotaryEmbedding(RopeConfig(theta=1e6), 128, 4096)
     rotary.build("cuda", torch.bfloat16)
     for t in (1, 512):

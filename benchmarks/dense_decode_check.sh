@@ -4,7 +4,7 @@
 #   OUT=out BASE=bench-base bash benchmarks/dense_decode_check.sh
 #
 # 1. the GPU tests of the dense decode kernels (qkv_decode, split attention), the mapped decode, the
-#    expert kernels and the engine (warm-up);
+#    expert kernels and the engine (warm-up), and benchmarks/check_dense_kernels.py;
 # 2. end to end (`dymoe bench`, synthetic Qwen3-30B-A3B shape, 8 layers, 25%, 64 tokens; SUITE=...):
 #    with BASE=DIR (another revision's dymoe/ package: `git archive REV dymoe | tar -x -C bench-base`)
 #    base and this tree alternated REPEAT times (default 2);
@@ -28,6 +28,7 @@ if stage 1; then
   timeout 240 "$PYTHON" -m pytest -q tests/models/test_qkv_decode.py tests/models/test_decode_attention.py \
     tests/runtime/test_mapped.py tests/quant/test_kernels.py tests/engine/test_engine_runtime.py > "$OUT/tests.txt" 2>&1
   echo "-- rc=$? (+$((SECONDS - started)) s)"
+  timeout 120 "$PYTHON" benchmarks/check_dense_kernels.py > "$OUT/dense_check.txt" 2>&1
 fi
 if stage 2; then
   for round in $(seq "${REPEAT:-2}"); do
@@ -64,6 +65,7 @@ if stage 5; then
 fi
 echo "== summary (+$((SECONDS - started)) s)"
 [ -f "$OUT/tests.txt" ] && tail -n 3 "$OUT/tests.txt"
+[ -f "$OUT/dense_check.txt" ] && grep -E "add_norm|dense kernels" "$OUT/dense_check.txt"
 shopt -s nullglob
 for f in "$OUT"/e2e*.txt "$OUT"/gpt_oss_*.txt; do
   echo "-- $f"; grep -E "^(preset|[a-z0-9-]+(@| ))" "$f" | cut -c1-120
