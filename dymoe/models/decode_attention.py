@@ -124,7 +124,7 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, index: t
     groups = h // hkv
     gp = max(ROWS, triton.next_power_of_2(groups))
     chunk, splits = chunking(span, hkv, programs)
-    dvp = triton.next_power_of_2(dv)
+    dvp = max(ROWS, triton.next_power_of_2(dv))  # tl.dot's operands need 16 along each dimension
     part_m = torch.empty(hkv * splits * gp, device=q.device, dtype=torch.float32)
     part_l = torch.empty_like(part_m)
     part_acc = torch.empty(hkv * splits * gp * dvp, device=q.device, dtype=torch.float32)
@@ -133,7 +133,7 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, index: t
                                  groups, d, dv,
                                  q.stride(1), q.stride(3), k.stride(1), k.stride(2), k.stride(3),
                                  v.stride(1), v.stride(2), v.stride(3),
-                                 GP=gp, DP=triton.next_power_of_2(d), DVP=dvp, BLOCK_N=BLOCK_N,
+                                 GP=gp, DP=max(ROWS, triton.next_power_of_2(d)), DVP=dvp, BLOCK_N=BLOCK_N,
                                  WINDOW=window is not None, F32_DOT=interpreting())
     _combine_kernel[(hkv,)](part_m, part_l, part_acc, sinks if sinks is not None else part_m, out, splits, groups,
                             dv, out.stride(1), out.stride(3), GP=gp, DVP=dvp, SINKS=sinks is not None)

@@ -13,8 +13,9 @@ from tests.interpreted import run_interpreted
 needs_triton = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed (gpu extra)")
 
 # (key-value heads, query heads per kv head, head dim, value head dim, span, cache length, position,
-# programs): several chunks with the last ones past the position, a lone visible key, odd group and
-# head sizes, every key visible, a chunk of two blocks, and DeepSeek's 192/128 head dims
+# programs, window, sinks): several chunks with the last ones past the position, a lone visible key,
+# odd group and head sizes, every key visible, a chunk of two blocks, DeepSeek's 192/128 head dims,
+# GPT-OSS's windows and sinks, and heads of 8 (padded to 16)
 CASES = [
     (2, 4, 64, 64, 128, 160, 100, 8, None, False),
     (1, 1, 32, 32, 64, 64, 0, 8, None, False),
@@ -24,6 +25,7 @@ CASES = [
     (2, 2, 64, 64, 512, 512, 300, 8, 100, True),  # GPT-OSS: a window and sinks, whole chunks outside
     (1, 4, 64, 64, 256, 256, 40, 8, 128, True),  # a window wider than the keys so far
     (2, 2, 64, 64, 128, 128, 90, 8, 1, False),  # only the token's own key
+    (2, 2, 8, 8, 128, 128, 70, 8, None, False),  # heads narrower than tl.dot's 16 (the tests' tiny models)
 ]
 
 SCRIPT = """
@@ -60,7 +62,7 @@ print(json.dumps(out))
 
 
 def _check(results) -> None:
-    assert [r["splits"] for r in results] == [2, 1, 4, 4, 2, 4, 4, 2]
+    assert [r["splits"] for r in results] == [2, 1, 4, 4, 2, 4, 4, 2, 2]
     for r, (hkv, groups, d, dv, *_) in zip(results, CASES):
         assert r["shape"] == [1, hkv * groups, 1, dv] and r["dtype"] == "torch.bfloat16", r
         assert r["finite"] and r["error"] < 1e-2, r
