@@ -121,8 +121,9 @@ class Engine:
         """Run a throwaway 2-token prompt and one decode step, so that the first request does not
         pay for what a process does once: Triton's compiles (seconds each on an empty cache, on a
         user's first run), cuBLAS's set-up, and recording the first span's decode graphs. The next
-        prompt overwrites the KV cache entries it wrote, and the runtime's counters are reset; the
-        experts it fetched stay cached (a dynaexq hotness count moves by its three tokens)."""
+        prompt overwrites the KV cache entries it wrote, and the runtime forgets it
+        (``forget_warm_up``: its counts, what it cached, dynaexq's hotness), so the text that
+        follows is the one a run without the warm-up gives."""
         token = self.config.bos_token_id or 0
         with _warm_up_progress(progress) as bar:
             logits = self.prefill(torch.full((2,), token, dtype=torch.long, device=self.device))

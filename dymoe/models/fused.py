@@ -153,8 +153,9 @@ def qkv_decode_applies(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache_
     :func:`fused_applies`, one dtype for them, the caches, the rotary table (as wide as a head:
     no partial rotary) and the per-head norms' weights, and unit strides over the heads."""
     tensors = (q, k, v, cache_k, cache_v, table, *(w for w in norms or ()))
-    return (fused_applies(q) and q.shape[:2] == (1, 1) and cache_k.shape[0] == 1 and len({t.dtype for t in tensors}) == 1
-            and all(t.stride(-1) == 1 for t in (q, k, v)) and table.is_contiguous()
+    return (fused_applies(q) and q.shape[:2] == (1, 1) and cache_k.shape[0] == 1
+            and len({t.dtype for t in tensors}) == 1 and all(t.stride(-1) == 1 for t in (q, k, v))
+            and table.is_contiguous()
             and table.shape[-1] == cache_k.shape[-1] and cache_k.shape[-1] % 2 == 0
             and cache_k.is_contiguous() and cache_v.is_contiguous())
 
