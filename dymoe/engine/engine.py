@@ -118,17 +118,18 @@ class Engine:
         return engine
 
     def warm_up(self, progress: bool = False) -> None:
-        """Run a throwaway 2-token prompt and one decode step, so that the first request does not
+        """Run a throwaway 2-token prompt (1 in a 2-entry context) and one decode step, so that the first request does not
         pay for what a process does once: Triton's compiles (seconds each on an empty cache, on a
         user's first run), cuBLAS's set-up, and recording the first span's decode graphs. The next
         prompt overwrites the KV cache entries it wrote, and the runtime forgets it
         (``forget_warm_up``: its counts, what it cached, dynaexq's hotness), so the text that
         follows is the one a run without the warm-up gives."""
         token = self.config.bos_token_id or 0
+        n = min(2, self.model.context_len - 1)  # the decode step's position must lie in the context
         with _warm_up_progress(progress) as bar:
-            logits = self.prefill(torch.full((2,), token, dtype=torch.long, device=self.device))
+            logits = self.prefill(torch.full((n,), token, dtype=torch.long, device=self.device))
             bar.update(1)
-            self.decode_one(logits.argmax().view(1), 2)
+            self.decode_one(logits.argmax().view(1), n)
             if self.device.type == "cuda":
                 torch.cuda.synchronize(self.device)
             bar.update(1)

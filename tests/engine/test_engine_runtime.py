@@ -119,6 +119,13 @@ def test_the_warm_up_leaves_the_text_and_counts_nothing(model_dir, policy):
     assert sum(experts.precision_uses.values()) == sum(cold.model.experts.precision_uses.values())
 
 
+def test_the_warm_up_fits_the_smallest_context(model_dir):
+    """A 2-entry context (``--context-len 2``) warms up with a 1-token prompt, and generates after it."""
+    engine = Engine.load(EngineConfig(model_dir=model_dir, device="cpu", progress=False, context_len=2))
+    engine.warm_up()
+    assert len(list(engine.generate([5], SamplingParams(max_new_tokens=4)))) == 1  # the context is full
+
+
 def test_load_warms_up_on_a_gpu_only(model_dir, monkeypatch):
     calls = []
     monkeypatch.setattr(Engine, "warm_up", lambda self, progress=False: calls.append(progress))
