@@ -118,9 +118,10 @@ class Engine:
         return engine
 
     def warm_up(self, progress: bool = False) -> None:
-        """Run a throwaway 2-token prompt (1 in a 2-entry context) and one decode step, so that the first request does not
-        pay for what a process does once: Triton's compiles (seconds each on an empty cache, on a
-        user's first run), cuBLAS's set-up, and recording the first span's decode graphs. The next
+        """Run a throwaway 2-token prompt (1 in a 2-entry context) and one decode step, so that the
+        first request does not pay for what a process does once: Triton's compiles (seconds each on
+        an empty cache, on a user's first run), cuBLAS's set-up, and recording the first span's
+        decode graphs. The next
         prompt overwrites the KV cache entries it wrote, and the runtime forgets it
         (``forget_warm_up``: its counts, what it cached, dynaexq's hotness), so the text that
         follows is the one a run without the warm-up gives."""
