@@ -121,10 +121,9 @@ class Engine:
         """Run a throwaway 2-token prompt (1 in a 2-entry context) and one decode step, so that the
         first request does not pay for what a process does once: Triton's compiles (seconds each on
         an empty cache, on a user's first run), cuBLAS's set-up, and recording the first span's
-        decode graphs. The next
-        prompt overwrites the KV cache entries it wrote, and the runtime forgets it
-        (``forget_warm_up``: its counts, what it cached, dynaexq's hotness), so the text that
-        follows is the one a run without the warm-up gives."""
+        decode graphs. The next prompt overwrites the KV cache entries it wrote, and the runtime
+        forgets it (``forget_warm_up``: its counts, what it cached, dynaexq's hotness), so the text
+        that follows is the one a run without the warm-up gives."""
         token = self.config.bos_token_id or 0
         n = min(2, self.model.context_len - 1)  # the decode step's position must lie in the context
         with _warm_up_progress(progress) as bar:
