@@ -111,7 +111,7 @@ class HotnessExperts(RuntimeReporting):
                              counts)
         self.controller = HotnessController(self.layers, self.num_experts, config.decay)
         # two caches over the one pool, one per class: an expert may hold a high and a low copy at once
-        self.cache = self._high_cache()
+        self.cache = self._new_cache()
         self.low_cache = ExpertCache(self.pool, LRUPolicy, on_evict=self.metrics.evicted)
         self.transfers = TransferEngine(self.device, self.metrics, measure_stalls=True)  # fallback fetches stall
         self.high_per_layer = max(1, n_high // len(self.layers))
@@ -153,22 +153,18 @@ class HotnessExperts(RuntimeReporting):
                 compile_decode(self.pool.buffer, table, layout, self._workspace[precision], (self.top_k,), self.math,
                                self.dtype)
 
-    def _high_cache(self) -> ExpertCache:
+    def _new_cache(self) -> ExpertCache:
         return ExpertCache(self.pool, {self.config.high: ColdestFirst(self.controller), self.config.low: LRUPolicy()},
                            on_evict=self.metrics.evicted)
 
     def forget_warm_up(self) -> None:
-        """Forget the warm-up's tokens: its counts, the hotness they added and any high copy
-        promoted for them, so the first prompt is promoted as it would have been without the
-        warm-up. (In the fallback the low copies it fetched stay: they hold the same values.)"""
-        self.transfers.synchronize()
+        """Also the hotness the warm-up added and any high copy promoted for it, so the first
+        prompt is promoted as it would have been without it. (In the fallback the low copies it
+        fetched stay: they hold the same values.)"""
+        super().forget_warm_up()  # the high copies' cache emptied once every copy has landed
         self._promotions.clear()
-        for key in self.cache.resident():
-            self.cache.remove(key)
-        self.cache = self._high_cache()
         self.controller.hot.zero_()
         self._steps = dict.fromkeys(self._steps, 0)
-        super().forget_warm_up()
 
     def _load_low_copies(self) -> None:
         """Fill every low slot once (the start-up cost DynaExq pays): all experts, or in the fallback

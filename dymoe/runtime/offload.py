@@ -80,8 +80,9 @@ class OffloadConfig:
 
 
 class RuntimeReporting:
-    """``stats()`` and ``report()`` of an expert runtime that has ``transfers``, ``metrics`` and
-    ``precision_uses`` (and the wait its prefill dequantizer is given)."""
+    """``stats()``, ``report()`` and ``forget_warm_up()`` of an expert runtime that has ``transfers``,
+    ``metrics``, ``precision_uses`` and a ``cache`` made by ``_new_cache()`` (and the wait its prefill
+    dequantizer is given)."""
 
     def stats(self) -> dict:
         """The runtime metrics as a dict (resolves pending CUDA stall timings first)."""
@@ -93,8 +94,14 @@ class RuntimeReporting:
         return self.metrics.format_table()
 
     def forget_warm_up(self) -> None:
-        """Forget the engine's warm-up tokens (``Engine.warm_up``) in what was counted so far;
-        pending counts are settled first, so none of them lands after the reset."""
+        """Forget the engine's warm-up tokens (``Engine.warm_up``): what they cached, with the
+        eviction policy's history (which copies are resident decides the precision some experts
+        run at, in dymoe's substitution and dynaexq's promotions), and what was counted, pending
+        counts settled first so that none lands after the reset."""
+        self.transfers.synchronize()
+        for key in self.cache.resident():
+            self.cache.remove(key)
+        self.cache = self._new_cache()
         self.stats()
         self.metrics.reset()
         self.precision_uses = dict.fromkeys(self.precision_uses, 0)
@@ -141,7 +148,7 @@ class OffloadedExperts(RuntimeReporting):
         self.metrics = metrics or RuntimeMetrics()
         counts = self._slot_counts(config, top_k)
         self.pool = SlotPool(self.device, {p: self.layouts[p].nbytes for p in counts}, counts)
-        self.cache = ExpertCache(self.pool, config.eviction, on_evict=self.metrics.evicted)
+        self.cache = self._new_cache()
         self.transfers = TransferEngine(self.device, self.metrics, measure_stalls=config.measure_stalls)
         self._views = {s: self._weights_view(self.pool.view(self.precision, s)) for s in range(counts[self.precision])}
         stacks = self._stacked_views(counts[self.precision]) or ()
@@ -189,17 +196,12 @@ class OffloadedExperts(RuntimeReporting):
             self.mapped_decode.settle_pending()
         return super().report()
 
+    def _new_cache(self) -> ExpertCache:
+        return ExpertCache(self.pool, self.config.eviction, on_evict=self.metrics.evicted)
+
     def forget_warm_up(self) -> None:
-        """Forget the warm-up's tokens: its counts, and what it cached, with the eviction policy's
-        history. Which copies are resident decides the precision some experts run at in the
-        presets that substitute one class for the other (dymoe), so the first prompt runs as it
-        would have without the warm-up."""
         if self.mapped_decode is not None:
             self.mapped_decode.suspend()  # the ring's slots back to the pool; the table follows the cache
-        self.transfers.synchronize()
-        for key in self.cache.resident():
-            self.cache.remove(key)
-        self.cache = ExpertCache(self.pool, self.config.eviction, on_evict=self.metrics.evicted)
         super().forget_warm_up()
 
     def _slot_counts(self, config: OffloadConfig, top_k: int) -> dict[str, int]:
