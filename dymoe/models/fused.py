@@ -25,6 +25,7 @@ is one clear error.
 """
 
 import functools
+from dataclasses import dataclass
 
 import torch
 
@@ -46,6 +47,15 @@ def _attention_setting() -> str:
 
 
 ATTENTION = _attention_setting()
+
+
+def _decode_linear_setting() -> str:
+    return env_choice("DYMOE_DECODE_LINEAR", {
+        "triton": "a decode token's dense projections and router through linear_decode (Triton), the default",
+        "cublas": "F.linear (cuBLAS) for them, and the router's top-k in its own launch"}, "triton")
+
+
+DECODE_LINEAR = _decode_linear_setting()
 
 
 def fused_applies(x: torch.Tensor) -> bool:
@@ -89,6 +99,110 @@ def route(logits: torch.Tensor, k: int, *, sigmoid: bool, normalize: bool, scali
                                BLOCK=kernels.triton.next_power_of_2(experts), KB=kernels.triton.next_power_of_2(k),
                                GIVEN=ids is not None, SIGMOID=sigmoid, NORMALIZE=normalize,
                                ACCURATE=not interpreting(), num_warps=1 if experts <= 128 else 4)
+    return out_ids, weights
+
+
+DECODE_LINEAR_COUNTERS = 4096  # int32 counters per device: a linear's row blocks, and one for a router's routing
+
+
+@dataclass(frozen=True)
+class LinearConfig:
+    """How :func:`linear_decode` cuts W [N, K]: row blocks of ``block_n`` rows, K in ``split``
+    slices of ``steps`` steps of ``block_k`` columns, ``warps`` warps per program."""
+
+    block_n: int
+    block_k: int
+    split: int
+    steps: int
+    warps: int = 4
+
+
+def linear_config(n: int, k: int, programs: int, block_n: int = 16, block_k: int = 256,
+                  warps: int = 4) -> LinearConfig:
+    """The cut for W [N, K] that gives about ``programs`` programs (a few per SM): K is split only
+    as far as the row blocks alone fall short of them, and never into more than 16 slices."""
+    block_k = min(block_k, max(16, 1 << (k - 1).bit_length()))
+    blocks, k_steps = -(-n // block_n), -(-k // block_k)
+    split = max(1, min(16, k_steps, round(programs / blocks)))
+    steps = -(-k_steps // split)
+    return LinearConfig(block_n, block_k, -(-k_steps // steps), steps, warps)
+
+
+_COUNTERS: dict[torch.device, torch.Tensor] = {}
+
+
+def _decode_counters(device: torch.device) -> torch.Tensor | None:
+    """The device's counters for :func:`linear_decode` (zero between launches: each launch's last
+    users reset theirs), allocated at the first call; None while a CUDA graph is being recorded
+    before that (an allocation would come from the graph's pool)."""
+    counters = _COUNTERS.get(device)
+    if counters is None:
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            return None
+        counters = _COUNTERS[device] = torch.zeros(DECODE_LINEAR_COUNTERS, dtype=torch.int32, device=device)
+    return counters
+
+
+def _programs(device: torch.device) -> int:
+    """How many programs :func:`linear_config` aims at: 4 per SM (a few under the interpreter)."""
+    return 8 if interpreting() else 4 * sm_count(device)
+
+
+def linear_decode_applies(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> bool:
+    """Whether :func:`linear_decode` takes ``x`` through ``weight`` [N, K]: one row (a decode token),
+    :func:`fused_applies` and the ``triton`` setting of ``DYMOE_DECODE_LINEAR``, bf16 or float16
+    for x, the weight and the bias alike, contiguous, and the device's counters available."""
+    return (DECODE_LINEAR == "triton" and x.numel() == weight.shape[-1] and weight.dim() == 2
+            and x.dtype == weight.dtype and x.dtype in (torch.bfloat16, torch.float16)
+            and (bias is None or bias.dtype == x.dtype) and fused_applies(x) and x.is_contiguous()
+            and weight.is_contiguous() and -(-weight.shape[0] // 8) < DECODE_LINEAR_COUNTERS
+            and _decode_counters(x.device) is not None)
+
+
+def _launch_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, out: torch.Tensor,
+                   config: LinearConfig | None, route: dict | None = None) -> None:
+    kernels = _kernels()
+    n, k = weight.shape
+    config = config or linear_config(n, k, _programs(x.device))
+    partial = torch.empty(config.split * n if config.split > 1 else 1, dtype=torch.float32, device=x.device)
+    grid = (-(-n // config.block_n), config.split)
+    ids_in, ids, weights, scaling = out, out, out, 1.0
+    extra = {}
+    if route is not None:
+        ids_in, ids, weights, scaling = route.pop("ids_in"), route.pop("ids"), route.pop("weights"), route.pop("scaling")
+        extra = dict(ROUTE=True, E_BLOCK=kernels.triton.next_power_of_2(n), ACCURATE=not interpreting(), **route)
+    kernels.linear_decode_kernel[grid](
+        x, weight, bias if bias is not None else weight, out, partial, _decode_counters(x.device), ids_in, ids, weights,
+        scaling, N=n, K=k, BLOCK_N=config.block_n, BLOCK_K=config.block_k, SPLIT=config.split, STEPS=config.steps,
+        BIAS=bias is not None, num_warps=config.warps, **extra)
+
+
+def linear_decode(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+                  config: LinearConfig | None = None) -> torch.Tensor:
+    """``F.linear(x, weight, bias)`` for one token x [..., K] in one launch
+    (:func:`~dymoe.models.fused_kernels.linear_decode_kernel`): the products summed in float32,
+    split over K where the rows alone are too few to fill the GPU (cuBLAS's one-row GEMMs left
+    most SMs idle on a router's 128 rows), the bias added and the sum rounded once, as cuBLAS
+    does; only the order of the sum differs. ``config``: another cut (the benchmark's)."""
+    out = torch.empty(*x.shape[:-1], weight.shape[0], dtype=x.dtype, device=x.device)
+    _launch_linear(x, weight, bias, out, config)
+    return out
+
+
+def route_decode(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, k: int, *, sigmoid: bool,
+                 normalize: bool, scaling: float, ids: torch.Tensor | None = None,
+                 config: LinearConfig | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`route` of one token's router logits ``F.linear(x, weight, bias)``, both in one launch:
+    the last of the linear's row blocks routes (:func:`linear_decode_applies` and
+    :func:`route_applies` must hold)."""
+    experts = weight.shape[0]
+    logits = torch.empty(experts, dtype=x.dtype, device=x.device)
+    out_ids = torch.empty(1, k, dtype=torch.int64, device=x.device)
+    weights = torch.empty(1, k, dtype=x.dtype, device=x.device)
+    given = ids.to(torch.int64).contiguous() if ids is not None else out_ids
+    _launch_linear(x, weight, bias, logits, config, route=dict(
+        ids_in=given, ids=out_ids, weights=weights, scaling=float(scaling), TOP_K=k,
+        KB=_kernels().triton.next_power_of_2(k), GIVEN=ids is not None, SIGMOID=sigmoid, NORMALIZE=normalize))
     return out_ids, weights
 
 

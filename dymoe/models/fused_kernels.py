@@ -122,18 +122,15 @@ def _exp(x, ACCURATE: tl.constexpr):
 
 
 @triton.jit
-def route_kernel(logits_ptr, ids_in_ptr, ids_ptr, weights_ptr, E, scaling, K: tl.constexpr, BLOCK: tl.constexpr,
-                 KB: tl.constexpr, GIVEN: tl.constexpr, SIGMOID: tl.constexpr, NORMALIZE: tl.constexpr,
-                 ACCURATE: tl.constexpr):
-    """One token's routing from its router logits (row ``program_id``): every expert's score
-    (float32 softmax or sigmoid), then the ``K`` best (GIVEN: the ``K`` experts of ``ids_in``)
-    best first (the lowest index among equal scores), their scores renormalised (NORMALIZE)
-    and times ``scaling``, stored as ids (int64) and weights (the output's dtype). The torch
-    code's operations in its order (exp, then IEEE divisions), so only the softmax sum's order
-    differs."""
-    row = tl.program_id(0).to(tl.int64)
-    cols = tl.arange(0, BLOCK)
-    logits = tl.load(logits_ptr + row * E + cols, mask=cols < E, other=float("-inf")).to(tl.float32)
+def _route(logits, cols, row, ids_in_ptr, ids_ptr, weights_ptr, E, scaling, K: tl.constexpr, BLOCK: tl.constexpr,
+           KB: tl.constexpr, GIVEN: tl.constexpr, SIGMOID: tl.constexpr, NORMALIZE: tl.constexpr,
+           ACCURATE: tl.constexpr):
+    """One token's routing from its router logits [BLOCK] (float32, -inf past ``E``): every
+    expert's score (float32 softmax or sigmoid), then the ``K`` best (GIVEN: the ``K`` experts of
+    ``ids_in``) best first (the lowest index among equal scores), their scores renormalised
+    (NORMALIZE) and times ``scaling``, stored as ids (int64) and weights (the output's dtype) in
+    row ``row``. The torch code's operations in its order (exp, then IEEE divisions), so only the
+    softmax sum's order differs."""
     if SIGMOID:
         scores = tl.math.div_rn(tl.full((BLOCK,), 1.0, tl.float32), 1.0 + _exp(-logits, ACCURATE))
     else:
@@ -165,6 +162,92 @@ def route_kernel(logits_ptr, ids_in_ptr, ids_ptr, weights_ptr, E, scaling, K: tl
     ty = weights_ptr.dtype.element_ty
     tl.store(ids_ptr + row * K + slots, chosen_ids, mask=slots < K)
     tl.store(weights_ptr + row * K + slots, rounded(chosen, ty).to(ty), mask=slots < K)
+
+
+@triton.jit
+def route_kernel(logits_ptr, ids_in_ptr, ids_ptr, weights_ptr, E, scaling, K: tl.constexpr, BLOCK: tl.constexpr,
+                 KB: tl.constexpr, GIVEN: tl.constexpr, SIGMOID: tl.constexpr, NORMALIZE: tl.constexpr,
+                 ACCURATE: tl.constexpr):
+    """One token's routing (row ``program_id``) from its router logits: :func:`_route`."""
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK)
+    logits = tl.load(logits_ptr + row * E + cols, mask=cols < E, other=float("-inf")).to(tl.float32)
+    _route(logits, cols, row, ids_in_ptr, ids_ptr, weights_ptr, E, scaling, K, BLOCK, KB, GIVEN, SIGMOID, NORMALIZE,
+           ACCURATE)
+
+
+@triton.jit
+def _linear_rows(out_ptr, b_ptr, rows, row_ok, acc, BIAS: tl.constexpr):
+    """A block of a linear layer's outputs from their float32 sums: plus the bias (in float32, as
+    cuBLAS's epilogue adds it), rounded once to the output's dtype."""
+    if BIAS:
+        acc += tl.load(b_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
+    ty = out_ptr.dtype.element_ty
+    tl.store(out_ptr + rows, rounded(acc, ty).to(ty), mask=row_ok)
+
+
+@triton.jit
+def _route_when_last(out_ptr, counter, ids_in_ptr, ids_ptr, weights_ptr, scaling, N: tl.constexpr,
+                     BLOCKS: tl.constexpr, TOP_K: tl.constexpr, E_BLOCK: tl.constexpr, KB: tl.constexpr,
+                     GIVEN: tl.constexpr, SIGMOID: tl.constexpr, NORMALIZE: tl.constexpr, ACCURATE: tl.constexpr):
+    """Called by each row block once its logits are stored: the last of the ``BLOCKS`` routes the
+    token from all ``N`` logits (read back rounded, as the router's linear layer returns them)
+    and resets ``counter``."""
+    tl.debug_barrier()  # every thread's logit stores happen before the release below
+    if tl.atomic_add(counter, 1, sem="acq_rel") == BLOCKS - 1:
+        cols = tl.arange(0, E_BLOCK)
+        logits = tl.load(out_ptr + cols, mask=cols < N, other=float("-inf"), cache_modifier=".cg").to(tl.float32)
+        _route(logits, cols, 0, ids_in_ptr, ids_ptr, weights_ptr, N, scaling, TOP_K, E_BLOCK, KB, GIVEN, SIGMOID,
+               NORMALIZE, ACCURATE)
+        tl.store(counter, 0)  # every block has counted: a plain store, as in the expert kernels
+
+
+@triton.jit
+def linear_decode_kernel(x_ptr, w_ptr, b_ptr, out_ptr, partial_ptr, counters_ptr, ids_in_ptr, ids_ptr, weights_ptr,
+                         scaling, N: tl.constexpr, K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                         SPLIT: tl.constexpr, STEPS: tl.constexpr, BIAS: tl.constexpr, ROUTE: tl.constexpr = False,
+                         TOP_K: tl.constexpr = 1, E_BLOCK: tl.constexpr = 1, KB: tl.constexpr = 1,
+                         GIVEN: tl.constexpr = False, SIGMOID: tl.constexpr = False, NORMALIZE: tl.constexpr = False,
+                         ACCURATE: tl.constexpr = True):
+    """One token through a linear layer, ``out = W x (+ b)`` for W [N, K] row-major: program
+    (block, piece) sums rows ``block * BLOCK_N ..`` over K slice ``piece`` (``STEPS`` steps of
+    ``BLOCK_K``) in float32. With SPLIT slices each writes its sums to ``partial`` [SPLIT, N] and
+    the last of a row block's programs (an acq_rel counter, reset by it) adds them in slice order
+    and stores the block: deterministic, whichever program comes last. ROUTE (a router): the last
+    row block then routes the token from the logits (:func:`_route`), counter ``BLOCKS``."""
+    block = tl.program_id(0)
+    piece = tl.program_id(1)
+    rows = block * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_ok = rows < N
+    acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+    first = piece * (STEPS * BLOCK_K)
+    for step in tl.static_range(STEPS):
+        cols = first + step * BLOCK_K + tl.arange(0, BLOCK_K)
+        col_ok = cols < K
+        w = tl.load(w_ptr + rows[:, None].to(tl.int64) * K + cols[None, :], mask=row_ok[:, None] & col_ok[None, :],
+                    other=0.0)
+        x = tl.load(x_ptr + cols, mask=col_ok, other=0.0)
+        acc += w.to(tl.float32) * x.to(tl.float32)[None, :]
+    sums = tl.sum(acc, axis=1)
+    BLOCKS: tl.constexpr = (N + BLOCK_N - 1) // BLOCK_N
+    if SPLIT == 1:
+        _linear_rows(out_ptr, b_ptr, rows, row_ok, sums, BIAS)
+        if ROUTE:
+            _route_when_last(out_ptr, counters_ptr + BLOCKS, ids_in_ptr, ids_ptr, weights_ptr, scaling, N, BLOCKS,
+                             TOP_K, E_BLOCK, KB, GIVEN, SIGMOID, NORMALIZE, ACCURATE)
+    else:
+        tl.store(partial_ptr + piece * N + rows, sums, mask=row_ok)
+        tl.debug_barrier()  # every thread's stores happen before the release below
+        counter = counters_ptr + block
+        if tl.atomic_add(counter, 1, sem="acq_rel") == SPLIT - 1:
+            total = tl.zeros((BLOCK_N,), dtype=tl.float32)
+            for p in tl.static_range(SPLIT):  # in slice order: deterministic; unrolled, all loads in flight
+                total += tl.load(partial_ptr + p * N + rows, mask=row_ok, other=0.0, cache_modifier=".cg")
+            _linear_rows(out_ptr, b_ptr, rows, row_ok, total, BIAS)
+            tl.store(counter, 0)
+            if ROUTE:
+                _route_when_last(out_ptr, counters_ptr + BLOCKS, ids_in_ptr, ids_ptr, weights_ptr, scaling, N,
+                                 BLOCKS, TOP_K, E_BLOCK, KB, GIVEN, SIGMOID, NORMALIZE, ACCURATE)
 
 
 @triton.jit

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from dymoe.models.config import ModelConfig, RopeConfig
-from dymoe.models.layers import FusedProjections, KVCache, RMSNorm, RotaryEmbedding, _attend
+from dymoe.models.layers import FusedProjections, KVCache, Linear, RMSNorm, RotaryEmbedding, _attend
 
 # transformers builds the two latent norms without the config's rms_norm_eps (DeepseekV2RMSNorm's
 # default), as DeepSeek's own modelling code does.
@@ -61,15 +61,15 @@ class LatentAttention(FusedProjections):
         self.interleaved = m.rope_interleave
         hidden, heads, qk_dim = config.hidden_size, config.num_heads, config.head_dim
         if m.q_lora_rank is None:
-            self.q_proj = nn.Linear(hidden, heads * qk_dim, bias=False)
+            self.q_proj = Linear(hidden, heads * qk_dim, bias=False)
         else:
-            self.q_a_proj = nn.Linear(hidden, m.q_lora_rank, bias=config.attention_bias)
+            self.q_a_proj = Linear(hidden, m.q_lora_rank, bias=config.attention_bias)
             self.q_a_layernorm = RMSNorm(m.q_lora_rank, LATENT_NORM_EPS)
-            self.q_b_proj = nn.Linear(m.q_lora_rank, heads * qk_dim, bias=False)
-        self.kv_a_proj_with_mqa = nn.Linear(hidden, m.kv_lora_rank + m.qk_rope_head_dim, bias=config.attention_bias)
+            self.q_b_proj = Linear(m.q_lora_rank, heads * qk_dim, bias=False)
+        self.kv_a_proj_with_mqa = Linear(hidden, m.kv_lora_rank + m.qk_rope_head_dim, bias=config.attention_bias)
         self.kv_a_layernorm = RMSNorm(m.kv_lora_rank, LATENT_NORM_EPS)
-        self.kv_b_proj = nn.Linear(m.kv_lora_rank, heads * (m.qk_nope_head_dim + m.v_head_dim), bias=False)
-        self.o_proj = nn.Linear(heads * m.v_head_dim, hidden, bias=config.attention_bias)
+        self.kv_b_proj = Linear(m.kv_lora_rank, heads * (m.qk_nope_head_dim + m.v_head_dim), bias=False)
+        self.o_proj = Linear(heads * m.v_head_dim, hidden, bias=config.attention_bias)
         self.low_rank_q = m.q_lora_rank is not None
         self.scale = softmax_scale(config)
 

@@ -17,7 +17,8 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from dymoe.models.config import ModelConfig, RopeConfig
 from dymoe.models.fused import (add_rms_norm, add_rms_norm_applies, decode_attend, decode_attention_applies,
-                                fused_applies, qkv_decode, qkv_decode_applies, rms_norm, rotary, rotary_applies)
+                                fused_applies, linear_decode, linear_decode_applies, qkv_decode, qkv_decode_applies,
+                                rms_norm, rotary, rotary_applies)
 
 
 class RMSNorm(nn.Module):
@@ -257,6 +258,22 @@ class KVCache:
 SDPA_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``F.linear``, or for a decode token on the GPU :func:`~dymoe.models.fused.linear_decode`
+    (where :func:`~dymoe.models.fused.linear_decode_applies`)."""
+    if linear_decode_applies(x, weight, bias):
+        return linear_decode(x, weight, bias)
+    return F.linear(x, weight, bias)
+
+
+class Linear(nn.Linear):
+    """``nn.Linear`` whose decode token runs through :func:`linear` (a layer's dense projections;
+    the LM head, at copy speed in cuBLAS already, stays an ``nn.Linear``)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return linear(x, self.weight, self.bias)
+
+
 class FusedProjections(nn.Module):
     """A module some of whose linear layers read the same input (q, k and v; gate and up): on CUDA,
     where a one-token step is bound by launches, :meth:`_project` runs them as one GEMM (three
@@ -277,7 +294,7 @@ class FusedProjections(nn.Module):
         fused = self._fused_weights(name, projs) if fuse_projections(x) else None
         if fused is None:
             return tuple(p(x) for p in projs)
-        return F.linear(x, *fused).split([p.weight.shape[0] for p in projs], -1)
+        return linear(x, *fused).split([p.weight.shape[0] for p in projs], -1)
 
     def _fused_weights(self, name: str, projs: tuple[nn.Linear, ...]) -> tuple[torch.Tensor, torch.Tensor | None] | None:
         """``projs``' weights (and biases) as one [rows of all, in] tensor, the layers' own weights
@@ -324,10 +341,10 @@ class Attention(FusedProjections):
         c = config
         self.layer = layer
         self.num_heads, self.num_kv_heads, self.head_dim = c.num_heads, c.num_kv_heads, c.head_dim
-        self.q_proj = nn.Linear(c.hidden_size, c.num_heads * c.head_dim, bias=c.attention_bias)
-        self.k_proj = nn.Linear(c.hidden_size, c.num_kv_heads * c.head_dim, bias=c.attention_bias)
-        self.v_proj = nn.Linear(c.hidden_size, c.num_kv_heads * c.head_dim, bias=c.attention_bias)
-        self.o_proj = nn.Linear(c.num_heads * c.head_dim, c.hidden_size, bias=c.o_proj_bias)
+        self.q_proj = Linear(c.hidden_size, c.num_heads * c.head_dim, bias=c.attention_bias)
+        self.k_proj = Linear(c.hidden_size, c.num_kv_heads * c.head_dim, bias=c.attention_bias)
+        self.v_proj = Linear(c.hidden_size, c.num_kv_heads * c.head_dim, bias=c.attention_bias)
+        self.o_proj = Linear(c.num_heads * c.head_dim, c.hidden_size, bias=c.o_proj_bias)
         self.sinks = nn.Parameter(torch.zeros(c.num_heads)) if c.attention_sinks else None
         self.window = c.attention_window(layer)
         self.qk_norm = c.qk_norm
@@ -492,9 +509,9 @@ class DenseMLP(FusedProjections):
 
     def __init__(self, hidden: int, width: int):
         super().__init__()
-        self.gate_proj = nn.Linear(hidden, width, bias=False)
-        self.up_proj = nn.Linear(hidden, width, bias=False)
-        self.down_proj = nn.Linear(width, hidden, bias=False)
+        self.gate_proj = Linear(hidden, width, bias=False)
+        self.up_proj = Linear(hidden, width, bias=False)
+        self.down_proj = Linear(width, hidden, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self._project(x, "gate_up", (self.gate_proj, self.up_proj))

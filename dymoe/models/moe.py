@@ -16,7 +16,7 @@ from torch import nn
 
 import dymoe.models.fused as fused
 from dymoe.models.config import ModelConfig
-from dymoe.models.layers import DenseMLP
+from dymoe.models.layers import DenseMLP, Linear
 
 
 class ExpertProvider(Protocol):
@@ -88,6 +88,9 @@ class Router(nn.Module):
             logits = self.logits(x)
             ids = sparsemixer_choice(logits, self.top_k)
             return ids, sparsemixer_weights(logits, ids, self.jitter_eps)
+        if self.topk_method == "greedy" and self._route_decode_applies(x):  # one kernel with the linear
+            return fused.route_decode(x, self.weight, self.bias, self.top_k, sigmoid=self.sigmoid,
+                                      normalize=self.normalize, scaling=self.scaling)
         if self.topk_method == "greedy" and fused.route_applies(x, self.weight.shape[0]):  # one kernel after the linear
             return fused.route(self.logits(x), self.top_k, sigmoid=self.sigmoid, normalize=self.normalize,
                                scaling=self.scaling, dtype=x.dtype)
@@ -98,6 +101,10 @@ class Router(nn.Module):
             ids = torch.topk(self._group_limited(probs), self.top_k, dim=-1).indices
             weights = probs.gather(1, ids)
         return ids, self.combine_weights(weights).to(x.dtype)
+
+    def _route_decode_applies(self, x: torch.Tensor) -> bool:
+        """Whether one token's logits and routing run as one launch (:func:`fused.route_decode`)."""
+        return fused.route_applies(x, self.weight.shape[0]) and fused.linear_decode_applies(x, self.weight, self.bias)
 
     def scores(self, x: torch.Tensor) -> torch.Tensor:
         """Every expert's score for x [N, H], float32: softmax or sigmoid of the logits."""
@@ -112,6 +119,9 @@ class Router(nn.Module):
             logits = self.logits(x)
             ids = ids.gather(1, logits.gather(1, ids).sort(dim=-1, descending=True).indices)
             return ids, sparsemixer_weights(logits, ids, self.jitter_eps)
+        if self._route_decode_applies(x):
+            return fused.route_decode(x, self.weight, self.bias, ids.shape[1], sigmoid=self.sigmoid,
+                                      normalize=self.normalize, scaling=self.scaling, ids=ids)
         if fused.route_applies(x, self.weight.shape[0]):
             return fused.route(self.logits(x), ids.shape[1], sigmoid=self.sigmoid, normalize=self.normalize,
                                scaling=self.scaling, dtype=x.dtype, ids=ids)
@@ -178,7 +188,7 @@ class MoEBlock(nn.Module):
         self.shared_expert = None
         if config.shared_expert_intermediate_size:
             self.shared_expert = DenseMLP(config.hidden_size, config.shared_expert_intermediate_size)
-            self.shared_expert_gate = nn.Linear(config.hidden_size, 1, bias=False) if config.shared_expert_gate else None
+            self.shared_expert_gate = Linear(config.hidden_size, 1, bias=False) if config.shared_expert_gate else None
         self.experts: ExpertProvider | None = None  # set by the model once the runtime exists
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

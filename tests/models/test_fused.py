@@ -153,6 +153,57 @@ for name, e, ids in (("qwen3", 128, torch.randperm(128)[:8]), ("qwen2", 60, torc
         rows=torch.equal(rows, x.expand(len(ids), -1)), order=torch.equal(order, stable.indices),
         ends=torch.equal(ends, torch.searchsorted(stable.values, torch.arange(e), right=True, out_int32=True)),
         dtypes=[str(order.dtype), str(ends.dtype)])
+# one token through a linear layer (linear_decode) and a router's logits with its routing (route_decode):
+# integer inputs, so every float32 sum is exact whatever its order and the outputs must equal F.linear's
+# bit for bit; shapes with masked row and column tails, one K slice or several, the default cut and
+# others; a second call must give the same (the counters were reset)
+torch.manual_seed(6)
+def ints(*shape, spread=3):
+    return torch.randint(-spread, spread + 1, shape).bfloat16()
+from dymoe.models.fused import LinearConfig, linear_config, linear_decode, route_decode, _COUNTERS
+for name, (n, k, bias, config) in {
+        "one-slice": (37, 300, True, LinearConfig(16, 128, 1, 3)),
+        "split": (37, 300, False, LinearConfig(8, 64, 3, 2)),
+        "split-tail": (130, 1000, True, LinearConfig(32, 256, 2, 2)),
+        "default": (96, 512, False, None)}.items():
+    w, x, b = ints(n, k), ints(1, 1, k), ints(n) if bias else None
+    ref = torch.nn.functional.linear(x.float(), w.float(), b.float() if b is not None else None).bfloat16()
+    first, second = linear_decode(x, w, b, config), linear_decode(x, w, b, config)
+    results[f"linear/{name}"] = dict(equal=torch.equal(first, ref), again=torch.equal(second, ref),
+                                     shape=list(first.shape), dtype=str(first.dtype),
+                                     spread=float(ref.float().max() - ref.float().min()))
+results["linear/config"] = [list(dataclasses.astuple(linear_config(n, k, 528))) for n, k in
+                            ((5120, 2048), (2048, 4096), (128, 2048), (8, 4096), (37, 100))]
+for name, (e, k, scoring, normalize, scaling, bias, config) in {
+        "qwen3": (128, 8, "softmax", True, 1.0, False, None),
+        "qwen2": (60, 4, "softmax", False, 1.0, False, LinearConfig(16, 32, 2, 1)),
+        "deepseek": (64, 6, "sigmoid", True, 2.5, False, LinearConfig(64, 64, 1, 1)),
+        "gpt-oss": (32, 4, "softmax", True, 1.0, True, LinearConfig(8, 32, 2, 1))}.items():
+    router = Router(dataclasses.replace(base, num_experts=e, num_experts_per_tok=k, router_scoring=scoring,
+                                        norm_topk_prob=normalize, routed_scaling_factor=scaling,
+                                        router_bias=bias)).bfloat16()
+    router.weight.data = ints(e, 64) / 16
+    x = ints(1, 64)
+    router.weight.data[e - 1] = x[0].sign() / 16  # the last expert (the logits' masked tail) among the best
+    if bias:
+        router.bias.data = ints(e) / 4
+    given = torch.randperm(e)[:k][None]
+    logits = torch.nn.functional.linear(x.float(), router.weight.float(),
+                                        router.bias.float() if bias else None).bfloat16()
+    ref = fused.route(logits, k, sigmoid=router.sigmoid, normalize=normalize, scaling=scaling, dtype=x.dtype)
+    ref_given = fused.route(logits, k, sigmoid=router.sigmoid, normalize=normalize, scaling=scaling,
+                            dtype=x.dtype, ids=given)
+    args = dict(sigmoid=router.sigmoid, normalize=normalize, scaling=scaling, config=config)
+    got = route_decode(x, router.weight, router.bias, k, **args)
+    got_given = route_decode(x, router.weight, router.bias, k, ids=given, **args)
+    again = route_decode(x, router.weight, router.bias, k, **args)
+    results[f"route_decode/{name}"] = dict(
+        ids=torch.equal(got[0], ref[0]), weights=torch.equal(got[1], ref[1]),
+        given_ids=torch.equal(got_given[0], ref_given[0]), given_weights=torch.equal(got_given[1], ref_given[1]),
+        again=torch.equal(again[0], ref[0]) and torch.equal(again[1], ref[1]),
+        used=router._route_decode_applies(x), distinct=int(logits.unique().numel()),
+        ref_ids=ref[0].tolist(), experts=e, shapes=[list(got[0].shape), list(got[1].shape)])
+results["linear/counters_zero"] = int(_COUNTERS[torch.device("cpu")].abs().sum())
 print(json.dumps(results))
 """
 
@@ -228,6 +279,35 @@ def test_group_plan_kernel_equals_sort_and_search(interpreted):
     for name in ("plan/qwen3", "plan/qwen2", "plan/repeats"):
         r = interpreted[name]
         assert r["rows"] and r["order"] and r["ends"] and r["dtypes"] == ["torch.int64", "torch.int32"], (name, r)
+
+
+@needs_triton
+def test_a_decode_token_through_a_linear_layer_in_one_launch(interpreted):
+    """``linear_decode`` equals ``F.linear`` bit for bit where every float32 sum is exact (integer
+    inputs): row and column tails, one K slice or several (the last of a row block sums them), a
+    bias; a second call the same (its counters were reset, and are all zero after the runs). The
+    default cut splits K only where the row blocks are fewer than the programs aimed at."""
+    for name in ("linear/one-slice", "linear/split", "linear/split-tail", "linear/default"):
+        r = interpreted[name]
+        assert r["equal"] and r["again"] and r["dtype"] == "torch.bfloat16" and r["spread"] > 4, (name, r)
+        assert r["shape"][:2] == [1, 1], (name, r)
+    # (block_n, block_k, split, steps, warps): Qwen3's qkv, o_proj and router, Mixtral's router, a tail
+    assert interpreted["linear/config"] == [[16, 256, 2, 4, 4], [16, 256, 4, 4, 4], [16, 256, 8, 1, 4],
+                                            [16, 256, 16, 1, 4], [16, 128, 1, 1, 4]]
+    assert interpreted["linear/counters_zero"] == 0
+
+
+@needs_triton
+def test_a_routers_logits_and_its_routing_in_one_launch(interpreted):
+    """``route_decode``: the same experts and weights, bit for bit, as ``route`` on F.linear's
+    logits, for a trained router's top-k and for given experts (synthetic routing), softmax or
+    sigmoid, renormalised or not, scaled, GPT-OSS's bias; the Router takes this path for a bf16
+    decode token."""
+    for name in ("route_decode/qwen3", "route_decode/qwen2", "route_decode/deepseek", "route_decode/gpt-oss"):
+        r = interpreted[name]
+        assert r["used"] and r["ids"] and r["weights"] and r["given_ids"] and r["given_weights"], (name, r)
+        assert r["again"] and r["distinct"] > 8 and r["shapes"][0] == r["shapes"][1], (name, r)
+        assert r["experts"] - 1 in r["ref_ids"][0], (name, r)  # the masked tail is read
 
 
 def test_fused_kernels_only_where_they_apply(monkeypatch):
