@@ -60,8 +60,8 @@ COLD_BYTES = 256 << 20
 
 
 def copy_bandwidth() -> float:
-    """Device-to-device copy bandwidth in bytes/s (read + written bytes counted once, as a copy of
-    N bytes moving N), from a 1 GB copy."""
+    """Device-to-device copy bandwidth in bytes/s (a copy of N bytes moves 2N: read and written, as
+    benchmarks/expert_kernels.py counts it), from a 1 GB copy."""
     a = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
     b = torch.empty_like(a)
     for _ in range(3):
@@ -72,7 +72,7 @@ def copy_bandwidth() -> float:
         b.copy_(a)
     end.record()
     end.synchronize()
-    return a.numel() * 10 / (begin.elapsed_time(end) * 1e-3)
+    return 2 * a.numel() * 10 / (begin.elapsed_time(end) * 1e-3)
 
 
 def time_calls(call, copies: int) -> float:
@@ -122,10 +122,12 @@ def check(n: int, k: int, top_k: int, bias: bool) -> dict:
 
 
 def sweep_configs(n: int, k: int, sms: int):
-    """A small grid of cuts (27): rows per block, columns per step, programs per SM; 4 warps, as the
-    default (an accumulator of 128 float32 registers per thread at most)."""
-    for block_n, block_k, per_sm in itertools.product((8, 16, 32), (128, 256, 512), (2, 4, 8)):
+    """A small grid of cuts: rows per block, columns per step, programs per SM; 4 warps (and 8 for
+    the widest steps)."""
+    for block_n, block_k, per_sm in itertools.product((4, 8, 16), (128, 256, 512, 1024), (1, 2, 4, 8)):
         yield linear_config(n, k, per_sm * sms, block_n, block_k, 4)
+    for block_n, per_sm in itertools.product((8, 16), (1, 2, 4)):
+        yield linear_config(n, k, per_sm * sms, block_n, 1024, 8)
 
 
 def main(argv=None) -> int:
@@ -150,7 +152,7 @@ def main(argv=None) -> int:
         weights = [torch.randn(n, k, device="cuda").bfloat16() * 0.02 for _ in range(copies)]
         b = torch.randn(n, device="cuda").bfloat16() if bias else None
         x = torch.randn(1, k, device="cuda").bfloat16()
-        default = linear_config(n, k, 4 * sms)
+        default = linear_config(n, k, 2 * sms)
         if top_k:
             cublas = time_calls(lambda i: route(F.linear(x, weights[i], b), top_k, sigmoid=False, normalize=True,
                                                 scaling=1.0, dtype=x.dtype), copies)
@@ -161,10 +163,13 @@ def main(argv=None) -> int:
             ours = time_calls(lambda i: linear_decode(x, weights[i], b), copies)
         row = dict(shape=name, n=n, k=k, router_top_k=top_k, mb=nbytes / 1e6, checks=checks, cublas_us=cublas,
                    ours_us=ours, default=list(vars(default).values()))
-        if args.sweep and not top_k:
+        if args.sweep:
             timed = []
             for config in dict.fromkeys(sweep_configs(n, k, sms)):
-                timed.append((time_calls(lambda i, c=config: linear_decode(x, weights[i], b, c), copies), config))
+                call = ((lambda i, c=config: route_decode(x, weights[i], b, top_k, sigmoid=False, normalize=True,
+                                                          scaling=1.0, config=c)) if top_k
+                        else (lambda i, c=config: linear_decode(x, weights[i], b, c)))
+                timed.append((time_calls(call, copies), config))
             best_us, best = min(timed, key=lambda t: t[0])
             row.update(best_us=best_us, best=list(vars(best).values()),
                        sweep=[(us, list(vars(c).values())) for us, c in sorted(timed, key=lambda t: t[0])[:8]])

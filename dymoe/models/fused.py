@@ -117,13 +117,16 @@ class LinearConfig:
     warps: int = 4
 
 
-def linear_config(n: int, k: int, programs: int, block_n: int = 16, block_k: int = 256,
+def linear_config(n: int, k: int, programs: int, block_n: int = 8, block_k: int = 512,
                   warps: int = 4) -> LinearConfig:
-    """The cut for W [N, K] that gives about ``programs`` programs (a few per SM): K is split only
-    as far as the row blocks alone fall short of them, and never into more than 16 slices."""
+    """The cut for W [N, K] aiming at ``programs`` programs: K is split only as far as the row
+    blocks alone fall short of them, never into more than 16 slices. On an H100 (2026-12-06,
+    ``benchmarks/decode_linear.py --sweep``) blocks of 8 rows by 512 columns were the fastest cut of
+    every shape timed, unsplit wherever the row blocks numbered 2 per SM or more (a split's
+    partial sums cost more than the few idle SMs)."""
     block_k = min(block_k, max(16, 1 << (k - 1).bit_length()))
     blocks, k_steps = -(-n // block_n), -(-k // block_k)
-    split = max(1, min(16, k_steps, round(programs / blocks)))
+    split = max(1, min(16, k_steps, programs // blocks))
     steps = -(-k_steps // split)
     return LinearConfig(block_n, block_k, -(-k_steps // steps), steps, warps)
 
@@ -144,8 +147,8 @@ def _decode_counters(device: torch.device) -> torch.Tensor | None:
 
 
 def _programs(device: torch.device) -> int:
-    """How many programs :func:`linear_config` aims at: 4 per SM (a few under the interpreter)."""
-    return 8 if interpreting() else 4 * sm_count(device)
+    """How many programs :func:`linear_config` aims at: 2 per SM (a few under the interpreter)."""
+    return 8 if interpreting() else 2 * sm_count(device)
 
 
 def linear_decode_applies(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> bool:
