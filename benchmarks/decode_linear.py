@@ -29,8 +29,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from dymoe.models import fused
-from dymoe.models.fused import LinearConfig, linear_config, linear_decode, route, route_decode
+from dymoe.models.fused import linear_config, linear_decode, route, route_decode
 
 SHAPES = {  # name: (N, K, router top-k or 0, bias)
     "qwen3-30b-a3b qkv": (5120, 2048, 0, False),

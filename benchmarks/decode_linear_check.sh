@@ -9,7 +9,9 @@
 # 2. benchmarks/decode_linear.py: its checks, and linear_decode against cuBLAS per shape (with
 #    SWEEP="shape names", a grid of cuts on those shapes);
 # 3. end to end (`dymoe bench`, synthetic MODEL (default qwen3-30b-a3b), 8 layers, 25%, 64 tokens;
-#    SUITE=...): DYMOE_DECODE_LINEAR=cublas and the default alternated REPEAT times (default 2);
+#    SUITE=...): with BASE=DIR (another revision's dymoe/ package: `git archive REV dymoe | tar -x -C
+#    bench-base`, which ignores DYMOE_DECODE_LINEAR) that one first, then this tree with
+#    DYMOE_DECODE_LINEAR=cublas and with the default, alternated REPEAT times (default 2);
 # 4. benchmarks/profile_decode.py --graphs of the resident step, with each setting.
 # STAGES="1 2 3 4" picks stages. Logs under $OUT; a summary last.
 set -uo pipefail
@@ -29,6 +31,8 @@ if stage 1; then
     tests/models/test_decode_graphs.py tests/engine/test_engine_runtime.py > "$OUT/tests.txt" 2>&1
   echo "-- rc=$? (+$((SECONDS - started)) s)"
   timeout 120 "$PYTHON" benchmarks/check_dense_kernels.py > "$OUT/dense_check.txt" 2>&1
+  timeout 200 "$PYTHON" benchmarks/check_decode_kernels.py --quick > "$OUT/decode_kernels_check.txt" 2>&1
+  echo "-- check_decode_kernels rc=$? (+$((SECONDS - started)) s)"
 fi
 if stage 2; then
   echo "== decode_linear (+$((SECONDS - started)) s)"
@@ -42,12 +46,13 @@ if stage 2; then
 fi
 if stage 3; then
   for round in $(seq "${REPEAT:-2}"); do
-    for setting in cublas triton; do
+    for setting in ${BASE:+base} cublas triton; do
       name=e2e-$setting-$round
+      tree=$([ "$setting" = base ] && echo "$BASE" || echo "$PWD")
       echo "== $name (+$((SECONDS - started)) s)"
-      DYMOE_DECODE_LINEAR=$setting timeout 150 "$PYTHON" -m dymoe bench --model "synthetic:$MODEL" --layers 8 \
-        --policies "$SUITE" --device-memory 25% --prompt-len 32 --gen-len 64 --routing skewed --no-progress \
-        --json "$OUT/$name.json" > "$OUT/$name.txt" 2>&1
+      PYTHONPATH=$tree DYMOE_DECODE_LINEAR=$setting timeout 150 "$PYTHON" -P -m dymoe bench --model "synthetic:$MODEL" \
+        --layers 8 --policies "$SUITE" --device-memory 25% --prompt-len 32 --gen-len 64 --routing skewed \
+        --no-progress --json "$OUT/$name.json" > "$OUT/$name.txt" 2>&1
       echo "-- rc=$? (+$((SECONDS - started)) s)"
     done
   done
@@ -62,6 +67,7 @@ fi
 echo "== summary (+$((SECONDS - started)) s)"
 [ -f "$OUT/tests.txt" ] && tail -n 3 "$OUT/tests.txt"
 [ -f "$OUT/dense_check.txt" ] && tail -n 2 "$OUT/dense_check.txt"
+[ -f "$OUT/decode_kernels_check.txt" ] && tail -n 3 "$OUT/decode_kernels_check.txt"
 [ -f "$OUT/decode_linear.txt" ] && cut -c1-150 "$OUT/decode_linear.txt"
 [ -f "$OUT/decode_linear_sweep.txt" ] && grep -o "^.\{32\}.*best.*" "$OUT/decode_linear_sweep.txt"
 shopt -s nullglob

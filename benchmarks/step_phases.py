@@ -60,11 +60,11 @@ def phases(model: str, precision: str, group: int, device) -> dict:
             gate_up.prep.kernel[gate_up.prep.grid](x, ws.input_packed, **gate_up.prep.kwargs)
 
     def gate_up_only(o):
-        gate_up.kernel[gate_up.grid](payload, scales, o, combine, packed_x, hidden, ws.gate_up_partial,
+        gate_up.kernel[gate_up.grid](payload, scales, o, o, combine, packed_x, hidden, ws.gate_up_partial,
                                      ws.gate_up_counters, k, **gate_up.kwargs)
 
     def down_only(o):
-        down.kernel[down.grid](payload, scales, o, combine, hidden, ws.partial, out, ws.counters, k, **down.kwargs)
+        down.kernel[down.grid](payload, scales, o, o, combine, hidden, ws.partial, out, ws.counters, k, **down.kwargs)
 
     read, cdiv = read_kernel()
     words = 4096  # 16 KB per program, as read_ceiling.py reads

@@ -18,7 +18,6 @@ from __future__ import annotations
 import math
 
 import torch
-from torch import nn
 
 from dymoe.models.config import ModelConfig, RopeConfig
 from dymoe.models.layers import FusedProjections, KVCache, Linear, RMSNorm, RotaryEmbedding, _attend

@@ -34,7 +34,7 @@ import torch
 
 from dymoe.errors import BudgetError
 from dymoe.models.expert_math import SWIGLU
-from dymoe.quant.kernels import decode_routing, decode_workspace, expert_decode, expert_decode_capturable
+from dymoe.quant.kernels import decode_workspace, expert_decode_capturable, routed_decode
 from dymoe.runtime.cache import ExpertCache, LRUPolicy
 from dymoe.runtime.expert_compute import group_by_expert, run_grouped
 from dymoe.runtime.metrics import RuntimeMetrics
@@ -310,9 +310,8 @@ class HotnessExperts(RuntimeReporting):
 
     def _decode(self, hidden, index, weights, precision, table):
         layout = self.high_layout if precision == self.config.high else self.low_layout
-        offsets, combine = decode_routing(table, index[None], weights[None])
-        return expert_decode(self.pool.buffer, offsets, layout, hidden, combine, workspace=self._workspace[precision],
-                             math=self.math)
+        return routed_decode(self.pool.buffer, table, index[None], weights[None], layout, hidden,
+                             workspace=self._workspace[precision], math=self.math)
 
     def _promote(self, layer: int) -> None:
         """Fetch high copies of the layer's hottest experts that lack one (asynchronously)."""

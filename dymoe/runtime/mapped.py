@@ -218,7 +218,7 @@ class MappedDecode:
 
         launch_fill(self._words, ids, self.table, self.inbox, self.heads, self.record, self.offsets, r, self.cap,
                     self.nbytes, self._programs)
-        out = expert_decode(runtime.pool.buffer, self.offsets[r], runtime.layout, hidden, weights.view(1, -1).float(),
+        out = expert_decode(runtime.pool.buffer, self.offsets[r], runtime.layout, hidden, weights.view(1, -1),
                             backend="triton", workspace=runtime._workspaces.get(self.precision), math=runtime.math)
         if last:
             launch_apply(self.table, self.inbox, self.heads, self.record, self.cap)

@@ -42,7 +42,7 @@ import torch
 from dymoe.checkpoint.blob import BlobLayout, expert_biases
 from dymoe.errors import BudgetError, StoreError
 from dymoe.models.expert_math import SWIGLU, ExpertMath
-from dymoe.quant.kernels import decode_routing, decode_workspace, expert_decode, expert_decode_capturable
+from dymoe.quant.kernels import decode_workspace, expert_decode_capturable, routed_decode
 from dymoe.runtime.cache import ExpertCache
 from dymoe.runtime import expert_compute
 from dymoe.runtime.expert_compute import ExpertRun, group_by_expert, run_grouped
@@ -128,8 +128,8 @@ def compile_decode(buffer, table, layout, workspace, widths, math, dtype) -> Non
     hidden = torch.zeros(1, layout.hidden_size, device=buffer.device, dtype=dtype)
     for n in widths if table.numel() else ():
         slots = (torch.arange(n, device=buffer.device) % table.numel()).view(1, -1)
-        offsets, combine = decode_routing(table, slots, torch.full((1, n), 1.0 / n, device=buffer.device))
-        expert_decode(buffer, offsets, layout, hidden, combine, workspace=workspace, math=math)
+        routed_decode(buffer, table, slots, torch.full((1, n), 1.0 / n, device=buffer.device, dtype=dtype), layout,
+                      hidden, workspace=workspace, math=math)
 
 
 class OffloadedExperts(RuntimeReporting):
@@ -346,9 +346,8 @@ class OffloadedExperts(RuntimeReporting):
     def _run_fused(self, hidden, slots, weights, precision):
         """:meth:`_run_slots` through :func:`expert_decode`, whatever the class: a slot whose weight
         is zero is skipped without reading its weights."""
-        offsets, combine = decode_routing(self._slot_tables[precision], slots[None], weights[None])
-        return expert_decode(self.pool.buffer, offsets, self.layouts[precision], hidden, combine,
-                             workspace=self._workspaces.get(precision), math=self.math)
+        return routed_decode(self.pool.buffer, self._slot_tables[precision], slots[None], weights[None],
+                             self.layouts[precision], hidden, workspace=self._workspaces.get(precision), math=self.math)
 
     # ---- decode in three steps, for the CUDA-graph decode (dymoe/models/decode_graphs.py) -----------
 

@@ -39,7 +39,7 @@ from dymoe.checkpoint.blob import BlobLayout, blob_layout
 from dymoe.env import env_choice
 from dymoe.models.expert_math import SWIGLU, ExpertMath
 from dymoe.quant.formats import parse_format
-from dymoe.quant.kernels import (decode_routing, decode_workspace, expert_decode, interpreting, kernels_run_on,
+from dymoe.quant.kernels import (decode_workspace, interpreting, kernels_run_on, routed_decode,
                                  triton_available)
 from dymoe.runtime.expert_compute import MAX_GROUPS, combine_rows, grouped_experts, grouped_mm_usable, run_grouped
 
@@ -73,9 +73,9 @@ def kernels_decode_experts(x: torch.Tensor, ids: torch.Tensor, weights: torch.Te
     offsets ``table[ids]`` (``weights`` [k]): the fused decode kernels, the experts summed in router
     order. The resident model and an offloading runtime's bf16 slots both decode here under
     :func:`kernels_decode`."""
-    offsets, combine = decode_routing(table, ids.view(1, -1), weights.view(1, -1))
     # "triton", not "auto": where kernels_decode holds, that is a GPU or the interpreter on the CPU
-    return expert_decode(buffer, offsets, layout, x, combine, backend="triton", workspace=workspace, math=math)
+    return routed_decode(buffer, table, ids.view(1, -1), weights.view(1, -1), layout, x, backend="triton",
+                         workspace=workspace, math=math)
 
 
 def blob_stacks(buffer: torch.Tensor, first: int, stride: int, count: int,

@@ -199,6 +199,17 @@ for precision, group, math in [(p, g, SWIGLU) for p, g in FORMATS] + [(p, g, GPT
     packed = name.startswith("T1-split") and runs_packed(plan, *configs)
     results[key] = [((out.float() - ref).norm() / ref.norm()).item(), bool(out.isfinite().all()), counters_reset,
                     packed]
+    if tokens == 1 and name in ("T1-tiled", "T1-split"):
+        # routed_decode's form: the slot table and ids handed over, the router's bf16 weights read as
+        # float32 in the kernels; the same output bit for bit as the offsets and float32 weights
+        weights = combine.bfloat16()
+        slots = ids[0].clone()
+        slots[1] = 5
+        ws = DecodeWorkspace.allocate(plan, 3, 1, "cpu")
+        indirect = launch_decode(poisoned, table, plan, x, weights, ws, *configs, math=math, slot_ids=slots)
+        direct, _ = run(layout, poisoned, offsets, x, weights.float(), configs, math)
+        results[key + "/indirect"] = [torch.equal(indirect, direct), ((indirect.float() - direct.float()).abs().max()
+                                                                      / direct.float().abs().max()).item()]
 print(json.dumps(results))
 """
 
@@ -214,9 +225,15 @@ def test_triton_kernels_under_the_interpreter():
     int4, int3 and int2 also on packed activation vectors, their float16 FMAs emulated with float16
     rounding, with normal and with outlier activations),
     plain SwiGLU and GPT-OSS's biased, clamped experts: within 1e-2 of the float32 reference, no
-    NaN from the poisoned scratch or from the unused expert's NaN-filled blob, every counter reset."""
+    NaN from the poisoned scratch or from the unused expert's NaN-filled blob, every counter reset.
+    One token given as routed_decode gives it (the slot table indexed by the ids in the kernels, bf16
+    router weights): bit for bit the offsets' and float32 weights' output, tiled and split-K."""
     results = run_interpreted(f"FORMATS = {FORMATS!r}\nBIASED = {BIASED!r}\n" + _INTERPRETED, fp_fusion=True)
     packable = {"int4", "int3", "int2"}  # formats with a packed path (they also run the float32 one)
+    indirect = {name: results.pop(name) for name in list(results) if name.endswith("/indirect")}
+    assert len(indirect) == 2 * (len(FORMATS) + len(BIASED))
+    for name, (equal, difference) in indirect.items():
+        assert equal, (name, difference)
     assert set(results) == ({f"{p}/{g}/{c}" for p, g in FORMATS for c in CASES}
                             | {f"{p}/{g}/{c}/gpt_oss" for p, g in BIASED for c in CASES}
                             | {f"{p}/{g}/T1-split-{v}" for p, g in FORMATS if p in packable for v in VARIANTS}

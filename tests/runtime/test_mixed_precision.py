@@ -208,8 +208,10 @@ def test_start_up_compiles_every_decode_launch_of_both_paths(model_and_store, mo
     assert set(experts._workspaces) == {"bf16", "int4"}  # None on the CPU: the torch reference needs none
     experts._workspaces = {p: object() for p in experts._workspaces}
     launches = []
-    monkeypatch.setattr(offload, "expert_decode", lambda pool, offsets, layout, x, combine, workspace, math:
-                        launches.append((layout.format.name, combine.shape[1], math)))
+    monkeypatch.setattr(offload, "routed_decode", lambda pool, table, slots, weights, layout, x, workspace, math:
+                        launches.append((layout.format.name, slots.shape[1], math, weights.dtype, x.dtype)))
     experts._compile_kernels()
-    assert sorted(launches, key=lambda launch: launch[:2]) == [("bf16", k, experts.math),
-                                                                *[("int4", n, experts.math) for n in range(1, k + 1)]]
+    # the weights in the activation's dtype, as the router hands them over: the same specialisation
+    assert sorted(launches, key=lambda launch: launch[:2]) == [
+        ("bf16", k, experts.math, torch.float32, torch.float32),
+        *[("int4", n, experts.math, torch.float32, torch.float32) for n in range(1, k + 1)]]

@@ -30,7 +30,7 @@ from dymoe.quant.kernels.reference import decode_routing, reference_decode, refe
 
 __all__ = ["BACKENDS", "DequantWorkspace", "KernelPlan", "copy_biases", "decode_routing", "decode_workspace",
            "dequantize_experts", "expert_decode", "expert_decode_capturable", "kernel_plan", "kernels_run_on",
-           "reference_decode", "reference_dequantize", "sm_count", "triton_available"]
+           "reference_decode", "reference_dequantize", "routed_decode", "sm_count", "triton_available"]
 
 BACKENDS = ("auto", "triton", "torch")
 
@@ -78,9 +78,10 @@ def expert_decode(pool: torch.Tensor, slot_offsets: torch.Tensor, layout: BlobLa
 
     ``pool`` is the slot pool's 1-D uint8 buffer; ``slot_offsets`` [E] int64 (on the pool's device)
     are the byte offsets of the experts' blobs in it, each laid out as ``layout`` (one precision);
-    ``x`` [T, H] are the tokens' hidden states (bf16 on the GPU, T <= 16); ``combine`` [T, E] float32
-    holds token t's router weight for expert e, zero where t does not use e (an all-zero column is
-    skipped; :func:`decode_routing` builds both from top-k slot ids without a host sync). Returns
+    ``x`` [T, H] are the tokens' hidden states (bf16 on the GPU, T <= 16); ``combine`` [T, E] (float32,
+    or another float dtype, read as float32) holds token t's router weight for expert e, zero where t
+    does not use e (an all-zero column is skipped; :func:`decode_routing` builds both from top-k slot
+    ids without a host sync, :func:`routed_decode` calls this with them). Returns
     [T, H] in ``x.dtype``. ``backend``: "auto" (Triton on CUDA when installed, else torch),
     "triton" (also under ``TRITON_INTERPRET=1`` on CPU tensors) or "torch". ``workspace``: a
     :class:`~dymoe.quant.kernels.triton_experts.DecodeWorkspace` allocated once, so the Triton path
@@ -92,6 +93,23 @@ def expert_decode(pool: torch.Tensor, slot_offsets: torch.Tensor, layout: BlobLa
     from dymoe.quant.kernels.triton_experts import launch_decode
 
     return launch_decode(pool, slot_offsets, _plan(layout), x, combine, workspace, math=math)
+
+
+def routed_decode(pool: torch.Tensor, slot_table: torch.Tensor, slot_ids: torch.Tensor, weights: torch.Tensor,
+                  layout: BlobLayout, x: torch.Tensor, backend: str = "auto", workspace=None,
+                  math: ExpertMath = SWIGLU) -> torch.Tensor:
+    """:func:`expert_decode` for tokens routed to pool slots ``slot_ids`` [T, k] with router weights
+    ``weights`` [T, k] (any float dtype), ``slot_table`` [S] every slot's byte offset. One token on
+    the Triton path hands the kernels the table and the ids as they are: they look the offsets up
+    and read the weights in float32 themselves, two launches fewer per step than
+    :func:`decode_routing` (a gather and a cast: 1.9 and 1.7 us a layer in an H100 profile).
+    Otherwise :func:`decode_routing` then :func:`expert_decode`."""
+    if slot_ids.shape[0] == 1 and _resolve(backend, pool) == "triton":
+        from dymoe.quant.kernels.triton_experts import launch_decode
+
+        return launch_decode(pool, slot_table, _plan(layout), x, weights, workspace, math=math, slot_ids=slot_ids[0])
+    offsets, combine = decode_routing(slot_table, slot_ids, weights)
+    return expert_decode(pool, offsets, layout, x, combine, backend, workspace, math)
 
 
 def expert_decode_capturable(device) -> bool:

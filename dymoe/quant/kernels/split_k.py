@@ -588,7 +588,7 @@ def _await(PDL: tl.constexpr, SPIN: tl.constexpr, flag_ptr, target):
 
 
 @triton.jit
-def _gate_up_item(e, block, piece, blocks, w_ptr, s_ptr, offsets_ptr, combine_ptr, x_ptr, h_ptr, gu_ptr, counters_ptr,
+def _gate_up_item(e, block, piece, blocks, w_ptr, s_ptr, offsets_ptr, ids_ptr, combine_ptr, x_ptr, h_ptr, gu_ptr, counters_ptr,
                   ready_ptr, E, H: tl.constexpr, I: tl.constexpr, W_BYTES: tl.constexpr,
                   GATE_W: tl.constexpr, GATE_S: tl.constexpr, GATE_M: tl.constexpr,
                   UP_W: tl.constexpr, UP_S: tl.constexpr, UP_M: tl.constexpr,
@@ -598,7 +598,7 @@ def _gate_up_item(e, block, piece, blocks, w_ptr, s_ptr, offsets_ptr, combine_pt
                   BLOCK_STEPS: tl.constexpr, ASM: tl.constexpr, PDL: tl.constexpr, C_IN: tl.constexpr,
                   C_H: tl.constexpr, GU_BIAS: tl.constexpr, ACT: tl.constexpr, LIMIT: tl.constexpr,
                   ALPHA: tl.constexpr, SIGNAL: tl.constexpr, PRELOAD: tl.constexpr, SPIN: tl.constexpr, flag_ptr,
-                  flag_target):
+                  flag_target, INDIRECT: tl.constexpr = False):
     """K slice ``piece`` of row block ``block`` (of ``blocks``) of expert ``e``'s gate and up
     projections; the last slice of the block to finish writes that block of ``h``. ``SIGNAL`` (the
     one-launch step, :func:`_step_kernel`): it then adds one to ``ready_ptr[e]`` (release), so the
@@ -606,7 +606,7 @@ def _gate_up_item(e, block, piece, blocks, w_ptr, s_ptr, offsets_ptr, combine_pt
     :func:`_await`; with ``PRELOAD`` the slice's first step of weights is loaded before it."""
     rows = block * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < I
-    w_slot, s_slot, _, c, active = _expert_slot(offsets_ptr, combine_ptr, e, 1, E, W_BYTES, 2)
+    w_slot, s_slot, _, c, active = _expert_slot(offsets_ptr, ids_ptr, combine_ptr, e, 1, E, W_BYTES, 2, INDIRECT)
     live = _live(rows, row_ok, active)
     gate_w, gate_s, gate_m = w_slot + GATE_W, s_slot + GATE_S, s_slot + GATE_M
     up_w, up_s, up_m = w_slot + UP_W, s_slot + UP_S, s_slot + UP_M
@@ -687,7 +687,7 @@ def _gate_up_item(e, block, piece, blocks, w_ptr, s_ptr, offsets_ptr, combine_pt
 
 
 @triton.jit
-def _gate_up_split_kernel(w_ptr, s_ptr, offsets_ptr, combine_ptr, x_ptr, h_ptr, gu_ptr, counters_ptr, E,
+def _gate_up_split_kernel(w_ptr, s_ptr, offsets_ptr, ids_ptr, combine_ptr, x_ptr, h_ptr, gu_ptr, counters_ptr, E,
                           H: tl.constexpr, I: tl.constexpr, W_BYTES: tl.constexpr,
                           GATE_W: tl.constexpr, GATE_S: tl.constexpr, GATE_M: tl.constexpr,
                           UP_W: tl.constexpr, UP_S: tl.constexpr, UP_M: tl.constexpr,
@@ -697,30 +697,31 @@ def _gate_up_split_kernel(w_ptr, s_ptr, offsets_ptr, combine_ptr, x_ptr, h_ptr, 
                           PACKED: tl.constexpr = False, BLOCK_STEPS: tl.constexpr = False, ASM: tl.constexpr = True,
                           PDL: tl.constexpr = False, C_IN: tl.constexpr = 0,
                           C_H: tl.constexpr = 0, GU_BIAS: tl.constexpr = -1, ACT: tl.constexpr = 0,
-                          LIMIT: tl.constexpr = 7.0, ALPHA: tl.constexpr = 1.702, PRELOAD: tl.constexpr = False):
+                          LIMIT: tl.constexpr = 7.0, ALPHA: tl.constexpr = 1.702, PRELOAD: tl.constexpr = False,
+                          INDIRECT: tl.constexpr = False):
     """Grid (experts, row blocks, K slices): one :func:`_gate_up_item` each."""
     _gate_up_item(tl.program_id(0), tl.program_id(1), tl.program_id(2), tl.num_programs(1), w_ptr, s_ptr,
-                  offsets_ptr, combine_ptr, x_ptr, h_ptr, gu_ptr, counters_ptr, counters_ptr, E, H, I, W_BYTES,
+                  offsets_ptr, ids_ptr, combine_ptr, x_ptr, h_ptr, gu_ptr, counters_ptr, counters_ptr, E, H, I, W_BYTES,
                   GATE_W, GATE_S, GATE_M, UP_W, UP_S, UP_M, ROW, KP, GROUPS, BITS, CPW, BLOCK_N, SUB_K, SUBS, SPLIT,
                   K_SLICE, KP_DOWN, PACKED, BLOCK_STEPS, ASM, PDL, C_IN, C_H, GU_BIAS, ACT, LIMIT, ALPHA, False,
-                  PRELOAD, False, counters_ptr, 0)
+                  PRELOAD, False, counters_ptr, 0, INDIRECT=INDIRECT)
 
 
 @triton.jit
-def _down_item(e, block, piece, w_ptr, s_ptr, offsets_ptr, combine_ptr, h_ptr, partial_ptr, out_ptr, counters_ptr, E,
+def _down_item(e, block, piece, w_ptr, s_ptr, offsets_ptr, ids_ptr, combine_ptr, h_ptr, partial_ptr, out_ptr, counters_ptr, E,
                H: tl.constexpr, I: tl.constexpr, W_BYTES: tl.constexpr,
                DOWN_W: tl.constexpr, DOWN_S: tl.constexpr, DOWN_M: tl.constexpr,
                ROW: tl.constexpr, KP: tl.constexpr, GROUPS: tl.constexpr, BITS: tl.constexpr,
                CPW: tl.constexpr, BLOCK_N: tl.constexpr, SUB_K: tl.constexpr, SUBS: tl.constexpr,
                SPLIT: tl.constexpr, K_SLICE: tl.constexpr, PACKED: tl.constexpr, BLOCK_STEPS: tl.constexpr,
                ASM: tl.constexpr, PDL: tl.constexpr, C_H: tl.constexpr, D_BIAS: tl.constexpr,
-               PRELOAD: tl.constexpr, SPIN: tl.constexpr, flag_ptr, flag_target):
+               PRELOAD: tl.constexpr, SPIN: tl.constexpr, flag_ptr, flag_target, INDIRECT: tl.constexpr = False):
     """K slice ``piece`` of row block ``block`` of expert ``e``'s down projection, into its partial
     row; the last of the block's partials to land sums them (:func:`_sum_experts`). ``h`` is read
     only after :func:`_await`; with ``PRELOAD`` the slice's first step of weights is loaded before."""
     rows = block * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < H
-    w_slot, s_slot, t, c, active = _expert_slot(offsets_ptr, combine_ptr, e, 1, E, W_BYTES, 2)
+    w_slot, s_slot, t, c, active = _expert_slot(offsets_ptr, ids_ptr, combine_ptr, e, 1, E, W_BYTES, 2, INDIRECT)
     live = _live(rows, row_ok, active)
     down_w, down_s, down_m = w_slot + DOWN_W, s_slot + DOWN_S, s_slot + DOWN_M
     V: tl.constexpr = 64 if BITS == 3 else 128 // BITS  # packed: values per chunk
@@ -766,23 +767,24 @@ def _down_item(e, block, piece, w_ptr, s_ptr, offsets_ptr, combine_ptr, h_ptr, p
 
 
 @triton.jit
-def _down_split_kernel(w_ptr, s_ptr, offsets_ptr, combine_ptr, h_ptr, partial_ptr, out_ptr, counters_ptr, E,
+def _down_split_kernel(w_ptr, s_ptr, offsets_ptr, ids_ptr, combine_ptr, h_ptr, partial_ptr, out_ptr, counters_ptr, E,
                        H: tl.constexpr, I: tl.constexpr, W_BYTES: tl.constexpr,
                        DOWN_W: tl.constexpr, DOWN_S: tl.constexpr, DOWN_M: tl.constexpr,
                        ROW: tl.constexpr, KP: tl.constexpr, GROUPS: tl.constexpr, BITS: tl.constexpr,
                        CPW: tl.constexpr, BLOCK_N: tl.constexpr, SUB_K: tl.constexpr, SUBS: tl.constexpr,
                        SPLIT: tl.constexpr, K_SLICE: tl.constexpr, PACKED: tl.constexpr = False,
                        BLOCK_STEPS: tl.constexpr = False, ASM: tl.constexpr = True, PDL: tl.constexpr = False,
-                       C_H: tl.constexpr = 0, D_BIAS: tl.constexpr = -1, PRELOAD: tl.constexpr = False):
+                       C_H: tl.constexpr = 0, D_BIAS: tl.constexpr = -1, PRELOAD: tl.constexpr = False,
+                       INDIRECT: tl.constexpr = False):
     """Grid (experts, row blocks, K slices): one :func:`_down_item` each."""
-    _down_item(tl.program_id(0), tl.program_id(1), tl.program_id(2), w_ptr, s_ptr, offsets_ptr, combine_ptr, h_ptr,
+    _down_item(tl.program_id(0), tl.program_id(1), tl.program_id(2), w_ptr, s_ptr, offsets_ptr, ids_ptr, combine_ptr, h_ptr,
                partial_ptr, out_ptr, counters_ptr, E, H, I, W_BYTES, DOWN_W, DOWN_S, DOWN_M, ROW, KP, GROUPS, BITS,
                CPW, BLOCK_N, SUB_K, SUBS, SPLIT, K_SLICE, PACKED, BLOCK_STEPS, ASM, PDL, C_H, D_BIAS, PRELOAD, False,
-               counters_ptr, 0)
+               counters_ptr, 0, INDIRECT=INDIRECT)
 
 
 @triton.jit
-def _step_kernel(w_ptr, s_ptr, offsets_ptr, combine_ptr, xin_ptr, x_ptr, h_ptr, gu_ptr, gu_counters_ptr, partial_ptr,
+def _step_kernel(w_ptr, s_ptr, offsets_ptr, ids_ptr, combine_ptr, xin_ptr, x_ptr, h_ptr, gu_ptr, gu_counters_ptr, partial_ptr,
                  out_ptr, counters_ptr, step_ptr, E, H: tl.constexpr, I: tl.constexpr, W_BYTES: tl.constexpr,
                  GATE_W: tl.constexpr, GATE_S: tl.constexpr, GATE_M: tl.constexpr,
                  UP_W: tl.constexpr, UP_S: tl.constexpr, UP_M: tl.constexpr,
@@ -797,7 +799,7 @@ def _step_kernel(w_ptr, s_ptr, offsets_ptr, combine_ptr, xin_ptr, x_ptr, h_ptr, 
                  C_IN: tl.constexpr = 0, C_H: tl.constexpr = 0,
                  GU_BIAS: tl.constexpr = -1, ACT: tl.constexpr = 0, LIMIT: tl.constexpr = 7.0,
                  ALPHA: tl.constexpr = 1.702, D_BIAS: tl.constexpr = -1, PACK_ITEMS: tl.constexpr = 0,
-                 PACK_BLOCK: tl.constexpr = 1024, PRELOAD: tl.constexpr = False):
+                 PACK_BLOCK: tl.constexpr = 1024, PRELOAD: tl.constexpr = False, INDIRECT: tl.constexpr = False):
     """The whole one-token step in one launch (``LaunchConfig.one_launch``): each program takes a
     ticket from ``step_ptr[0]`` and runs that work item: first ``PACK_ITEMS`` items packing the
     input ``xin`` into ``x`` (the packed formats' activation vector), then gate_up's items
@@ -818,18 +820,18 @@ def _step_kernel(w_ptr, s_ptr, offsets_ptr, combine_ptr, xin_ptr, x_ptr, h_ptr, 
         item = ticket - PACK_ITEMS
         e = item // (G_BLOCKS * G_SPLIT)
         block = item % (G_BLOCKS * G_SPLIT) // G_SPLIT
-        _gate_up_item(e, block, item % G_SPLIT, G_BLOCKS, w_ptr, s_ptr, offsets_ptr, combine_ptr, x_ptr, h_ptr,
+        _gate_up_item(e, block, item % G_SPLIT, G_BLOCKS, w_ptr, s_ptr, offsets_ptr, ids_ptr, combine_ptr, x_ptr, h_ptr,
                       gu_ptr, gu_counters_ptr, step_ptr + 3, E, H, I, W_BYTES, GATE_W, GATE_S, GATE_M, UP_W, UP_S,
                       UP_M, G_ROW, G_KP, G_GROUPS, BITS, G_CPW, G_BLOCK_N, G_SUB_K, G_SUBS, G_SPLIT, G_K_SLICE, KP_DOWN,
                       PACKED, BLOCK_STEPS, ASM, False, C_IN, C_H, GU_BIAS, ACT, LIMIT, ALPHA, True, PRELOAD,
-                      PACK_ITEMS > 0, step_ptr + 2, PACK_ITEMS)  # waits until the input is all packed
+                      PACK_ITEMS > 0, step_ptr + 2, PACK_ITEMS, INDIRECT=INDIRECT)  # waits until the input is packed
     else:
         item = ticket - PACK_ITEMS - gate_up_items
         e = item // (D_BLOCKS * D_SPLIT)
-        _down_item(e, item % (D_BLOCKS * D_SPLIT) // D_SPLIT, item % D_SPLIT, w_ptr, s_ptr, offsets_ptr, combine_ptr,
+        _down_item(e, item % (D_BLOCKS * D_SPLIT) // D_SPLIT, item % D_SPLIT, w_ptr, s_ptr, offsets_ptr, ids_ptr, combine_ptr,
                    h_ptr, partial_ptr, out_ptr, counters_ptr, E, H, I, W_BYTES, DOWN_W, DOWN_S, DOWN_M, D_ROW, D_KP,
                    D_GROUPS, BITS, D_CPW, D_BLOCK_N, D_SUB_K, D_SUBS, D_SPLIT, D_K_SLICE, PACKED, BLOCK_STEPS, ASM,
-                   False, C_H, D_BIAS, PRELOAD, True, step_ptr + 3 + e, G_BLOCKS)  # waits for all of e's h
+                   False, C_H, D_BIAS, PRELOAD, True, step_ptr + 3 + e, G_BLOCKS, INDIRECT=INDIRECT)  # waits for e's h
     tl.debug_barrier()
     if tl.atomic_add(step_ptr + 1, 1, sem="acq_rel") == PACK_ITEMS + gate_up_items + E * (D_BLOCKS * D_SPLIT) - 1:
         # every other program has finished with the counters: plain stores (an atomic exchange each

@@ -229,30 +229,37 @@ def _live(rows, row_ok, active):
 
 
 @triton.jit
-def _expert_slot(offsets_ptr, combine_ptr, e, T, E, W_BYTES: tl.constexpr, BLOCK_T: tl.constexpr):
-    """Expert e's slot base in payload-view and fp16 elements, its routing column [BLOCK_T], and
-    how many input columns to read (0 when no token uses it)."""
+def _expert_slot(offsets_ptr, ids_ptr, combine_ptr, e, T, E, W_BYTES: tl.constexpr, BLOCK_T: tl.constexpr,
+                 INDIRECT: tl.constexpr):
+    """Expert e's slot base in payload-view and fp16 elements, its routing column [BLOCK_T] (read
+    in float32 whatever its dtype), and how many input columns to read (0 when no token uses it).
+    The slot's byte offset is ``offsets[e]``, or with INDIRECT ``offsets[ids[e]]`` (a table of
+    every slot's offset, indexed by the token's slot ids: no lookup launch before the step)."""
     t = tl.arange(0, BLOCK_T)
-    c = tl.load(combine_ptr + t * E + e, mask=t < T, other=0.0)
-    slot = tl.load(offsets_ptr + e)
+    c = tl.load(combine_ptr + t * E + e, mask=t < T, other=0.0).to(tl.float32)
+    if INDIRECT:
+        slot = tl.load(offsets_ptr + tl.load(ids_ptr + e))
+    else:
+        slot = tl.load(offsets_ptr + e)
     w_slot = tl.multiple_of(slot // W_BYTES, 64)  # slots are 256-byte aligned (SlotPool.ALIGN)
     s_slot = tl.multiple_of(slot // 2, 128)
     return w_slot, s_slot, t, c, tl.max(tl.abs(c), axis=0) > 0
 
 
 @triton.jit
-def _gate_up_kernel(w_ptr, s_ptr, offsets_ptr, combine_ptr, x_ptr, h_ptr, T, E,
+def _gate_up_kernel(w_ptr, s_ptr, offsets_ptr, ids_ptr, combine_ptr, x_ptr, h_ptr, T, E,
                     H: tl.constexpr, I: tl.constexpr, W_BYTES: tl.constexpr,
                     GATE_W: tl.constexpr, GATE_S: tl.constexpr, GATE_M: tl.constexpr,
                     UP_W: tl.constexpr, UP_S: tl.constexpr, UP_M: tl.constexpr,
                     ROW: tl.constexpr, KP: tl.constexpr, GROUPS: tl.constexpr, BITS: tl.constexpr,
                     CPW: tl.constexpr, F32_DOT: tl.constexpr, GEMV: tl.constexpr, BLOCK_T: tl.constexpr,
                     BLOCK_N: tl.constexpr, SUB_K: tl.constexpr, SUBS: tl.constexpr, GU_BIAS: tl.constexpr = -1,
-                    ACT: tl.constexpr = 0, LIMIT: tl.constexpr = 7.0, ALPHA: tl.constexpr = 1.702):
+                    ACT: tl.constexpr = 0, LIMIT: tl.constexpr = 7.0, ALPHA: tl.constexpr = 1.702,
+                    INDIRECT: tl.constexpr = False):
     e = tl.program_id(0)
     rows = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < I
-    w_slot, s_slot, t, c, active = _expert_slot(offsets_ptr, combine_ptr, e, T, E, W_BYTES, BLOCK_T)
+    w_slot, s_slot, t, c, active = _expert_slot(offsets_ptr, ids_ptr, combine_ptr, e, T, E, W_BYTES, BLOCK_T, INDIRECT)
     live = _live(rows, row_ok, active)
     t_ok = t < T
     gate_w, gate_s, gate_m = w_slot + GATE_W, s_slot + GATE_S, s_slot + GATE_M
@@ -290,16 +297,17 @@ def _gate_up_kernel(w_ptr, s_ptr, offsets_ptr, combine_ptr, x_ptr, h_ptr, T, E,
 
 
 @triton.jit
-def _down_kernel(w_ptr, s_ptr, offsets_ptr, combine_ptr, h_ptr, partial_ptr, out_ptr, counters_ptr, T, E,
+def _down_kernel(w_ptr, s_ptr, offsets_ptr, ids_ptr, combine_ptr, h_ptr, partial_ptr, out_ptr, counters_ptr, T, E,
                  H: tl.constexpr, I: tl.constexpr, W_BYTES: tl.constexpr,
                  DOWN_W: tl.constexpr, DOWN_S: tl.constexpr, DOWN_M: tl.constexpr,
                  ROW: tl.constexpr, KP: tl.constexpr, GROUPS: tl.constexpr, BITS: tl.constexpr,
                  CPW: tl.constexpr, F32_DOT: tl.constexpr, GEMV: tl.constexpr, BLOCK_T: tl.constexpr,
-                 BLOCK_N: tl.constexpr, SUB_K: tl.constexpr, SUBS: tl.constexpr, D_BIAS: tl.constexpr = -1):
+                 BLOCK_N: tl.constexpr, SUB_K: tl.constexpr, SUBS: tl.constexpr, D_BIAS: tl.constexpr = -1,
+                 INDIRECT: tl.constexpr = False):
     e = tl.program_id(0)
     rows = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < H
-    w_slot, s_slot, t, c, active = _expert_slot(offsets_ptr, combine_ptr, e, T, E, W_BYTES, BLOCK_T)
+    w_slot, s_slot, t, c, active = _expert_slot(offsets_ptr, ids_ptr, combine_ptr, e, T, E, W_BYTES, BLOCK_T, INDIRECT)
     live = _live(rows, row_ok, active)
     t_ok = t < T
     down_w, down_s, down_m = w_slot + DOWN_W, s_slot + DOWN_S, s_slot + DOWN_M
@@ -810,15 +818,19 @@ def _one_launch(gate_up: _Launch, down: _Launch, experts: int, prep: _Launch | N
 def launch_decode(pool: torch.Tensor, slot_offsets: torch.Tensor, plan: KernelPlan, x: torch.Tensor,
                   combine: torch.Tensor, workspace: DecodeWorkspace | None = None,
                   gate_up_config: LaunchConfig | None = None,
-                  down_config: LaunchConfig | None = None, math: ExpertMath = SWIGLU) -> torch.Tensor:
+                  down_config: LaunchConfig | None = None, math: ExpertMath = SWIGLU,
+                  slot_ids: torch.Tensor | None = None) -> torch.Tensor:
     """The Triton path of :func:`dymoe.quant.kernels.expert_decode` (same arguments and result):
     two launches, the second of which also sums the experts into the result. The configs default
-    to :func:`choose_config`'s; the benchmark passes others."""
+    to :func:`choose_config`'s; the benchmark passes others. ``slot_ids`` [E]: ``slot_offsets`` is
+    then a table of every slot's offset, which the kernels index by these ids."""
     t, e = combine.shape
     if t > TOKEN_BLOCK:
         raise ValueError(f"the decode kernels take at most {TOKEN_BLOCK} tokens per launch, got {t}")
     x = x.contiguous()
     combine = combine.contiguous()
+    indirect = slot_ids is not None
+    ids = slot_ids if indirect else slot_offsets  # (not read without INDIRECT)
     workspace = workspace or DecodeWorkspace.allocate(plan, e, t, x.device)
     gate_up, down = _launches(plan, e, t, _sm_count(pool.device), interpreting(),
                               gate_up_config, down_config, math, pdl_supported(pool.device))
@@ -839,17 +851,18 @@ def launch_decode(pool: torch.Tensor, slot_offsets: torch.Tensor, plan: KernelPl
             if 3 + e > ws.step_counters.numel():
                 raise ValueError(f"workspace too small for {e} experts in one launch")
             packed_x = ws.input_packed if gate_up.packed else x
-            gate_up.kernel[gate_up.grid](payload, scales, slot_offsets, combine, x, packed_x, hidden,
+            gate_up.kernel[gate_up.grid](payload, scales, slot_offsets, ids, combine, x, packed_x, hidden,
                                          ws.gate_up_partial, ws.gate_up_counters, ws.partial, out, ws.counters,
-                                         ws.step_counters, e, **gate_up.kwargs)
+                                         ws.step_counters, e, **gate_up.kwargs, INDIRECT=indirect)
             return out
-        gate_up.kernel[gate_up.grid](payload, scales, slot_offsets, combine, x, hidden, ws.gate_up_partial,
-                                     ws.gate_up_counters, e, **gate_up.kwargs)
-        down.kernel[down.grid](payload, scales, slot_offsets, combine, hidden, ws.partial, out, ws.counters, e,
-                               **down.kwargs)
+        gate_up.kernel[gate_up.grid](payload, scales, slot_offsets, ids, combine, x, hidden, ws.gate_up_partial,
+                                     ws.gate_up_counters, e, **gate_up.kwargs, INDIRECT=indirect)
+        down.kernel[down.grid](payload, scales, slot_offsets, ids, combine, hidden, ws.partial, out, ws.counters, e,
+                               **down.kwargs, INDIRECT=indirect)
         return out
     hidden, partial = workspace.views(plan, e, t)
-    gate_up.kernel[gate_up.grid](payload, scales, slot_offsets, combine, x, hidden, t, e, **gate_up.kwargs)
-    down.kernel[down.grid](payload, scales, slot_offsets, combine, hidden, partial, out, workspace.counters, t, e,
-                           **down.kwargs)
+    gate_up.kernel[gate_up.grid](payload, scales, slot_offsets, ids, combine, x, hidden, t, e, **gate_up.kwargs,
+                                 INDIRECT=indirect)
+    down.kernel[down.grid](payload, scales, slot_offsets, ids, combine, hidden, partial, out, workspace.counters, t, e,
+                           **down.kwargs, INDIRECT=indirect)
     return out
