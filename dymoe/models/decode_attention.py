@@ -11,8 +11,10 @@ Here the span is cut into ``splits`` chunks of keys. A program of the first laun
 key-value head and one chunk, and attends with all of that head's query heads at once (a [G, D]
 tile, G padded to 16 rows for ``tl.dot``); it stops at the position, so chunks past it cost a
 program that writes an empty partial. Each program keeps a running maximum, denominator and
-weighted sum (the online softmax) and writes them for its chunk. The second launch combines the
-chunks of each head, rescaled to the largest maximum, and writes the output in the query's dtype.
+weighted sum (the online softmax) and writes them for its chunk, then counts itself done on its
+key-value head's counter; the head's last program to finish combines the chunks, rescaled to the
+largest maximum, writes the output in the query's dtype and resets the counter (one launch: a
+second one for the combine cost as much as the attention itself at short spans).
 Scores, the softmax and the sums are float32; the probabilities meet the values in the cache's
 dtype, as in flash attention.
 
@@ -27,6 +29,7 @@ import torch
 import triton
 import triton.language as tl
 
+from dymoe.models.fused import decode_counters
 from dymoe.quant.kernels import interpreting
 
 BLOCK_N = 64  # keys a program reads at a time
@@ -35,10 +38,10 @@ ROWS = 16  # tl.dot's smallest tile: the query heads of one key-value head, padd
 
 # a span's chunking is a kernel argument, not a specialisation: no recompiling as the context grows
 @triton.jit(do_not_specialize=["chunk", "n_splits"])
-def _split_kernel(q, k, v, index, part_m, part_l, part_acc, chunk, n_splits, scale, window, G, D, DV,
-                  sq_h, sq_d, sk_h, sk_n, sk_d, sv_h, sv_n, sv_d,
+def _split_kernel(q, k, v, index, part_m, part_l, part_acc, counters, sinks, out, chunk, n_splits, scale, window,
+                  G, D, DV, sq_h, sq_d, sk_h, sk_n, sk_d, sv_h, sv_n, sv_d, so_h, so_d,
                   GP: tl.constexpr, DP: tl.constexpr, DVP: tl.constexpr, BLOCK_N: tl.constexpr,
-                  WINDOW: tl.constexpr, F32_DOT: tl.constexpr):
+                  WINDOW: tl.constexpr, SINKS: tl.constexpr, F32_DOT: tl.constexpr):
     kv = tl.program_id(0)
     s = tl.program_id(1)
     g = tl.arange(0, GP)
@@ -79,17 +82,22 @@ def _split_kernel(q, k, v, index, part_m, part_l, part_acc, chunk, n_splits, sca
     tl.store(part_m + rows, m)
     tl.store(part_l + rows, den)
     tl.store(part_acc + rows[:, None] * DVP + dv[None, :], acc)
+    tl.debug_barrier()  # every thread's stores happen before the release below
+    if tl.atomic_add(counters + kv, 1, sem="acq_rel") == n_splits - 1:  # the head's last chunk combines
+        _combine(part_m, part_l, part_acc, sinks, out, kv, n_splits, G, DV, so_h, so_d, GP, DVP, SINKS)
+        tl.store(counters + kv, 0)  # every chunk has counted: ready for the next call
 
 
-@triton.jit(do_not_specialize=["n_splits"])
-def _combine_kernel(part_m, part_l, part_acc, sinks, out, n_splits, G, DV, so_h, so_d,
-                    GP: tl.constexpr, DVP: tl.constexpr, SINKS: tl.constexpr):
-    kv = tl.program_id(0)
+@triton.jit
+def _combine(part_m, part_l, part_acc, sinks, out, kv, n_splits, G, DV, so_h, so_d,
+             GP: tl.constexpr, DVP: tl.constexpr, SINKS: tl.constexpr):
+    """Key-value head ``kv``'s output from its chunks' partials, rescaled to the largest maximum
+    (the partials were written by other programs, so the loads bypass L1: ``.cg``)."""
     g = tl.arange(0, GP)
     dv = tl.arange(0, DVP)
     top = tl.full([GP], float("-inf"), tl.float32)
     for s in range(0, n_splits):
-        top = tl.maximum(top, tl.load(part_m + (kv * n_splits + s) * GP + g))
+        top = tl.maximum(top, tl.load(part_m + (kv * n_splits + s) * GP + g, cache_modifier=".cg"))
     den = tl.zeros([GP], tl.float32)
     if SINKS:  # one more term in each head's denominator, exp(sinks[h]), weighing no value
         sink = tl.load(sinks + kv * G + g, mask=g < G, other=float("-inf")).to(tl.float32)
@@ -98,9 +106,9 @@ def _combine_kernel(part_m, part_l, part_acc, sinks, out, n_splits, G, DV, so_h,
     acc = tl.zeros([GP, DVP], tl.float32)
     for s in range(0, n_splits):
         rows = (kv * n_splits + s) * GP + g
-        weight = tl.exp(tl.load(part_m + rows) - top)  # 0 for a chunk past the position (-inf)
-        den += weight * tl.load(part_l + rows)
-        acc += weight[:, None] * tl.load(part_acc + rows[:, None] * DVP + dv[None, :])
+        weight = tl.exp(tl.load(part_m + rows, cache_modifier=".cg") - top)  # 0 past the position (-inf)
+        den += weight * tl.load(part_l + rows, cache_modifier=".cg")
+        acc += weight[:, None] * tl.load(part_acc + rows[:, None] * DVP + dv[None, :], cache_modifier=".cg")
     tl.store(out + (kv * G + g)[:, None] * so_h + dv[None, :] * so_d, acc / den[:, None],
              mask=(g[:, None] < G) & (dv[None, :] < DV))
 
@@ -129,12 +137,11 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, index: t
     part_l = torch.empty_like(part_m)
     part_acc = torch.empty(hkv * splits * gp * dvp, device=q.device, dtype=torch.float32)
     out = torch.empty(1, h, 1, dv, device=q.device, dtype=q.dtype)
-    _split_kernel[(hkv, splits)](q, k, v, index, part_m, part_l, part_acc, chunk, splits, scale, window or 0,
+    _split_kernel[(hkv, splits)](q, k, v, index, part_m, part_l, part_acc, decode_counters(q.device),
+                                 sinks if sinks is not None else part_m, out, chunk, splits, scale, window or 0,
                                  groups, d, dv,
                                  q.stride(1), q.stride(3), k.stride(1), k.stride(2), k.stride(3),
-                                 v.stride(1), v.stride(2), v.stride(3),
+                                 v.stride(1), v.stride(2), v.stride(3), out.stride(1), out.stride(3),
                                  GP=gp, DP=max(ROWS, triton.next_power_of_2(d)), DVP=dvp, BLOCK_N=BLOCK_N,
-                                 WINDOW=window is not None, F32_DOT=interpreting())
-    _combine_kernel[(hkv,)](part_m, part_l, part_acc, sinks if sinks is not None else part_m, out, splits, groups,
-                            dv, out.stride(1), out.stride(3), GP=gp, DVP=dvp, SINKS=sinks is not None)
+                                 WINDOW=window is not None, SINKS=sinks is not None, F32_DOT=interpreting())
     return out

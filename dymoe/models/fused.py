@@ -102,7 +102,7 @@ def route(logits: torch.Tensor, k: int, *, sigmoid: bool, normalize: bool, scali
     return out_ids, weights
 
 
-DECODE_LINEAR_COUNTERS = 4096  # int32 counters per device: a linear's row blocks, and one for a router's routing
+DECODE_COUNTERS = 4096  # int32 counters per device: a linear's row blocks and a router's routing, attention heads
 
 
 @dataclass(frozen=True)
@@ -134,15 +134,17 @@ def linear_config(n: int, k: int, programs: int, block_n: int = 8, block_k: int 
 _COUNTERS: dict[torch.device, torch.Tensor] = {}
 
 
-def _decode_counters(device: torch.device) -> torch.Tensor | None:
-    """The device's counters for :func:`linear_decode` (zero between launches: each launch's last
-    users reset theirs), allocated at the first call; None while a CUDA graph is being recorded
-    before that (an allocation would come from the graph's pool)."""
+def decode_counters(device: torch.device) -> torch.Tensor | None:
+    """The device's counters for :func:`linear_decode` and :func:`decode_attend`, whose programs
+    count themselves done so that the last one finishes the work (zero between launches: each
+    launch's last users reset theirs, and launches on one stream never overlap), allocated at the
+    first call; None while a CUDA graph is being recorded before that (an allocation would come
+    from the graph's pool)."""
     counters = _COUNTERS.get(device)
     if counters is None:
         if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
             return None
-        counters = _COUNTERS[device] = torch.zeros(DECODE_LINEAR_COUNTERS, dtype=torch.int32, device=device)
+        counters = _COUNTERS[device] = torch.zeros(DECODE_COUNTERS, dtype=torch.int32, device=device)
     return counters
 
 
@@ -158,8 +160,8 @@ def linear_decode_applies(x: torch.Tensor, weight: torch.Tensor, bias: torch.Ten
     return (DECODE_LINEAR == "triton" and x.numel() == weight.shape[-1] and weight.dim() == 2
             and x.dtype == weight.dtype and x.dtype in (torch.bfloat16, torch.float16)
             and (bias is None or bias.dtype == x.dtype) and fused_applies(x) and x.is_contiguous()
-            and weight.is_contiguous() and -(-weight.shape[0] // 8) < DECODE_LINEAR_COUNTERS
-            and _decode_counters(x.device) is not None)
+            and weight.is_contiguous() and -(-weight.shape[0] // 8) < DECODE_COUNTERS
+            and decode_counters(x.device) is not None)
 
 
 def _launch_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, out: torch.Tensor,
@@ -175,7 +177,7 @@ def _launch_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
         ids_in, ids, weights, scaling = route.pop("ids_in"), route.pop("ids"), route.pop("weights"), route.pop("scaling")
         extra = dict(ROUTE=True, E_BLOCK=kernels.triton.next_power_of_2(n), ACCURATE=not interpreting(), **route)
     kernels.linear_decode_kernel[grid](
-        x, weight, bias if bias is not None else weight, out, partial, _decode_counters(x.device), ids_in, ids, weights,
+        x, weight, bias if bias is not None else weight, out, partial, decode_counters(x.device), ids_in, ids, weights,
         scaling, N=n, K=k, BLOCK_N=config.block_n, BLOCK_K=config.block_k, SPLIT=config.split, STEPS=config.steps,
         BIAS=bias is not None, num_warps=config.warps, **extra)
 
@@ -345,7 +347,8 @@ def decode_attention_applies(q: torch.Tensor) -> bool:
     ``split`` setting and the fused kernels on, bf16 or float16, and a GPU whose tensor cores
     ``tl.dot`` needs (compute capability 8.0+) or the interpreter."""
     return (ATTENTION == "split" and q.shape[0] == 1 and q.dtype in (torch.bfloat16, torch.float16)
-            and fused_applies(q) and (interpreting() or kernels_run_on(q.device)))
+            and fused_applies(q) and (interpreting() or kernels_run_on(q.device))
+            and q.shape[1] <= DECODE_COUNTERS and decode_counters(q.device) is not None)
 
 
 def decode_attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, index: torch.Tensor, scale: float,
