@@ -29,6 +29,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from expert_kernels import bench_steps  # (benchmarks/: this script's folder)
+
 from dymoe.models.fused import linear_config, linear_decode, route, route_decode
 
 SHAPES = {  # name: (N, K, router top-k or 0, bias)
@@ -75,26 +77,9 @@ def copy_bandwidth() -> float:
 
 
 def time_calls(call, copies: int) -> float:
-    """Microseconds per ``call(i)`` (i = the weight copy it reads), from a graph of CALLS calls."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for i in range(3):
-            call(i % copies)
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for i in range(CALLS):
-            call(i % copies)
-    times = []
-    for _ in range(15):
-        begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        begin.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(begin.elapsed_time(end) * 1e3 / CALLS)
-    return sorted(times)[len(times) // 2]
+    """Microseconds per ``call(i)`` (i = the weight copy it reads), from a graph of CALLS calls
+    cycling through the copies (expert_kernels.bench_steps)."""
+    return 1e3 * bench_steps(call, args=[i % copies for i in range(CALLS)])
 
 
 def ints(*shape) -> torch.Tensor:
