@@ -3,6 +3,7 @@ kernel is defined, so a test process that imported Triton without it cannot swit
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -10,6 +11,11 @@ import sys
 from importlib.metadata import version
 
 import pytest
+import torch
+
+needs_triton = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed (gpu extra)")
+needs_gpu = pytest.mark.skipif(not torch.cuda.is_available() or importlib.util.find_spec("triton") is None,
+                               reason="needs a CUDA GPU and triton (gpu extra)")
 
 
 def run_interpreted(script: str, timeout: int = 600, fp_fusion: bool = False, interpret: bool = True):

@@ -3,14 +3,8 @@ float64 reference: under Triton's interpreter on the CPU, and compiled on a GPU.
 
 from __future__ import annotations
 
-import importlib.util
+from tests.interpreted import needs_gpu, needs_triton, run_interpreted
 
-import pytest
-import torch
-
-from tests.interpreted import run_interpreted
-
-needs_triton = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed (gpu extra)")
 
 # (key-value heads, query heads per kv head, head dim, value head dim, span, cache length, position,
 # programs, window, sinks): several chunks with the last ones past the position, a lone visible key,
@@ -80,8 +74,7 @@ def test_decode_attention_matches_the_reference_under_the_interpreter():
     _check(run_interpreted(SCRIPT.format(device="cpu", cases=CASES)))
 
 
-@pytest.mark.skipif(not torch.cuda.is_available() or importlib.util.find_spec("triton") is None,
-                    reason="needs a CUDA GPU and triton (gpu extra)")
+@needs_gpu
 def test_decode_attention_matches_the_reference_on_the_gpu():
     _check(run_interpreted(SCRIPT.format(device="cuda", cases=CASES), interpret=False))
 

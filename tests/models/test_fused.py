@@ -9,17 +9,13 @@ kernels (Triton's own included) defined after it is set, and other tests import 
 
 from __future__ import annotations
 
-import importlib.util
-
 import pytest
 import torch
 
 import dymoe.models.fused as fused
 from dymoe.errors import InputError
-from tests.interpreted import run_interpreted
+from tests.interpreted import needs_triton, run_interpreted
 
-needs_triton = pytest.mark.skipif(importlib.util.find_spec("triton") is None,
-                                  reason="triton is not installed (gpu extra)")
 
 _INTERPRETED = """
 import json

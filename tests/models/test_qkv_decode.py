@@ -4,12 +4,7 @@ rest of the attention unchanged. The GPU side runs the same script compiled."""
 
 from __future__ import annotations
 
-import importlib.util
-
-import pytest
-import torch
-
-from tests.interpreted import run_interpreted
+from tests.interpreted import needs_gpu, needs_triton, run_interpreted
 
 SCRIPT = """
 import dataclasses, json, torch
@@ -71,12 +66,11 @@ def _check(results) -> None:
     assert results["qwen3"]["q_shape"] == [1, 8, 1, 64]
 
 
-@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed (gpu extra)")
+@needs_triton
 def test_qkv_decode_equals_the_kernels_it_replaces_under_the_interpreter():
     _check(run_interpreted(SCRIPT.format(device="cpu", cases=CASES)))
 
 
-@pytest.mark.skipif(not torch.cuda.is_available() or importlib.util.find_spec("triton") is None,
-                    reason="needs a CUDA GPU and triton (gpu extra)")
+@needs_gpu
 def test_qkv_decode_equals_the_kernels_it_replaces_on_the_gpu():
     _check(run_interpreted(SCRIPT.format(device="cuda", cases=CASES), interpret=False))

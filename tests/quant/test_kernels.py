@@ -10,7 +10,6 @@ and ``benchmarks/prefill_kernels.py``.
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 
 import pytest
 import torch
@@ -22,7 +21,7 @@ from dymoe.quant.formats import parse_format
 from dymoe.quant.kernels import DequantWorkspace, decode_routing, dequantize_experts, expert_decode, kernel_plan
 from dymoe.quant.kernels.reference import random_pool
 from dymoe.quant.reference import dequantize, quantize
-from tests.interpreted import run_interpreted
+from tests.interpreted import needs_triton, run_interpreted
 
 FORMATS = [("bf16", 128), ("int8", 128), ("int4", 64), ("int4", 128), ("int3", 64), ("int3", 128),
            ("int2", 64), ("int2", 128)]
@@ -218,7 +217,7 @@ VARIANTS = ("float32", "outliers")  # more one-token split-K cases of the format
 BIASED = [("bf16", 128), ("int8", 128), ("int4", 64), ("int3", 128), ("int2", 64)]  # GPT-OSS experts
 
 
-@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed (gpu extra)")
+@needs_triton
 def test_triton_kernels_under_the_interpreter():
     """Every format through the tensor-core path (3 tokens), the tiled one-token GEMV and the
     split-K one-token GEMV (2 K slices in both kernels, reduced by the last program of each block;
@@ -300,7 +299,7 @@ print(json.dumps(results))
 """
 
 
-@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed (gpu extra)")
+@needs_triton
 def test_one_launch_step_equals_the_two_launches_under_the_interpreter():
     """``LaunchConfig.one_launch`` (the input packing, gate_up and down as work items of one launch,
     each waiting for what it reads) and ``LaunchConfig.preload`` (each program's first step of
@@ -320,7 +319,7 @@ def test_one_launch_step_equals_the_two_launches_under_the_interpreter():
             (name, r)
 
 
-@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed (gpu extra)")
+@needs_triton
 def test_packed_default_per_format_and_environment(monkeypatch):
     """One-token int2, int3 and int4 run on packed activation vectors where a group holds whole
     chunks, never bf16 or int8; DYMOE_PACKED_DECODE turns the packed path on (1) or off (0) for
@@ -350,7 +349,7 @@ def test_packed_default_per_format_and_environment(monkeypatch):
         te._packed_override()
 
 
-@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed (gpu extra)")
+@needs_triton
 def test_pdl_launches_only_after_the_first_and_only_where_supported(monkeypatch):
     """Programmatic dependent launch: the step's first launch (pack input, else gate_up) is never
     launched early (it may follow anything); gate_up (after pack input) and down are, and every
@@ -408,7 +407,7 @@ def test_pdl_launches_only_after_the_first_and_only_where_supported(monkeypatch)
                                                          ("int3", "short")}
 
 
-@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed (gpu extra)")
+@needs_triton
 def test_choose_config_splits_k_for_one_token_only():
     """Packed formats at one token get split-K with enough blocks for every SM; several tokens,
     bf16 and int3 without its packed path (float32 split-K measured no faster there) keep the
@@ -497,7 +496,7 @@ print(json.dumps(results))
 """
 
 
-@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed (gpu extra)")
+@needs_triton
 def test_triton_dequantize_under_the_interpreter_is_bit_exact():
     results = run_interpreted(f"FORMATS = {FORMATS!r}\n" + _INTERPRETED_DEQUANT, timeout=300)
     assert len(results) == len(FORMATS) + 1

@@ -4,12 +4,7 @@ invariant 2 still holds. Run under Triton's interpreter on the CPU (skipped with
 
 from __future__ import annotations
 
-import importlib.util
-
-import pytest
-import torch
-
-from tests.interpreted import run_interpreted
+from tests.interpreted import needs_gpu, needs_triton, run_interpreted
 
 _SCRIPT = r"""
 import json, os, tempfile
@@ -79,7 +74,7 @@ print(json.dumps(out))
 """
 
 
-@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed (gpu extra)")
+@needs_triton
 def test_kernels_decode_keeps_offloading_invisible(monkeypatch):
     """Under ``DYMOE_RESIDENT_DECODE=kernels`` the resident model keeps every MoE layer's experts as
     bf16 blobs (its stacks are views of them), every decode step's experts run through the fused
@@ -95,8 +90,7 @@ def test_kernels_decode_keeps_offloading_invisible(monkeypatch):
         assert r["rel_err"] < 2e-2, (family, r)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available() or importlib.util.find_spec("triton") is None,
-                    reason="needs a CUDA GPU and triton (gpu extra)")
+@needs_gpu
 def test_kernels_decode_keeps_offloading_invisible_on_the_gpu(monkeypatch):
     """The same on a GPU, with the compiled kernels and the default setting (``auto``): the resident
     model loads its checkpoint straight into the blobs and decodes through the kernels, and ``lru``

@@ -5,8 +5,6 @@ segmented decode and the resident model."""
 
 from __future__ import annotations
 
-import importlib.util
-
 import pytest
 import torch
 
@@ -18,7 +16,7 @@ from dymoe.runtime import mapped
 from dymoe.runtime.offload import OffloadConfig, OffloadedExperts
 from dymoe.runtime.presets import PRESETS
 from dymoe.runtime.resident import ResidentExperts
-from tests.interpreted import run_interpreted
+from tests.interpreted import needs_gpu, needs_triton, run_interpreted
 from tests.tiny_models import tiny_store
 
 PROMPTS = (torch.tensor([[1, 17, 42, 5, 63, 8, 29, 11]]), torch.tensor([[3, 9, 27, 81, 50]]))
@@ -85,8 +83,7 @@ def test_mapped_decode_gives_the_segmented_decodes_logits(tiny, monkeypatch, pre
     _check_table(experts)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available() or importlib.util.find_spec("triton") is None,
-                    reason="needs a CUDA GPU and triton (gpu extra)")
+@needs_gpu
 @pytest.mark.parametrize("preset", ["lru", "static-int4"])
 def test_mapped_decode_on_the_gpu(tiny, monkeypatch, preset):
     """On a GPU (CUDA graphs recorded, the compiled kernels reading missed experts from pinned host
@@ -353,7 +350,7 @@ print(json.dumps(out))
 """
 
 
-@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed (gpu extra)")
+@needs_triton
 def test_mapped_decode_through_the_kernels_under_the_interpreter(monkeypatch):
     """The kernels path (Triton's interpreter on the CPU): the fill launch copies missed experts'
     blobs from the host store into ring slots (each cached slot then holds its expert's blob), and
@@ -459,7 +456,7 @@ def _fill_against_reference(device: str, interpret: bool) -> dict:
     return counts
 
 
-@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed (gpu extra)")
+@needs_triton
 def test_the_fill_launch_matches_its_reference_under_the_interpreter():
     """The fill launch and the step's last launch (Triton's interpreter) leave the table, the ring's
     head, the record, the experts' offsets and every pool byte exactly as the torch reference does,
@@ -468,8 +465,7 @@ def test_the_fill_launch_matches_its_reference_under_the_interpreter():
     _fill_against_reference("cpu", interpret=True)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available() or importlib.util.find_spec("triton") is None,
-                    reason="needs a CUDA GPU and triton (gpu extra)")
+@needs_gpu
 def test_the_fill_launch_matches_its_reference_on_the_gpu():
     """As above, compiled on a GPU, the missed blobs read from pinned host memory over the link."""
     _fill_against_reference("cuda", interpret=False)
