@@ -19,6 +19,9 @@ it, so they still sum alike. :func:`group_plan` is the grouped decode's preparat
 rows, the sort of its expert ids, each expert's end) in one kernel instead of about seven.
 :func:`decode_attend` is one token's attention in the graph decode, split over the keys
 (:mod:`dymoe.models.decode_attention`; ``DYMOE_DECODE_ATTENTION=sdpa`` turns that one off alone).
+:func:`linear_decode` takes a decode token through a dense projection (a split-K GEMV, faster than
+cuBLAS's one-row GEMMs on the shapes timed) and :func:`route_decode` a router's logits with its
+routing, in one launch (``DYMOE_DECODE_LINEAR=cublas`` turns those two off alone).
 
 ``DYMOE_FUSED_DENSE=0`` turns the kernels off (for comparison, or if one misbehaves); a bad value
 is one clear error.
