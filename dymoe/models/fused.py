@@ -159,12 +159,12 @@ def _programs(device: torch.device) -> int:
 def linear_decode_applies(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> bool:
     """Whether :func:`linear_decode` takes ``x`` through ``weight`` [N, K]: one row (a decode token),
     :func:`fused_applies` and the ``triton`` setting of ``DYMOE_DECODE_LINEAR``, bf16 or float16
-    for x, the weight and the bias alike, contiguous, and the device's counters available."""
+    for x, the weight and the bias alike, all contiguous, and the device's counters available."""
     return (DECODE_LINEAR == "triton" and x.numel() == weight.shape[-1] and weight.dim() == 2
             and x.dtype == weight.dtype and x.dtype in (torch.bfloat16, torch.float16)
-            and (bias is None or bias.dtype == x.dtype) and fused_applies(x) and x.is_contiguous()
-            and weight.is_contiguous() and -(-weight.shape[0] // 8) < DECODE_COUNTERS
-            and decode_counters(x.device) is not None)
+            and (bias is None or bias.dtype == x.dtype and bias.is_contiguous())
+            and fused_applies(x) and x.is_contiguous() and weight.is_contiguous()
+            and -(-weight.shape[0] // 8) < DECODE_COUNTERS and decode_counters(x.device) is not None)
 
 
 def _launch_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, out: torch.Tensor,

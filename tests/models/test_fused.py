@@ -321,6 +321,44 @@ def test_fused_kernels_only_where_they_apply(monkeypatch):
         fused._setting()
 
 
+def test_linear_decode_only_where_it_applies(monkeypatch):
+    """``DYMOE_DECODE_LINEAR``: ``triton`` by default, ``cublas`` off, a bad value one clear error.
+    ``linear_decode`` takes one row of bf16 or float16 with a weight of its dtype, contiguous; a
+    prefill's rows, float32, a mixed dtype, a transposed weight or a strided bias take F.linear. ``layers.Linear``
+    and the Router go through it only where it applies."""
+    from dymoe.models import layers
+
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    for value, expected in (("", "triton"), ("triton", "triton"), ("cublas", "cublas")):
+        monkeypatch.setenv("DYMOE_DECODE_LINEAR", value)
+        assert fused._decode_linear_setting() == expected
+    monkeypatch.setenv("DYMOE_DECODE_LINEAR", "cutlass")
+    with pytest.raises(InputError, match="DYMOE_DECODE_LINEAR='cutlass': use triton"):
+        fused._decode_linear_setting()
+    monkeypatch.setattr(fused, "ENABLED", True)
+    monkeypatch.setattr(fused, "DECODE_LINEAR", "triton")
+    w, x = torch.zeros(16, 32, dtype=torch.bfloat16), torch.zeros(1, 1, 32, dtype=torch.bfloat16)
+    assert not fused.linear_decode_applies(x, w)  # a CPU tensor without the interpreter
+    monkeypatch.setenv("TRITON_INTERPRET", "1")  # as the interpreter runs them
+    monkeypatch.setattr(fused, "triton_available", lambda: True)
+    assert fused.linear_decode_applies(x, w) and fused.linear_decode_applies(x, w, torch.zeros(16, dtype=w.dtype))
+    assert not fused.linear_decode_applies(x, w, w[:, 0])  # a strided bias
+    assert not fused.linear_decode_applies(torch.zeros(1, 2, 32, dtype=torch.bfloat16), w)  # two rows
+    assert not fused.linear_decode_applies(x.float(), w.float())
+    assert not fused.linear_decode_applies(x, w.half())
+    assert not fused.linear_decode_applies(x, w, w[:, 0].float())
+    assert not fused.linear_decode_applies(x, torch.zeros(32, 16, dtype=torch.bfloat16).t())
+    calls = []
+    monkeypatch.setattr(layers, "linear_decode", lambda *args: calls.append(args) or torch.ones(1, 1, 16))
+    layer = layers.Linear(32, 16, bias=False).bfloat16()
+    assert torch.equal(layer(x), torch.ones(1, 1, 16)) and len(calls) == 1
+    assert layer(torch.zeros(1, 3, 32, dtype=torch.bfloat16)).shape == (1, 3, 16) and len(calls) == 1
+    monkeypatch.setattr(fused, "DECODE_LINEAR", "cublas")
+    assert not fused.linear_decode_applies(x, w)
+    layer(x)
+    assert len(calls) == 1
+
+
 def test_the_split_decode_attention_only_where_it_applies(monkeypatch):
     """``DYMOE_DECODE_ATTENTION``: ``split`` by default, ``sdpa`` off, a bad value one clear error;
     never for a CPU tensor without the interpreter, a float32 query or a batch of two."""
