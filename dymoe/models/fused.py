@@ -168,21 +168,20 @@ def linear_decode_applies(x: torch.Tensor, weight: torch.Tensor, bias: torch.Ten
 
 
 def _launch_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, out: torch.Tensor,
-                   config: LinearConfig | None, route: dict | None = None) -> None:
+                   config: LinearConfig | None, routing: tuple | None = None, **route_flags) -> None:
+    """One launch of the linear kernel into ``out``; with ``routing`` = (given ids, ids, weights,
+    scaling) and the route's constexpr flags, it routes the token too (:func:`route_decode`)."""
     kernels = _kernels()
     n, k = weight.shape
     config = config or linear_config(n, k, _programs(x.device))
     partial = torch.empty(config.split * n if config.split > 1 else 1, dtype=torch.float32, device=x.device)
-    grid = (-(-n // config.block_n), config.split)
-    ids_in, ids, weights, scaling = out, out, out, 1.0
-    extra = {}
-    if route is not None:
-        ids_in, ids, weights, scaling = route.pop("ids_in"), route.pop("ids"), route.pop("weights"), route.pop("scaling")
-        extra = dict(ROUTE=True, E_BLOCK=kernels.triton.next_power_of_2(n), ACCURATE=not interpreting(), **route)
-    kernels.linear_decode_kernel[grid](
+    if routing is not None:
+        route_flags.update(ROUTE=True, E_BLOCK=kernels.triton.next_power_of_2(n), ACCURATE=not interpreting())
+    ids_in, ids, weights, scaling = routing or (out, out, out, 1.0)  # (not read without ROUTE)
+    kernels.linear_decode_kernel[(-(-n // config.block_n), config.split)](
         x, weight, bias if bias is not None else weight, out, partial, decode_counters(x.device), ids_in, ids, weights,
         scaling, N=n, K=k, BLOCK_N=config.block_n, BLOCK_K=config.block_k, SPLIT=config.split, STEPS=config.steps,
-        BIAS=bias is not None, num_warps=config.warps, **extra)
+        BIAS=bias is not None, num_warps=config.warps, **route_flags)
 
 
 def linear_decode(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
@@ -208,9 +207,9 @@ def route_decode(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
     out_ids = torch.empty(1, k, dtype=torch.int64, device=x.device)
     weights = torch.empty(1, k, dtype=x.dtype, device=x.device)
     given = ids.to(torch.int64).contiguous() if ids is not None else out_ids
-    _launch_linear(x, weight, bias, logits, config, route=dict(
-        ids_in=given, ids=out_ids, weights=weights, scaling=float(scaling), TOP_K=k,
-        KB=_kernels().triton.next_power_of_2(k), GIVEN=ids is not None, SIGMOID=sigmoid, NORMALIZE=normalize))
+    _launch_linear(x, weight, bias, logits, config, (given, out_ids, weights, float(scaling)), TOP_K=k,
+                   KB=_kernels().triton.next_power_of_2(k), GIVEN=ids is not None, SIGMOID=sigmoid,
+                   NORMALIZE=normalize)
     return out_ids, weights
 
 
