@@ -38,7 +38,7 @@ from dymoe.quant.kernels import DequantWorkspace, dequantize_experts, triton_ava
 from dymoe.quant.kernels.reference import random_pool  # noqa: E402
 from dymoe.runtime.expert_compute import dequantized_expert, group_by_expert, run_grouped  # noqa: E402
 from dymoe.runtime.prefill import PrefillDequantizer, prefill_capacity  # noqa: E402
-from benchmarks.kernels import fmt_name, layout_of, stored_bytes  # noqa: E402  (the decode kernels' script)
+from benchmarks.expert_kernels import fmt_name, layout_of, stored_bytes  # noqa: E402  (the decode kernels' script)
 
 MODELS = {"qwen3-30b-a3b": (2048, 768), "mixtral-8x7b": (4096, 14336)}  # hidden, expert intermediate
 TINY_MODELS = {"tiny-a": (160, 48), "tiny-b": (256, 96)}  # padded last groups at 64 and 128
