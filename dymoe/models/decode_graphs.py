@@ -7,7 +7,7 @@ synchronisation per MoE layer), so a step is cut after each MoE block's router::
 
     graph 0   embedding, dense layers, attention and router of the first MoE layer
     runtime   run_experts: fetch what is missing, run the expert kernels (eager)
-    graph 1   add the routed output (and shared experts), ..., router of the next MoE layer
+    graph 1   add the routed output (and shared experts) with the next norm, ..., router of the next MoE layer
     ...
     graph n   final norm and LM head
 
@@ -192,7 +192,7 @@ class DecodeGraphs:
             torch.le(self.arange[: pos.span], self.index, out=pos.mask[0])
             if getattr(model, "routing_clock", None) is not None:
                 model.routing_clock.set(pos, 1)
-            x = model.model.embed_tokens(self.token)
+            x, pending = model.model.embed_tokens(self.token), None
             first = 0
         else:
             block = self.layers[self.moe_at[s - 1]].mlp
@@ -200,16 +200,17 @@ class DecodeGraphs:
                 routed = model.experts.decode_compute(block.layer, prev.flat, prev.weights[0])
             else:
                 routed = self.routed[s - 1]
-            x = prev.h + block.finish(prev.flat, routed).view_as(prev.h)
+            x, pending = prev.h, block.finish(prev.flat, routed).view_as(prev.h)  # added with the next norm
             first = self.moe_at[s - 1] + 1
         last = self.moe_at[s] if s < len(self.moe_at) else len(self.layers)
         for layer in self.layers[first:last]:
-            x = layer(x, pos, cache, rotary)
+            x, pending = layer(x, pos, cache, rotary, pending)
         if s == len(self.moe_at):
-            return _Segment(logits=model.lm_head(model.model.norm(x[:, -1])).float()[0])
+            _, normed = add_norm(x, pending, model.model.norm)
+            return _Segment(logits=model.lm_head(normed[:, -1]).float()[0])
         layer = self.layers[last]
-        h, flat = add_norm(x, layer.self_attn(layer.input_layernorm(x), pos, cache, rotary),
-                           layer.post_attention_layernorm)
+        x, normed = layer.input_norm(x, pending)
+        h, flat = add_norm(x, layer.self_attn(normed, pos, cache, rotary), layer.post_attention_layernorm)
         flat = flat.view(1, -1)
         ids, weights = layer.mlp.gate(flat)
         routing_row = getattr(model.experts, "routing_row", None) if self.deferred else None

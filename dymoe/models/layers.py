@@ -36,9 +36,12 @@ class RMSNorm(nn.Module):
         return self.weight * x32.to(dtype)
 
 
-def add_norm(x: torch.Tensor, y: torch.Tensor, norm: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+def add_norm(x: torch.Tensor, y: torch.Tensor | None, norm: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
     """(``x + y``, ``norm`` of it): a residual add and the next block's norm, one launch where the
-    fused kernels run an RMSNorm (:func:`~dymoe.models.fused.add_rms_norm`)."""
+    fused kernels run an RMSNorm (:func:`~dymoe.models.fused.add_rms_norm`); (x, its norm) when
+    ``y`` is None (nothing to add)."""
+    if y is None:
+        return x, norm(x)
     if isinstance(norm, RMSNorm) and add_rms_norm_applies(x, y, norm.weight):
         return add_rms_norm(x, y, norm.weight, norm.eps)
     h = x + y

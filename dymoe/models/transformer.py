@@ -30,10 +30,18 @@ class DecoderLayer(nn.Module):
         else:
             self.mlp = DenseMLP(config.hidden_size, config.intermediate_size)
 
-    def forward(self, x, start, cache, rotary):
-        x, normed = add_norm(x, self.self_attn(self.input_layernorm(x), start, cache, rotary),
-                             self.post_attention_layernorm)
-        return x + self.mlp(normed)
+    def forward(self, x, start, cache, rotary, pending=None):
+        """The layer on the residual stream ``x + pending`` (``pending``: the layer before's MLP
+        output, not yet added; None for the first): (the stream after attention, this layer's MLP
+        output), whose sum is the stream after the layer. Each residual add runs with the norm after
+        it (:func:`add_norm`: one launch on a GPU, with the roundings of the add and then the norm)."""
+        x, normed = self.input_norm(x, pending)
+        x, normed = add_norm(x, self.self_attn(normed, start, cache, rotary), self.post_attention_layernorm)
+        return x, self.mlp(normed)
+
+    def input_norm(self, x, pending):
+        """(``x + pending``, its input norm); (x, its input norm) without ``pending``."""
+        return add_norm(x, pending, self.input_layernorm)
 
 
 class Backbone(nn.Module):
@@ -81,14 +89,15 @@ class MoETransformer(nn.Module):
             tokens, start = self._with_history(tokens, start, cache)
         if self.routing_clock is not None:
             self.routing_clock.set(start, tokens.shape[1])
-        x = self.model.embed_tokens(tokens)
+        x, pending = self.model.embed_tokens(tokens), None
         for layer in self.model.layers:
-            x = layer(x, start, cache, self.rotary)
+            x, pending = layer(x, start, cache, self.rotary, pending)
+        _, x = add_norm(x, pending, self.model.norm)  # every row normed: as cheap as slicing first
         if last_only:
             x = x[:, -1]
         elif tokens.shape[1] != new:  # a re-run sequence: the logits of the new tokens only
             x = x[:, -new:]
-        return self.lm_head(self.model.norm(x)).float()
+        return self.lm_head(x).float()
 
     def _with_history(self, tokens: torch.Tensor, start: int, cache: KVCache) -> tuple[torch.Tensor, int]:
         """Record ``tokens`` in the cache. If they take the sequence past LongRoPE's switch while the

@@ -264,3 +264,39 @@ def test_dynaexq_decode_runs_inside_the_segments(checkpoints, mixed_stores, monk
     assert any(before - after for before, after in zip(high_copies, high_copies[1:]))  # demotions
     if experts.fallback:
         assert experts.stats()["total"]["missed_bytes"] > 0  # int4 copies fetched (and waited for) on demand
+
+
+@pytest.mark.parametrize("family", ["qwen3_moe", "deepseek_v2"])  # (DeepSeek: dense layers before the MoE ones)
+def test_every_residual_add_runs_with_the_norm_after_it(checkpoints, family, monkeypatch):
+    """Where the fused add-and-norm applies (a GPU), a token's every residual add is one launch with
+    the norm after it: per layer the add before the input norm (the layer before's MLP output, left
+    unadded) and the add after attention; then the last MLP's add with the final norm: 2 per layer,
+    in the plain forward and in each segmented decode step alike, with the logits unchanged. Here
+    the fused kernel is stood in for by its torch definition, which records its calls."""
+    from dymoe.models import layers
+
+    monkeypatch.setattr(decode_graphs, "MIN_SPAN", 8)
+    checkpoint = checkpoints[family]
+    model = load_dense(checkpoint, 40, "cpu", torch.float32)
+    model.attach_experts(ResidentExperts.from_checkpoint(checkpoint, "cpu", torch.float32))
+    reference = model(PROMPT, 0, model.new_cache(1), last_only=True)[0]
+    calls = []
+
+    def add_rms_norm(x, y, weight, eps):
+        calls.append(tuple(x.shape))
+        h = x + y
+        h32 = h.float()
+        return h, weight * (h32 * torch.rsqrt(h32.pow(2).mean(-1, keepdim=True) + eps)).to(h.dtype)
+
+    monkeypatch.setattr(layers, "add_rms_norm_applies", lambda x, y, weight: True)
+    monkeypatch.setattr(layers, "add_rms_norm", add_rms_norm)
+    cache = model.new_cache(1)
+    logits = model(PROMPT, 0, cache, last_only=True)[0]
+    layer_count = checkpoint.config.num_layers
+    assert torch.equal(logits, reference) and len(calls) == 2 * layer_count
+    graphs = DecodeGraphs(model, cache, record=False)
+    for position in range(PROMPT.shape[1], PROMPT.shape[1] + 3):
+        calls.clear()
+        token = logits.argmax()
+        logits = graphs.step(token, position)
+        assert len(calls) == 2 * layer_count and set(calls) == {(1, 1, checkpoint.config.hidden_size)}
