@@ -92,12 +92,11 @@ class MoETransformer(nn.Module):
         x, pending = self.model.embed_tokens(tokens), None
         for layer in self.model.layers:
             x, pending = layer(x, start, cache, self.rotary, pending)
-        _, x = add_norm(x, pending, self.model.norm)  # every row normed: as cheap as slicing first
         if last_only:
-            x = x[:, -1]
+            x, pending = x[:, -1], pending[:, -1]
         elif tokens.shape[1] != new:  # a re-run sequence: the logits of the new tokens only
-            x = x[:, -new:]
-        return self.lm_head(x).float()
+            x, pending = x[:, -new:], pending[:, -new:]
+        return self.lm_head(add_norm(x, pending, self.model.norm)[1]).float()
 
     def _with_history(self, tokens: torch.Tensor, start: int, cache: KVCache) -> tuple[torch.Tensor, int]:
         """Record ``tokens`` in the cache. If they take the sequence past LongRoPE's switch while the
