@@ -588,8 +588,8 @@ def _await(PDL: tl.constexpr, SPIN: tl.constexpr, flag_ptr, target):
 
 
 @triton.jit
-def _gate_up_item(e, block, piece, blocks, w_ptr, s_ptr, offsets_ptr, ids_ptr, combine_ptr, x_ptr, h_ptr, gu_ptr, counters_ptr,
-                  ready_ptr, E, H: tl.constexpr, I: tl.constexpr, W_BYTES: tl.constexpr,
+def _gate_up_item(e, block, piece, blocks, w_ptr, s_ptr, offsets_ptr, ids_ptr, combine_ptr, x_ptr, h_ptr, gu_ptr,
+                  counters_ptr, ready_ptr, E, H: tl.constexpr, I: tl.constexpr, W_BYTES: tl.constexpr,
                   GATE_W: tl.constexpr, GATE_S: tl.constexpr, GATE_M: tl.constexpr,
                   UP_W: tl.constexpr, UP_S: tl.constexpr, UP_M: tl.constexpr,
                   ROW: tl.constexpr, KP: tl.constexpr, GROUPS: tl.constexpr, BITS: tl.constexpr,
@@ -708,8 +708,8 @@ def _gate_up_split_kernel(w_ptr, s_ptr, offsets_ptr, ids_ptr, combine_ptr, x_ptr
 
 
 @triton.jit
-def _down_item(e, block, piece, w_ptr, s_ptr, offsets_ptr, ids_ptr, combine_ptr, h_ptr, partial_ptr, out_ptr, counters_ptr, E,
-               H: tl.constexpr, I: tl.constexpr, W_BYTES: tl.constexpr,
+def _down_item(e, block, piece, w_ptr, s_ptr, offsets_ptr, ids_ptr, combine_ptr, h_ptr, partial_ptr, out_ptr,
+               counters_ptr, E, H: tl.constexpr, I: tl.constexpr, W_BYTES: tl.constexpr,
                DOWN_W: tl.constexpr, DOWN_S: tl.constexpr, DOWN_M: tl.constexpr,
                ROW: tl.constexpr, KP: tl.constexpr, GROUPS: tl.constexpr, BITS: tl.constexpr,
                CPW: tl.constexpr, BLOCK_N: tl.constexpr, SUB_K: tl.constexpr, SUBS: tl.constexpr,
@@ -777,16 +777,16 @@ def _down_split_kernel(w_ptr, s_ptr, offsets_ptr, ids_ptr, combine_ptr, h_ptr, p
                        C_H: tl.constexpr = 0, D_BIAS: tl.constexpr = -1, PRELOAD: tl.constexpr = False,
                        INDIRECT: tl.constexpr = False):
     """Grid (experts, row blocks, K slices): one :func:`_down_item` each."""
-    _down_item(tl.program_id(0), tl.program_id(1), tl.program_id(2), w_ptr, s_ptr, offsets_ptr, ids_ptr, combine_ptr, h_ptr,
-               partial_ptr, out_ptr, counters_ptr, E, H, I, W_BYTES, DOWN_W, DOWN_S, DOWN_M, ROW, KP, GROUPS, BITS,
-               CPW, BLOCK_N, SUB_K, SUBS, SPLIT, K_SLICE, PACKED, BLOCK_STEPS, ASM, PDL, C_H, D_BIAS, PRELOAD, False,
-               counters_ptr, 0, INDIRECT=INDIRECT)
+    _down_item(tl.program_id(0), tl.program_id(1), tl.program_id(2), w_ptr, s_ptr, offsets_ptr, ids_ptr, combine_ptr,
+               h_ptr, partial_ptr, out_ptr, counters_ptr, E, H, I, W_BYTES, DOWN_W, DOWN_S, DOWN_M, ROW, KP, GROUPS,
+               BITS, CPW, BLOCK_N, SUB_K, SUBS, SPLIT, K_SLICE, PACKED, BLOCK_STEPS, ASM, PDL, C_H, D_BIAS, PRELOAD,
+               False, counters_ptr, 0, INDIRECT=INDIRECT)
 
 
 @triton.jit
-def _step_kernel(w_ptr, s_ptr, offsets_ptr, ids_ptr, combine_ptr, xin_ptr, x_ptr, h_ptr, gu_ptr, gu_counters_ptr, partial_ptr,
-                 out_ptr, counters_ptr, step_ptr, E, H: tl.constexpr, I: tl.constexpr, W_BYTES: tl.constexpr,
-                 GATE_W: tl.constexpr, GATE_S: tl.constexpr, GATE_M: tl.constexpr,
+def _step_kernel(w_ptr, s_ptr, offsets_ptr, ids_ptr, combine_ptr, xin_ptr, x_ptr, h_ptr, gu_ptr, gu_counters_ptr,
+                 partial_ptr, out_ptr, counters_ptr, step_ptr, E, H: tl.constexpr, I: tl.constexpr,
+                 W_BYTES: tl.constexpr, GATE_W: tl.constexpr, GATE_S: tl.constexpr, GATE_M: tl.constexpr,
                  UP_W: tl.constexpr, UP_S: tl.constexpr, UP_M: tl.constexpr,
                  DOWN_W: tl.constexpr, DOWN_S: tl.constexpr, DOWN_M: tl.constexpr, BITS: tl.constexpr,
                  G_ROW: tl.constexpr, G_KP: tl.constexpr, G_GROUPS: tl.constexpr, G_CPW: tl.constexpr,
@@ -828,10 +828,11 @@ def _step_kernel(w_ptr, s_ptr, offsets_ptr, ids_ptr, combine_ptr, xin_ptr, x_ptr
     else:
         item = ticket - PACK_ITEMS - gate_up_items
         e = item // (D_BLOCKS * D_SPLIT)
-        _down_item(e, item % (D_BLOCKS * D_SPLIT) // D_SPLIT, item % D_SPLIT, w_ptr, s_ptr, offsets_ptr, ids_ptr, combine_ptr,
-                   h_ptr, partial_ptr, out_ptr, counters_ptr, E, H, I, W_BYTES, DOWN_W, DOWN_S, DOWN_M, D_ROW, D_KP,
-                   D_GROUPS, BITS, D_CPW, D_BLOCK_N, D_SUB_K, D_SUBS, D_SPLIT, D_K_SLICE, PACKED, BLOCK_STEPS, ASM,
-                   False, C_H, D_BIAS, PRELOAD, True, step_ptr + 3 + e, G_BLOCKS, INDIRECT=INDIRECT)  # waits for e's h
+        _down_item(e, item % (D_BLOCKS * D_SPLIT) // D_SPLIT, item % D_SPLIT, w_ptr, s_ptr, offsets_ptr, ids_ptr,
+                   combine_ptr, h_ptr, partial_ptr, out_ptr, counters_ptr, E, H, I, W_BYTES, DOWN_W, DOWN_S, DOWN_M,
+                   D_ROW, D_KP, D_GROUPS, BITS, D_CPW, D_BLOCK_N, D_SUB_K, D_SUBS, D_SPLIT, D_K_SLICE, PACKED,
+                   BLOCK_STEPS, ASM, False, C_H, D_BIAS, PRELOAD, True, step_ptr + 3 + e, G_BLOCKS,
+                   INDIRECT=INDIRECT)  # waits for e's h
     tl.debug_barrier()
     if tl.atomic_add(step_ptr + 1, 1, sem="acq_rel") == PACK_ITEMS + gate_up_items + E * (D_BLOCKS * D_SPLIT) - 1:
         # every other program has finished with the counters: plain stores (an atomic exchange each
