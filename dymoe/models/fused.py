@@ -120,7 +120,10 @@ class LinearConfig:
     warps: int = 4
 
 
-def linear_config(n: int, k: int, programs: int, block_n: int = 8, block_k: int = 512,
+LINEAR_BLOCK_N = 8  # linear_decode's rows per program (its default cut)
+
+
+def linear_config(n: int, k: int, programs: int, block_n: int = LINEAR_BLOCK_N, block_k: int = 512,
                   warps: int = 4) -> LinearConfig:
     """The cut for W [N, K] aiming at ``programs`` programs: K is split only as far as the row
     blocks alone fall short of them, never into more than 16 slices. On an H100 (2026-12-06,
@@ -164,7 +167,7 @@ def linear_decode_applies(x: torch.Tensor, weight: torch.Tensor, bias: torch.Ten
             and x.dtype == weight.dtype and x.dtype in (torch.bfloat16, torch.float16)
             and (bias is None or bias.dtype == x.dtype and bias.is_contiguous())
             and fused_applies(x) and x.is_contiguous() and weight.is_contiguous()
-            and -(-weight.shape[0] // 8) < DECODE_COUNTERS and decode_counters(x.device) is not None)
+            and -(-weight.shape[0] // LINEAR_BLOCK_N) < DECODE_COUNTERS and decode_counters(x.device) is not None)
 
 
 def _launch_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, out: torch.Tensor,
@@ -174,6 +177,8 @@ def _launch_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
     kernels = _kernels()
     n, k = weight.shape
     config = config or linear_config(n, k, _programs(x.device))
+    if -(-n // config.block_n) >= DECODE_COUNTERS:  # a benchmark's cut (linear_decode_applies checks the default)
+        raise ValueError(f"{n} rows in blocks of {config.block_n} need more than {DECODE_COUNTERS} counters")
     partial = torch.empty(config.split * n if config.split > 1 else 1, dtype=torch.float32, device=x.device)
     if routing is not None:
         route_flags.update(ROUTE=True, E_BLOCK=kernels.triton.next_power_of_2(n), ACCURATE=not interpreting())
