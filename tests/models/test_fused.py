@@ -307,34 +307,37 @@ def test_a_routers_logits_and_its_routing_in_one_launch(interpreted):
         assert r["experts"] - 1 in r["ref_ids"][0], (name, r)  # the masked tail is read
 
 
+def _check_setting(monkeypatch, name: str, read, values: dict, bad: str, first: str) -> None:
+    """Environment variable ``name`` read by ``read()``: each of ``values`` (unset as "") gives its
+    setting, and ``bad`` is one clear error naming the variable and ``first``, its first choice."""
+    for value, expected in values.items():
+        monkeypatch.setenv(name, value)
+        assert read() == expected, (name, value)
+    monkeypatch.setenv(name, bad)
+    with pytest.raises(InputError, match=f"{name}='{bad}': use {first}"):
+        read()
+
+
 def test_fused_kernels_only_where_they_apply(monkeypatch):
     """Off on a CPU tensor without the interpreter (the torch code runs: CI's path) and when
     DYMOE_FUSED_DENSE=0; a bad value is one clear error."""
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     monkeypatch.setattr(fused, "ENABLED", True)
     assert not fused.fused_applies(torch.zeros(4))
-    for value, expected in (("", True), ("1", True), ("0", False)):
-        monkeypatch.setenv("DYMOE_FUSED_DENSE", value)
-        assert fused._setting() is expected
-    monkeypatch.setenv("DYMOE_FUSED_DENSE", "off")
-    with pytest.raises(InputError, match="DYMOE_FUSED_DENSE='off': use 1"):
-        fused._setting()
+    _check_setting(monkeypatch, "DYMOE_FUSED_DENSE", fused._setting, {"": True, "1": True, "0": False}, "off", "1")
 
 
 def test_linear_decode_only_where_it_applies(monkeypatch):
     """``DYMOE_DECODE_LINEAR``: ``triton`` by default, ``cublas`` off, a bad value one clear error.
     ``linear_decode`` takes one row of bf16 or float16 with a weight of its dtype, contiguous; a
-    prefill's rows, float32, a mixed dtype, a transposed weight or a strided bias take F.linear. ``layers.Linear``
-    and the Router go through it only where it applies."""
+    prefill's rows, float32, a mixed dtype, a transposed weight or a strided bias take F.linear.
+    ``layers.Linear`` goes through it only where it applies (the Router's use: the interpreted
+    ``route_decode`` test)."""
     from dymoe.models import layers
 
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-    for value, expected in (("", "triton"), ("triton", "triton"), ("cublas", "cublas")):
-        monkeypatch.setenv("DYMOE_DECODE_LINEAR", value)
-        assert fused._decode_linear_setting() == expected
-    monkeypatch.setenv("DYMOE_DECODE_LINEAR", "cutlass")
-    with pytest.raises(InputError, match="DYMOE_DECODE_LINEAR='cutlass': use triton"):
-        fused._decode_linear_setting()
+    _check_setting(monkeypatch, "DYMOE_DECODE_LINEAR", fused._decode_linear_setting,
+                   {"": "triton", "triton": "triton", "cublas": "cublas"}, "cutlass", "triton")
     monkeypatch.setattr(fused, "ENABLED", True)
     monkeypatch.setattr(fused, "DECODE_LINEAR", "triton")
     w, x = torch.zeros(16, 32, dtype=torch.bfloat16), torch.zeros(1, 1, 32, dtype=torch.bfloat16)
@@ -363,12 +366,8 @@ def test_the_split_decode_attention_only_where_it_applies(monkeypatch):
     """``DYMOE_DECODE_ATTENTION``: ``split`` by default, ``sdpa`` off, a bad value one clear error;
     never for a CPU tensor without the interpreter, a float32 query or a batch of two."""
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-    for value, expected in (("", "split"), ("split", "split"), ("sdpa", "sdpa")):
-        monkeypatch.setenv("DYMOE_DECODE_ATTENTION", value)
-        assert fused._attention_setting() == expected
-    monkeypatch.setenv("DYMOE_DECODE_ATTENTION", "flash")
-    with pytest.raises(InputError, match="DYMOE_DECODE_ATTENTION='flash': use split"):
-        fused._attention_setting()
+    _check_setting(monkeypatch, "DYMOE_DECODE_ATTENTION", fused._attention_setting,
+                   {"": "split", "split": "split", "sdpa": "sdpa"}, "flash", "split")
     monkeypatch.setattr(fused, "ATTENTION", "split")
     monkeypatch.setattr(fused, "ENABLED", True)
     assert not fused.decode_attention_applies(torch.zeros(1, 8, 1, 64, dtype=torch.bfloat16))
