@@ -38,6 +38,7 @@ import torch
 
 from dymoe.errors import InputError
 from dymoe.models.moe import Router, RoutingClock
+from dymoe.quant.kernels import InputPacking
 
 # Defaults, with their sources in docs/routing.md.
 DEFAULT_ZIPF = 0.8  # s: fits the trained demo model (docs/routing.md)
@@ -195,19 +196,23 @@ class PositionalRouter(Router):
         self.register_buffer("routes", torch.from_numpy(routes).to(device), persistent=False)
         self.register_buffer("guesses", torch.from_numpy(guesses).to(device), persistent=False)
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return self._route(x, self.routes)
+    def forward(self, x: torch.Tensor, pack: InputPacking | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        return self._route(x, self.routes, pack)
+
+    def packs(self, x: torch.Tensor, pack: InputPacking) -> bool:
+        return self.weigh_packs(x, pack)  # (its forward weighs)
 
     def predict(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The predictor's view: each true expert visible with probability q, the rest popularity draws."""
         return self._route(x, self.guesses)
 
-    def _route(self, x: torch.Tensor, table: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _route(self, x: torch.Tensor, table: torch.Tensor,
+               pack: InputPacking | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         if isinstance(self.clock.start, int) and x.is_cuda and torch.cuda.is_current_stream_capturing():
             # a graph would freeze this host-side position; decode_graphs.py hands the clock a device-held one
             raise InputError("synthetic skewed routing was captured in a CUDA graph with a host-side position: "
                              "decode eagerly (--eager)")
-        return self.weigh(x, self.clock.rows(table, x.shape[0]))
+        return self.weigh(x, self.clock.rows(table, x.shape[0]), pack)
 
 
 def apply_routing(model, routing: SyntheticRouting, seed: int) -> None:

@@ -40,6 +40,7 @@ from dataclasses import dataclass
 import torch
 
 from dymoe.models.layers import KVCache, StaticPosition, add_norm
+from dymoe.quant.kernels import InputPacking
 
 MIN_SPAN = 256
 
@@ -54,6 +55,7 @@ class _Segment:
     ids: torch.Tensor | None = None
     weights: torch.Tensor | None = None
     row: torch.Tensor | None = None  # the runtime's routing_row (deferred decode), recorded with the router
+    pack: InputPacking | None = None  # where the router packed the MoE input for the expert step (MoEBlock.input_packing)
     logits: torch.Tensor | None = None
 
 
@@ -159,7 +161,7 @@ class DecodeGraphs:
             row = {} if out.row is None else {"row": out.row}  # (runtimes without routing_row take none)
             experts.decode_prepare(block.layer, out.flat, out.ids[0], out.weights[0], **row)
         else:
-            self.routed[s].copy_(experts.run_experts(block.layer, out.flat, out.ids, out.weights))
+            self.routed[s].copy_(block.run_experts(out.flat, out.ids, out.weights, out.pack))
 
     def _capture(self, pos: StaticPosition) -> _Recording:
         pool = torch.cuda.graph_pool_handle()
@@ -197,7 +199,8 @@ class DecodeGraphs:
         else:
             block = self.layers[self.moe_at[s - 1]].mlp
             if self.deferred:
-                routed = model.experts.decode_compute(block.layer, prev.flat, prev.weights[0])
+                extra = {} if prev.pack is None else {"packed_input": prev.pack}
+                routed = model.experts.decode_compute(block.layer, prev.flat, prev.weights[0], **extra)
             else:
                 routed = self.routed[s - 1]
             x, pending = prev.h, block.finish(prev.flat, routed).view_as(prev.h)  # added with the next norm
@@ -212,7 +215,8 @@ class DecodeGraphs:
         x, normed = layer.input_norm(x, pending)
         h, flat = add_norm(x, layer.self_attn(normed, pos, cache, rotary), layer.post_attention_layernorm)
         flat = flat.view(1, -1)
-        ids, weights = layer.mlp.gate(flat)
+        pack = layer.mlp.input_packing(flat)  # (nothing writes the target before decode_compute reads it)
+        ids, weights = layer.mlp.gate(flat, pack)
         routing_row = getattr(model.experts, "routing_row", None) if self.deferred else None
         row = routing_row(layer.mlp.layer, flat, ids[0], weights[0]) if routing_row is not None else None
         if row is not None and row.is_cuda:
@@ -220,4 +224,4 @@ class DecodeGraphs:
             if host is None or host.shape != row.shape:
                 host = self.host_rows[s] = torch.empty(row.shape, dtype=row.dtype, pin_memory=True)
             row = host.copy_(row, non_blocking=True)
-        return _Segment(h=h, flat=flat, ids=ids, weights=weights, row=row)
+        return _Segment(h=h, flat=flat, ids=ids, weights=weights, row=row, pack=pack)

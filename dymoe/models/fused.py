@@ -33,7 +33,7 @@ from dataclasses import dataclass
 import torch
 
 from dymoe.env import env_choice
-from dymoe.quant.kernels import interpreting, kernels_run_on, sm_count, triton_available
+from dymoe.quant.kernels import InputPacking, interpreting, kernels_run_on, sm_count, triton_available
 
 
 def _setting() -> bool:
@@ -171,9 +171,11 @@ def linear_decode_applies(x: torch.Tensor, weight: torch.Tensor, bias: torch.Ten
 
 
 def _launch_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, out: torch.Tensor,
-                   config: LinearConfig | None, routing: tuple | None = None, **route_flags) -> None:
+                   config: LinearConfig | None, routing: tuple | None = None, pack: InputPacking | None = None,
+                   **route_flags) -> None:
     """One launch of the linear kernel into ``out``; with ``routing`` = (given ids, ids, weights,
-    scaling) and the route's constexpr flags, it routes the token too (:func:`route_decode`)."""
+    scaling) and the route's constexpr flags, it routes the token too (:func:`route_decode`), and
+    with ``pack`` it packs x for the expert step."""
     kernels = _kernels()
     n, k = weight.shape
     config = config or linear_config(n, k, _programs(x.device))
@@ -183,10 +185,16 @@ def _launch_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
     if routing is not None:
         route_flags.update(ROUTE=True, E_BLOCK=kernels.triton.next_power_of_2(n), ACCURATE=not interpreting())
     ids_in, ids, weights, scaling = routing or (out, out, out, 1.0)  # (not read without ROUTE)
+    if pack is not None:
+        from dymoe.quant.kernels.triton_experts import PACK_BLOCK, PACK_WARPS, chunk_values
+
+        if config.warps != PACK_WARPS:  # the step's packing launch sums each chunk with these warps
+            raise ValueError(f"a router that packs the expert step's input runs {PACK_WARPS} warps, not {config.warps}")
+        route_flags.update(PACK_BITS=pack.bits, PACK_C=-(-k // chunk_values(pack.bits)), PACK_BLOCK=PACK_BLOCK)
     kernels.linear_decode_kernel[(-(-n // config.block_n), config.split)](
         x, weight, bias if bias is not None else weight, out, partial, decode_counters(x.device), ids_in, ids, weights,
-        scaling, N=n, K=k, BLOCK_N=config.block_n, BLOCK_K=config.block_k, SPLIT=config.split, STEPS=config.steps,
-        BIAS=bias is not None, num_warps=config.warps, **route_flags)
+        scaling, pack.buffer if pack is not None else out, N=n, K=k, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
+        SPLIT=config.split, STEPS=config.steps, BIAS=bias is not None, num_warps=config.warps, **route_flags)
 
 
 def linear_decode(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
@@ -203,19 +211,30 @@ def linear_decode(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
 
 def route_decode(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, k: int, *, sigmoid: bool,
                  normalize: bool, scaling: float, ids: torch.Tensor | None = None,
-                 config: LinearConfig | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                 config: LinearConfig | None = None, pack: InputPacking | None = None
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`route` of one token's router logits ``F.linear(x, weight, bias)``, both in one launch:
     the last of the linear's row blocks routes (:func:`linear_decode_applies` and
-    :func:`route_applies` must hold)."""
+    :func:`route_applies` must hold). ``pack``: the launch also writes x into the expert step's
+    packed input (:func:`packs_for`), so that the step packs nothing."""
+    if pack is not None and not packs_for(x, pack):
+        raise ValueError(f"a router's input of {x.shape[-1]} {x.dtype} values cannot be packed for a step of "
+                         f"{pack.hidden_size}")
     experts = weight.shape[0]
     logits = torch.empty(experts, dtype=x.dtype, device=x.device)
     out_ids = torch.empty(1, k, dtype=torch.int64, device=x.device)
     weights = torch.empty(1, k, dtype=x.dtype, device=x.device)
     given = ids.to(torch.int64).contiguous() if ids is not None else out_ids
-    _launch_linear(x, weight, bias, logits, config, (given, out_ids, weights, float(scaling)), TOP_K=k,
+    _launch_linear(x, weight, bias, logits, config, (given, out_ids, weights, float(scaling)), pack, TOP_K=k,
                    KB=_kernels().triton.next_power_of_2(k), GIVEN=ids is not None, SIGMOID=sigmoid,
                    NORMALIZE=normalize)
     return out_ids, weights
+
+
+def packs_for(x: torch.Tensor, pack: InputPacking) -> bool:
+    """Whether :func:`route_decode` can pack one token ``x`` for ``pack``'s step: as wide, and in
+    bf16 or float16 (what the step's own packing reads)."""
+    return x.shape[-1] == pack.hidden_size and x.dtype in (torch.bfloat16, torch.float16) and x.is_contiguous()
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:

@@ -5,6 +5,8 @@ import triton
 import triton.language as tl
 from triton.language.extra import libdevice
 
+from dymoe.quant.kernels.split_k import _pack_item
+
 
 @triton.jit
 def rounded(v, ty: tl.constexpr):
@@ -204,19 +206,27 @@ def _route_when_last(out_ptr, counter, ids_in_ptr, ids_ptr, weights_ptr, scaling
 
 @triton.jit
 def linear_decode_kernel(x_ptr, w_ptr, b_ptr, out_ptr, partial_ptr, counters_ptr, ids_in_ptr, ids_ptr, weights_ptr,
-                         scaling, N: tl.constexpr, K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                         SPLIT: tl.constexpr, STEPS: tl.constexpr, BIAS: tl.constexpr, ROUTE: tl.constexpr = False,
-                         TOP_K: tl.constexpr = 1, E_BLOCK: tl.constexpr = 1, KB: tl.constexpr = 1,
-                         GIVEN: tl.constexpr = False, SIGMOID: tl.constexpr = False, NORMALIZE: tl.constexpr = False,
-                         ACCURATE: tl.constexpr = True):
+                         scaling, pack_ptr, N: tl.constexpr, K: tl.constexpr, BLOCK_N: tl.constexpr,
+                         BLOCK_K: tl.constexpr, SPLIT: tl.constexpr, STEPS: tl.constexpr, BIAS: tl.constexpr,
+                         ROUTE: tl.constexpr = False, TOP_K: tl.constexpr = 1, E_BLOCK: tl.constexpr = 1,
+                         KB: tl.constexpr = 1, GIVEN: tl.constexpr = False, SIGMOID: tl.constexpr = False,
+                         NORMALIZE: tl.constexpr = False, ACCURATE: tl.constexpr = True, PACK_BITS: tl.constexpr = 0,
+                         PACK_C: tl.constexpr = 0, PACK_BLOCK: tl.constexpr = 1024):
     """One token through a linear layer, ``out = W x (+ b)`` for W [N, K] row-major: program
     (block, piece) sums rows ``block * BLOCK_N ..`` over K slice ``piece`` (``STEPS`` steps of
     ``BLOCK_K``) in float32. With SPLIT slices each writes its sums to ``partial`` [SPLIT, N] and
     the last of a row block's programs (an acq_rel counter, reset by it) adds them in slice order
     and stores the block: deterministic, whichever program comes last. ROUTE (a router): the last
-    row block then routes the token from the logits (:func:`_route`), counter ``BLOCKS``."""
+    row block then routes the token from the logits (:func:`_route`), counter ``BLOCKS``.
+    PACK_BITS (a router before an int4, int3 or int2 expert step): the programs also write x as
+    that step's packed activation vector of ``PACK_C`` chunks into ``pack`` (the step's own
+    packing launch's pieces of ``PACK_BLOCK`` values, one program each, the first programs first)."""
     block = tl.program_id(0)
     piece = tl.program_id(1)
+    BLOCKS: tl.constexpr = (N + BLOCK_N - 1) // BLOCK_N
+    if PACK_BITS != 0:
+        for p in range(block * SPLIT + piece, (K + PACK_BLOCK - 1) // PACK_BLOCK, BLOCKS * SPLIT):
+            _pack_item(p, x_ptr, pack_ptr, K, PACK_C, PACK_BITS, PACK_BLOCK)
     rows = block * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < N
     acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
@@ -229,7 +239,6 @@ def linear_decode_kernel(x_ptr, w_ptr, b_ptr, out_ptr, partial_ptr, counters_ptr
         x = tl.load(x_ptr + cols, mask=col_ok, other=0.0)
         acc += w.to(tl.float32) * x.to(tl.float32)[None, :]
     sums = tl.sum(acc, axis=1)
-    BLOCKS: tl.constexpr = (N + BLOCK_N - 1) // BLOCK_N
     if SPLIT == 1:
         _linear_rows(out_ptr, b_ptr, rows, row_ok, sums, BIAS)
         if ROUTE:

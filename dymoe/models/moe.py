@@ -17,9 +17,16 @@ from torch import nn
 import dymoe.models.fused as fused
 from dymoe.models.config import ModelConfig
 from dymoe.models.layers import DenseMLP, Linear
+from dymoe.quant.kernels import InputPacking
 
 
 class ExpertProvider(Protocol):
+    """A provider may also offer ``input_packing(layer) -> InputPacking | None``: where its
+    one-token step of ``layer`` wants the token's input packed ahead (int4, int3, int2 kernels,
+    :class:`~dymoe.quant.kernels.InputPacking`). Where the router's launch can write it
+    (:meth:`Router.packs`), the block passes the router that target and ``run_experts`` a
+    ``packed_input=`` keyword naming it, filled for this hidden state; never otherwise."""
+
     def run_experts(
         self, layer: int, hidden: torch.Tensor, expert_ids: torch.Tensor, expert_weights: torch.Tensor
     ) -> torch.Tensor:
@@ -82,15 +89,17 @@ class Router(nn.Module):
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.weight, self.bias)
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """x [N, H] -> (expert ids [N, k] int64, weights [N, k] in x's dtype)."""
+    def forward(self, x: torch.Tensor, pack: InputPacking | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """x [N, H] -> (expert ids [N, k] int64, weights [N, k] in x's dtype). ``pack``: also write
+        x as an expert step's packed input, in the same launch (where :meth:`packs` holds)."""
+        self._check_pack(x, pack)
         if self.topk_method == "sparsemixer":
             logits = self.logits(x)
             ids = sparsemixer_choice(logits, self.top_k)
             return ids, sparsemixer_weights(logits, ids, self.jitter_eps)
         if self.topk_method == "greedy" and self._route_decode_applies(x):  # one kernel with the linear
             return fused.route_decode(x, self.weight, self.bias, self.top_k, sigmoid=self.sigmoid,
-                                      normalize=self.normalize, scaling=self.scaling)
+                                      normalize=self.normalize, scaling=self.scaling, pack=pack)
         if self.topk_method == "greedy" and fused.route_applies(x, self.weight.shape[0]):  # one kernel after the linear
             return fused.route(self.logits(x), self.top_k, sigmoid=self.sigmoid, normalize=self.normalize,
                                scaling=self.scaling, dtype=x.dtype)
@@ -106,22 +115,40 @@ class Router(nn.Module):
         """Whether one token's logits and routing run as one launch (:func:`fused.route_decode`)."""
         return fused.route_applies(x, self.weight.shape[0]) and fused.linear_decode_applies(x, self.weight, self.bias)
 
+    def packs(self, x: torch.Tensor, pack: InputPacking) -> bool:
+        """Whether :meth:`forward` writes one token x [1, H] into ``pack`` as it routes: a greedy
+        router's one-launch decode route (:meth:`weigh_packs`)."""
+        return self.topk_method == "greedy" and self.weigh_packs(x, pack)
+
+    def weigh_packs(self, x: torch.Tensor, pack: InputPacking) -> bool:
+        """Whether :meth:`weigh` writes one token x [1, H] into ``pack`` as it weighs: its
+        one-launch decode route (:func:`fused.route_decode`), which reads x whole anyway."""
+        return (self.topk_method != "sparsemixer" and self._route_decode_applies(x)
+                and fused.packs_for(x, pack))
+
+    def _check_pack(self, x: torch.Tensor, pack: InputPacking | None, weighing: bool = False) -> None:
+        if pack is not None and not (self.weigh_packs(x, pack) if weighing else self.packs(x, pack)):
+            raise ValueError("this router cannot pack its input for the expert step here (ask Router.packs first)")
+
     def scores(self, x: torch.Tensor) -> torch.Tensor:
         """Every expert's score for x [N, H], float32: softmax or sigmoid of the logits."""
         logits = self.logits(x).float()
         return torch.sigmoid(logits) if self.sigmoid else torch.softmax(logits, dim=-1)
 
-    def weigh(self, x: torch.Tensor, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def weigh(self, x: torch.Tensor, ids: torch.Tensor,
+              pack: InputPacking | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """This router's weights for experts ``ids`` [N, k] chosen by something else (synthetic
         routing, dymoe/bench/routing.py): (the ids in the router's order, best first as its own
-        choice comes; their weights [N, k] in x's dtype)."""
+        choice comes; their weights [N, k] in x's dtype). ``pack``: as in :meth:`forward`
+        (where :meth:`weigh_packs` holds)."""
+        self._check_pack(x, pack, weighing=True)
         if self.topk_method == "sparsemixer":
             logits = self.logits(x)
             ids = ids.gather(1, logits.gather(1, ids).sort(dim=-1, descending=True).indices)
             return ids, sparsemixer_weights(logits, ids, self.jitter_eps)
         if self._route_decode_applies(x):
             return fused.route_decode(x, self.weight, self.bias, ids.shape[1], sigmoid=self.sigmoid,
-                                      normalize=self.normalize, scaling=self.scaling, ids=ids)
+                                      normalize=self.normalize, scaling=self.scaling, ids=ids, pack=pack)
         if fused.route_applies(x, self.weight.shape[0]):
             return fused.route(self.logits(x), ids.shape[1], sigmoid=self.sigmoid, normalize=self.normalize,
                                scaling=self.scaling, dtype=x.dtype, ids=ids)
@@ -194,8 +221,25 @@ class MoEBlock(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         flat = x.reshape(-1, shape[-1])
-        ids, weights = self.gate(flat)
-        return self.finish(flat, self.experts.run_experts(self.layer, flat, ids, weights)).view(shape)
+        pack = self.input_packing(flat)
+        ids, weights = self.gate(flat, pack)
+        return self.finish(flat, self.run_experts(flat, ids, weights, pack)).view(shape)
+
+    def input_packing(self, flat: torch.Tensor) -> InputPacking | None:
+        """Where the expert runtime wants one token's input flat [1, H] packed for its step of this
+        layer, if the router can write it there as it routes (:class:`ExpertProvider`); else None."""
+        request = getattr(self.experts, "input_packing", None)
+        if flat.shape[0] != 1 or request is None:
+            return None
+        pack = request(self.layer)
+        return pack if pack is not None and self.gate.packs(flat, pack) else None
+
+    def run_experts(self, flat: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor,
+                    pack: InputPacking | None = None) -> torch.Tensor:
+        """The runtime's routed sum for flat [N, H]; ``pack``: :meth:`input_packing`'s target, which
+        the router filled for this input."""
+        extra = {} if pack is None else {"packed_input": pack}  # (runtimes that never pack take no keyword)
+        return self.experts.run_experts(self.layer, flat, ids, weights, **extra)
 
     def finish(self, flat: torch.Tensor, routed: torch.Tensor) -> torch.Tensor:
         """The block's output from its input [N, H] and the routed experts' sum [N, H]: adds what

@@ -203,9 +203,11 @@ class MappedDecode:
             self.active = False
         self._end()
 
-    def compute(self, layer: int, hidden: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    def compute(self, layer: int, hidden: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor,
+                x_packed: torch.Tensor | None = None) -> torch.Tensor:
         """One token through its experts ``ids`` [k] of ``layer``: the layer's misses filled into
-        ring slots, then the experts read wherever the table (or the fill) points."""
+        ring slots, then the experts read wherever the table (or the fill) points (``x_packed``:
+        hidden as the runtime's :meth:`input_packing` step takes it, filled by the router)."""
         r, runtime = self.rows[layer], self.runtime
         last = r == len(self.layers) - 1
         if not self.kernels:
@@ -219,7 +221,8 @@ class MappedDecode:
         launch_fill(self._words, ids, self.table, self.inbox, self.heads, self.record, self.offsets, r, self.cap,
                     self.nbytes, self._programs)
         out = expert_decode(runtime.pool.buffer, self.offsets[r], runtime.layout, hidden, weights.view(1, -1),
-                            backend="triton", workspace=runtime._workspaces.get(self.precision), math=runtime.math)
+                            backend="triton", workspace=runtime._workspaces.get(self.precision), math=runtime.math,
+                            x_packed=x_packed)
         if last:
             launch_apply(self.table, self.inbox, self.heads, self.record, self.cap)
         return out

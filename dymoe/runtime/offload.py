@@ -42,7 +42,8 @@ import torch
 from dymoe.checkpoint.blob import BlobLayout, expert_biases
 from dymoe.errors import BudgetError, StoreError
 from dymoe.models.expert_math import SWIGLU, ExpertMath
-from dymoe.quant.kernels import decode_workspace, expert_decode_capturable, routed_decode
+from dymoe.quant.kernels import (InputPacking, decode_workspace, expert_decode_capturable, input_packing,
+                                 routed_decode)
 from dymoe.runtime.cache import ExpertCache
 from dymoe.runtime import expert_compute
 from dymoe.runtime.expert_compute import ExpertRun, group_by_expert, run_grouped
@@ -121,15 +122,18 @@ def bound_math(model, layout) -> ExpertMath:
     return math
 
 
-def compile_decode(buffer, table, layout, workspace, widths, math, dtype) -> None:
+def compile_decode(buffer, table, layout, workspace, widths, math, dtype, packing=None) -> None:
     """Launch the fused decode kernels once per routing width in ``widths`` over the first slots of
     ``table`` (whatever they hold, each slot again where it has fewer than n), so Triton compiles
-    them at start-up, not in the first tokens."""
+    them at start-up, not in the first tokens; with ``packing`` (an :class:`InputPacking` for the
+    widest step) that step on a prepacked input too."""
     hidden = torch.zeros(1, layout.hidden_size, device=buffer.device, dtype=dtype)
     for n in widths if table.numel() else ():
         slots = (torch.arange(n, device=buffer.device) % table.numel()).view(1, -1)
-        routed_decode(buffer, table, slots, torch.full((1, n), 1.0 / n, device=buffer.device, dtype=dtype), layout,
-                      hidden, workspace=workspace, math=math)
+        weights = torch.full((1, n), 1.0 / n, device=buffer.device, dtype=dtype)
+        for x_packed in (None, packing.buffer) if packing is not None and n == max(widths) else (None,):
+            routed_decode(buffer, table, slots, weights, layout, hidden, workspace=workspace, math=math,
+                          x_packed=x_packed)
 
 
 class OffloadedExperts(RuntimeReporting):
@@ -167,6 +171,9 @@ class OffloadedExperts(RuntimeReporting):
         self._workspaces = {p: decode_workspace(self.layouts[p], top_k, 1, self.device)
                             for p in counts if p != "bf16" or self._stacks is None or self.low is not None
                             or self._kernels_bf16}
+        # one class of int4, int3 or int2 slots: the router packs each token's input for the step
+        # (input_packing); None where the step packs nothing or the torch path runs
+        self._packing = input_packing(self.layouts[self.precision], top_k, self.device) if self.low is None else None
         self.predictor: CrossLayerPredictor | None = None
         self._upload = IndexUpload(top_k, self.device, rows=2 * len(config.precisions))  # slot ids, rows per class
         # the two-class deferred decode's per-class slot and mask rows, in one copy per step (the
@@ -237,14 +244,21 @@ class OffloadedExperts(RuntimeReporting):
 
     # ---- the ExpertProvider interface ------------------------------------------------------------
 
-    def run_experts(self, layer, hidden, expert_ids, expert_weights):
+    def input_packing(self, layer: int) -> InputPacking | None:
+        """Where a one-token step wants its input packed ahead (one class of int4, int3 or int2
+        slots on the Triton path; the same target for every layer, which the router fills right
+        before each step), else None (:class:`~dymoe.models.moe.ExpertProvider`)."""
+        return self._packing
+
+    def run_experts(self, layer, hidden, expert_ids, expert_weights, packed_input: InputPacking | None = None):
         mapped = self.mapped_decode
+        x_packed = packed_input.buffer if packed_input is not None else None
         if mapped is not None:
             if mapped.active and hidden.shape[0] == 1:
-                return mapped.compute(layer, hidden, expert_ids[0], expert_weights[0])
+                return mapped.compute(layer, hidden, expert_ids[0], expert_weights[0], x_packed)
             mapped.suspend()  # the cache changes below: the table is rebuilt before the next step
         if hidden.shape[0] == 1:
-            out = self._decode_one(layer, hidden, expert_ids[0], expert_weights[0])
+            out = self._decode_one(layer, hidden, expert_ids[0], expert_weights[0], x_packed)
         else:
             out = self._run_grouped(layer, hidden, expert_ids, expert_weights)
         self._after_layer(layer, hidden.shape[0])
@@ -264,16 +278,18 @@ class OffloadedExperts(RuntimeReporting):
             schedule=self._schedule(layer, grouping[1], wanted, tickets), math=self.math,
         )
 
-    def _decode_one(self, layer, hidden, ids, weights):
+    def _decode_one(self, layer, hidden, ids, weights, x_packed=None):
         """One token: make its k experts resident, then run them from their slots — bf16 ones with
         the arithmetic of :func:`~dymoe.runtime.resident.decode_experts` (bit-identical to the
-        resident model's decode), low-bit ones through the fused kernels."""
+        resident model's decode), low-bit ones through the fused kernels (``x_packed``: the input
+        as :meth:`input_packing`'s step takes it, for a class that runs every expert)."""
         experts, used = self._admit(layer, hidden, ids, weights)
         out = None
         for precision in self.config.precisions:
             rows = [j for j, e in enumerate(experts) if used[e] == precision]
             if rows:
-                part = self._decode_rows(layer, hidden, [experts[j] for j in rows], weights, rows, precision)
+                packed = x_packed if len(rows) == len(experts) else None
+                part = self._decode_rows(layer, hidden, [experts[j] for j in rows], weights, rows, precision, packed)
                 out = part if out is None else out + part
         self._release(layer, experts)
         return out
@@ -323,31 +339,33 @@ class OffloadedExperts(RuntimeReporting):
         self.cache.unpin_all([(layer, e) for e in experts])
         self.transfers.fence()
 
-    def _decode_rows(self, layer, hidden, experts, weights, rows, precision):
+    def _decode_rows(self, layer, hidden, experts, weights, rows, precision, x_packed=None):
         row = 2 * self.config.precisions.index(precision)
         slots = self._upload(self._slots(layer, experts), row)
         if len(rows) < weights.shape[0]:
             weights = weights[self._upload(rows, row + 1)]
-        return self._run_slots(hidden, slots, weights, precision)
+        return self._run_slots(hidden, slots, weights, precision, x_packed)
 
     def _slots(self, layer: int, experts: list[int]) -> list[int]:
         return self.cache.slots([(layer, e) for e in experts])
 
-    def _run_slots(self, hidden, slots, weights, precision):
-        """One token through the experts in ``slots`` (device int64) of one class: device work only."""
+    def _run_slots(self, hidden, slots, weights, precision, x_packed=None):
+        """One token through the experts in ``slots`` (device int64) of one class: device work only
+        (``x_packed``: hidden packed for a low-bit class's step, :meth:`input_packing`)."""
         if precision == "bf16" and self._kernels_bf16:  # as the resident model decodes then
             return kernels_decode_experts(hidden, slots, weights, self.pool.buffer, self._slot_tables["bf16"],
                                           self.layouts["bf16"], self._workspaces.get("bf16"), self.math)
         if precision == "bf16" and self._stacks is not None:
             gate_up, down = self._stacks
             return decode_experts(hidden, slots, weights, gate_up, down, self.dtype, self._bias_stacks, self.math)
-        return self._run_fused(hidden, slots, weights, precision)
+        return self._run_fused(hidden, slots, weights, precision, x_packed)
 
-    def _run_fused(self, hidden, slots, weights, precision):
+    def _run_fused(self, hidden, slots, weights, precision, x_packed=None):
         """:meth:`_run_slots` through :func:`expert_decode`, whatever the class: a slot whose weight
         is zero is skipped without reading its weights."""
         return routed_decode(self.pool.buffer, self._slot_tables[precision], slots[None], weights[None],
-                             self.layouts[precision], hidden, workspace=self._workspaces.get(precision), math=self.math)
+                             self.layouts[precision], hidden, workspace=self._workspaces.get(precision), math=self.math,
+                             x_packed=x_packed)
 
     # ---- decode in three steps, for the CUDA-graph decode (dymoe/models/decode_graphs.py) -----------
 
@@ -376,11 +394,13 @@ class OffloadedExperts(RuntimeReporting):
             self._upload_padded_rows(layer, experts, used)
         self._deferred = (layer, experts)
 
-    def decode_compute(self, layer, hidden, weights) -> torch.Tensor:
-        """The experts :meth:`decode_prepare` admitted, run on hidden [1, H] with weights [k]."""
+    def decode_compute(self, layer, hidden, weights, packed_input: InputPacking | None = None) -> torch.Tensor:
+        """The experts :meth:`decode_prepare` admitted, run on hidden [1, H] with weights [k]
+        (``packed_input``: as :meth:`run_experts` takes it)."""
         k = weights.shape[0]
         if self.low is None:
-            return self._run_slots(hidden, self._upload.row(0, k), weights, self.precision)
+            x_packed = packed_input.buffer if packed_input is not None else None
+            return self._run_slots(hidden, self._upload.row(0, k), weights, self.precision, x_packed)
         rows = self._padded_rows(k)
         out = None
         for precision in self._decode_classes(layer):
@@ -437,7 +457,8 @@ class OffloadedExperts(RuntimeReporting):
         for precision, workspace in self._workspaces.items():
             if workspace is not None:
                 compile_decode(self.pool.buffer, self._slot_tables[precision], self.layouts[precision], workspace,
-                               self._launch_widths(precision), self.math, self.dtype)
+                               self._launch_widths(precision), self.math, self.dtype,
+                               self._packing if precision == self.precision else None)
         for dequantizer in self._prefill.values():  # and the prefill dequantize (one compile per precision)
             dequantizer.warm_up()
 

@@ -199,6 +199,32 @@ for name, (e, k, scoring, normalize, scaling, bias, config) in {
         again=torch.equal(again[0], ref[0]) and torch.equal(again[1], ref[1]),
         used=router._route_decode_applies(x), distinct=int(logits.unique().numel()),
         ref_ids=ref[0].tolist(), experts=e, shapes=[list(got[0].shape), list(got[1].shape)])
+# a router that packs the MoE input for an int4, int3 or int2 expert step as it routes: the words of
+# the step's own packing launch, bit for bit (poisoned first: all written), the routing unchanged;
+# widths with a tail of a packing piece and of a chunk; the default cut, a split one, one program
+from dymoe.quant.kernels import InputPacking
+from dymoe.quant.kernels.split_k import _pack_input_kernel
+from dymoe.quant.kernels.triton_experts import PACK_BLOCK, chunk_values, packed_words
+for name, (h, bits, config) in {"int4": (2560, 4, None), "int3": (1000, 3, LinearConfig(8, 128, 4, 2)),
+                                "int2": (2600, 2, LinearConfig(32, 1024, 1, 3))}.items():  # (one program: every piece)
+    router = Router(dataclasses.replace(base, hidden_size=h, num_experts=24, num_experts_per_tok=4)).bfloat16()
+    router.weight.data = torch.randn(24, h).bfloat16() / 16
+    x = torch.randn(1, h).bfloat16() * 3
+    pack = InputPacking(torch.full((packed_words(h, bits),), -1, dtype=torch.int32), bits, h)
+    ref = torch.full_like(pack.buffer, -2)
+    _pack_input_kernel[(-(-h // PACK_BLOCK),)](x, ref, H=h, C=-(-h // chunk_values(bits)), BITS=bits, BLOCK=PACK_BLOCK,
+                                               num_warps=4)
+    args = dict(sigmoid=False, normalize=True, scaling=1.0, config=config)
+    plain, packing = route_decode(x, router.weight, None, 4, **args), route_decode(x, router.weight, None, 4, pack=pack, **args)
+    try:
+        route_decode(x[:, :-1].contiguous(), router.weight[:, :-1].contiguous(), None, 4, pack=pack, **args)
+        refused = ""
+    except ValueError as error:
+        refused = str(error)
+    results[f"route_decode/pack/{name}"] = dict(
+        words=torch.equal(pack.buffer, ref), written=int((ref == -2).sum()), size=ref.numel(),
+        routing=torch.equal(plain[0], packing[0]) and torch.equal(plain[1], packing[1]),
+        packs=router.packs(x, pack), refused=refused)
 results["linear/counters_zero"] = int(_COUNTERS[torch.device("cpu")].abs().sum())
 print(json.dumps(results))
 """
@@ -305,6 +331,19 @@ def test_a_routers_logits_and_its_routing_in_one_launch(interpreted):
         assert r["used"] and r["ids"] and r["weights"] and r["given_ids"] and r["given_weights"], (name, r)
         assert r["again"] and r["distinct"] > 8 and r["shapes"][0] == r["shapes"][1], (name, r)
         assert r["experts"] - 1 in r["ref_ids"][0], (name, r)  # the masked tail is read
+
+
+@needs_triton
+def test_a_router_packs_the_expert_steps_input_as_it_routes(interpreted):
+    """``route_decode(pack=...)`` writes the MoE input as the int4, int3 and int2 steps' packed
+    activation vector, word for word what the step's own packing launch writes (every word, with
+    piece and chunk tails, split or not), and routes as without; a router input of another width
+    is refused with a message."""
+    for name in ("int4", "int3", "int2"):
+        r = interpreted[f"route_decode/pack/{name}"]
+        assert r["words"] and r["written"] == 0 and r["size"] > 100, (name, r)
+        assert r["routing"] and r["packs"], (name, r)
+        assert "cannot be packed for a step of" in r["refused"], (name, r)
 
 
 def _check_setting(monkeypatch, name: str, read, values: dict, bad: str, first: str) -> None:

@@ -251,7 +251,9 @@ from dymoe.models.expert_math import SWIGLU, ExpertMath
 from dymoe.quant.formats import parse_format
 from dymoe.quant.kernels import decode_routing, expert_decode, kernel_plan
 from dymoe.quant.kernels.reference import random_pool
-from dymoe.quant.kernels.triton_experts import DecodeWorkspace, LaunchConfig, _launches, launch_decode
+from dymoe.quant.kernels.triton_experts import (PACK_BLOCK, DecodeWorkspace, LaunchConfig, _launches, chunk_values,
+                                                launch_decode, packed_words)
+from dymoe.quant.kernels.split_k import _pack_input_kernel
 
 GPT_OSS = ExpertMath("gpt_oss", bias=True, limit=0.1, alpha=1.702)
 results = {}
@@ -270,7 +272,10 @@ for precision, group, math in [(p, g, SWIGLU) for p, g in FORMATS] + [("int4", 6
     preloads = {name: [launch.kwargs["PRELOAD"] for launch in _launches(plan, 3, 1, 132, True, cfg, cfg, math)]
                 for name, cfg in configs.items()}
     outs = {}
-    for name, cfg in configs.items():
+    # the input packed before the step (as a router packs it: InputPacking), in both launch forms
+    runs = [(name, cfg, False) for name, cfg in configs.items()]
+    runs += [(name + "_prepacked", configs[name], True) for name in ("two", "one") if plan.bits in (4, 3, 2)]
+    for name, cfg, prepacked in runs:
         ws = DecodeWorkspace.allocate(plan, 3, 1, "cpu")
         for scratch in ws.scratch():
             scratch.fill_(float("nan"))
@@ -282,16 +287,23 @@ for precision, group, math in [(p, g, SWIGLU) for p, g in FORMATS] + [("int4", 6
             combine[:, 1] = 0.0  # an expert no token uses: its items still count
             x = torch.randn(1, 160, generator=g).bfloat16()
             ref = expert_decode(pool, offsets, layout, x.float(), combine, backend="torch", math=math)
-            out = launch_decode(pool, offsets, plan, x, combine, ws, cfg, cfg, math=math)
+            packed = None
+            if prepacked:
+                packed = torch.full((packed_words(160, plan.bits),), -1, dtype=torch.int32)
+                _pack_input_kernel[(-(-160 // PACK_BLOCK),)](x, packed, H=160, C=-(-160 // chunk_values(plan.bits)),
+                                                             BITS=plan.bits, BLOCK=PACK_BLOCK)
+            out = launch_decode(pool, offsets, plan, x, combine, ws, cfg, cfg, math=math, x_packed=packed)
             steps.append((out, ref))
         outs[name] = steps
         reset = not (ws.counters.any() or ws.gate_up_counters.any() or ws.step_counters.any())
         outs[name + "_reset"] = reset
     key = f"{precision}/{group}" + ("/gpt_oss" if math.bias else "")
     same = lambda a, b: all(torch.equal(x[0], y[0]) for x, y in zip(outs[a], outs[b]))
+    prepacked = [name for name, _, pre in runs if pre]
     results[key] = {
         "rel_err": max(((o.float() - r).norm() / r.norm()).item() for n in configs for o, r in outs[n]),
         "same_as_two": same("one", "two") and same("two_pre", "two") and same("one_pre", "two"),
+        "prepacked": len(prepacked), "prepacked_same": all(same(name, "two") for name in prepacked),
         "flat_same": same("flat_pre", "flat"),
         "finite": all(bool(o.isfinite().all()) for n in configs for o, _ in outs[n]),
         "reset": all(outs[n + "_reset"] for n in configs), "preloads": preloads}
@@ -307,12 +319,15 @@ def test_one_launch_step_equals_the_two_launches_under_the_interpreter():
     GPT-OSS's biased experts give the two-launch step's output bit for bit, within 1e-2 of the
     float32 reference, for two steps back to back on one NaN-poisoned workspace (K slices of one
     and of two steps, an expert no token uses), with every counter (tickets, packed, ready, done)
-    back at zero."""
+    back at zero. With the input packed before the step (``x_packed``, as the router packs it), both
+    forms give the same output bit for bit."""
     results = run_interpreted(f"FORMATS = {FORMATS!r}\n" + _INTERPRETED_ONE_LAUNCH, fp_fusion=True)
     assert set(results) == {f"{p}/{g}" for p, g in FORMATS} | {"int4/64/gpt_oss"}
     for name, r in results.items():
         assert r["finite"] and r["rel_err"] < 1e-2, (name, r)
         assert r["same_as_two"] and r["flat_same"] and r["reset"], (name, r)
+        assert r["prepacked_same"] and r["prepacked"] == (2 if name.split("/")[0] in ("int4", "int3", "int2") else 0), \
+            (name, r)
         preloads = r["preloads"]
         assert preloads["two"] == preloads["flat"] == [False, False] and preloads["one"][0] is False, (name, r)
         assert preloads["two_pre"] == preloads["flat_pre"] == [True, True] and preloads["one_pre"][0] is True, \
@@ -374,6 +389,13 @@ def test_pdl_launches_only_after_the_first_and_only_where_supported(monkeypatch)
             assert "launch_pdl" not in gate_up.kwargs and "launch_pdl" not in down.kwargs
             assert not (gate_up.kwargs["PDL"] or down.kwargs["PDL"])
             assert not (packed and gate_up.prep.kwargs["PDL"])
+        if packed:  # the input packed before the step (by the router): gate_up first, never early
+            gate_up, down = te._launches(plan, 8, 1, 132, False, *cfgs, pdl=True, prepacked=True)
+            assert gate_up.packed and gate_up.prep is None and "launch_pdl" not in gate_up.kwargs
+            assert down.kwargs["launch_pdl"] is True
+        else:
+            with pytest.raises(ValueError, match="a prepacked input for a step that does not run packed"):
+                te._launches(plan, 8, 1, 132, False, *cfgs, pdl=True, prepacked=True)
     assert not te.pdl_supported(torch.device("cpu"))
     qwen3, mixtral = (kernel_plan(blob_layout(parse_format("int4", 128), h, i)) for h, i in ((2048, 768), (4096, 14336)))
     for value, override, expected in (("", None, (True, False)), ("0", False, (False, False)), ("1", True, (True, True))):

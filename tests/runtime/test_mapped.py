@@ -306,10 +306,18 @@ import torch
 from dymoe.checkpoint.memory_store import MemoryStore
 from dymoe.models.decode_graphs import DecodeGraphs
 from dymoe.models.transformer import load_dense
+from dymoe.quant.kernels import triton_experts
 from dymoe.runtime import mapped
 from dymoe.runtime.offload import OffloadConfig, OffloadedExperts
 from dymoe.runtime.presets import PRESETS
 from tests.tiny_models import tiny_store
+
+prepacked = [0]
+launch = triton_experts.launch_decode
+def counted(*args, x_packed=None, **kwargs):
+    prepacked[0] += x_packed is not None
+    return launch(*args, x_packed=x_packed, **kwargs)
+triton_experts.launch_decode = counted
 
 checkpoint, disk = tiny_store(Path(tempfile.mkdtemp()), "qwen3_moe", 7, ("bf16", "int4"))
 host = MemoryStore.pin_from(disk, disk.nbytes())
@@ -318,11 +326,14 @@ k = checkpoint.config.num_experts_per_tok
 out = {}
 for preset in ("lru", "static-int4"):
     trails = []
-    for setting in ("0", "1"):
-        mapped.MAPPED = setting
+    for setting in ("0", "1", "1-self-packed"):  # the last: the step packs its input, not the router
+        mapped.MAPPED = setting[0]
         knobs = PRESETS[preset]
         budget = 4 * k * host.layout(knobs["precision"]).nbytes
         experts = OffloadedExperts(host, OffloadConfig(budget_bytes=budget, **knobs), k, "cpu", torch.bfloat16)
+        out[preset + " packing " + setting] = experts._packing is not None
+        if setting == "1-self-packed":
+            experts._packing = None
         fills = []
         if setting == "1":
             enter = experts.mapped_decode._enter
@@ -332,10 +343,12 @@ for preset in ("lru", "static-int4"):
         logits = model(torch.tensor([[1, 17, 42, 5, 63]]), 0, cache, last_only=True)[0]
         experts.metrics.reset()
         steps, trail = DecodeGraphs(model, cache, record=False), []
+        prepacked[0] = 0
         for i in range(3):
             logits = steps.step(logits.argmax(), 5 + i)
             trail.append(logits)
         trails.append(torch.stack(trail))
+        out[preset + " prepacked steps " + setting] = prepacked[0]
         if setting == "1":
             out[preset + " kernels"] = experts.mapped_decode.kernels
             out[preset + " misses"] = experts.stats()["total"]["misses"]
@@ -344,7 +357,9 @@ for preset in ("lru", "static-int4"):
                 torch.equal(experts.pool.view(knobs["precision"], experts.cache.peek(key).slot),
                             host.blob(*key, knobs["precision"]))
                 for key in experts.cache.resident(knobs["precision"]))
-    out[preset] = bool(torch.equal(*trails))
+    out[preset] = bool(torch.equal(*trails[:2]))
+    out[preset + " self-packed"] = bool(torch.equal(trails[1], trails[2]))
+    out["moe_layers"] = len(checkpoint.config.moe_layers)
     out[preset + " rel_err"] = float((trails[1].float() - trails[0].float()).norm() / trails[0].float().norm())
 print(json.dumps(out))
 """
@@ -357,9 +372,14 @@ def test_mapped_decode_through_the_kernels_under_the_interpreter(monkeypatch):
     the expert kernels read them, or the host blobs in place where the ring ran out. bf16 (``lru`` under
     ``DYMOE_RESIDENT_DECODE=kernels``, the kernels both ways) gives the segmented decode's logits
     bit for bit; int4, whose segmented decode runs the torch reference on the CPU, agrees to bf16
-    rounding."""
+    rounding. int4's mapped steps take their input packed by the router (InputPacking), with the
+    same logits bit for bit as where each step packs its own."""
     monkeypatch.setenv("DYMOE_RESIDENT_DECODE", "kernels")
     results = run_interpreted(_INTERPRETED, timeout=900)
+    assert results["static-int4 packing 1"] and not results["lru packing 1"], results  # (bf16 packs nothing)
+    assert results["static-int4 prepacked steps 1"] == 3 * results["moe_layers"], results
+    assert results["static-int4 prepacked steps 1-self-packed"] == 0 == results["lru prepacked steps 1"], results
+    assert results["static-int4 self-packed"] and results["lru self-packed"], results
     assert results["lru kernels"] and results["static-int4 kernels"], results
     assert results["lru misses"] > 0 and results["static-int4 misses"] > 0, results
     assert results["lru fills"] > 0 and results["static-int4 fills"] > 0, results

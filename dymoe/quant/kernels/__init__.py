@@ -28,9 +28,10 @@ from dymoe.models.expert_math import SWIGLU, ExpertMath
 from dymoe.quant.kernels.plan import KernelPlan, kernel_plan
 from dymoe.quant.kernels.reference import decode_routing, reference_decode, reference_dequantize
 
-__all__ = ["BACKENDS", "DequantWorkspace", "KernelPlan", "copy_biases", "decode_routing", "decode_workspace",
-           "dequantize_experts", "expert_decode", "expert_decode_capturable", "kernel_plan", "kernels_run_on",
-           "reference_decode", "reference_dequantize", "routed_decode", "sm_count", "triton_available"]
+__all__ = ["BACKENDS", "DequantWorkspace", "InputPacking", "KernelPlan", "copy_biases", "decode_routing",
+           "decode_workspace", "dequantize_experts", "expert_decode", "expert_decode_capturable", "input_packing",
+           "kernel_plan", "kernels_run_on", "reference_decode", "reference_dequantize", "routed_decode", "sm_count",
+           "triton_available"]
 
 BACKENDS = ("auto", "triton", "torch")
 
@@ -73,7 +74,7 @@ def _plan(layout: BlobLayout) -> KernelPlan:
 
 def expert_decode(pool: torch.Tensor, slot_offsets: torch.Tensor, layout: BlobLayout, x: torch.Tensor,
                   combine: torch.Tensor, backend: str = "auto", workspace=None,
-                  math: ExpertMath = SWIGLU) -> torch.Tensor:
+                  math: ExpertMath = SWIGLU, x_packed: torch.Tensor | None = None) -> torch.Tensor:
     """``y[t] = sum_e combine[t, e] * expert_e(x[t])`` for a few tokens through one layer's experts.
 
     ``pool`` is the slot pool's 1-D uint8 buffer; ``slot_offsets`` [E] int64 (on the pool's device)
@@ -86,30 +87,64 @@ def expert_decode(pool: torch.Tensor, slot_offsets: torch.Tensor, layout: BlobLa
     "triton" (also under ``TRITON_INTERPRET=1`` on CPU tensors) or "torch". ``workspace``: a
     :class:`~dymoe.quant.kernels.triton_experts.DecodeWorkspace` allocated once, so the Triton path
     allocates nothing but its [T, H] result (ignored by the torch backend). ``math``: the experts'
-    activation (biases come with the blobs when the layout has them).
+    activation (biases come with the blobs when the layout has them). ``x_packed``: one token's x
+    already packed into an :class:`InputPacking`'s buffer (by the router's launch), so the Triton
+    step packs nothing (the torch path reads x).
     """
     if _resolve(backend, pool) == "torch":
         return reference_decode(pool, slot_offsets, layout, x, combine, math)
     from dymoe.quant.kernels.triton_experts import launch_decode
 
-    return launch_decode(pool, slot_offsets, _plan(layout), x, combine, workspace, math=math)
+    return launch_decode(pool, slot_offsets, _plan(layout), x, combine, workspace, math=math, x_packed=x_packed)
+
+
+@dataclass(frozen=True)
+class InputPacking:
+    """Where a one-token expert step wants its input [H] as the packed activation vector of its
+    kernels (int4, int3 and int2 steps, docs/kernels.md), written before the step by the router's
+    launch (:func:`dymoe.models.fused.route_decode`), which reads the same input whole anyway: the
+    step then packs nothing, a launch and its wait fewer. ``buffer``: int32 words of the vector;
+    ``bits``: the format its chunks are cut for; ``hidden_size``: the input's width."""
+
+    buffer: torch.Tensor
+    bits: int
+    hidden_size: int
+
+
+def input_packing(layout: BlobLayout, experts: int, device) -> InputPacking | None:
+    """An :class:`InputPacking` (a new buffer on ``device``) for one token's Triton step through
+    ``experts`` experts of ``layout`` where that step runs on a packed input (a CUDA device with
+    the kernels, or the CPU under Triton's interpreter); None where it packs nothing (bf16, int8)
+    or the torch path runs. Hand its buffer to :func:`expert_decode` or :func:`routed_decode` as
+    ``x_packed`` only after the router filled it for the same input."""
+    device = torch.device(device)
+    if not (kernels_run_on(device) if device.type == "cuda" else triton_available() and interpreting()):
+        return None
+    from dymoe.quant.kernels.triton_experts import packed_words, step_runs_packed
+
+    plan = _plan(layout)
+    if not step_runs_packed(plan, experts, device):
+        return None
+    h = plan.hidden_size
+    return InputPacking(torch.zeros(packed_words(h, plan.bits), dtype=torch.int32, device=device), plan.bits, h)
 
 
 def routed_decode(pool: torch.Tensor, slot_table: torch.Tensor, slot_ids: torch.Tensor, weights: torch.Tensor,
                   layout: BlobLayout, x: torch.Tensor, backend: str = "auto", workspace=None,
-                  math: ExpertMath = SWIGLU) -> torch.Tensor:
+                  math: ExpertMath = SWIGLU, x_packed: torch.Tensor | None = None) -> torch.Tensor:
     """:func:`expert_decode` for tokens routed to pool slots ``slot_ids`` [T, k] with router weights
     ``weights`` [T, k] (any float dtype), ``slot_table`` [S] every slot's byte offset. One token on
     the Triton path hands the kernels the table and the ids as they are: they look the offsets up
     and read the weights in float32 themselves, two launches fewer per step than
     :func:`decode_routing` (a gather and a cast: 1.9 and 1.7 us a layer in an H100 profile).
-    Otherwise :func:`decode_routing` then :func:`expert_decode`."""
+    Otherwise :func:`decode_routing` then :func:`expert_decode`. ``x_packed``: as in :func:`expert_decode`."""
     if slot_ids.shape[0] == 1 and _resolve(backend, pool) == "triton":
         from dymoe.quant.kernels.triton_experts import launch_decode
 
-        return launch_decode(pool, slot_table, _plan(layout), x, weights, workspace, math=math, slot_ids=slot_ids[0])
+        return launch_decode(pool, slot_table, _plan(layout), x, weights, workspace, math=math, slot_ids=slot_ids[0],
+                             x_packed=x_packed)
     offsets, combine = decode_routing(slot_table, slot_ids, weights)
-    return expert_decode(pool, offsets, layout, x, combine, backend, workspace, math)
+    return expert_decode(pool, offsets, layout, x, combine, backend, workspace, math, x_packed)
 
 
 def expert_decode_capturable(device) -> bool:

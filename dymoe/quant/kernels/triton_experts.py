@@ -361,6 +361,7 @@ def _sum_experts(partial_ptr, out_ptr, counter_ptr, rows, t, mask, T, E, H: tl.c
 
 MAX_SPLIT = 16  # K slices a split-K launch may use (sizes the workspace's split scratch)
 PACK_BLOCK = 1024  # values per program of the packed (int4/int3/int2) path's input packing launch
+PACK_WARPS = 4  # its warps (the router packs with as many, so that both sum a chunk in one order)
 PACKED_BITS = (4, 3, 2)
 
 
@@ -691,8 +692,9 @@ class _Launch:
     @property
     def packed(self) -> bool:
         """Whether this gate_up (or one-launch step) launch runs on packed activation vectors
-        (split_k._packed_step): it packs the input first, in a launch of its own or in its first items."""
-        return self.prep is not None or bool(self.kwargs.get("PACK_ITEMS"))
+        (split_k._packed_step): packed first in a launch of its own or in its first items, or
+        before the step (``prepacked``: by the router, :class:`InputPacking`)."""
+        return bool(self.kwargs.get("PACKED"))
 
 
 def k_slices(plan: KernelPlan, cols: int, config: LaunchConfig) -> tuple[int, int]:
@@ -742,14 +744,24 @@ def runs_packed(plan: KernelPlan, gate_up_config: LaunchConfig, down_config: Lau
             and gate_up_config.block_n % chunk == 0 and plan.group_size % chunk == 0)
 
 
+def step_runs_packed(plan: KernelPlan, experts: int, device: torch.device) -> bool:
+    """Whether the default one-token step through ``experts`` experts of ``plan`` on ``device``
+    runs on a packed activation vector (as :func:`launch_decode` runs it)."""
+    sms = _sm_count(device)
+    gu_cfg, d_cfg = (choose_config(plan, kernel, experts, 1, sms) for kernel in ("gate_up", "down"))
+    return gu_cfg.split_k is not None and runs_packed(plan, gu_cfg, d_cfg)
+
+
 @functools.lru_cache(maxsize=256)
 def _launches(plan: KernelPlan, experts: int, tokens: int, sms: int, interpreting: bool,
               gate_up_config: LaunchConfig | None, down_config: LaunchConfig | None,
-              math: ExpertMath = SWIGLU, pdl: bool = False) -> tuple[_Launch, _Launch]:
+              math: ExpertMath = SWIGLU, pdl: bool = False, prepacked: bool = False) -> tuple[_Launch, _Launch]:
     """Both kernels' launches, computed once per step shape: the per-step host work is then two
     dictionary merges, since at ~10 us of weights per step the Python around the launches is a
     large part of a decode step. ``math`` and the plan's bias offsets specialise the activation;
-    ``pdl``: the device runs programmatic dependent launches (:func:`pdl_supported`)."""
+    ``pdl``: the device runs programmatic dependent launches (:func:`pdl_supported`);
+    ``prepacked``: the input comes packed (:class:`InputPacking`), so the step packs nothing and
+    gate_up is its first launch."""
     g, u, d = plan.gate, plan.up, plan.down
     h, i = plan.hidden_size, plan.intermediate_size
     act = dict(GU_BIAS=plan.gate_up_bias, ACT=ACTIVATION_CODES[math.activation], LIMIT=float(math.limit),
@@ -764,13 +776,16 @@ def _launches(plan: KernelPlan, experts: int, tokens: int, sms: int, interpretin
         from dymoe.quant.kernels.split_k import _down_split_kernel, _gate_up_split_kernel, _pack_input_kernel
 
         packed = runs_packed(plan, gu_cfg, d_cfg)
+        if prepacked and not packed:
+            raise ValueError(f"a prepacked input for a step that does not run packed (int{plan.bits}, "
+                             f"group {plan.group_size})")
         pdl = pdl and not interpreting
         chunks_in = triton.cdiv(h, chunk_values(plan.bits))
         prep = _Launch(_pack_input_kernel, (triton.cdiv(h, PACK_BLOCK),),
                        dict(H=h, C=chunks_in, BITS=plan.bits, BLOCK=PACK_BLOCK, PDL=pdl and gu_cfg.pdl,
-                            num_warps=4)) if packed else None
+                            num_warps=PACK_WARPS)) if packed and not prepacked else None
         gate_up = _split_launch(_gate_up_split_kernel, plan, g, gu_cfg, experts, i, interpreting, packed, pdl,
-                                dependent=packed, GATE_W=g.weight, GATE_S=g.scales, GATE_M=g.mins, UP_W=u.weight,
+                                dependent=prep is not None, GATE_W=g.weight, GATE_S=g.scales, GATE_M=g.mins, UP_W=u.weight,
                                 UP_S=u.scales, UP_M=u.mins, KP_DOWN=d.padded_cols, C_IN=chunks_in if packed else 0,
                                 **act)
         down = _split_launch(_down_split_kernel, plan, d, d_cfg, experts, h, interpreting, packed, pdl,
@@ -778,6 +793,8 @@ def _launches(plan: KernelPlan, experts: int, tokens: int, sms: int, interpretin
         if gu_cfg.one_launch:
             return _one_launch(gate_up, down, experts, prep), down
         return dataclasses.replace(gate_up, prep=prep), down
+    if prepacked:
+        raise ValueError("a prepacked input for a tiled step (the packed formats' one-token steps are split-K)")
     gemv = uses_gemv(plan, tokens)
     common = dict(H=h, I=i, GEMV=gemv, BLOCK_T=2 if gemv else TOKEN_BLOCK)
 
@@ -819,11 +836,13 @@ def launch_decode(pool: torch.Tensor, slot_offsets: torch.Tensor, plan: KernelPl
                   combine: torch.Tensor, workspace: DecodeWorkspace | None = None,
                   gate_up_config: LaunchConfig | None = None,
                   down_config: LaunchConfig | None = None, math: ExpertMath = SWIGLU,
-                  slot_ids: torch.Tensor | None = None) -> torch.Tensor:
+                  slot_ids: torch.Tensor | None = None, x_packed: torch.Tensor | None = None) -> torch.Tensor:
     """The Triton path of :func:`dymoe.quant.kernels.expert_decode` (same arguments and result):
     two launches, the second of which also sums the experts into the result. The configs default
     to :func:`choose_config`'s; the benchmark passes others. ``slot_ids`` [E]: ``slot_offsets`` is
-    then a table of every slot's offset, which the kernels index by these ids."""
+    then a table of every slot's offset, which the kernels index by these ids. ``x_packed``: x
+    already as the step's packed activation vector (int32, :func:`input_packing`'s buffer, which
+    the router's launch fills), so the step packs nothing."""
     t, e = combine.shape
     if t > TOKEN_BLOCK:
         raise ValueError(f"the decode kernels take at most {TOKEN_BLOCK} tokens per launch, got {t}")
@@ -833,7 +852,7 @@ def launch_decode(pool: torch.Tensor, slot_offsets: torch.Tensor, plan: KernelPl
     ids = slot_ids if indirect else slot_offsets  # (not read without INDIRECT)
     workspace = workspace or DecodeWorkspace.allocate(plan, e, t, x.device)
     gate_up, down = _launches(plan, e, t, _sm_count(pool.device), interpreting(),
-                              gate_up_config, down_config, math, pdl_supported(pool.device))
+                              gate_up_config, down_config, math, pdl_supported(pool.device), x_packed is not None)
     payload, scales = pool.view(gate_up.payload or plan.payload_dtype), pool.view(torch.float16)
     out = torch.empty_like(x)
     if gate_up.split:
@@ -844,19 +863,21 @@ def launch_decode(pool: torch.Tensor, slot_offsets: torch.Tensor, plan: KernelPl
                 or e * plan.down.padded_cols > hidden.numel()
                 or gate_up.packed and e * packed_words(plan.intermediate_size, plan.bits) > hidden.numel()):
             raise ValueError(f"workspace too small for {e} experts at split-K {gate_up.split}/{down.split}")
+        if x_packed is not None and x_packed.numel() < packed_words(plan.hidden_size, plan.bits):
+            raise ValueError(f"a packed input of {x_packed.numel()} words, int{plan.bits} of "
+                             f"{plan.hidden_size} values takes {packed_words(plan.hidden_size, plan.bits)}")
+        packed_x = x_packed if x_packed is not None else ws.input_packed if gate_up.packed else x
         if gate_up.prep is not None:  # the input as a packed activation vector
-            gate_up.prep.kernel[gate_up.prep.grid](x, ws.input_packed, **gate_up.prep.kwargs)
-            x = ws.input_packed
-        if gate_up.one_launch:  # (packed formats: the input packed by the launch's first items)
+            gate_up.prep.kernel[gate_up.prep.grid](x, packed_x, **gate_up.prep.kwargs)
+        if gate_up.one_launch:  # (packed formats: the input packed by the launch's first items, unless given)
             if 3 + e > ws.step_counters.numel():
                 raise ValueError(f"workspace too small for {e} experts in one launch")
-            packed_x = ws.input_packed if gate_up.packed else x
             gate_up.kernel[gate_up.grid](payload, scales, slot_offsets, ids, combine, x, packed_x, hidden,
                                          ws.gate_up_partial, ws.gate_up_counters, ws.partial, out, ws.counters,
                                          ws.step_counters, e, **gate_up.kwargs, INDIRECT=indirect)
             return out
-        gate_up.kernel[gate_up.grid](payload, scales, slot_offsets, ids, combine, x, hidden, ws.gate_up_partial,
-                                     ws.gate_up_counters, e, **gate_up.kwargs, INDIRECT=indirect)
+        gate_up.kernel[gate_up.grid](payload, scales, slot_offsets, ids, combine, packed_x, hidden,
+                                     ws.gate_up_partial, ws.gate_up_counters, e, **gate_up.kwargs, INDIRECT=indirect)
         down.kernel[down.grid](payload, scales, slot_offsets, ids, combine, hidden, ws.partial, out, ws.counters, e,
                                **down.kwargs, INDIRECT=indirect)
         return out
