@@ -12,6 +12,12 @@ packing then gate_up. The launches alone are what each costs when the one before
 finished; the differences along the chain are the waits between them. ``read`` is a launch that
 only reads the step's bytes (``benchmarks/read_ceiling.py``'s kernel), the floor of any step of
 that size.
+
+For the packed formats (int4, int3, int2) a second table: the step given its input packed ahead
+(``prepacked``, as the router's launch packs it: ``InputPacking``), the model's router alone
+(``route_decode``, bf16 weights of the model's expert count) without and with that packing, and
+the two in a chain each way: the router then the step that packs, against the router that packs
+then the prepacked step (what a decode layer runs now).
 """
 
 import argparse
@@ -28,6 +34,8 @@ from read_ceiling import read_kernel  # benchmarks/read_ceiling.py: a launch tha
 DEFAULT_MODELS = ("qwen3-30b-a3b", "olmoe", "mixtral-8x7b")
 DEFAULT_FORMATS = ("bf16", "int8", "int4/g128", "int2/g64", "int3/g128")
 PHASES = ("step", "apart", "pack", "gate_up", "down", "pack+gate_up", "read")
+ROUTER_PHASES = ("prepacked", "route", "route.pack", "route+step", "route.pack+step")
+ROUTED_EXPERTS = {"qwen3-30b-a3b": 128, "mixtral-8x7b": 8, "olmoe": 64, "deepseek-v2-lite": 64}
 
 
 def parse_format(text: str) -> tuple[str, int]:
@@ -78,17 +86,43 @@ def phases(model: str, precision: str, group: int, device) -> dict:
         read[(cdiv(per_step, words),)](flat[start:], sink, per_step, WORDS=words)
 
     timed = {"step": lambda o: launch_decode(big, o, plan, x, combine, ws, *chosen)}
+    row = {"model": model, "format": name, "mb": nbytes / 2**20, "one_launch": chosen[0].one_launch}
+    if gate_up.packed:
+        router, row["prepacked_same"] = router_phases(model, plan, x, ws, lambda o, x_packed=None: launch_decode(
+            big, o, plan, x, combine, ws, *chosen, x_packed=x_packed), steps[0])
+        timed.update(router)
     if gate_up.split:  # split-K: the launches can be taken apart (the tiled bf16 step is two launches)
         timed.update({
             "apart": lambda o: launch_decode(big, o, plan, x, combine, ws, *apart),
             "gate_up": gate_up_only, "down": down_only})
         if gate_up.prep is not None:
             timed.update({"pack": pack, "pack+gate_up": lambda o: (pack(o), gate_up_only(o))})
-    row = {"model": model, "format": name, "mb": nbytes / 2**20, "one_launch": chosen[0].one_launch}
     for phase, fn in timed.items():
         row[phase] = bench_steps(fn, args=steps) * 1e3
     row["read"] = bench_steps(read_only, args=read_args) * 1e3
     return row
+
+
+def router_phases(model: str, plan, x: torch.Tensor, ws, step, offsets) -> tuple[dict, bool]:
+    """ROUTER_PHASES's functions of a step's offsets (``step(o, x_packed=None)`` runs the step),
+    and whether the router's packed input holds the words the step packs itself (in ``ws``) and
+    the prepacked step gives the same output, bit for bit."""
+    from dymoe.models.fused import route_decode
+    from dymoe.quant.kernels import InputPacking
+    from dymoe.quant.kernels.triton_experts import packed_words
+
+    h, k = plan.hidden_size, MODELS[model][2]
+    weight = (torch.randn(ROUTED_EXPERTS[model], h, device=x.device) / h**0.5).bfloat16()
+    pack = InputPacking(torch.zeros(packed_words(h, plan.bits), dtype=torch.int32, device=x.device), plan.bits, h)
+    route = dict(sigmoid=False, normalize=True, scaling=1.0)
+    route_decode(x, weight, None, k, pack=pack, **route)  # the packed input the prepacked step reads
+    prepacked, packing = step(offsets, pack.buffer), step(offsets)
+    same = torch.equal(prepacked, packing) and torch.equal(ws.input_packed[:pack.buffer.numel()], pack.buffer)
+    return {"prepacked": lambda o: step(o, pack.buffer),
+            "route": lambda o: route_decode(x, weight, None, k, **route),
+            "route.pack": lambda o: route_decode(x, weight, None, k, pack=pack, **route),
+            "route+step": lambda o: (route_decode(x, weight, None, k, **route), step(o)),
+            "route.pack+step": lambda o: (route_decode(x, weight, None, k, pack=pack, **route), step(o, pack.buffer))}, same
 
 
 def table(rows: list[dict], copy_gbps: float) -> str:
@@ -106,6 +140,16 @@ def table(rows: list[dict], copy_gbps: float) -> str:
                      + f"  {pct:5.0f}%{note}")
     lines.append("'-': not a launch of that step (bf16 and int8 pack no input; bf16 runs the tiled kernels);"
                  " apart: pack, gate_up, down in turn (the step itself unless it says one launch)")
+    packed = [r for r in rows if r.get("prepacked") is not None]
+    if packed:
+        lines += ["", "the router packs the input (InputPacking), us per step, cold; route: the model's router "
+                  "(route_decode), .pack: packing too",
+                  f"{'model':15s} {'format':9s} " + " ".join(f"{p:>15s}" for p in ROUTER_PHASES)
+                  + "  step -> prepacked % of copy, same"]
+        for r in packed:
+            pct = [r["mb"] * 2**20 / (r[p] * 1e-6) / (copy_gbps * 1e9) * 100 for p in ("step", "prepacked")]
+            lines.append(f"{r['model']:15s} {r['format']:9s} " + " ".join(f"{r[p]:15.1f}" for p in ROUTER_PHASES)
+                         + f"  {pct[0]:5.0f}% -> {pct[1]:3.0f}%  {r['prepacked_same']}")
     return "\n".join(lines)
 
 

@@ -7,6 +7,7 @@ import torch
 
 from dymoe.errors import BudgetError
 from dymoe.models.transformer import load_dense
+from dymoe.quant.kernels import InputPacking
 from dymoe.runtime import offload
 from dymoe.runtime.offload import OffloadConfig, OffloadedExperts
 from dymoe.runtime.precision import important_count
@@ -208,10 +209,24 @@ def test_start_up_compiles_every_decode_launch_of_both_paths(model_and_store, mo
     assert set(experts._workspaces) == {"bf16", "int4"}  # None on the CPU: the torch reference needs none
     experts._workspaces = {p: object() for p in experts._workspaces}
     launches = []
-    monkeypatch.setattr(offload, "routed_decode", lambda pool, table, slots, weights, layout, x, workspace, math:
-                        launches.append((layout.format.name, slots.shape[1], math, weights.dtype, x.dtype)))
+    monkeypatch.setattr(offload, "routed_decode", lambda pool, table, slots, weights, layout, x, workspace, math,
+                        x_packed: launches.append((layout.format.name, slots.shape[1], math, weights.dtype, x.dtype,
+                                                   x_packed is not None)))
     experts._compile_kernels()
-    # the weights in the activation's dtype, as the router hands them over: the same specialisation
+    # the weights in the activation's dtype, as the router hands them over: the same specialisation;
+    # two classes: no step takes its input packed by the router (input_packing is for one class)
     assert sorted(launches, key=lambda launch: launch[:2]) == [
-        ("bf16", k, experts.math, torch.float32, torch.float32),
-        *[("int4", n, experts.math, torch.float32, torch.float32) for n in range(1, k + 1)]]
+        ("bf16", k, experts.math, torch.float32, torch.float32, False),
+        *[("int4", n, experts.math, torch.float32, torch.float32, False) for n in range(1, k + 1)]]
+    assert experts.input_packing(checkpoint.config.moe_layers[0]) is None
+    # one class of int4 slots where the router packs (a GPU's, or the interpreter's): its k-wide
+    # step compiles on a packed input too
+    single = OffloadedExperts(store, OffloadConfig(budget_bytes=8 * store.layout("int4").nbytes, **PRESETS["static-int4"]),
+                              k, "cpu", torch.float32)
+    model.attach_experts(single)
+    single._workspaces = {"int4": object()}
+    single._packing = InputPacking(torch.zeros(4, dtype=torch.int32), 4, checkpoint.config.hidden_size)
+    launches.clear()
+    single._compile_kernels()
+    assert launches == [("int4", k, single.math, torch.float32, torch.float32, packed) for packed in (False, True)]
+    assert single.input_packing(checkpoint.config.moe_layers[0]) is single._packing
