@@ -34,7 +34,7 @@ from read_ceiling import read_kernel  # benchmarks/read_ceiling.py: a launch tha
 DEFAULT_MODELS = ("qwen3-30b-a3b", "olmoe", "mixtral-8x7b")
 DEFAULT_FORMATS = ("bf16", "int8", "int4/g128", "int2/g64", "int3/g128")
 PHASES = ("step", "apart", "pack", "gate_up", "down", "pack+gate_up", "read")
-ROUTER_PHASES = ("prepacked", "route", "route.pack", "route+step", "route.pack+step")
+ROUTER_PHASES = ("prepacked", "prepacked.alt", "route", "route.pack", "route+step", "route.pack+step")
 ROUTED_EXPERTS = {"qwen3-30b-a3b": 128, "mixtral-8x7b": 8, "olmoe": 64, "deepseek-v2-lite": 64}
 
 
@@ -88,8 +88,10 @@ def phases(model: str, precision: str, group: int, device) -> dict:
     timed = {"step": lambda o: launch_decode(big, o, plan, x, combine, ws, *chosen)}
     row = {"model": model, "format": name, "mb": nbytes / 2**20, "one_launch": chosen[0].one_launch}
     if gate_up.packed:
-        router, row["prepacked_same"] = router_phases(model, plan, x, ws, lambda o, x_packed=None: launch_decode(
-            big, o, plan, x, combine, ws, *chosen, x_packed=x_packed), steps[0])
+        other = tuple(dataclasses.replace(c, one_launch=not c.one_launch) for c in chosen)
+        router, row["prepacked_same"] = router_phases(
+            model, plan, x, ws, lambda o, x_packed=None, configs=chosen: launch_decode(
+                big, o, plan, x, combine, ws, *configs, x_packed=x_packed), steps[0], other)
         timed.update(router)
     if gate_up.split:  # split-K: the launches can be taken apart (the tiled bf16 step is two launches)
         timed.update({
@@ -103,10 +105,11 @@ def phases(model: str, precision: str, group: int, device) -> dict:
     return row
 
 
-def router_phases(model: str, plan, x: torch.Tensor, ws, step, offsets) -> tuple[dict, bool]:
-    """ROUTER_PHASES's functions of a step's offsets (``step(o, x_packed=None)`` runs the step),
-    and whether the router's packed input holds the words the step packs itself (in ``ws``) and
-    the prepacked step gives the same output, bit for bit."""
+def router_phases(model: str, plan, x: torch.Tensor, ws, step, offsets, other) -> tuple[dict, bool]:
+    """ROUTER_PHASES's functions of a step's offsets (``step(o, x_packed=None, configs=...)`` runs
+    the step; ``other``: the configs of the other launch form, one launch or two), and whether the
+    router's packed input holds the words the step packs itself (in ``ws``) and the prepacked step
+    gives the same output, bit for bit, in both forms."""
     from dymoe.models.fused import route_decode
     from dymoe.quant.kernels import InputPacking
     from dymoe.quant.kernels.triton_experts import packed_words
@@ -116,9 +119,10 @@ def router_phases(model: str, plan, x: torch.Tensor, ws, step, offsets) -> tuple
     pack = InputPacking(torch.zeros(packed_words(h, plan.bits), dtype=torch.int32, device=x.device), plan.bits, h)
     route = dict(sigmoid=False, normalize=True, scaling=1.0)
     route_decode(x, weight, None, k, pack=pack, **route)  # the packed input the prepacked step reads
-    prepacked, packing = step(offsets, pack.buffer), step(offsets)
-    same = torch.equal(prepacked, packing) and torch.equal(ws.input_packed[:pack.buffer.numel()], pack.buffer)
-    return {"prepacked": lambda o: step(o, pack.buffer),
+    prepacked, alt, packing = step(offsets, pack.buffer), step(offsets, pack.buffer, other), step(offsets)
+    same = (torch.equal(prepacked, packing) and torch.equal(alt, packing)
+            and torch.equal(ws.input_packed[:pack.buffer.numel()], pack.buffer))
+    return {"prepacked": lambda o: step(o, pack.buffer), "prepacked.alt": lambda o: step(o, pack.buffer, other),
             "route": lambda o: route_decode(x, weight, None, k, **route),
             "route.pack": lambda o: route_decode(x, weight, None, k, pack=pack, **route),
             "route+step": lambda o: (route_decode(x, weight, None, k, **route), step(o)),
@@ -143,12 +147,12 @@ def table(rows: list[dict], copy_gbps: float) -> str:
     packed = [r for r in rows if r.get("prepacked") is not None]
     if packed:
         lines += ["", "the router packs the input (InputPacking), us per step, cold; route: the model's router "
-                  "(route_decode), .pack: packing too",
-                  f"{'model':15s} {'format':9s} " + " ".join(f"{p:>15s}" for p in ROUTER_PHASES)
+                  "(route_decode), .pack: packing too; prepacked.alt: the other launch form (one launch or two)",
+                  f"{'model':15s} {'format':9s} " + " ".join(f"{p:>14s}" for p in ROUTER_PHASES)
                   + "  step -> prepacked % of copy, same"]
         for r in packed:
             pct = [r["mb"] * 2**20 / (r[p] * 1e-6) / (copy_gbps * 1e9) * 100 for p in ("step", "prepacked")]
-            lines.append(f"{r['model']:15s} {r['format']:9s} " + " ".join(f"{r[p]:15.1f}" for p in ROUTER_PHASES)
+            lines.append(f"{r['model']:15s} {r['format']:9s} " + " ".join(f"{r[p]:14.1f}" for p in ROUTER_PHASES)
                          + f"  {pct[0]:5.0f}% -> {pct[1]:3.0f}%  {r['prepacked_same']}")
     return "\n".join(lines)
 
