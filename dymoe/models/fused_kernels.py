@@ -225,8 +225,8 @@ def linear_decode_kernel(x_ptr, w_ptr, b_ptr, out_ptr, partial_ptr, counters_ptr
     piece = tl.program_id(1)
     BLOCKS: tl.constexpr = (N + BLOCK_N - 1) // BLOCK_N
     if PACK_BITS != 0:
-        for p in range(block * SPLIT + piece, (K + PACK_BLOCK - 1) // PACK_BLOCK, BLOCKS * SPLIT):
-            _pack_item(p, x_ptr, pack_ptr, K, PACK_C, PACK_BITS, PACK_BLOCK)
+        for pack_piece in range(block * SPLIT + piece, (K + PACK_BLOCK - 1) // PACK_BLOCK, BLOCKS * SPLIT):
+            _pack_item(pack_piece, x_ptr, pack_ptr, K, PACK_C, PACK_BITS, PACK_BLOCK)
     rows = block * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < N
     acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
