@@ -4,8 +4,8 @@
 #
 #   OUT=out BASES="before=bench-base" bash benchmarks/router_packing_check.sh
 #
-# 1. GPU tests that decode whole models through the packed steps (mapped decode, the graph decode,
-#    the fused decode kernels, the engine);
+# 1. GPU tests: the router's packing at real router shapes (test_fused), and whole models decoding
+#    through the packed steps (mapped decode, the graph decode, the fused decode kernels, the engine);
 # 2. benchmarks/step_phases.py on the packed formats: the step with and without its input packed
 #    ahead, the router with and without packing, and the two chained each way (plus a bit-for-bit
 #    check of the packed words and the step's output);
@@ -27,8 +27,9 @@ started=$SECONDS
 stage() { [[ " $STAGES " == *" $1 "* ]]; }
 if stage 1; then
   echo "== GPU tests (+$((SECONDS - started)) s)"
-  timeout 240 "$PYTHON" -m pytest -q tests/runtime/test_mapped.py tests/runtime/test_kernels_decode.py \
-    tests/models/test_decode_graphs.py tests/engine/test_engine_runtime.py > "$OUT/tests.txt" 2>&1
+  timeout 240 "$PYTHON" -m pytest -q tests/models/test_fused.py tests/runtime/test_mapped.py \
+    tests/runtime/test_kernels_decode.py tests/models/test_decode_graphs.py tests/engine/test_engine_runtime.py \
+    > "$OUT/tests.txt" 2>&1
   echo "-- rc=$? (+$((SECONDS - started)) s)"
 fi
 if stage 2; then

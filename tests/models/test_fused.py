@@ -14,7 +14,7 @@ import torch
 
 import dymoe.models.fused as fused
 from dymoe.errors import InputError
-from tests.interpreted import needs_triton, run_interpreted
+from tests.interpreted import needs_gpu, needs_triton, run_interpreted
 
 
 _INTERPRETED = """
@@ -344,6 +344,33 @@ def test_a_router_packs_the_expert_steps_input_as_it_routes(interpreted):
         assert r["words"] and r["written"] == 0 and r["size"] > 100, (name, r)
         assert r["routing"] and r["packs"], (name, r)
         assert "cannot be packed for a step of" in r["refused"], (name, r)
+
+
+@needs_gpu
+def test_a_router_packs_the_expert_steps_input_on_the_gpu():
+    """Compiled on a GPU, at the routers' real shapes, whose K is split over several programs
+    (Qwen3-30B-A3B: 4 slices, Mixtral-8x7B: 8; the first version failed to compile there, which the
+    tiny models' unsplit routers never showed): the packing launch's words bit for bit and the same
+    routing. (CI has no GPU: ``python -m pytest tests/models/test_fused.py``.)"""
+    from dymoe.quant.kernels import InputPacking
+    from dymoe.quant.kernels.split_k import _pack_input_kernel
+    from dymoe.quant.kernels.triton_experts import PACK_BLOCK, chunk_values, packed_words
+
+    torch.manual_seed(0)
+    for experts, h in ((128, 2048), (8, 4096)):
+        assert fused.linear_config(experts, h, 2 * torch.cuda.get_device_properties(0).multi_processor_count).split > 1
+        weight = (torch.randn(experts, h, device="cuda") / h**0.5).bfloat16()
+        x = torch.randn(1, h, device="cuda").bfloat16()
+        for bits in (4, 3, 2):
+            pack = InputPacking(torch.full((packed_words(h, bits),), -1, dtype=torch.int32, device="cuda"), bits, h)
+            ref = torch.full_like(pack.buffer, -2)
+            _pack_input_kernel[(-(-h // PACK_BLOCK),)](x, ref, H=h, C=-(-h // chunk_values(bits)), BITS=bits,
+                                                       BLOCK=PACK_BLOCK, num_warps=4)
+            args = dict(sigmoid=False, normalize=True, scaling=1.0)
+            plain = fused.route_decode(x, weight, None, 2, **args)
+            packing = fused.route_decode(x, weight, None, 2, pack=pack, **args)
+            assert torch.equal(pack.buffer, ref), (experts, h, bits)
+            assert torch.equal(plain[0], packing[0]) and torch.equal(plain[1], packing[1]), (experts, h, bits)
 
 
 def _check_setting(monkeypatch, name: str, read, values: dict, bad: str, first: str) -> None:
