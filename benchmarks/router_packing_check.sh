@@ -21,7 +21,7 @@ PYTHON=${PYTHON:-python}
 STAGES=${STAGES:-1 2 3}
 SUITE=${SUITE:-resident,static-int4}
 MODEL=${MODEL:-qwen3-30b-a3b}
-mkdir -p "$OUT"
+mkdir -p "$OUT" && OUT=$(cd "$OUT" && pwd)  # (absolute: stage 2 runs in benchmarks/)
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 started=$SECONDS
 stage() { [[ " $STAGES " == *" $1 "* ]]; }
@@ -34,7 +34,7 @@ if stage 1; then
 fi
 if stage 2; then
   echo "== step_phases (+$((SECONDS - started)) s)"
-  (cd benchmarks && timeout 240 "$PYTHON" step_phases.py --out "../$OUT" \
+  (cd benchmarks && timeout 240 "$PYTHON" step_phases.py --out "$OUT" \
     --models qwen3-30b-a3b olmoe deepseek-v2-lite mixtral-8x7b --formats int4/g128 int3/g128 int2/g64) \
     > "$OUT/step_phases.txt" 2>&1
   echo "-- rc=$? (+$((SECONDS - started)) s)"

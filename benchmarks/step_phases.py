@@ -91,7 +91,7 @@ def phases(model: str, precision: str, group: int, device) -> dict:
         other = tuple(dataclasses.replace(c, one_launch=not c.one_launch) for c in chosen)
         router, row["prepacked_same"] = router_phases(
             model, plan, x, ws, lambda o, x_packed=None, configs=chosen: launch_decode(
-                big, o, plan, x, combine, ws, *configs, x_packed=x_packed), steps[0], other)
+                big, o, plan, x, combine, ws, *configs, x_packed=x_packed), steps[0], chosen, other)
         timed.update(router)
     if gate_up.split:  # split-K: the launches can be taken apart (the tiled bf16 step is two launches)
         timed.update({
@@ -105,11 +105,12 @@ def phases(model: str, precision: str, group: int, device) -> dict:
     return row
 
 
-def router_phases(model: str, plan, x: torch.Tensor, ws, step, offsets, other) -> tuple[dict, bool]:
+def router_phases(model: str, plan, x: torch.Tensor, ws, step, offsets, chosen, other) -> tuple[dict, dict]:
     """ROUTER_PHASES's functions of a step's offsets (``step(o, x_packed=None, configs=...)`` runs
-    the step; ``other``: the configs of the other launch form, one launch or two), and whether the
-    router's packed input holds the words the step packs itself (in ``ws``) and the prepacked step
-    gives the same output, bit for bit, in both forms."""
+    the step; ``other``: the configs of the other launch form, one launch or two), and the checks:
+    whether the router's packed input holds the words the step's packing launch writes (in
+    ``ws``), whether the prepacked step gives the self-packing step's output bit for bit in the
+    default form and in the other, and (for information) how far the two forms' outputs are apart."""
     from dymoe.models.fused import route_decode
     from dymoe.quant.kernels import InputPacking
     from dymoe.quant.kernels.triton_experts import packed_words
@@ -119,9 +120,15 @@ def router_phases(model: str, plan, x: torch.Tensor, ws, step, offsets, other) -
     pack = InputPacking(torch.zeros(packed_words(h, plan.bits), dtype=torch.int32, device=x.device), plan.bits, h)
     route = dict(sigmoid=False, normalize=True, scaling=1.0)
     route_decode(x, weight, None, k, pack=pack, **route)  # the packed input the prepacked step reads
-    prepacked, alt, packing = step(offsets, pack.buffer), step(offsets, pack.buffer, other), step(offsets)
-    same = (torch.equal(prepacked, packing) and torch.equal(alt, packing)
-            and torch.equal(ws.input_packed[:pack.buffer.numel()], pack.buffer))
+    two = next(configs for configs in (chosen, other) if not configs[0].one_launch)
+    step(offsets, configs=two)  # (the packing launch writes ws.input_packed)
+    words = torch.equal(ws.input_packed[:pack.buffer.numel()], pack.buffer)
+    outs = {(form, pre): step(offsets, pack.buffer if pre else None, configs)
+            for form, configs in (("default", chosen), ("other", other)) for pre in (True, False)}
+    apart = outs["default", False].float() - outs["other", False].float()
+    same = {"words": words, "default": torch.equal(outs["default", True], outs["default", False]),
+            "other": torch.equal(outs["other", True], outs["other", False]),
+            "forms_rel": float(apart.norm() / outs["default", False].float().norm())}
     return {"prepacked": lambda o: step(o, pack.buffer), "prepacked.alt": lambda o: step(o, pack.buffer, other),
             "route": lambda o: route_decode(x, weight, None, k, **route),
             "route.pack": lambda o: route_decode(x, weight, None, k, pack=pack, **route),
@@ -149,11 +156,12 @@ def table(rows: list[dict], copy_gbps: float) -> str:
         lines += ["", "the router packs the input (InputPacking), us per step, cold; route: the model's router "
                   "(route_decode), .pack: packing too; prepacked.alt: the other launch form (one launch or two)",
                   f"{'model':15s} {'format':9s} " + " ".join(f"{p:>14s}" for p in ROUTER_PHASES)
-                  + "  step -> prepacked % of copy, same"]
+                  + "  step -> prepacked % of copy; same words, outputs (default, other form)"]
         for r in packed:
             pct = [r["mb"] * 2**20 / (r[p] * 1e-6) / (copy_gbps * 1e9) * 100 for p in ("step", "prepacked")]
             lines.append(f"{r['model']:15s} {r['format']:9s} " + " ".join(f"{r[p]:14.1f}" for p in ROUTER_PHASES)
-                         + f"  {pct[0]:5.0f}% -> {pct[1]:3.0f}%  {r['prepacked_same']}")
+                         + f"  {pct[0]:5.0f}% -> {pct[1]:3.0f}%  " + " ".join(
+                             "yes" if r["prepacked_same"][key] else "NO" for key in ("words", "default", "other")))
     return "\n".join(lines)
 
 
