@@ -428,6 +428,55 @@ def test_linear_decode_only_where_it_applies(monkeypatch):
     assert len(calls) == 1
 
 
+def test_the_moe_block_asks_the_router_to_pack_only_where_it_can(monkeypatch):
+    """A runtime that offers an InputPacking gets ``packed_input=`` only where the router's
+    one-launch route runs (the interpreter's setting below); on a CPU without it, or for several
+    rows, the block neither asks the router nor names a packing, and a router asked anyway refuses
+    with a message. A runtime that offers none is called as before (no keyword)."""
+    from dymoe.models.config import ModelConfig
+    from dymoe.models.moe import MoEBlock
+    from dymoe.quant.kernels import InputPacking
+
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    monkeypatch.setattr(fused, "ENABLED", True)
+    monkeypatch.setattr(fused, "DECODE_LINEAR", "triton")
+    block = MoEBlock(ModelConfig("qwen3_moe", 32, 64, 1, 2, 2, 32, 64, 32, 8, 2, 64, 1e-6), 0).bfloat16()
+    pack = InputPacking(torch.zeros(32, dtype=torch.int32), 4, 64)
+    calls = []
+
+    class Packing:
+        def input_packing(self, layer):
+            return pack
+
+        def run_experts(self, layer, hidden, ids, weights, **extra):
+            calls.append(extra)
+            return torch.zeros_like(hidden)
+
+    class Plain:
+        def run_experts(self, layer, hidden, ids, weights):
+            calls.append("plain")
+            return torch.zeros_like(hidden)
+
+    block.experts = Packing()
+    x = torch.randn(1, 1, 64).bfloat16()
+    assert block.input_packing(x.view(1, 64)) is None  # a CPU tensor without the interpreter
+    block(x)
+    with pytest.raises(ValueError, match="cannot pack its input for the expert step here"):
+        block.gate(x.view(1, 64), pack)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")  # as the interpreter runs them
+    monkeypatch.setattr(fused, "triton_available", lambda: True)
+    assert block.input_packing(x.view(1, 64)) is pack and block.gate.packs(x.view(1, 64), pack)
+    assert block.input_packing(torch.randn(2, 64).bfloat16()) is None  # a prefill's rows
+    assert not block.gate.packs(x.view(1, 64), InputPacking(pack.buffer, 4, 128))  # another width
+    assert not block.gate.packs(x.view(1, 64).float(), pack)
+    monkeypatch.setattr(fused, "route_decode", lambda *args, pack=None, **kw: (
+        calls.append(("route", pack)) or (torch.zeros(1, 2, dtype=torch.int64), torch.ones(1, 2).bfloat16())))
+    block(x)
+    block.experts = Plain()
+    block(x)
+    assert calls == [{}, ("route", pack), {"packed_input": pack}, ("route", None), "plain"]
+
+
 def test_the_split_decode_attention_only_where_it_applies(monkeypatch):
     """``DYMOE_DECODE_ATTENTION``: ``split`` by default, ``sdpa`` off, a bad value one clear error;
     never for a CPU tensor without the interpreter, a float32 query or a batch of two."""
