@@ -13,32 +13,18 @@
 # 4. benchmarks/decode_attention.py (split attention against SDPA, every shape incl. GPT-OSS);
 # 5. GPT-OSS-20B's shape, 4 layers, resident: DYMOE_DECODE_ATTENTION=sdpa against the default.
 # STAGES="1 2 3 4 5" picks stages. Logs under $OUT; a summary last.
-set -uo pipefail
-cd "$(dirname "$0")/.."
-OUT=${OUT:-bench-out}
-PYTHON=${PYTHON:-python}
 STAGES=${STAGES:-1 2 3 4 5}
-SUITE=${SUITE:-resident,static-int4}
-mkdir -p "$OUT"
-export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
-started=$SECONDS
-stage() { [[ " $STAGES " == *" $1 "* ]]; }
+MODEL=qwen3-30b-a3b
+source "$(dirname "$0")/check_common.sh"
 if stage 1; then
-  echo "== GPU tests (+$((SECONDS - started)) s)"
-  timeout 240 "$PYTHON" -m pytest -q tests/models/test_qkv_decode.py tests/models/test_decode_attention.py \
-    tests/runtime/test_mapped.py tests/quant/test_kernels.py tests/engine/test_engine_runtime.py > "$OUT/tests.txt" 2>&1
-  echo "-- rc=$? (+$((SECONDS - started)) s)"
+  gpu_tests tests/models/test_qkv_decode.py tests/models/test_decode_attention.py tests/runtime/test_mapped.py \
+    tests/quant/test_kernels.py tests/engine/test_engine_runtime.py
   timeout 120 "$PYTHON" benchmarks/check_dense_kernels.py > "$OUT/dense_check.txt" 2>&1
 fi
 if stage 2; then
   for round in $(seq "${REPEAT:-2}"); do
     for tree in ${BASE:+"$BASE"} "$PWD"; do
-      name=e2e-$([ "$tree" = "$PWD" ] && echo this || echo base)-$round
-      echo "== $name (+$((SECONDS - started)) s)"
-      PYTHONPATH=$tree timeout 150 "$PYTHON" -P -m dymoe bench --model synthetic:qwen3-30b-a3b --layers 8 \
-        --policies "$SUITE" --device-memory 25% --prompt-len 32 --gen-len 64 --routing skewed --no-progress \
-        --json "$OUT/$name.json" > "$OUT/$name.txt" 2>&1
-      echo "-- rc=$? (+$((SECONDS - started)) s)"
+      e2e "e2e-$([ "$tree" = "$PWD" ] && echo this || echo base)-$round" "$tree"
     done
   done
 fi
@@ -46,29 +32,26 @@ if stage 3; then
   i=0
   for flags in "--no-warmup --cold" "--no-warmup" "--cold" ""; do
     i=$((i + 1))
-    echo "== compile log $i: $flags (+$((SECONDS - started)) s)" | tee -a "$OUT/compile_log.txt"
+    echo "== compile log $i: $flags $(elapsed)" | tee -a "$OUT/compile_log.txt"
     timeout 120 "$PYTHON" benchmarks/compile_log.py -m models/dymoe-demo-moe --policy dynaexq --device-memory 6MiB \
       -n 64 --no-progress $flags --out "$OUT/compile$i" >> "$OUT/compile_log.txt" 2>&1
   done
 fi
 if stage 4; then
-  echo "== decode attention (+$((SECONDS - started)) s)"
+  echo "== decode attention $(elapsed)"
   timeout 180 "$PYTHON" benchmarks/decode_attention.py --out "$OUT/attention" > "$OUT/attention.txt" 2>&1
 fi
 if stage 5; then
   for setting in sdpa split; do
-    echo "== gpt-oss $setting (+$((SECONDS - started)) s)"
+    echo "== gpt-oss $setting $(elapsed)"
     DYMOE_DECODE_ATTENTION=$setting timeout 150 "$PYTHON" -m dymoe bench --model synthetic:gpt-oss-20b --layers 4 \
       --policies resident --prompt-len 32,2048 --gen-len 64 --no-progress --json "$OUT/gpt_oss_$setting.json" \
       > "$OUT/gpt_oss_$setting.txt" 2>&1
   done
 fi
-echo "== summary (+$((SECONDS - started)) s)"
+echo "== summary $(elapsed)"
 [ -f "$OUT/tests.txt" ] && tail -n 3 "$OUT/tests.txt"
 [ -f "$OUT/dense_check.txt" ] && grep -E "add_norm|dense kernels" "$OUT/dense_check.txt"
-shopt -s nullglob
-for f in "$OUT"/e2e*.txt "$OUT"/gpt_oss_*.txt; do
-  echo "-- $f"; grep -E "^(preset|[a-z0-9-]+(@| ))" "$f" | cut -c1-120
-done
+bench_summary "$OUT"/e2e*.txt "$OUT"/gpt_oss_*.txt
 [ -f "$OUT/compile_log.txt" ] && grep -E "^(==|start-up|token|load|decode|median)" "$OUT/compile_log.txt" | cut -c1-160
 [ -f "$OUT/attention.txt" ] && tail -n 16 "$OUT/attention.txt"
