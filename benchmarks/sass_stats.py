@@ -55,6 +55,37 @@ def loop_histogram(sass: str) -> collections.Counter:
     return collections.Counter(ops)
 
 
+def compile_sm90(fn, signature: dict, kwargs: dict, options: dict, stem: str) -> tuple:
+    """Triton kernel ``fn`` compiled for sm_90 without a GPU: ``signature`` the types of its
+    runtime arguments (the others are constexprs, from ``kwargs`` or their defaults; pointers
+    16-byte aligned), ``options`` the launch's (num_warps, ...). Writes ``stem``.ttgir/.ptx/.cubin/
+    .sass; returns (compiled, SASS text, registers per thread, local memory bytes: spills)."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    signature, constants = dict(signature), {}
+    for arg in fn.arg_names:
+        if arg not in signature:
+            signature[arg] = "constexpr"
+            constants[(fn.arg_names.index(arg),)] = kwargs.get(arg, fn.params[fn.arg_names.index(arg)].default)
+    aligned = {(fn.arg_names.index(a),): [["tt.divisibility", 16]] for a, t in signature.items() if t.startswith("*")}
+    compiled = triton.compile(ASTSource(fn, signature, constexprs=constants, attrs=aligned),
+                              target=GPUTarget("cuda", 90, 32), options=options)
+    for ext, key in (("ttgir", "ttgir"), ("ptx", "ptx")):
+        with open(f"{stem}.{ext}", "w") as f:
+            f.write(compiled.asm[key])
+    with open(f"{stem}.cubin", "wb") as f:
+        f.write(compiled.asm["cubin"])
+    sass = subprocess.run([_tool("nvdisasm"), "-c", f"{stem}.cubin"], capture_output=True, text=True,
+                          check=True).stdout
+    with open(f"{stem}.sass", "w") as f:
+        f.write(sass)
+    usage = subprocess.run([_tool("cuobjdump"), "--dump-resource-usage", f"{stem}.cubin"], capture_output=True,
+                           text=True, check=True).stdout
+    return compiled, sass, int(re.search(r"REG:(\d+)", usage).group(1)), int(re.search(r"LOCAL:(\d+)", usage).group(1))
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -67,8 +98,6 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     try:
         import triton
-        from triton.backends.compiler import GPUTarget
-        from triton.compiler import ASTSource
     except ImportError:
         parser.error("needs Triton: pip install triton (no GPU needed)")
     from dymoe.quant.kernels.triton_experts import LaunchConfig, _launches, split_config
@@ -112,30 +141,8 @@ def main(argv=None) -> int:
     for name, launch, signature in launches:
         kwargs = dict(launch.kwargs)
         options = {o: kwargs.pop(o) for o in ("num_warps", "num_stages", "maxnreg", "launch_pdl") if o in kwargs}
-        fn = launch.kernel
-        constants = {}
-        for arg in fn.arg_names:
-            if arg not in signature:
-                signature[arg] = "constexpr"
-                constants[(fn.arg_names.index(arg),)] = kwargs.get(arg, fn.params[fn.arg_names.index(arg)].default)
-        aligned = {(fn.arg_names.index(a),): [["tt.divisibility", 16]]
-                   for a, t in signature.items() if t.startswith("*")}
-        compiled = triton.compile(ASTSource(fn, signature, constexprs=constants, attrs=aligned),
-                                  target=GPUTarget("cuda", 90, 32), options=options)
-        stem = os.path.join(keep, name.replace(" ", "_"))
-        for ext, key in (("ttgir", "ttgir"), ("ptx", "ptx")):
-            with open(f"{stem}.{ext}", "w") as f:
-                f.write(compiled.asm[key])
-        with open(f"{stem}.cubin", "wb") as f:
-            f.write(compiled.asm["cubin"])
-        sass = subprocess.run([_tool("nvdisasm"), "-c", f"{stem}.cubin"], capture_output=True, text=True,
-                              check=True).stdout
-        with open(f"{stem}.sass", "w") as f:
-            f.write(sass)
-        usage = subprocess.run([_tool("cuobjdump"), "--dump-resource-usage", f"{stem}.cubin"], capture_output=True,
-                               text=True, check=True).stdout
-        regs = re.search(r"REG:(\d+)", usage).group(1)
-        local = re.search(r"LOCAL:(\d+)", usage).group(1)
+        compiled, sass, regs, local = compile_sm90(launch.kernel, signature, kwargs, options,
+                                                   os.path.join(keep, name.replace(" ", "_")))
         loop = loop_histogram(sass)
         print(f"\n{name}: grid {launch.grid}, {options.get('num_warps')} warps, {regs} registers, local {local} B, "
               f"shared {compiled.metadata.shared} B")
