@@ -250,9 +250,9 @@ def route_decode(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
 
 
 def packs_for(x: torch.Tensor, pack: InputPacking) -> bool:
-    """Whether :func:`route_decode` can pack one token ``x`` for ``pack``'s step: as wide, and in
-    bf16 or float16 (what the step's own packing reads)."""
-    return x.shape[-1] == pack.hidden_size and x.dtype in (torch.bfloat16, torch.float16) and x.is_contiguous()
+    """Whether :func:`route_decode` (whose input :func:`linear_decode_applies` already holds to one
+    contiguous bf16 or float16 row) can pack ``x`` for ``pack``'s step: as wide."""
+    return x.shape[-1] == pack.hidden_size
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:

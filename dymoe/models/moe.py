@@ -92,12 +92,13 @@ class Router(nn.Module):
     def forward(self, x: torch.Tensor, pack: InputPacking | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """x [N, H] -> (expert ids [N, k] int64, weights [N, k] in x's dtype). ``pack``: also write
         x as an expert step's packed input, in the same launch (where :meth:`packs` holds)."""
-        self._check_pack(x, pack)
+        one_launch = self.topk_method == "greedy" and self._route_decode_applies(x)
+        _refuse_pack(pack, one_launch)
         if self.topk_method == "sparsemixer":
             logits = self.logits(x)
             ids = sparsemixer_choice(logits, self.top_k)
             return ids, sparsemixer_weights(logits, ids, self.jitter_eps)
-        if self.topk_method == "greedy" and self._route_decode_applies(x):  # one kernel with the linear
+        if one_launch:  # one kernel with the linear
             return fused.route_decode(x, self.weight, self.bias, self.top_k, sigmoid=self.sigmoid,
                                       normalize=self.normalize, scaling=self.scaling, pack=pack)
         if self.topk_method == "greedy" and fused.route_applies(x, self.weight.shape[0]):  # one kernel after the linear
@@ -126,9 +127,6 @@ class Router(nn.Module):
         return (self.topk_method != "sparsemixer" and self._route_decode_applies(x)
                 and fused.packs_for(x, pack))
 
-    def _check_pack(self, x: torch.Tensor, pack: InputPacking | None, weighing: bool = False) -> None:
-        if pack is not None and not (self.weigh_packs(x, pack) if weighing else self.packs(x, pack)):
-            raise ValueError("this router cannot pack its input for the expert step here (ask Router.packs first)")
 
     def scores(self, x: torch.Tensor) -> torch.Tensor:
         """Every expert's score for x [N, H], float32: softmax or sigmoid of the logits."""
@@ -141,12 +139,13 @@ class Router(nn.Module):
         routing, dymoe/bench/routing.py): (the ids in the router's order, best first as its own
         choice comes; their weights [N, k] in x's dtype). ``pack``: as in :meth:`forward`
         (where :meth:`weigh_packs` holds)."""
-        self._check_pack(x, pack, weighing=True)
+        one_launch = self.topk_method != "sparsemixer" and self._route_decode_applies(x)
+        _refuse_pack(pack, one_launch)
         if self.topk_method == "sparsemixer":
             logits = self.logits(x)
             ids = ids.gather(1, logits.gather(1, ids).sort(dim=-1, descending=True).indices)
             return ids, sparsemixer_weights(logits, ids, self.jitter_eps)
-        if self._route_decode_applies(x):
+        if one_launch:
             return fused.route_decode(x, self.weight, self.bias, ids.shape[1], sigmoid=self.sigmoid,
                                       normalize=self.normalize, scaling=self.scaling, ids=ids, pack=pack)
         if fused.route_applies(x, self.weight.shape[0]):
@@ -180,6 +179,13 @@ class Router(nn.Module):
         """What a prefetcher may assume this router picks for ``x`` (Fate's cross-layer gate feeds it
         an earlier layer's input): a trained router's own choice. Synthetic routers override it."""
         return self(x)
+
+
+def _refuse_pack(pack: InputPacking | None, one_launch: bool) -> None:
+    """A router asked to pack its input where it routes without its one-launch decode route: one
+    clear error (the block asks :meth:`Router.packs` first; route_decode checks the width)."""
+    if pack is not None and not one_launch:
+        raise ValueError("this router cannot pack its input for the expert step here (ask Router.packs first)")
 
 
 def sparsemixer_choice(logits: torch.Tensor, k: int) -> torch.Tensor:
