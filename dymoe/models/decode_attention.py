@@ -29,7 +29,8 @@ import torch
 import triton
 import triton.language as tl
 
-from dymoe.models.fused import decode_counters
+from dymoe.models.fused import chained, decode_counters
+from dymoe.models.fused_kernels import _chain
 from dymoe.quant.kernels import interpreting
 
 BLOCK_N = 64  # keys a program reads at a time
@@ -41,7 +42,8 @@ ROWS = 16  # tl.dot's smallest tile: the query heads of one key-value head, padd
 def _split_kernel(q, k, v, index, part_m, part_l, part_acc, counters, sinks, out, chunk, n_splits, scale, window,
                   G, D, DV, sq_h, sq_d, sk_h, sk_n, sk_d, sv_h, sv_n, sv_d, so_h, so_d,
                   GP: tl.constexpr, DP: tl.constexpr, DVP: tl.constexpr, BLOCK_N: tl.constexpr,
-                  WINDOW: tl.constexpr, SINKS: tl.constexpr, F32_DOT: tl.constexpr):
+                  WINDOW: tl.constexpr, SINKS: tl.constexpr, F32_DOT: tl.constexpr, PDL: tl.constexpr = False):
+    _chain(PDL)  # (q, the caches' new row and the counters come from the launches before)
     kv = tl.program_id(0)
     s = tl.program_id(1)
     g = tl.arange(0, GP)
@@ -143,5 +145,6 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, index: t
                                  q.stride(1), q.stride(3), k.stride(1), k.stride(2), k.stride(3),
                                  v.stride(1), v.stride(2), v.stride(3), out.stride(1), out.stride(3),
                                  GP=gp, DP=max(ROWS, triton.next_power_of_2(d)), DVP=dvp, BLOCK_N=BLOCK_N,
-                                 WINDOW=window is not None, SINKS=sinks is not None, F32_DOT=interpreting())
+                                 WINDOW=window is not None, SINKS=sinks is not None, F32_DOT=interpreting(),
+                                 **chained(q.device))
     return out

@@ -69,6 +69,29 @@ def _router_topk_setting() -> str:
 
 
 ROUTER_TOPK = _router_topk_setting()
+
+
+def _pdl_setting() -> bool:
+    return env_choice("DYMOE_DENSE_PDL", {
+        "1": "each fused dense kernel may start while the kernel before it finishes (programmatic dependent "
+             "launch, Hopper or newer GPUs), the default",
+        "0": "each starts after the one before has ended"}, "1") == "1"
+
+
+DENSE_PDL = _pdl_setting()
+
+
+def chained(device: torch.device) -> dict:
+    """The launch arguments that chain a fused dense kernel to the launch before it on ``device``:
+    programmatic dependent launch (``launch_pdl``; the kernel's ``PDL`` lets the next launch start
+    at once and waits for the one before ahead of any read of its outputs) where
+    ``DYMOE_DENSE_PDL`` and the GPU allow it (:func:`~dymoe.quant.kernels.triton_experts.pdl_supported`:
+    Hopper or newer, Triton 3.4 or later); else nothing (the plain launch)."""
+    if not DENSE_PDL or device.type != "cuda" or interpreting():
+        return {}
+    from dymoe.quant.kernels.triton_experts import pdl_supported
+
+    return {"PDL": True, "launch_pdl": True} if pdl_supported(device) else {}
 RANKED_MAX_EXPERTS = 128  # the ranked top-k's [E, E] comparison (E padded to a power of two) stays in registers
 
 
@@ -118,7 +141,7 @@ def route(logits: torch.Tensor, k: int, *, sigmoid: bool, normalize: bool, scali
                                BLOCK=kernels.triton.next_power_of_2(experts), KB=kernels.triton.next_power_of_2(k),
                                GIVEN=ids is not None, SIGMOID=sigmoid, NORMALIZE=normalize,
                                ACCURATE=not interpreting(), RANKED=_ranked(experts),
-                               num_warps=1 if experts <= 128 else 4)
+                               num_warps=1 if experts <= 128 else 4, **chained(rows.device))
     return out_ids, weights
 
 
@@ -212,7 +235,8 @@ def _launch_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
     kernels.linear_decode_kernel[(-(-n // config.block_n), config.split)](
         x, weight, bias if bias is not None else weight, out, partial, decode_counters(x.device), ids_in, ids, weights,
         scaling, pack.buffer if pack is not None else out, N=n, K=k, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
-        SPLIT=config.split, STEPS=config.steps, BIAS=bias is not None, num_warps=config.warps, **route_flags)
+        SPLIT=config.split, STEPS=config.steps, BIAS=bias is not None, num_warps=config.warps, **route_flags,
+        **chained(x.device))
 
 
 def linear_decode(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
@@ -265,7 +289,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     out = torch.empty(rows.shape, dtype=torch.result_type(weight, x), device=x.device)
     block = kernels.triton.next_power_of_2(n)
     kernels.rms_norm_kernel[(rows.shape[0],)](rows, weight, out, eps, N=n, BLOCK=block,
-                                              num_warps=4 if block <= 4096 else 8)
+                                              num_warps=4 if block <= 4096 else 8, **chained(x.device))
     return out.view(*x.shape[:-1], n)
 
 
@@ -284,7 +308,7 @@ def add_rms_norm(x: torch.Tensor, y: torch.Tensor, weight: torch.Tensor, eps: fl
     total, out = torch.empty_like(x), torch.empty_like(x)
     block = kernels.triton.next_power_of_2(n)
     kernels.add_rms_norm_kernel[(x.numel() // n,)](x, y, weight, total, out, eps, N=n, BLOCK=block,
-                                                   num_warps=4 if block <= 4096 else 8)
+                                                   num_warps=4 if block <= 4096 else 8, **chained(x.device))
     return total, out
 
 
@@ -306,7 +330,7 @@ def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, start: int = 0
     kernels.rotary_kernel[(b * h * t,)](x, out, cos, sin, positions if positions is not None else cos, start, h, t,
                                         x.stride(0), x.stride(1), x.stride(2), out.stride(0), out.stride(1),
                                         out.stride(2), D=d, BLOCK=kernels.triton.next_power_of_2(d),
-                                        FROM_DEVICE=positions is not None, num_warps=1)
+                                        FROM_DEVICE=positions is not None, num_warps=1, **chained(x.device))
     return out
 
 
@@ -340,7 +364,7 @@ def qkv_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache_k: torch
     kernels.qkv_decode_kernel[(hq + heads,)](
         q, k, v, q_norm, k_norm, eps, cos, sin, position, out, cache_k, cache_v, hq, context, D=d, DV=dv,
         BLOCK=kernels.triton.next_power_of_2(d), BLOCK_V=kernels.triton.next_power_of_2(dv),
-        NORM=norms is not None, num_warps=4)
+        NORM=norms is not None, num_warps=4, **chained(q.device))
     return out
 
 
@@ -365,7 +389,8 @@ def combine(rows: torch.Tensor, weights: torch.Tensor, order: torch.Tensor | Non
     kernels = _kernels()
     kernels.combine_kernel[(kernels.triton.cdiv(h, COLUMNS),)](
         rows, weights.contiguous(), order if order is not None else weights, out, h, K=k,
-        KB=kernels.triton.next_power_of_2(k), BLOCK=COLUMNS, ORDERED=order is None, num_warps=4)
+        KB=kernels.triton.next_power_of_2(k), BLOCK=COLUMNS, ORDERED=order is None, num_warps=4,
+        **chained(rows.device))
     return out
 
 
@@ -381,7 +406,7 @@ def group_plan(x: torch.Tensor, ids: torch.Tensor, experts: int) -> tuple[torch.
     kernels = _kernels()
     kernels.group_plan_kernel[(kernels.triton.cdiv(h, COLUMNS),)](
         ids.contiguous(), x.contiguous(), order, ends, rows, h, experts, K=k, KB=kernels.triton.next_power_of_2(k),
-        EB=kernels.triton.next_power_of_2(experts), BLOCK=COLUMNS, num_warps=4)
+        EB=kernels.triton.next_power_of_2(experts), BLOCK=COLUMNS, num_warps=4, **chained(x.device))
     return rows, order, ends
 
 

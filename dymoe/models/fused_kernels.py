@@ -5,7 +5,31 @@ import triton
 import triton.language as tl
 from triton.language.extra import libdevice
 
-from dymoe.quant.kernels.split_k import _pack_item
+from dymoe.quant.kernels.split_k import _pack_item, gdc_launch_dependents, gdc_wait
+
+
+@triton.jit
+def _let_next_start(PDL: tl.constexpr):
+    """PDL (the launch is a programmatic dependent one, :func:`dymoe.models.fused.chained`): the
+    launch after this one may start now; it waits for this one in :func:`_await_previous`."""
+    if PDL:
+        gdc_launch_dependents()
+
+
+@triton.jit
+def _await_previous(PDL: tl.constexpr):
+    """PDL: wait until the launch before has finished and its writes are visible. Every read of
+    what a launch before wrote, and every write, comes after this (only constant weights may be
+    read before it); every launch with PDL calls it, so the wait covers all launches before."""
+    if PDL:
+        gdc_wait()
+
+
+@triton.jit
+def _chain(PDL: tl.constexpr):
+    """:func:`_let_next_start`, then :func:`_await_previous`: a kernel that reads nothing early."""
+    _let_next_start(PDL)
+    _await_previous(PDL)
 
 
 @triton.jit
@@ -21,7 +45,8 @@ def rounded(v, ty: tl.constexpr):
 
 
 @triton.jit
-def rms_norm_kernel(x_ptr, w_ptr, out_ptr, eps, N: tl.constexpr, BLOCK: tl.constexpr):
+def rms_norm_kernel(x_ptr, w_ptr, out_ptr, eps, N: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr = False):
+    _chain(PDL)
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     mask = cols < N
@@ -35,7 +60,8 @@ def rms_norm_kernel(x_ptr, w_ptr, out_ptr, eps, N: tl.constexpr, BLOCK: tl.const
 
 @triton.jit
 def rotary_kernel(x_ptr, out_ptr, cos_ptr, sin_ptr, pos_ptr, start, H, T, sxb, sxh, sxt, sob, soh, sot,
-                  D: tl.constexpr, BLOCK: tl.constexpr, FROM_DEVICE: tl.constexpr):
+                  D: tl.constexpr, BLOCK: tl.constexpr, FROM_DEVICE: tl.constexpr, PDL: tl.constexpr = False):
+    _chain(PDL)
     pid = tl.program_id(0)
     b, h, t = pid // (H * T), (pid // T) % H, pid % T
     pos = tl.load(pos_ptr + t) if FROM_DEVICE else start + t
@@ -54,9 +80,11 @@ def rotary_kernel(x_ptr, out_ptr, cos_ptr, sin_ptr, pos_ptr, start, H, T, sxb, s
 
 
 @triton.jit
-def add_rms_norm_kernel(a_ptr, b_ptr, w_ptr, sum_ptr, out_ptr, eps, N: tl.constexpr, BLOCK: tl.constexpr):
+def add_rms_norm_kernel(a_ptr, b_ptr, w_ptr, sum_ptr, out_ptr, eps, N: tl.constexpr, BLOCK: tl.constexpr,
+                        PDL: tl.constexpr = False):
     """A residual add and the RMSNorm of its result, per row: the sum rounded and stored as a torch
     add's, then normalised as :func:`rms_norm_kernel` does."""
+    _chain(PDL)
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     mask = cols < N
@@ -93,10 +121,11 @@ def _decode_head(src, w_ptr, dst, eps, c, s, cols, mask, D: tl.constexpr, NORM: 
 @triton.jit
 def qkv_decode_kernel(q_ptr, k_ptr, v_ptr, q_norm_ptr, k_norm_ptr, eps, cos_ptr, sin_ptr, pos_ptr, q_out_ptr,
                       k_cache_ptr, v_cache_ptr, HQ, CONTEXT, D: tl.constexpr, DV: tl.constexpr, BLOCK: tl.constexpr,
-                      BLOCK_V: tl.constexpr, NORM: tl.constexpr):
+                      BLOCK_V: tl.constexpr, NORM: tl.constexpr, PDL: tl.constexpr = False):
     """A decode token's attention inputs in one launch: program h < HQ takes q head h (norm,
     rotary, into ``q_out`` [HQ, D]); program HQ + j takes k head j (norm, rotary) and v head j,
     into row ``pos`` of the layer's caches [heads, CONTEXT, D] (position read on the device)."""
+    _chain(PDL)
     h = tl.program_id(0)
     pos = tl.load(pos_ptr).to(tl.int64)
     cols = tl.arange(0, BLOCK)
@@ -190,8 +219,9 @@ def _ranked(values, index, ids, slots, K: tl.constexpr):
 @triton.jit
 def route_kernel(logits_ptr, ids_in_ptr, ids_ptr, weights_ptr, E, scaling, K: tl.constexpr, BLOCK: tl.constexpr,
                  KB: tl.constexpr, GIVEN: tl.constexpr, SIGMOID: tl.constexpr, NORMALIZE: tl.constexpr,
-                 ACCURATE: tl.constexpr, RANKED: tl.constexpr = False):
+                 ACCURATE: tl.constexpr, RANKED: tl.constexpr = False, PDL: tl.constexpr = False):
     """One token's routing (row ``program_id``) from its router logits: :func:`_route`."""
+    _chain(PDL)
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     logits = tl.load(logits_ptr + row * E + cols, mask=cols < E, other=float("-inf")).to(tl.float32)
@@ -227,6 +257,14 @@ def _route_when_last(out_ptr, counter, ids_in_ptr, ids_ptr, weights_ptr, scaling
 
 
 @triton.jit
+def _weight_step(w_ptr, rows, row_ok, start, K: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Rows ``rows`` of W [N, K], columns ``start .. start + BLOCK_K`` (zeros past either end)."""
+    cols = start + tl.arange(0, BLOCK_K)
+    return tl.load(w_ptr + rows[:, None].to(tl.int64) * K + cols[None, :], mask=row_ok[:, None] & (cols < K)[None, :],
+                   other=0.0)
+
+
+@triton.jit
 def linear_decode_kernel(x_ptr, w_ptr, b_ptr, out_ptr, partial_ptr, counters_ptr, ids_in_ptr, ids_ptr, weights_ptr,
                          scaling, pack_ptr, N: tl.constexpr, K: tl.constexpr, BLOCK_N: tl.constexpr,
                          BLOCK_K: tl.constexpr, SPLIT: tl.constexpr, STEPS: tl.constexpr, BIAS: tl.constexpr,
@@ -234,7 +272,7 @@ def linear_decode_kernel(x_ptr, w_ptr, b_ptr, out_ptr, partial_ptr, counters_ptr
                          KB: tl.constexpr = 1, GIVEN: tl.constexpr = False, SIGMOID: tl.constexpr = False,
                          NORMALIZE: tl.constexpr = False, ACCURATE: tl.constexpr = True, RANKED: tl.constexpr = False,
                          PACK_BITS: tl.constexpr = 0,
-                         PACK_C: tl.constexpr = 0, PACK_BLOCK: tl.constexpr = 1024):
+                         PACK_C: tl.constexpr = 0, PACK_BLOCK: tl.constexpr = 1024, PDL: tl.constexpr = False):
     """One token through a linear layer, ``out = W x (+ b)`` for W [N, K] row-major: program
     (block, piece) sums rows ``block * BLOCK_N ..`` over K slice ``piece`` (``STEPS`` steps of
     ``BLOCK_K``) in float32. With SPLIT slices each writes its sums to ``partial`` [SPLIT, N] and
@@ -243,22 +281,28 @@ def linear_decode_kernel(x_ptr, w_ptr, b_ptr, out_ptr, partial_ptr, counters_ptr
     row block then routes the token from the logits (:func:`_route`), counter ``BLOCKS``.
     PACK_BITS (a router before an int4, int3 or int2 expert step): the programs also write x as
     that step's packed activation vector of ``PACK_C`` chunks into ``pack`` (the step's own
-    packing launch's pieces of ``PACK_BLOCK`` values, one program each, the first programs first)."""
+    packing launch's pieces of ``PACK_BLOCK`` values, one program each, the first programs first).
+    PDL: the weights' first step is loaded before the wait for the launch before."""
+    _let_next_start(PDL)
     block = tl.program_id(0)
     piece = tl.program_id(1)
     BLOCKS: tl.constexpr = (N + BLOCK_N - 1) // BLOCK_N
+    rows = block * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_ok = rows < N
+    first = piece * (STEPS * BLOCK_K)
+    w_first = _weight_step(w_ptr, rows, row_ok, first, K, BLOCK_K)  # constant: before the wait
+    _await_previous(PDL)
     if PACK_BITS != 0:
         for pack_piece in range(block * SPLIT + piece, (K + PACK_BLOCK - 1) // PACK_BLOCK, BLOCKS * SPLIT):
             _pack_item(pack_piece, x_ptr, pack_ptr, K, PACK_C, PACK_BITS, PACK_BLOCK)
-    rows = block * BLOCK_N + tl.arange(0, BLOCK_N)
-    row_ok = rows < N
     acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
-    first = piece * (STEPS * BLOCK_K)
     for step in tl.static_range(STEPS):
         cols = first + step * BLOCK_K + tl.arange(0, BLOCK_K)
         col_ok = cols < K
-        w = tl.load(w_ptr + rows[:, None].to(tl.int64) * K + cols[None, :], mask=row_ok[:, None] & col_ok[None, :],
-                    other=0.0)
+        if step == 0:
+            w = w_first
+        else:
+            w = _weight_step(w_ptr, rows, row_ok, first + step * BLOCK_K, K, BLOCK_K)
         x = tl.load(x_ptr + cols, mask=col_ok, other=0.0)
         acc += w.to(tl.float32) * x.to(tl.float32)[None, :]
     sums = tl.sum(acc, axis=1)
@@ -284,11 +328,12 @@ def linear_decode_kernel(x_ptr, w_ptr, b_ptr, out_ptr, partial_ptr, counters_ptr
 
 @triton.jit
 def combine_kernel(rows_ptr, weights_ptr, order_ptr, out_ptr, H, K: tl.constexpr, KB: tl.constexpr,
-                   BLOCK: tl.constexpr, ORDERED: tl.constexpr):
+                   BLOCK: tl.constexpr, ORDERED: tl.constexpr, PDL: tl.constexpr = False):
     """One token's routed output, columns ``program_id * BLOCK ..``: the sum over its ``K`` expert
     rows (``rows`` [K, H]; unless ORDERED, row i belongs to router slot ``order[i]``) of each row
     times its router weight rounded to the rows' dtype (as torch's product is), in router order
     in float32, rounded once at the end."""
+    _chain(PDL)
     cols = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     mask = cols < H
     ty = out_ptr.dtype.element_ty
@@ -309,11 +354,12 @@ def combine_kernel(rows_ptr, weights_ptr, order_ptr, out_ptr, H, K: tl.constexpr
 
 @triton.jit
 def group_plan_kernel(ids_ptr, x_ptr, order_ptr, ends_ptr, rows_ptr, H, E, K: tl.constexpr, KB: tl.constexpr,
-                      EB: tl.constexpr, BLOCK: tl.constexpr):
+                      EB: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr = False):
     """A decoded token's grouped-GEMM plan from its expert ids [K]: ``rows`` [K, H] (K copies of
     x [H], columns ``program_id * BLOCK ..``), and from program 0 ``order`` [K] (the stable sort of
     the ids: the router slot of each sorted position) and ``ends`` [E] (int32: how many ids are at
     most g, the end of expert g's rows)."""
+    _chain(PDL)
     cols = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     x = tl.load(x_ptr + cols, mask=cols < H)
     for j in tl.static_range(K):
