@@ -11,7 +11,10 @@ Qwen1.5-MoE-A2.7B (shared expert) and GPT-OSS-20B, one token (bf16):
 - times, per call, replayed from a CUDA graph of 20 calls that cycle through copies of the weight
   (at least 256 MB of them, so the weight is read from memory as in a model, not from L2): F.linear,
   ``linear_decode`` with the default cut, and with ``--sweep`` every cut of a small grid (the best
-  one printed); routers: F.linear then ``route`` (two launches) against ``route_decode`` (one).
+  one printed); routers: F.linear then ``route`` (two launches) against ``route_decode`` (one);
+  ``linear_decode`` / ``route_decode`` also unchained (``DYMOE_DENSE_PDL=0``: each call starts
+  after the one before has ended), where the default chains them (programmatic dependent launch:
+  a call loads its first weights while the one before runs).
   Each time is also given as a share of the device-to-device copy bandwidth (bytes of W / time,
   against a 1 GB copy's bytes / time).
 
@@ -31,6 +34,7 @@ import torch.nn.functional as F
 
 from expert_kernels import bench_steps  # (benchmarks/: this script's folder)
 
+from dymoe.models import fused
 from dymoe.models.fused import linear_config, linear_decode, route, route_decode
 
 SHAPES = {  # name: (N, K, router top-k or 0, bias)
@@ -80,6 +84,15 @@ def time_calls(call, copies: int) -> float:
     """Microseconds per ``call(i)`` (i = the weight copy it reads), from a graph of CALLS calls
     cycling through the copies (expert_kernels.bench_steps)."""
     return 1e3 * bench_steps(call, args=[i % copies for i in range(CALLS)])
+
+
+def time_unchained(call, copies: int) -> float:
+    """:func:`time_calls` with the fused kernels' programmatic dependent launch off."""
+    chained, fused.DENSE_PDL = fused.DENSE_PDL, False
+    try:
+        return time_calls(call, copies)
+    finally:
+        fused.DENSE_PDL = chained
 
 
 def ints(*shape) -> torch.Tensor:
@@ -140,13 +153,15 @@ def main(argv=None) -> int:
         if top_k:
             cublas = time_calls(lambda i: route(F.linear(x, weights[i], b), top_k, sigmoid=False, normalize=True,
                                                 scaling=1.0, dtype=x.dtype), copies)
-            ours = time_calls(lambda i: route_decode(x, weights[i], b, top_k, sigmoid=False, normalize=True,
-                                                     scaling=1.0), copies)
+            call = lambda i: route_decode(x, weights[i], b, top_k, sigmoid=False, normalize=True,  # noqa: E731
+                                          scaling=1.0)
         else:
             cublas = time_calls(lambda i: F.linear(x, weights[i], b), copies)
-            ours = time_calls(lambda i: linear_decode(x, weights[i], b), copies)
+            call = lambda i: linear_decode(x, weights[i], b)  # noqa: E731
+        ours, unchained = time_calls(call, copies), time_unchained(call, copies)
         row = dict(shape=name, n=n, k=k, router_top_k=top_k, mb=nbytes / 1e6, checks=checks, cublas_us=cublas,
-                   ours_us=ours, default=list(vars(default).values()))
+                   ours_us=ours, unchained_us=unchained, chained=fused.chained(x.device) != {},
+                   default=list(vars(default).values()))
         if args.sweep:
             timed = []
             for config in dict.fromkeys(sweep_configs(n, k, sms)):
@@ -162,7 +177,8 @@ def main(argv=None) -> int:
         best_text = f"  best {row['best_us']:6.1f} us ({share(row['best_us']):3.0f}%) {row['best']}" if "best" in row else ""
         print(f"{name:<32} {nbytes / 1e6:6.2f} MB  {'ok  ' if ok else 'FAIL'} err {checks['error']:.1e}  "
               f"cublas{' +route' if top_k else ''} {cublas:6.1f} us ({share(cublas):3.0f}%)  "
-              f"ours {ours:6.1f} us ({share(ours):3.0f}%) x{cublas / ours:.2f}{best_text}", flush=True)
+              f"ours {ours:6.1f} us ({share(ours):3.0f}%) x{cublas / ours:.2f}  unchained {unchained:6.1f} us"
+              f"{best_text}", flush=True)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "decode_linear.json").write_text(json.dumps(dict(
         device=torch.cuda.get_device_name(), copy_gbs=bandwidth / 1e9, sms=sms, rows=rows), indent=1))

@@ -10,9 +10,10 @@
 #    SUITE (default resident,static-int4)): DYMOE_DENSE_PDL=0 then 1, alternated REPEAT times
 #    (default 2); perplexity and KL must not move;
 # 3. benchmarks/profile_decode.py --graphs of the resident step with each setting (kernel time and
-#    wall per step).
-# STAGES="1 2 3" picks stages. Logs under $OUT; a summary last. Shared steps: check_common.sh.
-STAGES=${STAGES:-1 2 3}
+#    wall per step);
+# 4. benchmarks/decode_linear.py: linear_decode and route_decode per shape, chained and unchained.
+# STAGES="1 2 3 4" picks stages. Logs under $OUT; a summary last. Shared steps: check_common.sh.
+STAGES=${STAGES:-1 2 3 4}
 source "$(dirname "$0")/check_common.sh"
 if stage 1; then
   gpu_tests tests/models/test_dense_pdl.py tests/models/test_fused.py tests/models/test_decode_attention.py \
@@ -33,10 +34,16 @@ if stage 3; then
       --graphs --steps 8 --out "$OUT/profile-pdl$setting" > "$OUT/profile_pdl$setting.txt" 2>&1
   done
 fi
+if stage 4; then
+  echo "== decode_linear $(elapsed)"
+  timeout 240 "$PYTHON" benchmarks/decode_linear.py --out "$OUT" > "$OUT/decode_linear.txt" 2>&1
+  echo "-- rc=$? $(elapsed)"
+fi
 echo "== summary $(elapsed)"
 [ -f "$OUT/tests.txt" ] && tail -n 3 "$OUT/tests.txt"
 [ -f "$OUT/dense_check.txt" ] && tail -n 2 "$OUT/dense_check.txt"
 bench_summary "$OUT"/e2e*.txt
+[ -f "$OUT/decode_linear.txt" ] && cut -c1-40,100-200 "$OUT/decode_linear.txt"
 shopt -s nullglob
 for f in "$OUT"/profile_*.txt; do
   echo "-- $f"; grep -E "^resident|linear_decode|add_rms_norm|_split_kernel|qkv_decode" "$f" | cut -c1-62,150-200
