@@ -49,13 +49,15 @@ def test_the_setting_takes_one_and_zero_only(monkeypatch):
 @needs_gpu
 @pytest.mark.parametrize("family", ["qwen3_moe", "deepseek_v2", "gpt_oss"])
 def test_chained_dense_kernels_give_the_plain_launches_logits_on_the_gpu(tmp_path, monkeypatch, family):
-    """Resident decode through recorded CUDA graphs (and eagerly), the dense kernels chained and
-    not: the same logits bit for bit over every step, across span recordings. (CI has no GPU:
+    """Resident decode through recorded CUDA graphs (and eagerly), the dense kernels and the expert
+    step's first launch chained (``DYMOE_DENSE_PDL``, ``DYMOE_EARLY_STEP``) and not: the same logits
+    bit for bit over every step, across span recordings. (CI has no GPU:
     ``python -m pytest tests/models/test_dense_pdl.py`` on one.)"""
     from dymoe.checkpoint.reader import Checkpoint
     from dymoe.models import decode_graphs
     from dymoe.models.decode_graphs import DecodeGraphs
     from dymoe.models.transformer import load_dense
+    from dymoe.quant.kernels import triton_experts
     from dymoe.quant.kernels.triton_experts import pdl_supported
     from dymoe.runtime.resident import ResidentExperts
     from tests.tiny_models import make_hf_model, save_checkpoint
@@ -69,6 +71,8 @@ def test_chained_dense_kernels_give_the_plain_launches_logits_on_the_gpu(tmp_pat
 
     def decode(chain: bool, graphs: bool) -> torch.Tensor:
         monkeypatch.setattr(fused, "DENSE_PDL", chain)
+        monkeypatch.setattr(triton_experts, "EARLY_STEP", chain)  # the expert step's first launch too
+        triton_experts._launches.cache_clear()
         model = load_dense(checkpoint, 64, device, torch.bfloat16)
         model.attach_experts(ResidentExperts.from_checkpoint(checkpoint, device, torch.bfloat16))
         cache = model.new_cache(1)
@@ -84,3 +88,4 @@ def test_chained_dense_kernels_give_the_plain_launches_logits_on_the_gpu(tmp_pat
         plain, chained = decode(False, graphs), decode(True, graphs)
         assert torch.isfinite(plain).all()
         assert torch.equal(chained, plain), (graphs, (chained - plain).abs().max().item())
+    triton_experts._launches.cache_clear()

@@ -366,36 +366,51 @@ def test_packed_default_per_format_and_environment(monkeypatch):
 
 @needs_triton
 def test_pdl_launches_only_after_the_first_and_only_where_supported(monkeypatch):
-    """Programmatic dependent launch: the step's first launch (pack input, else gate_up) is never
-    launched early (it may follow anything); gate_up (after pack input) and down are, and every
-    launch gets its griddepcontrol; a device without it (or the interpreter) gets none of that
-    whatever the config; DYMOE_PDL sets split_config's field (unset: on for steps of at most
-    PDL_MAX_WEIGHTS weights per projection), DYMOE_ONE_LAUNCH its one_launch (unset: on for the
-    long int8, int4 and int2/g64 steps), and a bad value of either is one clear error."""
+    """Programmatic dependent launch: gate_up (after pack input) and down start early, reading the
+    expert ids before they wait, and every launch gets its griddepcontrol; the step's first launch
+    (pack input, else gate_up) may follow anything, so it starts early only with EARLY_STEP (the
+    default), and then waits before reading anything (``EARLY``); a device without pdl (or the
+    interpreter) gets none of that whatever the config; DYMOE_PDL sets split_config's field
+    (unset: on for steps of at most PDL_MAX_WEIGHTS weights per projection), DYMOE_ONE_LAUNCH its
+    one_launch (unset: on for the long int8, int4 and int2/g64 steps), and a bad value of either
+    is one clear error."""
     from dymoe.quant.kernels import triton_experts as te
 
-    for precision, packed in (("int4", True), ("int4", False), ("int8", False)):
-        plan = kernel_plan(blob_layout(parse_format(precision, 128), 2048, 768))
-        cfgs = [dataclasses.replace(te.split_config(plan, k, 8, 132), packed=packed, pdl=True)
-                for k in ("gate_up", "down")]
-        gate_up, down = te._launches(plan, 8, 1, 132, False, *cfgs, pdl=True)
-        assert gate_up.packed is packed
-        assert gate_up.kwargs.get("launch_pdl", False) is packed  # after pack input only
-        assert down.kwargs["launch_pdl"] is True
-        assert gate_up.kwargs["PDL"] and down.kwargs["PDL"]
-        assert "launch_pdl" not in (gate_up.prep.kwargs if packed else {}) and (not packed or gate_up.prep.kwargs["PDL"])
-        for supported, interpreting in ((False, False), (True, True)):
-            gate_up, down = te._launches(plan, 8, 1, 132, interpreting, *cfgs, pdl=supported)
-            assert "launch_pdl" not in gate_up.kwargs and "launch_pdl" not in down.kwargs
-            assert not (gate_up.kwargs["PDL"] or down.kwargs["PDL"])
-            assert not (packed and gate_up.prep.kwargs["PDL"])
-        if packed:  # the input packed before the step (by the router): gate_up first, never early
-            gate_up, down = te._launches(plan, 8, 1, 132, False, *cfgs, pdl=True, prepacked=True)
-            assert gate_up.packed and gate_up.prep is None and "launch_pdl" not in gate_up.kwargs
-            assert down.kwargs["launch_pdl"] is True
-        else:
-            with pytest.raises(ValueError, match="a prepacked input for a step that does not run packed"):
-                te._launches(plan, 8, 1, 132, False, *cfgs, pdl=True, prepacked=True)
+    def first_and_rest(gate_up, down, packed):
+        first = gate_up.prep if packed else gate_up
+        early = first.kwargs.get("launch_pdl", False)
+        assert first.kwargs.get("EARLY", False) is early  # launched early <=> waits before anything
+        assert "EARLY" not in down.kwargs and down.kwargs["launch_pdl"] is True
+        if packed:
+            assert "EARLY" not in gate_up.kwargs and gate_up.kwargs["launch_pdl"] is True
+        return early
+
+    for early_step in (True, False):
+        monkeypatch.setattr(te, "EARLY_STEP", early_step)
+        te._launches.cache_clear()
+        for precision, packed in (("int4", True), ("int4", False), ("int8", False)):
+            plan = kernel_plan(blob_layout(parse_format(precision, 128), 2048, 768))
+            cfgs = [dataclasses.replace(te.split_config(plan, k, 8, 132), packed=packed, pdl=True)
+                    for k in ("gate_up", "down")]
+            gate_up, down = te._launches(plan, 8, 1, 132, False, *cfgs, pdl=True)
+            assert gate_up.packed is packed
+            assert first_and_rest(gate_up, down, packed) is early_step
+            assert gate_up.kwargs["PDL"] and down.kwargs["PDL"] and (not packed or gate_up.prep.kwargs["PDL"])
+            for supported, interpreting in ((False, False), (True, True)):
+                gate_up, down = te._launches(plan, 8, 1, 132, interpreting, *cfgs, pdl=supported)
+                launches = [gate_up, down] + ([gate_up.prep] if packed else [])
+                assert not any("launch_pdl" in x.kwargs or "EARLY" in x.kwargs or x.kwargs["PDL"] for x in launches)
+            if packed:  # the input packed before the step (by the router): gate_up first
+                gate_up, down = te._launches(plan, 8, 1, 132, False, *cfgs, pdl=True, prepacked=True)
+                assert gate_up.packed and gate_up.prep is None
+                assert first_and_rest(gate_up, down, False) is early_step
+            else:
+                with pytest.raises(ValueError, match="a prepacked input for a step that does not run packed"):
+                    te._launches(plan, 8, 1, 132, False, *cfgs, pdl=True, prepacked=True)
+    te._launches.cache_clear()  # (no launch made with the patched EARLY_STEP outlives the test)
+    monkeypatch.setenv("DYMOE_EARLY_STEP", "no")
+    with pytest.raises(InputError, match="DYMOE_EARLY_STEP='no': use 1"):
+        te._early_step()
     assert not te.pdl_supported(torch.device("cpu"))
     qwen3, mixtral = (kernel_plan(blob_layout(parse_format("int4", 128), h, i)) for h, i in ((2048, 768), (4096, 14336)))
     for value, override, expected in (("", None, (True, False)), ("0", False, (False, False)), ("1", True, (True, True))):

@@ -395,9 +395,14 @@ def _pack_chunks(v, c0, out_ptr, C: tl.constexpr, NCH: tl.constexpr, BITS: tl.co
 
 @triton.jit
 def _pack_input_kernel(x_ptr, out_ptr, H: tl.constexpr, C: tl.constexpr, BITS: tl.constexpr, BLOCK: tl.constexpr,
-                       PDL: tl.constexpr = False):
+                       PDL: tl.constexpr = False, EARLY: tl.constexpr = False):
     """The one token's input ``x`` [H] as a packed activation vector (:func:`_pack_chunks`).
-    ``PDL``: let the gate_up launch start at once (it waits for this one before reading ``out``)."""
+    ``PDL``: let the gate_up launch start at once (it waits for this one before reading ``out``).
+    ``EARLY``: this launch itself may start before the launch before it ends (the step's first
+    launch, :func:`~dymoe.quant.kernels.triton_experts.EARLY_STEP`): it waits for that one first,
+    and only then lets gate_up start, since gate_up reads the router's expert ids before its wait."""
+    if EARLY:
+        gdc_wait()
     if PDL:
         gdc_launch_dependents()
     _pack_item(tl.program_id(0), x_ptr, out_ptr, H, C, BITS, BLOCK)
@@ -698,8 +703,12 @@ def _gate_up_split_kernel(w_ptr, s_ptr, offsets_ptr, ids_ptr, combine_ptr, x_ptr
                           PDL: tl.constexpr = False, C_IN: tl.constexpr = 0,
                           C_H: tl.constexpr = 0, GU_BIAS: tl.constexpr = -1, ACT: tl.constexpr = 0,
                           LIMIT: tl.constexpr = 7.0, ALPHA: tl.constexpr = 1.702, PRELOAD: tl.constexpr = False,
-                          INDIRECT: tl.constexpr = False):
-    """Grid (experts, row blocks, K slices): one :func:`_gate_up_item` each."""
+                          INDIRECT: tl.constexpr = False, EARLY: tl.constexpr = False):
+    """Grid (experts, row blocks, K slices): one :func:`_gate_up_item` each. ``EARLY`` (the step's
+    first launch, started before the launch before it ends): wait for that one before anything,
+    the expert ids included (so no weights are loaded ahead)."""
+    if EARLY:
+        gdc_wait()
     _gate_up_item(tl.program_id(0), tl.program_id(1), tl.program_id(2), tl.num_programs(1), w_ptr, s_ptr,
                   offsets_ptr, ids_ptr, combine_ptr, x_ptr, h_ptr, gu_ptr, counters_ptr, counters_ptr, E, H, I, W_BYTES,
                   GATE_W, GATE_S, GATE_M, UP_W, UP_S, UP_M, ROW, KP, GROUPS, BITS, CPW, BLOCK_N, SUB_K, SUBS, SPLIT,

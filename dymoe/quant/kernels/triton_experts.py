@@ -29,7 +29,7 @@ import torch
 import triton
 import triton.language as tl
 
-from dymoe.env import env_override
+from dymoe.env import env_choice, env_override
 from dymoe.quant.kernels import sm_count
 from dymoe.models.expert_math import SWIGLU, ExpertMath
 from dymoe.quant.kernels import interpreting
@@ -400,6 +400,16 @@ def pdl_by_default(plan: KernelPlan) -> bool:
 PDL_OVERRIDE = _pdl_override()
 
 
+def _early_step() -> bool:
+    return env_choice("DYMOE_EARLY_STEP", {
+        "1": "a pdl step's first launch starts while the launch before it (the router) finishes, and waits for "
+             "it before reading anything, the default",
+        "0": "it starts after the launch before has ended"}, "1") == "1"
+
+
+EARLY_STEP = _early_step()
+
+
 def _one_launch_override() -> bool | None:
     """DYMOE_ONE_LAUNCH from the environment, for split_config: 1 runs every split-K step as one
     launch (``LaunchConfig.one_launch``), 0 none, unset leaves it to :func:`one_launch_by_default`."""
@@ -710,8 +720,9 @@ def _split_launch(kernel, plan: KernelPlan, proj: Projection, cfg: LaunchConfig,
                   interpreting: bool, packed: bool, pdl: bool, dependent: bool, **parts) -> _Launch:
     """A split-K launch over :func:`k_slices`. ``pdl``: the device has programmatic dependent
     launch, so ``cfg.pdl`` gives the kernel its griddepcontrol; ``dependent``: launched to start
-    before the previous launch ends (never the step's first launch: that one may be preceded by
-    anything, and only its successors know what it writes)."""
+    before the previous launch of the step ends, reading the expert ids and its first weights
+    before it waits. The step's first launch may follow anything: with :data:`EARLY_STEP` it
+    starts early too (``EARLY``), but waits before reading anything."""
     tiling = _tiling(plan, cfg)
     split, k_slice = k_slices(plan, proj.padded_cols, cfg)
     if split > MAX_SPLIT:
@@ -730,6 +741,8 @@ def _split_launch(kernel, plan: KernelPlan, proj: Projection, cfg: LaunchConfig,
                   num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     if pdl and cfg.pdl and dependent:
         kwargs["launch_pdl"] = True
+    else:
+        kwargs.update(_early(pdl and cfg.pdl))
     if cfg.max_registers and not interpreting:
         kwargs["maxnreg"] = cfg.max_registers
     return _Launch(kernel, (experts, triton.cdiv(rows, cfg.block_n), split), kwargs, split, payload=payload)
@@ -783,7 +796,7 @@ def _launches(plan: KernelPlan, experts: int, tokens: int, sms: int, interpretin
         chunks_in = triton.cdiv(h, chunk_values(plan.bits))
         prep = _Launch(_pack_input_kernel, (triton.cdiv(h, PACK_BLOCK),),
                        dict(H=h, C=chunks_in, BITS=plan.bits, BLOCK=PACK_BLOCK, PDL=pdl and gu_cfg.pdl,
-                            num_warps=PACK_WARPS)) if packed and not prepacked else None
+                            num_warps=PACK_WARPS, **_early(pdl and gu_cfg.pdl))) if packed and not prepacked else None
         gate_up = _split_launch(_gate_up_split_kernel, plan, g, gu_cfg, experts, i, interpreting, packed, pdl,
                                 dependent=prep is not None, GATE_W=g.weight, GATE_S=g.scales, GATE_M=g.mins, UP_W=u.weight,
                                 UP_S=u.scales, UP_M=u.mins, KP_DOWN=d.padded_cols, C_IN=chunks_in if packed else 0,
@@ -810,6 +823,11 @@ def _launches(plan: KernelPlan, experts: int, tokens: int, sms: int, interpretin
     return gate_up, down
 
 
+def _early(pdl: bool) -> dict:
+    """The launch arguments of a step's first launch started early (:data:`EARLY_STEP`), or none."""
+    return dict(EARLY=True, launch_pdl=True) if pdl and EARLY_STEP else {}
+
+
 _PER_PROJECTION = ("ROW", "KP", "GROUPS", "CPW", "BLOCK_N", "SUB_K", "SUBS", "SPLIT", "K_SLICE")
 
 
@@ -820,7 +838,7 @@ def _one_launch(gate_up: _Launch, down: _Launch, experts: int, prep: _Launch | N
     from dymoe.quant.kernels.split_k import _step_kernel
 
     g, d = gate_up.kwargs, down.kwargs
-    kwargs = {k: v for k, v in g.items() if k not in _PER_PROJECTION and k not in ("PDL", "launch_pdl")}
+    kwargs = {k: v for k, v in g.items() if k not in _PER_PROJECTION and k not in ("PDL", "EARLY", "launch_pdl")}
     kwargs.update({f"G_{k}": g[k] for k in _PER_PROJECTION}, G_BLOCKS=gate_up.grid[1])
     kwargs.update({f"D_{k}": d[k] for k in _PER_PROJECTION}, D_BLOCKS=down.grid[1])
     kwargs.update(DOWN_W=d["DOWN_W"], DOWN_S=d["DOWN_S"], DOWN_M=d["DOWN_M"], D_BIAS=d["D_BIAS"],
