@@ -7,12 +7,11 @@
 # 1. GPU tests that decode whole models (mapped decode, fused decode kernels, the engine) and
 #    benchmarks/check_dense_kernels.py (KERNEL_CHECK=1: benchmarks/check_decode_kernels.py --quick too);
 # 2. benchmarks/decode_linear.py: its checks, and linear_decode against cuBLAS per shape (with
-#    SWEEP="shape names", a grid of cuts on those shapes; with RANKED=1, again under
-#    DYMOE_ROUTER_TOPK=ranked, the routers' top-k ranked at once);
+#    SWEEP="shape names", a grid of cuts on those shapes);
 # 3. end to end (`dymoe bench`, synthetic MODEL (default qwen3-30b-a3b), 8 layers, 25%, 64 tokens;
 #    SUITE=...): with BASE=DIR (another revision's dymoe/ package: `git archive REV dymoe | tar -x -C
 #    bench-base`, run with its defaults) that one first, then this tree with
-#    DYMOE_DECODE_LINEAR=cublas and with the default (RANKED=1: and with DYMOE_ROUTER_TOPK=ranked),
+#    DYMOE_DECODE_LINEAR=cublas and with the default,
 #    alternated REPEAT times (default 2);
 # 4. benchmarks/profile_decode.py --graphs of the resident step, with each setting.
 # STAGES="1 2 3 4" picks stages. Logs under $OUT; a summary last.
@@ -31,11 +30,6 @@ if stage 2; then
   echo "== decode_linear $(elapsed)"
   timeout 300 "$PYTHON" benchmarks/decode_linear.py --out "$OUT" > "$OUT/decode_linear.txt" 2>&1
   echo "-- rc=$? $(elapsed)"
-  if [ -n "${RANKED:-}" ]; then
-    DYMOE_ROUTER_TOPK=ranked timeout 300 "$PYTHON" benchmarks/decode_linear.py --out "$OUT/ranked" \
-      > "$OUT/decode_linear_ranked.txt" 2>&1
-    echo "-- ranked rc=$? $(elapsed)"
-  fi
   if [ -n "${SWEEP:-}" ]; then
     timeout 240 "$PYTHON" benchmarks/decode_linear.py --out "$OUT/sweep" --sweep --shapes $SWEEP \
       > "$OUT/decode_linear_sweep.txt" 2>&1
@@ -44,11 +38,10 @@ if stage 2; then
 fi
 if stage 3; then
   for round in $(seq "${REPEAT:-2}"); do
-    for setting in ${BASE:+base} cublas triton ${RANKED:+ranked}; do
+    for setting in ${BASE:+base} cublas triton; do
       tree=$([ "$setting" = base ] && echo "$BASE" || echo "$PWD")
-      topk=$([ "$setting" = ranked ] && echo ranked || echo rounds)
       linear=$([ "$setting" = cublas ] && echo cublas || echo triton)  # (base: its own default)
-      e2e "e2e-$setting-$round" "$tree" DYMOE_DECODE_LINEAR=$linear DYMOE_ROUTER_TOPK=$topk
+      e2e "e2e-$setting-$round" "$tree" DYMOE_DECODE_LINEAR=$linear
     done
   done
 fi
@@ -64,8 +57,6 @@ echo "== summary $(elapsed)"
 [ -f "$OUT/dense_check.txt" ] && tail -n 2 "$OUT/dense_check.txt"
 [ -f "$OUT/decode_kernels_check.txt" ] && tail -n 3 "$OUT/decode_kernels_check.txt"
 [ -f "$OUT/decode_linear.txt" ] && cut -c1-150 "$OUT/decode_linear.txt"
-[ -f "$OUT/decode_linear_ranked.txt" ] && echo "-- ranked top-k" \
-  && grep router "$OUT/decode_linear_ranked.txt" | cut -c1-150
 [ -f "$OUT/decode_linear_sweep.txt" ] && grep -o "^.\{32\}.*best.*" "$OUT/decode_linear_sweep.txt"
 bench_summary "$OUT"/e2e*.txt
 shopt -s nullglob

@@ -1,7 +1,6 @@
 """Compile the fused routers for sm_90 without a GPU: registers, spills and code size of each
 router shape's one-launch route (``route_decode``: its logits, its top-k, and with ``--pack`` the
-int4 expert step's input) and of the top-k launch after a cuBLAS router (``route``), with the top-k
-in rounds and ranked at once (``DYMOE_ROUTER_TOPK``). It also catches what only the GPU's compiler
+int4 expert step's input) and of the top-k launch after a cuBLAS router (``route``). It also catches what only the GPU's compiler
 refuses, which Triton's interpreter accepts (stop 25's first router packing did not compile where
 K is split).
 
@@ -42,29 +41,27 @@ def main(argv=None) -> int:
 
     keep = args.keep or tempfile.mkdtemp()
     print(f"sm_90, Triton {triton.__version__}; registers per thread, local memory (spills), cubin KB")
-    print(f"{'router':17s} {'launch':12s} {'top-k':7s} {'cut':>14s} {'regs':>5s} {'local':>6s} {'KB':>6s}")
+    print(f"{'router':17s} {'launch':12s} {'cut':>14s} {'regs':>5s} {'local':>6s} {'KB':>6s}")
     for name, (experts, hidden, k) in ROUTERS.items():
         cut = linear_config(experts, hidden, 2 * args.sms)
         route = dict(TOP_K=k, E_BLOCK=triton.next_power_of_2(experts), KB=triton.next_power_of_2(k), GIVEN=False,
                      SIGMOID=False, NORMALIZE=True, ACCURATE=True)
         if args.pack:
             route.update(PACK_BITS=4, PACK_C=-(-hidden // chunk_values(4)), PACK_BLOCK=PACK_BLOCK)
-        for ranked in (False, True):
-            topk = "ranked" if ranked else "rounds"
-            linear = dict(N=experts, K=hidden, BLOCK_N=cut.block_n, BLOCK_K=cut.block_k, SPLIT=cut.split,
-                          STEPS=cut.steps, BIAS=False, ROUTE=True, RANKED=ranked, **route)
-            compiled, _, regs, local = compile_sm90(linear_decode_kernel, LINEAR_SIGNATURE, linear,
-                                                    {"num_warps": cut.warps}, f"{keep}/{name}-route_decode-{topk}")
-            shape = f"{cut.block_n}x{cut.block_k}/{cut.split}"
-            print(f"{name:17s} {'route_decode':12s} {topk:7s} {shape:>14s} {regs:5d} {local:6d} "
-                  f"{len(compiled.asm['cubin']) / 1024:6.0f}")
-            after = dict(K=k, BLOCK=triton.next_power_of_2(experts), KB=triton.next_power_of_2(k), GIVEN=False,
-                         SIGMOID=False, NORMALIZE=True, ACCURATE=True, RANKED=ranked)
-            warps = 1 if experts <= 128 else 4  # as fused.route launches it
-            compiled, _, regs, local = compile_sm90(route_kernel, ROUTE_SIGNATURE, after, {"num_warps": warps},
-                                                    f"{keep}/{name}-route-{topk}")
-            print(f"{name:17s} {'route':12s} {topk:7s} {f'{warps} warp(s)':>14s} {regs:5d} {local:6d} "
-                  f"{len(compiled.asm['cubin']) / 1024:6.0f}")
+        linear = dict(N=experts, K=hidden, BLOCK_N=cut.block_n, BLOCK_K=cut.block_k, SPLIT=cut.split,
+                      STEPS=cut.steps, BIAS=False, ROUTE=True, **route)
+        compiled, _, regs, local = compile_sm90(linear_decode_kernel, LINEAR_SIGNATURE, linear,
+                                                {"num_warps": cut.warps}, f"{keep}/{name}-route_decode")
+        shape = f"{cut.block_n}x{cut.block_k}/{cut.split}"
+        print(f"{name:17s} {'route_decode':12s} {shape:>14s} {regs:5d} {local:6d} "
+              f"{len(compiled.asm['cubin']) / 1024:6.0f}")
+        after = dict(K=k, BLOCK=triton.next_power_of_2(experts), KB=triton.next_power_of_2(k), GIVEN=False,
+                     SIGMOID=False, NORMALIZE=True, ACCURATE=True)
+        warps = 1 if experts <= 128 else 4  # as fused.route launches it
+        compiled, _, regs, local = compile_sm90(route_kernel, ROUTE_SIGNATURE, after, {"num_warps": warps},
+                                                f"{keep}/{name}-route")
+        print(f"{name:17s} {'route':12s} {f'{warps} warp(s)':>14s} {regs:5d} {local:6d} "
+              f"{len(compiled.asm['cubin']) / 1024:6.0f}")
     return 0
 
 

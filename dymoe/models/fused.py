@@ -61,16 +61,6 @@ def _decode_linear_setting() -> str:
 DECODE_LINEAR = _decode_linear_setting()
 
 
-def _router_topk_setting() -> str:
-    return env_choice("DYMOE_ROUTER_TOPK", {
-        "rounds": "the fused routers' top-k in k rounds of reductions, the default",
-        "ranked": "every expert ranked at once (routers of up to RANKED_MAX_EXPERTS experts; to be timed "
-                  "on a GPU before it becomes the default)"}, "rounds")
-
-
-ROUTER_TOPK = _router_topk_setting()
-
-
 def _pdl_setting() -> bool:
     return env_choice("DYMOE_DENSE_PDL", {
         "1": "each fused dense kernel may start while the kernel before it finishes (programmatic dependent "
@@ -92,12 +82,6 @@ def chained(device: torch.device) -> dict:
     from dymoe.quant.kernels.triton_experts import pdl_supported
 
     return {"PDL": True, "launch_pdl": True} if pdl_supported(device) else {}
-RANKED_MAX_EXPERTS = 128  # the ranked top-k's [E, E] comparison (E padded to a power of two) stays in registers
-
-
-def _ranked(experts: int) -> bool:
-    """Whether the fused routing of ``experts`` experts ranks them at once (``DYMOE_ROUTER_TOPK``)."""
-    return ROUTER_TOPK == "ranked" and experts <= RANKED_MAX_EXPERTS
 
 
 def fused_applies(x: torch.Tensor) -> bool:
@@ -140,7 +124,7 @@ def route(logits: torch.Tensor, k: int, *, sigmoid: bool, normalize: bool, scali
     kernels.route_kernel[(n,)](rows, given, out_ids, weights, experts, float(scaling), K=k,
                                BLOCK=kernels.triton.next_power_of_2(experts), KB=kernels.triton.next_power_of_2(k),
                                GIVEN=ids is not None, SIGMOID=sigmoid, NORMALIZE=normalize,
-                               ACCURATE=not interpreting(), RANKED=_ranked(experts),
+                               ACCURATE=not interpreting(),
                                num_warps=1 if experts <= 128 else 4, **chained(rows.device))
     return out_ids, weights
 
@@ -223,8 +207,7 @@ def _launch_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
         raise ValueError(f"{n} rows in blocks of {config.block_n} need more than {DECODE_COUNTERS} counters")
     partial = torch.empty(config.split * n if config.split > 1 else 1, dtype=torch.float32, device=x.device)
     if routing is not None:
-        route_flags.update(ROUTE=True, E_BLOCK=kernels.triton.next_power_of_2(n), ACCURATE=not interpreting(),
-                           RANKED=_ranked(n))
+        route_flags.update(ROUTE=True, E_BLOCK=kernels.triton.next_power_of_2(n), ACCURATE=not interpreting())
     ids_in, ids, weights, scaling = routing or (out, out, out, 1.0)  # (not read without ROUTE)
     if pack is not None:
         from dymoe.quant.kernels.triton_experts import PACK_BLOCK, PACK_WARPS, chunk_values

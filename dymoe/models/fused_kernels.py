@@ -155,16 +155,15 @@ def _exp(x, ACCURATE: tl.constexpr):
 @triton.jit
 def _route(logits, cols, row, ids_in_ptr, ids_ptr, weights_ptr, E, scaling, K: tl.constexpr, BLOCK: tl.constexpr,
            KB: tl.constexpr, GIVEN: tl.constexpr, SIGMOID: tl.constexpr, NORMALIZE: tl.constexpr,
-           ACCURATE: tl.constexpr, RANKED: tl.constexpr = False):
+           ACCURATE: tl.constexpr):
     """One token's routing from its router logits [BLOCK] (float32, -inf past ``E``): every
     expert's score (float32 softmax or sigmoid), then the ``K`` best (GIVEN: the ``K`` experts of
     ``ids_in``) best first (the lowest index among equal scores), their scores renormalised
     (NORMALIZE) and times ``scaling``, stored as ids (int64) and weights (the output's dtype) in
     row ``row``. The torch code's operations in its order (exp, then IEEE divisions), so only the
-    softmax sum's order differs. The choice takes K rounds of two block-wide reductions, or
-    (RANKED) every candidate's rank at once (how many are better, or as good at a lower index:
-    the same order, so the same ids and weights bit for bit) in a few reductions over a
-    [candidates, candidates] comparison (:func:`_ranked`)."""
+    softmax sum's order differs. The choice takes K rounds of two block-wide reductions (ranking
+    every candidate at once over a [candidates, candidates] comparison was tried in stop 25: the
+    same ids and weights, but slower on every router timed, 2.2x on Qwen3's 128 experts)."""
     if SIGMOID:
         scores = tl.math.div_rn(tl.full((BLOCK,), 1.0, tl.float32), 1.0 + _exp(-logits, ACCURATE))
     else:
@@ -176,26 +175,20 @@ def _route(logits, cols, row, ids_in_ptr, ids_ptr, weights_ptr, E, scaling, K: t
         given = tl.load(ids_in_ptr + row * K + slots, mask=slots < K, other=0)
         picked = tl.sum(tl.where(cols[None, :] == given[:, None], scores[None, :], 0.0), axis=1)
         pool = tl.where(slots < K, picked, float("-inf"))
-    if RANKED:
+    chosen_ids = tl.zeros((KB,), dtype=tl.int64)
+    chosen = tl.zeros((KB,), dtype=tl.float32)
+    for j in tl.static_range(K):
         if GIVEN:
-            chosen_ids, chosen = _ranked(pool, slots, given.to(tl.int64), slots, K)
+            best = tl.max(pool, axis=0)
+            at = tl.min(tl.where(pool == best, slots, KB), axis=0)  # the first of equal scores
+            expert = tl.sum(tl.where(slots == at, given, 0), axis=0)
+            pool = tl.where(slots == at, float("-inf"), pool)
         else:
-            chosen_ids, chosen = _ranked(scores, cols, cols.to(tl.int64), slots, K)
-    else:
-        chosen_ids = tl.zeros((KB,), dtype=tl.int64)
-        chosen = tl.zeros((KB,), dtype=tl.float32)
-        for j in tl.static_range(K):
-            if GIVEN:
-                best = tl.max(pool, axis=0)
-                at = tl.min(tl.where(pool == best, slots, KB), axis=0)  # the first of equal scores
-                expert = tl.sum(tl.where(slots == at, given, 0), axis=0)
-                pool = tl.where(slots == at, float("-inf"), pool)
-            else:
-                best = tl.max(scores, axis=0)
-                expert = tl.min(tl.where(scores == best, cols, BLOCK), axis=0)
-                scores = tl.where(cols == expert, float("-inf"), scores)
-            chosen_ids = tl.where(slots == j, expert.to(tl.int64), chosen_ids)
-            chosen = tl.where(slots == j, best, chosen)
+            best = tl.max(scores, axis=0)
+            expert = tl.min(tl.where(scores == best, cols, BLOCK), axis=0)
+            scores = tl.where(cols == expert, float("-inf"), scores)
+        chosen_ids = tl.where(slots == j, expert.to(tl.int64), chosen_ids)
+        chosen = tl.where(slots == j, best, chosen)
     if NORMALIZE:
         chosen = tl.math.div_rn(chosen, tl.sum(chosen, axis=0) + tl.zeros((KB,), tl.float32))
     chosen = chosen * scaling
@@ -205,28 +198,16 @@ def _route(logits, cols, row, ids_in_ptr, ids_ptr, weights_ptr, E, scaling, K: t
 
 
 @triton.jit
-def _ranked(values, index, ids, slots, K: tl.constexpr):
-    """(ids [KB] int64, values [KB]) of the ``K`` best of ``values`` (the lowest ``index`` first
-    among equals), best first, zero past K: each candidate's rank is how many candidates are
-    better or as good at a lower index, and slot j takes the candidate of rank j."""
-    ahead = (values[None, :] == values[:, None]) & (index[None, :] < index[:, None])  # as good, a lower index
-    better = (values[None, :] > values[:, None]) | ahead
-    rank = tl.sum(better.to(tl.int32), axis=1)
-    at = (rank[None, :] == slots[:, None]) & (slots < K)[:, None]  # [KB, candidates]: one candidate per slot below K
-    return tl.sum(tl.where(at, ids[None, :], 0), axis=1), tl.sum(tl.where(at, values[None, :], 0.0), axis=1)
-
-
-@triton.jit
 def route_kernel(logits_ptr, ids_in_ptr, ids_ptr, weights_ptr, E, scaling, K: tl.constexpr, BLOCK: tl.constexpr,
                  KB: tl.constexpr, GIVEN: tl.constexpr, SIGMOID: tl.constexpr, NORMALIZE: tl.constexpr,
-                 ACCURATE: tl.constexpr, RANKED: tl.constexpr = False, PDL: tl.constexpr = False):
+                 ACCURATE: tl.constexpr, PDL: tl.constexpr = False):
     """One token's routing (row ``program_id``) from its router logits: :func:`_route`."""
     _chain(PDL)
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     logits = tl.load(logits_ptr + row * E + cols, mask=cols < E, other=float("-inf")).to(tl.float32)
     _route(logits, cols, row, ids_in_ptr, ids_ptr, weights_ptr, E, scaling, K, BLOCK, KB, GIVEN, SIGMOID, NORMALIZE,
-           ACCURATE, RANKED)
+           ACCURATE)
 
 
 @triton.jit
@@ -242,8 +223,7 @@ def _linear_rows(out_ptr, b_ptr, rows, row_ok, acc, BIAS: tl.constexpr):
 @triton.jit
 def _route_when_last(out_ptr, counter, ids_in_ptr, ids_ptr, weights_ptr, scaling, N: tl.constexpr,
                      BLOCKS: tl.constexpr, TOP_K: tl.constexpr, E_BLOCK: tl.constexpr, KB: tl.constexpr,
-                     GIVEN: tl.constexpr, SIGMOID: tl.constexpr, NORMALIZE: tl.constexpr, ACCURATE: tl.constexpr,
-                     RANKED: tl.constexpr):
+                     GIVEN: tl.constexpr, SIGMOID: tl.constexpr, NORMALIZE: tl.constexpr, ACCURATE: tl.constexpr):
     """Called by each row block once its logits are stored: the last of the ``BLOCKS`` routes the
     token from all ``N`` logits (read back rounded, as the router's linear layer returns them)
     and resets ``counter``."""
@@ -252,7 +232,7 @@ def _route_when_last(out_ptr, counter, ids_in_ptr, ids_ptr, weights_ptr, scaling
         cols = tl.arange(0, E_BLOCK)
         logits = tl.load(out_ptr + cols, mask=cols < N, other=float("-inf"), cache_modifier=".cg").to(tl.float32)
         _route(logits, cols, 0, ids_in_ptr, ids_ptr, weights_ptr, N, scaling, TOP_K, E_BLOCK, KB, GIVEN, SIGMOID,
-               NORMALIZE, ACCURATE, RANKED)
+               NORMALIZE, ACCURATE)
         tl.store(counter, 0)  # every block has counted: a plain store, as in the expert kernels
 
 
@@ -270,7 +250,7 @@ def linear_decode_kernel(x_ptr, w_ptr, b_ptr, out_ptr, partial_ptr, counters_ptr
                          BLOCK_K: tl.constexpr, SPLIT: tl.constexpr, STEPS: tl.constexpr, BIAS: tl.constexpr,
                          ROUTE: tl.constexpr = False, TOP_K: tl.constexpr = 1, E_BLOCK: tl.constexpr = 1,
                          KB: tl.constexpr = 1, GIVEN: tl.constexpr = False, SIGMOID: tl.constexpr = False,
-                         NORMALIZE: tl.constexpr = False, ACCURATE: tl.constexpr = True, RANKED: tl.constexpr = False,
+                         NORMALIZE: tl.constexpr = False, ACCURATE: tl.constexpr = True,
                          PACK_BITS: tl.constexpr = 0,
                          PACK_C: tl.constexpr = 0, PACK_BLOCK: tl.constexpr = 1024, PDL: tl.constexpr = False):
     """One token through a linear layer, ``out = W x (+ b)`` for W [N, K] row-major: program
@@ -310,7 +290,7 @@ def linear_decode_kernel(x_ptr, w_ptr, b_ptr, out_ptr, partial_ptr, counters_ptr
         _linear_rows(out_ptr, b_ptr, rows, row_ok, sums, BIAS)
         if ROUTE:
             _route_when_last(out_ptr, counters_ptr + BLOCKS, ids_in_ptr, ids_ptr, weights_ptr, scaling, N, BLOCKS,
-                             TOP_K, E_BLOCK, KB, GIVEN, SIGMOID, NORMALIZE, ACCURATE, RANKED)
+                             TOP_K, E_BLOCK, KB, GIVEN, SIGMOID, NORMALIZE, ACCURATE)
     else:
         tl.store(partial_ptr + piece * N + rows, sums, mask=row_ok)
         tl.debug_barrier()  # every thread's stores happen before the release below
@@ -323,7 +303,7 @@ def linear_decode_kernel(x_ptr, w_ptr, b_ptr, out_ptr, partial_ptr, counters_ptr
             tl.store(counter, 0)
             if ROUTE:
                 _route_when_last(out_ptr, counters_ptr + BLOCKS, ids_in_ptr, ids_ptr, weights_ptr, scaling, N,
-                                 BLOCKS, TOP_K, E_BLOCK, KB, GIVEN, SIGMOID, NORMALIZE, ACCURATE, RANKED)
+                                 BLOCKS, TOP_K, E_BLOCK, KB, GIVEN, SIGMOID, NORMALIZE, ACCURATE)
 
 
 @triton.jit

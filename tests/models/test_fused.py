@@ -193,17 +193,6 @@ for name, (e, k, scoring, normalize, scaling, bias, config) in {
     got = route_decode(x, router.weight, router.bias, k, **args)
     got_given = route_decode(x, router.weight, router.bias, k, ids=given, **args)
     again = route_decode(x, router.weight, router.bias, k, **args)
-    # DYMOE_ROUTER_TOPK=ranked: every expert ranked at once, in both kernels; the integer logits tie
-    fused.ROUTER_TOPK = "ranked"
-    ranked = [route_decode(x, router.weight, router.bias, k, **args),
-              route_decode(x, router.weight, router.bias, k, ids=given, **args),
-              fused.route(logits, k, sigmoid=router.sigmoid, normalize=normalize, scaling=scaling, dtype=x.dtype),
-              fused.route(logits, k, sigmoid=router.sigmoid, normalize=normalize, scaling=scaling, dtype=x.dtype,
-                          ids=given)]
-    fused.ROUTER_TOPK = "rounds"
-    results[f"route_decode/{name}/ranked"] = dict(
-        same=[torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(ranked, (ref, ref_given) * 2)],
-        ties=int(logits.numel() - logits.unique().numel()))
     results[f"route_decode/{name}"] = dict(
         ids=torch.equal(got[0], ref[0]), weights=torch.equal(got[1], ref[1]),
         given_ids=torch.equal(got_given[0], ref_given[0]), given_weights=torch.equal(got_given[1], ref_given[1]),
@@ -336,15 +325,12 @@ def test_a_routers_logits_and_its_routing_in_one_launch(interpreted):
     """``route_decode``: the same experts and weights, bit for bit, as ``route`` on F.linear's
     logits, for a trained router's top-k and for given experts (synthetic routing), softmax or
     sigmoid, renormalised or not, scaled, GPT-OSS's bias; the Router takes this path for a bf16
-    decode token. The ranked top-k (``DYMOE_ROUTER_TOPK=ranked``) gives the same in both kernels,
-    with tied scores among the experts."""
+    decode token."""
     for name in ("route_decode/qwen3", "route_decode/qwen2", "route_decode/deepseek", "route_decode/gpt-oss"):
         r = interpreted[name]
         assert r["used"] and r["ids"] and r["weights"] and r["given_ids"] and r["given_weights"], (name, r)
         assert r["again"] and r["distinct"] > 8 and r["shapes"][0] == r["shapes"][1], (name, r)
         assert r["experts"] - 1 in r["ref_ids"][0], (name, r)  # the masked tail is read
-        ranked = interpreted[name + "/ranked"]  # DYMOE_ROUTER_TOPK=ranked: the same, ties and all
-        assert ranked["same"] == [True] * 4 and ranked["ties"] > 0, (name, ranked)
 
 
 @needs_triton
@@ -440,17 +426,6 @@ def test_linear_decode_only_where_it_applies(monkeypatch):
     assert not fused.linear_decode_applies(x, w)
     layer(x)
     assert len(calls) == 1
-
-
-def test_the_ranked_top_k_only_where_it_is_asked_for(monkeypatch):
-    """``DYMOE_ROUTER_TOPK``: ``rounds`` by default, ``ranked`` ranks the experts at once for routers
-    of up to RANKED_MAX_EXPERTS experts (rounds above), a bad value one clear error."""
-    _check_setting(monkeypatch, "DYMOE_ROUTER_TOPK", fused._router_topk_setting,
-                   {"": "rounds", "rounds": "rounds", "ranked": "ranked"}, "sorted", "rounds")
-    monkeypatch.setattr(fused, "ROUTER_TOPK", "ranked")
-    assert [fused._ranked(e) for e in (8, 128, 129, 256)] == [True, True, False, False]
-    monkeypatch.setattr(fused, "ROUTER_TOPK", "rounds")
-    assert not fused._ranked(8)
 
 
 def test_the_moe_block_asks_the_router_to_pack_only_where_it_can(monkeypatch):
