@@ -23,6 +23,10 @@ rows, the sort of its expert ids, each expert's end) in one kernel instead of ab
 cuBLAS's one-row GEMMs on the shapes timed) and :func:`route_decode` a router's logits with its
 routing, in one launch (``DYMOE_DECODE_LINEAR=cublas`` turns those two off alone).
 
+On a Hopper or newer GPU each of these kernels is chained to the launch before it (:func:`chained`,
+``DYMOE_DENSE_PDL``): it may start while that launch finishes, and waits for it before reading what
+it wrote.
+
 ``DYMOE_FUSED_DENSE=0`` turns the kernels off (for comparison, or if one misbehaves); a bad value
 is one clear error.
 """
