@@ -36,7 +36,7 @@ from dataclasses import dataclass
 
 import torch
 
-from dymoe.env import env_choice
+from dymoe.env import env_choice, env_override
 from dymoe.quant.kernels import InputPacking, interpreting, kernels_run_on, sm_count, triton_available
 
 
@@ -66,10 +66,9 @@ DECODE_LINEAR = _decode_linear_setting()
 
 
 def _pdl_setting() -> bool:
-    return env_choice("DYMOE_DENSE_PDL", {
-        "1": "each fused dense kernel may start while the kernel before it finishes (programmatic dependent "
-             "launch, Hopper or newer GPUs), the default",
-        "0": "each starts after the one before has ended"}, "1") == "1"
+    return env_override("DYMOE_DENSE_PDL", "each fused dense kernel may start while the kernel before it finishes "
+                        "(programmatic dependent launch, Hopper or newer GPUs), the default",
+                        "each starts after the one before has ended") is not False
 
 
 DENSE_PDL = _pdl_setting()

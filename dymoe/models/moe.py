@@ -127,7 +127,6 @@ class Router(nn.Module):
         return (self.topk_method != "sparsemixer" and self._route_decode_applies(x)
                 and fused.packs_for(x, pack))
 
-
     def scores(self, x: torch.Tensor) -> torch.Tensor:
         """Every expert's score for x [N, H], float32: softmax or sigmoid of the logits."""
         logits = self.logits(x).float()

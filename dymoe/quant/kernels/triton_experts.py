@@ -29,7 +29,7 @@ import torch
 import triton
 import triton.language as tl
 
-from dymoe.env import env_choice, env_override
+from dymoe.env import env_override
 from dymoe.quant.kernels import sm_count
 from dymoe.models.expert_math import SWIGLU, ExpertMath
 from dymoe.quant.kernels import interpreting
@@ -401,10 +401,9 @@ PDL_OVERRIDE = _pdl_override()
 
 
 def _early_step() -> bool:
-    return env_choice("DYMOE_EARLY_STEP", {
-        "1": "a pdl step's first launch starts while the launch before it (the router) finishes, and waits for "
-             "it before reading anything, the default",
-        "0": "it starts after the launch before has ended"}, "1") == "1"
+    return env_override("DYMOE_EARLY_STEP", "a pdl step's first launch starts while the launch before it (the "
+                        "router) finishes, and waits for it before reading anything, the default",
+                        "it starts after the launch before has ended") is not False
 
 
 EARLY_STEP = _early_step()
