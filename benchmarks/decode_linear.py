@@ -153,11 +153,14 @@ def main(argv=None) -> int:
         if top_k:
             cublas = time_calls(lambda i: route(F.linear(x, weights[i], b), top_k, sigmoid=False, normalize=True,
                                                 scaling=1.0, dtype=x.dtype), copies)
-            call = lambda i: route_decode(x, weights[i], b, top_k, sigmoid=False, normalize=True,  # noqa: E731
-                                          scaling=1.0)
+
+            def call(i):
+                return route_decode(x, weights[i], b, top_k, sigmoid=False, normalize=True, scaling=1.0)
         else:
             cublas = time_calls(lambda i: F.linear(x, weights[i], b), copies)
-            call = lambda i: linear_decode(x, weights[i], b)  # noqa: E731
+
+            def call(i):
+                return linear_decode(x, weights[i], b)
         ours, unchained = time_calls(call, copies), time_unchained(call, copies)
         row = dict(shape=name, n=n, k=k, router_top_k=top_k, mb=nbytes / 1e6, checks=checks, cublas_us=cublas,
                    ours_us=ours, unchained_us=unchained, chained=fused.chained(x.device) != {},
