@@ -1,0 +1,189 @@
+"""Triton kernel: the one-token decode step of the packed formats in one launch of independent
+programs, each owning a slab of the intermediate dimension.
+
+The split-K step (:mod:`dymoe.quant.kernels.split_k`) is a chain: gate_up's K slices, their
+reduction into ``h``, then down, whose partials are reduced again. On a short step (Qwen3-30B-A3B's
+int4 experts are ~20 MB, ~7 us at copy speed) the chain's waits cost as much as the reading.
+Here program (e, b) takes rows ``b * SLAB ..`` of expert e's gate and up over all of K, so it
+holds whole values of ``h`` for those rows with nobody to wait for; it packs them
+(:func:`~dymoe.quant.kernels.split_k._pack_chunks`), then multiplies them with the same ``SLAB``
+columns of down for all H output rows. What it produces is one term of the step's sum over
+(expert, slab), which it adds into a fixed-point accumulator: 64-bit integers holding
+``value * 2**FRACTION_BITS``, truncated toward zero. Integer addition is associative, so the sum
+does not depend on the order the programs land in (the result is deterministic, as the
+split-K step's fixed-order sums are), and it needs no scratch of partials and no reduction pass.
+The last program to finish (an acq_rel counter) turns the accumulator into the output and zeroes
+it and the counter for the next step.
+
+Rounding: each term loses under ``2**-FRACTION_BITS`` (2.3e-10) in absolute value, a few hundred
+terms at most per output, far under float32's rounding of any output that bf16 can tell from zero.
+The range: a sum of terms must stay under ``2**(63 - FRACTION_BITS)`` (2.1e9) in magnitude.
+"""
+
+import functools
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from dymoe.models.expert_math import SWIGLU, ExpertMath
+from dymoe.quant.kernels import interpreting
+from dymoe.quant.kernels.plan import KernelPlan
+from dymoe.quant.kernels.split_k import _packed_step, _store_hidden, gdc_launch_dependents, gdc_wait
+from dymoe.quant.kernels.triton_experts import (ACTIVATION_CODES, PACKED_BITS, _bias, _expert_slot, _glu, _live,
+                                                 chunk_values, packed_words, pdl_supported)
+
+FRACTION_BITS = 32
+
+
+@triton.jit
+def _slab_kernel(w_ptr, s_ptr, offsets_ptr, ids_ptr, combine_ptr, x_ptr, h_ptr, acc_ptr, out_ptr, counter_ptr, E,
+                 H: tl.constexpr, I: tl.constexpr, W_BYTES: tl.constexpr,
+                 GATE_W: tl.constexpr, GATE_S: tl.constexpr, GATE_M: tl.constexpr,
+                 UP_W: tl.constexpr, UP_S: tl.constexpr, UP_M: tl.constexpr,
+                 DOWN_W: tl.constexpr, DOWN_S: tl.constexpr, DOWN_M: tl.constexpr,
+                 G_ROW: tl.constexpr, G_KP: tl.constexpr, G_GROUPS: tl.constexpr,
+                 D_ROW: tl.constexpr, D_KP: tl.constexpr, D_GROUPS: tl.constexpr, BITS: tl.constexpr,
+                 GROUP: tl.constexpr, SLAB: tl.constexpr, G_STEP: tl.constexpr, D_BLOCK: tl.constexpr,
+                 C_IN: tl.constexpr, C_H: tl.constexpr, FRACTION: tl.constexpr, ASM: tl.constexpr = True,
+                 PDL: tl.constexpr = False, GU_BIAS: tl.constexpr = -1, ACT: tl.constexpr = 0,
+                 LIMIT: tl.constexpr = 7.0, ALPHA: tl.constexpr = 1.702, D_BIAS: tl.constexpr = -1,
+                 INDIRECT: tl.constexpr = False):
+    """Grid (experts, I / SLAB). ``x_ptr``: the input as a packed activation vector of ``C_IN``
+    chunks; ``h_ptr``: per expert a packed vector of ``C_H`` chunks (each program writes and reads
+    only its own); ``acc_ptr`` [H] int64 and ``counter_ptr`` zero between steps. ``PDL``: started
+    before the launch before it ends, it waits for that one before reading anything."""
+    if PDL:
+        gdc_wait()
+        gdc_launch_dependents()
+    e = tl.program_id(0)
+    block = tl.program_id(1)
+    V: tl.constexpr = 64 if BITS == 3 else 128 // BITS  # values per chunk
+    rows = block * SLAB + tl.arange(0, SLAB)
+    w_slot, s_slot, t, c, active = _expert_slot(offsets_ptr, ids_ptr, combine_ptr, e, 1, E, W_BYTES, 2, INDIRECT)
+    row_ok = _live(rows, rows < I, active)  # an unused expert's slot may hold anything: read none of it
+    acc_g = tl.zeros((SLAB, G_STEP // V), dtype=tl.float32)
+    acc_u = acc_g
+    for k0 in tl.static_range(0, G_KP, G_STEP):
+        acc_g, acc_u = _packed_step(acc_g, acc_u, w_ptr, s_ptr, w_slot + GATE_W, s_slot + GATE_S, s_slot + GATE_M,
+                                    w_slot + UP_W, s_slot + UP_S, s_slot + UP_M, rows, row_ok, k0, x_ptr, C_IN, G_ROW,
+                                    G_KP, G_GROUPS, BITS, SLAB, G_STEP, GROUP, ASM, True)
+    gate = tl.sum(acc_g, axis=1) + _bias(s_ptr, s_slot, GU_BIAS, rows, row_ok)
+    up = tl.sum(acc_u, axis=1) + _bias(s_ptr, s_slot, GU_BIAS, rows + I, row_ok)  # up's biases follow gate's
+    weight = tl.sum(c, axis=0)  # one token: the routing column's only entry
+    h = tl.where(row_ok, _glu(gate, up, ACT, LIMIT, ALPHA) * weight, 0.0)
+    _store_hidden(h_ptr, e, block, rows, row_ok, h, D_KP, 0, BITS, SLAB, True, C_H)
+    tl.debug_barrier()  # the program's h, packed, before any thread reads it back
+    h_at = h_ptr + e * ((V // 2 + 2) * C_H)
+    first = (block == 0).to(tl.float32)
+    for r0 in tl.static_range(0, H, D_BLOCK):
+        out_rows = r0 + tl.arange(0, D_BLOCK)
+        out_ok = _live(out_rows, out_rows < H, active)
+        acc = tl.zeros((D_BLOCK, SLAB // V), dtype=tl.float32)
+        acc, _ = _packed_step(acc, acc, w_ptr, s_ptr, w_slot + DOWN_W, s_slot + DOWN_S, s_slot + DOWN_M,
+                              w_slot + DOWN_W, s_slot + DOWN_S, s_slot + DOWN_M, out_rows, out_ok, block * SLAB,
+                              h_at, C_H, D_ROW, D_KP, D_GROUPS, BITS, D_BLOCK, SLAB, GROUP, ASM, False)
+        y = tl.sum(acc, axis=1)
+        if D_BIAS >= 0:  # the router weight times the expert's bias, once (in the first slab's term)
+            y += _bias(s_ptr, s_slot, D_BIAS, out_rows, out_ok) * (weight * first)
+        tl.atomic_add(acc_ptr + out_rows, (y * FRACTION).to(tl.int64), mask=out_ok, sem="relaxed")
+    tl.debug_barrier()  # every thread's additions happen before the release below
+    if tl.atomic_add(counter_ptr, 1, sem="acq_rel") == E * tl.num_programs(1) - 1:
+        for r0 in tl.static_range(0, H, D_BLOCK):
+            out_rows = r0 + tl.arange(0, D_BLOCK)
+            total = tl.load(acc_ptr + out_rows, mask=out_rows < H, other=0, cache_modifier=".cg")
+            tl.store(out_ptr + out_rows, (total.to(tl.float32) / FRACTION).to(out_ptr.dtype.element_ty),
+                     mask=out_rows < H)
+            tl.store(acc_ptr + out_rows, tl.zeros_like(total), mask=out_rows < H)
+        tl.store(counter_ptr, 0)  # every program has counted: a plain store
+
+
+# ---- launching ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SlabConfig:
+    """Tiles of the slab step: ``slab`` intermediate rows per program (whole chunks of ``h``),
+    ``g_step`` input columns per gate/up step (whole groups), ``d_block`` down rows per step."""
+
+    slab: int = 32
+    g_step: int = 512
+    d_block: int = 512
+    num_warps: int = 4
+    max_registers: int | None = None
+
+
+@dataclass
+class SlabWorkspace:
+    """The slab step's scratch: ``hidden`` each expert's packed ``h``, ``total`` the fixed-point
+    accumulator [H] and ``counter`` (both zero between steps: the step's last program resets them)."""
+
+    hidden: torch.Tensor
+    total: torch.Tensor
+    counter: torch.Tensor
+
+    @classmethod
+    def allocate(cls, plan: KernelPlan, max_experts: int, device) -> "SlabWorkspace":
+        return cls(torch.empty(max_experts * packed_words(plan.intermediate_size, plan.bits), dtype=torch.int32,
+                               device=device),
+                   torch.zeros(plan.hidden_size, dtype=torch.int64, device=device),
+                   torch.zeros(1, dtype=torch.int32, device=device))
+
+
+def slab_fits(plan: KernelPlan, config: SlabConfig) -> bool:
+    """Whether the slab step can run ``plan`` with ``config``: a packed format whose groups hold
+    whole chunks, a slab of whole chunks within one group or of whole groups, whole groups per
+    gate/up step."""
+    if plan.bits not in PACKED_BITS or not plan.group_size or plan.group_size % chunk_values(plan.bits):
+        return False
+    slab, group = config.slab, plan.group_size
+    return (slab % chunk_values(plan.bits) == 0 and (group % slab == 0 or slab % group == 0)
+            and config.g_step % group == 0)
+
+
+@functools.lru_cache(maxsize=64)
+def _slab_launch(plan: KernelPlan, experts: int, config: SlabConfig, interpreting: bool, math: ExpertMath,
+                 pdl: bool) -> tuple[tuple, dict]:
+    if not slab_fits(plan, config):
+        raise ValueError(f"the slab step cannot run int{plan.bits}/g{plan.group_size} with {config}")
+    g, u, d = plan.gate, plan.up, plan.down
+    div = 4 if plan.bits == 3 else 1  # packed int3 reads its rows as 32-bit words, not bytes
+    w_bytes = 4 if plan.bits == 3 else plan.payload_elem_bytes
+    kwargs = dict(H=plan.hidden_size, I=plan.intermediate_size, W_BYTES=w_bytes,
+                  GATE_W=g.weight // div, GATE_S=g.scales, GATE_M=g.mins, UP_W=u.weight // div, UP_S=u.scales,
+                  UP_M=u.mins, DOWN_W=d.weight // div, DOWN_S=d.scales, DOWN_M=d.mins,
+                  G_ROW=g.row_elems // div, G_KP=g.padded_cols, G_GROUPS=g.padded_cols // plan.group_size,
+                  D_ROW=d.row_elems // div, D_KP=d.padded_cols, D_GROUPS=d.padded_cols // plan.group_size,
+                  BITS=plan.bits, GROUP=plan.group_size, SLAB=config.slab, G_STEP=config.g_step,
+                  D_BLOCK=config.d_block, C_IN=triton.cdiv(plan.hidden_size, chunk_values(plan.bits)),
+                  C_H=triton.cdiv(plan.intermediate_size, chunk_values(plan.bits)), FRACTION=float(2**FRACTION_BITS),
+                  ASM=not interpreting, PDL=pdl, GU_BIAS=plan.gate_up_bias, ACT=ACTIVATION_CODES[math.activation],
+                  LIMIT=float(math.limit), ALPHA=float(math.alpha), D_BIAS=plan.down_bias,
+                  num_warps=config.num_warps)
+    if pdl:
+        kwargs["launch_pdl"] = True
+    if config.max_registers and not interpreting:
+        kwargs["maxnreg"] = config.max_registers
+    return (experts, triton.cdiv(plan.intermediate_size, config.slab)), kwargs
+
+
+def launch_slab(pool: torch.Tensor, slot_offsets: torch.Tensor, plan: KernelPlan, x: torch.Tensor,
+                x_packed: torch.Tensor, combine: torch.Tensor, workspace: SlabWorkspace,
+                config: SlabConfig = SlabConfig(), math: ExpertMath = SWIGLU,
+                slot_ids: torch.Tensor | None = None) -> torch.Tensor:
+    """One token's step through the experts of ``slot_offsets`` as :func:`launch_decode` computes
+    it, in one slab launch. ``x_packed``: ``x`` [1, H] already as the step's packed activation
+    vector (:class:`~dymoe.quant.kernels.triton_experts.InputPacking`)."""
+    t, e = combine.shape
+    if t != 1:
+        raise ValueError(f"the slab step takes one token, got {t}")
+    grid, kwargs = _slab_launch(plan, e, config, interpreting(), math, pdl_supported(pool.device))
+    if e * packed_words(plan.intermediate_size, plan.bits) > workspace.hidden.numel():
+        raise ValueError(f"slab workspace too small for {e} experts")
+    indirect = slot_ids is not None
+    out = torch.empty_like(x)
+    _slab_kernel[grid](pool.view(torch.int32), pool.view(torch.float16), slot_offsets,
+                       slot_ids if indirect else slot_offsets, combine.contiguous(), x_packed, workspace.hidden,
+                       workspace.total, out, workspace.counter, e, **kwargs, INDIRECT=indirect)
+    return out
