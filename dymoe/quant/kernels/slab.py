@@ -30,7 +30,7 @@ import triton.language as tl
 from dymoe.models.expert_math import SWIGLU, ExpertMath
 from dymoe.quant.kernels import interpreting
 from dymoe.quant.kernels.plan import KernelPlan
-from dymoe.quant.kernels.split_k import _packed_step, _store_hidden, gdc_launch_dependents, gdc_wait
+from dymoe.quant.kernels.split_k import _packed_step, _packed_words, _store_hidden, gdc_launch_dependents, gdc_wait
 from dymoe.quant.kernels.triton_experts import (ACTIVATION_CODES, PACKED_BITS, _bias, _expert_slot, _glu, _live,
                                                  chunk_values, packed_words, pdl_supported)
 
@@ -46,14 +46,16 @@ def _slab_kernel(w_ptr, s_ptr, offsets_ptr, ids_ptr, combine_ptr, x_ptr, h_ptr, 
                  G_ROW: tl.constexpr, G_KP: tl.constexpr, G_GROUPS: tl.constexpr,
                  D_ROW: tl.constexpr, D_KP: tl.constexpr, D_GROUPS: tl.constexpr, BITS: tl.constexpr,
                  GROUP: tl.constexpr, SLAB: tl.constexpr, G_STEP: tl.constexpr, D_BLOCK: tl.constexpr,
-                 C_IN: tl.constexpr, C_H: tl.constexpr, FRACTION: tl.constexpr, ASM: tl.constexpr = True,
+                 C_IN: tl.constexpr, C_H: tl.constexpr, FRACTION: tl.constexpr, DOWN_FIRST: tl.constexpr = False,
+                 ASM: tl.constexpr = True,
                  PDL: tl.constexpr = False, GU_BIAS: tl.constexpr = -1, ACT: tl.constexpr = 0,
                  LIMIT: tl.constexpr = 7.0, ALPHA: tl.constexpr = 1.702, D_BIAS: tl.constexpr = -1,
                  INDIRECT: tl.constexpr = False):
     """Grid (experts, I / SLAB). ``x_ptr``: the input as a packed activation vector of ``C_IN``
     chunks; ``h_ptr``: per expert a packed vector of ``C_H`` chunks (each program writes and reads
     only its own); ``acc_ptr`` [H] int64 and ``counter_ptr`` zero between steps. ``PDL``: started
-    before the launch before it ends, it waits for that one before reading anything."""
+    before the launch before it ends, it waits for that one before reading anything.
+    ``DOWN_FIRST``: the first down block's weights are loaded before gate's and up's loop."""
     if PDL:
         gdc_wait()
         gdc_launch_dependents()
@@ -63,6 +65,11 @@ def _slab_kernel(w_ptr, s_ptr, offsets_ptr, ids_ptr, combine_ptr, x_ptr, h_ptr, 
     rows = block * SLAB + tl.arange(0, SLAB)
     w_slot, s_slot, t, c, active = _expert_slot(offsets_ptr, ids_ptr, combine_ptr, e, 1, E, W_BYTES, 2, INDIRECT)
     row_ok = _live(rows, rows < I, active)  # an unused expert's slot may hold anything: read none of it
+    if DOWN_FIRST:  # the first block of down's weights in flight with gate's and up's
+        out_rows = tl.arange(0, D_BLOCK)
+        down_first = _packed_words(w_ptr, w_slot + DOWN_W, w_slot + DOWN_W, out_rows,
+                                   _live(out_rows, out_rows < H, active), block * SLAB, D_ROW, D_KP, BITS, D_BLOCK,
+                                   SLAB, False)
     acc_g = tl.zeros((SLAB, G_STEP // V), dtype=tl.float32)
     acc_u = acc_g
     for k0 in tl.static_range(0, G_KP, G_STEP):
@@ -81,9 +88,14 @@ def _slab_kernel(w_ptr, s_ptr, offsets_ptr, ids_ptr, combine_ptr, x_ptr, h_ptr, 
         out_rows = r0 + tl.arange(0, D_BLOCK)
         out_ok = _live(out_rows, out_rows < H, active)
         acc = tl.zeros((D_BLOCK, SLAB // V), dtype=tl.float32)
-        acc, _ = _packed_step(acc, acc, w_ptr, s_ptr, w_slot + DOWN_W, s_slot + DOWN_S, s_slot + DOWN_M,
-                              w_slot + DOWN_W, s_slot + DOWN_S, s_slot + DOWN_M, out_rows, out_ok, block * SLAB,
-                              h_at, C_H, D_ROW, D_KP, D_GROUPS, BITS, D_BLOCK, SLAB, GROUP, ASM, False)
+        if DOWN_FIRST and r0 == 0:
+            acc, _ = _packed_step(acc, acc, w_ptr, s_ptr, w_slot + DOWN_W, s_slot + DOWN_S, s_slot + DOWN_M,
+                                  w_slot + DOWN_W, s_slot + DOWN_S, s_slot + DOWN_M, out_rows, out_ok, block * SLAB,
+                                  h_at, C_H, D_ROW, D_KP, D_GROUPS, BITS, D_BLOCK, SLAB, GROUP, ASM, False, down_first)
+        else:
+            acc, _ = _packed_step(acc, acc, w_ptr, s_ptr, w_slot + DOWN_W, s_slot + DOWN_S, s_slot + DOWN_M,
+                                  w_slot + DOWN_W, s_slot + DOWN_S, s_slot + DOWN_M, out_rows, out_ok, block * SLAB,
+                                  h_at, C_H, D_ROW, D_KP, D_GROUPS, BITS, D_BLOCK, SLAB, GROUP, ASM, False)
         y = tl.sum(acc, axis=1)
         if D_BIAS >= 0:  # the router weight times the expert's bias, once (in the first slab's term)
             y += _bias(s_ptr, s_slot, D_BIAS, out_rows, out_ok) * (weight * first)
@@ -112,6 +124,7 @@ class SlabConfig:
     d_block: int = 512
     num_warps: int = 4
     max_registers: int | None = None
+    down_first: bool = False  # the first down block's weights loaded before gate's and up's loop
 
 
 @dataclass
@@ -158,6 +171,7 @@ def _slab_launch(plan: KernelPlan, experts: int, config: SlabConfig, interpretin
                   BITS=plan.bits, GROUP=plan.group_size, SLAB=config.slab, G_STEP=config.g_step,
                   D_BLOCK=config.d_block, C_IN=triton.cdiv(plan.hidden_size, chunk_values(plan.bits)),
                   C_H=triton.cdiv(plan.intermediate_size, chunk_values(plan.bits)), FRACTION=float(2**FRACTION_BITS),
+                  DOWN_FIRST=config.down_first,
                   ASM=not interpreting, PDL=pdl, GU_BIAS=plan.gate_up_bias, ACT=ACTIVATION_CODES[math.activation],
                   LIMIT=float(math.limit), ALPHA=float(math.alpha), D_BIAS=plan.down_bias,
                   num_warps=config.num_warps)
