@@ -49,14 +49,15 @@ def candidates(plan, wide: bool) -> list:
 
 
 def check(big, offsets, plan, x, xp, combine, ws, config, ref) -> dict:
+    """One slab step with its hidden scratch poisoned against the reference, and again: the same bits."""
     from dymoe.quant.kernels.slab import launch_slab
 
-    ws.hidden.fill_(-1)  # packed float16 pairs 0xFFFF: NaN wherever a program read h it did not write
-    out = launch_slab(big, offsets, plan, x, xp, combine, ws, config)
-    again = launch_slab(big, offsets, plan, x, xp, combine, ws, config)
+    ws.hidden_transposed.view(torch.int32).fill_(-1)  # float16 pairs 0xFFFF: NaN where h is read unwritten
+    out = launch_slab(big, offsets, plan, x, combine, ws, config, x_packed=xp)
+    again = launch_slab(big, offsets, plan, x, combine, ws, config, x_packed=xp)
     torch.cuda.synchronize()
     rel = ((out.float() - ref).norm() / ref.norm()).item()
-    reset = not (bool(ws.total.any()) or bool(ws.counter.any()))
+    reset = ws.counters_at_zero()
     same = bool(torch.equal(out, again))
     return {"rel_err": rel, "finite": bool(out.isfinite().all()), "reset": reset, "deterministic": same,
             "ok": rel < 1e-2 and bool(out.isfinite().all()) and reset and same}
@@ -65,7 +66,7 @@ def check(big, offsets, plan, x, xp, combine, ws, config, ref) -> dict:
 def shape_rows(model: str, precision: str, group: int, device, deadline: float, copy_gbps: float) -> list[dict]:
     import triton
 
-    from dymoe.quant.kernels.slab import SlabWorkspace, launch_slab
+    from dymoe.quant.kernels.slab import launch_slab
     from dymoe.quant.kernels.split_k import _pack_input_kernel
     from dymoe.quant.kernels.triton_experts import PACK_BLOCK, chunk_values, launch_decode, packed_words
 
@@ -75,7 +76,6 @@ def shape_rows(model: str, precision: str, group: int, device, deadline: float, 
     _pack_input_kernel[(triton.cdiv(h, PACK_BLOCK),)](x, xp, H=h, C=triton.cdiv(h, chunk_values(plan.bits)),
                                                       BITS=plan.bits, BLOCK=PACK_BLOCK, num_warps=4)
     big, steps = cold_steps(pool, offsets, nbytes)
-    slab_ws = SlabWorkspace.allocate(plan, offsets.numel(), device)
 
     def pct(us: float) -> float:
         return nbytes / (us * 1e-6) / (copy_gbps * 1e9) * 100
@@ -97,10 +97,10 @@ def shape_rows(model: str, precision: str, group: int, device, deadline: float, 
             rows.append(dict(base, form=str(config), skipped="time budget"))
             continue
         try:
-            checked = check(big, steps[0], plan, x, xp, combine, slab_ws, config, ref)
-            checked["vs_default"] = ((launch_slab(big, steps[0], plan, x, xp, combine, slab_ws, config).float()
+            checked = check(big, steps[0], plan, x, xp, combine, ws, config, ref)
+            checked["vs_default"] = ((launch_slab(big, steps[0], plan, x, combine, ws, config, x_packed=xp).float()
                                       - default.float()).norm() / ref.norm()).item()
-            us = bench_steps(lambda o, c=config: launch_slab(big, o, plan, x, xp, combine, slab_ws, c),
+            us = bench_steps(lambda o, c=config: launch_slab(big, o, plan, x, combine, ws, c, x_packed=xp),
                              args=steps) * 1e3
             first = " first" if config.down_first else ""
             rows.append(dict(base, form=f"slab {config.slab} g{config.g_step} d{config.d_block} w{config.num_warps}{first}",

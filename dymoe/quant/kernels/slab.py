@@ -27,12 +27,15 @@ import torch
 import triton
 import triton.language as tl
 
+from dymoe.env import env_override
 from dymoe.models.expert_math import SWIGLU, ExpertMath
 from dymoe.quant.kernels import interpreting
 from dymoe.quant.kernels.plan import KernelPlan
-from dymoe.quant.kernels.split_k import _packed_step, _packed_words, _store_hidden, gdc_launch_dependents, gdc_wait
-from dymoe.quant.kernels.triton_experts import (ACTIVATION_CODES, PACKED_BITS, _bias, _expert_slot, _glu, _live,
-                                                 chunk_values, packed_words, pdl_supported)
+from dymoe.quant.kernels.split_k import (_pack_input_kernel, _packed_step, _packed_words, _store_hidden,
+                                          gdc_launch_dependents, gdc_wait)
+from dymoe.quant.kernels.triton_experts import (ACTIVATION_CODES, PACK_BLOCK, PACK_WARPS, PACKED_BITS,
+                                                 DecodeWorkspace, _bias, _early, _expert_slot, _glu, _live,
+                                                 chunk_values, packed_words, pdl_supported, step_runs_packed)
 
 FRACTION_BITS = 32
 
@@ -127,23 +130,6 @@ class SlabConfig:
     down_first: bool = False  # the first down block's weights loaded before gate's and up's loop
 
 
-@dataclass
-class SlabWorkspace:
-    """The slab step's scratch: ``hidden`` each expert's packed ``h``, ``total`` the fixed-point
-    accumulator [H] and ``counter`` (both zero between steps: the step's last program resets them)."""
-
-    hidden: torch.Tensor
-    total: torch.Tensor
-    counter: torch.Tensor
-
-    @classmethod
-    def allocate(cls, plan: KernelPlan, max_experts: int, device) -> "SlabWorkspace":
-        return cls(torch.empty(max_experts * packed_words(plan.intermediate_size, plan.bits), dtype=torch.int32,
-                               device=device),
-                   torch.zeros(plan.hidden_size, dtype=torch.int64, device=device),
-                   torch.zeros(1, dtype=torch.int32, device=device))
-
-
 def slab_fits(plan: KernelPlan, config: SlabConfig) -> bool:
     """Whether the slab step can run ``plan`` with ``config``: a packed format whose groups hold
     whole chunks, a slab of whole chunks within one group or of whole groups, whole groups per
@@ -182,22 +168,69 @@ def _slab_launch(plan: KernelPlan, experts: int, config: SlabConfig, interpretin
     return (experts, triton.cdiv(plan.intermediate_size, config.slab)), kwargs
 
 
+def _slab_override() -> bool | None:
+    """DYMOE_SLAB_STEP from the environment: 1 runs every one-token int4, int3 and int2 step that
+    fits as one slab launch, 0 none, unset leaves it to :func:`slab_by_default`."""
+    return env_override("DYMOE_SLAB_STEP", "one-token int4/int3/int2 steps as one slab launch",
+                        "off; unset: where it measured faster")
+
+
+SLAB_OVERRIDE = _slab_override()
+
+
+def slab_by_default(plan: KernelPlan) -> bool:
+    """Whether a one-token step of ``plan`` runs as a slab launch unless DYMOE_SLAB_STEP says
+    otherwise. Not yet measured on a GPU: nowhere."""
+    return False
+
+
+def default_config(plan: KernelPlan) -> SlabConfig:
+    """The slab config of a step of ``plan``: slabs of one chunk (32 int4 rows, 64 int3 or int2),
+    gate/up steps of 512 columns (at least a group), down blocks of 512 rows, 4 warps."""
+    return SlabConfig(slab=chunk_values(plan.bits), g_step=max(512, plan.group_size), d_block=512)
+
+
+@functools.lru_cache(maxsize=64)
+def slab_step(plan: KernelPlan, experts: int, device: torch.device) -> SlabConfig | None:
+    """The config of the slab launch that runs a one-token step of ``plan`` through ``experts``
+    experts on ``device``, or None where the split-K step runs: a packed format whose split-K step
+    runs packed (so the router's packing serves both) and :data:`SLAB_OVERRIDE` or
+    :func:`slab_by_default`."""
+    if not (SLAB_OVERRIDE if SLAB_OVERRIDE is not None else slab_by_default(plan)):
+        return None
+    config = default_config(plan)
+    if not (slab_fits(plan, config) and step_runs_packed(plan, experts, device)):
+        return None
+    return config
+
+
 def launch_slab(pool: torch.Tensor, slot_offsets: torch.Tensor, plan: KernelPlan, x: torch.Tensor,
-                x_packed: torch.Tensor, combine: torch.Tensor, workspace: SlabWorkspace,
-                config: SlabConfig = SlabConfig(), math: ExpertMath = SWIGLU,
-                slot_ids: torch.Tensor | None = None) -> torch.Tensor:
-    """One token's step through the experts of ``slot_offsets`` as :func:`launch_decode` computes
-    it, in one slab launch. ``x_packed``: ``x`` [1, H] already as the step's packed activation
-    vector (:class:`~dymoe.quant.kernels.triton_experts.InputPacking`)."""
+                combine: torch.Tensor, workspace: DecodeWorkspace, config: SlabConfig, math: ExpertMath = SWIGLU,
+                slot_ids: torch.Tensor | None = None, x_packed: torch.Tensor | None = None) -> torch.Tensor:
+    """One token's step through the experts of ``slot_offsets`` as
+    :func:`~dymoe.quant.kernels.triton_experts.launch_decode` computes it (same arguments), as
+    one slab launch; ``x_packed``: ``x`` already as the step's packed activation vector
+    (:class:`~dymoe.quant.kernels.InputPacking`), else a launch packs it first."""
     t, e = combine.shape
     if t != 1:
         raise ValueError(f"the slab step takes one token, got {t}")
-    grid, kwargs = _slab_launch(plan, e, config, interpreting(), math, pdl_supported(pool.device))
-    if e * packed_words(plan.intermediate_size, plan.bits) > workspace.hidden.numel():
-        raise ValueError(f"slab workspace too small for {e} experts")
+    pdl = pdl_supported(pool.device)
+    grid, kwargs = _slab_launch(plan, e, config, interpreting(), math, pdl)
+    hidden = workspace.hidden_transposed.view(torch.int32)
+    if e * packed_words(plan.intermediate_size, plan.bits) > hidden.numel():
+        raise ValueError(f"workspace too small for {e} experts")
+    if x_packed is None:
+        x_packed = workspace.input_packed
+        h = plan.hidden_size
+        _pack_input_kernel[(triton.cdiv(h, PACK_BLOCK),)](x, x_packed, H=h, C=kwargs["C_IN"], BITS=plan.bits,
+                                                          BLOCK=PACK_BLOCK, PDL=pdl, num_warps=PACK_WARPS,
+                                                          **_early(pdl))
+    elif x_packed.numel() < packed_words(plan.hidden_size, plan.bits):
+        raise ValueError(f"a packed input of {x_packed.numel()} words, int{plan.bits} of "
+                         f"{plan.hidden_size} values takes {packed_words(plan.hidden_size, plan.bits)}")
     indirect = slot_ids is not None
     out = torch.empty_like(x)
     _slab_kernel[grid](pool.view(torch.int32), pool.view(torch.float16), slot_offsets,
-                       slot_ids if indirect else slot_offsets, combine.contiguous(), x_packed, workspace.hidden,
-                       workspace.total, out, workspace.counter, e, **kwargs, INDIRECT=indirect)
+                       slot_ids if indirect else slot_offsets, combine, x_packed, hidden, workspace.slab_total, out,
+                       workspace.slab_counter, e, **kwargs, INDIRECT=indirect)
     return out
