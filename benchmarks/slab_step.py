@@ -32,7 +32,7 @@ DEFAULT_FORMATS = ("int4/g128", "int2/g64", "int3/g128", "int4/g64")
 def candidates(plan, wide: bool) -> list:
     """Slab configs to time: ``wide`` (Qwen3-30B-A3B's int4/g128) slabs of one, two and four chunks,
     gate/up steps of 512 or 1024 columns, down blocks of 256 or 512 rows, 4 or 8 warps (eight
-    combinations and one with down's first block loaded first, since each compiles for ~10 s); else one: a slab of one chunk, 4 warps."""
+    combinations, one with down's first block loaded first, one without rotation, since each compiles for ~10 s); else one: a slab of one chunk, 4 warps."""
     from dymoe.quant.kernels.slab import SlabConfig, slab_fits
     from dymoe.quant.kernels.triton_experts import chunk_values
 
@@ -40,6 +40,7 @@ def candidates(plan, wide: bool) -> list:
     if wide:
         configs = [SlabConfig(chunk, 512, 512, 4), SlabConfig(chunk, 1024, 512, 4), SlabConfig(chunk, 512, 256, 4),
                    SlabConfig(chunk, 512, 512, 8), SlabConfig(chunk, 512, 512, 4, down_first=True),
+                   SlabConfig(chunk, 512, 512, 4, rotate=False),
                    SlabConfig(2 * chunk, 512, 512, 4),
                    SlabConfig(2 * chunk, 512, 512, 8), SlabConfig(2 * chunk, 1024, 512, 8),
                    SlabConfig(4 * chunk, 512, 256, 8)]
@@ -102,7 +103,7 @@ def shape_rows(model: str, precision: str, group: int, device, deadline: float, 
                                       - default.float()).norm() / ref.norm()).item()
             us = bench_steps(lambda o, c=config: launch_slab(big, o, plan, x, combine, ws, c, x_packed=xp),
                              args=steps) * 1e3
-            first = " first" if config.down_first else ""
+            first = (" first" if config.down_first else "") + ("" if config.rotate else " norot")
             rows.append(dict(base, form=f"slab {config.slab} g{config.g_step} d{config.d_block} w{config.num_warps}{first}",
                              us=us, **checked))
         except Exception as exc:  # one config's failure (a compile error) should not hide the others

@@ -50,6 +50,7 @@ def _slab_kernel(w_ptr, s_ptr, offsets_ptr, ids_ptr, combine_ptr, x_ptr, h_ptr, 
                  D_ROW: tl.constexpr, D_KP: tl.constexpr, D_GROUPS: tl.constexpr, BITS: tl.constexpr,
                  GROUP: tl.constexpr, SLAB: tl.constexpr, G_STEP: tl.constexpr, D_BLOCK: tl.constexpr,
                  C_IN: tl.constexpr, C_H: tl.constexpr, FRACTION: tl.constexpr, DOWN_FIRST: tl.constexpr = False,
+                 ROTATE: tl.constexpr = True,
                  ASM: tl.constexpr = True,
                  PDL: tl.constexpr = False, GU_BIAS: tl.constexpr = -1, ACT: tl.constexpr = 0,
                  LIMIT: tl.constexpr = 7.0, ALPHA: tl.constexpr = 1.702, D_BIAS: tl.constexpr = -1,
@@ -58,7 +59,8 @@ def _slab_kernel(w_ptr, s_ptr, offsets_ptr, ids_ptr, combine_ptr, x_ptr, h_ptr, 
     chunks; ``h_ptr``: per expert a packed vector of ``C_H`` chunks (each program writes and reads
     only its own); ``acc_ptr`` [H] int64 and ``counter_ptr`` zero between steps. ``PDL``: started
     before the launch before it ends, it waits for that one before reading anything.
-    ``DOWN_FIRST``: the first down block's weights are loaded before gate's and up's loop."""
+    ``DOWN_FIRST``: the first down block's weights are loaded before gate's and up's loop;
+    ``ROTATE``: each program walks down's row blocks from another one."""
     if PDL:
         gdc_wait()
         gdc_launch_dependents()
@@ -68,8 +70,12 @@ def _slab_kernel(w_ptr, s_ptr, offsets_ptr, ids_ptr, combine_ptr, x_ptr, h_ptr, 
     rows = block * SLAB + tl.arange(0, SLAB)
     w_slot, s_slot, t, c, active = _expert_slot(offsets_ptr, ids_ptr, combine_ptr, e, 1, E, W_BYTES, 2, INDIRECT)
     row_ok = _live(rows, rows < I, active)  # an unused expert's slot may hold anything: read none of it
+    NB: tl.constexpr = (H + D_BLOCK - 1) // D_BLOCK  # down row blocks
+    # ROTATE: program p starts down at row block p % NB, so that the programs' additions to the
+    # accumulator are spread over its rows rather than all on the same rows at once
+    shift = ((e * tl.num_programs(1) + block) % NB) * D_BLOCK if ROTATE else 0
     if DOWN_FIRST:  # the first block of down's weights in flight with gate's and up's
-        out_rows = tl.arange(0, D_BLOCK)
+        out_rows = shift + tl.arange(0, D_BLOCK)
         down_first = _packed_words(w_ptr, w_slot + DOWN_W, w_slot + DOWN_W, out_rows,
                                    _live(out_rows, out_rows < H, active), block * SLAB, D_ROW, D_KP, BITS, D_BLOCK,
                                    SLAB, False)
@@ -88,7 +94,7 @@ def _slab_kernel(w_ptr, s_ptr, offsets_ptr, ids_ptr, combine_ptr, x_ptr, h_ptr, 
     h_at = h_ptr + e * ((V // 2 + 2) * C_H)
     first = (block == 0).to(tl.float32)
     for r0 in tl.static_range(0, H, D_BLOCK):
-        out_rows = r0 + tl.arange(0, D_BLOCK)
+        out_rows = (r0 + shift) % (NB * D_BLOCK) + tl.arange(0, D_BLOCK)
         out_ok = _live(out_rows, out_rows < H, active)
         acc = tl.zeros((D_BLOCK, SLAB // V), dtype=tl.float32)
         if DOWN_FIRST and r0 == 0:
@@ -128,6 +134,7 @@ class SlabConfig:
     num_warps: int = 4
     max_registers: int | None = None
     down_first: bool = False  # the first down block's weights loaded before gate's and up's loop
+    rotate: bool = True  # each program starts down at another row block
 
 
 def slab_fits(plan: KernelPlan, config: SlabConfig) -> bool:
@@ -157,7 +164,7 @@ def _slab_launch(plan: KernelPlan, experts: int, config: SlabConfig, interpretin
                   BITS=plan.bits, GROUP=plan.group_size, SLAB=config.slab, G_STEP=config.g_step,
                   D_BLOCK=config.d_block, C_IN=triton.cdiv(plan.hidden_size, chunk_values(plan.bits)),
                   C_H=triton.cdiv(plan.intermediate_size, chunk_values(plan.bits)), FRACTION=float(2**FRACTION_BITS),
-                  DOWN_FIRST=config.down_first,
+                  DOWN_FIRST=config.down_first, ROTATE=config.rotate,
                   ASM=not interpreting, PDL=pdl, GU_BIAS=plan.gate_up_bias, ACT=ACTIVATION_CODES[math.activation],
                   LIMIT=float(math.limit), ALPHA=float(math.alpha), D_BIAS=plan.down_bias,
                   num_warps=config.num_warps)
