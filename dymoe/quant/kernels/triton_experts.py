@@ -631,9 +631,7 @@ class DecodeWorkspace:
     float32, transposed by code position for the down kernel's vector loads, or (int4, int3, int2) as
     packed activation vectors in the same bytes, and ``input_packed`` the packed split-K path's
     input (see :mod:`dymoe.quant.kernels.split_k`), ``step_counters`` the one-launch step's ticket,
-    done, input-packed and per-expert ready counters (zero between steps), ``slab_total`` and
-    ``slab_counter`` the slab step's fixed-point accumulator [H] and its counter
-    (:mod:`dymoe.quant.kernels.slab`; zero between steps). Buffers are flat; a step uses their
+    done, input-packed and per-expert ready counters (zero between steps). Buffers are flat; a step uses their
     first rows. One workspace serves one stream at a time."""
 
     hidden: torch.Tensor
@@ -644,8 +642,6 @@ class DecodeWorkspace:
     hidden_transposed: torch.Tensor
     input_packed: torch.Tensor
     step_counters: torch.Tensor
-    slab_total: torch.Tensor
-    slab_counter: torch.Tensor
 
     @classmethod
     def allocate(cls, plan: KernelPlan, max_experts: int, max_tokens: int, device) -> "DecodeWorkspace":
@@ -659,14 +655,7 @@ class DecodeWorkspace:
                    torch.empty(max_experts * max(plan.down.padded_cols, packed_words(i, plan.bits)),
                                dtype=torch.float32, device=device),
                    torch.empty(packed_words(h, plan.bits), dtype=torch.int32, device=device),
-                   torch.zeros(3 + max_experts, dtype=torch.int32, device=device),
-                   torch.zeros(h, dtype=torch.int64, device=device), torch.zeros(1, dtype=torch.int32, device=device))
-
-    def counters_at_zero(self) -> bool:
-        """Whether every counter (and the slab step's accumulator) is back at zero, as each step
-        must leave them (a sync: for checks)."""
-        return not any(bool(c.any()) for c in (self.counters, self.gate_up_counters, self.step_counters,
-                                                 self.slab_total, self.slab_counter))
+                   torch.zeros(3 + max_experts, dtype=torch.int32, device=device))
 
     def scratch(self) -> tuple[torch.Tensor, ...]:
         """The buffers a step writes before it reads them (the checks NaN-poison these)."""
@@ -879,12 +868,6 @@ def launch_decode(pool: torch.Tensor, slot_offsets: torch.Tensor, plan: KernelPl
     indirect = slot_ids is not None
     ids = slot_ids if indirect else slot_offsets  # (not read without INDIRECT)
     workspace = workspace or DecodeWorkspace.allocate(plan, e, t, x.device)
-    if t == 1 and gate_up_config is None and down_config is None:
-        from dymoe.quant.kernels.slab import launch_slab, slab_step
-
-        slab = slab_step(plan, e, pool.device)
-        if slab is not None:
-            return launch_slab(pool, slot_offsets, plan, x, combine, workspace, slab, math, slot_ids, x_packed)
     gate_up, down = _launches(plan, e, t, _sm_count(pool.device), interpreting(),
                               gate_up_config, down_config, math, pdl_supported(pool.device), x_packed is not None)
     payload, scales = pool.view(gate_up.payload or plan.payload_dtype), pool.view(torch.float16)
