@@ -15,10 +15,10 @@ stage() { [[ " $STAGES " == *" $1 "* ]]; }
 
 elapsed() { echo "(+$((SECONDS - started)) s)"; }
 
-# gpu_tests FILE...: pytest on those files into $OUT/tests.txt
+# gpu_tests FILE...: pytest on those files into $OUT/tests.txt (pyproject's -q: progress and a count line)
 gpu_tests() {
   echo "== GPU tests $(elapsed)"
-  timeout 240 "$PYTHON" -m pytest -q "$@" > "$OUT/tests.txt" 2>&1
+  timeout 240 "$PYTHON" -m pytest "$@" > "$OUT/tests.txt" 2>&1
   echo "-- rc=$? $(elapsed)"
 }
 
