@@ -49,7 +49,7 @@ except ImportError:  # older Triton: LaunchConfig.pdl is ignored (triton_experts
     gdc_launch_dependents = gdc_wait = None
 
 from dymoe.quant.kernels.triton_experts import (_bias, _code_value, _expert_slot, _glu, _group_terms, _live,
-                                                 _row_scales, _sum_experts, _unit_tile)
+                                                 _row_scales, _sum_experts, _unit_tile, globaltimer, smid)
 
 
 @triton.jit
@@ -579,6 +579,32 @@ def _store_hidden(h_ptr, e, block, rows, row_ok, h, KP_DOWN: tl.constexpr, CPW: 
         tl.store(h_ptr + e * KP_DOWN + _transposed(rows, KP_DOWN, CPW), h, mask=row_ok)
 
 
+# The traced step (``TRACE``, ``launch_decode(trace=)``, benchmarks/step_timeline.py): each program
+# writes TRACE_FIELDS int64 to its row of the trace buffer (row (e * row blocks + block) * slices +
+# slice): 0 the global timer (ns) at its start, 1 when its wait returned, 2 when its sums were done
+# (before its stores), 3 when its counter's atomic returned, 4 (the finisher only, else 0) when the
+# finisher's stores were issued, 5 its SM.
+TRACE_FIELDS = tl.constexpr(8)
+
+
+@triton.jit
+def _stamp(trace_ptr, POINT: tl.constexpr):
+    """The global timer into field ``POINT`` of this program's trace row (every thread stores
+    its reading; one of them lands)."""
+    tl.store(trace_ptr + POINT, globaltimer())
+
+
+@triton.jit
+def _trace_row(trace_ptr):
+    """This program's row of a split-K launch's trace buffer, its start and its SM written."""
+    row = trace_ptr + ((tl.program_id(0) * tl.num_programs(1) + tl.program_id(1)) * tl.num_programs(2)
+                       + tl.program_id(2)) * TRACE_FIELDS
+    _stamp(row, 0)
+    tl.store(row + 4, 0)  # (a finisher overwrites it; a stale stamp of the last replay must not stay)
+    tl.store(row + 5, smid().to(tl.int64))
+    return row
+
+
 @triton.jit
 def _await(PDL: tl.constexpr, SPIN: tl.constexpr, flag_ptr, target):
     """Wait until what an item reads is written: the launch before (``PDL``: griddepcontrol), or
@@ -603,7 +629,7 @@ def _gate_up_item(e, block, piece, blocks, w_ptr, s_ptr, offsets_ptr, ids_ptr, c
                   BLOCK_STEPS: tl.constexpr, ASM: tl.constexpr, PDL: tl.constexpr, C_IN: tl.constexpr,
                   C_H: tl.constexpr, GU_BIAS: tl.constexpr, ACT: tl.constexpr, LIMIT: tl.constexpr,
                   ALPHA: tl.constexpr, SIGNAL: tl.constexpr, PRELOAD: tl.constexpr, SPIN: tl.constexpr, flag_ptr,
-                  flag_target, INDIRECT: tl.constexpr = False):
+                  flag_target, INDIRECT: tl.constexpr = False, TRACE: tl.constexpr = False, trace_ptr=None):
     """K slice ``piece`` of row block ``block`` (of ``blocks``) of expert ``e``'s gate and up
     projections; the last slice of the block to finish writes that block of ``h``. ``SIGNAL`` (the
     one-launch step, :func:`_step_kernel`): it then adds one to ``ready_ptr[e]`` (release), so the
@@ -632,6 +658,8 @@ def _gate_up_item(e, block, piece, blocks, w_ptr, s_ptr, offsets_ptr, ids_ptr, c
                      _units(w_ptr, up_w, rows, first_ok, start, ROW, KP, BITS, CPW, SUB_K))
     # x, h, the scratch and counters only after the previous launch (or item) is done
     _await(PDL, SPIN, flag_ptr, flag_target)
+    if TRACE:
+        _stamp(trace_ptr, 1)
     if PDL:
         gdc_launch_dependents()
     if PRELOAD:
@@ -659,11 +687,16 @@ def _gate_up_item(e, block, piece, blocks, w_ptr, s_ptr, offsets_ptr, ids_ptr, c
     gate = (tl.sum(acc_g, axis=1) + m_g) * _row_scales(s_ptr, gate_s, rows, live, BITS)
     up = (tl.sum(acc_u, axis=1) + m_u) * _row_scales(s_ptr, up_s, rows, live, BITS)
     weight = tl.sum(c, axis=0)  # one token: the routing column's only entry
+    if TRACE:
+        _stamp(trace_ptr, 2)
     if SPLIT == 1:
         gate += _bias(s_ptr, s_slot, GU_BIAS, rows, live)
         up += _bias(s_ptr, s_slot, GU_BIAS, rows + I, live)  # up's biases follow gate's
         _store_hidden(h_ptr, e, block, rows, row_ok, _glu(gate, up, ACT, LIMIT, ALPHA) * weight, KP_DOWN, CPW,
                       BITS, BLOCK_N, PACKED, C_H)
+        if TRACE:
+            _stamp(trace_ptr, 3)
+            _stamp(trace_ptr, 4)
         if SIGNAL:
             tl.debug_barrier()  # every thread's h stores happen before the release below
             tl.atomic_add(ready_ptr + e, 1, sem="release")
@@ -673,7 +706,10 @@ def _gate_up_item(e, block, piece, blocks, w_ptr, s_ptr, offsets_ptr, ids_ptr, c
         tl.store(slices + piece * (2 * I) + I + rows, up, mask=row_ok)
         tl.debug_barrier()  # every thread's stores happen before the release below
         counter = counters_ptr + e * blocks + block
-        if tl.atomic_add(counter, 1, sem="acq_rel") == SPLIT - 1:
+        arrived = tl.atomic_add(counter, 1, sem="acq_rel")
+        if TRACE:
+            _stamp(trace_ptr, 3)
+        if arrived == SPLIT - 1:
             gate = tl.zeros((BLOCK_N,), dtype=tl.float32)
             up = tl.zeros((BLOCK_N,), dtype=tl.float32)
             # in slice order, whichever program came last: deterministic; unrolled, so that all the
@@ -686,6 +722,8 @@ def _gate_up_item(e, block, piece, blocks, w_ptr, s_ptr, offsets_ptr, ids_ptr, c
             _store_hidden(h_ptr, e, block, rows, row_ok, _glu(gate, up, ACT, LIMIT, ALPHA) * weight, KP_DOWN, CPW,
                           BITS, BLOCK_N, PACKED, C_H)
             tl.store(counter, 0)  # every slice has counted: a plain store, no round trip to wait for
+            if TRACE:
+                _stamp(trace_ptr, 4)
             if SIGNAL:
                 tl.debug_barrier()
                 tl.atomic_add(ready_ptr + e, 1, sem="release")
@@ -703,17 +741,21 @@ def _gate_up_split_kernel(w_ptr, s_ptr, offsets_ptr, ids_ptr, combine_ptr, x_ptr
                           PDL: tl.constexpr = False, C_IN: tl.constexpr = 0,
                           C_H: tl.constexpr = 0, GU_BIAS: tl.constexpr = -1, ACT: tl.constexpr = 0,
                           LIMIT: tl.constexpr = 7.0, ALPHA: tl.constexpr = 1.702, PRELOAD: tl.constexpr = False,
-                          INDIRECT: tl.constexpr = False, EARLY: tl.constexpr = False):
+                          INDIRECT: tl.constexpr = False, EARLY: tl.constexpr = False, TRACE: tl.constexpr = False,
+                          trace_ptr=None):
     """Grid (experts, row blocks, K slices): one :func:`_gate_up_item` each. ``EARLY`` (the step's
     first launch, started before the launch before it ends): wait for that one before anything,
-    the expert ids included (so no weights are loaded ahead)."""
+    the expert ids included (so no weights are loaded ahead). ``TRACE``: stamp ``trace_ptr``
+    (:data:`TRACE_FIELDS` per program)."""
+    if TRACE:
+        trace_ptr = _trace_row(trace_ptr)
     if EARLY:
         gdc_wait()
     _gate_up_item(tl.program_id(0), tl.program_id(1), tl.program_id(2), tl.num_programs(1), w_ptr, s_ptr,
                   offsets_ptr, ids_ptr, combine_ptr, x_ptr, h_ptr, gu_ptr, counters_ptr, counters_ptr, E, H, I, W_BYTES,
                   GATE_W, GATE_S, GATE_M, UP_W, UP_S, UP_M, ROW, KP, GROUPS, BITS, CPW, BLOCK_N, SUB_K, SUBS, SPLIT,
                   K_SLICE, KP_DOWN, PACKED, BLOCK_STEPS, ASM, PDL, C_IN, C_H, GU_BIAS, ACT, LIMIT, ALPHA, False,
-                  PRELOAD, False, counters_ptr, 0, INDIRECT=INDIRECT)
+                  PRELOAD, False, counters_ptr, 0, INDIRECT=INDIRECT, TRACE=TRACE, trace_ptr=trace_ptr)
 
 
 @triton.jit
@@ -724,7 +766,8 @@ def _down_item(e, block, piece, w_ptr, s_ptr, offsets_ptr, ids_ptr, combine_ptr,
                CPW: tl.constexpr, BLOCK_N: tl.constexpr, SUB_K: tl.constexpr, SUBS: tl.constexpr,
                SPLIT: tl.constexpr, K_SLICE: tl.constexpr, PACKED: tl.constexpr, BLOCK_STEPS: tl.constexpr,
                ASM: tl.constexpr, PDL: tl.constexpr, C_H: tl.constexpr, D_BIAS: tl.constexpr,
-               PRELOAD: tl.constexpr, SPIN: tl.constexpr, flag_ptr, flag_target, INDIRECT: tl.constexpr = False):
+               PRELOAD: tl.constexpr, SPIN: tl.constexpr, flag_ptr, flag_target, INDIRECT: tl.constexpr = False,
+               TRACE: tl.constexpr = False, trace_ptr=None):
     """K slice ``piece`` of row block ``block`` of expert ``e``'s down projection, into its partial
     row; the last of the block's partials to land sums them (:func:`_sum_experts`). ``h`` is read
     only after :func:`_await`; with ``PRELOAD`` the slice's first step of weights is loaded before."""
@@ -745,6 +788,8 @@ def _down_item(e, block, piece, w_ptr, s_ptr, offsets_ptr, ids_ptr, combine_ptr,
         else:
             first = _units(w_ptr, down_w, rows, first_ok, start, ROW, KP, BITS, CPW, SUB_K)
     _await(PDL, SPIN, flag_ptr, flag_target)  # h, the partials, the counters and out only after gate_up
+    if TRACE:
+        _stamp(trace_ptr, 1)
     if PRELOAD:
         if start < end:
             if PACKED:
@@ -769,10 +814,13 @@ def _down_item(e, block, piece, w_ptr, s_ptr, offsets_ptr, ids_ptr, combine_ptr,
     if D_BIAS >= 0:  # the router weight times the expert's bias, once (in the first slice's partial)
         first = (piece == 0).to(tl.float32)
         out += _bias(s_ptr, s_slot, D_BIAS, rows, live) * (tl.sum(c, axis=0) * first)
+    if TRACE:
+        _stamp(trace_ptr, 2)
     tl.store(partial_ptr + (e * SPLIT + piece) * H + rows, out, mask=row_ok)
     # partial row e * SPLIT + slice is "expert" e * SPLIT + slice of one token for the shared sum
     mask = row_ok[:, None] & (t[None, :] < 1)
-    _sum_experts(partial_ptr, out_ptr, counters_ptr + block, rows, t, mask, 1, E * SPLIT, H, BLOCK_N, 2)
+    _sum_experts(partial_ptr, out_ptr, counters_ptr + block, rows, t, mask, 1, E * SPLIT, H, BLOCK_N, 2, TRACE,
+                 trace_ptr)
 
 
 @triton.jit
@@ -784,12 +832,15 @@ def _down_split_kernel(w_ptr, s_ptr, offsets_ptr, ids_ptr, combine_ptr, h_ptr, p
                        SPLIT: tl.constexpr, K_SLICE: tl.constexpr, PACKED: tl.constexpr = False,
                        BLOCK_STEPS: tl.constexpr = False, ASM: tl.constexpr = True, PDL: tl.constexpr = False,
                        C_H: tl.constexpr = 0, D_BIAS: tl.constexpr = -1, PRELOAD: tl.constexpr = False,
-                       INDIRECT: tl.constexpr = False):
-    """Grid (experts, row blocks, K slices): one :func:`_down_item` each."""
+                       INDIRECT: tl.constexpr = False, TRACE: tl.constexpr = False, trace_ptr=None):
+    """Grid (experts, row blocks, K slices): one :func:`_down_item` each (``TRACE``: as
+    :func:`_gate_up_split_kernel`)."""
+    if TRACE:
+        trace_ptr = _trace_row(trace_ptr)
     _down_item(tl.program_id(0), tl.program_id(1), tl.program_id(2), w_ptr, s_ptr, offsets_ptr, ids_ptr, combine_ptr,
                h_ptr, partial_ptr, out_ptr, counters_ptr, E, H, I, W_BYTES, DOWN_W, DOWN_S, DOWN_M, ROW, KP, GROUPS,
                BITS, CPW, BLOCK_N, SUB_K, SUBS, SPLIT, K_SLICE, PACKED, BLOCK_STEPS, ASM, PDL, C_H, D_BIAS, PRELOAD,
-               False, counters_ptr, 0, INDIRECT=INDIRECT)
+               False, counters_ptr, 0, INDIRECT=INDIRECT, TRACE=TRACE, trace_ptr=trace_ptr)
 
 
 @triton.jit

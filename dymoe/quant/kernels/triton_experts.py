@@ -29,6 +29,11 @@ import torch
 import triton
 import triton.language as tl
 
+try:  # the GPU's nanosecond clock and SM id, for the traced split-K step (launch_decode(trace=))
+    from triton.language.extra.cuda import globaltimer, smid
+except ImportError:
+    globaltimer = smid = None
+
 from dymoe.env import env_override
 from dymoe.quant.kernels import sm_count
 from dymoe.models.expert_math import SWIGLU, ExpertMath
@@ -334,27 +339,35 @@ def _down_kernel(w_ptr, s_ptr, offsets_ptr, ids_ptr, combine_ptr, h_ptr, partial
     _sum_experts(partial_ptr, out_ptr, counters_ptr + tl.program_id(1), rows, t, mask, T, E, H, BLOCK_N, BLOCK_T)
 
 
-SUM_UNROLL: tl.constexpr = tl.constexpr(8)  # partials loaded together by _sum_experts
+SUM_UNROLL: tl.constexpr = tl.constexpr(8)  # partials loaded together by _sum_experts (several tokens)
+# one token: 32 at once, so that a split-K step's E x SPLIT partials (24 on Qwen3-30B-A3B's down,
+# 14 on Mixtral's) come in one L2 round trip instead of one per 8
+SUM_UNROLL_ONE: tl.constexpr = tl.constexpr(32)
 
 
 @triton.jit
 def _sum_experts(partial_ptr, out_ptr, counter_ptr, rows, t, mask, T, E, H: tl.constexpr, BLOCK_N: tl.constexpr,
-                 BLOCK_T: tl.constexpr):
+                 BLOCK_T: tl.constexpr, TRACE: tl.constexpr = False, trace_ptr=None):
     """The last of a row block's E programs to finish sums the E partials in expert order and writes
     the result: one launch fewer than a separate sum, and still deterministic (the order of the sum
     does not depend on which program comes last). The counter is left at zero for the next step."""
     tl.debug_barrier()  # every thread's partial store happens before the release below
     arrived = tl.atomic_add(counter_ptr, 1, sem="acq_rel")
+    if TRACE:  # the split-K step traced (split_k.TRACE_FIELDS): when the counter's atomic returned
+        tl.store(trace_ptr + 3, globaltimer())
     if arrived == E - 1:
         total = tl.zeros((BLOCK_N, BLOCK_T), dtype=tl.float32)
-        for e0 in range(0, E, SUM_UNROLL):  # unrolled: SUM_UNROLL partials' loads in flight at once
-            for i in tl.static_range(SUM_UNROLL):
+        UNROLL: tl.constexpr = SUM_UNROLL_ONE if BLOCK_T <= 2 else SUM_UNROLL
+        for e0 in range(0, E, UNROLL):  # unrolled: UNROLL partials' loads in flight at once
+            for i in tl.static_range(UNROLL):
                 ok = e0 + i < E
                 part = tl.load(partial_ptr + ((e0 + i) * T + t[None, :]) * H + rows[:, None], mask=mask & ok,
                                other=0.0, cache_modifier=".cg")  # from L2: this SM's L1 may hold stale lines
                 total = tl.where(ok, total + part, total)  # expert order, past E nothing added (not even 0.0)
         tl.store(out_ptr + t[None, :] * H + rows[:, None], total.to(out_ptr.dtype.element_ty), mask=mask)
         tl.store(counter_ptr, 0)  # every program has counted: a plain store, no round trip to wait for
+        if TRACE:
+            tl.store(trace_ptr + 4, globaltimer())
 
 
 # ---- launching ---------------------------------------------------------------------------------
@@ -849,17 +862,42 @@ def _one_launch(gate_up: _Launch, down: _Launch, experts: int, prep: _Launch | N
     return _Launch(_step_kernel, (items,), kwargs, gate_up.split, None, gate_up.payload, one_launch=True)
 
 
+def trace_rows(grid: tuple) -> int:
+    """Rows a launch of ``grid`` stamps in its trace buffer (``launch_decode(trace=)``): one per program."""
+    return grid[0] * grid[1] * grid[2]
+
+
+def _trace_args(trace: tuple, gate_up: _Launch, down: _Launch) -> tuple[dict, dict]:
+    """The traced launches' extra arguments, after checking the buffers (``launch_decode(trace=)``)."""
+    from dymoe.quant.kernels.split_k import TRACE_FIELDS
+
+    if gate_up.one_launch:
+        raise ValueError("trace= stamps the two split-K launches; this step runs in one launch "
+                         "(pass configs with one_launch=False)")
+    args = []
+    for buffer, launch, name in zip(trace, (gate_up, down), ("gate_up", "down")):
+        need = trace_rows(launch.grid) * TRACE_FIELDS.value
+        if buffer.dtype != torch.int64 or buffer.numel() < need or not buffer.is_contiguous():
+            raise ValueError(f"trace buffer for {name}: needs {need} contiguous int64 values, got "
+                             f"{buffer.numel()} {buffer.dtype}")
+        args.append(dict(TRACE=True, trace_ptr=buffer))
+    return args[0], args[1]
+
+
 def launch_decode(pool: torch.Tensor, slot_offsets: torch.Tensor, plan: KernelPlan, x: torch.Tensor,
                   combine: torch.Tensor, workspace: DecodeWorkspace | None = None,
                   gate_up_config: LaunchConfig | None = None,
                   down_config: LaunchConfig | None = None, math: ExpertMath = SWIGLU,
-                  slot_ids: torch.Tensor | None = None, x_packed: torch.Tensor | None = None) -> torch.Tensor:
+                  slot_ids: torch.Tensor | None = None, x_packed: torch.Tensor | None = None,
+                  trace: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """The Triton path of :func:`dymoe.quant.kernels.expert_decode` (same arguments and result):
     two launches, the second of which also sums the experts into the result. The configs default
     to :func:`choose_config`'s; the benchmark passes others. ``slot_ids`` [E]: ``slot_offsets`` is
     then a table of every slot's offset, which the kernels index by these ids. ``x_packed``: x
     already as the step's packed activation vector (int32, :func:`input_packing`'s buffer, which
-    the router's launch fills), so the step packs nothing."""
+    the router's launch fills), so the step packs nothing. ``trace``: two int64 buffers, of at
+    least :func:`trace_rows` x ``split_k.TRACE_FIELDS`` values each, that a split-K step's two launches
+    stamp with the GPU's global timer (``benchmarks/step_timeline.py``; not the one-launch form)."""
     t, e = combine.shape
     if t > TOKEN_BLOCK:
         raise ValueError(f"the decode kernels take at most {TOKEN_BLOCK} tokens per launch, got {t}")
@@ -884,6 +922,7 @@ def launch_decode(pool: torch.Tensor, slot_offsets: torch.Tensor, plan: KernelPl
             raise ValueError(f"a packed input of {x_packed.numel()} words, int{plan.bits} of "
                              f"{plan.hidden_size} values takes {packed_words(plan.hidden_size, plan.bits)}")
         packed_x = x_packed if x_packed is not None else ws.input_packed if gate_up.packed else x
+        traced = ({}, {}) if trace is None else _trace_args(trace, gate_up, down)
         if gate_up.prep is not None:  # the input as a packed activation vector
             gate_up.prep.kernel[gate_up.prep.grid](x, packed_x, **gate_up.prep.kwargs)
         if gate_up.one_launch:  # (packed formats: the input packed by the launch's first items, unless given)
@@ -894,10 +933,13 @@ def launch_decode(pool: torch.Tensor, slot_offsets: torch.Tensor, plan: KernelPl
                                          ws.step_counters, e, **gate_up.kwargs, INDIRECT=indirect)
             return out
         gate_up.kernel[gate_up.grid](payload, scales, slot_offsets, ids, combine, packed_x, hidden,
-                                     ws.gate_up_partial, ws.gate_up_counters, e, **gate_up.kwargs, INDIRECT=indirect)
+                                     ws.gate_up_partial, ws.gate_up_counters, e, **gate_up.kwargs, INDIRECT=indirect,
+                                     **traced[0])
         down.kernel[down.grid](payload, scales, slot_offsets, ids, combine, hidden, ws.partial, out, ws.counters, e,
-                               **down.kwargs, INDIRECT=indirect)
+                               **down.kwargs, INDIRECT=indirect, **traced[1])
         return out
+    if trace is not None:
+        raise ValueError("trace= stamps the split-K kernels; this step runs the tiled ones")
     hidden, partial = workspace.views(plan, e, t)
     gate_up.kernel[gate_up.grid](payload, scales, slot_offsets, ids, combine, x, hidden, t, e, **gate_up.kwargs,
                                  INDIRECT=indirect)
