@@ -86,6 +86,23 @@ def compile_sm90(fn, signature: dict, kwargs: dict, options: dict, stem: str) ->
     return compiled, sass, int(re.search(r"REG:(\d+)", usage).group(1)), int(re.search(r"LOCAL:(\d+)", usage).group(1))
 
 
+def parse_sets(items: list[str], config_type) -> dict:
+    """``FIELD=VALUE`` items (an integer, True, False or None) as changes of the dataclass
+    ``config_type``'s fields; a ValueError names the first bad item."""
+    fields = {f.name for f in dataclasses.fields(config_type)}
+    constants = {"True": True, "False": False, "None": None}
+    changes = {}
+    for item in items:
+        field, _, value = item.partition("=")
+        if field not in fields:
+            raise ValueError(f"--set {item}: {config_type.__name__} has no field {field!r} "
+                             f"(fields: {', '.join(sorted(fields))})")
+        if value not in constants and not value.isdigit():
+            raise ValueError(f"--set {item}: the value must be an integer, True, False or None")
+        changes[field] = constants.get(value, int(value) if value.isdigit() else None)
+    return changes
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -105,16 +122,10 @@ def main(argv=None) -> int:
     h, i, k = SHAPES[args.model]
     plan = kernel_plan(blob_layout(parse_format(args.format, args.group), h, i))
 
-    fields = {f.name for f in dataclasses.fields(LaunchConfig)}
-    overrides = {}
-    for item in args.set:
-        field, _, value = item.partition("=")
-        if field not in fields:
-            parser.error(f"--set {item}: LaunchConfig has no field {field!r} (fields: {', '.join(sorted(fields))})")
-        constants = {"True": True, "False": False, "None": None}
-        if value not in constants and not value.isdigit():
-            parser.error(f"--set {item}: the value must be an integer, True, False or None")
-        overrides[field] = constants.get(value, int(value) if value.isdigit() else None)
+    try:
+        overrides = parse_sets(args.set, LaunchConfig)
+    except ValueError as exc:
+        parser.error(str(exc))
     configs = [dataclasses.replace(split_config(plan, kernel, k, 132), **overrides) for kernel in ("gate_up", "down")]
     if configs[0].split_k is None:
         parser.error("--set split_k=None: this script reads the split-K kernels")

@@ -165,6 +165,31 @@ def table(rows: list[dict], copy_gbps: float) -> str:
     return "\n".join(lines)
 
 
+def each_case(models, formats, run) -> list[dict]:
+    """The rows ``run(model, precision, group)`` returns (a list) for every model and format, each
+    case's failure a row with its error (one shape's failure should not hide the others)."""
+    rows = []
+    for model in models:
+        for text in formats:
+            precision, group = parse_format(text)
+            try:
+                rows += run(model, precision, group)
+            except Exception as exc:
+                rows.append({"model": model, "format": fmt_name(precision, group),
+                             "error": f"{type(exc).__name__}: {exc}"[:1000]})
+                print(json.dumps(rows[-1]), flush=True)
+            torch.cuda.empty_cache()
+    return rows
+
+
+def write_json(path: Path, payload: dict, indent: int | None = 1) -> None:
+    """``payload`` as JSON at ``path``, written to a temporary name first."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(payload, indent=indent))
+    tmp.replace(path)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, required=True, help="folder for step_phases.json")
@@ -176,22 +201,15 @@ def main(argv=None) -> int:
         return 2
     device = torch.device("cuda")
     copy_gbps = copy_bandwidth(device)
-    rows = []
-    for model in args.models:
-        for text in args.formats:
-            precision, group = parse_format(text)
-            try:
-                row = phases(model, precision, group, device)
-            except Exception as exc:  # one shape's failure should not hide the others
-                row = {"model": model, "format": fmt_name(precision, group), "error": f"{type(exc).__name__}: {exc}"}
-            rows.append(row)
-            print(json.dumps(row), flush=True)
-            torch.cuda.empty_cache()
-    args.out.mkdir(parents=True, exist_ok=True)
-    tmp = args.out / "step_phases.json.tmp"
-    tmp.write_text(json.dumps({"device": torch.cuda.get_device_name(device), "copy_gbps": copy_gbps,
-                               "rows": rows}, indent=1))
-    tmp.replace(args.out / "step_phases.json")
+
+    def run(model, precision, group):
+        row = phases(model, precision, group, device)
+        print(json.dumps(row), flush=True)
+        return [row]
+
+    rows = each_case(args.models, args.formats, run)
+    write_json(args.out / "step_phases.json", {"device": torch.cuda.get_device_name(device),
+                                               "copy_gbps": copy_gbps, "rows": rows})
     print()
     print(table(rows, copy_gbps))
     return 0 if all("error" not in r for r in rows) else 1

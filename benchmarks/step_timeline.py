@@ -30,6 +30,7 @@ OUT/step_timeline.json (every program's stamps of one step per case, too).
 
 import argparse
 import dataclasses
+import importlib.util
 import json
 import sys
 from pathlib import Path
@@ -37,8 +38,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from expert_kernels import MODELS, bench_steps, cold_steps, copy_bandwidth, fmt_name, variant_case  # benchmarks/
-from step_phases import parse_format
+from expert_kernels import MODELS, bench_steps, cold_steps, copy_bandwidth, variant_case  # benchmarks/
+from sass_stats import parse_sets
+from step_phases import each_case, write_json
 
 DEFAULT_MODELS = ("qwen3-30b-a3b", "olmoe")
 DEFAULT_FORMATS = ("int4/g128", "int2/g64", "int3/g128")
@@ -99,24 +101,10 @@ def timeline(traces: list[tuple[np.ndarray, np.ndarray]], skip: int = SKIP_STEPS
     return summary
 
 
-def override(config, items: list[str]):
-    """``config`` with ``FIELD=VALUE`` items applied (integers, True, False, None)."""
-    constants = {"True": True, "False": False, "None": None}
-    fields = {f.name for f in dataclasses.fields(config)}
-    changes = {}
-    for item in items:
-        field, _, value = item.partition("=")
-        if field not in fields:
-            raise SystemExit(f"--set {item}: LaunchConfig has no field {field!r} (fields: {', '.join(sorted(fields))})")
-        if value not in constants and not value.isdigit():
-            raise SystemExit(f"--set {item}: the value must be an integer, True, False or None")
-        changes[field] = constants.get(value, int(value) if value.isdigit() else None)
-    return dataclasses.replace(config, **changes)
-
-
-def traced_case(model: str, precision: str, group: int, device, sets: tuple[list, list]) -> list[dict]:
-    """The default step of one shape and format (and, with ``sets``, the overridden one), traced
-    and timed: one row per config."""
+def traced_case(model: str, precision: str, group: int, device, sets: tuple[dict, dict]) -> list[dict]:
+    """The default step of one shape and format (and, with ``sets``, changes of gate_up's and
+    down's ``LaunchConfig`` fields: :func:`sass_stats.parse_sets`), traced and timed: one row per
+    config."""
     from dymoe.quant.kernels.split_k import TRACE_FIELDS
     from dymoe.quant.kernels.triton_experts import _launches, choose_config, launch_decode, pdl_supported, trace_rows
 
@@ -129,7 +117,7 @@ def traced_case(model: str, precision: str, group: int, device, sets: tuple[list
         raise ValueError(f"{name} runs the tiled kernels at one token: nothing split-K to trace")
     configs = {"default": chosen}
     if sets[0] or sets[1]:
-        configs["set"] = (override(chosen[0], sets[0]), override(chosen[1], sets[1]))
+        configs["set"] = (dataclasses.replace(chosen[0], **sets[0]), dataclasses.replace(chosen[1], **sets[1]))
     big, steps = cold_steps(pool, offsets, nbytes)
     rows = []
     for label, (gu_cfg, d_cfg) in configs.items():
@@ -198,26 +186,20 @@ def main(argv=None) -> int:
     parser.add_argument("--set-down", action="append", default=[], metavar="FIELD=VALUE",
                         help="the same for down")
     args = parser.parse_args(argv)
-    if not torch.cuda.is_available():
+    if not torch.cuda.is_available() or importlib.util.find_spec("triton") is None:
         print("benchmarks/step_timeline.py needs a CUDA GPU and Triton (pip install -e .[gpu])")
         return 2
+    from dymoe.quant.kernels.triton_experts import LaunchConfig
+
+    try:
+        sets = (parse_sets(args.set_gate_up, LaunchConfig), parse_sets(args.set_down, LaunchConfig))
+    except ValueError as exc:
+        parser.error(str(exc))
     device = torch.device("cuda")
     copy_gbps = copy_bandwidth(device)
-    rows = []
-    for model in args.models:
-        for text in args.formats:
-            precision, group = parse_format(text)
-            try:
-                rows += traced_case(model, precision, group, device, (args.set_gate_up, args.set_down))
-            except Exception as exc:  # one shape's failure should not hide the others
-                rows.append({"model": model, "format": fmt_name(precision, group),
-                             "error": f"{type(exc).__name__}: {exc}"[:1000]})
-                print(json.dumps(rows[-1]), flush=True)
-            torch.cuda.empty_cache()
-    args.out.mkdir(parents=True, exist_ok=True)
-    tmp = args.out / "step_timeline.json.tmp"
-    tmp.write_text(json.dumps({"device": torch.cuda.get_device_name(device), "copy_gbps": copy_gbps, "rows": rows}))
-    tmp.replace(args.out / "step_timeline.json")
+    rows = each_case(args.models, args.formats, lambda *case: traced_case(*case, device, sets))
+    write_json(args.out / "step_timeline.json", {"device": torch.cuda.get_device_name(device),
+                                                 "copy_gbps": copy_gbps, "rows": rows}, indent=None)
     print()
     print(table(rows, copy_gbps))
     ok = all("error" not in r and r["same_output"] and r["in order"] for r in rows)

@@ -4,6 +4,8 @@ the parser is checked here on a hand-written listing (the compile itself needs T
 import importlib.util
 from pathlib import Path
 
+import pytest
+
 SASS = """
         /*0000*/                   MOV R1, c[0x0][0x28] ;
 .L_x_0:
@@ -30,3 +32,21 @@ def _module():
 def test_loop_histogram_counts_the_largest_backward_loop_with_predicated_opcodes():
     counts = _module().loop_histogram(SASS)
     assert counts == {"LOP3": 1, "LDG": 1, "HFMA2": 2, "BRA": 1}
+
+
+def test_parse_sets_reads_field_values_and_names_the_bad_item():
+    from dataclasses import dataclass
+
+    @dataclass
+    class LaunchConfig:
+        block_n: int = 64
+        split_k: int | None = 4
+        pdl: bool = False
+
+    parse = _module().parse_sets
+    assert parse(["block_n=16", "split_k=None", "pdl=True"], LaunchConfig) == dict(block_n=16, split_k=None, pdl=True)
+    assert parse([], LaunchConfig) == {}
+    with pytest.raises(ValueError, match=r"--set blocks=3: LaunchConfig has no field 'blocks' \(fields: block_n, pdl, split_k\)"):
+        parse(["blocks=3"], LaunchConfig)
+    with pytest.raises(ValueError, match="--set block_n=big: the value must be an integer, True, False or None"):
+        parse(["block_n=big"], LaunchConfig)
