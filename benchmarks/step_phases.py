@@ -11,7 +11,9 @@ one launch): all three in turn, the input's packing alone, gate_up alone, down a
 packing then gate_up. The launches alone are what each costs when the one before it has long
 finished; the differences along the chain are the waits between them. ``read`` is a launch that
 only reads the step's bytes (``benchmarks/read_ceiling.py``'s kernel), the floor of any step of
-that size.
+that size; ``read+read`` reads the same bytes in two such launches one after the other, the first
+two thirds of them (gate_up reads two of an expert's three matrices) and then the rest: the floor of
+a step that is a chain of two launches, as the split-K step is.
 
 For the packed formats (int4, int3, int2) a second table: the step given its input packed ahead
 (``prepacked``, as the router's launch packs it: ``InputPacking``), the model's router alone
@@ -33,7 +35,7 @@ from read_ceiling import read_kernel  # benchmarks/read_ceiling.py: a launch tha
 
 DEFAULT_MODELS = ("qwen3-30b-a3b", "olmoe", "mixtral-8x7b")
 DEFAULT_FORMATS = ("bf16", "int8", "int4/g128", "int2/g64", "int3/g128")
-PHASES = ("step", "apart", "pack", "gate_up", "down", "pack+gate_up", "read")
+PHASES = ("step", "apart", "pack", "gate_up", "down", "pack+gate_up", "read", "read+read")
 ROUTER_PHASES = ("prepacked", "prepacked.alt", "route", "route.pack", "route+step", "route.pack+step")
 ROUTED_EXPERTS = {"qwen3-30b-a3b": 128, "mixtral-8x7b": 8, "olmoe": 64, "deepseek-v2-lite": 64}
 
@@ -85,6 +87,13 @@ def phases(model: str, precision: str, group: int, device) -> dict:
     def read_only(start):
         read[(cdiv(per_step, words),)](flat[start:], sink, per_step, WORDS=words)
 
+    first_part = per_step * 2 // 3 // words * words  # gate_up's share, in whole programs
+
+    def read_twice(start):
+        read[(cdiv(first_part, words),)](flat[start:], sink, first_part, WORDS=words)
+        rest = per_step - first_part
+        read[(cdiv(rest, words),)](flat[start + first_part:], sink, rest, WORDS=words)
+
     timed = {"step": lambda o: launch_decode(big, o, plan, x, combine, ws, *chosen)}
     row = {"model": model, "format": name, "mb": nbytes / 2**20, "one_launch": chosen[0].one_launch}
     if gate_up.packed:
@@ -102,6 +111,7 @@ def phases(model: str, precision: str, group: int, device) -> dict:
     for phase, fn in timed.items():
         row[phase] = bench_steps(fn, args=steps) * 1e3
     row["read"] = bench_steps(read_only, args=read_args) * 1e3
+    row["read+read"] = bench_steps(read_twice, args=read_args) * 1e3
     return row
 
 
