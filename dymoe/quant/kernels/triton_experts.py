@@ -339,10 +339,7 @@ def _down_kernel(w_ptr, s_ptr, offsets_ptr, ids_ptr, combine_ptr, h_ptr, partial
     _sum_experts(partial_ptr, out_ptr, counters_ptr + tl.program_id(1), rows, t, mask, T, E, H, BLOCK_N, BLOCK_T)
 
 
-SUM_UNROLL: tl.constexpr = tl.constexpr(8)  # partials loaded together by _sum_experts (several tokens)
-# one token: 32 at once, so that a split-K step's E x SPLIT partials (24 on Qwen3-30B-A3B's down,
-# 14 on Mixtral's) come in one L2 round trip instead of one per 8
-SUM_UNROLL_ONE: tl.constexpr = tl.constexpr(32)
+SUM_UNROLL: tl.constexpr = tl.constexpr(8)  # partials loaded together by _sum_experts
 
 
 @triton.jit
@@ -357,9 +354,8 @@ def _sum_experts(partial_ptr, out_ptr, counter_ptr, rows, t, mask, T, E, H: tl.c
         tl.store(trace_ptr + 3, globaltimer())
     if arrived == E - 1:
         total = tl.zeros((BLOCK_N, BLOCK_T), dtype=tl.float32)
-        UNROLL: tl.constexpr = SUM_UNROLL_ONE if BLOCK_T <= 2 else SUM_UNROLL
-        for e0 in range(0, E, UNROLL):  # unrolled: UNROLL partials' loads in flight at once
-            for i in tl.static_range(UNROLL):
+        for e0 in range(0, E, SUM_UNROLL):  # unrolled: SUM_UNROLL partials' loads in flight at once
+            for i in tl.static_range(SUM_UNROLL):
                 ok = e0 + i < E
                 part = tl.load(partial_ptr + ((e0 + i) * T + t[None, :]) * H + rows[:, None], mask=mask & ok,
                                other=0.0, cache_modifier=".cg")  # from L2: this SM's L1 may hold stale lines
