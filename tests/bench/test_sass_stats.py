@@ -1,10 +1,9 @@
 """benchmarks/sass_stats.py counts the instructions of a kernel's inner loop from nvdisasm output;
 the parser is checked here on a hand-written listing (the compile itself needs Triton)."""
 
-import importlib.util
-from pathlib import Path
-
 import pytest
+
+from tests.scripts import load_script
 
 SASS = """
         /*0000*/                   MOV R1, c[0x0][0x28] ;
@@ -22,11 +21,7 @@ SASS = """
 
 
 def _module():
-    path = Path(__file__).resolve().parents[2] / "benchmarks" / "sass_stats.py"
-    spec = importlib.util.spec_from_file_location("sass_stats", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("benchmarks", "sass_stats")
 
 
 def test_loop_histogram_counts_the_largest_backward_loop_with_predicated_opcodes():

@@ -1,21 +1,10 @@
 """benchmarks/step_phases.py's table, from hand-made rows (the timing itself needs a GPU)."""
 
-import importlib.util
-import sys
-from pathlib import Path
-
-BENCH = Path(__file__).resolve().parents[2] / "benchmarks"
+from tests.scripts import load_script
 
 
 def _module():
-    sys.path.insert(0, str(BENCH))  # (its imports of expert_kernels and read_ceiling)
-    try:
-        spec = importlib.util.spec_from_file_location("step_phases", BENCH / "step_phases.py")
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-    finally:
-        sys.path.remove(str(BENCH))
-    return module
+    return load_script("benchmarks", "step_phases")
 
 
 def test_table_has_each_phase_and_the_step_share_of_copy():

@@ -1,28 +1,16 @@
 """benchmarks/step_timeline.py: the summary of a traced step, from hand-made trace rows (the
 stamps themselves need a GPU: the compiled test at the end), and launch_decode(trace=)'s checks."""
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
 
 from tests.interpreted import needs_gpu, needs_triton
-
-BENCH = Path(__file__).resolve().parents[2] / "benchmarks"
+from tests.scripts import load_script
 
 
 def _module():
-    sys.path.insert(0, str(BENCH))  # (its imports of expert_kernels and step_phases)
-    try:
-        spec = importlib.util.spec_from_file_location("step_timeline", BENCH / "step_timeline.py")
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-    finally:
-        sys.path.remove(str(BENCH))
-    return module
+    return load_script("benchmarks", "step_timeline")
 
 
 def rows(*programs):

@@ -3,24 +3,16 @@ tools/prepare_demo_corpus.py turns reST into plain text."""
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 from dataclasses import replace
-from pathlib import Path
 
 import torch
 
 from tests.models.test_parity import load_ours
-
-TOOLS = Path(__file__).resolve().parents[2] / "tools"
+from tests.scripts import load_script
 
 
 def load_tool(name: str):
-    spec = importlib.util.spec_from_file_location(name, TOOLS / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
+    return load_script("tools", name)
 
 
 def test_trained_architecture_is_qwen3_moe(tmp_path):
