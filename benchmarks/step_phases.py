@@ -84,15 +84,14 @@ def phases(model: str, precision: str, group: int, device) -> dict:
     first = int(offsets.min())
     read_args = [(int(o.min()) - first) // 4 for o in steps]  # the start of each step's copy of the pool
 
-    def read_only(start):
-        read[(cdiv(per_step, words),)](flat[start:], sink, per_step, WORDS=words)
+    def read_words(start, count):
+        read[(cdiv(count, words),)](flat[start:], sink, count, WORDS=words)
 
     first_part = per_step * 2 // 3 // words * words  # gate_up's share, in whole programs
 
     def read_twice(start):
-        read[(cdiv(first_part, words),)](flat[start:], sink, first_part, WORDS=words)
-        rest = per_step - first_part
-        read[(cdiv(rest, words),)](flat[start + first_part:], sink, rest, WORDS=words)
+        read_words(start, first_part)
+        read_words(start + first_part, per_step - first_part)
 
     timed = {"step": lambda o: launch_decode(big, o, plan, x, combine, ws, *chosen)}
     row = {"model": model, "format": name, "mb": nbytes / 2**20, "one_launch": chosen[0].one_launch}
@@ -110,7 +109,7 @@ def phases(model: str, precision: str, group: int, device) -> dict:
             timed.update({"pack": pack, "pack+gate_up": lambda o: (pack(o), gate_up_only(o))})
     for phase, fn in timed.items():
         row[phase] = bench_steps(fn, args=steps) * 1e3
-    row["read"] = bench_steps(read_only, args=read_args) * 1e3
+    row["read"] = bench_steps(lambda start: read_words(start, per_step), args=read_args) * 1e3
     row["read+read"] = bench_steps(read_twice, args=read_args) * 1e3
     return row
 
